@@ -1,0 +1,52 @@
+"""The one exception tree of fedge.
+
+::
+
+    FedgeError
+    ├── ConfigError      a config file or field is wrong (the message names the field)
+    ├── DecodeError      a wire message is malformed (``.reason`` says why, for the Reject)
+    ├── DataError        a local data file is missing or malformed (names the file)
+    ├── ArtifactError    a model artifact is missing, or its hash does not match
+    └── TransportError   the broker cannot be reached or refused us
+
+Foreign errors are translated at the boundary with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+
+class FedgeError(Exception):
+    """Base of every error fedge raises on purpose."""
+
+
+class ConfigError(FedgeError):
+    """A configuration value is missing or invalid; the message names the field."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"config field {field!r}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class DecodeError(FedgeError):
+    """A message could not be decoded; ``reason`` is a short machine-readable code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class DataError(FedgeError):
+    """A data file is missing or malformed; the message names the file."""
+
+
+class ArtifactError(FedgeError):
+    """A model artifact is missing or does not match its manifest."""
+
+
+class TransportError(FedgeError):
+    """The message transport failed (broker unreachable, refused, ...)."""
+
+
+__all__ = ["ArtifactError", "ConfigError", "DataError", "DecodeError", "FedgeError", "TransportError"]
