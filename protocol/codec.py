@@ -1,0 +1,252 @@
+"""One codec for every frame on the wire (see PROTOCOL.md, "Frame").
+
+Frame = ``b"FDG" + bytes([PROTOCOL_VERSION])`` + uint32 LE header length + UTF-8 JSON header
+(padded with spaces so that the data section starts at a multiple of 8) + data section.
+Arrays are raw little-endian bytes in the data section, each at an 8-aligned offset that the
+header gives with its dtype and shape. Never pickle. Every failure is one ``DecodeError``
+whose ``reason`` is a :class:`RejectReason` value.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import types
+import typing
+from dataclasses import MISSING, fields
+from typing import Any, Final
+
+import numpy as np
+
+from protocol.errors import DecodeError
+from protocol.messages import (
+    PROTOCOL_VERSION,
+    Ack,
+    Arrays,
+    HubStatus,
+    Message,
+    MessageType,
+    ModelFull,
+    ModelHead,
+    ModelUpdate,
+    Presence,
+    Reject,
+    RejectReason,
+    RoundAnnounce,
+    RoundOverrides,
+    RoundResult,
+    RoundStatus,
+)
+
+MAGIC: Final = b"FDG"
+PREFIX_LEN: Final = 8
+MAX_HEADER_BYTES: Final = 1 << 20
+DEFAULT_MAX_FRAME_BYTES: Final = 64 << 20
+DTYPES: Final[dict[str, np.dtype[Any]]] = {
+    "float32": np.dtype("<f4"),
+    "float64": np.dtype("<f8"),
+    "int32": np.dtype("<i4"),
+    "int64": np.dtype("<i8"),
+    "uint8": np.dtype("u1"),
+}
+_BY_TYPE: Final[dict[MessageType, type[Message]]] = {
+    cls.type: cls
+    for cls in (Presence, HubStatus, RoundAnnounce, ModelHead, ModelFull, ModelUpdate, Ack, Reject, RoundResult)
+}
+_ARRAY_FIELD: Final = {"head", "files", "delta"}
+
+
+def _dtype_name(arr: np.ndarray[Any, Any]) -> str:
+    for name, dt in DTYPES.items():
+        if arr.dtype.kind == dt.kind and arr.dtype.itemsize == dt.itemsize:
+            return name
+    raise TypeError(f"dtype {arr.dtype} cannot go on the wire; allowed: {', '.join(DTYPES)}")
+
+
+def _pad8(n: int) -> int:
+    return (-n) % 8
+
+
+def encode(msg: Message) -> bytes:
+    """Encode a message as one frame."""
+    header: dict[str, Any] = {"type": str(msg.type)}
+    arrays: Arrays = {}
+    for f in fields(msg):
+        value = getattr(msg, f.name)
+        if f.name in _ARRAY_FIELD:
+            arrays = value
+            continue
+        header[f.name] = list(value) if isinstance(value, tuple) else value
+    specs: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    offset = 0
+    for name, arr in arrays.items():
+        a = np.asarray(arr)
+        dname = _dtype_name(a)
+        raw = np.ascontiguousarray(a, dtype=DTYPES[dname]).tobytes()
+        specs.append({"name": name, "dtype": dname, "shape": list(a.shape), "offset": offset, "nbytes": len(raw)})
+        chunks.append(raw + b"\0" * _pad8(len(raw)))
+        offset += len(raw) + _pad8(len(raw))
+    header["arrays"] = specs
+    text = json.dumps(header, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
+    text += b" " * _pad8(PREFIX_LEN + len(text))
+    return MAGIC + bytes([PROTOCOL_VERSION]) + struct.pack("<I", len(text)) + text + b"".join(chunks)
+
+
+def _fail(reason: RejectReason, detail: str) -> DecodeError:
+    return DecodeError(str(reason), detail)
+
+
+def _split(payload: bytes, max_bytes: int) -> tuple[dict[str, Any], memoryview]:
+    if len(payload) > max_bytes:
+        raise _fail(RejectReason.TOO_LARGE, f"frame of {len(payload)} bytes exceeds the limit of {max_bytes}")
+    if len(payload) < PREFIX_LEN or payload[:3] != MAGIC:
+        raise _fail(RejectReason.MALFORMED, "not a fedge frame (bad magic or too short)")
+    if payload[3] != PROTOCOL_VERSION:
+        raise _fail(RejectReason.BAD_VERSION, f"protocol version {payload[3]}, this side speaks {PROTOCOL_VERSION}")
+    (hlen,) = struct.unpack_from("<I", payload, 4)
+    if hlen > MAX_HEADER_BYTES or PREFIX_LEN + hlen > len(payload):
+        raise _fail(RejectReason.MALFORMED, f"header length {hlen} does not fit the frame")
+    try:
+        header = json.loads(bytes(payload[PREFIX_LEN : PREFIX_LEN + hlen]).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise _fail(RejectReason.MALFORMED, f"header is not JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise _fail(RejectReason.MALFORMED, "header is not a JSON object")
+    return header, memoryview(payload)[PREFIX_LEN + hlen :]
+
+
+def _arrays(specs: Any, data: memoryview) -> Arrays:
+    if not isinstance(specs, list):
+        raise _fail(RejectReason.MALFORMED, "'arrays' is not a list")
+    out: Arrays = {}
+    end = 0
+    for spec in specs:
+        if not isinstance(spec, dict):
+            raise _fail(RejectReason.MALFORMED, "array spec is not an object")
+        name, dname, shape = spec.get("name"), spec.get("dtype"), spec.get("shape")
+        offset, nbytes = spec.get("offset"), spec.get("nbytes")
+        if not isinstance(name, str) or not name or name in out:
+            raise _fail(RejectReason.MALFORMED, f"array name {name!r} missing or repeated")
+        if dname not in DTYPES:
+            raise _fail(RejectReason.WRONG_DTYPE, f"array {name!r}: dtype {dname!r} not allowed")
+        if (
+            not isinstance(shape, list)
+            or len(shape) > 8
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        ):
+            raise _fail(RejectReason.MALFORMED, f"array {name!r}: bad shape {shape!r}")
+        dt = DTYPES[dname]
+        if nbytes != math.prod(shape) * dt.itemsize:
+            raise _fail(RejectReason.MALFORMED, f"array {name!r}: nbytes {nbytes!r} does not match shape")
+        if not isinstance(offset, int) or offset < end or offset % 8 or offset + nbytes > len(data):
+            raise _fail(RejectReason.MALFORMED, f"array {name!r}: offset {offset!r} out of order or range")
+        out[name] = np.frombuffer(data, dtype=dt, count=math.prod(shape), offset=offset).reshape(shape).copy()
+        end = offset + nbytes
+    return out
+
+
+def _check(name: str, hint: Any, value: Any) -> Any:
+    """Validate one header field against its annotation and convert JSON to the Python type."""
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _check(name, inner, value)
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        value = float(value) if ok else value
+    elif hint is str:
+        ok = isinstance(value, str)
+    elif hint in (RejectReason, RoundStatus):
+        try:
+            return hint(value)
+        except ValueError as exc:
+            raise _fail(RejectReason.MALFORMED, f"field {name!r}: unknown value {value!r}") from exc
+    elif origin is tuple:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        value = tuple(value) if ok else value
+    elif origin is dict:
+        ok = isinstance(value, dict) and all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value.values()
+        )
+        value = {str(k): float(v) for k, v in value.items()} if ok else value
+    else:  # pragma: no cover - a programming error in messages.py
+        raise TypeError(f"unsupported field type {hint!r}")
+    if not ok:
+        raise _fail(RejectReason.MALFORMED, f"field {name!r}: {value!r} is not a valid {hint}")
+    return value
+
+
+def decode(payload: bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Message:
+    """Decode one frame; raises DecodeError (with a RejectReason) for anything malformed."""
+    header, data = _split(payload, max_bytes)
+    try:
+        cls = _BY_TYPE[MessageType(str(header.get("type")))]
+    except (ValueError, KeyError) as exc:
+        raise _fail(RejectReason.WRONG_TYPE, f"unknown message type {header.get('type')!r}") from exc
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name in _ARRAY_FIELD:
+            kwargs[f.name] = _arrays(header.get("arrays", []), data)
+        elif f.name in header:
+            kwargs[f.name] = _check(f.name, hints[f.name], header[f.name])
+        elif f.default is MISSING and f.default_factory is MISSING:
+            raise _fail(RejectReason.MALFORMED, f"{cls.type} without field {f.name!r}")
+    if "nonce" not in header:
+        raise _fail(RejectReason.MALFORMED, f"{cls.type} without field 'nonce'")
+    return cls(**kwargs)
+
+
+def decode_as(payload: bytes, cls: type[Message], *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Message:
+    """Decode and insist on one message type."""
+    msg = decode(payload, max_bytes=max_bytes)
+    if not isinstance(msg, cls):
+        raise _fail(RejectReason.WRONG_TYPE, f"expected {cls.type}, got {msg.type}")
+    return msg
+
+
+_OVERRIDES: Final = {"min_devices": int, "deadline_s": float, "fraction": float, "local_epochs": int, "lr": float}
+
+
+def decode_control(payload: bytes) -> RoundOverrides:
+    """Decode ``control/round/start``: empty or ``{}`` means hub defaults; JSON may override fields."""
+    text = payload.strip()
+    if not text:
+        return RoundOverrides()
+    try:
+        obj = json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise _fail(RejectReason.MALFORMED, f"control payload is not JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise _fail(RejectReason.MALFORMED, "control payload is not a JSON object")
+    unknown = sorted(set(obj) - set(_OVERRIDES))
+    if unknown:
+        raise _fail(RejectReason.MALFORMED, f"unknown field(s) {unknown}; allowed: {sorted(_OVERRIDES)}")
+    checked = {k: _check(k, _OVERRIDES[k], v) for k, v in obj.items()}
+    for key in ("min_devices", "local_epochs"):
+        if key in checked and checked[key] < 1:
+            raise _fail(RejectReason.MALFORMED, f"field {key!r} must be >= 1")
+    if "fraction" in checked and not 0.0 < checked["fraction"] <= 1.0:
+        raise _fail(RejectReason.MALFORMED, "field 'fraction' must be in (0, 1]")
+    for key in ("deadline_s", "lr"):
+        if key in checked and checked[key] <= 0:
+            raise _fail(RejectReason.MALFORMED, f"field {key!r} must be > 0")
+    return RoundOverrides(**checked)
+
+
+def encode_control(overrides: RoundOverrides) -> bytes:
+    """The JSON body for ``control/round/start`` (only the fields that are set)."""
+    body = {k: getattr(overrides, k) for k in _OVERRIDES if getattr(overrides, k) is not None}
+    return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
+
+
+__all__ = ["DTYPES", "MAGIC", "decode", "decode_as", "decode_control", "encode", "encode_control"]

@@ -1,0 +1,236 @@
+"""Wire message types: frozen, versioned, defined once (PROTOCOL.md is their spec).
+
+Never remove a field or change its meaning within a major protocol version;
+new fields are optional and receivers ignore fields they do not know.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import ClassVar
+
+import numpy as np
+from numpy.typing import NDArray
+
+PROTOCOL_VERSION = 1
+"""Major protocol version carried in every frame; a receiver rejects a higher one."""
+
+Arrays = dict[str, NDArray[np.generic]]
+
+
+def new_nonce() -> str:
+    """16 random bytes as 32 hex characters: makes every message idempotent."""
+    return os.urandom(16).hex()
+
+
+class MessageType(StrEnum):
+    PRESENCE = "presence"
+    HUB_STATUS = "hub_status"
+    ANNOUNCE = "announce"
+    MODEL_HEAD = "model_head"
+    MODEL_FULL = "model_full"
+    UPDATE = "update"
+    ACK = "ack"
+    REJECT = "reject"
+    RESULT = "result"
+
+
+class RejectReason(StrEnum):
+    """Why the hub refused an update (sent back in a Reject and counted)."""
+
+    MALFORMED = "malformed"
+    TOO_LARGE = "too_large"
+    BAD_VERSION = "bad_version"
+    WRONG_TYPE = "wrong_type"
+    DEVICE_MISMATCH = "device_mismatch"
+    UNKNOWN_DEVICE = "unknown_device"
+    NO_OPEN_ROUND = "no_open_round"
+    STALE_ROUND = "stale_round"
+    NOT_SELECTED = "not_selected"
+    WRONG_MODEL = "wrong_model"
+    DUPLICATE = "duplicate"
+    WRONG_SHAPE = "wrong_shape"
+    WRONG_DTYPE = "wrong_dtype"
+    NOT_FINITE = "not_finite"
+    BAD_SAMPLES = "bad_samples"
+
+
+class RoundStatus(StrEnum):
+    COMPLETED = "completed"
+    FAILED_QUORUM = "failed_quorum"
+
+
+@dataclass(frozen=True)
+class Presence:
+    """A device says it is online (retained), or its last will says it is offline."""
+
+    type: ClassVar[MessageType] = MessageType.PRESENCE
+    fleet: str
+    device: str
+    online: bool
+    n_samples: int | None = None
+    backends: tuple[str, ...] = ()
+    model_version: str | None = None
+    agent_version: str = ""
+    nonce: str = field(default_factory=new_nonce)
+    ts: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class HubStatus:
+    """The hub's retained status (its last will says offline)."""
+
+    type: ClassVar[MessageType] = MessageType.HUB_STATUS
+    fleet: str
+    online: bool
+    round: int | None = None
+    model_version: str | None = None
+    nonce: str = field(default_factory=new_nonce)
+    ts: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class RoundAnnounce:
+    """A round is open: which model to start from, the hyper-parameters, who takes part."""
+
+    type: ClassVar[MessageType] = MessageType.ANNOUNCE
+    fleet: str
+    round: int
+    model_version: str
+    backbone_sha256: str
+    deadline: float
+    min_devices: int
+    selected: tuple[str, ...]
+    local_epochs: int
+    lr: float
+    nonce: str = field(default_factory=new_nonce)
+    ts: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True, eq=False)
+class ModelHead:
+    """A global model version: the head weights over a given backbone (a few KB)."""
+
+    type: ClassVar[MessageType] = MessageType.MODEL_HEAD
+    fleet: str
+    version: str
+    parent: str | None
+    backbone_sha256: str
+    round: int | None
+    head: Arrays
+    nonce: str = field(default_factory=new_nonce)
+    ts: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True, eq=False)
+class ModelFull:
+    """The full artifacts of a backbone version: manifest.json text plus every file as uint8."""
+
+    type: ClassVar[MessageType] = MessageType.MODEL_FULL
+    fleet: str
+    backbone_sha256: str
+    manifest: str
+    files: Arrays
+    nonce: str = field(default_factory=new_nonce)
+    ts: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True, eq=False)
+class ModelUpdate:
+    """A device's contribution to a round: head delta (trained - global) and its sample count."""
+
+    type: ClassVar[MessageType] = MessageType.UPDATE
+    fleet: str
+    round: int
+    device: str
+    model_version: str
+    n_samples: int
+    delta: Arrays
+    metrics: dict[str, float] = field(default_factory=dict)
+    nonce: str = field(default_factory=new_nonce)
+    ts: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class Ack:
+    """The hub accepted (and durably stored) the update with nonce ``ref_nonce``."""
+
+    type: ClassVar[MessageType] = MessageType.ACK
+    fleet: str
+    round: int
+    device: str
+    ref_nonce: str
+    nonce: str = field(default_factory=new_nonce)
+    ts: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class Reject:
+    """The hub refused a message from ``device``; ``reason`` is a RejectReason."""
+
+    type: ClassVar[MessageType] = MessageType.REJECT
+    fleet: str
+    round: int | None
+    device: str
+    reason: RejectReason
+    detail: str
+    ref_nonce: str | None = None
+    nonce: str = field(default_factory=new_nonce)
+    ts: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What a closed round produced (retained)."""
+
+    type: ClassVar[MessageType] = MessageType.RESULT
+    fleet: str
+    round: int
+    status: RoundStatus
+    model_version: str | None
+    accuracy: float | None
+    loss: float | None
+    devices: tuple[str, ...]
+    n_samples: int
+    rejected: int
+    seconds: float
+    nonce: str = field(default_factory=new_nonce)
+    ts: float = field(default_factory=time.time)
+
+
+Message = Presence | HubStatus | RoundAnnounce | ModelHead | ModelFull | ModelUpdate | Ack | Reject | RoundResult
+
+
+@dataclass(frozen=True)
+class RoundOverrides:
+    """The JSON body of ``control/round/start``: every field optional (hub defaults apply)."""
+
+    min_devices: int | None = None
+    deadline_s: float | None = None
+    fraction: float | None = None
+    local_epochs: int | None = None
+    lr: float | None = None
+
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Ack",
+    "Arrays",
+    "HubStatus",
+    "Message",
+    "MessageType",
+    "ModelFull",
+    "ModelHead",
+    "ModelUpdate",
+    "Presence",
+    "Reject",
+    "RejectReason",
+    "RoundAnnounce",
+    "RoundOverrides",
+    "RoundResult",
+    "RoundStatus",
+    "new_nonce",
+]

@@ -1,0 +1,104 @@
+"""The only place fedge topic strings are built or parsed (see PROTOCOL.md, "Topics")."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final
+
+ROOT: Final = "fedge"
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def valid_id(value: str) -> bool:
+    """Fleet and device ids: 1-64 characters of ``[A-Za-z0-9_-]``."""
+    return bool(_ID.match(value))
+
+
+def _check(kind: str, value: str) -> str:
+    if not valid_id(value):
+        raise ValueError(f"{kind} id {value!r} must be 1-64 characters of [A-Za-z0-9_-]")
+    return value
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic names of one fleet."""
+
+    fleet: str
+
+    def __post_init__(self) -> None:
+        _check("fleet", self.fleet)
+
+    @property
+    def base(self) -> str:
+        return f"{ROOT}/{self.fleet}"
+
+    @property
+    def control_round_start(self) -> str:
+        return f"{self.base}/control/round/start"
+
+    @property
+    def announce(self) -> str:
+        return f"{self.base}/round/announce"
+
+    @property
+    def result(self) -> str:
+        return f"{self.base}/round/result"
+
+    @property
+    def model_head(self) -> str:
+        return f"{self.base}/model/head"
+
+    @property
+    def model_full(self) -> str:
+        return f"{self.base}/model/full"
+
+    @property
+    def hub_status(self) -> str:
+        return f"{self.base}/hub/status"
+
+    def update(self, device: str) -> str:
+        return f"{self.base}/update/{_check('device', device)}"
+
+    @property
+    def update_all(self) -> str:
+        return f"{self.base}/update/+"
+
+    def presence(self, device: str) -> str:
+        return f"{self.base}/presence/{_check('device', device)}"
+
+    @property
+    def presence_all(self) -> str:
+        return f"{self.base}/presence/+"
+
+    def device_inbox(self, device: str) -> str:
+        """Filter for everything the hub sends to one device (ack, reject)."""
+        return f"{self.base}/device/{_check('device', device)}/+"
+
+    def ack(self, device: str) -> str:
+        return f"{self.base}/device/{_check('device', device)}/ack"
+
+    def reject(self, device: str) -> str:
+        return f"{self.base}/device/{_check('device', device)}/reject"
+
+    def device_of(self, topic: str) -> str | None:
+        """The device id in an ``update/<device>`` or ``presence/<device>`` topic, else None."""
+        parts = topic.split("/")
+        if len(parts) == 4 and parts[:2] == [ROOT, self.fleet] and parts[2] in ("update", "presence"):
+            return parts[3] if valid_id(parts[3]) else None
+        return None
+
+
+def topic_matches(filter_: str, topic: str) -> bool:
+    """MQTT topic-filter matching with ``+`` and ``#`` (for the in-memory transport)."""
+    fparts, tparts = filter_.split("/"), topic.split("/")
+    for i, f in enumerate(fparts):
+        if f == "#":
+            return True
+        if i >= len(tparts) or (f != "+" and f != tparts[i]):
+            return False
+    return len(fparts) == len(tparts)
+
+
+__all__ = ["ROOT", "Topics", "topic_matches", "valid_id"]
