@@ -1,0 +1,63 @@
+# Two commands for a fresh machine: `make demo` (the main job) and `make test` (set up + every test).
+PYTHON ?= python3
+VENV := .venv
+AGENT_VENV := .venv-agent
+BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+DEVICES ?= 5
+ROUNDS ?= 5
+
+.PHONY: demo test setup system-deps agent-venv lint unit agent-env-tests bench clean
+
+demo: setup
+	$(BIN)/fedge demo --devices $(DEVICES) --rounds $(ROUNDS) --out demo-out
+
+test: setup agent-venv lint unit agent-env-tests
+
+# Debian packages: mosquitto (real broker for the tests) and Fashion-MNIST (offline data set).
+system-deps:
+	@if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ] || [ ! -d /usr/share/datasets/fashion-mnist ]; then \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+			mosquitto mosquitto-clients dataset-fashion-mnist; \
+	fi
+	@# the packaged service is not needed: tests and demo start their own brokers
+	-@$(SUDO) systemctl disable --now mosquitto >/dev/null 2>&1 || true
+
+setup: system-deps $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[agent,agent-ort,hub,export,dev]'
+	$(BIN)/pip check
+	touch $@
+
+# A second environment with only what a device installs: no TensorFlow, torch or onnx.
+agent-venv: $(AGENT_VENV)/.installed
+
+$(AGENT_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(AGENT_VENV)
+	$(AGENT_VENV)/bin/pip install -q --upgrade pip
+	$(AGENT_VENV)/bin/pip install -q -e '.[agent]' 'pytest>=8' 'hypothesis>=6.100'
+	touch $@
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+unit: setup
+	$(BIN)/pytest -q
+
+# The agent's tests in the agent-only venv, against artifacts exported in the full one.
+agent-env-tests: setup agent-venv
+	rm -rf build/agent-artifacts
+	$(BIN)/python -c "from export.testing import export_small; export_small('build/agent-artifacts')"
+	FEDGE_AGENT_ENV=1 FEDGE_ARTIFACTS=$(CURDIR)/build/agent-artifacts $(AGENT_VENV)/bin/pytest -q -p no:cacheprovider \
+		tests/agent -m "not full_env"
+
+bench: setup
+	$(BIN)/python bench/train_step.py --json
+	$(BIN)/python bench/round_overhead.py --json
+
+clean:
+	rm -rf $(VENV) $(AGENT_VENV) build demo-out .pytest_cache .mypy_cache .ruff_cache
