@@ -1,0 +1,113 @@
+"""``agent.toml``: the edge agent's configuration (frozen, validated, paths resolved).
+
+::
+
+    device_id = "device-00"      # 1-64 of [A-Za-z0-9_-]; also the MQTT client id
+    fleet = "demo"
+    data = "shards/device-00.npz" # local data file (.npz with x, y or .csv)
+    state_dir = "state"           # artifacts, heads, feature cache, state.json
+    backend = "auto"              # auto | litert | ort | numpy
+    seed = 0
+    session_expiry_s = 86400      # optional: how long the broker keeps our session while offline
+
+    [broker]
+    url = "mqtt://127.0.0.1:1883"
+
+Relative paths resolve against the folder of the config file.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from protocol.errors import ConfigError
+from protocol.mqtt_config import BrokerConfig
+from protocol.topics import valid_id
+
+BACKENDS: Final = ("auto", "litert", "ort", "numpy")
+_KNOWN: Final = frozenset({"device_id", "fleet", "data", "state_dir", "backend", "seed", "session_expiry_s", "broker"})
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    device_id: str
+    fleet: str
+    data: Path
+    state_dir: Path
+    broker: BrokerConfig
+    backend: str = "auto"
+    seed: int = 0
+    session_expiry_s: int = 86400
+
+
+def _str(table: Mapping[str, Any], key: str, default: str | None = None) -> str:
+    value = table.get(key, default)
+    if value is None:
+        raise ConfigError(key, "is required")
+    if not isinstance(value, str) or not value:
+        raise ConfigError(key, f"must be a non-empty string, got {value!r}")
+    return value
+
+
+def _int(table: Mapping[str, Any], key: str, default: int, minimum: int) -> int:
+    value = table.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(key, f"must be an integer, got {value!r}")
+    if value < minimum:
+        raise ConfigError(key, f"must be >= {minimum}, got {value}")
+    return value
+
+
+def _path(table: Mapping[str, Any], key: str, base: Path, default: str | None = None) -> Path:
+    path = Path(_str(table, key, default)).expanduser()
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def config_from_mapping(table: Mapping[str, Any], base_dir: Path) -> AgentConfig:
+    """Validate a parsed TOML table; relative paths resolve against ``base_dir``."""
+    unknown = sorted(set(table) - _KNOWN)
+    if unknown:
+        raise ConfigError(unknown[0], f"unknown field; allowed: {', '.join(sorted(_KNOWN))}")
+    device_id = _str(table, "device_id")
+    if not valid_id(device_id):
+        raise ConfigError("device_id", f"{device_id!r} must be 1-64 characters of [A-Za-z0-9_-]")
+    fleet = _str(table, "fleet")
+    if not valid_id(fleet):
+        raise ConfigError("fleet", f"{fleet!r} must be 1-64 characters of [A-Za-z0-9_-]")
+    backend = _str(table, "backend", "auto")
+    if backend not in BACKENDS:
+        raise ConfigError("backend", f"{backend!r} is not one of {', '.join(BACKENDS)}")
+    broker = table.get("broker")
+    if not isinstance(broker, Mapping):
+        raise ConfigError("broker", "a [broker] table with at least url is required")
+    return AgentConfig(
+        device_id=device_id,
+        fleet=fleet,
+        data=_path(table, "data", base_dir),
+        state_dir=_path(table, "state_dir", base_dir, "state"),
+        broker=BrokerConfig.from_mapping(broker, field="broker"),
+        backend=backend,
+        seed=_int(table, "seed", 0, 0),
+        session_expiry_s=_int(table, "session_expiry_s", 86400, 0),
+    )
+
+
+def load_config(path: str | Path) -> AgentConfig:
+    """Read and validate ``agent.toml``; every problem is a ConfigError naming the field."""
+    file = Path(path)
+    try:
+        table = tomllib.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError("config", f"file {str(file)!r} not found") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("config", f"cannot read {str(file)!r}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"{str(file)!r} is not valid TOML: {exc}") from exc
+    return config_from_mapping(table, file.resolve().parent)
+
+
+__all__ = ["BACKENDS", "AgentConfig", "config_from_mapping", "load_config"]
