@@ -1,0 +1,72 @@
+"""On-device trainers: LiteRT, ONNX Runtime training and a NumPy head over a runtime backbone.
+
+``open_trainer(dir, backend="auto")`` tries litert → ort → numpy (the first installed one
+that opens the artifacts); a named back-end that is not installed raises ``ConfigError``.
+Runtimes are imported lazily, inside the functions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edge_agent.trainers.base import BACKENDS, Trainer
+from protocol.errors import ArtifactError, ConfigError, FedgeError
+
+__all__ = ["BACKENDS", "Trainer", "available_backends", "open_trainer"]
+
+_INSTALL = {
+    "litert": "pip install ai-edge-litert (or tflite-runtime)",
+    "ort": "pip install onnxruntime-training-cpu==1.19.2",
+    "numpy": "pip install onnxruntime or ai-edge-litert (the NumPy head needs a backbone runtime)",
+}
+
+
+def available_backends() -> list[str]:
+    """Installed back-ends, in auto order (checked without importing the runtimes)."""
+    from edge_agent.trainers._litert import litert_available
+    from edge_agent.trainers._ort_shim import ort_training_available
+    from edge_agent.trainers.backbone import onnxruntime_available
+
+    out: list[str] = []
+    if litert_available():
+        out.append("litert")
+    if ort_training_available():
+        out.append("ort")
+    if litert_available() or onnxruntime_available():
+        out.append("numpy")
+    return out
+
+
+def _open(artifacts_dir: Path, backend: str) -> Trainer:
+    if backend == "litert":
+        from edge_agent.trainers.litert import LiteRTTrainer
+
+        return LiteRTTrainer.open(artifacts_dir)
+    if backend == "ort":
+        from edge_agent.trainers.ort import OrtTrainer
+
+        return OrtTrainer.open(artifacts_dir)
+    from edge_agent.trainers.numpy_head import NumpyTrainer
+
+    return NumpyTrainer.open(artifacts_dir)
+
+
+def open_trainer(artifacts_dir: str | Path, backend: str = "auto") -> Trainer:
+    """A trainer over the artifacts in ``artifacts_dir`` (``backend``: auto|litert|ort|numpy)."""
+    d = Path(artifacts_dir)
+    if backend not in ("auto", *BACKENDS):
+        raise ConfigError("backend", f"unknown back-end {backend!r} (choose auto, {', '.join(BACKENDS)})")
+    have = available_backends()
+    if backend != "auto":
+        if backend not in have:
+            raise ConfigError("backend", f"{backend} is not installed on this device: {_INSTALL[backend]}")
+        return _open(d, backend)
+    if not have:
+        raise ConfigError("backend", "no training runtime installed: pip install ai-edge-litert")
+    errors: list[str] = []
+    for name in have:
+        try:
+            return _open(d, name)
+        except FedgeError as exc:
+            errors.append(f"{name}: {exc}")
+    raise ArtifactError(f"{d}: no back-end could open the artifacts ({'; '.join(errors)})")

@@ -1,0 +1,71 @@
+"""On-disk cache of backbone features, keyed on (local data sha256, backbone sha256).
+
+Entries live at ``root/<backbone_sha256[:16]>/<data_sha256[:16]>.npy``; they are written
+atomically (temporary file + ``os.replace``) and a file that cannot be read back as
+``float32 [N, F]`` with the right ``N`` is recomputed and overwritten.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+
+from edge_agent.trainers.base import Trainer
+
+__all__ = ["FeatureCache"]
+
+
+def _key(sha: str, what: str) -> str:
+    k = sha.strip().lower()[:16]
+    if len(k) < 16 or any(c not in "0123456789abcdef" for c in k):
+        raise ValueError(f"{what} must be a hex sha256, got {sha!r}")
+    return k
+
+
+class FeatureCache:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def path(self, data_sha256: str, backbone_sha256: str) -> Path:
+        return self.root / _key(backbone_sha256, "backbone_sha256") / f"{_key(data_sha256, 'data_sha256')}.npy"
+
+    def _load(self, path: Path, rows: int) -> NDArray[np.float32] | None:
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError):
+            return None
+        if not isinstance(arr, np.ndarray) or arr.dtype != np.float32 or arr.ndim != 2 or arr.shape[0] != rows:
+            return None
+        if not np.isfinite(arr).all():
+            return None
+        return arr
+
+    def _store(self, path: Path, feats: NDArray[np.float32]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.save(fh, feats, allow_pickle=False)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def get(
+        self, trainer: Trainer, x: NDArray[np.float32], data_sha256: str, backbone_sha256: str
+    ) -> NDArray[np.float32]:
+        """Cached features of ``x`` (computed with ``trainer.features`` and stored on a miss)."""
+        path = self.path(data_sha256, backbone_sha256)
+        if path.is_file():
+            hit = self._load(path, x.shape[0])
+            if hit is not None:
+                return hit
+        feats = np.ascontiguousarray(trainer.features(x), dtype=np.float32)
+        self._store(path, feats)
+        return feats

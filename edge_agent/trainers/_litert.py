@@ -1,0 +1,80 @@
+"""Loading ``model.tflite`` with LiteRT (``ai_edge_litert``), falling back to ``tflite_runtime``."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from edge_agent.trainers.base import pad_rows
+from protocol.errors import ArtifactError, ConfigError
+
+__all__ = ["LiteRTModel", "litert_available"]
+
+_MODULES = ("ai_edge_litert.interpreter", "tflite_runtime.interpreter")
+
+
+def litert_available() -> bool:
+    """True when a LiteRT interpreter package is installed (nothing is imported)."""
+    return any(importlib.util.find_spec(m.split(".")[0]) is not None for m in _MODULES)
+
+
+def _interpreter_class() -> Any:
+    for mod in _MODULES:
+        if importlib.util.find_spec(mod.split(".")[0]) is None:
+            continue
+        return importlib.import_module(mod).Interpreter
+    raise ConfigError("backend", "litert is not installed: pip install ai-edge-litert (or tflite-runtime)")
+
+
+class LiteRTModel:
+    """One interpreter over ``model.tflite`` with cached signature runners (they share the variables)."""
+
+    def __init__(self, path: str | Path, num_threads: int | None = None) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise ArtifactError(f"{path}: missing")
+        cls = _interpreter_class()
+        try:
+            self.interpreter = cls(model_path=str(path), num_threads=num_threads)
+            sigs = self.interpreter.get_signature_list()
+        except (RuntimeError, ValueError) as exc:
+            raise ArtifactError(f"{path}: cannot load the TFLite model: {exc}") from exc
+        self.signatures: dict[str, Any] = sigs
+        self._runners: dict[str, Any] = {}
+        self.path = path
+
+    def runner(self, name: str) -> Any:
+        r = self._runners.get(name)
+        if r is None:
+            if name not in self.signatures:
+                raise ArtifactError(f"{self.path}: no signature {name!r} (has {sorted(self.signatures)})")
+            r = self.interpreter.get_signature_runner(name)
+            self._runners[name] = r
+        return r
+
+    def batch_size(self) -> int:
+        """The fixed batch size B of the ``features`` signature."""
+        details = self.runner("features").get_input_details()
+        (only,) = details.values()
+        return int(only["shape"][0])
+
+    def features(self, x: NDArray[np.float32], batch: int) -> NDArray[np.float32]:
+        """Run the fixed-batch ``features`` signature over any number of rows."""
+        run = self.runner("features")
+        (in_name,) = self.signatures["features"]["inputs"]
+        x = np.asarray(x, dtype=np.float32)
+        n = x.shape[0]
+        chunks: list[NDArray[np.float32]] = []
+        for s in range(0, n, batch):
+            part = x[s : s + batch]
+            out = run(**{in_name: pad_rows(part, batch)})["features"]
+            chunks.append(np.array(out[: part.shape[0]], dtype=np.float32))
+        if not chunks:
+            width = int(self.runner("features").get_output_details()["features"]["shape"][-1])
+            return np.zeros((0, width), dtype=np.float32)
+        return np.concatenate(chunks, axis=0)

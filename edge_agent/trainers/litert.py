@@ -1,0 +1,82 @@
+"""LiteRT trainer: the ``train_head``/``features``/``get_head``/``set_head`` signatures of ``model.tflite``.
+
+``train_head`` has a fixed batch B: a short batch is zero-padded and masked. Logits are
+the NumPy head forward pass on the head read back with ``get_head`` (cached until the next
+step or ``set_head``): cheaper than a padded pass and exactly the same maths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+
+from edge_agent.trainers._litert import LiteRTModel
+from edge_agent.trainers.base import check_head, pad_rows
+from edge_agent.trainers.numpy_head import head_forward
+
+__all__ = ["LiteRTTrainer"]
+
+F32 = NDArray[np.float32]
+
+
+class LiteRTTrainer:
+    name = "litert"
+
+    def __init__(self, model: LiteRTModel, spec: Sequence[tuple[str, tuple[int, ...]]], batch_size: int) -> None:
+        self._m = model
+        self._spec = list(spec)
+        self.batch_size = batch_size
+        self._train = model.runner("train_head")
+        self._get = model.runner("get_head")
+        self._set = model.runner("set_head")
+        self._head: dict[str, F32] | None = None
+        self._mask_full = np.ones(batch_size, dtype=np.float32)
+
+    @classmethod
+    def open(cls, artifacts_dir: str | Path, num_threads: int | None = None) -> LiteRTTrainer:
+        from protocol.manifest import load_manifest
+
+        m = load_manifest(artifacts_dir)
+        model = LiteRTModel(Path(artifacts_dir) / "model.tflite", num_threads=num_threads)
+        return cls(model, [(p.name, tuple(p.shape)) for p in m.head], m.train_batch)
+
+    def features(self, x: F32) -> F32:
+        return self._m.features(x, self.batch_size)
+
+    def get_head(self) -> dict[str, F32]:
+        if self._head is None:
+            out = self._get()
+            self._head = {name: np.array(out[name], dtype=np.float32) for name, _ in self._spec}
+        return {k: v.copy() for k, v in self._head.items()}
+
+    def set_head(self, head: Mapping[str, F32]) -> None:
+        checked = check_head(head, self._spec)
+        self._set(**checked)
+        self._head = None
+
+    def train_step(self, f: F32, y: NDArray[np.int64], lr: float) -> float:
+        n = f.shape[0]
+        b = self.batch_size
+        if not 1 <= n <= b:
+            raise ValueError(f"train_step takes 1..{b} rows, got {n}")
+        if n == b:
+            mask = self._mask_full
+        else:
+            mask = np.zeros(b, dtype=np.float32)
+            mask[:n] = 1.0
+        out = self._train(
+            f=pad_rows(np.asarray(f, dtype=np.float32), b),
+            y=pad_rows(np.asarray(y, dtype=np.int32), b),
+            mask=mask,
+            lr=np.array(lr, dtype=np.float32),
+        )
+        self._head = None
+        return float(out["loss"])
+
+    def logits(self, f: F32) -> F32:
+        self.get_head()
+        assert self._head is not None
+        return head_forward(self._head, f)

@@ -1,0 +1,93 @@
+"""The local fitting loop shared by every back-end: shuffled mini-batch SGD over cached features."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from edge_agent.trainers.base import Trainer
+
+__all__ = ["FitResult", "evaluate", "fit"]
+
+EVAL_CHUNK = 1024
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """``loss_first``/``loss_last``: the loss of the first and of the last step (before each update);
+    ``epoch_losses``: the sample-weighted mean step loss of every epoch."""
+
+    steps: int
+    loss_first: float
+    loss_last: float
+    seconds: float
+    epoch_losses: tuple[float, ...] = ()
+
+
+def _check(feats: NDArray[np.float32], y: NDArray[np.integer]) -> None:
+    if feats.ndim != 2:
+        raise ValueError(f"features must be [N, F], got shape {feats.shape}")
+    if y.shape != (feats.shape[0],):
+        raise ValueError(f"labels must be [{feats.shape[0]}], got shape {y.shape}")
+    if feats.shape[0] == 0:
+        raise ValueError("no samples to train on")
+
+
+def fit(
+    trainer: Trainer,
+    feats: NDArray[np.float32],
+    y: NDArray[np.integer],
+    epochs: int,
+    lr: float,
+    rng: np.random.Generator,
+) -> FitResult:
+    """``epochs`` passes of SGD in batches of ``trainer.batch_size``, reshuffled with ``rng`` each epoch.
+
+    The last batch of an epoch may be short (the trainer pads and masks it).
+    """
+    feats = np.asarray(feats, dtype=np.float32)
+    labels: NDArray[np.int64] = np.asarray(y, dtype=np.int64)
+    _check(feats, labels)
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive number, got {lr}")
+    n, b = feats.shape[0], trainer.batch_size
+    steps = 0
+    first = last = float("nan")
+    epoch_losses: list[float] = []
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        order = rng.permutation(n)
+        total = 0.0
+        for s in range(0, n, b):
+            idx = order[s : s + b]
+            last = trainer.train_step(feats[idx], labels[idx], lr)
+            if steps == 0:
+                first = last
+            steps += 1
+            total += last * idx.shape[0]
+        epoch_losses.append(total / n)
+    return FitResult(steps, first, last, time.perf_counter() - t0, tuple(epoch_losses))
+
+
+def evaluate(trainer: Trainer, feats: NDArray[np.float32], y: NDArray[np.integer]) -> tuple[float, float]:
+    """Mean softmax cross-entropy and accuracy of the trainer's head on ``(feats, y)``."""
+    feats = np.asarray(feats, dtype=np.float32)
+    y = np.asarray(y, dtype=np.int64)
+    _check(feats, y)
+    loss_sum = 0.0
+    correct = 0
+    for s in range(0, feats.shape[0], EVAL_CHUNK):
+        z = np.asarray(trainer.logits(feats[s : s + EVAL_CHUNK]), dtype=np.float64)
+        yy = y[s : s + EVAL_CHUNK]
+        z = z - z.max(axis=1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        loss_sum += float(-logp[np.arange(yy.shape[0]), yy].sum())
+        correct += int((z.argmax(axis=1) == yy).sum())
+    n = feats.shape[0]
+    return loss_sum / n, correct / n
