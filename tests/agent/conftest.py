@@ -14,7 +14,9 @@ import pytest
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "full_env: needs the full venv (every back-end installed); CI deselects it in the agent venv")
+    config.addinivalue_line(
+        "markers", "full_env: needs the full venv (every back-end installed); CI deselects it in the agent venv"
+    )
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from numpy.typing import NDArray
@@ -15,13 +17,15 @@ F = 6
 
 def make_head(rng: np.random.Generator, sizes: list[int]) -> dict[str, NDArray[np.float32]]:
     head: dict[str, NDArray[np.float32]] = {}
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         head[f"h{i}_kernel"] = rng.normal(0, 0.5, (a, b)).astype(np.float32)
         head[f"h{i}_bias"] = rng.normal(0, 0.1, (b,)).astype(np.float32)
     return head
 
 
-def ref_loss(head: dict[str, NDArray[np.float64]], f: NDArray[np.float64], y: NDArray[np.int64], mask: NDArray[np.float64]) -> float:
+def ref_loss(
+    head: dict[str, NDArray[np.float64]], f: NDArray[np.float64], y: NDArray[np.int64], mask: NDArray[np.float64]
+) -> float:
     n_layers = len(head) // 2
     a = f
     for i in range(n_layers):
@@ -125,7 +129,7 @@ def test_set_head_copies_and_checks_shapes() -> None:
 
 
 def test_train_step_rejects_oversized_batch() -> None:
-    with pytest.raises(ValueError, match="1..8"):
+    with pytest.raises(ValueError, match=r"1\.\.8"):
         make_trainer().train_step(np.zeros((9, F), np.float32), np.zeros(9, np.int64), 0.1)
 
 
