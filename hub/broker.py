@@ -1,0 +1,130 @@
+"""An embedded MQTT 3.1.1 broker (amqtt) running in a background thread with its own asyncio loop.
+
+For demos, tests and small fleets; production fleets use mosquitto (or any MQTT broker).
+
+Trap handled here: amqtt's default ``AnonymousAuthPlugin`` (``allow_anonymous: True``) marks every
+session anonymous, and amqtt then silently never queues QoS 1 messages for an offline persistent
+session. We configure ``allow_anonymous: False`` instead: every client that sends a username is let
+in (no password check) and its persistent session does get its messages queued. A client without a
+username is refused (CONNACK "bad username or password"); ``MqttTransport`` always sends one (the
+configured username, else its client id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+
+from protocol.errors import TransportError
+
+__all__ = ["EmbeddedBroker", "broker_config"]
+
+_log = logging.getLogger(__name__)
+
+
+def broker_config(host: str, port: int) -> dict[str, Any]:
+    """The amqtt 0.12.1 configuration used by :class:`EmbeddedBroker`."""
+    return {
+        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}", "max_connections": 0}},
+        "plugins": {
+            # allow_anonymous False: sessions with a username are not "anonymous", so QoS1 messages
+            # are queued while a persistent session is offline (see the module docstring).
+            "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": False},
+        },
+    }
+
+
+async def _cancel_others() -> None:
+    me = asyncio.current_task()
+    tasks = [t for t in asyncio.all_tasks() if t is not me]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class EmbeddedBroker:
+    """amqtt in a daemon thread; ``start()`` returns once the port accepts connections."""
+
+    kind = "embedded"
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 1883) -> None:
+        self.host = host
+        self.port = port
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._broker: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        if self.running:
+            return
+        from amqtt.broker import Broker  # lazy: only the hub needs amqtt
+
+        loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            loop.call_soon(ready.set)
+            loop.run_forever()
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+        thread = threading.Thread(target=run, name=f"amqtt-{self.port}", daemon=True)
+        thread.start()
+        ready.wait(timeout_s)
+        self._loop, self._thread = loop, thread
+
+        async def boot() -> Any:
+            broker = Broker(broker_config(self.host, self.port), loop=loop)
+            await broker.start()
+            return broker
+
+        try:  # Broker.start() awaits asyncio.start_server: the port accepts connections when it returns
+            self._broker = asyncio.run_coroutine_threadsafe(boot(), loop).result(timeout_s)
+        except Exception as exc:
+            self._halt_loop()
+            raise TransportError(f"embedded broker could not listen on {self.host}:{self.port}: {exc}") from exc
+        _log.info("embedded MQTT broker listening on %s", self.url)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Shut the broker down (sessions and retained messages are in memory and are lost)."""
+        loop, broker = self._loop, self._broker
+        if loop is None:
+            return
+        if broker is not None and loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(broker.shutdown(), loop).result(timeout_s)
+            except Exception:  # a failing shutdown must not keep the thread alive
+                _log.exception("embedded broker shutdown failed")
+        self._broker = None
+        if loop.is_running():  # connections amqtt left hanging (e.g. an MQTT 5 CONNECT it cannot parse)
+            try:
+                asyncio.run_coroutine_threadsafe(_cancel_others(), loop).result(timeout_s)
+            except Exception:
+                _log.exception("embedded broker: cancelling leftover tasks failed")
+        self._halt_loop(timeout_s)
+
+    def _halt_loop(self, timeout_s: float = 10.0) -> None:
+        loop, thread = self._loop, self._thread
+        if loop is not None and loop.is_running():
+            loop.call_soon_threadsafe(loop.stop)
+        if thread is not None:
+            thread.join(timeout_s)
+        self._loop = self._thread = None
+
+    def __enter__(self) -> EmbeddedBroker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,256 @@
+"""The MQTT transport (paho-mqtt 2.x): the only module of fedge that imports paho.
+
+* Persistent session: MQTT 5 ``clean_start=False`` + ``SessionExpiryInterval``; MQTT 3.1.1
+  ``clean_session=False``. The broker queues QoS 1 messages for us while we are away.
+* Subscriptions are remembered and re-sent in ``on_connect`` after every (re)connect.
+* Automatic reconnect with back-off (0.2 s .. 5 s) in paho's network thread.
+* ``protocol="auto"`` tries MQTT 5 and falls back to 3.1.1 when the broker does not answer a v5
+  CONNECT properly. amqtt 0.12.1 (3.1.1 only) mis-parses a v5 CONNECT (the properties-length byte
+  shifts its payload fields) and then waits for bytes that never come: it sends no CONNACK at all.
+  A broker that does refuse properly answers CONNACK 0x01 (3.1.1 "unacceptable protocol version")
+  or 0x84 (MQTT 5 "unsupported protocol version"). Both lead to the 3.1.1 fallback, which is then
+  remembered per ``host:port`` for the life of the process.
+* The username defaults to the client id (the embedded broker admits only clients with a username).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from protocol.errors import TransportError
+from protocol.mqtt_config import BrokerConfig
+from protocol.transport import Handler
+
+__all__ = ["MqttTransport", "Will"]
+
+_log = logging.getLogger(__name__)
+Will = tuple[str, bytes, bool]
+"""Last will: (topic, payload, retain); published with QoS 1 when the connection drops uncleanly."""
+
+_PROTOCOL_REFUSED: Final = {1, 0x84}  # 3.1.1 "unacceptable protocol version", 5 "unsupported protocol version"
+_DETECTED: dict[tuple[str, int], str] = {}  # host:port -> "3.1.1" after a fallback
+_DETECTED_LOCK = threading.Lock()
+
+
+class MqttTransport:
+    """A reconnecting MQTT client with a persistent session; implements ``protocol.transport.Transport``."""
+
+    def __init__(
+        self,
+        cfg: BrokerConfig,
+        client_id: str,
+        *,
+        will: Will | None = None,
+        manual_ack: bool = False,
+        session_expiry_s: int = 3600,
+    ) -> None:
+        self.cfg = cfg
+        self.client_id = client_id
+        self.will = will
+        self.manual_ack = manual_ack
+        self.session_expiry_s = session_expiry_s
+        self.connected = threading.Event()
+        self.protocol: str | None = None  # "5" or "3.1.1" once connected
+        self._client: mqtt.Client | None = None
+        self._lock = threading.Lock()
+        self._subs: list[tuple[str, int, Handler]] = []
+        self._on_connect: list[Callable[[], None]] = []
+        self._connack = threading.Event()
+        self._refusal: Any = None
+        self._pending: set[int] = set()
+        self._early: set[int] = set()
+
+    # -- connection -----------------------------------------------------------------------------
+    def connect(self, timeout_s: float = 10.0) -> None:
+        """Connect (raises TransportError if unreachable or refused); then reconnects on its own."""
+        if self._client is not None:
+            raise TransportError(f"MQTT client {self.client_id!r} is already connected or connecting")
+        key = (self.cfg.host, self.cfg.port)
+        if self.cfg.protocol != "auto":
+            versions = [self.cfg.protocol]
+        else:
+            with _DETECTED_LOCK:
+                versions = [_DETECTED[key]] if key in _DETECTED else ["5", "3.1.1"]
+        deadline = time.monotonic() + timeout_s
+        problems: list[str] = []
+        for i, version in enumerate(versions):
+            last = i == len(versions) - 1
+            wait = deadline - time.monotonic() if last else min(2.0, timeout_s / 3)
+            outcome = self._attempt(version, max(wait, 0.1))
+            if outcome is None:
+                self.protocol = version
+                if version != versions[0]:
+                    with _DETECTED_LOCK:
+                        _DETECTED[key] = version
+                return
+            problems.append(f"MQTT {version}: {outcome[1]}")
+            if not outcome[0] or last:
+                break
+            _log.info("broker %s refused MQTT %s (%s); trying MQTT 3.1.1", self.cfg.url, version, outcome[1])
+        why = "; ".join(problems)
+        raise TransportError(f"cannot connect to MQTT broker {self.cfg.url} as {self.client_id!r}: {why}")
+
+    def _attempt(self, version: str, wait_s: float) -> tuple[bool, str] | None:
+        """Connect with one protocol version: None on success, else (retry another version?, why)."""
+        client = self._make_client(version)
+        self._connack.clear()
+        self._refusal = None
+        props = None
+        if version == "5":
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = self.session_expiry_s
+        try:
+            client.connect(
+                self.cfg.host,
+                self.cfg.port,
+                keepalive=self.cfg.keepalive,
+                clean_start=False if version == "5" else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+                properties=props,
+            )
+        except (OSError, ssl.SSLError) as exc:
+            return False, f"broker unreachable: {exc}"
+        self._client = client
+        client.loop_start()
+        got = self._connack.wait(wait_s)
+        if got and self._refusal is None:
+            return None
+        self._teardown()
+        if not got:
+            return True, f"no CONNACK within {wait_s:.1f} s"
+        code = getattr(self._refusal, "value", self._refusal)
+        return code in _PROTOCOL_REFUSED, f"refused: {self._refusal} (code {code})"
+
+    def _make_client(self, version: str) -> mqtt.Client:
+        cfg = self.cfg
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=mqtt.MQTTv5 if version == "5" else mqtt.MQTTv311,
+            clean_session=None if version == "5" else False,
+            manual_ack=self.manual_ack,
+        )
+        client.username_pw_set(cfg.username or self.client_id, cfg.password)
+        if cfg.tls:
+            client.tls_set(
+                ca_certs=cfg.ca_file,
+                certfile=cfg.cert_file,
+                keyfile=cfg.key_file,
+                cert_reqs=ssl.CERT_NONE if cfg.insecure else ssl.CERT_REQUIRED,
+            )
+            client.tls_insecure_set(cfg.insecure)
+        if self.will is not None:
+            topic, payload, retain = self.will
+            client.will_set(topic, payload, qos=1, retain=retain)
+        client.reconnect_delay_set(min_delay=0.2, max_delay=5)  # type: ignore[arg-type]
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_message = self._handle_message
+        client.on_publish = self._handle_publish
+        return client
+
+    def _teardown(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.disconnect()
+            client.loop_stop()
+        self.connected.clear()
+
+    def close(self, flush_timeout_s: float = 5.0) -> None:
+        """Wait (bounded) for outgoing QoS 1 messages, then disconnect cleanly: the will does NOT fire."""
+        deadline = time.monotonic() + flush_timeout_s
+        while self.connected.is_set() and time.monotonic() < deadline:
+            with self._lock:
+                if not self._pending:
+                    break
+            time.sleep(0.005)
+        self._teardown()
+
+    def add_on_connect(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` (in the network thread) after every successful (re)connect."""
+        with self._lock:
+            self._on_connect.append(callback)
+        if self.connected.is_set():
+            self._safe(callback)
+
+    # -- pub/sub --------------------------------------------------------------------------------
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        """Queue a message (thread-safe). While disconnected paho keeps it and sends it on reconnect."""
+        client = self._client
+        if client is None:
+            raise TransportError(f"MQTT client {self.client_id!r}: publish before connect() or after close()")
+        info = client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+            raise TransportError(f"MQTT client {self.client_id!r}: outgoing queue full")
+        if qos > 0:
+            with self._lock:
+                if info.mid in self._early:
+                    self._early.discard(info.mid)
+                else:
+                    self._pending.add(info.mid)
+
+    def subscribe(self, topic_filter: str, handler: Handler, *, qos: int = 1) -> None:
+        """Register ``handler(topic, payload)``; the subscription survives reconnects."""
+        with self._lock:
+            self._subs.append((topic_filter, qos, handler))
+        client = self._client
+        if client is not None and self.connected.is_set():
+            client.subscribe(topic_filter, qos=qos)
+
+    # -- paho callbacks (network thread) ------------------------------------------------------
+    def _handle_connect(self, client: mqtt.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
+        if reason.is_failure:
+            self._refusal = reason
+            self._connack.set()
+            return
+        self.connected.set()
+        with self._lock:
+            filters = {f: q for f, q, _h in self._subs}
+            callbacks = list(self._on_connect)
+        for topic_filter, qos in filters.items():
+            client.subscribe(topic_filter, qos=qos)
+        _log.debug("%s connected (session present: %s)", self.client_id, flags.session_present)
+        self._connack.set()
+        for cb in callbacks:
+            self._safe(cb)
+
+    def _handle_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        if self.connected.is_set():
+            _log.info("%s disconnected from %s: %s", self.client_id, self.cfg.url, reason)
+        self.connected.clear()
+
+    def _handle_publish(self, _c: mqtt.Client, _u: Any, mid: int, _r: Any, _p: Any) -> None:
+        with self._lock:
+            if mid in self._pending:
+                self._pending.discard(mid)
+            else:
+                self._early.add(mid)
+
+    def _handle_message(self, client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            handlers = [h for f, _q, h in self._subs if mqtt.topic_matches_sub(f, msg.topic)]
+        payload = bytes(msg.payload)
+        for handler in handlers:
+            try:
+                handler(msg.topic, payload)
+            except Exception:
+                _log.exception("handler %r failed on a message on %s", handler, msg.topic)
+        if self.manual_ack:
+            # every handler returned (or raised, and was logged: a poison message must not loop forever)
+            client.ack(msg.mid, msg.qos)
+
+    @staticmethod
+    def _safe(callback: Callable[[], None]) -> None:
+        try:
+            callback()
+        except Exception:
+            _log.exception("on_connect callback %r failed", callback)

@@ -1,0 +1,50 @@
+"""Shared fixtures: brokers. Keep this file to broker fixtures and generic helpers (see tests/helpers.py).
+
+Other test modules import the helpers as ``from tests.helpers import free_port, wait_until``: the
+repository root is put on ``sys.path`` here (``tests`` is a namespace package, no ``__init__.py``).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+_ROOT = str(Path(__file__).resolve().parent.parent)
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from tests.helpers import Mosquitto, free_port  # noqa: E402
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A fresh mosquitto process (``.url``, ``.port``, ``.kind``, ``.restart()``, ``.stop()``), persistence in tmp."""
+    broker = Mosquitto(tmp_path / "mosquitto")
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def embedded_broker() -> Iterator[Any]:
+    """A fresh amqtt ``hub.broker.EmbeddedBroker`` (MQTT 3.1.1 only) on a free port; ``.kind == "embedded"``."""
+    from hub.broker import EmbeddedBroker  # lazy: the agent-only venv has no amqtt
+
+    broker = EmbeddedBroker(port=free_port())
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(params=["mosquitto", "embedded"])
+def broker(request: pytest.FixtureRequest) -> Any:
+    """Parametrized over both brokers for integration tests; ``broker.kind`` says which one runs."""
+    return request.getfixturevalue("mosquitto" if request.param == "mosquitto" else "embedded_broker")
