@@ -1,0 +1,118 @@
+"""``fedge-agent selftest``: check a freshly set-up device end to end and print ONE JSON object.
+
+Steps: a training runtime is importable, the artifacts verify against their manifest,
+local data loads (``--data``, else a small random batch of the manifest's input shape),
+backbone features compute, and ``--steps`` SGD steps lower the loss on that data.
+Output keys: ``ok``, ``backend``, ``steps``, ``loss_first``/``loss_last`` (mean loss on the
+self-test samples before/after training), ``ms_per_step``, ``peak_rss_mb`` and a few more;
+on failure ``ok`` is false, ``error`` says why and the exit code is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["selftest_main"]
+
+MAX_SAMPLES_IN_BATCHES = 4
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedge-agent selftest", description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--artifacts", required=True, help="the exported artifacts directory")
+    p.add_argument("--data", help="local data file (.npz with x and y, or .csv); default: a random batch")
+    p.add_argument("--backend", default="auto", choices=["auto", "litert", "ort", "numpy"])
+    p.add_argument("--steps", type=int, default=20, help="training steps to run (default 20)")
+    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default 0.05)")
+    return p
+
+
+def _peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _run(args: argparse.Namespace, report: dict[str, Any]) -> bool:
+    from edge_agent.trainers import available_backends, open_trainer
+    from edge_agent.training import evaluate
+    from protocol.manifest import verify_artifacts
+
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    backends = available_backends()
+    report["available_backends"] = backends
+    if not backends:
+        raise RuntimeError("no training runtime is importable: pip install ai-edge-litert")
+    manifest = verify_artifacts(args.artifacts)
+    report["model"] = manifest.model
+    report["backbone_sha256"] = manifest.backbone_sha256
+    trainer = open_trainer(args.artifacts, args.backend)
+    report["backend"] = trainer.name
+    b = trainer.batch_size
+    if args.data:
+        from edge_agent.data import load_local
+
+        data = load_local(args.data, input_shape=manifest.input.shape)
+        x, y = data.x[: MAX_SAMPLES_IN_BATCHES * b], data.y[: MAX_SAMPLES_IN_BATCHES * b]
+        report["data"] = str(data.path)
+    else:
+        rng = np.random.default_rng(0)
+        x = rng.random((b, *manifest.input.shape), dtype=np.float32)
+        y = rng.integers(0, manifest.num_classes, b)
+        report["data"] = "synthetic"
+    if x.shape[0] == 0:
+        raise ValueError("the data holds no samples")
+    report["samples"] = int(x.shape[0])
+    t0 = time.perf_counter()
+    feats = trainer.features(x)
+    report["features_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
+    if feats.shape != (x.shape[0], manifest.feature_dim):
+        raise RuntimeError(f"backbone features have shape {feats.shape}, expected {(x.shape[0], manifest.feature_dim)}")
+    loss_first, _ = evaluate(trainer, feats, y)
+    starts = list(range(0, x.shape[0], b))
+    t0 = time.perf_counter()
+    for step in range(args.steps):
+        s = starts[step % len(starts)]
+        trainer.train_step(feats[s : s + b], y[s : s + b], args.lr)
+    seconds = time.perf_counter() - t0
+    loss_last, acc = evaluate(trainer, feats, y)
+    report.update(
+        steps=args.steps,
+        loss_first=loss_first,
+        loss_last=loss_last,
+        accuracy_after=acc,
+        ms_per_step=round(seconds * 1e3 / args.steps, 4),
+    )
+    if not (math.isfinite(loss_first) and math.isfinite(loss_last)):
+        raise RuntimeError(f"non-finite loss ({loss_first} -> {loss_last})")
+    if not loss_last < loss_first:
+        raise RuntimeError(f"training did not lower the loss ({loss_first:.6f} -> {loss_last:.6f})")
+    return True
+
+
+def selftest_main(argv: Sequence[str]) -> int:
+    """Run the self-test; print one JSON object on stdout; 0 when everything works, 1 otherwise."""
+    args = _parser().parse_args(list(argv))
+    report: dict[str, Any] = {"ok": False, "backend": None, "artifacts": args.artifacts}
+    code = 0
+    try:
+        report["ok"] = _run(args, report)
+    except Exception as exc:  # the self-test reports every failure instead of a traceback
+        report["error"] = f"{type(exc).__name__}: {exc}"
+        print(f"fedge-agent selftest: FAILED: {report['error']}", file=sys.stderr)
+        code = 1
+    report["peak_rss_mb"] = _peak_rss_mb()
+    print(json.dumps(report, sort_keys=True))
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(selftest_main(sys.argv[1:]))
