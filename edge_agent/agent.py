@@ -1,0 +1,413 @@
+"""The edge agent's run loop: hold the model, answer round announces with one head update each.
+
+Message handlers run on the transport's thread and only record state, install artifacts and queue
+work; training runs in one worker thread. See ARCHITECTURE.md and PROTOCOL.md.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import queue
+import re
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from edge_agent.artifacts import artifacts_dir, install_model_full, is_installed
+from edge_agent.config import AgentConfig
+from edge_agent.data import LocalData, load_local
+from edge_agent.state import AgentState, write_atomic
+from protocol.codec import decode, encode
+from protocol.errors import ArtifactError, DecodeError, FedgeError
+from protocol.manifest import load_manifest
+from protocol.messages import (
+    Ack,
+    ModelFull,
+    ModelHead,
+    ModelUpdate,
+    Presence,
+    Reject,
+    RoundAnnounce,
+)
+from protocol.topics import Topics
+from protocol.transport import Transport
+
+log = logging.getLogger("fedge.agent")
+_VERSION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+Head = dict[str, NDArray[np.float32]]
+
+
+def agent_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("fedge")
+    except Exception:  # not installed as a distribution
+        return "0"
+
+
+def _save_npz(path: Path, arrays: dict[str, NDArray[Any]]) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
+    write_atomic(path, buf.getvalue())
+
+
+def _load_npz(path: Path) -> Head:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: np.asarray(z[k], dtype=np.float32) for k in z.files}
+
+
+class Agent:
+    """``Agent(config).start()`` connects and serves until ``stop()``; inject a transport for tests."""
+
+    def __init__(self, config: AgentConfig, transport: Transport | None = None) -> None:
+        self.config = config
+        self.topics = Topics(config.fleet)
+        self.device = config.device_id
+        root = config.state_dir
+        self.artifacts_root = root / "artifacts"
+        self.heads_dir = root / "heads"
+        self.features_dir = root / "features"
+        self.personal_head_path = root / "personal_head.npz"
+        self.state = AgentState.load(root / "state.json")
+        self._transport = transport
+        self._owns_transport = transport is None
+        self._data: LocalData | None = None
+        self._backends: tuple[str, ...] = ()
+        self._cond = threading.Condition(threading.RLock())
+        self._pending: dict[int, RoundAnnounce] = {}
+        self._started: set[int] = set()  # rounds queued, running or done in this process
+        self._jobs: queue.Queue[RoundAnnounce | None] = queue.Queue()
+        self._worker: threading.Thread | None = None
+        self._trainer: tuple[str, Any] | None = None  # (backbone sha256, Trainer), one open at a time
+        self._subscribed = False
+        self._stopped = False
+
+    # ----------------------------------------------------------------- lifecycle
+    @property
+    def data(self) -> LocalData:
+        if self._data is None:
+            raise RuntimeError("agent not started")
+        return self._data
+
+    def start(self, connect_timeout_s: float = 10.0) -> None:
+        """Load local data (DataError if bad), connect, subscribe and announce presence."""
+        from edge_agent.trainers import available_backends
+
+        self._data = load_local(self.config.data)
+        self._backends = tuple(available_backends())
+        for d in (self.artifacts_root, self.heads_dir, self.features_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self._worker = threading.Thread(target=self._work, name=f"fedge-agent-{self.device}", daemon=True)
+        self._worker.start()
+        transport = self._transport
+        mqtt = None
+        if transport is None:
+            from protocol.transport_mqtt import MqttTransport
+
+            offline = encode(Presence(self.config.fleet, self.device, online=False, agent_version=agent_version()))
+            mqtt = MqttTransport(
+                self.config.broker,
+                self.device,
+                will=(self.topics.presence(self.device), offline, True),
+                session_expiry_s=self.config.session_expiry_s,
+            )
+            self._transport = transport = mqtt
+        # subscribe before connecting: a persistent session delivers its queued messages right after CONNACK
+        self._subscribe(transport)
+        self._subscribed = True
+        add_on_connect = getattr(transport, "add_on_connect", None)
+        if callable(add_on_connect):
+            add_on_connect(self._on_connect)  # presence on every (re)connect (now, if already connected)
+        else:
+            self.publish_presence(online=True)
+        if mqtt is not None:
+            mqtt.connect(timeout_s=connect_timeout_s)
+        log.info(
+            "agent %s up: fleet %s, %d samples, backends %s, model %s, last round %d",
+            self.device, self.config.fleet, len(self.data.y), ",".join(self._backends),
+            self.state.model_version, self.state.last_completed_round,
+        )
+
+    def _subscribe(self, t: Transport) -> None:
+        t.subscribe(self.topics.model_full, self._guard(self._on_model_full), qos=1)
+        t.subscribe(self.topics.model_head, self._guard(self._on_model_head), qos=1)
+        t.subscribe(self.topics.announce, self._guard(self._on_announce), qos=1)
+        t.subscribe(self.topics.device_inbox(self.device), self._guard(self._on_inbox), qos=1)
+
+    def _on_connect(self, *_: Any) -> None:
+        if self._subscribed and not self._stopped:
+            log.info("connected: publishing presence")
+            self.publish_presence(online=True)
+
+    def publish_presence(self, *, online: bool) -> None:
+        if self._transport is None:
+            return
+        msg = Presence(
+            self.config.fleet,
+            self.device,
+            online=online,
+            n_samples=len(self._data.y) if self._data is not None else None,
+            backends=self._backends,
+            model_version=self.state.model_version,
+            agent_version=agent_version(),
+        )
+        self._transport.publish(self.topics.presence(self.device), encode(msg), qos=1, retain=True)
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Finish the running round (up to ``timeout_s``), say offline (retained), close the transport."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._jobs.put(None)
+        if self._worker is not None:
+            self._worker.join(timeout_s)
+            if self._worker.is_alive():
+                log.warning("training still running after %.0f s; leaving it", timeout_s)
+        try:
+            self.publish_presence(online=False)
+        except FedgeError as exc:
+            log.warning("could not publish offline presence: %s", exc)
+        close: Callable[[], None] | None = getattr(self._transport, "close", None)
+        if self._owns_transport and close is not None:
+            close()
+        log.info("agent %s stopped", self.device)
+
+    def wait_round_done(self, round_: int, timeout: float) -> bool:
+        """Block until ``round_`` is completed (its update published) or ``timeout`` seconds pass."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.state.last_completed_round >= round_, timeout)
+
+    # ----------------------------------------------------------------- handlers
+    def _guard(self, handler: Callable[[Any], None]) -> Callable[[str, bytes], None]:
+        def run(topic: str, payload: bytes) -> None:
+            if not payload:
+                return
+            try:
+                msg = decode(payload)
+            except DecodeError as exc:
+                log.warning("ignoring malformed message on %s: %s", topic, exc)
+                return
+            if getattr(msg, "fleet", self.config.fleet) != self.config.fleet:
+                log.warning("ignoring %s on %s: fleet %r is not ours", msg.type, topic, msg.fleet)
+                return
+            try:
+                handler(msg)
+            except Exception:  # a handler must never take the transport thread down
+                log.exception("error handling %s on %s", msg.type, topic)
+
+        return run
+
+    def _on_model_full(self, msg: Any) -> None:
+        if not isinstance(msg, ModelFull):
+            log.warning("ignoring %s on the model/full topic", msg.type)
+            return
+        try:
+            path, new = install_model_full(self.artifacts_root, msg)
+        except (FedgeError, OSError, ValueError) as exc:
+            log.error("rejected model/full for backbone %s: %s", msg.backbone_sha256[:16], exc)
+            return
+        log.info("backbone %s %s at %s", msg.backbone_sha256[:16], "installed" if new else "already held", path)
+        self._check_pending()
+
+    def _on_model_head(self, msg: Any) -> None:
+        if not isinstance(msg, ModelHead):
+            log.warning("ignoring %s on the model/head topic", msg.type)
+            return
+        if not _VERSION.match(msg.version):
+            log.error("ignoring model/head with unusable version name %r", msg.version)
+            return
+        path = self.heads_dir / f"{msg.version}.npz"
+        if msg.version not in self.state.versions or not path.exists():
+            bad = [k for k, v in msg.head.items() if v.dtype != np.float32]
+            if bad or not msg.head:
+                log.error("ignoring model/head %s: no head or non-float32 arrays %s", msg.version, bad)
+                return
+            _save_npz(path, dict(msg.head))
+        with self._cond:
+            for old in self.state.add_version(msg.version, msg.backbone_sha256):
+                (self.heads_dir / f"{old}.npz").unlink(missing_ok=True)
+            changed = self.state.model_version != msg.version
+            self.state.model_version = msg.version
+            self.state.save()
+        log.info("global model %s (backbone %s, round %s)", msg.version, msg.backbone_sha256[:16], msg.round)
+        if changed and self._subscribed:
+            self.publish_presence(online=True)
+        self._check_pending()
+
+    def _on_announce(self, msg: Any) -> None:
+        if not isinstance(msg, RoundAnnounce):
+            log.warning("ignoring %s on the round/announce topic", msg.type)
+            return
+        with self._cond:
+            reason = self._skip_reason(msg)
+            if reason:
+                log.info("ignoring announce of round %d: %s", msg.round, reason)
+                return
+            if self._ready(msg):
+                self._enqueue(msg)
+            else:
+                self._pending[msg.round] = msg
+                log.info(
+                    "round %d pending: waiting for model %s / backbone %s",
+                    msg.round, msg.model_version, msg.backbone_sha256[:16],
+                )
+
+    def _on_inbox(self, msg: Any) -> None:
+        if isinstance(msg, Ack):
+            log.info("hub acknowledged round %d (update %s)", msg.round, msg.ref_nonce[:8])
+        elif isinstance(msg, Reject):
+            log.warning("hub rejected round %s: %s (%s)", msg.round, msg.reason, msg.detail)
+            with self._cond:
+                self.state.last_reject = {
+                    "round": msg.round, "reason": str(msg.reason), "detail": msg.detail,
+                    "ref_nonce": msg.ref_nonce, "ts": msg.ts,
+                }
+                self.state.save()
+        else:
+            log.warning("ignoring %s in the device inbox", msg.type)
+
+    # ----------------------------------------------------------------- round bookkeeping
+    def _skip_reason(self, msg: RoundAnnounce) -> str | None:
+        try:
+            artifacts_dir(self.artifacts_root, msg.backbone_sha256)
+        except ArtifactError as exc:
+            return str(exc)
+        if msg.round <= self.state.last_completed_round:
+            return f"stale (last completed round is {self.state.last_completed_round})"
+        if self.device not in msg.selected:
+            return "this device is not selected"
+        if msg.deadline <= time.time():
+            return f"deadline passed {time.time() - msg.deadline:.1f} s ago"
+        if msg.round in self._started:
+            return "duplicate (already started)"
+        return None
+
+    def _ready(self, msg: RoundAnnounce) -> bool:
+        return (
+            self.state.versions.get(msg.model_version) is not None
+            and (self.heads_dir / f"{msg.model_version}.npz").exists()
+            and is_installed(self.artifacts_root, msg.backbone_sha256)
+        )
+
+    def _enqueue(self, msg: RoundAnnounce) -> None:
+        held = self.state.versions.get(msg.model_version)
+        if held != msg.backbone_sha256:
+            log.error(
+                "ignoring round %d: model %s is over backbone %s, the announce says %s",
+                msg.round, msg.model_version, (held or "?")[:16], msg.backbone_sha256[:16],
+            )
+            return
+        self._pending.pop(msg.round, None)
+        self._started.add(msg.round)
+        self._jobs.put(msg)
+
+    def _check_pending(self) -> None:
+        with self._cond:
+            for rnd, msg in sorted(self._pending.items()):
+                reason = self._skip_reason(msg)
+                if reason:
+                    log.info("dropping pending round %d: %s", rnd, reason)
+                    del self._pending[rnd]
+                elif self._ready(msg):
+                    self._enqueue(msg)
+
+    # ----------------------------------------------------------------- training (worker thread)
+    def _work(self) -> None:
+        while True:
+            msg = self._jobs.get()
+            if msg is None:
+                return
+            try:
+                self._run_round(msg)
+            except Exception:
+                log.exception("round %d failed on this device", msg.round)
+                with self._cond:
+                    self._started.discard(msg.round)  # a redelivered announce may retry
+
+    def _trainer_for(self, backbone_sha256: str) -> Any:
+        from edge_agent.trainers import open_trainer
+
+        if self._trainer is None or self._trainer[0] != backbone_sha256:
+            folder = artifacts_dir(self.artifacts_root, backbone_sha256)
+            self._trainer = None
+            self._trainer = (backbone_sha256, open_trainer(folder, backend=self.config.backend))
+            log.info("opened %s trainer for backbone %s", self._trainer[1].name, backbone_sha256[:16])
+        return self._trainer[1]
+
+    def _inputs(self, backbone_sha256: str) -> NDArray[np.float32]:
+        shape = load_manifest(artifacts_dir(self.artifacts_root, backbone_sha256)).input.shape
+        x = np.asarray(self.data.x, dtype=np.float32)
+        if x.shape[1:] != shape:
+            if int(np.prod(x.shape[1:])) != int(np.prod(shape)):
+                raise FedgeError(f"local data {self.data.path} has samples of shape {x.shape[1:]}, model wants {shape}")
+            x = x.reshape((x.shape[0], *shape))
+        return x
+
+    def _run_round(self, msg: RoundAnnounce) -> None:
+        from edge_agent.features import FeatureCache
+        from edge_agent.training import evaluate, fit
+
+        with self._cond:
+            reason = self._skip_reason_late(msg)
+        if reason:
+            log.info("not training round %d: %s", msg.round, reason)
+            return
+        trainer = self._trainer_for(msg.backbone_sha256)
+        global_head = _load_npz(self.heads_dir / f"{msg.model_version}.npz")
+        expected = trainer.get_head()
+        if {k: v.shape for k, v in global_head.items()} != {k: np.shape(v) for k, v in expected.items()}:
+            raise FedgeError(f"head of model {msg.model_version} does not fit the backbone's head layout")
+        y = np.asarray(self.data.y, dtype=np.int64)
+        feats = FeatureCache(self.features_dir).get(
+            trainer, self._inputs(msg.backbone_sha256), self.data.sha256, msg.backbone_sha256
+        )
+        trainer.set_head(global_head)
+        loss_before, acc_before = evaluate(trainer, feats, y)
+        rng = np.random.default_rng([self.config.seed, msg.round])
+        result = fit(trainer, feats, y, msg.local_epochs, msg.lr, rng)
+        loss_after, acc_after = evaluate(trainer, feats, y)
+        trained = {k: np.asarray(v, dtype=np.float32) for k, v in trainer.get_head().items()}
+        delta: dict[str, NDArray[np.generic]] = {
+            k: (trained[k] - global_head[k]).astype(np.float32) for k in global_head
+        }
+        metrics = {
+            "loss_before": float(loss_before), "loss_after": float(loss_after),
+            "acc_before": float(acc_before), "acc_after": float(acc_after),
+            "train_seconds": float(result.seconds), "n_steps": float(result.steps),
+            f"backend_{trainer.name}": 1.0,  # metrics are numbers on the wire: the backend is a one-hot key
+        }
+        update = ModelUpdate(
+            self.config.fleet, msg.round, self.device, msg.model_version, len(y), delta, metrics
+        )
+        with self._cond:
+            if msg.round <= self.state.last_completed_round:
+                log.info("round %d already completed; not publishing again", msg.round)
+                return
+            assert self._transport is not None
+            self._transport.publish(self.topics.update(self.device), encode(update), qos=1)
+            _save_npz(self.personal_head_path, dict(trained))
+            self.state.last_completed_round = msg.round
+            self.state.save()
+            self._cond.notify_all()
+        log.info(
+            "round %d: %s, %d steps in %.2f s, loss %.4f -> %.4f, acc %.3f -> %.3f; update %s published",
+            msg.round, trainer.name, result.steps, result.seconds, loss_before, loss_after,
+            acc_before, acc_after, update.nonce[:8],
+        )
+
+    def _skip_reason_late(self, msg: RoundAnnounce) -> str | None:
+        if msg.round <= self.state.last_completed_round:
+            return "already completed"
+        if msg.deadline <= time.time():
+            return "deadline passed while queued"
+        return None
+
+
+__all__ = ["Agent", "agent_version"]

@@ -1,0 +1,133 @@
+"""The ``fedge-agent`` command: version, a clear error for bad data, and ``run`` against a real mosquitto
+(presence online, republished after a broker restart, offline on SIGTERM with exit code 0)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from protocol.codec import decode
+from protocol.messages import Presence
+from protocol.mqtt_config import BrokerConfig
+from protocol.topics import Topics
+from protocol.transport_mqtt import MqttTransport
+from tests.helpers import Mosquitto, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _agent(*args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "edge_agent", *args], cwd=ROOT, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+
+
+def _config(tmp_path: Path, url: str, data: str = "data.npz") -> Path:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(
+        f'device_id = "dev-cli"\nfleet = "clitest"\ndata = "{data}"\nstate_dir = "state"\nbackend = "numpy"\n\n'
+        f'[broker]\nurl = "{url}"\n'
+    )
+    return cfg
+
+
+def test_version_prints_agent_and_protocol_version() -> None:
+    proc = _agent("version")
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert out.startswith("fedge-agent ") and "protocol 1" in out
+
+
+def test_agent_modules_import_without_heavy_frameworks() -> None:
+    code = (
+        "import sys, edge_agent.__main__, edge_agent.agent, edge_agent.artifacts, edge_agent.config;"
+        "heavy = [m for m in ('tensorflow', 'torch', 'onnx', 'sklearn', 'matplotlib', 'keras') if m in sys.modules];"
+        "print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_bad_data_file_exits_nonzero_naming_the_file(tmp_path: Path) -> None:
+    (tmp_path / "data.npz").write_bytes(b"not a zip")
+    proc = _agent("run", "--config", str(_config(tmp_path, "mqtt://127.0.0.1:1")))
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "data.npz" in out and "error" in out
+
+
+def test_bad_config_exits_nonzero_naming_the_field(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, "mqtt://127.0.0.1:1")
+    cfg.write_text(cfg.read_text().replace('backend = "numpy"', 'backend = "cuda"'))
+    proc = _agent("run", "--config", str(cfg))
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "'backend'" in out
+
+
+def test_run_presence_survives_broker_restart_and_sigterm_says_offline(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", x=rng.random((12, 28, 28, 1), dtype=np.float32), y=rng.integers(0, 10, 12))
+    topic = Topics("clitest").presence("dev-cli")
+    seen: list[Presence] = []
+    lock = threading.Lock()
+
+    def on_presence(_t: str, payload: bytes) -> None:
+        if payload:
+            msg = decode(payload)
+            assert isinstance(msg, Presence)
+            with lock:
+                seen.append(msg)
+
+    def onlines() -> int:
+        with lock:
+            return len({m.nonce for m in seen if m.online})
+
+    watcher = MqttTransport(BrokerConfig(url=mosquitto.url), "cli-watcher")
+    watcher.subscribe(topic, on_presence)
+    watcher.connect()
+    proc = _agent("run", "--config", str(_config(tmp_path, mosquitto.url)))
+    try:
+        assert wait_until(lambda: onlines() >= 1, 30), "no online presence"
+        first = seen[-1]
+        assert first.device == "dev-cli" and first.n_samples == 12 and "numpy" in first.backends
+        mosquitto.restart()
+        # the agent reconnects by itself and republishes a fresh online presence
+        assert wait_until(lambda: onlines() >= 2, 30), "presence not republished after the broker restart"
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out
+        assert wait_until(lambda: bool(seen) and not seen[-1].online, 10), "no offline presence"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        watcher.close()
+    # retained: a newcomer sees the device offline
+    seen.clear()
+    newcomer = MqttTransport(BrokerConfig(url=mosquitto.url), "cli-newcomer")
+    newcomer.subscribe(topic, on_presence)
+    newcomer.connect()
+    try:
+        assert wait_until(lambda: bool(seen), 10)
+        assert seen[-1].online is False
+    finally:
+        newcomer.close()
+
+
+def test_selftest_is_delegated() -> None:
+    proc = _agent("selftest", "--help")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "selftest" in out
