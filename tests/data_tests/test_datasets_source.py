@@ -45,7 +45,7 @@ def test_digits_is_a_seeded_80_20_split_of_flat_unit_range_features() -> None:
     total = len(data.y_train) + len(data.y_test)
     assert total == 1797
     assert len(data.y_test) == round(0.2 * total)
-    assert 0.0 <= float(data.x_train.min()) and float(data.x_train.max()) == 1.0
+    assert float(data.x_train.min()) >= 0.0 and float(data.x_train.max()) == 1.0
     np.testing.assert_array_equal(data.y_test, again.y_test)
     other = load_digits_source(seed=1)
     assert not np.array_equal(data.y_test, other.y_test)
@@ -88,7 +88,7 @@ def test_as_images28_upscales_digits_to_cnn_input() -> None:
     for order in ("nearest", "bilinear"):
         img = as_images28(data.x_train[:5], order=order)
         assert img.shape == (5, 28, 28, 1) and img.dtype == np.float32
-        assert 0.0 <= float(img.min()) and float(img.max()) <= 1.0
+        assert float(img.min()) >= 0.0 and float(img.max()) <= 1.0
     # nearest upscale of 8 -> 28 keeps every source pixel value and a constant image stays constant
     near = as_images28(data.x_train[:1], order="nearest")
     assert set(np.unique(near)) <= set(np.unique(data.x_train[0]))

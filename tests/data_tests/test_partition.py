@@ -105,7 +105,7 @@ def test_small_alpha_skews_labels_and_large_alpha_is_near_iid() -> None:
     [({"n_devices": 0}, "devices"), ({"alpha": 0.0}, "alpha"), ({"min_per_device": 500}, "devices")],
 )
 def test_bad_partition_arguments_name_the_field(kwargs: dict[str, float], field: str) -> None:
-    args: dict[str, object] = {"n_devices": 3, "alpha": 0.5, "min_per_device": 1} | kwargs
+    args: dict[str, float] = {"n_devices": 3, "alpha": 0.5, "min_per_device": 1, **kwargs}
     with pytest.raises(ConfigError, match=field):
         dirichlet_partition(_labels(1000, 3, 0), rng=np.random.default_rng(0), **args)  # type: ignore[arg-type]
 
