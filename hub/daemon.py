@@ -1,0 +1,399 @@
+"""The hub daemon: wires transport, store, registry, validation, aggregation and evaluation.
+
+Threading: transport handlers (paho's network thread, or the publisher's thread in memory) only
+enqueue an event and wait until the worker thread has processed it, so the state machine is
+single-threaded and, with ``manual_ack``, a message is acknowledged to the broker only after its
+effect is committed to SQLite. The worker also ticks every ``tick_s`` (deadlines, schedule).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from hub.config import HubConfig
+from hub.evaluate import EvalFn, Evaluator
+from hub.registry import Registry
+from hub.rounds import OpenRound, RoundParams, select_devices
+from hub.store import Store, VersionRow
+from hub.strategies import Strategy, make_strategy
+from hub.validate import UpdateContext, Verdict, validate_update
+from protocol.codec import decode, decode_control, encode, encode_control
+from protocol.errors import DecodeError
+from protocol.messages import (
+    Ack,
+    HubStatus,
+    ModelUpdate,
+    Presence,
+    Reject,
+    RoundOverrides,
+    RoundResult,
+    RoundStatus,
+)
+from protocol.topics import Topics, valid_id
+from protocol.transport import Transport
+
+log = logging.getLogger("fedge.hub")
+
+_Event = tuple[Callable[[], None], threading.Event | None]
+
+
+class HubDaemon:
+    def __init__(self, cfg: HubConfig, transport: Transport, *, clock: Callable[[], float] = time.time,
+                 evaluator: EvalFn | None = None, tick_s: float = 0.1) -> None:
+        self.cfg = cfg
+        self.transport = transport
+        self.topics = Topics(cfg.fleet)
+        self.clock = clock
+        self.tick_s = tick_s
+        self.strategy: Strategy = make_strategy(cfg.aggregation.strategy, cfg.aggregation.proximal_lambda)
+        self.evaluator: EvalFn = evaluator if evaluator is not None else Evaluator(cfg.eval_data)
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(cfg.state_dir / "hub.sqlite")
+        self.registry = Registry(self.store, cfg.state_dir)
+        self.round: OpenRound | None = None
+        self.known: set[str] = set(cfg.devices or ())
+        self._online: set[str] = set()
+        self._specs: dict[str, dict[str, tuple[tuple[int, ...], str]]] = {}
+        self._published: tuple[str | None, str | None] = (None, None)  # (version, backbone)
+        self._chain_left = int(self.store.get_meta("chain_left") or 0)
+        self._chain_overrides = decode_control((self.store.get_meta("chain_overrides") or "").encode())
+        self._queue: queue.Queue[_Event] = queue.Queue()
+        self._stop = threading.Event()
+        self._dead = threading.Event()
+        self._worker: threading.Thread | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Bootstrap the registry, resume an open round, subscribe, start the worker, publish state."""
+        if self.registry.current() is None:
+            row = self.registry.import_artifacts(self.cfg.artifacts)
+            log.info("imported %s as %s (backbone %s)", self.cfg.artifacts, row.version, row.backbone_sha256[:16])
+        for dev in self.store.devices():
+            if self.cfg.devices is None:
+                self.known.add(dev["device"])
+            if dev["online"]:
+                self._online.add(dev["device"])
+        self._resume()
+        self.transport.subscribe(self.topics.control_round_start, self._on_control)
+        self.transport.subscribe(self.topics.update_all, self._on_update)
+        self.transport.subscribe(self.topics.presence_all, self._on_presence)
+        self._worker = threading.Thread(target=self._run, name=f"fedge-hub-{self.cfg.fleet}", daemon=True)
+        self._worker.start()
+        self.call(self._publish_state)
+
+    def stop(self) -> None:
+        """Graceful stop: publish HubStatus offline (retained); an open round stays open in the store."""
+        if self._worker is not None and self._worker.is_alive():
+            self.call(lambda: self._status(online=False))
+        self._halt()
+        self.store.close()
+
+    def halt(self) -> None:
+        """Stop dead, as a crash would: nothing published, nothing closed (for tests of resumption)."""
+        self._halt()
+        self.store.close()
+
+    def _halt(self) -> None:
+        self._dead.set()
+        self._stop.set()
+        if self._worker is not None:
+            self._worker.join(10)
+        while True:  # release anyone still waiting
+            try:
+                _fn, done = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if done is not None:
+                done.set()
+
+    def call(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the worker and wait for it (from the worker itself: queue it and return)."""
+        if self._dead.is_set():
+            return
+        if threading.current_thread() is self._worker:
+            self._queue.put((fn, None))
+            return
+        done = threading.Event()
+        self._queue.put((fn, done))
+        while not done.wait(0.5):
+            if self._dead.is_set():
+                return
+
+    def post(self, fn: Callable[[], None]) -> None:
+        """Queue ``fn`` without waiting (e.g. from an on-connect callback)."""
+        if not self._dead.is_set():
+            self._queue.put((fn, None))
+
+    def tick(self) -> None:
+        self.call(self._tick)
+
+    def on_reconnect(self) -> None:
+        self.post(lambda: self._status(online=True))
+
+    def _run(self) -> None:
+        last_tick = 0.0
+        while not self._stop.is_set():
+            try:
+                fn, done = self._queue.get(timeout=self.tick_s)
+            except queue.Empty:
+                fn, done = None, None
+            try:
+                if fn is not None:
+                    fn()
+                if time.monotonic() - last_tick >= self.tick_s:
+                    last_tick = time.monotonic()
+                    self._tick()
+            except Exception:
+                log.exception("hub event failed (ignored)")
+            finally:
+                if done is not None:
+                    done.set()
+
+    # -- transport handlers (any thread) ----------------------------------------------------------
+    def _on_update(self, topic: str, payload: bytes) -> None:
+        self.call(lambda: self._handle_update(topic, payload))
+
+    def _on_presence(self, topic: str, payload: bytes) -> None:
+        self.call(lambda: self._handle_presence(topic, payload))
+
+    def _on_control(self, topic: str, payload: bytes) -> None:
+        self.call(lambda: self._handle_control(payload))
+
+    # -- state machine (worker thread) ------------------------------------------------------------
+    def _publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        self.transport.publish(topic, payload, qos=1, retain=retain)
+
+    def _status(self, online: bool) -> None:
+        cur = self.registry.current()
+        msg = HubStatus(fleet=self.cfg.fleet, online=online, round=self.round.id if self.round else None,
+                        model_version=None if cur is None else cur.version)
+        self._publish(self.topics.hub_status, encode(msg), retain=True)
+
+    def _publish_model(self, row: VersionRow) -> None:
+        """Retained model/head; model/full too when the backbone differs from the one last published."""
+        if row.backbone_sha256 != self._published[1]:
+            full = self.registry.model_full(self.cfg.fleet, row.backbone_sha256)
+            self._publish(self.topics.model_full, encode(full), retain=True)
+            log.info("published model/full for backbone %s", row.backbone_sha256[:16])
+        self._publish(self.topics.model_head, encode(self.registry.model_head(self.cfg.fleet, row)), retain=True)
+        self._published = (row.version, row.backbone_sha256)
+        log.info("published model/head %s", row.version)
+
+    def _publish_state(self) -> None:
+        self._status(online=True)
+        cur = self.registry.current()
+        assert cur is not None
+        self._publish_model(cur)
+        if self.round is not None:
+            self._publish(self.topics.announce, encode(self.round.announce(self.cfg.fleet)), retain=True)
+        else:
+            self._publish(self.topics.announce, b"", retain=True)
+            last = self.store.last_round()
+            if last is not None and last.closed_at is not None:
+                self._publish(self.topics.result, encode(self._result_of(last.id)), retain=True)
+
+    def _spec(self, backbone: str) -> dict[str, tuple[tuple[int, ...], str]]:
+        if backbone not in self._specs:
+            self._specs[backbone] = {p.name: (p.shape, p.dtype) for p in self.registry.manifest(backbone).head}
+        return self._specs[backbone]
+
+    def _resume(self) -> None:
+        rows = self.store.open_rounds()
+        if not rows:
+            return
+        row = rows[-1]
+        agg = self.strategy.aggregator({k: s for k, (s, _) in self._spec(row.backbone_sha256).items()})
+        rnd = OpenRound(row.id, row.model_version, row.backbone_sha256, RoundParams.from_dict(row.params),
+                        row.selected, row.opened_at, row.deadline, agg)
+        for stored in self.store.iter_updates(row.id):
+            msg = decode(stored.payload, max_bytes=max(len(stored.payload), 1))
+            assert isinstance(msg, ModelUpdate)
+            agg.add(msg.delta, msg.n_samples)
+            rnd.accepted[stored.device] = stored.nonce
+            rnd.n_samples += stored.n_samples
+        self.round = rnd
+        log.info("round %d resumed: %d updates, deadline in %.1f s", rnd.id, len(rnd.accepted),
+                 rnd.deadline - self.clock())
+
+    def _handle_presence(self, topic: str, payload: bytes) -> None:
+        if not payload:
+            return
+        device = self.topics.device_of(topic)
+        try:
+            msg = decode(payload, max_bytes=1 << 16)
+        except DecodeError as exc:
+            log.warning("presence on %s ignored: %s", topic, exc)
+            return
+        if not isinstance(msg, Presence) or msg.device != device or msg.fleet != self.cfg.fleet:
+            log.warning("presence on %s ignored: not a presence of that device in this fleet", topic)
+            return
+        if self.cfg.devices is not None and device not in self.cfg.devices:
+            log.warning("presence of %s ignored: not in the devices allow-list", device)
+            return
+        self.store.upsert_device(device, msg.online, msg.n_samples, msg.backends, self.clock())
+        self.known.add(device)
+        (self._online.add if msg.online else self._online.discard)(device)
+        log.info("device %s %s (%s samples)", device, "online" if msg.online else "offline", msg.n_samples)
+
+    def _handle_control(self, payload: bytes) -> None:
+        try:
+            overrides = decode_control(payload)
+        except DecodeError as exc:
+            self.store.add_control(str(exc.reason), exc.detail)
+            log.warning("control message ignored (%s): %s", exc.reason, exc.detail)
+            return
+        if self.round is not None:
+            self.store.add_control("round_open", f"round {self.round.id} is open")
+            log.warning("control message ignored: round %d is open", self.round.id)
+            return
+        self._set_chain(max(self.cfg.schedule.chain_rounds - 1, 0), overrides)
+        if not self._start_round(overrides):
+            self.store.add_control("no_devices", "no known device to select")
+
+    def _set_chain(self, left: int, overrides: RoundOverrides) -> None:
+        self._chain_left, self._chain_overrides = left, overrides
+        self.store.set_meta("chain_left", str(left))
+        self.store.set_meta("chain_overrides", encode_control(overrides).decode())
+
+    def _candidates(self) -> set[str]:
+        return set(self.cfg.devices) if self.cfg.devices is not None else set(self._online)
+
+    def _start_round(self, overrides: RoundOverrides) -> bool:
+        candidates = self._candidates()
+        if not candidates:
+            log.warning("no round started: no known online device")
+            return False
+        cur = self.registry.current()
+        assert cur is not None
+        if (cur.version, cur.backbone_sha256) != self._published:  # e.g. after `fedge hub rollback`
+            self._publish_model(cur)
+        last = self.store.last_round()
+        rid = 1 if last is None else last.id + 1
+        params = RoundParams.make(self.cfg.rounds, overrides)
+        selected = select_devices(candidates, params.fraction, params.min_devices, self.cfg.rounds.seed, rid)
+        now = self.clock()
+        agg = self.strategy.aggregator({k: s for k, (s, _) in self._spec(cur.backbone_sha256).items()})
+        rnd = OpenRound(rid, cur.version, cur.backbone_sha256, params, selected, now, now + params.deadline_s, agg)
+        self.store.open_round(rid, cur.version, cur.backbone_sha256, params.to_dict(), selected, now, rnd.deadline)
+        self.round = rnd
+        self._publish(self.topics.announce, encode(rnd.announce(self.cfg.fleet)), retain=True)
+        self._status(online=True)
+        log.info("round %d open: model %s, %d selected %s, quorum %d, deadline %.0f s", rid, cur.version,
+                 len(selected), list(selected), params.min_devices, params.deadline_s)
+        return True
+
+    def _context(self) -> UpdateContext:
+        r = self.round
+        spec = self._spec(r.backbone_sha256) if r else {}
+        return UpdateContext(
+            fleet=self.cfg.fleet, known_devices=frozenset(self.known), round_id=r.id if r else None,
+            model_version=r.model_version if r else None, selected=frozenset(r.selected if r else ()),
+            accepted=dict(r.accepted) if r else {}, head_spec=spec, max_update_bytes=self.cfg.rounds.max_update_bytes,
+        )
+
+    def _handle_update(self, topic: str, payload: bytes) -> None:
+        device = self.topics.device_of(topic)
+        verdict = validate_update(device, payload, self._context())
+        if verdict.kind == "reject":
+            self._reject(verdict, topic)
+            return
+        msg = verdict.update
+        assert msg is not None and self.round is not None
+        if verdict.kind == "accept":
+            self.store.add_update(msg.round, msg.device, msg.nonce, msg.n_samples, msg.metrics, payload)
+            self.round.aggregator.add(msg.delta, msg.n_samples)
+            self.round.accepted[msg.device] = msg.nonce
+            self.round.n_samples += msg.n_samples
+            log.info("round %d: update from %s accepted (%d samples, %d/%d)", msg.round, msg.device, msg.n_samples,
+                     len(self.round.accepted), len(self.round.selected))
+        else:
+            log.info("round %d: redelivered update from %s re-acked", msg.round, msg.device)
+        ack = Ack(fleet=self.cfg.fleet, round=msg.round, device=msg.device, ref_nonce=msg.nonce)
+        self._publish(self.topics.ack(msg.device), encode(ack))
+        if self.round.should_close(self.clock()):
+            self._close_round()
+
+    def _reject(self, v: Verdict, topic: str) -> None:
+        assert v.reason is not None
+        rid = self.round.id if self.round else None
+        self.store.add_reject(rid, v.device or topic, str(v.reason), v.detail)
+        log.warning("update on %s rejected: %s (%s)", topic, v.reason, v.detail)
+        if v.device is not None and valid_id(v.device):
+            ref = v.update.nonce if v.update is not None else None
+            rej = Reject(fleet=self.cfg.fleet, round=v.round, device=v.device, reason=v.reason, detail=v.detail,
+                         ref_nonce=ref)
+            self._publish(self.topics.reject(v.device), encode(rej))
+
+    def _tick(self) -> None:
+        now = self.clock()
+        if self.round is not None and self.round.should_close(now):
+            self._close_round()
+        every = self.cfg.schedule.every_s
+        if self.round is None and every > 0 and self._candidates():
+            last = self.store.last_round()
+            if last is None or now - last.opened_at >= every:
+                self._start_round(RoundOverrides())
+
+    def _close_round(self) -> None:
+        r = self.round
+        assert r is not None
+        now = self.clock()
+        row: VersionRow | None = None
+        acc = loss = None
+        if r.quorum():
+            head = r.aggregator.result(self.registry.load_head(r.model_version), self.registry.w0(r.backbone_sha256))
+            try:
+                score = self.evaluator(self.registry.backbone_dir(r.backbone_sha256), r.backbone_sha256, head)
+            except Exception:
+                log.exception("round %d: evaluation failed (version registered without a score)", r.id)
+                score = None
+            if score is not None:
+                acc, loss = score
+            else:
+                losses = [m["loss"] for m in self.store.update_metrics(r.id) if "loss" in m]
+                loss = sum(losses) / len(losses) if losses else None
+            row = self.registry.write_head(head, parent=r.model_version, round_id=r.id,
+                                           backbone_sha256=r.backbone_sha256, accuracy=acc, loss=loss)
+        status = RoundStatus.COMPLETED if row is not None else RoundStatus.FAILED_QUORUM
+        rejected = sum(self.store.reject_counts(r.id).values())
+        devices = tuple(sorted(r.accepted))
+        self.store.close_round(r.id, str(status), now, acc, loss, devices, r.n_samples, rejected, row)
+        self.round = None
+        self.rounds_jsonl({
+            "round": r.id, "status": str(status), "devices": len(devices), "n_samples": r.n_samples,
+            "accuracy": acc, "loss": loss, "seconds": round(now - r.opened_at, 3),
+            "model_version": None if row is None else row.version, "rejected": rejected,
+        })
+        log.info("round %d %s: %d/%d devices, %d samples, %d rejected, accuracy %s, model %s, %.2f s", r.id, status,
+                 len(devices), len(r.selected), r.n_samples, rejected, "-" if acc is None else f"{acc:.4f}",
+                 "-" if row is None else row.version, now - r.opened_at)
+        if row is not None:
+            self._publish_model(row)
+        self._publish(self.topics.result, encode(self._result_of(r.id)), retain=True)
+        self._publish(self.topics.announce, b"", retain=True)
+        self._status(online=True)
+        if self._chain_left > 0:
+            self._set_chain(self._chain_left - 1, self._chain_overrides)
+            self._start_round(self._chain_overrides)
+
+    def _result_of(self, rid: int) -> RoundResult:
+        row = self.store.round(rid)
+        assert row is not None and row.closed_at is not None
+        return RoundResult(
+            fleet=self.cfg.fleet, round=rid, status=RoundStatus(row.status), model_version=row.new_version,
+            accuracy=row.accuracy, loss=row.loss, devices=row.devices, n_samples=row.n_samples or 0,
+            rejected=row.rejected or 0, seconds=row.closed_at - row.opened_at,
+        )
+
+    def rounds_jsonl(self, record: dict[str, Any]) -> None:
+        with (self.cfg.state_dir / "rounds.jsonl").open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+__all__ = ["HubDaemon"]

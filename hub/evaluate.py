@@ -1,0 +1,66 @@
+"""Score a head on the hub's held-out data: backbone features once per backbone, then heads are cheap.
+
+The trainer (``edge_agent.trainers.open_trainer``) runs the backbone and the head forward; the
+features of the eval set are computed once per backbone sha256 and kept in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+log = logging.getLogger("fedge.hub.evaluate")
+
+HeadScore = tuple[float, float]  # (accuracy, loss)
+EvalFn = Callable[[Path, str, Mapping[str, NDArray[np.float32]]], HeadScore | None]
+
+
+def softmax_ce(logits: NDArray[Any], y: NDArray[np.integer]) -> HeadScore:
+    """(accuracy, mean softmax cross-entropy) of logits ``[N, C]`` against labels ``[N]``."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    n = z.shape[0]
+    loss = float(-logp[np.arange(n), y].mean())
+    acc = float((z.argmax(axis=1) == y).mean())
+    return acc, loss
+
+
+class Evaluator:
+    """``evaluator(artifacts_dir, backbone_sha256, head) -> (accuracy, loss)``; None without eval data."""
+
+    def __init__(self, eval_data: Path | None, backend: str = "auto") -> None:
+        self.eval_data = eval_data
+        self.backend = backend
+        self._trainers: dict[str, Any] = {}
+        self._features: dict[str, NDArray[np.float32]] = {}
+        self._y: NDArray[np.int64] | None = None
+
+    def __call__(self, artifacts_dir: Path, backbone_sha256: str,
+                 head: Mapping[str, NDArray[np.float32]]) -> HeadScore | None:
+        if self.eval_data is None:
+            return None
+        from edge_agent.data import load_local
+        from edge_agent.trainers import open_trainer
+        from protocol.manifest import load_manifest
+
+        trainer = self._trainers.get(backbone_sha256)
+        if trainer is None:
+            trainer = open_trainer(artifacts_dir, self.backend)
+            manifest = load_manifest(artifacts_dir)
+            data = load_local(self.eval_data, manifest.input.shape)
+            self._features = {backbone_sha256: trainer.features(data.x)}
+            self._trainers = {backbone_sha256: trainer}
+            self._y = data.y
+            log.info("eval features for backbone %s: %s", backbone_sha256[:16], self._features[backbone_sha256].shape)
+        assert self._y is not None
+        trainer.set_head(dict(head))
+        return softmax_ce(trainer.logits(self._features[backbone_sha256]), self._y)
+
+
+__all__ = ["EvalFn", "Evaluator", "HeadScore", "softmax_ce"]

@@ -1,0 +1,95 @@
+"""Round bookkeeping without I/O: parameters, device selection, the open round, when to close.
+
+The daemon owns one :class:`OpenRound` at a time; everything here is a pure function of its
+inputs (the clock is passed in), so it is tested without a broker.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from hub.config import RoundsConfig
+from hub.strategies import Aggregator
+from protocol.messages import RoundAnnounce, RoundOverrides
+
+
+@dataclass(frozen=True)
+class RoundParams:
+    min_devices: int
+    deadline_s: float
+    fraction: float
+    local_epochs: int
+    lr: float
+
+    @classmethod
+    def make(cls, defaults: RoundsConfig, overrides: RoundOverrides | None = None) -> RoundParams:
+        o = overrides or RoundOverrides()
+        return cls(
+            min_devices=o.min_devices if o.min_devices is not None else defaults.min_devices,
+            deadline_s=float(o.deadline_s if o.deadline_s is not None else defaults.deadline_s),
+            fraction=float(o.fraction if o.fraction is not None else defaults.fraction),
+            local_epochs=o.local_epochs if o.local_epochs is not None else defaults.local_epochs,
+            lr=float(o.lr if o.lr is not None else defaults.lr),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RoundParams:
+        return cls(int(raw["min_devices"]), float(raw["deadline_s"]), float(raw["fraction"]),
+                   int(raw["local_epochs"]), float(raw["lr"]))
+
+
+def select_devices(
+    known: Iterable[str], fraction: float, min_devices: int, seed: int, round_id: int
+) -> tuple[str, ...]:
+    """Sample ``ceil(fraction·n)`` (at least min_devices, at most n) known devices with Generator((seed, round))."""
+    pool = sorted(set(known))
+    if not pool:
+        return ()
+    k = min(len(pool), max(math.ceil(fraction * len(pool)), min_devices, 1))
+    rng = np.random.default_rng([seed, round_id])
+    picked = rng.choice(len(pool), size=k, replace=False)
+    return tuple(sorted(pool[int(i)] for i in picked))
+
+
+@dataclass
+class OpenRound:
+    """The one round in progress: what was announced, who answered, the running aggregate."""
+
+    id: int
+    model_version: str
+    backbone_sha256: str
+    params: RoundParams
+    selected: tuple[str, ...]
+    opened_at: float
+    deadline: float
+    aggregator: Aggregator
+    accepted: dict[str, str] = field(default_factory=dict)  # device -> nonce
+    n_samples: int = 0
+    rejected: int = 0
+
+    def announce(self, fleet: str) -> RoundAnnounce:
+        return RoundAnnounce(
+            fleet=fleet, round=self.id, model_version=self.model_version, backbone_sha256=self.backbone_sha256,
+            deadline=self.deadline, min_devices=self.params.min_devices, selected=self.selected,
+            local_epochs=self.params.local_epochs, lr=self.params.lr,
+        )
+
+    def all_answered(self) -> bool:
+        return set(self.selected) <= set(self.accepted)
+
+    def should_close(self, now: float) -> bool:
+        return now >= self.deadline or self.all_answered()
+
+    def quorum(self) -> bool:
+        return len(self.accepted) >= self.params.min_devices
+
+
+__all__ = ["OpenRound", "RoundParams", "select_devices"]

@@ -1,0 +1,282 @@
+"""The hub's durable state: one SQLite file (``state_dir/hub.sqlite``, WAL).
+
+Tables: ``meta`` (current version pointer, schedule chain), ``backbones``, ``versions``,
+``rounds`` (params, selection, deadline, outcome), ``updates`` (raw accepted payloads,
+UNIQUE(round, device)), ``rejects`` (reason per refused message), ``control`` (ignored control
+messages), ``devices`` (presence). Every write is its own transaction. One connection, guarded
+by a lock, shared by the daemon's threads.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS backbones (
+    sha256 TEXT PRIMARY KEY, path TEXT NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS versions (
+    version TEXT PRIMARY KEY, idx INTEGER UNIQUE NOT NULL, sha256 TEXT NOT NULL, parent TEXT,
+    round INTEGER, backbone_sha256 TEXT NOT NULL, accuracy REAL, loss REAL, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS rounds (
+    id INTEGER PRIMARY KEY, status TEXT NOT NULL, model_version TEXT NOT NULL, backbone_sha256 TEXT NOT NULL,
+    params TEXT NOT NULL, selected TEXT NOT NULL, opened_at REAL NOT NULL, deadline REAL NOT NULL,
+    closed_at REAL, new_version TEXT, accuracy REAL, loss REAL, devices TEXT, n_samples INTEGER,
+    rejected INTEGER);
+CREATE TABLE IF NOT EXISTS updates (
+    round INTEGER NOT NULL, device TEXT NOT NULL, nonce TEXT NOT NULL, n_samples INTEGER NOT NULL,
+    metrics TEXT NOT NULL, payload BLOB NOT NULL, received_at REAL NOT NULL, UNIQUE(round, device));
+CREATE TABLE IF NOT EXISTS rejects (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, round INTEGER, device TEXT, reason TEXT NOT NULL,
+    detail TEXT NOT NULL, ts REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS control (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, outcome TEXT NOT NULL, detail TEXT NOT NULL, ts REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS devices (
+    device TEXT PRIMARY KEY, online INTEGER NOT NULL, n_samples INTEGER, backends TEXT NOT NULL,
+    last_seen REAL NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    id: int
+    status: str
+    model_version: str
+    backbone_sha256: str
+    params: dict[str, Any]
+    selected: tuple[str, ...]
+    opened_at: float
+    deadline: float
+    closed_at: float | None
+    new_version: str | None
+    accuracy: float | None
+    loss: float | None
+    devices: tuple[str, ...]
+    n_samples: int | None
+    rejected: int | None
+
+
+@dataclass(frozen=True)
+class VersionRow:
+    version: str
+    idx: int
+    sha256: str
+    parent: str | None
+    round: int | None
+    backbone_sha256: str
+    accuracy: float | None
+    loss: float | None
+    created_at: float
+
+
+@dataclass(frozen=True)
+class StoredUpdate:
+    device: str
+    nonce: str
+    n_samples: int
+    payload: bytes
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _one(self, sql: str, args: tuple[Any, ...] = ()) -> Any:
+        with self._lock:
+            return self._db.execute(sql, args).fetchone()
+
+    def _all(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def _write(self, sql: str, args: tuple[Any, ...] = ()) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(sql, args)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    # meta
+    def get_meta(self, key: str) -> str | None:
+        row = self._one("SELECT value FROM meta WHERE key = ?", (key,))
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._write("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    (key, value))
+
+    # backbones and versions
+    def add_backbone(self, sha256: str, path: str) -> None:
+        self._write("INSERT OR IGNORE INTO backbones(sha256, path, created_at) VALUES (?, ?, ?)",
+                    (sha256, path, time.time()))
+
+    def backbone_path(self, sha256: str) -> str | None:
+        row = self._one("SELECT path FROM backbones WHERE sha256 = ?", (sha256,))
+        return None if row is None else str(row[0])
+
+    def add_version(self, row: VersionRow, *, make_current: bool = True) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (row.version, row.idx, row.sha256, row.parent, row.round, row.backbone_sha256,
+                     row.accuracy, row.loss, row.created_at),
+                )
+                if make_current:
+                    self._db.execute("INSERT INTO meta(key, value) VALUES ('current_version', ?) "
+                                     "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (row.version,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def next_version_idx(self) -> int:
+        row = self._one("SELECT MAX(idx) FROM versions")
+        return 0 if row[0] is None else int(row[0]) + 1
+
+    def version(self, version: str) -> VersionRow | None:
+        row = self._one("SELECT * FROM versions WHERE version = ?", (version,))
+        return None if row is None else VersionRow(*row)
+
+    def versions(self) -> list[VersionRow]:
+        return [VersionRow(*r) for r in self._all("SELECT * FROM versions ORDER BY idx")]
+
+    def first_version_of(self, backbone_sha256: str) -> VersionRow | None:
+        row = self._one("SELECT * FROM versions WHERE backbone_sha256 = ? ORDER BY idx LIMIT 1", (backbone_sha256,))
+        return None if row is None else VersionRow(*row)
+
+    # rounds
+    def open_round(self, rid: int, model_version: str, backbone: str, params: dict[str, Any],
+                   selected: tuple[str, ...], opened_at: float, deadline: float) -> None:
+        self._write(
+            "INSERT INTO rounds(id, status, model_version, backbone_sha256, params, selected, opened_at, deadline) "
+            "VALUES (?, 'open', ?, ?, ?, ?, ?, ?)",
+            (rid, model_version, backbone, json.dumps(params), json.dumps(list(selected)), opened_at, deadline),
+        )
+
+    def close_round(self, rid: int, status: str, closed_at: float, accuracy: float | None, loss: float | None,
+                    devices: tuple[str, ...], n_samples: int, rejected: int, version: VersionRow | None) -> None:
+        """Close a round and (if it produced one) record its new version as current, in ONE transaction."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if version is not None:
+                    self._db.execute(
+                        "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (version.version, version.idx, version.sha256, version.parent, version.round,
+                         version.backbone_sha256, version.accuracy, version.loss, version.created_at),
+                    )
+                    self._db.execute("INSERT INTO meta(key, value) VALUES ('current_version', ?) "
+                                     "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (version.version,))
+                self._db.execute(
+                    "UPDATE rounds SET status = ?, closed_at = ?, new_version = ?, accuracy = ?, loss = ?, "
+                    "devices = ?, n_samples = ?, rejected = ? WHERE id = ?",
+                    (status, closed_at, None if version is None else version.version, accuracy, loss,
+                     json.dumps(list(devices)), n_samples, rejected, rid),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    @staticmethod
+    def _round(row: Any) -> RoundRow:
+        (rid, status, mv, bb, params, selected, opened, deadline, closed, newv, acc, loss, devices, n, rej) = row
+        return RoundRow(rid, status, mv, bb, json.loads(params), tuple(json.loads(selected)), opened, deadline,
+                        closed, newv, acc, loss, tuple(json.loads(devices or "[]")), n, rej)
+
+    def round(self, rid: int) -> RoundRow | None:
+        row = self._one("SELECT * FROM rounds WHERE id = ?", (rid,))
+        return None if row is None else self._round(row)
+
+    def rounds(self) -> list[RoundRow]:
+        return [self._round(r) for r in self._all("SELECT * FROM rounds ORDER BY id")]
+
+    def open_rounds(self) -> list[RoundRow]:
+        return [self._round(r) for r in self._all("SELECT * FROM rounds WHERE status = 'open' ORDER BY id")]
+
+    def last_round(self) -> RoundRow | None:
+        row = self._one("SELECT * FROM rounds ORDER BY id DESC LIMIT 1")
+        return None if row is None else self._round(row)
+
+    # updates
+    def add_update(self, rid: int, device: str, nonce: str, n_samples: int, metrics: dict[str, float],
+                   payload: bytes) -> None:
+        """Store one accepted update; raises sqlite3.IntegrityError if (round, device) is already stored."""
+        self._write("INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (rid, device, nonce, n_samples, json.dumps(metrics), payload, time.time()))
+
+    def accepted_nonces(self, rid: int) -> dict[str, str]:
+        return {str(d): str(n) for d, n in self._all("SELECT device, nonce FROM updates WHERE round = ?", (rid,))}
+
+    def iter_updates(self, rid: int) -> Iterator[StoredUpdate]:
+        """Stream the stored updates of a round, one row at a time."""
+        with self._lock:
+            rowids = [r[0] for r in self._db.execute("SELECT rowid FROM updates WHERE round = ? ORDER BY rowid",
+                                                     (rid,))]
+        for rowid in rowids:
+            row = self._one("SELECT device, nonce, n_samples, payload FROM updates WHERE rowid = ?", (rowid,))
+            if row is not None:
+                yield StoredUpdate(str(row[0]), str(row[1]), int(row[2]), bytes(row[3]))
+
+    def update_metrics(self, rid: int) -> list[dict[str, float]]:
+        return [json.loads(m) for (m,) in self._all("SELECT metrics FROM updates WHERE round = ?", (rid,))]
+
+    # rejects and control
+    def add_reject(self, rid: int | None, device: str | None, reason: str, detail: str) -> None:
+        self._write("INSERT INTO rejects(round, device, reason, detail, ts) VALUES (?, ?, ?, ?, ?)",
+                    (rid, device, reason, detail[:500], time.time()))
+
+    def reject_counts(self, rid: int | None = None) -> dict[str, int]:
+        if rid is None:
+            rows = self._all("SELECT reason, COUNT(*) FROM rejects GROUP BY reason ORDER BY reason")
+        else:
+            rows = self._all("SELECT reason, COUNT(*) FROM rejects WHERE round = ? GROUP BY reason ORDER BY reason",
+                             (rid,))
+        return {str(r): int(n) for r, n in rows}
+
+    def add_control(self, outcome: str, detail: str) -> None:
+        self._write("INSERT INTO control(outcome, detail, ts) VALUES (?, ?, ?)", (outcome, detail[:500], time.time()))
+
+    def control_counts(self) -> dict[str, int]:
+        rows = self._all("SELECT outcome, COUNT(*) FROM control GROUP BY outcome ORDER BY outcome")
+        return {str(r): int(n) for r, n in rows}
+
+    # devices
+    def upsert_device(self, device: str, online: bool, n_samples: int | None, backends: tuple[str, ...],
+                      last_seen: float) -> None:
+        self._write(
+            "INSERT INTO devices VALUES (?, ?, ?, ?, ?) ON CONFLICT(device) DO UPDATE SET online = excluded.online, "
+            "n_samples = COALESCE(excluded.n_samples, devices.n_samples), backends = excluded.backends, "
+            "last_seen = excluded.last_seen",
+            (device, int(online), n_samples, json.dumps(list(backends)), last_seen),
+        )
+
+    def devices(self) -> list[dict[str, Any]]:
+        rows = self._all("SELECT device, online, n_samples, backends, last_seen FROM devices ORDER BY device")
+        return [{"device": d, "online": bool(o), "n_samples": n, "backends": json.loads(b), "last_seen": s}
+                for d, o, n, b, s in rows]
+
+
+__all__ = ["RoundRow", "Store", "StoredUpdate", "VersionRow"]

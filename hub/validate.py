@@ -1,0 +1,121 @@
+"""Update validation: a pure function from (topic device, payload, round context) to a verdict.
+
+Checks, in order: decode (malformed / too_large / bad_version / wrong_type), fleet, topic device
+≠ message device, unknown device, no open round, stale round, not selected, wrong model,
+duplicate (the same nonce again is a redelivery, not a reject), names/shapes, dtypes, non-finite
+values, sample count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final, Literal
+
+import numpy as np
+
+from protocol.codec import decode
+from protocol.errors import DecodeError
+from protocol.messages import ModelUpdate, RejectReason
+
+MAX_SAMPLES: Final = 10**9
+"""More samples than this on one device is taken as a lie (it would dominate the weighted mean)."""
+
+
+@dataclass(frozen=True)
+class UpdateContext:
+    """What the hub knows when an update arrives."""
+
+    fleet: str
+    known_devices: frozenset[str]
+    round_id: int | None  # the open round, None if none is open
+    model_version: str | None
+    selected: frozenset[str]
+    accepted: Mapping[str, str]  # device -> nonce of its accepted update in the open round
+    head_spec: Mapping[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype)
+    max_update_bytes: int
+    max_samples: int = MAX_SAMPLES
+
+
+@dataclass(frozen=True)
+class Verdict:
+    kind: Literal["accept", "redelivery", "reject"]
+    update: ModelUpdate | None = None
+    reason: RejectReason | None = None
+    detail: str = ""
+    round: int | None = None  # for the Reject: the update's round when known
+    device: str | None = None
+
+
+def _reject(reason: RejectReason, detail: str, msg: ModelUpdate | None = None, device: str | None = None) -> Verdict:
+    return Verdict("reject", msg, reason, detail, None if msg is None else msg.round,
+                   device if msg is None else msg.device)
+
+
+def check_update(msg: ModelUpdate, topic_device: str | None, ctx: UpdateContext) -> tuple[RejectReason, str] | None:
+    """Every check after decoding; None means acceptable (duplicates are left to :func:`validate_update`)."""
+    if msg.fleet != ctx.fleet:
+        return RejectReason.MALFORMED, f"fleet {msg.fleet!r}, this hub serves {ctx.fleet!r}"
+    if topic_device != msg.device:
+        return RejectReason.DEVICE_MISMATCH, f"topic names device {topic_device!r}, message says {msg.device!r}"
+    if msg.device not in ctx.known_devices:
+        return RejectReason.UNKNOWN_DEVICE, f"device {msg.device!r} is not known to the hub"
+    if ctx.round_id is None:
+        return RejectReason.NO_OPEN_ROUND, f"no round is open (update for round {msg.round})"
+    if msg.round != ctx.round_id:
+        return RejectReason.STALE_ROUND, f"update for round {msg.round}, round {ctx.round_id} is open"
+    if msg.device not in ctx.selected:
+        return RejectReason.NOT_SELECTED, f"device {msg.device!r} was not selected for round {ctx.round_id}"
+    if msg.model_version != ctx.model_version:
+        detail = f"update from {msg.model_version!r}, round {ctx.round_id} trains {ctx.model_version!r}"
+        return RejectReason.WRONG_MODEL, detail
+    return None
+
+
+def check_delta(msg: ModelUpdate, ctx: UpdateContext) -> tuple[RejectReason, str] | None:
+    names, expected = set(msg.delta), set(ctx.head_spec)
+    if names != expected:
+        return RejectReason.WRONG_SHAPE, (f"delta names differ: missing {sorted(expected - names)}, "
+                                          f"unexpected {sorted(names - expected)}"[:300])
+    for name, (shape, _) in ctx.head_spec.items():
+        if tuple(msg.delta[name].shape) != tuple(shape):
+            return RejectReason.WRONG_SHAPE, f"{name}: shape {list(msg.delta[name].shape)}, expected {list(shape)}"
+    for name, (_, dtype) in ctx.head_spec.items():
+        if msg.delta[name].dtype != np.dtype(dtype):
+            return RejectReason.WRONG_DTYPE, f"{name}: dtype {msg.delta[name].dtype}, expected {dtype}"
+    for name, arr in msg.delta.items():
+        if not np.isfinite(arr).all():
+            return RejectReason.NOT_FINITE, f"{name}: contains NaN or infinity"
+    if not 1 <= msg.n_samples <= ctx.max_samples:
+        return RejectReason.BAD_SAMPLES, f"n_samples {msg.n_samples} is not in [1, {ctx.max_samples}]"
+    return None
+
+
+def validate_update(topic_device: str | None, payload: bytes, ctx: UpdateContext) -> Verdict:
+    """Decode and check one update; never raises for anything the payload contains."""
+    try:
+        msg = decode(payload, max_bytes=ctx.max_update_bytes)
+    except DecodeError as exc:
+        try:
+            reason = RejectReason(exc.reason)
+        except ValueError:
+            reason = RejectReason.MALFORMED
+        return _reject(reason, exc.detail, device=topic_device)
+    if not isinstance(msg, ModelUpdate):
+        return _reject(RejectReason.WRONG_TYPE, f"expected {ModelUpdate.type}, got {msg.type}", device=topic_device)
+    problem = check_update(msg, topic_device, ctx)
+    if problem is None and msg.device in ctx.accepted:
+        if ctx.accepted[msg.device] == msg.nonce:
+            return Verdict("redelivery", msg, round=msg.round, device=msg.device)
+        problem = RejectReason.DUPLICATE, f"device {msg.device!r} already has an update in round {msg.round}"
+    if problem is None:
+        problem = check_delta(msg, ctx)
+    if problem is not None:
+        verdict = _reject(*problem, msg=msg)
+        if problem[0] is RejectReason.DEVICE_MISMATCH:  # answer on the topic's device, not the claimed one
+            return Verdict("reject", msg, problem[0], problem[1], msg.round, topic_device)
+        return verdict
+    return Verdict("accept", msg, round=msg.round, device=msg.device)
+
+
+__all__ = ["MAX_SAMPLES", "UpdateContext", "Verdict", "check_delta", "check_update", "validate_update"]
