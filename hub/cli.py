@@ -55,6 +55,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from devices.cli import add_subcommands as add_devices
     from export.cli import add_subcommands as add_export
     from hub.serve import add_subcommands as add_hub
 
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_partition(sub)
     add_hub(sub)
     _add_demo(sub)
+    add_devices(sub)
     return parser
 
 

@@ -106,7 +106,8 @@ def prepare(paths: DemoPaths, devices: int, seed: int, quiet: bool) -> dict[str,
         y_test=data.y_test,
         num_classes=data.num_classes,
     )
-    shards = make_device_shards(device_pool, devices, 0.5, seed, base)
+    per_device = min(2000, len(device_pool.x_train) // devices)
+    shards = make_device_shards(device_pool, devices, 0.5, seed, base, size_per_device=per_device)
     files = write_partitions(paths.data, shards)
     make_eval_set(device_pool, base, 2000, seed, paths.data / "eval.npz")
     return {"dataset": data.name, "model": model_name, "device_files": [str(f) for f in files]}

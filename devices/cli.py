@@ -1,0 +1,53 @@
+"""``fedge devices ...``: list profiles, provision bundles, flash them onto devices."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from dataclasses import asdict
+from pathlib import Path
+
+from devices.profiles import builtin_profiles, get_profile
+from devices.provision import Provisioning, flash, provision
+
+
+def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("devices", help="device-class profiles, provisioning and flashing")
+    dsub = p.add_subparsers(dest="devices_command", required=True)
+    dsub.add_parser("list", help="built-in device profiles").set_defaults(handler=_list)
+    prov = dsub.add_parser("provision", help="write a device bundle: agent.toml, credentials, service, installer")
+    prov.add_argument("--profile", required=True, help="built-in profile name or a profile .toml")
+    prov.add_argument("--device-id", required=True)
+    prov.add_argument("--fleet", required=True)
+    prov.add_argument("--broker", required=True, help="mqtt://host:port or mqtts://host:port")
+    prov.add_argument("--data", required=True, help="path of the local data file on the device")
+    prov.add_argument("--install-dir", default="/opt/fedge")
+    prov.add_argument("--out", default="bundles")
+    prov.set_defaults(handler=_provision)
+    fl = dsub.add_parser("flash", help="copy a bundle to user@host over SSH and install it (or into a mounted root)")
+    fl.add_argument("--bundle", required=True)
+    fl.add_argument("--target", required=True, help="user@host, or a folder where the device's root is mounted")
+    fl.add_argument("--dry-run", action="store_true", help="print the commands only")
+    fl.set_defaults(handler=_flash)
+
+
+def _list(args: argparse.Namespace) -> int:
+    print(json.dumps({name: asdict(p) for name, p in builtin_profiles().items()}, indent=2))
+    return 0
+
+
+def _provision(args: argparse.Namespace) -> int:
+    p = Provisioning(args.device_id, args.fleet, args.broker, args.data, args.install_dir)
+    bundle = provision(p, get_profile(args.profile), Path(args.out))
+    print(bundle)
+    return 0
+
+
+def _flash(args: argparse.Namespace) -> int:
+    for cmd in flash(Path(args.bundle), args.target, dry_run=args.dry_run):
+        print(shlex.join(cmd))
+    return 0
+
+
+__all__ = ["add_subcommands"]

@@ -1,0 +1,99 @@
+"""Device-class profiles: what a class of device runs and how the agent is installed on it."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Final
+
+from protocol.errors import ConfigError
+
+BACKENDS: Final = ("auto", "litert", "ort", "numpy")
+SERVICES: Final = ("systemd", "termux")
+EXTRAS: Final = ("agent", "agent-ort")
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    description: str
+    arch: str
+    python: str
+    extras: tuple[str, ...]
+    backend: str
+    memory_mb: int
+    max_agent_rss_mb: int
+    service: str
+
+    def __post_init__(self) -> None:
+        if self.arch not in ("aarch64", "x86_64", "armv7l"):
+            raise ConfigError("arch", f"{self.arch!r} is not one of aarch64, x86_64, armv7l")
+        if self.backend not in BACKENDS:
+            raise ConfigError("backend", f"{self.backend!r} is not one of {', '.join(BACKENDS)}")
+        if self.service not in SERVICES:
+            raise ConfigError("service", f"{self.service!r} is not one of {', '.join(SERVICES)}")
+        bad = [e for e in self.extras if e not in EXTRAS]
+        if bad or "agent" not in self.extras:
+            raise ConfigError("extras", f"must include 'agent' and only {', '.join(EXTRAS)}; got {list(self.extras)}")
+        if "agent-ort" in self.extras and self.arch != "x86_64":
+            raise ConfigError("extras", "onnxruntime-training-cpu has no wheels for " + self.arch)
+        if self.backend == "ort" and "agent-ort" not in self.extras:
+            raise ConfigError("backend", "'ort' needs the agent-ort extra")
+        if not 0 < self.max_agent_rss_mb <= self.memory_mb:
+            raise ConfigError("max_agent_rss_mb", f"must be in (0, memory_mb={self.memory_mb}]")
+
+
+def profile_from_mapping(table: dict[str, Any], source: str) -> DeviceProfile:
+    """Validate one parsed profile; errors name the file and the field."""
+    fields = {
+        "name": str, "description": str, "arch": str, "python": str, "extras": list,
+        "backend": str, "memory_mb": int, "max_agent_rss_mb": int, "service": str,
+    }
+    for key, kind in fields.items():
+        if key not in table:
+            raise ConfigError(key, f"missing in profile {source}")
+        if not isinstance(table[key], kind) or isinstance(table[key], bool):
+            raise ConfigError(key, f"in profile {source} must be a {kind.__name__}, got {table[key]!r}")
+    unknown = sorted(set(table) - set(fields))
+    if unknown:
+        raise ConfigError(unknown[0], f"unknown field in profile {source}")
+    try:
+        return DeviceProfile(**{**table, "extras": tuple(table["extras"])})
+    except ConfigError as exc:
+        raise ConfigError(exc.field, f"{exc.problem} (profile {source})") from exc
+
+
+def load_profile_file(path: Path) -> DeviceProfile:
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError("profile", f"file {str(path)!r} not found") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("profile", f"{str(path)!r} is not valid TOML: {exc}") from exc
+    return profile_from_mapping(table, str(path))
+
+
+def builtin_profiles() -> dict[str, DeviceProfile]:
+    """The profiles shipped in ``devices/profiles/``, by name."""
+    out: dict[str, DeviceProfile] = {}
+    for entry in sorted(resources.files("devices").joinpath("profiles").iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".toml"):
+            profile = profile_from_mapping(tomllib.loads(entry.read_text(encoding="utf-8")), entry.name)
+            out[profile.name] = profile
+    return out
+
+
+def get_profile(name_or_path: str) -> DeviceProfile:
+    """A built-in profile by name, or a profile TOML file by path."""
+    profiles = builtin_profiles()
+    if name_or_path in profiles:
+        return profiles[name_or_path]
+    path = Path(name_or_path)
+    if path.suffix == ".toml":
+        return load_profile_file(path)
+    raise ConfigError("profile", f"unknown profile {name_or_path!r}; built-in: {', '.join(profiles)}")
+
+
+__all__ = ["DeviceProfile", "builtin_profiles", "get_profile", "load_profile_file", "profile_from_mapping"]
