@@ -1,0 +1,263 @@
+"""Model zoo (Keras builders) and the split of a Keras chain model into a NumPy backbone + head.
+
+The split (:class:`SplitModel`) is plain NumPy: the TFLite and ONNX builders both read it, so
+every artifact is built from exactly the same weights. Backbone layers supported: Conv2D,
+MaxPooling2D, AveragePooling2D, Flatten, Dense, Dropout (identity), ReLU, Activation, Reshape.
+The head is the run of Dense layers from ``head_start`` to the end: ReLU between them, the last
+linear (a softmax on the last layer is dropped: the head outputs logits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from protocol.errors import ConfigError
+
+__all__ = [
+    "ZOO",
+    "BackboneLayer",
+    "SplitModel",
+    "build_zoo_model",
+    "cnn28",
+    "default_head_start",
+    "init_weights",
+    "mlp",
+    "split_model",
+]
+
+ZOO: tuple[str, ...] = ("cnn28", "mlp")
+HEAD_PREFIX = "head"
+ACTIVATIONS = ("linear", "relu", "tanh", "sigmoid")
+
+F32 = NDArray[np.float32]
+
+
+def cnn28(num_classes: int = 10) -> Any:
+    """Conv(16)-pool-Conv(32)-pool-flatten-Dense(64) backbone; head Dense(32, relu) -> Dense(C)."""
+    import keras
+
+    return keras.Sequential(
+        [
+            keras.Input(shape=(28, 28, 1), name="x"),
+            keras.layers.Conv2D(16, 3, activation="relu", name="conv1"),
+            keras.layers.MaxPooling2D(2, name="pool1"),
+            keras.layers.Conv2D(32, 3, activation="relu", name="conv2"),
+            keras.layers.MaxPooling2D(2, name="pool2"),
+            keras.layers.Flatten(name="flatten"),
+            keras.layers.Dense(64, activation="relu", name="features"),
+            keras.layers.Dense(32, activation="relu", name="head0"),
+            keras.layers.Dense(num_classes, name="head1"),
+        ],
+        name="cnn28",
+    )
+
+
+def mlp(input_dim: int, num_classes: int = 10) -> Any:
+    """Dense(64, relu) -> Dense(32, relu) backbone; head Dense(C)."""
+    import keras
+
+    return keras.Sequential(
+        [
+            keras.Input(shape=(input_dim,), name="x"),
+            keras.layers.Dense(64, activation="relu", name="dense1"),
+            keras.layers.Dense(32, activation="relu", name="features"),
+            keras.layers.Dense(num_classes, name="head0"),
+        ],
+        name="mlp",
+    )
+
+
+def build_zoo_model(name: str, num_classes: int = 10, input_dim: int = 64) -> Any:
+    if name == "cnn28":
+        return cnn28(num_classes)
+    if name == "mlp":
+        return mlp(input_dim, num_classes)
+    raise ConfigError("model", f"unknown zoo model {name!r} (known: {', '.join(ZOO)})")
+
+
+@dataclass(frozen=True)
+class BackboneLayer:
+    """One backbone operation with NumPy weights in Keras layout (Conv2D kernel HWIO, Dense [in, out])."""
+
+    kind: str  # conv2d | maxpool | avgpool | flatten | dense | activation | reshape
+    name: str
+    weights: tuple[F32, ...] = ()
+    activation: str = "linear"
+    strides: tuple[int, int] = (1, 1)
+    pool: tuple[int, int] = (1, 1)
+    padding: str = "valid"  # valid | same
+    target_shape: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class SplitModel:
+    name: str
+    input_shape: tuple[int, ...]
+    backbone: tuple[BackboneLayer, ...]
+    head: dict[str, F32] = field(default_factory=dict)
+    head_activations: tuple[str, ...] = ()
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.head["h0_kernel"].shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.head[f"h{len(self.head_activations) - 1}_bias"].shape[0])
+
+    @property
+    def backbone_weights(self) -> list[F32]:
+        """Backbone arrays in layer order (kernel, bias): what ``backbone_digest`` hashes."""
+        return [w for layer in self.backbone for w in layer.weights]
+
+    def backbone_param_names(self) -> list[str]:
+        return [f"bb{i}_{layer.name}_{'kernel' if j == 0 else 'bias'}"
+                for i, layer in enumerate(self.backbone) for j in range(len(layer.weights))]
+
+
+def default_head_start(model: Any) -> str:
+    """``head0`` when the model has it (zoo models), else the last layer (a single Dense head)."""
+    names = [layer.name for layer in model.layers]
+    return "head0" if "head0" in names else str(names[-1])
+
+
+def _chain_layers(model: Any) -> list[Any]:
+    """The model's layers in order; refuses anything that is not a single straight chain."""
+    layers = [layer for layer in model.layers if type(layer).__name__ != "InputLayer"]
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise ConfigError("model", "only single-input single-output models can be exported")
+    prev = model.inputs[0]
+    for layer in layers:
+        if layer.input is not prev:
+            raise ConfigError("model", f"layer {layer.name!r} is not fed by the layer before it (not a plain chain)")
+        prev = layer.output
+    return layers
+
+
+def _activation(layer: Any, where: str) -> str:
+    act = layer.activation.__name__ if hasattr(layer, "activation") else "linear"
+    if act not in ACTIVATIONS:
+        known = ", ".join(ACTIVATIONS)
+        raise ConfigError(where, f"layer {layer.name!r}: activation {act!r} is not supported ({known})")
+    return str(act)
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    t = tuple(int(a) for a in (v if isinstance(v, (tuple, list)) else (v, v)))
+    return (t[0], t[1])
+
+
+def _weights(layer: Any) -> tuple[F32, ...]:
+    ws = [np.ascontiguousarray(np.asarray(w, dtype=np.float32)) for w in layer.get_weights()]
+    if getattr(layer, "use_bias", True) is False:
+        ws.append(np.zeros(ws[0].shape[-1], dtype=np.float32))
+    return tuple(ws)
+
+
+def _backbone_layer(layer: Any) -> BackboneLayer | None:
+    kind = type(layer).__name__
+    if kind == "Conv2D":
+        cfg = layer.get_config()
+        if cfg.get("data_format", "channels_last") != "channels_last" or _pair(cfg["dilation_rate"]) != (1, 1):
+            raise ConfigError("model", f"Conv2D {layer.name!r}: only channels_last, undilated convolutions")
+        if cfg.get("groups", 1) != 1:
+            raise ConfigError("model", f"Conv2D {layer.name!r}: grouped convolutions are not supported")
+        return BackboneLayer("conv2d", layer.name, _weights(layer), _activation(layer, "model"),
+                             _pair(cfg["strides"]), padding=str(cfg["padding"]))
+    if kind in ("MaxPooling2D", "AveragePooling2D"):
+        cfg = layer.get_config()
+        pool = _pair(cfg["pool_size"])
+        strides = _pair(cfg["strides"] if cfg["strides"] is not None else pool)
+        return BackboneLayer("maxpool" if kind == "MaxPooling2D" else "avgpool", layer.name, (),
+                             strides=strides, pool=pool, padding=str(cfg["padding"]))
+    if kind == "Flatten":
+        return BackboneLayer("flatten", layer.name)
+    if kind == "Reshape":
+        return BackboneLayer("reshape", layer.name, target_shape=tuple(int(d) for d in layer.target_shape))
+    if kind == "Dense":
+        return BackboneLayer("dense", layer.name, _weights(layer), _activation(layer, "model"))
+    if kind == "Dropout":
+        return None
+    if kind == "ReLU":
+        cfg = layer.get_config()
+        if cfg.get("max_value") is not None or cfg.get("negative_slope", 0.0) or cfg.get("threshold", 0.0):
+            raise ConfigError("model", f"ReLU {layer.name!r}: only the plain ReLU is supported")
+        return BackboneLayer("activation", layer.name, activation="relu")
+    if kind == "Activation":
+        return BackboneLayer("activation", layer.name, activation=_activation(layer, "model"))
+    raise ConfigError("model", f"layer {layer.name!r} ({kind}) is not supported in a backbone")
+
+
+def split_model(model: Any, head_start: str | None = None, name: str | None = None) -> SplitModel:
+    """Split a Keras chain model at ``head_start`` (default :func:`default_head_start`)."""
+    start = head_start or default_head_start(model)
+    layers = _chain_layers(model)
+    names = [layer.name for layer in layers]
+    if start not in names:
+        raise ConfigError("head_start", f"no layer named {start!r} (layers: {', '.join(names)})")
+    cut = names.index(start)
+    backbone = tuple(b for b in (_backbone_layer(layer) for layer in layers[:cut]) if b is not None)
+    head: dict[str, F32] = {}
+    acts: list[str] = []
+    head_layers = [layer for layer in layers[cut:] if type(layer).__name__ != "Dropout"]
+    for i, layer in enumerate(head_layers):
+        if type(layer).__name__ != "Dense":
+            raise ConfigError("head_start", f"head layer {layer.name!r} is {type(layer).__name__}, not Dense")
+        act = layer.activation.__name__
+        last = i == len(head_layers) - 1
+        if last and act not in ("linear", "softmax"):
+            raise ConfigError("head_start", f"last head layer {layer.name!r} must be linear (or softmax), not {act}")
+        if not last and act != "relu":
+            raise ConfigError("head_start", f"head layer {layer.name!r} must use relu, not {act}")
+        kernel, bias = _weights(layer)
+        head[f"h{i}_kernel"], head[f"h{i}_bias"] = kernel, bias
+        acts.append("linear" if last else "relu")
+    input_shape = tuple(int(d) for d in model.inputs[0].shape[1:])
+    split = SplitModel(name or str(model.name), input_shape, backbone, head, tuple(acts))
+    features_shape = _feature_shape(split)
+    if len(features_shape) != 1 or features_shape[0] != split.feature_dim:
+        raise ConfigError("head_start", f"backbone output shape {features_shape} does not feed the head "
+                          f"(expects [{split.feature_dim}]); the backbone must end flat")
+    return split
+
+
+def _feature_shape(split: SplitModel) -> tuple[int, ...]:
+    shape = split.input_shape
+    for layer in split.backbone:
+        if layer.kind == "dense":
+            shape = (*shape[:-1], int(layer.weights[0].shape[1]))
+        elif layer.kind == "flatten":
+            shape = (int(np.prod(shape)),)
+        elif layer.kind == "reshape":
+            shape = layer.target_shape
+        elif layer.kind in ("conv2d", "maxpool", "avgpool"):
+            k = layer.weights[0].shape[:2] if layer.kind == "conv2d" else layer.pool
+            out = []
+            for d in range(2):
+                if layer.padding == "same":
+                    out.append(-(-shape[d] // layer.strides[d]))
+                else:
+                    out.append((shape[d] - int(k[d])) // layer.strides[d] + 1)
+            ch = int(layer.weights[0].shape[3]) if layer.kind == "conv2d" else shape[2]
+            shape = (out[0], out[1], ch)
+    return shape
+
+
+def init_weights(model: Any, rng: np.random.Generator) -> None:
+    """Glorot-uniform kernels and zero biases drawn from ``rng`` (no global seeding anywhere)."""
+    for layer in model.layers:
+        new = []
+        for w in layer.get_weights():
+            if w.ndim == 1:
+                new.append(np.zeros_like(w, dtype=np.float32))
+                continue
+            receptive = int(np.prod(w.shape[:-2])) if w.ndim > 2 else 1
+            fan_in, fan_out = w.shape[-2] * receptive, w.shape[-1] * receptive
+            limit = np.sqrt(6.0 / (fan_in + fan_out))
+            new.append(rng.uniform(-limit, limit, size=w.shape).astype(np.float32))
+        if new:
+            layer.set_weights(new)
