@@ -1,0 +1,39 @@
+"""Fixtures of the agent-loop tests: real exported artifacts and helpers building the hub's messages.
+
+``artifacts_dir``: ``$FEDGE_ARTIFACTS`` when set (the agent-only venv has no TensorFlow), else a small
+cnn28 export made once per session with ``export.testing.export_small``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from protocol.manifest import Manifest, load_head
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    env = os.environ.get("FEDGE_ARTIFACTS")
+    if env:
+        d = Path(env)
+        assert (d / "manifest.json").is_file(), f"FEDGE_ARTIFACTS={env} has no manifest.json"
+        return d
+    from export.testing import export_small
+
+    d = tmp_path_factory.mktemp("artifacts") / "cnn28"
+    export_small(d, model="cnn28")
+    return d
+
+
+@pytest.fixture(scope="session")
+def manifest(artifacts_dir: Path) -> Manifest:
+    return Manifest.from_json((artifacts_dir / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def initial_head(artifacts_dir: Path) -> dict[str, np.ndarray]:
+    return load_head(artifacts_dir)

@@ -1,0 +1,271 @@
+"""The agent's run loop on an in-memory broker with real exported artifacts.
+
+The hub's side is played by publishing ModelFull / ModelHead / RoundAnnounce frames; what the agent
+sends back (presence, updates) is decoded from the same broker.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edge_agent.agent import Agent
+from edge_agent.config import AgentConfig, config_from_mapping
+from protocol.codec import decode, encode
+from protocol.errors import DataError
+from protocol.manifest import Manifest, load_head
+from protocol.messages import (
+    Arrays,
+    Message,
+    ModelFull,
+    ModelHead,
+    ModelUpdate,
+    Presence,
+    Reject,
+    RejectReason,
+    RoundAnnounce,
+)
+from protocol.topics import Topics
+from protocol.transport import InMemoryBroker, InMemoryTransport
+from tests.helpers import wait_until
+
+FLEET = "loop"
+DEV = "dev-a"
+N = 40
+T = Topics(FLEET)
+
+
+@dataclass
+class Hub:
+    """The test's stand-in for the hub: publishes frames and records what devices send."""
+
+    broker: InMemoryBroker = field(default_factory=InMemoryBroker)
+    got: list[Message] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.broker.subscribe(T.update_all, self._record)
+        self.broker.subscribe(T.presence_all, self._record)
+
+    def _record(self, _topic: str, payload: bytes) -> None:
+        if payload:
+            with self.lock:
+                self.got.append(decode(payload))
+
+    def send(self, topic: str, msg: Message, retain: bool = False) -> None:
+        self.broker.publish(topic, encode(msg), retain)
+
+    def updates(self) -> list[ModelUpdate]:
+        with self.lock:
+            return [m for m in self.got if isinstance(m, ModelUpdate)]
+
+    def presences(self) -> list[Presence]:
+        with self.lock:
+            return [m for m in self.got if isinstance(m, Presence)]
+
+
+def model_full(artifacts: Path, manifest: Manifest) -> ModelFull:
+    files: Arrays = {name: np.frombuffer((artifacts / name).read_bytes(), dtype=np.uint8) for name in manifest.files}
+    return ModelFull(FLEET, manifest.backbone_sha256, (artifacts / "manifest.json").read_text(), files)
+
+
+def model_head(artifacts: Path, manifest: Manifest, version: str = "v1") -> ModelHead:
+    return ModelHead(FLEET, version, None, manifest.backbone_sha256, None, dict(load_head(artifacts)))
+
+
+def announce(manifest: Manifest, rnd: int, *, version: str = "v1", selected: tuple[str, ...] = (DEV,),
+             deadline_s: float = 120.0) -> RoundAnnounce:
+    return RoundAnnounce(
+        FLEET, rnd, version, manifest.backbone_sha256, time.time() + deadline_s, 1, selected, 1, 0.05
+    )
+
+
+@pytest.fixture
+def data_file(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(1)
+    path = tmp_path / "local.npz"
+    np.savez(path, x=rng.random((N, 28, 28, 1), dtype=np.float32), y=rng.integers(0, 10, N))
+    return path
+
+
+@pytest.fixture
+def config(tmp_path: Path, data_file: Path) -> AgentConfig:
+    table: dict[str, Any] = {
+        "device_id": DEV, "fleet": FLEET, "data": str(data_file), "state_dir": "state",
+        "backend": "auto", "seed": 3, "broker": {"url": "mqtt://127.0.0.1:1"},
+    }
+    return config_from_mapping(table, tmp_path)
+
+
+@pytest.fixture
+def hub() -> Hub:
+    return Hub()
+
+
+@pytest.fixture
+def agent(config: AgentConfig, hub: Hub) -> Iterator[Agent]:
+    a = Agent(config, transport=InMemoryTransport(hub.broker))
+    yield a
+    a.stop()
+
+
+def test_round_publishes_exactly_one_valid_update_and_ignores_the_rest(
+    agent: Agent, hub: Hub, artifacts_dir: Path, manifest: Manifest, config: AgentConfig
+) -> None:
+    hub.send(T.model_full, model_full(artifacts_dir, manifest), retain=True)
+    hub.send(T.model_head, model_head(artifacts_dir, manifest), retain=True)
+    agent.start()
+    first = announce(manifest, 1)
+    hub.send(T.announce, first, retain=True)
+    hub.send(T.announce, first)  # redelivered while round 1 is queued or running
+    assert agent.wait_round_done(1, 60)
+
+    (upd,) = hub.updates()
+    head = load_head(artifacts_dir)
+    assert upd.round == 1 and upd.device == DEV and upd.model_version == "v1" and upd.fleet == FLEET
+    assert upd.n_samples == N
+    assert list(upd.delta) == list(head)
+    for name, arr in head.items():
+        assert upd.delta[name].shape == arr.shape and upd.delta[name].dtype == np.float32
+    assert any(np.abs(d).max() > 0 for d in upd.delta.values())
+    for key in ("loss_before", "loss_after", "acc_before", "acc_after", "train_seconds", "n_steps"):
+        assert key in upd.metrics
+    assert upd.metrics["n_steps"] == -(-N // manifest.train_batch)  # one epoch
+    assert any(k.startswith("backend_") for k in upd.metrics)
+
+    # the personalised head = global + delta is kept on the device; the round is persisted
+    with np.load(config.state_dir / "personal_head.npz", allow_pickle=False) as z:
+        for name, arr in head.items():
+            np.testing.assert_allclose(z[name], arr + np.asarray(upd.delta[name], np.float32), rtol=0, atol=1e-6)
+    assert json.loads((config.state_dir / "state.json").read_text())["last_completed_round"] == 1
+
+    hub.send(T.announce, first)  # the same announce redelivered
+    hub.send(T.announce, announce(manifest, 1))  # the same round re-announced
+    hub.send(T.announce, announce(manifest, 0))  # an older round
+    hub.send(T.announce, announce(manifest, 2, selected=("dev-b", "dev-c")))  # not selected
+    hub.send(T.announce, announce(manifest, 3, deadline_s=-1))  # deadline already passed
+    hub.send(T.announce, announce(manifest, 4))
+    assert agent.wait_round_done(4, 60)  # the worker is FIFO: anything queued before round 4 has run by now
+    assert [u.round for u in hub.updates()] == [1, 4]
+    assert len({u.nonce for u in hub.updates()}) == 2
+
+
+def test_presence_online_with_samples_and_version_then_offline_on_stop(
+    config: AgentConfig, hub: Hub, artifacts_dir: Path, manifest: Manifest
+) -> None:
+    hub.send(T.model_full, model_full(artifacts_dir, manifest), retain=True)
+    hub.send(T.model_head, model_head(artifacts_dir, manifest, "v7"), retain=True)
+    agent = Agent(config, transport=InMemoryTransport(hub.broker))
+    agent.start()
+    online = [p for p in hub.presences() if p.online]
+    assert online and online[-1].device == DEV and online[-1].n_samples == N
+    assert online[-1].model_version == "v7" and online[-1].backends
+    agent.stop()
+    last = decode(hub.broker.retained[T.presence(DEV)])
+    assert isinstance(last, Presence) and last.online is False
+
+
+def test_completed_round_survives_a_restart(
+    config: AgentConfig, hub: Hub, artifacts_dir: Path, manifest: Manifest
+) -> None:
+    hub.send(T.model_full, model_full(artifacts_dir, manifest), retain=True)
+    hub.send(T.model_head, model_head(artifacts_dir, manifest), retain=True)
+    hub.send(T.announce, announce(manifest, 5), retain=True)
+    first = Agent(config, transport=InMemoryTransport(hub.broker))
+    first.start()
+    assert first.wait_round_done(5, 60)
+    first.stop()
+    second = Agent(config, transport=InMemoryTransport(hub.broker))
+    second.start()  # the retained announce of round 5 arrives again: stale now
+    hub.send(T.announce, announce(manifest, 6))
+    assert second.wait_round_done(6, 60)
+    second.stop()
+    assert [u.round for u in hub.updates()] == [5, 6]
+    assert len(list((config.state_dir / "artifacts").iterdir())) == 1  # the backbone was written once
+
+
+def test_tampered_model_full_is_rejected_and_a_pending_round_runs_when_the_real_one_arrives(
+    agent: Agent, hub: Hub, artifacts_dir: Path, manifest: Manifest, config: AgentConfig
+) -> None:
+    agent.start()
+    hub.send(T.announce, announce(manifest, 1))  # before any model: pending
+    hub.send(T.model_head, model_head(artifacts_dir, manifest))
+    assert hub.updates() == []
+
+    good = model_full(artifacts_dir, manifest)
+    files = {k: v.copy() for k, v in good.files.items()}
+    victim = sorted(files)[0]
+    files[victim][len(files[victim]) // 2] ^= 0xFF
+    hub.send(T.model_full, ModelFull(FLEET, good.backbone_sha256, good.manifest, files))
+    other_sha = "0" * 64  # the manifest names another backbone than the message
+    hub.send(T.model_full, ModelFull(FLEET, other_sha, good.manifest, dict(good.files)))
+    hub.send(T.model_full, ModelFull(FLEET, good.backbone_sha256, "{not json", dict(good.files)))
+    assert list((config.state_dir / "artifacts").iterdir()) == []  # nothing installed, no leftovers
+    assert not agent.wait_round_done(1, 0.2)
+
+    hub.send(T.model_full, good)
+    assert agent.wait_round_done(1, 60)
+    (upd,) = hub.updates()
+    assert upd.round == 1 and upd.n_samples == N
+    installed = config.state_dir / "artifacts" / manifest.backbone_sha256[:16]
+    assert (installed / "manifest.json").is_file()
+    assert {p.name for p in (config.state_dir / "artifacts").iterdir()} == {installed.name}
+
+
+def test_announce_waits_for_the_announced_head_version(
+    agent: Agent, hub: Hub, artifacts_dir: Path, manifest: Manifest
+) -> None:
+    agent.start()
+    hub.send(T.model_full, model_full(artifacts_dir, manifest))
+    hub.send(T.model_head, model_head(artifacts_dir, manifest, "v1"))
+    hub.send(T.announce, announce(manifest, 2, version="v2"))  # v2 not here yet
+    assert not agent.wait_round_done(2, 0.3)
+    head2 = model_head(artifacts_dir, manifest, "v2")
+    shifted: Arrays = {k: np.asarray(v, np.float32) + np.float32(0.01) for k, v in head2.head.items()}
+    hub.send(T.model_head, ModelHead(FLEET, "v2", "v1", manifest.backbone_sha256, 1, shifted))
+    assert agent.wait_round_done(2, 60)
+    (upd,) = hub.updates()
+    assert upd.model_version == "v2"
+    with np.load(agent.personal_head_path, allow_pickle=False) as z:
+        for name, arr in shifted.items():
+            np.testing.assert_allclose(z[name], np.asarray(arr, np.float32) + np.asarray(upd.delta[name], np.float32),
+                                       rtol=0, atol=1e-6)
+
+
+def test_reject_is_recorded_in_state(agent: Agent, hub: Hub, config: AgentConfig) -> None:
+    agent.start()
+    hub.send(T.reject(DEV), Reject(FLEET, 3, DEV, RejectReason.STALE_ROUND, "round 3 is closed", "abc"))
+    state = json.loads((config.state_dir / "state.json").read_text())
+    assert state["last_reject"]["reason"] == "stale_round"
+    assert state["last_reject"]["detail"] == "round 3 is closed"
+    assert state["last_reject"]["round"] == 3
+
+
+def test_malformed_frames_do_not_crash_the_agent(
+    agent: Agent, hub: Hub, artifacts_dir: Path, manifest: Manifest
+) -> None:
+    agent.start()
+    for topic in (T.model_full, T.model_head, T.announce, T.ack(DEV)):
+        hub.broker.publish(topic, b"garbage", False)
+    hub.send(T.model_head, announce(manifest, 1))  # the wrong message type on a topic
+    hub.send(T.model_full, model_full(artifacts_dir, manifest))
+    hub.send(T.model_head, model_head(artifacts_dir, manifest))
+    hub.send(T.announce, announce(manifest, 1))
+    assert agent.wait_round_done(1, 60)
+    assert wait_until(lambda: len(hub.updates()) == 1, 5)
+
+
+def test_bad_local_data_fails_start_with_data_error(config: AgentConfig, hub: Hub) -> None:
+    config.data.write_bytes(b"PK\x03\x04 broken")
+    agent = Agent(config, transport=InMemoryTransport(hub.broker))
+    with pytest.raises(DataError, match=r"local\.npz"):
+        agent.start()
+    agent.stop()
