@@ -126,16 +126,32 @@ def default_head_start(model: Any) -> str:
 
 
 def _chain_layers(model: Any) -> list[Any]:
-    """The model's layers in order; refuses anything that is not a single straight chain."""
-    layers = [layer for layer in model.layers if type(layer).__name__ != "InputLayer"]
+    """The model's layers from input to output; refuses anything that is not a single straight chain.
+
+    Walks back from the output through each tensor's ``_keras_history`` (layers of a loaded model
+    can have several inbound nodes, so ``layer.input`` is not reliable).
+    """
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise ConfigError("model", "only single-input single-output models can be exported")
-    prev = model.inputs[0]
-    for layer in layers:
-        if layer.input is not prev:
-            raise ConfigError("model", f"layer {layer.name!r} is not fed by the layer before it (not a plain chain)")
-        prev = layer.output
-    return layers
+    target = model.inputs[0]
+    tensor = model.outputs[0]
+    chain: list[Any] = []
+    while tensor is not target:
+        layer, node_index, _ = tensor._keras_history
+        if type(layer).__name__ == "InputLayer":
+            raise ConfigError("model", "the output does not depend on the model input")
+        inputs = layer._inbound_nodes[node_index].input_tensors
+        if len(inputs) != 1:
+            raise ConfigError("model", f"layer {layer.name!r} has {len(inputs)} inputs (not a plain chain)")
+        chain.append(layer)
+        tensor = inputs[0]
+    chain.reverse()
+    others = {layer.name for layer in model.layers if type(layer).__name__ != "InputLayer"} - {
+        layer.name for layer in chain
+    }
+    if others:
+        raise ConfigError("model", f"layers {sorted(others)} are off the input->output chain (not a plain chain)")
+    return chain
 
 
 def _activation(layer: Any, where: str) -> str:
