@@ -1,7 +1,10 @@
 """Import ``onnxruntime.training.api`` without ``onnxruntime/training/__init__.py`` (which imports torch).
 
 A bare package module is registered as ``onnxruntime.training`` (``__path__`` set to the
-real folder) so its sub-modules import normally.
+real folder) so its sub-modules import normally. It is registered *before* ``onnxruntime``
+itself is imported: in the training wheel ``import onnxruntime`` otherwise runs the real
+``onnxruntime.training`` package (its version check imports ``ortmodule``), which pulls in
+``onnx`` (and torch when installed). Use ``import_onnxruntime()`` everywhere in the agent.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any
 
 from protocol.errors import ConfigError
 
-__all__ = ["ort_training_available", "training_api"]
+__all__ = ["import_onnxruntime", "ort_training_available", "training_api"]
 
 
 def _training_dir() -> Path | None:
@@ -34,18 +37,35 @@ def ort_training_available() -> bool:
     return _training_dir() is not None
 
 
+def _register_bare_training(d: Path) -> None:
+    name = "onnxruntime.training"
+    if name in sys.modules:
+        return
+    pkg = types.ModuleType(name)
+    pkg.__path__ = [str(d)]
+    pkg.__package__ = name
+    sys.modules[name] = pkg
+    parent = sys.modules.get("onnxruntime")
+    if parent is not None:
+        setattr(parent, "training", pkg)  # noqa: B010
+
+
+def import_onnxruntime() -> Any:
+    """``import onnxruntime`` without running ``onnxruntime.training/__init__`` (no onnx, no torch)."""
+    if "onnxruntime" not in sys.modules:
+        d = _training_dir()
+        if d is not None:
+            _register_bare_training(d)
+    return importlib.import_module("onnxruntime")
+
+
 def training_api() -> Any:
     """The ``onnxruntime.training.api`` module, imported without torch."""
     d = _training_dir()
     if d is None:
         raise ConfigError("backend", "ort is not installed: pip install onnxruntime-training-cpu==1.19.2")
-    name = "onnxruntime.training"
-    if name not in sys.modules:
-        import onnxruntime
-
-        pkg = types.ModuleType(name)
-        pkg.__path__ = [str(d)]
-        pkg.__package__ = name
-        sys.modules[name] = pkg
-        onnxruntime.training = pkg
+    _register_bare_training(d)
+    ort = import_onnxruntime()
+    if not hasattr(ort, "training"):
+        setattr(ort, "training", sys.modules["onnxruntime.training"])  # noqa: B010
     return importlib.import_module("onnxruntime.training.api")

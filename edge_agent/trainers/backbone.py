@@ -30,8 +30,9 @@ class OnnxBackbone:
     """``backbone.onnx`` in an ``onnxruntime.InferenceSession``; runs in chunks of 256 rows."""
 
     def __init__(self, path: str | Path) -> None:
-        import onnxruntime as ort
+        from edge_agent.trainers._ort_shim import import_onnxruntime
 
+        ort = import_onnxruntime()
         path = Path(path)
         if not path.is_file():
             raise ArtifactError(f"{path}: missing")

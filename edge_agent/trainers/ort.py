@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from edge_agent.trainers._ort_shim import training_api
+from edge_agent.trainers._ort_shim import import_onnxruntime, training_api
 from edge_agent.trainers.backbone import OnnxBackbone
 from edge_agent.trainers.base import check_head
 from edge_agent.trainers.numpy_head import head_forward
@@ -37,6 +37,8 @@ class OrtTrainer:
             if not (head_dir / f).exists():
                 raise ArtifactError(f"{head_dir / f}: missing")
         api = training_api()
+        # ORT logs a harmless shape-merge warning for the SGD optimizer graph at load: keep stderr clean.
+        import_onnxruntime().set_default_logger_severity(3)
         try:
             self._state: Any = api.CheckpointState.load_checkpoint(str(head_dir / "checkpoint"))
             self._module: Any = api.Module(

@@ -1,0 +1,236 @@
+"""Train-step benchmark of the edge agent (cnn28 model, head fine-tuning).
+
+Prints (with ``--json``) ONE JSON object:
+
+* ``litert_vs_tf_eager_speedup``: head-only train step, same batch, same head: LiteRT
+  ``train_head`` signature vs a TF eager ``GradientTape`` step (no ``tf.function``). Target >= 10.
+* ``feature_cache_speedup``: 3 rounds x 5 local epochs on 2,000 local samples, same LiteRT
+  trainer: on-disk FeatureCache kept between rounds (cold at round 1) vs recomputing the backbone
+  features every epoch. Target >= 8.
+* ``agent_peak_rss_mb``: a separate process that imports only the agent (no TensorFlow), opens
+  the LiteRT trainer and fine-tunes the head on the 2,000 samples; its peak RSS. Target <= 150.
+
+plus the raw timings. Artifacts are exported to a temporary directory (TensorFlow is needed
+in this process, never in the RSS subprocess).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from edge_agent.features import FeatureCache  # noqa: E402
+from edge_agent.trainers.litert import LiteRTTrainer  # noqa: E402
+from edge_agent.training import fit  # noqa: E402
+from protocol.manifest import load_head, load_manifest  # noqa: E402
+
+LR = 0.05
+
+RSS_CHILD = """
+import json, resource, sys, time
+import numpy as np
+from edge_agent.data import load_local
+from edge_agent.trainers import open_trainer
+from edge_agent.training import fit
+t0 = time.perf_counter()
+trainer = open_trainer(sys.argv[1], "litert")
+data = load_local(sys.argv[2])
+feats = trainer.features(data.x)
+res = fit(trainer, feats, data.y, epochs=5, lr=0.05, rng=np.random.default_rng(0))
+print(json.dumps({
+    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "tensorflow_imported": any(m.split(".")[0] in ("tensorflow", "keras", "torch") for m in sys.modules),
+    "backend": trainer.name, "steps": res.steps, "loss_first": res.loss_first, "loss_last": res.loss_last,
+    "seconds": time.perf_counter() - t0,
+}))
+"""
+
+
+def local_data(n: int, rng: np.random.Generator) -> tuple[NDArray[np.float32], NDArray[np.int64], str]:
+    try:
+        from hub.datasets import load_fashion_mnist
+
+        ds = load_fashion_mnist()
+        idx = rng.choice(len(ds.y_train), n, replace=False)
+        return np.ascontiguousarray(ds.x_train[idx]), ds.y_train[idx], "fashion-mnist"
+    except Exception:  # no data set on this machine: timings do not depend on the pixels
+        return rng.random((n, 28, 28, 1), dtype=np.float32), rng.integers(0, 10, n), "random"
+
+
+def time_litert_step(trainer: LiteRTTrainer, f: NDArray[np.float32], y: NDArray[np.int64], n: int) -> float:
+    for _ in range(50):
+        trainer.train_step(f, y, LR)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        trainer.train_step(f, y, LR)
+    return (time.perf_counter() - t0) / n
+
+
+def time_tf_eager_step(
+    head: dict[str, NDArray[np.float32]], f: NDArray[np.float32], y: NDArray[np.int64], n: int
+) -> float:
+    import tensorflow as tf
+
+    n_layers = len(head) // 2
+    vs = [tf.Variable(head[f"h{i}_{k}"]) for i in range(n_layers) for k in ("kernel", "bias")]
+    ft = tf.constant(f)
+    onehot = tf.one_hot(tf.constant(y.astype(np.int32)), int(head[f"h{n_layers - 1}_bias"].shape[0]))
+    mask = tf.ones([f.shape[0]], tf.float32)
+    lr = tf.constant(LR, tf.float32)
+
+    def step() -> None:  # eager on purpose: no tf.function
+        with tf.GradientTape() as tape:
+            a = ft
+            for i in range(n_layers):
+                a = tf.matmul(a, vs[2 * i]) + vs[2 * i + 1]
+                if i < n_layers - 1:
+                    a = tf.nn.relu(a)
+            per_row = -tf.reduce_sum(onehot * tf.nn.log_softmax(a), axis=1)
+            loss = tf.reduce_sum(mask * per_row) / tf.maximum(tf.reduce_sum(mask), 1.0)
+        for v, g in zip(vs, tape.gradient(loss, vs), strict=True):
+            v.assign_sub(lr * g)
+
+    for _ in range(20):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    return (time.perf_counter() - t0) / n
+
+
+def cache_rounds(
+    trainer: LiteRTTrainer,
+    x: NDArray[np.float32],
+    y: NDArray[np.int64],
+    rounds: int,
+    epochs: int,
+    cache_dir: Path | None,
+    data_sha: str,
+    backbone_sha: str,
+    head0: dict[str, NDArray[np.float32]],
+) -> float:
+    rng = np.random.default_rng(0)
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        trainer.set_head(head0)  # a new global head every round; the backbone is unchanged
+        if cache_dir is not None:
+            feats = FeatureCache(cache_dir).get(trainer, x, data_sha, backbone_sha)
+            fit(trainer, feats, y, epochs, LR, rng)
+        else:
+            for _ in range(epochs):
+                fit(trainer, trainer.features(x), y, 1, LR, rng)
+    return time.perf_counter() - t0
+
+
+def run(samples: int, rounds: int, epochs: int) -> dict[str, Any]:
+    from export.testing import export_small
+
+    out: dict[str, Any] = {"model": "cnn28", "samples": samples, "rounds": rounds, "local_epochs": epochs}
+    with tempfile.TemporaryDirectory(prefix="fedge-bench-") as tmp_s:
+        tmp = Path(tmp_s)
+        art = tmp / "artifacts"
+        export_small(art, model="cnn28")
+        m = load_manifest(art)
+        head0 = load_head(art)
+        rng = np.random.default_rng(0)
+        trainer = LiteRTTrainer.open(art)
+        b = trainer.batch_size
+
+        # 1. head-only train step, same batch: LiteRT vs TF eager
+        f = np.abs(rng.normal(size=(b, m.feature_dim))).astype(np.float32)
+        yb = rng.integers(0, m.num_classes, b)
+        trainer.set_head(head0)
+        lite_s = time_litert_step(trainer, f, yb, 3000)
+        tf_s = time_tf_eager_step(head0, f, yb, 300)
+        out.update(
+            litert_train_head_ms=round(lite_s * 1e3, 4),
+            tf_eager_step_ms=round(tf_s * 1e3, 4),
+            litert_vs_tf_eager_speedup=round(tf_s / lite_s, 2),
+        )
+
+        # 2. feature cache across rounds vs recomputing features every epoch
+        x, y, source = local_data(samples, rng)
+        out["data"] = source
+        data_sha = hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()
+        t_feat0 = time.perf_counter()
+        trainer.features(x)
+        out["features_2000_ms"] = round((time.perf_counter() - t_feat0) * 1e3, 2)
+        no_cache = cache_rounds(trainer, x, y, rounds, epochs, None, data_sha, m.backbone_sha256, head0)
+        with_cache = cache_rounds(trainer, x, y, rounds, epochs, tmp / "cache", data_sha, m.backbone_sha256, head0)
+        out.update(
+            no_cache_s=round(no_cache, 4),
+            with_cache_s=round(with_cache, 4),
+            feature_cache_speedup=round(no_cache / with_cache, 2),
+        )
+
+        # 3. peak RSS of an agent-only process fine-tuning the head on the same samples
+        data_file = tmp / "local.npz"
+        np.savez(data_file, x=x, y=y)
+        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        proc = subprocess.run(
+            [sys.executable, "-c", RSS_CHILD, str(art), str(data_file)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"RSS subprocess failed: {proc.stderr.strip()}")
+        child = json.loads(proc.stdout.strip().splitlines()[-1])
+        if child["tensorflow_imported"]:
+            raise RuntimeError("the agent subprocess imported TensorFlow/Keras/torch")
+        out.update(
+            agent_peak_rss_mb=round(child["peak_rss_mb"], 1),
+            agent_fit_steps=child["steps"],
+            agent_loss_first=child["loss_first"],
+            agent_loss_last=child["loss_last"],
+            agent_total_s=round(child["seconds"], 3),
+        )
+    out["targets"] = {
+        "litert_vs_tf_eager_speedup": ">=10",
+        "feature_cache_speedup": ">=8",
+        "agent_peak_rss_mb": "<=150",
+    }
+    out["targets_met"] = bool(
+        out["litert_vs_tf_eager_speedup"] >= 10
+        and out["feature_cache_speedup"] >= 8
+        and out["agent_peak_rss_mb"] <= 150
+    )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--samples", type=int, default=2000)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=5)
+    args = p.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    res = run(args.samples, args.rounds, args.epochs)
+    if args.json:
+        print(json.dumps(res, sort_keys=True))
+    else:
+        for k, v in res.items():
+            print(f"{k:32s} {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
