@@ -250,6 +250,9 @@ class Agent:
             if reason:
                 log.info("ignoring announce of round %d: %s", msg.round, reason)
                 return
+            for older in [r for r in self._pending if r < msg.round]:  # one round is open at a time
+                log.info("dropping pending round %d: round %d was announced", older, msg.round)
+                del self._pending[older]
             if self._ready(msg):
                 self._enqueue(msg)
             else:

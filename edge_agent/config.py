@@ -29,6 +29,7 @@ from protocol.mqtt_config import BrokerConfig
 from protocol.topics import valid_id
 
 BACKENDS: Final = ("auto", "litert", "ort", "numpy")
+_BROKER_FILES: Final = ("ca_file", "cert_file", "key_file")
 _KNOWN: Final = frozenset({"device_id", "fleet", "data", "state_dir", "backend", "seed", "session_expiry_s", "broker"})
 
 
@@ -84,6 +85,10 @@ def config_from_mapping(table: Mapping[str, Any], base_dir: Path) -> AgentConfig
     broker = table.get("broker")
     if not isinstance(broker, Mapping):
         raise ConfigError("broker", "a [broker] table with at least url is required")
+    broker = dict(broker)
+    for key in _BROKER_FILES:  # TLS files: relative to the config file's folder too
+        if isinstance(broker.get(key), str) and broker[key]:
+            broker[key] = str(_path(broker, key, base_dir))
     return AgentConfig(
         device_id=device_id,
         fleet=fleet,

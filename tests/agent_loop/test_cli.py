@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -131,3 +132,51 @@ def test_selftest_is_delegated() -> None:
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert "selftest" in out
+
+
+def test_run_trains_a_round_over_mqtt(tmp_path: Path, mosquitto: Mosquitto, artifacts_dir: Path) -> None:
+    """The hub's retained model/full + model/head and an announce over a real broker → one update."""
+    from protocol.codec import encode
+    from protocol.manifest import Manifest, load_head
+    from protocol.messages import ModelFull, ModelHead, ModelUpdate, RoundAnnounce
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", x=rng.random((20, 28, 28, 1), dtype=np.float32), y=rng.integers(0, 10, 20))
+    t = Topics("clitest")
+    man = Manifest.from_json((artifacts_dir / "manifest.json").read_text())
+    files = {n: np.frombuffer((artifacts_dir / n).read_bytes(), dtype=np.uint8) for n in man.files}
+    full = ModelFull("clitest", man.backbone_sha256, (artifacts_dir / "manifest.json").read_text(), dict(files))
+    head = ModelHead("clitest", "v1", None, man.backbone_sha256, None, dict(load_head(artifacts_dir)))
+    updates: list[ModelUpdate] = []
+    online = threading.Event()
+
+    def on_msg(_t: str, payload: bytes) -> None:
+        msg = decode(payload) if payload else None
+        if isinstance(msg, ModelUpdate):
+            updates.append(msg)
+        elif isinstance(msg, Presence) and msg.online:
+            online.set()
+
+    hub = MqttTransport(BrokerConfig(url=mosquitto.url), "cli-hub")
+    hub.subscribe(t.update_all, on_msg)
+    hub.subscribe(t.presence_all, on_msg)
+    hub.connect()
+    hub.publish(t.model_full, encode(full), retain=True)
+    hub.publish(t.model_head, encode(head), retain=True)
+    proc = _agent("run", "--config", str(_config(tmp_path, mosquitto.url)))
+    try:
+        assert online.wait(30), "agent did not come online"
+        ann = RoundAnnounce("clitest", 1, "v1", man.backbone_sha256, time.time() + 60, 1, ("dev-cli",), 1, 0.05)
+        hub.publish(t.announce, encode(ann), retain=True)
+        assert wait_until(lambda: len(updates) >= 1, 60), "no update"
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        hub.close()
+    (upd,) = updates
+    assert upd.round == 1 and upd.device == "dev-cli" and upd.n_samples == 20
+    assert set(upd.delta) == set(head.head)

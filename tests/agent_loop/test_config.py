@@ -76,3 +76,15 @@ def test_missing_or_broken_file_is_a_config_error(tmp_path: Path) -> None:
         load_config(tmp_path / "nope.toml")
     with pytest.raises(ConfigError, match="TOML"):
         load_config(_write(tmp_path, "device_id = \n"))
+
+
+def test_broker_tls_files_resolve_against_the_config_folder(tmp_path: Path) -> None:
+    path = _write(tmp_path, GOOD + 'ca_file = "certs/ca.pem"\n')
+    (path.parent / "certs").mkdir()
+    (path.parent / "certs" / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    cfg = load_config(path)
+    assert cfg.broker.ca_file == str((path.parent / "certs" / "ca.pem").resolve())
+    (path.parent / "certs" / "ca.pem").unlink()
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.field == "broker.ca_file"
