@@ -40,9 +40,21 @@ from edge_agent.training import fit  # noqa: E402
 from protocol.manifest import load_head, load_manifest  # noqa: E402
 
 LR = 0.05
+REPEATS = 3
 
+# Peak RSS from VmHWM: ru_maxrss of a process exec'd from this (TensorFlow-sized) parent would
+# report the parent's high-water mark, which Linux carries across fork+exec.
 RSS_CHILD = """
 import json, resource, sys, time
+def peak_mb():
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 import numpy as np
 from edge_agent.data import load_local
 from edge_agent.trainers import open_trainer
@@ -53,7 +65,7 @@ data = load_local(sys.argv[2])
 feats = trainer.features(data.x)
 res = fit(trainer, feats, data.y, epochs=5, lr=0.05, rng=np.random.default_rng(0))
 print(json.dumps({
-    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "peak_rss_mb": peak_mb(),
     "tensorflow_imported": any(m.split(".")[0] in ("tensorflow", "keras", "torch") for m in sys.modules),
     "backend": trainer.name, "steps": res.steps, "loss_first": res.loss_first, "loss_last": res.loss_last,
     "seconds": time.perf_counter() - t0,
@@ -167,11 +179,15 @@ def run(samples: int, rounds: int, epochs: int) -> dict[str, Any]:
         x, y, source = local_data(samples, rng)
         out["data"] = source
         data_sha = hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()
+        bb_sha = m.backbone_sha256
         t_feat0 = time.perf_counter()
         trainer.features(x)
         out["features_2000_ms"] = round((time.perf_counter() - t_feat0) * 1e3, 2)
-        no_cache = cache_rounds(trainer, x, y, rounds, epochs, None, data_sha, m.backbone_sha256, head0)
-        with_cache = cache_rounds(trainer, x, y, rounds, epochs, tmp / "cache", data_sha, m.backbone_sha256, head0)
+        no_cache = with_cache = float("inf")
+        for rep in range(REPEATS):  # best of REPEATS; every with-cache run starts from an empty cache
+            t_no = cache_rounds(trainer, x, y, rounds, epochs, None, data_sha, bb_sha, head0)
+            t_with = cache_rounds(trainer, x, y, rounds, epochs, tmp / f"cache-{rep}", data_sha, bb_sha, head0)
+            no_cache, with_cache = min(no_cache, t_no), min(with_cache, t_with)
         out.update(
             no_cache_s=round(no_cache, 4),
             with_cache_s=round(with_cache, 4),

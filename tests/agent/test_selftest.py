@@ -37,7 +37,7 @@ def test_selftest_trains_and_reports(backend: str, artifacts_dir: Path) -> None:
     assert rep["steps"] == 15
     assert rep["loss_last"] < rep["loss_first"]
     assert 0 < rep["ms_per_step"] < 1000
-    assert 10 < rep["peak_rss_mb"] < 2000
+    assert 10 < rep["peak_rss_mb"] < 300  # an agent process, not TensorFlow-sized
 
 
 def test_selftest_with_local_data(artifacts_dir: Path, tmp_path: Path) -> None:
