@@ -36,12 +36,23 @@ def broker_config(host: str, port: int) -> dict[str, Any]:
     }
 
 
-async def _cancel_others() -> None:
+async def _shutdown(broker: Any, writers: set[asyncio.StreamWriter], timeout_s: float) -> None:
+    """Drop every connection (clients see a broker crash), shut amqtt down, cancel what it left behind."""
+    for writer in list(writers):
+        writer.transport.abort()
+    if broker is not None:
+        try:
+            await asyncio.wait_for(broker.shutdown(), timeout_s)
+        except Exception:
+            _log.exception("amqtt shutdown failed")
+            for server in getattr(broker, "_servers", {}).values():  # at least free the port
+                await server.close_instance()
     me = asyncio.current_task()
     tasks = [t for t in asyncio.all_tasks() if t is not me]
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.sleep(0.01)  # let the transports' close callbacks run
 
 
 class EmbeddedBroker:
@@ -55,6 +66,7 @@ class EmbeddedBroker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._broker: Any = None
+        self._writers: set[asyncio.StreamWriter] = set()
 
     @property
     def url(self) -> str:
@@ -84,8 +96,21 @@ class EmbeddedBroker:
         ready.wait(timeout_s)
         self._loop, self._thread = loop, thread
 
+        writers = self._writers
+
+        class _TrackingBroker(Broker):  # type: ignore[misc]
+            """Remembers every connection so that stop() can close them (amqtt leaves some open)."""
+
+            async def stream_connected(self, reader: Any, writer: asyncio.StreamWriter, listener_name: str) -> None:
+                writers.add(writer)
+                try:
+                    await super().stream_connected(reader, writer, listener_name)
+                finally:
+                    writers.discard(writer)
+                    writer.transport.abort()
+
         async def boot() -> Any:
-            broker = Broker(broker_config(self.host, self.port), loop=loop)
+            broker = _TrackingBroker(broker_config(self.host, self.port), loop=loop)
             await broker.start()
             return broker
 
@@ -101,18 +126,19 @@ class EmbeddedBroker:
         loop, broker = self._loop, self._broker
         if loop is None:
             return
-        if broker is not None and loop.is_running():
+        if loop.is_running():
             try:
-                asyncio.run_coroutine_threadsafe(broker.shutdown(), loop).result(timeout_s)
+                done = asyncio.run_coroutine_threadsafe(_shutdown(broker, self._writers, timeout_s), loop)
+                done.result(timeout_s + 5)
             except Exception:  # a failing shutdown must not keep the thread alive
                 _log.exception("embedded broker shutdown failed")
         self._broker = None
-        if loop.is_running():  # connections amqtt left hanging (e.g. an MQTT 5 CONNECT it cannot parse)
-            try:
-                asyncio.run_coroutine_threadsafe(_cancel_others(), loop).result(timeout_s)
-            except Exception:
-                _log.exception("embedded broker: cancelling leftover tasks failed")
         self._halt_loop(timeout_s)
+
+    def restart(self) -> None:
+        """Stop and start again on the same port (amqtt keeps sessions in memory: they are lost)."""
+        self.stop()
+        self.start()
 
     def _halt_loop(self, timeout_s: float = 10.0) -> None:
         loop, thread = self._loop, self._thread

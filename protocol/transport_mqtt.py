@@ -64,6 +64,7 @@ class MqttTransport:
         self._client: mqtt.Client | None = None
         self._lock = threading.Lock()
         self._subs: list[tuple[str, int, Handler]] = []
+        self._sub_ids: dict[str, int] = {}  # filter -> MQTT 5 Subscription Identifier
         self._on_connect: list[Callable[[], None]] = []
         self._connack = threading.Event()
         self._refusal: Any = None
@@ -202,9 +203,19 @@ class MqttTransport:
         """Register ``handler(topic, payload)``; the subscription survives reconnects."""
         with self._lock:
             self._subs.append((topic_filter, qos, handler))
+            self._sub_ids.setdefault(topic_filter, len(self._sub_ids) + 1)
         client = self._client
         if client is not None and self.connected.is_set():
-            client.subscribe(topic_filter, qos=qos)
+            self._send_subscribe(client, topic_filter, qos)
+
+    def _send_subscribe(self, client: mqtt.Client, topic_filter: str, qos: int) -> None:
+        props = None
+        if self.protocol == "5" or client.protocol == mqtt.MQTTv5:
+            # MQTT 5 delivers one copy per matching subscription: the Subscription Identifier on each
+            # copy says which filter it came for, so overlapping filters do not double-dispatch.
+            props = Properties(PacketTypes.SUBSCRIBE)  # type: ignore[no-untyped-call]
+            props.SubscriptionIdentifier = self._sub_ids[topic_filter]
+        client.subscribe(topic_filter, qos=qos, properties=props)
 
     # -- paho callbacks (network thread) ------------------------------------------------------
     def _handle_connect(self, client: mqtt.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
@@ -217,7 +228,7 @@ class MqttTransport:
             filters = {f: q for f, q, _h in self._subs}
             callbacks = list(self._on_connect)
         for topic_filter, qos in filters.items():
-            client.subscribe(topic_filter, qos=qos)
+            self._send_subscribe(client, topic_filter, qos)
         _log.debug("%s connected (session present: %s)", self.client_id, flags.session_present)
         self._connack.set()
         for cb in callbacks:
@@ -236,8 +247,13 @@ class MqttTransport:
                 self._early.add(mid)
 
     def _handle_message(self, client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        ids = getattr(msg.properties, "SubscriptionIdentifier", None) if msg.properties is not None else None
         with self._lock:
-            handlers = [h for f, _q, h in self._subs if mqtt.topic_matches_sub(f, msg.topic)]
+            if ids:  # MQTT 5: only the handlers of the filter(s) this copy was delivered for
+                wanted = {f for f, i in self._sub_ids.items() if i in ids}
+                handlers = [h for f, _q, h in self._subs if f in wanted]
+            else:
+                handlers = [h for f, _q, h in self._subs if mqtt.topic_matches_sub(f, msg.topic)]
         payload = bytes(msg.payload)
         for handler in handlers:
             try:
