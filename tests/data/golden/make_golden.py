@@ -1,0 +1,126 @@
+"""Golden vectors: one frame per message type, from fixed field values (fixed nonce and ts).
+
+For each type ``<type>.bin`` is the exact frame and ``<type>.json`` describes the same message in
+plain JSON, so that another implementation (Kotlin, Swift, ...) can check both its encoder (build the
+message from the .json, compare bytes with the .bin) and its decoder (decode the .bin, compare with
+the .json)::
+
+    {"type": "update", "fields": {...every non-array field...},
+     "arrays_field": "delta",
+     "arrays": [{"name": "h0_kernel", "dtype": "float32", "shape": [2, 3], "data": [...row-major...]}]}
+
+Regenerate (only when the protocol version changes!): ``python tests/data/golden/make_golden.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from protocol import codec
+from protocol.messages import (
+    Ack,
+    Arrays,
+    HubStatus,
+    Message,
+    MessageType,
+    ModelFull,
+    ModelHead,
+    ModelUpdate,
+    Presence,
+    Reject,
+    RejectReason,
+    RoundAnnounce,
+    RoundResult,
+    RoundStatus,
+)
+
+HERE = Path(__file__).resolve().parent
+TS = 1795545600.25
+ARRAY_FIELDS = ("head", "files", "delta")
+
+
+def _nonce(i: int) -> str:
+    return f"{i:02x}" * 16
+
+
+def golden_messages() -> list[Message]:
+    head: Arrays = {
+        "h0_kernel": np.array([[0.5, -1.0, 2.0], [0.25, 0.0, -0.125]], dtype=np.float32),
+        "h0_bias": np.array([1.5, -2.5, 0.0], dtype=np.float32),
+    }
+    delta: Arrays = {
+        "h0_kernel": np.array([[0.001, -0.002, 0.003], [1e-7, -0.5, 3.25]], dtype=np.float32),
+        "h0_bias": np.array([0.1, 0.2, -0.3], dtype=np.float32),
+    }
+    return [
+        Presence("demo", "dev-01", True, n_samples=120, backends=("litert", "numpy"), model_version="v3",
+                 agent_version="0.1.0", nonce=_nonce(1), ts=TS),
+        HubStatus("demo", True, round=4, model_version="v3", nonce=_nonce(2), ts=TS),
+        RoundAnnounce("demo", 4, "v3", "ab" * 32, TS + 60.0, 2, ("dev-01", "dev-02"), 1, 0.05,
+                      nonce=_nonce(3), ts=TS),
+        ModelHead("demo", "v3", "v2", "ab" * 32, 3, head, nonce=_nonce(4), ts=TS),
+        ModelFull("demo", "ab" * 32, '{"format": 1}',
+                  {"manifest.json": np.frombuffer(b'{"format": 1}', dtype=np.uint8).copy(),
+                   "head.npz": np.arange(11, dtype=np.uint8)}, nonce=_nonce(5), ts=TS),
+        ModelUpdate("demo", 4, "dev-01", "v3", 120, delta, metrics={"loss": 0.75, "accuracy": 0.5},
+                    nonce=_nonce(6), ts=TS),
+        Ack("demo", 4, "dev-01", _nonce(6), nonce=_nonce(7), ts=TS),
+        Reject("demo", 4, "dev-02", RejectReason.STALE_ROUND, "round 3 is closed", ref_nonce=_nonce(8),
+               nonce=_nonce(9), ts=TS),
+        RoundResult("demo", 4, RoundStatus.COMPLETED, "v4", 0.875, 0.5, ("dev-01",), 120, 1, 12.5,
+                    nonce=_nonce(10), ts=TS),
+    ]
+
+
+def describe(msg: Message) -> dict[str, Any]:
+    """The plain-JSON description of a message (what the .json files hold)."""
+    out: dict[str, Any] = {"type": str(msg.type), "fields": {}, "arrays_field": None, "arrays": []}
+    for f in fields(msg):
+        value = getattr(msg, f.name)
+        if f.name in ARRAY_FIELDS:
+            out["arrays_field"] = f.name
+            out["arrays"] = [
+                {"name": k, "dtype": codec._dtype_name(np.asarray(a)), "shape": list(np.shape(a)),
+                 "data": np.asarray(a).ravel().tolist()}
+                for k, a in value.items()
+            ]
+        else:
+            out["fields"][f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def from_description(desc: dict[str, Any]) -> Message:
+    """Build the message a description stands for (the inverse of :func:`describe`)."""
+    cls = codec._BY_TYPE[MessageType(desc["type"])]
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name == desc["arrays_field"]:
+            kwargs[f.name] = {
+                a["name"]: np.array(a["data"], dtype=codec.DTYPES[a["dtype"]]).reshape(a["shape"])
+                for a in desc["arrays"]
+            }
+        elif f.name in desc["fields"]:
+            v = desc["fields"][f.name]
+            kwargs[f.name] = tuple(v) if isinstance(v, list) else v
+    if "reason" in kwargs:
+        kwargs["reason"] = RejectReason(kwargs["reason"])
+    if "status" in kwargs:
+        kwargs["status"] = RoundStatus(kwargs["status"])
+    return cls(**kwargs)
+
+
+def main(out: Path = HERE) -> None:
+    for msg in golden_messages():
+        (out / f"{msg.type}.bin").write_bytes(codec.encode(msg))
+        (out / f"{msg.type}.json").write_text(json.dumps(describe(msg), indent=2, sort_keys=True) + "\n")
+    print(f"wrote {len(golden_messages())} golden vectors to {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
