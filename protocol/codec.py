@@ -110,7 +110,7 @@ def _split(payload: bytes, max_bytes: int) -> tuple[dict[str, Any], memoryview]:
         raise _fail(RejectReason.MALFORMED, f"header length {hlen} does not fit the frame")
     try:
         header = json.loads(bytes(payload[PREFIX_LEN : PREFIX_LEN + hlen]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, int > 4300 digits
         raise _fail(RejectReason.MALFORMED, f"header is not JSON: {exc}") from exc
     if not isinstance(header, dict):
         raise _fail(RejectReason.MALFORMED, "header is not a JSON object")
@@ -147,6 +147,16 @@ def _arrays(specs: Any, data: memoryview) -> Arrays:
     return out
 
 
+def _finite_number(value: Any) -> bool:
+    """A JSON number that is a finite float64 (not a bool, not NaN/Inf, not an int too big for a float)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _check(name: str, hint: Any, value: Any) -> Any:
     """Validate one header field against its annotation and convert JSON to the Python type."""
     origin = typing.get_origin(hint)
@@ -161,7 +171,7 @@ def _check(name: str, hint: Any, value: Any) -> Any:
     elif hint is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif hint is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        ok = _finite_number(value)
         value = float(value) if ok else value
     elif hint is str:
         ok = isinstance(value, str)
@@ -174,9 +184,7 @@ def _check(name: str, hint: Any, value: Any) -> Any:
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
         value = tuple(value) if ok else value
     elif origin is dict:
-        ok = isinstance(value, dict) and all(
-            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value.values()
-        )
+        ok = isinstance(value, dict) and all(_finite_number(v) for v in value.values())
         value = {str(k): float(v) for k, v in value.items()} if ok else value
     else:  # pragma: no cover - a programming error in messages.py
         raise TypeError(f"unsupported field type {hint!r}")
@@ -224,7 +232,7 @@ def decode_control(payload: bytes) -> RoundOverrides:
         return RoundOverrides()
     try:
         obj = json.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, int > 4300 digits
         raise _fail(RejectReason.MALFORMED, f"control payload is not JSON: {exc}") from exc
     if not isinstance(obj, dict):
         raise _fail(RejectReason.MALFORMED, "control payload is not a JSON object")

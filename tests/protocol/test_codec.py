@@ -254,3 +254,17 @@ def test_bad_control_bodies_are_malformed(body: bytes) -> None:
 
 def test_codec_exports() -> None:
     assert codec.MAGIC == b"FDG" and set(DTYPES) == {"float32", "float64", "int32", "int64", "uint8"}
+
+
+def test_numbers_too_big_for_a_float_or_for_python_are_malformed_not_crashes() -> None:
+    """Regression: math.isfinite(10**400) raised OverflowError; json.loads of 5000 digits raised ValueError."""
+    frame = encode(ModelUpdate("f", 1, "d", "v1", 10, {}, metrics={"loss": 1.0}, nonce="0" * 32, ts=1.0))
+    assert reason(reframe(frame, set_("ts", 10**400))) == RejectReason.MALFORMED
+    assert reason(reframe(frame, set_("metrics", {"loss": 10**400}))) == RejectReason.MALFORMED
+    (hlen,) = struct.unpack_from("<I", frame, 4)
+    huge = frame[8 : 8 + hlen].rstrip().replace(b'"round":1', b'"round":' + b"9" * 5000)
+    huge += b" " * ((-(8 + len(huge))) % 8)
+    assert reason(frame[:4] + struct.pack("<I", len(huge)) + huge + frame[8 + hlen :]) == RejectReason.MALFORMED
+    for body in (b'{"lr": 1' + b"0" * 400 + b"}", b'{"min_devices": ' + b"9" * 5000 + b"}"):
+        with pytest.raises(DecodeError):
+            decode_control(body)
