@@ -69,8 +69,8 @@ class HubDaemon:
         self._worker: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
-    def start(self) -> None:
-        """Bootstrap the registry, resume an open round, subscribe, start the worker, publish state."""
+    def start(self, connect: Callable[[], None] | None = None) -> None:
+        """Bootstrap the registry, resume an open round, start the worker, subscribe, ``connect()``, publish."""
         if self.registry.current() is None:
             row = self.registry.import_artifacts(self.cfg.artifacts)
             log.info("imported %s as %s (backbone %s)", self.cfg.artifacts, row.version, row.backbone_sha256[:16])
@@ -80,11 +80,15 @@ class HubDaemon:
             if dev["online"]:
                 self._online.add(dev["device"])
         self._resume()
-        self.transport.subscribe(self.topics.control_round_start, self._on_control)
-        self.transport.subscribe(self.topics.update_all, self._on_update)
-        self.transport.subscribe(self.topics.presence_all, self._on_presence)
         self._worker = threading.Thread(target=self._run, name=f"fedge-hub-{self.cfg.fleet}", daemon=True)
         self._worker.start()
+        # handlers wait for the worker, so it must run before the first (retained) message arrives; and
+        # subscribing before connecting means no message of the persistent session arrives unhandled
+        self.transport.subscribe(self.topics.presence_all, self._on_presence)
+        self.transport.subscribe(self.topics.control_round_start, self._on_control)
+        self.transport.subscribe(self.topics.update_all, self._on_update)
+        if connect is not None:
+            connect()
         self.call(self._publish_state)
 
     def stop(self) -> None:

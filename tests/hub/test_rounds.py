@@ -1,0 +1,201 @@
+"""Full rounds on the in-memory broker: announce → updates → close → new head → result."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hub.registry import head_sha256
+from protocol.codec import encode
+from protocol.manifest import load_head
+from protocol.messages import Ack, HubStatus, ModelFull, ModelHead, ModelUpdate, Reject, RejectReason, RoundStatus
+from tests.hub.fleet import SHAPES, TOPICS, Fleet, hub_config, run_hub, zero_delta
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, artifacts: Path) -> Iterator[Fleet]:
+    yield from run_hub(hub_config(tmp_path / "state", artifacts, aggregation={"proximal_lambda": 0.0}))
+
+
+def test_startup_publishes_retained_state(fleet: Fleet, artifacts: Path) -> None:
+    status = fleet.retained(TOPICS.hub_status)
+    assert isinstance(status, HubStatus) and status.online and status.model_version == "v0"
+    full = fleet.retained(TOPICS.model_full)
+    assert isinstance(full, ModelFull)
+    assert set(full.files) == {"backbone.onnx", "head.npz"}
+    assert full.files["backbone.onnx"].tobytes() == (artifacts / "backbone.onnx").read_bytes()
+    head = fleet.retained(TOPICS.model_head)
+    assert isinstance(head, ModelHead) and head.version == "v0" and head.parent is None
+    w0 = load_head(artifacts)
+    assert head_sha256(head.head) == head_sha256(w0)
+    assert TOPICS.announce not in fleet.broker.retained
+
+
+def test_full_round(fleet: Fleet, artifacts: Path) -> None:
+    a, b, c = fleet.device("a"), fleet.device("b"), fleet.device("c")
+    for d in (a, b, c):
+        d.hello()
+    rnd = fleet.start_round()
+    assert rnd.round == 1 and rnd.model_version == "v0" and rnd.selected == ("a", "b", "c")
+    assert rnd.min_devices == 2 and rnd.deadline == pytest.approx(fleet.clock.t + 30)
+    full_before = fleet.broker.retained[TOPICS.model_full]
+    da, db, dc = zero_delta(SHAPES, 1.0), zero_delta(SHAPES, 2.0), zero_delta(SHAPES, -1.0)
+    ua = a.update(rnd, da, n=10)
+    b.update(rnd, db, n=30)
+    assert fleet.results == []  # c has not answered, deadline not reached
+    c.update(rnd, dc, n=60)
+    assert isinstance(a.inbox[-1], Ack) and a.inbox[-1].ref_nonce == ua.nonce
+    # all selected answered: closed at once
+    [res] = fleet.results
+    assert res.status is RoundStatus.COMPLETED and res.model_version == "v1"
+    assert res.devices == ("a", "b", "c") and res.n_samples == 100 and res.rejected == 0
+    head = fleet.retained(TOPICS.model_head)
+    assert isinstance(head, ModelHead) and head.version == "v1" and head.parent == "v0" and head.round == 1
+    w0 = load_head(artifacts)
+    for k in SHAPES:
+        np.testing.assert_allclose(head.head[k], w0[k] + (10 * 1 + 30 * 2 + 60 * -1) / 100, rtol=1e-6)
+    assert fleet.broker.retained[TOPICS.model_full] == full_before  # backbone unchanged: not republished
+    assert TOPICS.announce not in fleet.broker.retained
+    [line] = fleet.jsonl()
+    assert line["round"] == 1 and line["status"] == "completed" and line["devices"] == 3
+    assert line["model_version"] == "v1" and line["n_samples"] == 100 and line["loss"] == 1.0
+    # a second round starts from v1
+    assert fleet.start_round().model_version == "v1"
+
+
+def test_deadline_closes_round_with_quorum(fleet: Fleet) -> None:
+    for name in "abc":
+        fleet.device(name).hello()
+    rnd = fleet.start_round()
+    fleet.device("a").update(rnd, zero_delta(SHAPES, 1.0))
+    fleet.device("b").update(rnd, zero_delta(SHAPES, 1.0))
+    fleet.advance(29)
+    assert fleet.results == []
+    fleet.advance(2)
+    [res] = fleet.results
+    assert res.status is RoundStatus.COMPLETED and res.devices == ("a", "b")
+    assert res.seconds == pytest.approx(31)
+
+
+def test_quorum_failure_makes_no_version(fleet: Fleet) -> None:
+    for name in "ab":
+        fleet.device(name).hello()
+    rnd = fleet.start_round(deadline_s=5.0)
+    fleet.device("a").update(rnd, zero_delta(SHAPES, 1.0))
+    fleet.advance(6)
+    [res] = fleet.results
+    assert res.status is RoundStatus.FAILED_QUORUM and res.model_version is None
+    head = fleet.retained(TOPICS.model_head)
+    assert isinstance(head, ModelHead) and head.version == "v0"
+    assert fleet.hub.registry.current().version == "v0"  # type: ignore[union-attr]
+    assert fleet.jsonl()[0]["status"] == "failed_quorum"
+
+
+def test_control_while_open_and_malformed_control_are_counted(fleet: Fleet) -> None:
+    for name in "ab":
+        fleet.device(name).hello()
+    rnd = fleet.start_round()
+    fleet.control(b"{}")
+    fleet.control(b"not json")
+    fleet.control(b'{"fraction": 7}')
+    assert fleet.announce().round == rnd.round
+    assert fleet.hub.store.control_counts() == {"malformed": 2, "round_open": 1}
+
+
+def test_fraction_sampling_is_seeded(tmp_path: Path, artifacts: Path) -> None:
+    picks = []
+    for i in range(2):
+        gen = run_hub(hub_config(tmp_path / f"s{i}", artifacts, rounds={"fraction": 0.3, "min_devices": 1}))
+        fleet = next(gen)
+        for j in range(10):
+            fleet.device(f"d{j}").hello()
+        picks.append(fleet.start_round().selected)
+        gen.close()
+    assert picks[0] == picks[1] and len(picks[0]) == 3
+
+
+BAD = [
+    (RejectReason.MALFORMED, lambda f, r, n: f.device(n["x"]).send(b"FDG\x01garbage")),
+    (RejectReason.TOO_LARGE, lambda f, r, n: f.device(n["x"]).send(b"\0" * 5000)),
+    (RejectReason.BAD_VERSION, lambda f, r, n: f.device(n["x"]).send(b"FDG\x09" + b"\0" * 20)),
+    (RejectReason.WRONG_TYPE, lambda f, r, n: f.device(n["x"]).send(encode(r))),
+    (RejectReason.DEVICE_MISMATCH, lambda f, r, n: f.device(n["x"]).update(r, zero_delta(SHAPES), device=n["other"])),
+    (RejectReason.UNKNOWN_DEVICE, lambda f, r, n: f.device("ghost").update(r, zero_delta(SHAPES))),
+    (RejectReason.STALE_ROUND, lambda f, r, n: f.device(n["x"]).update(r, zero_delta(SHAPES), round=r.round - 1)),
+    (RejectReason.NOT_SELECTED, lambda f, r, n: f.device(n["y"]).update(r, zero_delta(SHAPES))),
+    (RejectReason.WRONG_MODEL, lambda f, r, n: f.device(n["x"]).update(r, zero_delta(SHAPES), model_version="v9")),
+    (RejectReason.WRONG_SHAPE, lambda f, r, n: f.device(n["x"]).update(r, {"h0_kernel": np.zeros((6, 4), np.float32)})),
+    (RejectReason.WRONG_SHAPE, lambda f, r, n: f.device(n["x"]).update(r, {**zero_delta(SHAPES), "h1_bias": np.zeros(4, np.float32)})),
+    (RejectReason.WRONG_DTYPE, lambda f, r, n: f.device(n["x"]).update(r, {**zero_delta(SHAPES), "h1_bias": np.zeros(3)})),
+    (RejectReason.NOT_FINITE, lambda f, r, n: f.device(n["x"]).update(r, {**zero_delta(SHAPES), "h1_bias": np.array([0, np.nan, 0], np.float32)})),
+    (RejectReason.BAD_SAMPLES, lambda f, r, n: f.device(n["x"]).update(r, zero_delta(SHAPES), n=0)),
+    (RejectReason.BAD_SAMPLES, lambda f, r, n: f.device(n["x"]).update(r, zero_delta(SHAPES), n=10**12)),
+]
+
+
+def test_every_reject_reason_is_sent_and_counted_and_the_round_completes(tmp_path: Path, artifacts: Path) -> None:
+    cfg = hub_config(tmp_path / "state", artifacts, rounds={"max_update_bytes": 4096, "fraction": 0.75},
+                     devices=["a", "b", "c", "d"])
+    gen = run_hub(cfg)
+    fleet = next(gen)
+    rnd = fleet.start_round()
+    assert len(rnd.selected) == 3
+    [y] = {"a", "b", "c", "d"} - set(rnd.selected)
+    names = {"x": rnd.selected[0], "other": rnd.selected[1], "y": y}
+    expected: dict[str, int] = {}
+    for reason, act in BAD:
+        act(fleet, rnd, names)
+        expected[str(reason)] = expected.get(str(reason), 0) + 1
+    assert fleet.results == []
+    for d in rnd.selected:  # x's earlier bad updates were rejected, not stored: its good one is accepted
+        fleet.device(d).update(rnd, zero_delta(SHAPES, 0.5))
+    assert fleet.hub.store.reject_counts() == expected
+    x_reasons = {str(m.reason) for m in fleet.device(names["x"]).inbox if isinstance(m, Reject)}
+    assert x_reasons == set(expected) - {"unknown_device", "not_selected"}
+    assert [m.reason for m in fleet.device("ghost").inbox] == [RejectReason.UNKNOWN_DEVICE]
+    assert [m.reason for m in fleet.device(y).inbox] == [RejectReason.NOT_SELECTED]
+    assert isinstance(fleet.device(names["x"]).inbox[-1], Ack)
+    [res] = fleet.results
+    assert res.status is RoundStatus.COMPLETED and res.rejected == len(BAD)
+    assert set(res.devices) == set(rnd.selected)
+    # after the round: no open round
+    fleet.device(names["x"]).update(rnd, zero_delta(SHAPES))
+    assert fleet.hub.store.reject_counts()["no_open_round"] == 1
+    gen.close()
+
+
+def test_duplicate_and_redelivery(fleet: Fleet) -> None:
+    for name in "abc":
+        fleet.device(name).hello()
+    rnd = fleet.start_round()
+    a = fleet.device("a")
+    first = a.update(rnd, zero_delta(SHAPES, 1.0), n=10)
+    a.send(encode(first))  # redelivery: same nonce
+    a.update(rnd, zero_delta(SHAPES, 5.0), n=10)  # a different update: duplicate
+    assert [type(m).__name__ for m in a.inbox] == ["Ack", "Ack", "Reject"]
+    assert isinstance(a.inbox[2], Reject) and a.inbox[2].reason is RejectReason.DUPLICATE
+    assert fleet.hub.round is not None and fleet.hub.round.aggregator.count == 1
+    fleet.device("b").update(rnd, zero_delta(SHAPES, 3.0), n=10)
+    fleet.advance(31)
+    [res] = fleet.results
+    assert res.n_samples == 20 and res.rejected == 1
+    head = fleet.retained(TOPICS.model_head)
+    v0 = fleet.hub.registry.load_head("v0")
+    assert isinstance(head, ModelHead)
+    np.testing.assert_allclose(head.head["h1_bias"], v0["h1_bias"] + 2.0, rtol=1e-6)
+
+
+def test_presence_from_other_fleet_or_topic_is_ignored(fleet: Fleet) -> None:
+    from protocol.messages import Presence
+
+    t = fleet.device("a").transport
+    t.publish(TOPICS.presence("a"), encode(Presence(fleet="f1", device="b", online=True)))
+    t.publish(TOPICS.presence("a"), encode(Presence(fleet="other", device="a", online=True)))
+    t.publish(TOPICS.presence("a"), b"junk")
+    assert fleet.hub.known == set()
+    fleet.device("a").hello()
+    assert fleet.hub.known == {"a"}
+    assert isinstance(ModelUpdate, type)
