@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,6 +167,11 @@ def run_hub(cfg: HubConfig, **kw: Any) -> Iterator[Fleet]:
         yield fleet
     finally:
         fleet.hub.stop()
+
+
+def iter_hub(cfg: HubConfig, **kw: Any) -> Generator[Fleet, None, None]:
+    """Like run_hub, typed as a generator (``.close()`` stops the hub)."""
+    yield from run_hub(cfg, **kw)
 
 
 Factory = Callable[..., Fleet]

@@ -42,7 +42,8 @@ def test_restart_resumes_open_round_without_loss_or_double_count(tmp_path: Path,
     head = second.retained(TOPICS.model_head)
     v0 = second.hub.registry.load_head("v0")
     assert isinstance(head, ModelHead) and head.version == "v1"
-    np.testing.assert_allclose(head.head["h0_bias"], v0["h0_bias"] + (10 * 1 + 30 * 4) / 40, rtol=1e-6)
+    got = np.asarray(head.head["h0_bias"], np.float64)
+    np.testing.assert_allclose(got, v0["h0_bias"] + (10 * 1 + 30 * 4) / 40, rtol=1e-6)
     second.hub.stop()
 
 

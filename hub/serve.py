@@ -1,0 +1,156 @@
+"""CLI: ``fedge hub serve|status|rollback`` and ``fedge round start``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import threading
+from typing import Any
+
+from protocol.errors import FedgeError
+
+log = logging.getLogger("fedge.hub")
+
+SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
+
+
+def add_subcommands(sub: SubParsers) -> None:
+    hub = sub.add_parser("hub", help="the hub daemon and its state")
+    hsub = hub.add_subparsers(dest="hub_command", required=True)
+    p = hsub.add_parser("serve", help="run the hub daemon (Ctrl-C / SIGTERM to stop)")
+    p.add_argument("--config", required=True, help="hub.toml")
+    p.set_defaults(handler=run_serve)
+    p = hsub.add_parser("status", help="print the hub's state as JSON (reads the store; works offline)")
+    p.add_argument("--config", required=True)
+    p.set_defaults(handler=run_status)
+    p = hsub.add_parser("rollback", help="make an earlier model version current (the daemon republishes it)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--to", required=True, metavar="VERSION", help="e.g. v3")
+    p.set_defaults(handler=run_rollback)
+
+    rnd = sub.add_parser("round", help="control rounds of a running hub")
+    rsub = rnd.add_subparsers(dest="round_command", required=True)
+    p = rsub.add_parser("start", help="ask the hub to start a round (ignored while one is open)")
+    p.add_argument("--fleet", required=True)
+    p.add_argument("--broker", required=True, help="mqtt://host:port")
+    p.add_argument("--min-devices", type=int)
+    p.add_argument("--deadline-s", type=float)
+    p.add_argument("--fraction", type=float)
+    p.add_argument("--local-epochs", type=int)
+    p.add_argument("--lr", type=float)
+    p.set_defaults(handler=run_round_start)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from hub.config import load_config
+    from hub.daemon import HubDaemon
+    from protocol.codec import encode
+    from protocol.messages import HubStatus
+    from protocol.topics import Topics
+    from protocol.transport_mqtt import MqttTransport
+
+    cfg = load_config(args.config)
+    broker: Any = None
+    if cfg.broker.embedded:
+        from hub.broker import EmbeddedBroker
+
+        broker = EmbeddedBroker(cfg.broker.embedded_host, cfg.broker.embedded_port)
+        broker.start()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        topics = Topics(cfg.fleet)
+        will = (topics.hub_status, encode(HubStatus(fleet=cfg.fleet, online=False)), True)
+        transport = MqttTransport(cfg.broker.config, f"fedge-hub-{cfg.fleet}", will=will, manual_ack=True,
+                                  session_expiry_s=7 * 86400)
+        daemon = HubDaemon(cfg, transport)
+        daemon.start(connect=transport.connect)
+        transport.add_on_connect(daemon.on_reconnect)
+        log.info("hub for fleet %r serving on %s (state in %s)", cfg.fleet, cfg.broker.config.url, cfg.state_dir)
+        try:
+            while not stop.wait(0.5):
+                pass
+        finally:
+            log.info("hub stopping")
+            daemon.stop()
+            transport.close()
+    finally:
+        if broker is not None:
+            broker.stop()
+    return 0
+
+
+def status_dict(config_path: str) -> dict[str, Any]:
+    from hub.config import load_config
+    from hub.registry import Registry
+    from hub.store import Store
+
+    cfg = load_config(config_path)
+    db = cfg.state_dir / "hub.sqlite"
+    if not db.exists():
+        raise FedgeError(f"no hub state at {db} (has the hub run yet?)")
+    store = Store(db)
+    try:
+        cur = Registry(store, cfg.state_dir).current()
+        return {
+            "fleet": cfg.fleet,
+            "current_version": None if cur is None else cur.version,
+            "versions": [{"version": v.version, "parent": v.parent, "round": v.round, "accuracy": v.accuracy,
+                          "backbone_sha256": v.backbone_sha256} for v in store.versions()],
+            "rounds": [{"id": r.id, "status": r.status, "model_version": r.model_version,
+                        "new_version": r.new_version, "selected": list(r.selected), "devices": list(r.devices),
+                        "n_samples": r.n_samples, "accuracy": r.accuracy, "loss": r.loss,
+                        "seconds": None if r.closed_at is None else round(r.closed_at - r.opened_at, 3)}
+                       for r in store.rounds()],
+            "rejects": store.reject_counts(),
+            "control": store.control_counts(),
+            "devices": store.devices(),
+        }
+    finally:
+        store.close()
+
+
+def run_status(args: argparse.Namespace) -> int:
+    print(json.dumps(status_dict(args.config), indent=2))
+    return 0
+
+
+def run_rollback(args: argparse.Namespace) -> int:
+    from hub.config import load_config
+    from hub.registry import Registry
+    from hub.store import Store
+
+    cfg = load_config(args.config)
+    store = Store(cfg.state_dir / "hub.sqlite")
+    try:
+        row = Registry(store, cfg.state_dir).rollback(args.to)
+    finally:
+        store.close()
+    print(f"current model version is now {row.version} (a running hub publishes it when its next round starts)")
+    return 0
+
+
+def run_round_start(args: argparse.Namespace) -> int:
+    from protocol.codec import encode_control
+    from protocol.messages import RoundOverrides
+    from protocol.mqtt_config import BrokerConfig
+    from protocol.topics import Topics
+    from protocol.transport_mqtt import MqttTransport
+
+    overrides = RoundOverrides(min_devices=args.min_devices, deadline_s=args.deadline_s, fraction=args.fraction,
+                               local_epochs=args.local_epochs, lr=args.lr)
+    transport = MqttTransport(BrokerConfig(url=args.broker), f"fedge-ctl-{os.getpid()}", session_expiry_s=0)
+    transport.connect()
+    try:
+        transport.publish(Topics(args.fleet).control_round_start, encode_control(overrides))
+    finally:
+        transport.close()
+    print(f"round start requested for fleet {args.fleet!r}")
+    return 0
+
+
+__all__ = ["add_subcommands", "status_dict"]
