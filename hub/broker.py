@@ -135,6 +135,16 @@ class EmbeddedBroker:
         self._broker = None
         self._halt_loop(timeout_s)
 
+    def session_connected(self, client_id: str) -> bool | None:
+        """Whether amqtt sees ``client_id`` connected (None: no such session).
+
+        amqtt drops a QoS 1 message that reaches a session while its DISCONNECT is still being
+        processed; tests wait on this before publishing to a client that just left.
+        """
+        broker = self._broker
+        entry = broker._sessions.get(client_id) if broker is not None else None
+        return None if entry is None else bool(entry[0].transitions.state == "connected")
+
     def restart(self) -> None:
         """Stop and start again on the same port (amqtt keeps sessions in memory: they are lost)."""
         self.stop()

@@ -52,6 +52,12 @@ def clients() -> Iterator[list[MqttTransport]]:
         c.close(flush_timeout_s=0.5)
 
 
+def left(broker: Any, client_id: str) -> None:
+    """Wait until the broker has processed a client's DISCONNECT (amqtt loses messages sent meanwhile)."""
+    if broker.kind == "embedded":
+        assert wait_until(lambda: broker.session_connected(client_id) is False, timeout_s=5)
+
+
 def make(clients: list[MqttTransport], broker: Any, client_id: str, protocol: str | None = None, **kw: Any) -> Any:
     t = MqttTransport(BrokerConfig(url=broker.url, protocol=protocol or proto(broker)), client_id, **kw)
     clients.append(t)
@@ -98,6 +104,7 @@ def test_persistent_session_gets_qos1_messages_sent_while_away(
     device.subscribe("fedge/f1/device/dev-away/+", Inbox())
     device.connect()
     device.close()
+    left(broker, "dev-away")
     hub = make(clients, broker, "hub")
     hub.connect()
     for i in range(5):
@@ -154,12 +161,11 @@ def test_a_failing_handler_neither_stops_other_handlers_nor_later_messages(
     pub.publish("a/b", b"1")
     pub.publish("a/c", b"2")
     pub.publish("a/b", b"3")
-    got, got_wide = inbox.wait_for(2), wide.wait_for(3)
+    assert wait_until(lambda: set(inbox.payloads()) == {b"1", b"3"} and len(set(wide.payloads())) == 3)
     if sub.protocol == "5":  # Subscription Identifiers: exactly one dispatch per handler
         assert not wait_until(lambda: len(wide.payloads()) > 3, timeout_s=0.3)
         assert (inbox.payloads(), wide.payloads()) == ([b"1", b"3"], [b"1", b"2", b"3"])
-    else:  # MQTT 3.1.1 lets a broker send one copy per overlapping filter: at least once, in order
-        assert sorted(set(got)) == [b"1", b"3"] and sorted(set(got_wide)) == [b"1", b"2", b"3"]
+    # MQTT 3.1.1 lets a broker send one copy per overlapping filter (amqtt does): at least once
 
 
 def _child(broker: Any, client_id: str, will_topic: str, sub_filter: str) -> subprocess.Popen[str]:
@@ -226,6 +232,7 @@ def test_manual_ack_acknowledges_after_the_handlers_return(broker: Any, clients:
         pub.publish("fedge/f1/update/dev1", f"u{i}".encode())
     assert inbox.wait_for(20) == [f"u{i}".encode() for i in range(20)]
     hub.close()
+    left(broker, "hub-y")
     pub.publish("fedge/f1/update/dev1", b"while away")
     # acknowledged: the next incarnation of the same session gets only what came while it was away
     back = make(clients, broker, "hub-y", manual_ack=True)
