@@ -1,0 +1,56 @@
+"""Devices and the hub come and go mid-round: late agents still count, a SIGKILLed hub resumes."""
+
+from __future__ import annotations
+
+import pytest
+
+from protocol.messages import RoundStatus
+from tests.e2e.fleet import Fleet
+
+pytestmark = pytest.mark.e2e
+
+
+def test_an_agent_that_connects_after_the_announce_takes_part(fleet: Fleet) -> None:
+    late = fleet.devices[-1]
+    fleet.write_hub_toml(devices=fleet.devices, rounds={"deadline_s": 120.0})
+    fleet.start_hub()
+    fleet.start_agents([late], ready=True)  # known to the broker (persistent session) and the hub (presence)
+    fleet.stop_agent(late)
+    fleet.start_agents(fleet.devices[:-1])
+    fleet.start_round()
+    announce = fleet.announce_of(1)
+    assert late in announce.selected
+    fleet.wait_for(lambda s: len({a.device for a in s.acks}) == len(fleet.devices) - 1, 60,
+                   "the four running agents' updates acked")
+    assert 1 not in fleet.seen.results, "the round waits for the late device (deadline 120 s)"
+    fleet.start_agents([late])
+    (res,) = fleet.wait_results([1], timeout_s=60)
+    assert res.status is RoundStatus.COMPLETED
+    assert late in res.devices
+    assert sorted(res.devices) == fleet.devices
+    assert res.seconds < 100, "closed because everyone answered, not at the deadline"
+
+
+def test_a_hub_killed_mid_round_resumes_and_counts_every_device_once(fleet: Fleet) -> None:
+    first, rest = fleet.devices[:3], fleet.devices[3:]
+    fleet.write_hub_toml(devices=fleet.devices, rounds={"deadline_s": 120.0, "min_devices": len(fleet.devices)})
+    fleet.start_hub()
+    fleet.start_agents(first)
+    fleet.start_round()
+    fleet.announce_of(1)
+    fleet.wait_for(lambda s: len(s.acks) >= 1, 60, "a first update accepted")
+    fleet.kill_hub()
+    assert fleet.hub.popen is not None and fleet.hub.popen.returncode == -9
+    with fleet.cond:
+        acked_before = {a.device for a in fleet.seen.acks}
+    fleet.start_agents(rest)  # they train and publish while the hub is down; the broker queues for the hub
+    fleet.start_hub()
+    (res,) = fleet.wait_results([1], timeout_s=90)
+    assert res.status is RoundStatus.COMPLETED
+    assert len(res.devices) == len(set(res.devices)), f"duplicates in {res.devices}"
+    assert sorted(res.devices) == fleet.devices
+    assert acked_before <= set(res.devices)
+    assert res.n_samples == sum(fleet.data.shard_sizes), "every device's samples counted exactly once"
+    assert res.seconds < 110, "closed because everyone answered, not at the deadline"
+    rounds = [line for line in (fleet.state_dir / "rounds.jsonl").read_text().splitlines() if line.strip()]
+    assert len(rounds) == 1, rounds
