@@ -14,10 +14,8 @@ from protocol.errors import FedgeError
 
 log = logging.getLogger("fedge.hub")
 
-SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
-
-def add_subcommands(sub: SubParsers) -> None:
+def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     hub = sub.add_parser("hub", help="the hub daemon and its state")
     hsub = hub.add_subparsers(dest="hub_command", required=True)
     p = hsub.add_parser("serve", help="run the hub daemon (Ctrl-C / SIGTERM to stop)")

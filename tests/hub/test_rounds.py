@@ -217,3 +217,49 @@ def test_presence_from_other_fleet_or_topic_is_ignored(fleet: Fleet) -> None:
     fleet.device("a").hello()
     assert fleet.hub.known == {"a"}
     assert isinstance(ModelUpdate, type)
+
+
+def test_chain_rounds_follow_each_other_up_to_r(tmp_path: Path, artifacts: Path) -> None:
+    gen = iter_hub(hub_config(tmp_path / "state", artifacts, rounds={"min_devices": 1}, schedule={"chain_rounds": 3}))
+    fleet = next(gen)
+    fleet.device("a").hello()
+    rnd = fleet.start_round()
+    for expected in (1, 2, 3):
+        assert rnd.round == expected
+        fleet.device("a").update(rnd, zero_delta(SHAPES, 1.0))
+        if expected < 3:
+            rnd = fleet.announce()
+    assert [r.round for r in fleet.results] == [1, 2, 3]
+    assert TOPICS.announce not in fleet.broker.retained and fleet.hub.round is None
+    assert fleet.retained(TOPICS.model_head).version == "v3"  # type: ignore[union-attr]
+    gen.close()
+
+
+def test_every_s_schedule_starts_rounds(tmp_path: Path, artifacts: Path) -> None:
+    gen = iter_hub(hub_config(tmp_path / "state", artifacts, rounds={"min_devices": 1, "deadline_s": 5},
+                              schedule={"every_s": 60}))
+    fleet = next(gen)
+    fleet.hub.tick()
+    assert fleet.hub.round is None  # nobody online yet
+    fleet.device("a").hello()
+    fleet.hub.tick()
+    assert fleet.announce().round == 1
+    fleet.advance(6)
+    assert [r.status for r in fleet.results] == [RoundStatus.FAILED_QUORUM]
+    fleet.advance(30)
+    assert fleet.hub.round is None
+    fleet.advance(30)
+    assert fleet.announce().round == 2
+    gen.close()
+
+
+def test_rollback_is_published_at_next_round(fleet: Fleet) -> None:
+    fleet.device("a").hello()
+    fleet.device("b").hello()
+    rnd = fleet.start_round()
+    fleet.device("a").update(rnd, zero_delta(SHAPES, 1.0))
+    fleet.device("b").update(rnd, zero_delta(SHAPES, 1.0))
+    assert fleet.retained(TOPICS.model_head).version == "v1"  # type: ignore[union-attr]
+    fleet.hub.registry.rollback("v0")
+    assert fleet.start_round().model_version == "v0"
+    assert fleet.retained(TOPICS.model_head).version == "v0"  # type: ignore[union-attr]
