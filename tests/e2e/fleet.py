@@ -129,8 +129,6 @@ class Fleet:
         self.logs = root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         hub_cmd = [sys.executable, "-m", "hub.cli", "hub", "serve", "--config", str(self.hub_toml)]
-        if os.environ.get("FEDGE_E2E_SHIM"):  # DEV ONLY, remove
-            hub_cmd = [sys.executable, os.environ["FEDGE_E2E_SHIM"], str(self.hub_toml)]
         self.hub = Proc("hub", hub_cmd, self.logs / "hub.log")
         self.agents: dict[str, Proc] = {}
         for i, dev in enumerate(self.devices):
@@ -194,7 +192,12 @@ class Fleet:
         for t in self._transports:
             with contextlib.suppress(Exception):  # teardown must go on
                 t.close(flush_timeout_s=1)
-        for proc in [*self.agents.values(), self.hub]:
+        procs = [*self.agents.values(), self.hub]
+        for proc in procs:  # signal everyone first, then wait: agents stop in parallel
+            if proc.alive:
+                assert proc.popen is not None
+                proc.popen.send_signal(signal.SIGTERM)
+        for proc in procs:
             proc.stop(signal.SIGTERM, timeout_s=10)
 
     def logs_text(self, tail: int = 6000) -> str:

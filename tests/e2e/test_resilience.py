@@ -54,3 +54,14 @@ def test_a_hub_killed_mid_round_resumes_and_counts_every_device_once(fleet: Flee
     assert res.seconds < 110, "closed because everyone answered, not at the deadline"
     rounds = [line for line in (fleet.state_dir / "rounds.jsonl").read_text().splitlines() if line.strip()]
     assert len(rounds) == 1, rounds
+
+
+def test_an_agent_stopped_right_after_it_comes_online_ends_offline(fleet: Fleet) -> None:
+    """SIGTERM while the retained model is still arriving: the last retained presence must say offline."""
+    dev = fleet.devices[0]
+    fleet.write_hub_toml()
+    fleet.start_hub()
+    fleet.start_agents([dev])  # online, the retained model/full + model/head are on their way
+    fleet.stop_agent(dev)  # waits (20 s) for the offline presence
+    late = fleet.retained(fleet.topics.presence(dev))
+    assert getattr(late, "online", None) is False, late

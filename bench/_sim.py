@@ -1,0 +1,186 @@
+"""Benchmark helpers: a private mosquitto, process control, RSS, and simulated devices.
+
+Simulated devices (``python -m bench._sim --port P --fleet F --first 0 --count 125 --shapes JSON``):
+each is its own paho MQTT connection that says it is online (retained presence, offline as its
+will) and answers every round announce that selects it with a small valid ``ModelUpdate`` at
+once. One process multiplexes ``count`` clients (paho network threads); it prints ``READY <n>``
+when all are connected and runs until SIGTERM or stdin closes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Mosquitto", "free_port", "rss_mb", "sim_main"]
+
+MOSQUITTO = "/usr/sbin/mosquitto"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rss_mb(pid: int) -> float:
+    """VmRSS of a process in MB (from /proc/<pid>/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+class Mosquitto:
+    """mosquitto on a free loopback port with a generated config (unbounded queues, like the tests)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"mqtt://127.0.0.1:{self.port}"
+        conf = workdir / "mosquitto.conf"
+        conf.write_text("\n".join([
+            f"listener {self.port} 127.0.0.1", "allow_anonymous true", "user root", "persistence false",
+            "max_queued_messages 0", f"max_queued_bytes {1 << 30}", "message_size_limit 0",
+            "max_inflight_messages 0", "max_connections -1", "log_dest stderr", "log_type error", "",
+        ]))
+        self.log = (workdir / "mosquitto.log").open("wb")
+        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.stop()
+                    raise RuntimeError(f"mosquitto did not start (see {workdir / 'mosquitto.log'})") from None
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout_s: float = 15.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# -- simulated devices (run in their own processes) ---------------------------------------------------
+class _SimDevice:
+    def __init__(self, name: str, host: str, port: int, fleet: str, shapes: dict[str, list[int]],
+                 on_ready: threading.Semaphore, rng: np.random.Generator) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        from protocol.codec import encode
+        from protocol.messages import Presence
+        from protocol.topics import Topics
+
+        self.name, self.fleet, self.topics = name, fleet, Topics(fleet)
+        self.delta = {k: (rng.standard_normal(s) * 1e-3).astype(np.float32) for k, s in shapes.items()}
+        self.done: set[int] = set()
+        self.on_ready = on_ready
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv311,
+                                  clean_session=True)
+        self.client.max_queued_messages_set(0)
+        offline = encode(Presence(fleet, name, online=False))
+        self.client.will_set(self.topics.presence(name), offline, qos=1, retain=True)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.connect_async(host, port, keepalive=60)
+        self.client.loop_start()
+
+    def _on_connect(self, client: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        from protocol.codec import encode
+        from protocol.messages import Presence
+
+        if reason.is_failure:
+            return
+        client.subscribe(self.topics.announce, qos=1)
+        msg = Presence(self.fleet, self.name, online=True, n_samples=10, backends=("sim",), model_version="v0")
+        client.publish(self.topics.presence(self.name), encode(msg), qos=1, retain=True)
+        self.on_ready.release()
+
+    def _on_message(self, client: Any, _u: Any, msg: Any) -> None:
+        from protocol.codec import decode, encode
+        from protocol.messages import ModelUpdate, RoundAnnounce
+
+        if not msg.payload:
+            return
+        ann = decode(msg.payload)
+        if not isinstance(ann, RoundAnnounce) or self.name not in ann.selected or ann.round in self.done:
+            return
+        self.done.add(ann.round)
+        up = ModelUpdate(self.fleet, ann.round, self.name, ann.model_version, 10, dict(self.delta),
+                         {"loss": 1.0, "train_seconds": 0.0})
+        client.publish(self.topics.update(self.name), encode(up), qos=1)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def sim_main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench._sim", description="simulated fedge devices")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--fleet", required=True)
+    p.add_argument("--first", type=int, default=0)
+    p.add_argument("--count", type=int, default=125)
+    p.add_argument("--shapes", required=True, help='JSON {"h0_kernel": [64, 32], ...}')
+    args = p.parse_args(argv)
+    shapes = json.loads(args.shapes)
+    ready = threading.Semaphore(0)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def watch_stdin() -> None:
+        sys.stdin.read()  # EOF: the parent is gone or asked us to stop
+        stop.set()
+
+    threading.Thread(target=watch_stdin, daemon=True).start()
+    devices = []
+    for i in range(args.first, args.first + args.count):
+        devices.append(_SimDevice(f"sim-{i:04d}", args.host, args.port, args.fleet, shapes, ready,
+                                  np.random.default_rng(i)))
+        time.sleep(0.002)  # do not hammer the broker's accept queue
+    for _ in devices:
+        if not ready.acquire(timeout=60):
+            print("FAILED not all simulated devices connected", flush=True)
+            return 1
+    print(f"READY {len(devices)}", flush=True)
+    stop.wait()
+    for d in devices:
+        d.close()
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(sim_main())
