@@ -147,8 +147,8 @@ class Agent:
             self.publish_presence(online=True)
 
     def publish_presence(self, *, online: bool) -> None:
-        if self._transport is None:
-            return
+        if self._transport is None or (online and self._stopped):
+            return  # never say "online" once stopping: a clean disconnect fires no will to undo it
         msg = Presence(
             self.config.fleet,
             self.device,
@@ -237,7 +237,7 @@ class Agent:
             self.state.model_version = msg.version
             self.state.save()
         log.info("global model %s (backbone %s, round %s)", msg.version, msg.backbone_sha256[:16], msg.round)
-        if changed and self._subscribed:
+        if changed and self._subscribed and not self._stopped:
             self.publish_presence(online=True)
         self._check_pending()
 

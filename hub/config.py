@@ -145,6 +145,7 @@ class HubBroker:
         if embedded:
             _need_int("broker.embedded_port", port, 1)
             rest["url"] = f"mqtt://{host}:{port}"
+            rest.setdefault("protocol", "3.1.1")  # amqtt speaks only MQTT 3.1.1: skip the v5 probe
         return cls(BrokerConfig.from_mapping(rest, field="broker"), embedded, host, port)
 
 

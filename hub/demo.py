@@ -151,6 +151,7 @@ seed = {i}
 
 [broker]
 url = "mqtt://127.0.0.1:{port}"
+protocol = "3.1.1"
 """
 
 
@@ -225,7 +226,8 @@ def run_demo(devices: int, rounds: int, out: str, *, as_json: bool = False, seed
                 stdout=hub_log, stderr=subprocess.STDOUT, env=env,
             )
         )
-        watcher = MqttTransport(BrokerConfig(url=f"mqtt://127.0.0.1:{port}"), f"fedge-demo-{os.getpid()}")
+        broker = BrokerConfig(url=f"mqtt://127.0.0.1:{port}", protocol="3.1.1")
+        watcher = MqttTransport(broker, f"fedge-demo-{os.getpid()}")
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -279,7 +281,7 @@ def run_demo(devices: int, rounds: int, out: str, *, as_json: bool = False, seed
         t_end = time.monotonic() + 300 * rounds
         while shown < rounds:
             with cond:
-                cond.wait_for(lambda: len(results) > shown, timeout=5)
+                cond.wait_for(lambda n=shown: len(results) > n, timeout=5)  # type: ignore[misc]
                 done = sorted(r for r in results if r > shown)
             for r in done:
                 res = results[r]
