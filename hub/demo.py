@@ -180,6 +180,7 @@ def _plot(report: dict[str, Any], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(rounds, accs, marker="o", label="federated global model")
     ax.axhline(report["source_accuracy"], color="grey", linestyle="--", label="source model only")
+    ax.set_xticks(rounds)
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy on held-out device-domain data")
     ax.set_title(f"fedge demo: {report['devices']} devices, {report['dataset']}")
