@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from protocol.errors import ConfigError
+from protocol.tomlfile import read_toml
 
 BACKENDS: Final = ("auto", "litert", "ort", "numpy")
 SERVICES: Final = ("systemd", "termux")
@@ -66,13 +67,7 @@ def profile_from_mapping(table: dict[str, Any], source: str) -> DeviceProfile:
 
 
 def load_profile_file(path: Path) -> DeviceProfile:
-    try:
-        table = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ConfigError("profile", f"file {str(path)!r} not found") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("profile", f"{str(path)!r} is not valid TOML: {exc}") from exc
-    return profile_from_mapping(table, str(path))
+    return profile_from_mapping(read_toml(path, "profile"), str(path))
 
 
 def builtin_profiles() -> dict[str, DeviceProfile]:

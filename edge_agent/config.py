@@ -18,7 +18,6 @@ Relative paths resolve against the folder of the config file.
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any, Final
 
 from protocol.errors import ConfigError
 from protocol.mqtt_config import BrokerConfig
+from protocol.tomlfile import read_toml
 from protocol.topics import valid_id
 
 BACKENDS: Final = ("auto", "litert", "ort", "numpy")
@@ -103,16 +103,7 @@ def config_from_mapping(table: Mapping[str, Any], base_dir: Path) -> AgentConfig
 
 def load_config(path: str | Path) -> AgentConfig:
     """Read and validate ``agent.toml``; every problem is a ConfigError naming the field."""
-    file = Path(path)
-    try:
-        table = tomllib.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ConfigError("config", f"file {str(file)!r} not found") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError("config", f"cannot read {str(file)!r}: {exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("config", f"{str(file)!r} is not valid TOML: {exc}") from exc
-    return config_from_mapping(table, file.resolve().parent)
+    return config_from_mapping(read_toml(path), Path(path).resolve().parent)
 
 
 __all__ = ["BACKENDS", "AgentConfig", "config_from_mapping", "load_config"]

@@ -37,7 +37,6 @@ naming the field, e.g. ``rounds.deadline_s``.
 from __future__ import annotations
 
 import math
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -45,6 +44,7 @@ from typing import Any, Final
 
 from protocol.errors import ConfigError
 from protocol.mqtt_config import BrokerConfig
+from protocol.tomlfile import read_toml
 from protocol.topics import valid_id
 
 STRATEGIES: Final = ("fedavg",)
@@ -232,16 +232,7 @@ def config_from_mapping(table: Mapping[str, Any], base_dir: Path) -> HubConfig:
 
 def load_config(path: str | Path) -> HubConfig:
     """Read and validate ``hub.toml``; every problem is a ConfigError naming the field."""
-    file = Path(path)
-    try:
-        table = tomllib.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ConfigError("config", f"file {str(file)!r} not found") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError("config", f"cannot read {str(file)!r}: {exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("config", f"{str(file)!r} is not valid TOML: {exc}") from exc
-    return config_from_mapping(table, file.resolve().parent)
+    return config_from_mapping(read_toml(path), Path(path).resolve().parent)
 
 
 __all__ = [
