@@ -6,6 +6,7 @@ repository root is put on ``sys.path`` here (``tests`` is a namespace package, n
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,3 +49,19 @@ def embedded_broker() -> Iterator[Any]:
 def broker(request: pytest.FixtureRequest) -> Any:
     """Parametrized over both brokers for integration tests; ``broker.kind`` says which one runs."""
     return request.getfixturevalue("mosquitto" if request.param == "mosquitto" else "embedded_broker")
+
+
+# Exported once per session for the agent and agent-loop suites; FEDGE_ARTIFACTS points the
+# agent-only venv (no TensorFlow) at artifacts exported in the full venv.
+@pytest.fixture(scope="session")
+def artifacts_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    env = os.environ.get("FEDGE_ARTIFACTS")
+    if env:
+        d = Path(env)
+        assert (d / "manifest.json").is_file(), f"FEDGE_ARTIFACTS={env} has no manifest.json"
+        return d
+    from export.testing import export_small
+
+    d = tmp_path_factory.mktemp("artifacts") / "cnn28"
+    export_small(d, model="cnn28")
+    return d

@@ -6,27 +6,12 @@ cnn28 export made once per session with ``export.testing.export_small``.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from protocol.manifest import Manifest, load_head
-
-
-@pytest.fixture(scope="session")
-def artifacts_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    env = os.environ.get("FEDGE_ARTIFACTS")
-    if env:
-        d = Path(env)
-        assert (d / "manifest.json").is_file(), f"FEDGE_ARTIFACTS={env} has no manifest.json"
-        return d
-    from export.testing import export_small
-
-    d = tmp_path_factory.mktemp("artifacts") / "cnn28"
-    export_small(d, model="cnn28")
-    return d
 
 
 @pytest.fixture(scope="session")
