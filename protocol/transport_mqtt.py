@@ -70,6 +70,8 @@ class MqttTransport:
         self._refusal: Any = None
         self._pending: set[int] = set()
         self._early: set[int] = set()
+        self._subacks = threading.Condition()
+        self._unacked_subs: set[int] = set()  # SUBSCRIBEs sent on (re)connect, not yet acknowledged
 
     # -- connection -----------------------------------------------------------------------------
     def connect(self, timeout_s: float = 10.0) -> None:
@@ -93,6 +95,7 @@ class MqttTransport:
                 if version != versions[0]:
                     with _DETECTED_LOCK:
                         _DETECTED[key] = version
+                self._await_subacks(deadline)
                 return
             problems.append(f"MQTT {version}: {outcome[1]}")
             if not outcome[0] or last:
@@ -100,6 +103,14 @@ class MqttTransport:
             _log.info("broker %s refused MQTT %s (%s); trying MQTT 3.1.1", self.cfg.url, version, outcome[1])
         why = "; ".join(problems)
         raise TransportError(f"cannot connect to MQTT broker {self.cfg.url} as {self.client_id!r}: {why}")
+
+    def _await_subacks(self, deadline: float) -> None:
+        """Return once the broker acknowledged the subscriptions made before connect: a message
+        published right after ``connect()`` returns then reaches our handlers."""
+        with self._subacks:
+            done = self._subacks.wait_for(lambda: not self._unacked_subs, max(deadline - time.monotonic(), 0.1))
+        if not done:
+            _log.warning("%s: broker did not acknowledge every subscription in time", self.client_id)
 
     def _attempt(self, version: str, wait_s: float) -> tuple[bool, str] | None:
         """Connect with one protocol version: None on success, else (retry another version?, why)."""
@@ -157,6 +168,7 @@ class MqttTransport:
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
         client.on_publish = self._handle_publish
+        client.on_subscribe = self._handle_subscribe
         return client
 
     def _teardown(self) -> None:
@@ -208,14 +220,17 @@ class MqttTransport:
         if client is not None and self.connected.is_set():
             self._send_subscribe(client, topic_filter, qos)
 
-    def _send_subscribe(self, client: mqtt.Client, topic_filter: str, qos: int) -> None:
+    def _send_subscribe(self, client: mqtt.Client, topic_filter: str, qos: int, on_connect: bool = False) -> None:
         props = None
         if self.protocol == "5" or client.protocol == mqtt.MQTTv5:
             # MQTT 5 delivers one copy per matching subscription: the Subscription Identifier on each
             # copy says which filter it came for, so overlapping filters do not double-dispatch.
             props = Properties(PacketTypes.SUBSCRIBE)  # type: ignore[no-untyped-call]
             props.SubscriptionIdentifier = self._sub_ids[topic_filter]
-        client.subscribe(topic_filter, qos=qos, properties=props)
+        _rc, mid = client.subscribe(topic_filter, qos=qos, properties=props)
+        if on_connect and mid is not None:  # on the network thread: the SUBACK cannot overtake us
+            with self._subacks:
+                self._unacked_subs.add(mid)
 
     # -- paho callbacks (network thread) ------------------------------------------------------
     def _handle_connect(self, client: mqtt.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
@@ -228,11 +243,16 @@ class MqttTransport:
             filters = {f: q for f, q, _h in self._subs}
             callbacks = list(self._on_connect)
         for topic_filter, qos in filters.items():
-            self._send_subscribe(client, topic_filter, qos)
+            self._send_subscribe(client, topic_filter, qos, on_connect=True)
         _log.debug("%s connected (session present: %s)", self.client_id, flags.session_present)
         self._connack.set()
         for cb in callbacks:
             self._safe(cb)
+
+    def _handle_subscribe(self, _c: mqtt.Client, _u: Any, mid: int, _codes: Any, _p: Any) -> None:
+        with self._subacks:
+            self._unacked_subs.discard(mid)
+            self._subacks.notify_all()
 
     def _handle_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         if self.connected.is_set():
