@@ -7,7 +7,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEVICES ?= 5
 ROUNDS ?= 5
 
-.PHONY: demo test setup system-deps agent-venv lint unit agent-env-tests bench clean
+.PHONY: demo test setup system-deps agent-venv lint unit agent-env-tests bench bench-readme clean
 
 demo: setup
 	$(BIN)/fedge demo --devices $(DEVICES) --rounds $(ROUNDS) --out demo-out
@@ -23,22 +23,36 @@ system-deps:
 	@# the packaged service is not needed: tests and demo start their own brokers
 	-@$(SUDO) systemctl disable --now mosquitto >/dev/null 2>&1 || true
 
-setup: system-deps $(VENV)/.installed
+# Every file of the fedge packages: a strict editable install links files, so a new module needs a relink.
+PKG_FILES := $(shell find src protocol edge_agent export hub devices -type f -not -path '*/__pycache__/*' 2>/dev/null)
+# One import namespace (fedge.*) mapped onto the repository folders; a strict editable install is a
+# link tree of the real files (see ARCHITECTURE.md, "Layout and namespace").
+EDITABLE := --config-settings editable_mode=strict
+
+setup: system-deps $(VENV)/.linked
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[agent,agent-ort,hub,export,dev]'
+	$(BIN)/pip install -q -e '.[agent,agent-ort,hub,export,dev]' $(EDITABLE)
 	$(BIN)/pip check
 	touch $@
 
+$(VENV)/.linked: $(VENV)/.installed $(PKG_FILES)
+	$(BIN)/pip install -q --no-deps -e . $(EDITABLE)
+	touch $@
+
 # A second environment with only what a device installs: no TensorFlow, torch or onnx.
-agent-venv: $(AGENT_VENV)/.installed
+agent-venv: $(AGENT_VENV)/.linked
 
 $(AGENT_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(AGENT_VENV)
 	$(AGENT_VENV)/bin/pip install -q --upgrade pip
-	$(AGENT_VENV)/bin/pip install -q -e '.[agent]' 'pytest>=8' 'hypothesis>=6.100'
+	$(AGENT_VENV)/bin/pip install -q -e '.[agent]' 'pytest>=8' 'hypothesis>=6.100' $(EDITABLE)
+	touch $@
+
+$(AGENT_VENV)/.linked: $(AGENT_VENV)/.installed $(PKG_FILES)
+	$(AGENT_VENV)/bin/pip install -q --no-deps -e . $(EDITABLE)
 	touch $@
 
 lint: setup
@@ -51,13 +65,17 @@ unit: setup
 # The agent's tests in the agent-only venv, against artifacts exported in the full one.
 agent-env-tests: setup agent-venv
 	rm -rf build/agent-artifacts
-	$(BIN)/python -c "from export.testing import export_small; export_small('build/agent-artifacts')"
+	$(BIN)/python -c "from fedge.export.testing import export_small; export_small('build/agent-artifacts')"
 	FEDGE_AGENT_ENV=1 FEDGE_ARTIFACTS=$(CURDIR)/build/agent-artifacts $(AGENT_VENV)/bin/pytest -q -p no:cacheprovider \
 		tests/agent -m "not full_env"
 
 bench: setup
-	$(BIN)/python bench/train_step.py --json
-	$(BIN)/python bench/round_overhead.py --json
+	$(BIN)/python bench/train_step.py
+	$(BIN)/python bench/round_overhead.py
+
+# Run every bench and write the README's benchmark table from that run.
+bench-readme: setup
+	$(BIN)/python bench/readme_table.py
 
 clean:
 	rm -rf $(VENV) $(AGENT_VENV) build demo-out .pytest_cache .mypy_cache .ruff_cache

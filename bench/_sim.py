@@ -1,4 +1,4 @@
-"""Benchmark helpers: a private mosquitto, process control, RSS, and simulated devices.
+"""Benchmark helpers: process control, RSS, and simulated devices (mosquitto: ``fedge.hub.mosquitto``).
 
 Simulated devices (``python -m bench._sim --port P --fleet F --first 0 --count 125 --shapes JSON``):
 each is its own paho MQTT connection that says it is online (retained presence, offline as its
@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,15 +23,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Mosquitto", "free_port", "rss_mb", "sim_main"]
-
-MOSQUITTO = "/usr/sbin/mosquitto"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["rss_mb", "sim_main"]
 
 
 def rss_mb(pid: int) -> float:
@@ -41,44 +32,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024.0
     raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-class Mosquitto:
-    """mosquitto on a free loopback port with a generated config (unbounded queues, like the tests)."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.url = f"mqtt://127.0.0.1:{self.port}"
-        conf = workdir / "mosquitto.conf"
-        conf.write_text("\n".join([
-            f"listener {self.port} 127.0.0.1", "allow_anonymous true", "user root", "persistence false",
-            "max_queued_messages 0", f"max_queued_bytes {1 << 30}", "message_size_limit 0",
-            "max_inflight_messages 0", "max_connections -1", "log_dest stderr", "log_type error", "",
-        ]))
-        self.log = (workdir / "mosquitto.log").open("wb")
-        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=self.log, stderr=self.log)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    self.stop()
-                    raise RuntimeError(f"mosquitto did not start (see {workdir / 'mosquitto.log'})") from None
-                time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
 
 
 def stop_process(proc: subprocess.Popen[Any], timeout_s: float = 15.0) -> None:
@@ -98,9 +51,9 @@ class _SimDevice:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
-        from protocol.codec import encode
-        from protocol.messages import Presence
-        from protocol.topics import Topics
+        from fedge.protocol.codec import encode
+        from fedge.protocol.messages import Presence
+        from fedge.protocol.topics import Topics
 
         self.name, self.fleet, self.topics = name, fleet, Topics(fleet)
         self.delta = {k: (rng.standard_normal(s) * 1e-3).astype(np.float32) for k, s in shapes.items()}
@@ -117,8 +70,8 @@ class _SimDevice:
         self.client.loop_start()
 
     def _on_connect(self, client: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
-        from protocol.codec import encode
-        from protocol.messages import Presence
+        from fedge.protocol.codec import encode
+        from fedge.protocol.messages import Presence
 
         if reason.is_failure:
             return
@@ -128,8 +81,8 @@ class _SimDevice:
         self.on_ready.release()
 
     def _on_message(self, client: Any, _u: Any, msg: Any) -> None:
-        from protocol.codec import decode, encode
-        from protocol.messages import ModelUpdate, RoundAnnounce
+        from fedge.protocol.codec import decode, encode
+        from fedge.protocol.messages import ModelUpdate, RoundAnnounce
 
         if not msg.payload:
             return

@@ -33,12 +33,15 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench._sim import Mosquitto, rss_mb, stop_process  # noqa: E402
-from protocol.codec import decode  # noqa: E402
-from protocol.messages import Ack, Arrays, HubStatus, ModelUpdate, Presence, RoundResult  # noqa: E402
-from protocol.mqtt_config import BrokerConfig  # noqa: E402
-from protocol.topics import Topics  # noqa: E402
-from protocol.transport_mqtt import MqttTransport  # noqa: E402
+from bench._sim import rss_mb, stop_process  # noqa: E402
+from bench._targets import ROUND_OVERHEAD, finish  # noqa: E402
+from fedge.hub.mosquitto import Mosquitto  # noqa: E402
+from fedge.protocol.codec import decode  # noqa: E402
+from fedge.protocol.messages import Ack, Arrays, HubStatus, ModelUpdate, Presence, RoundResult  # noqa: E402
+from fedge.protocol.mqtt_config import BrokerConfig  # noqa: E402
+from fedge.protocol.tomlfile import write_toml  # noqa: E402
+from fedge.protocol.topics import Topics  # noqa: E402
+from fedge.protocol.transport_mqtt import MqttTransport  # noqa: E402
 
 FLEET = "bench"  # the aggregation micro-benchmark's fleet; each scenario has its own (retained state)
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -49,17 +52,16 @@ def say(text: str) -> None:
 
 
 def hub_cmd(config: Path) -> list[str]:
-    return [sys.executable, "-m", "hub.cli", "hub", "serve", "--config", str(config)]
+    return [sys.executable, "-m", "fedge.cli", "hub", "serve", "--config", str(config)]
 
 
 def write_hub_toml(path: Path, fleet: str, state: Path, artifacts: Path, port: int, eval_file: Path | None,
                    min_devices: int) -> None:
-    lines = [f'fleet = "{fleet}"', f'state_dir = "{state}"', f'artifacts = "{artifacts}"']
-    if eval_file is not None:
-        lines.append(f'eval_data = "{eval_file}"')
-    lines += ["", "[broker]", f'url = "mqtt://127.0.0.1:{port}"', "", "[rounds]", f"min_devices = {min_devices}",
-              "deadline_s = 120.0", "local_epochs = 1", "lr = 0.1", ""]
-    path.write_text("\n".join(lines))
+    write_toml(path, {
+        "fleet": fleet, "state_dir": state, "artifacts": artifacts, "eval_data": eval_file,
+        "broker": {"url": f"mqtt://127.0.0.1:{port}"},
+        "rounds": {"min_devices": min_devices, "deadline_s": 120.0, "local_epochs": 1, "lr": 0.1},
+    })
 
 
 class Watcher:
@@ -122,10 +124,10 @@ class Watcher:
 
 
 def prepare(work: Path, n_agents: int, per_device: int) -> tuple[Path, list[Path], Path]:
-    from export.testing import export_small
-    from hub.datasets import load_source
-    from hub.partition import make_device_shards, make_eval_set, write_partitions
-    from hub.shifts import Shift
+    from fedge.datasets.partition import make_device_shards, make_eval_set, write_partitions
+    from fedge.datasets.shifts import Shift
+    from fedge.datasets.source import load_source
+    from fedge.export.testing import export_small
 
     say("exporting a small cnn28 (export_small) and writing shards")
     export_small(work / "artifacts", "cnn28", seed=0)
@@ -155,9 +157,9 @@ def bench_agents(work: Path, url: str, port: int, artifacts: Path, shards: list[
             dev = f"agent-{i:02d}"
             acfg = work / "agents" / f"{dev}.toml"
             acfg.parent.mkdir(parents=True, exist_ok=True)
-            acfg.write_text(f'device_id = "{dev}"\nfleet = "{fleet}"\ndata = "{shard}"\n'
-                            f'state_dir = "{work / "agents" / dev}"\nseed = {i}\n\n[broker]\nurl = "{url}"\n')
-            procs.append(subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(acfg)],
+            write_toml(acfg, {"device_id": dev, "fleet": fleet, "data": shard, "state_dir": work / "agents" / dev,
+                              "seed": i, "broker": {"url": url}})
+            procs.append(subprocess.Popen([sys.executable, "-m", "fedge.edge_agent", "run", "--config", str(acfg)],
                                           stdout=(logs / f"{dev}.log").open("wb"), stderr=subprocess.STDOUT,
                                           env=ENV, cwd=ROOT))
         watcher.wait(lambda: len(watcher.online) >= n, 120, f"{n} agents online")
@@ -190,7 +192,7 @@ def bench_agents(work: Path, url: str, port: int, artifacts: Path, shards: list[
 
 def bench_simulated(work: Path, url: str, port: int, artifacts: Path, n: int, procs_n: int,
                     rounds: int) -> dict[str, Any]:
-    from protocol.manifest import load_manifest
+    from fedge.protocol.manifest import load_manifest
 
     cfg = work / "hub500.toml"
     fleet = "bench500"
@@ -254,9 +256,9 @@ def bench_simulated(work: Path, url: str, port: int, artifacts: Path, n: int, pr
 
 
 def bench_aggregation(updates: int = 1000, params: int = 100_000, distinct: int = 50) -> dict[str, Any]:
-    from hub.strategies import Aggregator
-    from hub.validate import UpdateContext, validate_update
-    from protocol.codec import encode
+    from fedge.hub.strategies import Aggregator
+    from fedge.hub.validate import Accept, UpdateContext, validate_update
+    from fedge.protocol.codec import encode
 
     rng = np.random.default_rng(0)
     shape = (params // 100, 100)
@@ -276,7 +278,8 @@ def bench_aggregation(updates: int = 1000, params: int = 100_000, distinct: int 
     t0 = time.perf_counter()
     for i in range(updates):
         v = validate_update(f"d{i % distinct}", payloads[i % distinct], ctx)
-        assert v.update is not None and v.kind == "accept", v
+        if not isinstance(v, Accept):
+            raise RuntimeError(f"benchmark update not accepted: {v}")
         agg2.add(v.update.delta, v.update.n_samples)
     secs2 = time.perf_counter() - t0
     return {"aggregation_mb_per_s": round(mb / secs, 1), "decode_validate_aggregate_mb_per_s": round(mb / secs2, 1)}
@@ -284,7 +287,7 @@ def bench_aggregation(updates: int = 1000, params: int = 100_000, distinct: int 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", action="store_true", help="print the JSON object (always printed; kept for symmetry)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object (else a table of figures and targets)")
     ap.add_argument("--rounds", type=int, default=5, help="measured rounds per scenario (after one warm-up)")
     ap.add_argument("--agents", type=int, default=20)
     ap.add_argument("--simulated", type=int, default=500)
@@ -292,13 +295,13 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs) instead of deleting it")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fedge-bench-"))
-    out: dict[str, Any] = {"agents": args.agents, "simulated": args.simulated}
+    out: dict[str, Any] = {"bench": "bench/round_overhead.py", "agents": args.agents, "simulated": args.simulated}
     broker = None
     try:
         say("aggregation throughput")
         out.update(bench_aggregation())
         artifacts, shards, eval_file = prepare(work, args.agents, 100)
-        broker = Mosquitto(work / "mosquitto")
+        broker = Mosquitto(work / "mosquitto", persistence=False).start()
         say(f"mosquitto on :{broker.port}")
         out.update(bench_agents(work, broker.url, broker.port, artifacts, shards, eval_file, args.rounds))
         out.update(bench_simulated(work, broker.url, broker.port, artifacts, args.simulated, args.sim_procs,
@@ -310,10 +313,7 @@ def main() -> int:
             say(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    out["targets"] = {"overhead_s_median_20": "<=0.5", "overhead_s_median_500": "<=3",
-                      "aggregation_mb_per_s": ">=500", "hub_rss_growth_mb": "<=50"}
-    print(json.dumps(out))
-    return 0
+    return finish(out, ROUND_OVERHEAD, args.json)
 
 
 if __name__ == "__main__":

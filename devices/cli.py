@@ -8,8 +8,8 @@ import shlex
 from dataclasses import asdict
 from pathlib import Path
 
-from devices.profiles import builtin_profiles, get_profile
-from devices.provision import Provisioning, flash, provision
+from fedge.devices.profiles import builtin_profiles, get_profile
+from fedge.devices.provision import Provisioning, flash, provision
 
 
 def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -8,8 +8,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Final
 
-from protocol.errors import ConfigError
-from protocol.tomlfile import read_toml
+from fedge.protocol.errors import ConfigError
+from fedge.protocol.tomlfile import read_toml
 
 BACKENDS: Final = ("auto", "litert", "ort", "numpy")
 SERVICES: Final = ("systemd", "termux")
@@ -18,6 +18,9 @@ EXTRAS: Final = ("agent", "agent-ort")
 
 @dataclass(frozen=True)
 class DeviceProfile:
+    """A device class (Raspberry Pi 4/5, Jetson, Android/Termux, x86): which agent extras and backend to
+    install, the service manager, and the agent's memory budget."""
+
     name: str
     description: str
     arch: str
@@ -73,7 +76,7 @@ def load_profile_file(path: Path) -> DeviceProfile:
 def builtin_profiles() -> dict[str, DeviceProfile]:
     """The profiles shipped in ``devices/profiles/``, by name."""
     out: dict[str, DeviceProfile] = {}
-    for entry in sorted(resources.files("devices").joinpath("profiles").iterdir(), key=lambda e: e.name):
+    for entry in sorted(resources.files("fedge.devices").joinpath("profiles").iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".toml"):
             profile = profile_from_mapping(tomllib.loads(entry.read_text(encoding="utf-8")), entry.name)
             out[profile.name] = profile

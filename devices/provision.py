@@ -7,7 +7,6 @@ service file for the profile (systemd unit or Termux:Boot script) and, for the b
 
 from __future__ import annotations
 
-import json
 import secrets
 import shlex
 import shutil
@@ -17,13 +16,17 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from devices.profiles import DeviceProfile
-from protocol.errors import ConfigError
-from protocol.topics import Topics, valid_id
+from fedge.devices.profiles import DeviceProfile
+from fedge.protocol.errors import ConfigError
+from fedge.protocol.tomlfile import dumps_toml
+from fedge.protocol.topics import Topics, valid_id
 
 
 @dataclass(frozen=True)
 class Provisioning:
+    """What one device needs to join a fleet: its id, the fleet, the broker URL, its data path, where and as
+    whom the agent is installed. Invalid values raise ``ConfigError`` naming the field."""
+
     device_id: str
     fleet: str
     broker_url: str
@@ -41,26 +44,16 @@ class Provisioning:
 
 
 def _template(name: str) -> str:
-    return resources.files("devices").joinpath("templates", name).read_text(encoding="utf-8")
-
-
-def _toml_str(value: str) -> str:
-    return json.dumps(value)  # a JSON string is a valid TOML basic string
+    return resources.files("fedge.devices").joinpath("templates", name).read_text(encoding="utf-8")
 
 
 def agent_toml(p: Provisioning, profile: DeviceProfile, password: str) -> str:
-    return (
-        f"# fedge agent for {p.device_id} ({profile.name})\n"
-        f"device_id = {_toml_str(p.device_id)}\n"
-        f"fleet = {_toml_str(p.fleet)}\n"
-        f"data = {_toml_str(p.data_path)}\n"
-        f"state_dir = {_toml_str(p.install_dir + '/state')}\n"
-        f"backend = {_toml_str(profile.backend)}\n"
-        "seed = 0\n\n[broker]\n"
-        f"url = {_toml_str(p.broker_url)}\n"
-        f"username = {_toml_str(p.device_id)}\n"
-        f"password = {_toml_str(password)}\n"
-    )
+    """The device's ``agent.toml`` (credentials included)."""
+    return dumps_toml({
+        "device_id": p.device_id, "fleet": p.fleet, "data": p.data_path, "state_dir": p.install_dir + "/state",
+        "backend": profile.backend, "seed": 0,
+        "broker": {"url": p.broker_url, "username": p.device_id, "password": password},
+    }, header=f"fedge agent for {p.device_id} ({profile.name})")
 
 
 def broker_acl(p: Provisioning) -> str:

@@ -10,7 +10,7 @@ import threading
 from collections.abc import Sequence
 from types import FrameType
 
-from protocol.errors import FedgeError
+from fedge.protocol.errors import FedgeError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,10 +27,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(config_path: str, log_level: str, connect_timeout: float) -> int:
-    from edge_agent.agent import Agent
-    from edge_agent.config import load_config
+    from fedge.edge_agent.agent import Agent
+    from fedge.edge_agent.config import load_config
+    from fedge.protocol.logs import configure_logging
 
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(log_level)
     config = load_config(config_path)
     agent = Agent(config)
     stop = threading.Event()
@@ -54,13 +55,13 @@ def _run(config_path: str, log_level: str, connect_timeout: float) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args_in = list(sys.argv[1:] if argv is None else argv)
     if args_in[:1] == ["selftest"]:  # pass everything through, including --help
-        from edge_agent.selftest import selftest_main
+        from fedge.edge_agent.selftest import selftest_main
 
         return int(selftest_main(args_in[1:]))
     args = _parser().parse_args(args_in)
     if args.command == "version":
-        from edge_agent.agent import agent_version
-        from protocol.messages import PROTOCOL_VERSION
+        from fedge.edge_agent.agent import agent_version
+        from fedge.protocol.messages import PROTOCOL_VERSION
 
         print(f"fedge-agent {agent_version()} (protocol {PROTOCOL_VERSION})")
         return 0

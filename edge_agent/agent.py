@@ -19,14 +19,14 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from edge_agent.artifacts import artifacts_dir, install_model_full, is_installed
-from edge_agent.config import AgentConfig
-from edge_agent.data import LocalData, load_local
-from edge_agent.state import AgentState, write_atomic
-from protocol.codec import decode, encode
-from protocol.errors import ArtifactError, DecodeError, FedgeError
-from protocol.manifest import load_manifest
-from protocol.messages import (
+from fedge.edge_agent.artifacts import artifacts_dir, install_model_full, is_installed
+from fedge.edge_agent.config import AgentConfig
+from fedge.edge_agent.data import LocalData, load_local
+from fedge.edge_agent.state import AgentState, write_atomic
+from fedge.protocol.codec import decode, encode
+from fedge.protocol.errors import ArtifactError, DecodeError, FedgeError
+from fedge.protocol.manifest import load_head, load_manifest
+from fedge.protocol.messages import (
     Ack,
     ModelFull,
     ModelHead,
@@ -35,8 +35,8 @@ from protocol.messages import (
     Reject,
     RoundAnnounce,
 )
-from protocol.topics import Topics
-from protocol.transport import Transport
+from fedge.protocol.topics import Topics
+from fedge.protocol.transport import Transport
 
 log = logging.getLogger("fedge.agent")
 _VERSION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
@@ -56,11 +56,6 @@ def _save_npz(path: Path, arrays: dict[str, NDArray[Any]]) -> None:
     buf = io.BytesIO()
     np.savez(buf, **arrays)  # type: ignore[arg-type]
     write_atomic(path, buf.getvalue())
-
-
-def _load_npz(path: Path) -> Head:
-    with np.load(path, allow_pickle=False) as z:
-        return {k: np.asarray(z[k], dtype=np.float32) for k in z.files}
 
 
 class Agent:
@@ -98,7 +93,7 @@ class Agent:
 
     def start(self, connect_timeout_s: float = 10.0) -> None:
         """Load local data (DataError if bad), connect, subscribe and announce presence."""
-        from edge_agent.trainers import available_backends
+        from fedge.edge_agent.trainers import available_backends
 
         self._data = load_local(self.config.data)
         self._backends = tuple(available_backends())
@@ -109,7 +104,7 @@ class Agent:
         transport = self._transport
         mqtt = None
         if transport is None:
-            from protocol.transport_mqtt import MqttTransport
+            from fedge.protocol.transport_mqtt import MqttTransport
 
             offline = encode(Presence(self.config.fleet, self.device, online=False, agent_version=agent_version()))
             mqtt = MqttTransport(
@@ -335,7 +330,7 @@ class Agent:
                     self._started.discard(msg.round)  # a redelivered announce may retry
 
     def _trainer_for(self, backbone_sha256: str) -> Any:
-        from edge_agent.trainers import open_trainer
+        from fedge.edge_agent.trainers import open_trainer
 
         if self._trainer is None or self._trainer[0] != backbone_sha256:
             folder = artifacts_dir(self.artifacts_root, backbone_sha256)
@@ -354,8 +349,8 @@ class Agent:
         return x
 
     def _run_round(self, msg: RoundAnnounce) -> None:
-        from edge_agent.features import FeatureCache
-        from edge_agent.training import evaluate, fit
+        from fedge.edge_agent.features import FeatureCache
+        from fedge.edge_agent.training import evaluate, fit
 
         with self._cond:
             reason = self._skip_reason_late(msg)
@@ -363,7 +358,7 @@ class Agent:
             log.info("not training round %d: %s", msg.round, reason)
             return
         trainer = self._trainer_for(msg.backbone_sha256)
-        global_head = _load_npz(self.heads_dir / f"{msg.model_version}.npz")
+        global_head = load_head(self.heads_dir / f"{msg.model_version}.npz")
         expected = trainer.get_head()
         if {k: v.shape for k, v in global_head.items()} != {k: np.shape(v) for k, v in expected.items()}:
             raise FedgeError(f"head of model {msg.model_version} does not fit the backbone's head layout")

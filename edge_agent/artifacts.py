@@ -16,9 +16,9 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from protocol.errors import ArtifactError
-from protocol.manifest import MANIFEST_FILE, Manifest, verify_artifacts
-from protocol.messages import ModelFull
+from fedge.protocol.errors import ArtifactError
+from fedge.protocol.manifest import MANIFEST_FILE, Manifest, verify_artifacts
+from fedge.protocol.messages import ModelFull
 
 
 def artifacts_dir(root: Path, backbone_sha256: str) -> Path:

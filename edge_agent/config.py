@@ -23,10 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from protocol.errors import ConfigError
-from protocol.mqtt_config import BrokerConfig
-from protocol.tomlfile import read_toml
-from protocol.topics import valid_id
+from fedge.protocol.errors import ConfigError
+from fedge.protocol.mqtt_config import BrokerConfig
+from fedge.protocol.tomlfile import read_toml
+from fedge.protocol.topics import valid_id
+
+AGENT_SESSION_EXPIRY_S = 86400  # default: the broker keeps an offline agent's session (and queue) one day
 
 BACKENDS: Final = ("auto", "litert", "ort", "numpy")
 _BROKER_FILES: Final = ("ca_file", "cert_file", "key_file")
@@ -35,6 +37,9 @@ _KNOWN: Final = frozenset({"device_id", "fleet", "data", "state_dir", "backend",
 
 @dataclass(frozen=True)
 class AgentConfig:
+    """A validated ``agent.toml``: every field typed and checked, paths resolved against the file's folder.
+    Loading a malformed file raises ``ConfigError`` naming the bad field."""
+
     device_id: str
     fleet: str
     data: Path
@@ -97,7 +102,7 @@ def config_from_mapping(table: Mapping[str, Any], base_dir: Path) -> AgentConfig
         broker=BrokerConfig.from_mapping(broker, field="broker"),
         backend=backend,
         seed=_int(table, "seed", 0, 0),
-        session_expiry_s=_int(table, "session_expiry_s", 86400, 0),
+        session_expiry_s=_int(table, "session_expiry_s", AGENT_SESSION_EXPIRY_S, 0),
     )
 
 

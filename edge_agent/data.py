@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from protocol.errors import DataError
+from fedge.protocol.errors import DataError
 
 __all__ = ["SUFFIXES", "LocalData", "load_local"]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from edge_agent.trainers.base import Trainer
+from fedge.edge_agent.trainers.base import Trainer
 
 __all__ = ["FeatureCache"]
 
@@ -27,6 +27,13 @@ def _key(sha: str, what: str) -> str:
 
 
 class FeatureCache:
+    """Backbone features of the local data on disk, keyed on (data sha256, backbone sha256).
+
+    ``get`` returns features equal to ``trainer.features(x)``: a missing, truncated or corrupt entry is
+    recomputed and rewritten (atomically), so a crash mid-write never serves bad features. A new backbone
+    or new data never reuses old features.
+    """
+
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
 

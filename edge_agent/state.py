@@ -39,6 +39,9 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 @dataclass
 class AgentState:
+    """What an agent remembers across restarts (``state.json``): the last round it completed, the model versions
+    it holds, the last reject. ``save`` writes atomically, so a crash leaves the previous state or the new one."""
+
     path: Path
     last_completed_round: int = 0
     model_version: str | None = None

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from edge_agent.trainers.base import Trainer
+from fedge.edge_agent.losses import Score, ScoreSum
+from fedge.edge_agent.trainers.base import Trainer
 
 __all__ = ["FitResult", "evaluate", "fit"]
 
@@ -75,19 +76,12 @@ def fit(
     return FitResult(steps, first, last, time.perf_counter() - t0, tuple(epoch_losses))
 
 
-def evaluate(trainer: Trainer, feats: NDArray[np.float32], y: NDArray[np.integer]) -> tuple[float, float]:
-    """Mean softmax cross-entropy and accuracy of the trainer's head on ``(feats, y)``."""
+def evaluate(trainer: Trainer, feats: NDArray[np.float32], y: NDArray[np.integer]) -> Score:
+    """:class:`Score` (mean softmax cross-entropy, accuracy) of the trainer's head on ``(feats, y)``."""
     feats = np.asarray(feats, dtype=np.float32)
     y = np.asarray(y, dtype=np.int64)
     _check(feats, y)
-    loss_sum = 0.0
-    correct = 0
+    total = ScoreSum()
     for s in range(0, feats.shape[0], EVAL_CHUNK):
-        z = np.asarray(trainer.logits(feats[s : s + EVAL_CHUNK]), dtype=np.float64)
-        yy = y[s : s + EVAL_CHUNK]
-        z = z - z.max(axis=1, keepdims=True)
-        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-        loss_sum += float(-logp[np.arange(yy.shape[0]), yy].sum())
-        correct += int((z.argmax(axis=1) == yy).sum())
-    n = feats.shape[0]
-    return loss_sum / n, correct / n
+        total.add(trainer.logits(feats[s : s + EVAL_CHUNK]), y[s : s + EVAL_CHUNK])
+    return total.score()

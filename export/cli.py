@@ -1,4 +1,4 @@
-"""``fedge pretrain`` and ``fedge export`` (registered by ``hub.cli`` through :func:`add_subcommands`).
+"""``fedge pretrain`` and ``fedge export`` (registered by ``fedge.cli`` through :func:`add_subcommands`).
 
 No TensorFlow at import time: the handlers import it.
 """
@@ -9,7 +9,7 @@ import argparse
 import time
 from pathlib import Path
 
-from protocol.manifest import Manifest
+from fedge.protocol.manifest import Manifest
 
 __all__ = ["add_subcommands", "run_export", "run_pretrain"]
 
@@ -49,7 +49,7 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    from export.pretrain import pretrain_report
+    from fedge.export.pretrain import pretrain_report
 
     r = pretrain_report(args.model, args.dataset, args.epochs, args.seed, args.out)
     print(f"pre-trained {r.model} on {r.dataset} for {args.epochs} epoch(s) in {r.seconds:.1f} s: "
@@ -71,9 +71,9 @@ def _summary(m: Manifest, out: Path, seconds: float) -> str:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from export.exporter import export_model
-    from export.pretrain import pretrain_report
-    from export.zoo import ZOO
+    from fedge.export.exporter import export_model
+    from fedge.export.pretrain import pretrain_report
+    from fedge.export.zoo import ZOO
 
     start = time.perf_counter()
     out = Path(args.out)

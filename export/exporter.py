@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from export.onnx_builder import backbone_graph, full_graph
-from export.zoo import ZOO, SplitModel, build_zoo_model, init_weights, split_model
-from protocol.errors import ArtifactError, ConfigError
-from protocol.manifest import (
+from fedge.export.onnx_builder import backbone_graph, full_graph
+from fedge.export.zoo import ZOO, SplitModel, build_zoo_model, init_weights, split_model
+from fedge.protocol.errors import ArtifactError, ConfigError
+from fedge.protocol.manifest import (
     FORMAT,
     HEAD_FILE,
     MANIFEST_FILE,
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 def ort_training_available() -> bool:
     """True when ``onnxruntime.training`` (onnxruntime-training-cpu) can be imported without torch."""
     try:
-        from export._ort_shim import import_training
+        from fedge.edge_agent.trainers.ort_shim import import_training
 
         import_training("artifacts")
     except (ImportError, ArtifactError):
@@ -79,7 +79,7 @@ def export_split(
     split: SplitModel, out_dir: str | Path, train_batch: int = 32, with_ort: bool | None = None
 ) -> Manifest:
     """Write every artifact of ``split`` into ``out_dir`` and return the verified manifest."""
-    from export.tflite import export_tflite
+    from fedge.export.tflite import export_tflite
 
     if train_batch < 1:
         raise ConfigError("train_batch", "must be >= 1")
@@ -98,7 +98,7 @@ def export_split(
         if not with_ort:
             log.warning("onnxruntime-training is not installed: no ort/ artifacts (LiteRT and NumPy trainers only)")
     if with_ort:
-        from export.ort_artifacts import write_ort_artifacts
+        from fedge.export.ort_artifacts import write_ort_artifacts
 
         written.extend(write_ort_artifacts(split, out / "ort"))
     save_head(out / HEAD_FILE, split.head)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from protocol.manifest import (
+from fedge.protocol.manifest import (
     FileEntry,
     HeadParam,
     InputSpec,

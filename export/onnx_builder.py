@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from export.zoo import BackboneLayer, SplitModel
+from fedge.export.zoo import BackboneLayer, SplitModel
 
 __all__ = ["IR_VERSION", "OPSET", "backbone_graph", "full_graph", "head_graph"]
 

@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from export._ort_shim import import_training
-from export.onnx_builder import full_graph, head_graph
-from export.zoo import SplitModel
+from fedge.edge_agent.trainers.ort_shim import import_training
+from fedge.export.onnx_builder import full_graph, head_graph
+from fedge.export.zoo import SplitModel
 
 __all__ = ["ORT_FILES", "write_ort_artifacts"]
 
@@ -44,20 +44,27 @@ def _quiet_stderr() -> Iterator[None]:
                 sys.stderr.write(sink.read().decode(errors="replace"))
 
 
+class _BelowWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
 def write_ort_artifacts(split: SplitModel, ort_dir: str | Path) -> list[Path]:
     """Write ``ort_dir/head/`` and ``ort_dir/full/``; returns every file written."""
     artifacts = import_training("artifacts")
     root = Path(ort_dir)
     head_params = list(split.head)
     written: list[Path] = []
-    # generate_artifacts logs every file it saves at INFO on the root logger; keep it quiet.
-    level = logging.getLogger().level
-    logging.getLogger().setLevel(max(level, logging.WARNING))
+    # generate_artifacts logs every file it saves at INFO straight to the root logger: filter those
+    # records (a logger filter, not a level change, so nobody else's logging is affected).
+    root_logger = logging.getLogger()
+    quiet = _BelowWarning()
+    root_logger.addFilter(quiet)
     try:
         with _quiet_stderr():
             _generate(artifacts, split, root, head_params, written)
     finally:
-        logging.getLogger().setLevel(level)
+        root_logger.removeFilter(quiet)
     return written
 
 

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from export.zoo import ZOO, build_zoo_model, init_weights
-from protocol.errors import ConfigError
+from fedge.export.zoo import ZOO, build_zoo_model, init_weights
+from fedge.protocol.errors import ConfigError
 
 __all__ = ["PretrainResult", "model_for_input", "pretrain", "pretrain_arrays", "pretrain_report"]
 
@@ -117,8 +117,8 @@ def pretrain_report(
     seed: int = 0,
     out_path: str | Path = "model.keras",
 ) -> PretrainResult:
-    """Train on ``hub.datasets.load_source(dataset)``, measure test accuracy, save ``.keras``."""
-    from hub.datasets import load_source
+    """Train on ``fedge.datasets.source.load_source(dataset)``, measure test accuracy, save ``.keras``."""
+    from fedge.datasets.source import load_source
 
     start = time.perf_counter()
     data = load_source(dataset)

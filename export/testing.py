@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from protocol.manifest import Manifest
+from fedge.protocol.manifest import Manifest
 
 __all__ = ["export_small"]
 
@@ -26,12 +26,12 @@ def export_small(
     trained: bool = False,
 ) -> Manifest:
     """Export ``model`` (``cnn28`` or ``mlp``) to ``out_dir``; returns the verified manifest."""
-    from export.exporter import export_model
+    from fedge.export.exporter import export_model
 
     if not trained:
         return export_model(model, out_dir, None, train_batch, num_classes, input_dim=input_dim, seed=seed)
-    from export.pretrain import _train, model_for_input
-    from hub.datasets import load_source
+    from fedge.datasets.source import load_source
+    from fedge.export.pretrain import _train, model_for_input
 
     data = load_source("fashion-mnist" if model == "cnn28" else "digits")
     n = min(4000, len(data.y_train))

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from export.zoo import BackboneLayer, SplitModel
+from fedge.export.zoo import BackboneLayer, SplitModel
 
 __all__ = ["SIGNATURES", "build_module", "convert", "export_tflite"]
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from protocol.errors import ConfigError
+from fedge.protocol.errors import ConfigError
 
 __all__ = [
     "ZOO",

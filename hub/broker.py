@@ -17,7 +17,7 @@ import logging
 import threading
 from typing import Any
 
-from protocol.errors import TransportError
+from fedge.protocol.errors import TransportError
 
 __all__ = ["EmbeddedBroker", "broker_config"]
 

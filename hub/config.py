@@ -42,10 +42,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Final
 
-from protocol.errors import ConfigError
-from protocol.mqtt_config import BrokerConfig
-from protocol.tomlfile import read_toml
-from protocol.topics import valid_id
+from fedge.protocol.errors import ConfigError
+from fedge.protocol.mqtt_config import BrokerConfig
+from fedge.protocol.tomlfile import read_toml
+from fedge.protocol.topics import valid_id
 
 STRATEGIES: Final = ("fedavg",)
 EMBEDDED: Final = "embedded"
@@ -151,6 +151,9 @@ class HubBroker:
 
 @dataclass(frozen=True)
 class HubConfig:
+    """A validated ``hub.toml``: every field typed and checked, paths resolved against the file's folder.
+    Loading a malformed file raises ``ConfigError`` naming the bad field."""
+
     fleet: str
     state_dir: Path
     artifacts: Path

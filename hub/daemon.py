@@ -16,16 +16,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from hub.config import HubConfig
-from hub.evaluate import EvalFn, Evaluator
-from hub.registry import Registry
-from hub.rounds import OpenRound, RoundParams, select_devices
-from hub.store import Store, VersionRow
-from hub.strategies import Strategy, make_strategy
-from hub.validate import UpdateContext, Verdict, validate_update
-from protocol.codec import decode, decode_control, encode, encode_control
-from protocol.errors import DecodeError
-from protocol.messages import (
+from fedge.hub.config import HubConfig
+from fedge.hub.evaluate import EvalFn, Evaluator
+from fedge.hub.registry import Registry
+from fedge.hub.rounds import OpenRound, RoundParams, select_devices
+from fedge.hub.store import Store, VersionRow
+from fedge.hub.strategies import Strategy, make_strategy
+from fedge.hub.validate import Accept, Rejection, UpdateContext, validate_update
+from fedge.protocol.codec import decode, decode_control, encode, encode_control
+from fedge.protocol.errors import DecodeError, FedgeError
+from fedge.protocol.messages import (
     Ack,
     HubStatus,
     ModelUpdate,
@@ -35,15 +35,29 @@ from protocol.messages import (
     RoundResult,
     RoundStatus,
 )
-from protocol.topics import Topics, valid_id
-from protocol.transport import Transport
+from fedge.protocol.topics import Topics, valid_id
+from fedge.protocol.transport import Transport
 
 log = logging.getLogger("fedge.hub")
 
 _Event = tuple[Callable[[], None], threading.Event | None]
 
 
+class HubStateError(FedgeError):
+    """The hub's own state broke an invariant (an empty registry, a corrupt stored update); never caused by
+    a message's content."""
+
+
 class HubDaemon:
+    """One fleet's hub: runs rounds over a :class:`Transport` and keeps every outcome in its SQLite store.
+
+    Guarantees: every MQTT message is handled on one worker thread, in arrival order; an accepted update is
+    committed to the store before it is acked, so a crash loses no acked update and :meth:`start` resumes an
+    open round with its updates; a malformed or hostile update is rejected with a reason, counted, answered
+    with a Reject, and never reaches the aggregate; every closed round registers at most one new model
+    version and publishes its result (retained).
+    """
+
     def __init__(self, cfg: HubConfig, transport: Transport, *, clock: Callable[[], float] = time.time,
                  evaluator: EvalFn | None = None, tick_s: float = 0.1) -> None:
         self.cfg = cfg
@@ -189,11 +203,15 @@ class HubDaemon:
         self._published = (row.version, row.backbone_sha256)
         log.info("published model/head %s", row.version)
 
+    def _current(self) -> VersionRow:
+        cur = self.registry.current()
+        if cur is None:
+            raise HubStateError(f"the model registry in {self.cfg.state_dir} holds no version")
+        return cur
+
     def _publish_state(self) -> None:
         self._status(online=True)
-        cur = self.registry.current()
-        assert cur is not None
-        self._publish_model(cur)
+        self._publish_model(self._current())
         if self.round is not None:
             self._publish(self.topics.announce, encode(self.round.announce(self.cfg.fleet)), retain=True)
         else:
@@ -217,7 +235,8 @@ class HubDaemon:
                         row.selected, row.opened_at, row.deadline, agg)
         for stored in self.store.iter_updates(row.id):
             msg = decode(stored.payload, max_bytes=max(len(stored.payload), 1))
-            assert isinstance(msg, ModelUpdate)
+            if not isinstance(msg, ModelUpdate):
+                raise HubStateError(f"round {row.id}: the stored update of {stored.device} is a {msg.type}")
             agg.add(msg.delta, msg.n_samples)
             rnd.accepted[stored.device] = stored.nonce
             rnd.n_samples += stored.n_samples
@@ -273,8 +292,7 @@ class HubDaemon:
         if not candidates:
             log.warning("no round started: no known online device")
             return False
-        cur = self.registry.current()
-        assert cur is not None
+        cur = self._current()
         if (cur.version, cur.backbone_sha256) != self._published:  # e.g. after `fedge hub rollback`
             self._publish_model(cur)
         last = self.store.last_round()
@@ -292,8 +310,7 @@ class HubDaemon:
                  len(selected), list(selected), params.min_devices, params.deadline_s)
         return True
 
-    def _context(self) -> UpdateContext:
-        r = self.round
+    def _context(self, r: OpenRound | None) -> UpdateContext:
         spec = self._spec(r.backbone_sha256) if r else {}
         return UpdateContext(
             fleet=self.cfg.fleet, known_devices=frozenset(self.known), round_id=r.id if r else None,
@@ -303,28 +320,29 @@ class HubDaemon:
 
     def _handle_update(self, topic: str, payload: bytes) -> None:
         device = self.topics.device_of(topic)
-        verdict = validate_update(device, payload, self._context())
-        if verdict.kind == "reject":
+        rnd = self.round
+        verdict = validate_update(device, payload, self._context(rnd))
+        if isinstance(verdict, Rejection):
             self._reject(verdict, topic)
             return
+        if rnd is None:  # validate_update accepts only for the open round it was given
+            raise HubStateError(f"update on {topic} passed validation with no open round")
         msg = verdict.update
-        assert msg is not None and self.round is not None
-        if verdict.kind == "accept":
+        if isinstance(verdict, Accept):
             self.store.add_update(msg.round, msg.device, msg.nonce, msg.n_samples, msg.metrics, payload)
-            self.round.aggregator.add(msg.delta, msg.n_samples)
-            self.round.accepted[msg.device] = msg.nonce
-            self.round.n_samples += msg.n_samples
+            rnd.aggregator.add(msg.delta, msg.n_samples)
+            rnd.accepted[msg.device] = msg.nonce
+            rnd.n_samples += msg.n_samples
             log.info("round %d: update from %s accepted (%d samples, %d/%d)", msg.round, msg.device, msg.n_samples,
-                     len(self.round.accepted), len(self.round.selected))
+                     len(rnd.accepted), len(rnd.selected))
         else:
             log.info("round %d: redelivered update from %s re-acked", msg.round, msg.device)
         ack = Ack(fleet=self.cfg.fleet, round=msg.round, device=msg.device, ref_nonce=msg.nonce)
         self._publish(self.topics.ack(msg.device), encode(ack))
-        if self.round.should_close(self.clock()):
-            self._close_round()
+        if rnd.should_close(self.clock()):
+            self._close_round(rnd)
 
-    def _reject(self, v: Verdict, topic: str) -> None:
-        assert v.reason is not None
+    def _reject(self, v: Rejection, topic: str) -> None:
         rid = self.round.id if self.round else None
         self.store.add_reject(rid, v.device or topic, str(v.reason), v.detail)
         log.warning("update on %s rejected: %s (%s)", topic, v.reason, v.detail)
@@ -337,16 +355,14 @@ class HubDaemon:
     def _tick(self) -> None:
         now = self.clock()
         if self.round is not None and self.round.should_close(now):
-            self._close_round()
+            self._close_round(self.round)
         every = self.cfg.schedule.every_s
         if self.round is None and every > 0 and self._candidates():
             last = self.store.last_round()
             if last is None or now - last.opened_at >= every:
                 self._start_round(RoundOverrides())
 
-    def _close_round(self) -> None:
-        r = self.round
-        assert r is not None
+    def _close_round(self, r: OpenRound) -> None:
         now = self.clock()
         row: VersionRow | None = None
         acc = loss = None
@@ -357,11 +373,8 @@ class HubDaemon:
             except Exception:
                 log.exception("round %d: evaluation failed (version registered without a score)", r.id)
                 score = None
-            if score is not None:
-                acc, loss = score
-            else:
-                losses = [m["loss"] for m in self.store.update_metrics(r.id) if "loss" in m]
-                loss = sum(losses) / len(losses) if losses else None
+            if score is not None:  # without hub eval data a version has no score (devices' own losses
+                acc, loss = score.accuracy, score.loss  # are on their training data: not comparable)
             row = self.registry.write_head(head, parent=r.model_version, round_id=r.id,
                                            backbone_sha256=r.backbone_sha256, accuracy=acc, loss=loss)
         status = RoundStatus.COMPLETED if row is not None else RoundStatus.FAILED_QUORUM
@@ -388,7 +401,8 @@ class HubDaemon:
 
     def _result_of(self, rid: int) -> RoundResult:
         row = self.store.round(rid)
-        assert row is not None and row.closed_at is not None
+        if row is None or row.closed_at is None:
+            raise HubStateError(f"round {rid} is not a closed round of this hub")
         return RoundResult(
             fleet=self.cfg.fleet, round=rid, status=RoundStatus(row.status), model_version=row.new_version,
             accuracy=row.accuracy, loss=row.loss, devices=row.devices, n_samples=row.n_samples or 0,
@@ -400,4 +414,4 @@ class HubDaemon:
             fh.write(json.dumps(record, sort_keys=True) + "\n")
 
 
-__all__ = ["HubDaemon"]
+__all__ = ["HubDaemon", "HubStateError"]

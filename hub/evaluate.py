@@ -14,25 +14,15 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from fedge.edge_agent.losses import Score, score
+
 log = logging.getLogger("fedge.hub.evaluate")
 
-HeadScore = tuple[float, float]  # (accuracy, loss)
-EvalFn = Callable[[Path, str, Mapping[str, NDArray[np.float32]]], HeadScore | None]
-
-
-def softmax_ce(logits: NDArray[Any], y: NDArray[np.integer]) -> HeadScore:
-    """(accuracy, mean softmax cross-entropy) of logits ``[N, C]`` against labels ``[N]``."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    n = z.shape[0]
-    loss = float(-logp[np.arange(n), y].mean())
-    acc = float((z.argmax(axis=1) == y).mean())
-    return acc, loss
+EvalFn = Callable[[Path, str, Mapping[str, NDArray[np.float32]]], Score | None]
 
 
 class Evaluator:
-    """``evaluator(artifacts_dir, backbone_sha256, head) -> (accuracy, loss)``; None without eval data."""
+    """``evaluator(artifacts_dir, backbone_sha256, head) -> Score(loss, accuracy)``; None without eval data."""
 
     def __init__(self, eval_data: Path | None, backend: str = "auto") -> None:
         self.eval_data = eval_data
@@ -42,12 +32,12 @@ class Evaluator:
         self._y: NDArray[np.int64] | None = None
 
     def __call__(self, artifacts_dir: Path, backbone_sha256: str,
-                 head: Mapping[str, NDArray[np.float32]]) -> HeadScore | None:
+                 head: Mapping[str, NDArray[np.float32]]) -> Score | None:
         if self.eval_data is None:
             return None
-        from edge_agent.data import load_local
-        from edge_agent.trainers import open_trainer
-        from protocol.manifest import load_manifest
+        from fedge.edge_agent.data import load_local
+        from fedge.edge_agent.trainers import open_trainer
+        from fedge.protocol.manifest import load_manifest
 
         trainer = self._trainers.get(backbone_sha256)
         if trainer is None:
@@ -60,7 +50,7 @@ class Evaluator:
             log.info("eval features for backbone %s: %s", backbone_sha256[:16], self._features[backbone_sha256].shape)
         assert self._y is not None
         trainer.set_head(dict(head))
-        return softmax_ce(trainer.logits(self._features[backbone_sha256]), self._y)
+        return score(trainer.logits(self._features[backbone_sha256]), self._y)
 
 
-__all__ = ["EvalFn", "Evaluator", "HeadScore", "softmax_ce"]
+__all__ = ["EvalFn", "Evaluator", "Score"]

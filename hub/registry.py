@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from hub.store import Store, VersionRow
-from protocol.errors import ArtifactError
-from protocol.manifest import MANIFEST_FILE, Manifest, head_order, load_head, save_head, verify_artifacts
-from protocol.messages import ModelFull, ModelHead
+from fedge.hub.store import Store, VersionRow
+from fedge.protocol.errors import ArtifactError
+from fedge.protocol.manifest import MANIFEST_FILE, Manifest, head_order, load_head, save_head, verify_artifacts
+from fedge.protocol.messages import ModelFull, ModelHead
 
 CURRENT = "current_version"
 
@@ -37,6 +37,13 @@ def head_sha256(head: Mapping[str, NDArray[Any]]) -> str:
 
 
 class Registry:
+    """Every model version of a fleet: backbones (exported artifacts, verified by hash) and heads.
+
+    Versions are never overwritten: each aggregation writes a new head file (atomically) and a new row naming
+    its parent and round; ``current()`` is the version devices get; ``rollback`` makes an older one current.
+    ``w0`` is a backbone's source head (the proximal anchor).
+    """
+
     def __init__(self, store: Store, state_dir: Path) -> None:
         self.store = store
         self.state_dir = state_dir

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from hub.config import RoundsConfig
-from hub.strategies import Aggregator
-from protocol.messages import RoundAnnounce, RoundOverrides
+from fedge.hub.config import RoundsConfig
+from fedge.hub.strategies import Aggregator
+from fedge.protocol.messages import RoundAnnounce, RoundOverrides
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,11 @@ import signal
 import threading
 from typing import Any
 
-from protocol.errors import FedgeError
+from fedge.protocol.errors import FedgeError
 
 log = logging.getLogger("fedge.hub")
+
+HUB_SESSION_EXPIRY_S = 7 * 86400  # the broker keeps the hub's session (queued updates) a week
 
 
 def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -43,17 +45,17 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from hub.config import load_config
-    from hub.daemon import HubDaemon
-    from protocol.codec import encode
-    from protocol.messages import HubStatus
-    from protocol.topics import Topics
-    from protocol.transport_mqtt import MqttTransport
+    from fedge.hub.config import load_config
+    from fedge.hub.daemon import HubDaemon
+    from fedge.protocol.codec import encode
+    from fedge.protocol.messages import HubStatus
+    from fedge.protocol.topics import Topics
+    from fedge.protocol.transport_mqtt import MqttTransport
 
     cfg = load_config(args.config)
     broker: Any = None
     if cfg.broker.embedded:
-        from hub.broker import EmbeddedBroker
+        from fedge.hub.broker import EmbeddedBroker
 
         broker = EmbeddedBroker(cfg.broker.embedded_host, cfg.broker.embedded_port)
         broker.start()
@@ -64,7 +66,7 @@ def run_serve(args: argparse.Namespace) -> int:
         topics = Topics(cfg.fleet)
         will = (topics.hub_status, encode(HubStatus(fleet=cfg.fleet, online=False)), True)
         transport = MqttTransport(cfg.broker.config, f"fedge-hub-{cfg.fleet}", will=will, manual_ack=True,
-                                  session_expiry_s=7 * 86400)
+                                  session_expiry_s=HUB_SESSION_EXPIRY_S)
         daemon = HubDaemon(cfg, transport)
         daemon.start(connect=transport.connect)
         transport.add_on_connect(daemon.on_reconnect)
@@ -83,9 +85,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def status_dict(config_path: str) -> dict[str, Any]:
-    from hub.config import load_config
-    from hub.registry import Registry
-    from hub.store import Store
+    from fedge.hub.config import load_config
+    from fedge.hub.registry import Registry
+    from fedge.hub.store import Store
 
     cfg = load_config(config_path)
     db = cfg.state_dir / "hub.sqlite"
@@ -118,9 +120,9 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def run_rollback(args: argparse.Namespace) -> int:
-    from hub.config import load_config
-    from hub.registry import Registry
-    from hub.store import Store
+    from fedge.hub.config import load_config
+    from fedge.hub.registry import Registry
+    from fedge.hub.store import Store
 
     cfg = load_config(args.config)
     store = Store(cfg.state_dir / "hub.sqlite")
@@ -133,18 +135,19 @@ def run_rollback(args: argparse.Namespace) -> int:
 
 
 def run_round_start(args: argparse.Namespace) -> int:
-    from protocol.codec import encode_control
-    from protocol.messages import RoundOverrides
-    from protocol.mqtt_config import BrokerConfig
-    from protocol.topics import Topics
-    from protocol.transport_mqtt import MqttTransport
+    from fedge.protocol.codec import encode_control
+    from fedge.protocol.messages import RoundOverrides
+    from fedge.protocol.mqtt_config import BrokerConfig
+    from fedge.protocol.topics import Topics
+    from fedge.protocol.transport_mqtt import MqttTransport
 
+    topic = Topics(args.fleet).control_round_start  # an invalid fleet id is a ConfigError before connecting
     overrides = RoundOverrides(min_devices=args.min_devices, deadline_s=args.deadline_s, fraction=args.fraction,
                                local_epochs=args.local_epochs, lr=args.lr)
     transport = MqttTransport(BrokerConfig(url=args.broker), f"fedge-ctl-{os.getpid()}", session_expiry_s=0)
     transport.connect()
     try:
-        transport.publish(Topics(args.fleet).control_round_start, encode_control(overrides))
+        transport.publish(topic, encode_control(overrides))
     finally:
         transport.close()
     print(f"round start requested for fleet {args.fleet!r}")

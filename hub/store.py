@@ -85,6 +85,13 @@ class StoredUpdate:
 
 
 class Store:
+    """The hub's SQLite database (WAL, ``synchronous=FULL``): model versions, rounds, accepted updates (raw
+    payloads), rejects, control outcomes, devices and metadata.
+
+    Every write is one committed transaction before the call returns, so what was acknowledged on the wire
+    survives a crash (an update is stored before it is acked). Safe to call from several threads.
+    """
+
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final
 
 import numpy as np
 
-from protocol.codec import decode
-from protocol.errors import DecodeError
-from protocol.messages import ModelUpdate, RejectReason
+from fedge.protocol.codec import decode
+from fedge.protocol.errors import DecodeError
+from fedge.protocol.messages import ModelUpdate, RejectReason
 
 MAX_SAMPLES: Final = 10**9
 """More samples than this on one device is taken as a lie (it would dominate the weighted mean)."""
@@ -38,18 +38,36 @@ class UpdateContext:
 
 
 @dataclass(frozen=True)
-class Verdict:
-    kind: Literal["accept", "redelivery", "reject"]
-    update: ModelUpdate | None = None
-    reason: RejectReason | None = None
-    detail: str = ""
-    round: int | None = None  # for the Reject: the update's round when known
+class Accept:
+    """A new, valid update for the open round: store it, aggregate it, ack it."""
+
+    update: ModelUpdate
+
+
+@dataclass(frozen=True)
+class Redelivery:
+    """The update already accepted from this device in this round (same nonce): ack it again, nothing else."""
+
+    update: ModelUpdate
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """An update that must not be aggregated. ``round``/``device`` address the Reject message when known;
+    ``update`` is the decoded message when decoding got that far."""
+
+    reason: RejectReason
+    detail: str
+    round: int | None = None
     device: str | None = None
+    update: ModelUpdate | None = None
 
 
-def _reject(reason: RejectReason, detail: str, msg: ModelUpdate | None = None, device: str | None = None) -> Verdict:
-    return Verdict("reject", msg, reason, detail, None if msg is None else msg.round,
-                   device if msg is None else msg.device)
+Verdict = Accept | Redelivery | Rejection
+
+
+def _reject(reason: RejectReason, detail: str, msg: ModelUpdate | None = None, device: str | None = None) -> Rejection:
+    return Rejection(reason, detail, None if msg is None else msg.round, device if msg is None else msg.device, msg)
 
 
 def check_update(msg: ModelUpdate, topic_device: str | None, ctx: UpdateContext) -> tuple[RejectReason, str] | None:
@@ -92,7 +110,10 @@ def check_delta(msg: ModelUpdate, ctx: UpdateContext) -> tuple[RejectReason, str
 
 
 def validate_update(topic_device: str | None, payload: bytes, ctx: UpdateContext) -> Verdict:
-    """Decode and check one update; never raises for anything the payload contains."""
+    """Decode and check one update: exactly one of :class:`Accept`, :class:`Redelivery` or :class:`Rejection`.
+
+    Never raises for anything the payload contains; a rejection carries a :class:`RejectReason` and a detail.
+    """
     try:
         msg = decode(payload, max_bytes=ctx.max_update_bytes)
     except DecodeError as exc:
@@ -106,16 +127,19 @@ def validate_update(topic_device: str | None, payload: bytes, ctx: UpdateContext
     problem = check_update(msg, topic_device, ctx)
     if problem is None and msg.device in ctx.accepted:
         if ctx.accepted[msg.device] == msg.nonce:
-            return Verdict("redelivery", msg, round=msg.round, device=msg.device)
+            return Redelivery(msg)
         problem = RejectReason.DUPLICATE, f"device {msg.device!r} already has an update in round {msg.round}"
     if problem is None:
         problem = check_delta(msg, ctx)
     if problem is not None:
         verdict = _reject(*problem, msg=msg)
         if problem[0] is RejectReason.DEVICE_MISMATCH:  # answer on the topic's device, not the claimed one
-            return Verdict("reject", msg, problem[0], problem[1], msg.round, topic_device)
+            return Rejection(problem[0], problem[1], msg.round, topic_device, msg)
         return verdict
-    return Verdict("accept", msg, round=msg.round, device=msg.device)
+    return Accept(msg)
 
 
-__all__ = ["MAX_SAMPLES", "UpdateContext", "Verdict", "check_delta", "check_update", "validate_update"]
+__all__ = [
+    "MAX_SAMPLES", "Accept", "Redelivery", "Rejection", "UpdateContext", "Verdict", "check_delta", "check_update",
+    "validate_update",
+]

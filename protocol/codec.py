@@ -19,8 +19,8 @@ from typing import Any, Final
 
 import numpy as np
 
-from protocol.errors import DecodeError
-from protocol.messages import (
+from fedge.protocol.errors import DecodeError
+from fedge.protocol.messages import (
     PROTOCOL_VERSION,
     Ack,
     Arrays,

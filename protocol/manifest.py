@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from protocol.errors import ArtifactError
+from fedge.protocol.errors import ArtifactError
 
 __all__ = [
     "FORMAT",

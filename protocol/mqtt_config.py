@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from protocol.errors import ConfigError
+from fedge.protocol.errors import ConfigError
 
 PROTOCOLS: Final = ("auto", "5", "3.1.1")
 DEFAULT_PORTS: Final = {"mqtt": 1883, "mqtts": 8883}

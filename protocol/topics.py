@@ -6,6 +6,8 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
+from fedge.protocol.errors import ConfigError
+
 ROOT: Final = "fedge"
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -17,7 +19,7 @@ def valid_id(value: str) -> bool:
 
 def _check(kind: str, value: str) -> str:
     if not valid_id(value):
-        raise ValueError(f"{kind} id {value!r} must be 1-64 characters of [A-Za-z0-9_-]")
+        raise ConfigError(kind, f"id {value!r} must be 1-64 characters of [A-Za-z0-9_-]")
     return value
 
 

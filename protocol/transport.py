@@ -10,12 +10,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from protocol.topics import topic_matches
+from fedge.protocol.topics import topic_matches
 
 Handler = Callable[[str, bytes], None]
 
 
 class Transport(Protocol):
+    """What hub and agent need from a message bus: QoS 1 publish (optionally retained) and subscribe.
+
+    Implementations guarantee that a handler is called once per delivered message with the exact topic and
+    payload bytes; with MQTT (QoS 1) a message may be delivered more than once, so handlers are idempotent.
+    Retained messages matching a new subscription are delivered to it; an empty retained payload clears.
+    """
+
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None: ...
 
     def subscribe(self, topic_filter: str, handler: Handler, *, qos: int = 1) -> None: ...
@@ -50,6 +57,8 @@ class InMemoryBroker:
 
 @dataclass
 class InMemoryTransport:
+    """A :class:`Transport` on an :class:`InMemoryBroker`: synchronous, in-process, for fast unit tests only."""
+
     broker: InMemoryBroker
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:

@@ -27,9 +27,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from protocol.errors import TransportError
-from protocol.mqtt_config import BrokerConfig
-from protocol.transport import Handler
+from fedge.protocol.errors import TransportError
+from fedge.protocol.mqtt_config import BrokerConfig
+from fedge.protocol.transport import Handler
 
 __all__ = ["MqttTransport", "Will"]
 

@@ -35,7 +35,7 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
 @pytest.fixture
 def embedded_broker() -> Iterator[Any]:
     """A fresh amqtt ``hub.broker.EmbeddedBroker`` (MQTT 3.1.1 only) on a free port; ``.kind == "embedded"``."""
-    from hub.broker import EmbeddedBroker  # lazy: the agent-only venv has no amqtt
+    from fedge.hub.broker import EmbeddedBroker  # lazy: the agent-only venv has no amqtt
 
     broker = EmbeddedBroker(port=free_port())
     broker.start()
@@ -60,7 +60,7 @@ def artifacts_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         d = Path(env)
         assert (d / "manifest.json").is_file(), f"FEDGE_ARTIFACTS={env} has no manifest.json"
         return d
-    from export.testing import export_small
+    from fedge.export.testing import export_small
 
     d = tmp_path_factory.mktemp("artifacts") / "cnn28"
     export_small(d, model="cnn28")

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from edge_agent.trainers.base import pad_rows
-from protocol.errors import ArtifactError, ConfigError
+from fedge.edge_agent.trainers.base import pad_rows
+from fedge.protocol.errors import ArtifactError, ConfigError
 
 __all__ = ["LiteRTModel", "litert_available"]
 

@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from numpy.typing import NDArray
 
-from protocol.errors import ArtifactError
+from fedge.protocol.errors import ArtifactError
 
 __all__ = ["BACKENDS", "Trainer", "check_head", "pad_rows"]
 

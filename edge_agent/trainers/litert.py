@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from edge_agent.trainers._litert import LiteRTModel
-from edge_agent.trainers.base import check_head, pad_rows
-from edge_agent.trainers.numpy_head import head_forward
+from fedge.edge_agent.trainers._litert import LiteRTModel
+from fedge.edge_agent.trainers.base import check_head, pad_rows
+from fedge.edge_agent.trainers.numpy_head import head_forward
 
 __all__ = ["LiteRTTrainer"]
 
@@ -23,6 +23,13 @@ F32 = NDArray[np.float32]
 
 
 class LiteRTTrainer:
+    """The default :class:`Trainer`: the exported ``model.tflite`` run by LiteRT (built-in ops only, no TensorFlow).
+
+    Guarantees the Trainer contract: ``train_step`` takes 1..``batch_size`` rows (padded and masked to the
+    fixed training batch), updates only the head with plain SGD, and returns the masked mean loss; the
+    backbone is never changed; ``get_head``/``set_head`` read and write the head as named float32 arrays.
+    """
+
     name = "litert"
 
     def __init__(self, model: LiteRTModel, spec: Sequence[tuple[str, tuple[int, ...]]], batch_size: int) -> None:
@@ -37,7 +44,7 @@ class LiteRTTrainer:
 
     @classmethod
     def open(cls, artifacts_dir: str | Path, num_threads: int | None = None) -> LiteRTTrainer:
-        from protocol.manifest import load_manifest
+        from fedge.protocol.manifest import load_manifest
 
         m = load_manifest(artifacts_dir)
         model = LiteRTModel(Path(artifacts_dir) / "model.tflite", num_threads=num_threads)

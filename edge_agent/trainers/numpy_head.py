@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from edge_agent.trainers.base import check_head
-from protocol.errors import ArtifactError
+from fedge.edge_agent.losses import softmax_xent
+from fedge.edge_agent.trainers.base import check_head
+from fedge.protocol.errors import ArtifactError
 
-__all__ = ["NumpyTrainer", "head_forward", "head_loss_and_grads", "softmax_xent"]
+__all__ = ["NumpyTrainer", "head_forward", "head_loss_and_grads"]
 
 F32 = NDArray[np.float32]
 Layers = Sequence[tuple[F32, F32]]
@@ -39,21 +40,6 @@ def head_forward(head: Mapping[str, F32], f: F32) -> F32:
         if i < len(layers) - 1:
             a = np.maximum(a, np.float32(0))
     return a
-
-
-def softmax_xent(logits: F32, y: NDArray[np.integer], mask: F32) -> tuple[float, F32]:
-    """Masked mean softmax cross-entropy and its gradient with respect to the logits."""
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    s = e.sum(axis=1, keepdims=True)
-    logp = z - np.log(s)
-    rows = np.arange(z.shape[0])
-    denom = np.float32(max(float(mask.sum()), 1.0))
-    loss = float(-(mask * logp[rows, y]).sum() / denom)
-    g = e / s
-    g[rows, y] -= np.float32(1)
-    g *= (mask / denom)[:, None]
-    return loss, g.astype(np.float32, copy=False)
 
 
 def head_loss_and_grads(
@@ -105,8 +91,8 @@ class NumpyTrainer:
     @classmethod
     def open(cls, artifacts_dir: str | Path) -> NumpyTrainer:
         """Open from an artifacts directory (head from ``head.npz``)."""
-        from edge_agent.trainers.backbone import open_backbone
-        from protocol.manifest import load_head, load_manifest
+        from fedge.edge_agent.trainers.backbone import open_backbone
+        from fedge.protocol.manifest import load_head, load_manifest
 
         m = load_manifest(artifacts_dir)
         spec = [(p.name, tuple(p.shape)) for p in m.head]

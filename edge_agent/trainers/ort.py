@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from edge_agent.trainers._ort_shim import import_onnxruntime, training_api
-from edge_agent.trainers.backbone import OnnxBackbone
-from edge_agent.trainers.base import check_head
-from edge_agent.trainers.numpy_head import head_forward
-from protocol.errors import ArtifactError
+from fedge.edge_agent.trainers.backbone import OnnxBackbone
+from fedge.edge_agent.trainers.base import check_head
+from fedge.edge_agent.trainers.numpy_head import head_forward
+from fedge.edge_agent.trainers.ort_shim import import_onnxruntime, training_api
+from fedge.protocol.errors import ArtifactError
 
 __all__ = ["OrtTrainer"]
 
@@ -28,6 +28,12 @@ _FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "che
 
 
 class OrtTrainer:
+    """A :class:`Trainer` on ONNX Runtime on-device training artifacts (``ort/head/``), where its wheels exist.
+
+    Same contract as the LiteRT trainer (head-only SGD, padded and masked batches, named float32 head);
+    backbone features come from ``backbone.onnx``. Imports neither torch nor onnx.
+    """
+
     name = "ort"
 
     def __init__(
@@ -59,7 +65,7 @@ class OrtTrainer:
 
     @classmethod
     def open(cls, artifacts_dir: str | Path) -> OrtTrainer:
-        from protocol.manifest import load_manifest
+        from fedge.protocol.manifest import load_manifest
 
         d = Path(artifacts_dir)
         m = load_manifest(d)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from edge_agent.features import FeatureCache
-from edge_agent.trainers import Trainer, open_trainer
-from protocol.manifest import load_manifest
+from fedge.edge_agent.features import FeatureCache
+from fedge.edge_agent.trainers import Trainer, open_trainer
+from fedge.protocol.manifest import load_manifest
 
 DATA = "ab" * 32
 BB1 = "cd" * 32

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from edge_agent.trainers.numpy_head import NumpyTrainer, head_forward, head_loss_and_grads, softmax_xent
-from edge_agent.training import evaluate, fit
-from protocol.errors import ArtifactError
+from fedge.edge_agent.losses import softmax_xent
+from fedge.edge_agent.trainers.numpy_head import NumpyTrainer, head_forward, head_loss_and_grads
+from fedge.edge_agent.training import evaluate, fit
+from fedge.protocol.errors import ArtifactError
 
 F = 6
 

@@ -12,15 +12,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge_agent.trainers import available_backends
-from protocol.manifest import load_manifest
+from fedge.edge_agent.trainers import available_backends
+from fedge.protocol.manifest import load_manifest
 
 KEYS = {"ok", "backend", "steps", "loss_first", "loss_last", "ms_per_step", "peak_rss_mb"}
 
 
 def run_selftest(*args: str) -> tuple[int, dict[str, Any], str]:
     out = subprocess.run(
-        [sys.executable, "-m", "edge_agent.selftest", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "fedge.edge_agent.selftest", *args], capture_output=True, text=True, timeout=120
     )
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 1, out.stdout + out.stderr

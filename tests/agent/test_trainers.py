@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent.trainers import Trainer, available_backends, open_trainer
-from edge_agent.trainers.litert import LiteRTTrainer
-from edge_agent.training import evaluate, fit
-from protocol.errors import ArtifactError, ConfigError
-from protocol.manifest import load_head, load_manifest
+from fedge.edge_agent.trainers import Trainer, available_backends, open_trainer
+from fedge.edge_agent.trainers.litert import LiteRTTrainer
+from fedge.edge_agent.training import evaluate, fit
+from fedge.protocol.errors import ArtifactError, ConfigError
+from fedge.protocol.manifest import load_head, load_manifest
 
 BACKENDS = available_backends()
 
@@ -76,7 +76,7 @@ def test_litert_features_pad_without_leaking_between_rows(artifacts_dir: Path) -
 
 @pytest.mark.full_env
 def test_litert_features_match_backbone_onnx(artifacts_dir: Path) -> None:
-    from edge_agent.trainers.backbone import OnnxBackbone
+    from fedge.edge_agent.trainers.backbone import OnnxBackbone
 
     m = load_manifest(artifacts_dir)
     x = np.random.default_rng(4).random((50, *m.input.shape), dtype=np.float32)
@@ -106,8 +106,8 @@ def test_requested_backend_not_installed_says_how_to_install(
     code = (
         "import sys\n"
         f"sys.modules[{hidden!r}] = None; sys.modules['tflite_runtime'] = None\n"
-        "from edge_agent.trainers import open_trainer, available_backends\n"
-        "from protocol.errors import ConfigError\n"
+        "from fedge.edge_agent.trainers import open_trainer, available_backends\n"
+        "from fedge.protocol.errors import ConfigError\n"
         f"assert {backend!r} not in available_backends(), available_backends()\n"
         "try:\n"
         f"    open_trainer({str(artifacts_dir)!r}, {backend!r})\n"

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from protocol.manifest import Manifest, load_head
+from fedge.protocol.manifest import Manifest, load_head
 
 
 @pytest.fixture(scope="session")

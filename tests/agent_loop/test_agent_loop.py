@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge_agent.agent import Agent
-from edge_agent.config import AgentConfig, config_from_mapping
-from protocol.codec import decode, encode
-from protocol.errors import DataError
-from protocol.manifest import Manifest, load_head
-from protocol.messages import (
+from fedge.edge_agent.agent import Agent
+from fedge.edge_agent.config import AgentConfig, config_from_mapping
+from fedge.protocol.codec import decode, encode
+from fedge.protocol.errors import DataError
+from fedge.protocol.manifest import Manifest, load_head
+from fedge.protocol.messages import (
     Arrays,
     Message,
     ModelFull,
@@ -33,8 +33,8 @@ from protocol.messages import (
     RejectReason,
     RoundAnnounce,
 )
-from protocol.topics import Topics
-from protocol.transport import InMemoryBroker, InMemoryTransport
+from fedge.protocol.topics import Topics
+from fedge.protocol.transport import InMemoryBroker, InMemoryTransport
 from tests.helpers import wait_until
 
 FLEET = "loop"

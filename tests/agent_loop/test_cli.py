@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from protocol.codec import decode
-from protocol.messages import Presence
-from protocol.mqtt_config import BrokerConfig
-from protocol.topics import Topics
-from protocol.transport_mqtt import MqttTransport
+from fedge.protocol.codec import decode
+from fedge.protocol.messages import Presence
+from fedge.protocol.mqtt_config import BrokerConfig
+from fedge.protocol.topics import Topics
+from fedge.protocol.transport_mqtt import MqttTransport
 from tests.helpers import Mosquitto, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _agent(*args: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "edge_agent", *args], cwd=ROOT, env=env, text=True,
+        [sys.executable, "-m", "fedge.edge_agent", *args], cwd=ROOT, env=env, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
 
@@ -49,7 +49,8 @@ def test_version_prints_agent_and_protocol_version() -> None:
 
 def test_agent_modules_import_without_heavy_frameworks() -> None:
     code = (
-        "import sys, edge_agent.__main__, edge_agent.agent, edge_agent.artifacts, edge_agent.config;"
+        "import sys, fedge.edge_agent.__main__, fedge.edge_agent.agent, fedge.edge_agent.artifacts;"
+        "import fedge.edge_agent.config;"
         "heavy = [m for m in ('tensorflow', 'torch', 'onnx', 'sklearn', 'matplotlib', 'keras') if m in sys.modules];"
         "print(heavy); sys.exit(1 if heavy else 0)"
     )
@@ -136,9 +137,9 @@ def test_selftest_is_delegated() -> None:
 
 def test_run_trains_a_round_over_mqtt(tmp_path: Path, mosquitto: Mosquitto, artifacts_dir: Path) -> None:
     """The hub's retained model/full + model/head and an announce over a real broker → one update."""
-    from protocol.codec import encode
-    from protocol.manifest import Manifest, load_head
-    from protocol.messages import ModelFull, ModelHead, ModelUpdate, RoundAnnounce
+    from fedge.protocol.codec import encode
+    from fedge.protocol.manifest import Manifest, load_head
+    from fedge.protocol.messages import ModelFull, ModelHead, ModelUpdate, RoundAnnounce
 
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "data.npz", x=rng.random((20, 28, 28, 1), dtype=np.float32), y=rng.integers(0, 10, 20))

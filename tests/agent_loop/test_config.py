@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.config import load_config
-from protocol.errors import ConfigError
+from fedge.edge_agent.config import load_config
+from fedge.protocol.errors import ConfigError
 
 GOOD = """device_id = "dev-1"
 fleet = "demo"

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hub.datasets import FASHION_MNIST_DIR, as_images28, load_digits_source, load_source, read_idx
-from protocol.errors import ConfigError, DataError
+from fedge.datasets.source import FASHION_MNIST_DIR, as_images28, load_digits_source, load_source, read_idx
+from fedge.protocol.errors import ConfigError, DataError
 
 
 def test_fashion_mnist_has_60k_train_10k_test_images_in_unit_range() -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent.data import load_local
-from protocol.errors import DataError
+from fedge.edge_agent.data import load_local
+from fedge.protocol.errors import DataError
 
 
 def _npz(path: Path, **arrays: object) -> Path:

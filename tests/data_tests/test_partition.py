@@ -10,9 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_agent.data import load_local
-from hub.datasets import Dataset, load_source
-from hub.partition import (
+from fedge.datasets.partition import (
     NO_JITTER,
     Jitter,
     dirichlet_partition,
@@ -21,8 +19,10 @@ from hub.partition import (
     run_partition,
     write_partitions,
 )
-from hub.shifts import Shift
-from protocol.errors import ConfigError
+from fedge.datasets.shifts import Shift
+from fedge.datasets.source import Dataset, load_source
+from fedge.edge_agent.data import load_local
+from fedge.protocol.errors import ConfigError
 
 
 def _labels(n: int, classes: int, seed: int) -> np.ndarray:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hub.shifts import Shift, contrast, gaussian_noise, invert, rotate
-from protocol.errors import ConfigError
+from fedge.datasets.shifts import Shift, contrast, gaussian_noise, invert, rotate
+from fedge.protocol.errors import ConfigError
 
 
 def _images(n: int = 4, seed: int = 0) -> np.ndarray:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from devices.profiles import builtin_profiles, get_profile, load_profile_file
-from devices.provision import Provisioning, flash, provision
-from edge_agent.config import load_config
-from protocol.errors import ConfigError
+from fedge.devices.profiles import builtin_profiles, get_profile, load_profile_file
+from fedge.devices.provision import Provisioning, flash, provision
+from fedge.edge_agent.config import load_config
+from fedge.protocol.errors import ConfigError
 
 
 def test_builtin_profiles_load_and_cover_the_targets() -> None:
@@ -87,6 +87,6 @@ def test_flash_into_a_mounted_root_and_over_ssh_dry_run(tmp_path: Path) -> None:
 
 def test_cli_lists_profiles() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "hub.cli", "devices", "list"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "fedge.cli", "devices", "list"], capture_output=True, text=True, check=True
     ).stdout
     assert '"rpi5"' in out

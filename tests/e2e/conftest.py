@@ -23,10 +23,10 @@ EVAL_SIZE = 500
 @pytest.fixture(scope="session")
 def fleet_data(tmp_path_factory: pytest.TempPathFactory) -> FleetData:
     """export_small artifacts (once), 5 non-IID Fashion-MNIST shards of 300 samples, a 500-sample eval set."""
-    from export.testing import export_small
-    from hub.datasets import load_source
-    from hub.partition import make_device_shards, make_eval_set, write_partitions
-    from hub.shifts import Shift
+    from fedge.datasets.partition import make_device_shards, make_eval_set, write_partitions
+    from fedge.datasets.shifts import Shift
+    from fedge.datasets.source import load_source
+    from fedge.export.testing import export_small
 
     root = tmp_path_factory.mktemp("e2e-data")
     export_small(root / "artifacts", "cnn28", seed=0)
@@ -40,9 +40,9 @@ def fleet_data(tmp_path_factory: pytest.TempPathFactory) -> FleetData:
 @pytest.fixture(scope="session")
 def v0_accuracy(fleet_data: FleetData) -> float:
     """Accuracy of the exported (source) head on the eval set, computed agent-side, independent of the hub."""
-    from edge_agent.data import load_local
-    from edge_agent.trainers import open_trainer
-    from protocol.manifest import load_head
+    from fedge.edge_agent.data import load_local
+    from fedge.edge_agent.trainers import open_trainer
+    from fedge.protocol.manifest import load_head
 
     trainer = open_trainer(fleet_data.artifacts, backend="auto")
     trainer.set_head(load_head(fleet_data.artifacts))

@@ -9,7 +9,6 @@ acks, rejects and presences. Every process is killed in :meth:`Fleet.close`.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -21,14 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protocol.codec import decode
-from protocol.errors import FedgeError
-from protocol.messages import Ack, Message, ModelHead, Presence, Reject, RoundAnnounce, RoundResult
-from protocol.mqtt_config import BrokerConfig
-from protocol.topics import Topics
-from protocol.transport_mqtt import MqttTransport
+from fedge.protocol.codec import decode
+from fedge.protocol.errors import FedgeError
+from fedge.protocol.messages import Ack, Message, ModelHead, Presence, Reject, RoundAnnounce, RoundResult
+from fedge.protocol.mqtt_config import BrokerConfig
+from fedge.protocol.tomlfile import write_toml
+from fedge.protocol.topics import Topics
+from fedge.protocol.transport_mqtt import MqttTransport
 
-__all__ = ["FLEET", "Fleet", "FleetData", "toml_value"]
+__all__ = ["FLEET", "Fleet", "FleetData"]
 
 FLEET = "e2e"
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,23 +42,6 @@ class FleetData:
     shards: tuple[Path, ...]
     shard_sizes: tuple[int, ...]
     eval_file: Path
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str | Path):
-        return json.dumps(str(value))
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return repr(value)
-
-
-def _toml(top: Mapping[str, Any], tables: Mapping[str, Mapping[str, Any]]) -> str:
-    lines = [f"{k} = {toml_value(v)}" for k, v in top.items() if v is not None]
-    for name, table in tables.items():
-        lines += ["", f"[{name}]"] + [f"{k} = {toml_value(v)}" for k, v in table.items()]
-    return "\n".join(lines) + "\n"
 
 
 @dataclass
@@ -128,16 +111,16 @@ class Fleet:
         self.state_dir = root / "hub-state"
         self.logs = root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
-        hub_cmd = [sys.executable, "-m", "hub.cli", "hub", "serve", "--config", str(self.hub_toml)]
+        hub_cmd = [sys.executable, "-m", "fedge.cli", "hub", "serve", "--config", str(self.hub_toml)]
         self.hub = Proc("hub", hub_cmd, self.logs / "hub.log")
         self.agents: dict[str, Proc] = {}
         for i, dev in enumerate(self.devices):
             cfg = root / "agents" / f"{dev}.toml"
             cfg.parent.mkdir(parents=True, exist_ok=True)
-            cfg.write_text(_toml({"device_id": dev, "fleet": FLEET, "data": data.shards[i],
-                                  "state_dir": root / "agents" / dev, "backend": "auto", "seed": i},
-                                 {"broker": {"url": broker_url}}))
-            self.agents[dev] = Proc(dev, [sys.executable, "-m", "edge_agent", "run", "--config", str(cfg)],
+            write_toml(cfg, {"device_id": dev, "fleet": FLEET, "data": data.shards[i],
+                             "state_dir": root / "agents" / dev, "backend": "auto", "seed": i,
+                             "broker": {"url": broker_url}})
+            self.agents[dev] = Proc(dev, [sys.executable, "-m", "fedge.edge_agent", "run", "--config", str(cfg)],
                                     self.logs / f"{dev}.log")
         self.seen = Seen()
         self.cond = threading.Condition()
@@ -158,7 +141,7 @@ class Fleet:
         top = {"fleet": FLEET, "state_dir": self.state_dir, "artifacts": self.data.artifacts,
                "eval_data": self.data.eval_file if eval_data else None,
                "devices": None if devices is None else list(devices)}
-        self.hub_toml.write_text(_toml(top, tables))
+        write_toml(self.hub_toml, {**top, **tables})
 
     # -- processes --------------------------------------------------------------------------------
     def start_hub(self, timeout_s: float = 60.0) -> None:
@@ -302,6 +285,6 @@ class Fleet:
             self._transports.remove(t)
 
     def hub_cli(self, *args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "hub.cli", *args, "--config", str(self.hub_toml)],
+        return subprocess.run([sys.executable, "-m", "fedge.cli", *args, "--config", str(self.hub_toml)],
                               capture_output=True, text=True, timeout=timeout_s, cwd=ROOT,
                               env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})

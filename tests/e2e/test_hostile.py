@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from protocol.codec import encode
-from protocol.manifest import load_manifest
-from protocol.messages import Arrays, ModelUpdate, RejectReason, RoundStatus
+from fedge.protocol.codec import encode
+from fedge.protocol.manifest import load_manifest
+from fedge.protocol.messages import Arrays, ModelUpdate, RejectReason, RoundStatus
 from tests.e2e.fleet import FLEET, Fleet
 
 pytestmark = pytest.mark.e2e

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from protocol.messages import RoundStatus
+from fedge.protocol.messages import RoundStatus
 from tests.e2e.fleet import Fleet
 
 pytestmark = pytest.mark.e2e

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from protocol.messages import ModelHead, RoundResult, RoundStatus
+from fedge.protocol.messages import ModelHead, RoundResult, RoundStatus
 from tests.e2e.fleet import Fleet
 
 pytestmark = pytest.mark.e2e

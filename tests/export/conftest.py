@@ -10,8 +10,8 @@ from tests.export.support import Exported, randomize
 
 @pytest.fixture(scope="session")
 def cnn28_export(tmp_path_factory: pytest.TempPathFactory) -> Exported:
-    from export.exporter import export_model
-    from export.zoo import cnn28
+    from fedge.export.exporter import export_model
+    from fedge.export.zoo import cnn28
 
     model = randomize(cnn28(10), np.random.default_rng(7))
     out = tmp_path_factory.mktemp("export") / "cnn28"

@@ -18,7 +18,7 @@ class Exported:
 
 def randomize(model: Any, rng: np.random.Generator) -> Any:
     """Seeded Glorot kernels and small non-zero biases (zero biases would hide bias bugs)."""
-    from export.zoo import init_weights
+    from fedge.export.zoo import init_weights
 
     init_weights(model, rng)
     for layer in model.layers:

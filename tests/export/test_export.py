@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from protocol.manifest import backbone_digest, load_head, verify_artifacts
+from fedge.protocol.manifest import backbone_digest, load_head, verify_artifacts
 from tests.export.support import Exported
 
 B = 32
@@ -210,7 +210,7 @@ def test_litert_set_head_changes_inference(cnn28_export: Exported) -> None:
 
 
 def _ort_training(d: Path, lr: float) -> tuple[Any, Any, Any]:
-    from export._ort_shim import import_training
+    from fedge.edge_agent.trainers.ort_shim import import_training
 
     api = import_training("api")
     state = api.CheckpointState.load_checkpoint(str(d / "checkpoint"))

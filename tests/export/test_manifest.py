@@ -1,4 +1,4 @@
-"""protocol.manifest: parsing names the bad field, verification names the bad file, head.npz round trips."""
+"""fedge.protocol.manifest: parsing names the bad field, verification names the bad file, head.npz round trips."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from protocol.errors import ArtifactError
-from protocol.manifest import Manifest, backbone_digest, load_head, load_manifest, save_head, verify_artifacts
+from fedge.protocol.errors import ArtifactError
+from fedge.protocol.manifest import Manifest, backbone_digest, load_head, load_manifest, save_head, verify_artifacts
 from tests.export.support import Exported
 
 

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from protocol.errors import ConfigError
-from protocol.manifest import load_head, verify_artifacts
+from fedge.protocol.errors import ConfigError
+from fedge.protocol.manifest import load_head, verify_artifacts
 from tests.export.support import randomize
 
 
@@ -23,7 +23,7 @@ def _ort_run(path: Path, x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from export.cli import add_subcommands
+    from fedge.export.cli import add_subcommands
 
     parser = argparse.ArgumentParser(prog="fedge")
     add_subcommands(parser.add_subparsers(dest="command", required=True))
@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
 def test_export_small_mlp_runs_under_litert_and_onnx(tmp_path: Path) -> None:
     from ai_edge_litert.interpreter import Interpreter
 
-    from export.testing import export_small
+    from fedge.export.testing import export_small
 
     m = export_small(tmp_path / "mlp", model="mlp", input_dim=64, num_classes=10, train_batch=16)
     assert (m.model, m.input.shape, m.feature_dim, m.num_classes, m.train_batch) == ("mlp", (64,), 32, 10, 16)
@@ -51,7 +51,7 @@ def test_export_small_mlp_runs_under_litert_and_onnx(tmp_path: Path) -> None:
 
 
 def test_export_small_is_deterministic_in_the_seed(tmp_path: Path) -> None:
-    from export.testing import export_small
+    from fedge.export.testing import export_small
 
     a = export_small(tmp_path / "a", model="mlp", seed=3)
     b = export_small(tmp_path / "b", model="mlp", seed=3)
@@ -106,7 +106,7 @@ def test_cli_untrained_zoo_export_prints_a_summary(tmp_path: Path, capsys: pytes
 def test_split_errors_name_the_problem() -> None:
     import keras
 
-    from export.zoo import cnn28, split_model
+    from fedge.export.zoo import cnn28, split_model
 
     with pytest.raises(ConfigError, match=r"head_start.*no layer named 'nope'"):
         split_model(cnn28(10), "nope")
@@ -124,7 +124,7 @@ def test_split_errors_name_the_problem() -> None:
 
 
 def test_unknown_model_is_a_config_error(tmp_path: Path) -> None:
-    from export.exporter import export_model
+    from fedge.export.exporter import export_model
 
     with pytest.raises(ConfigError, match=r"model"):
         export_model(str(tmp_path / "nothing.keras"), tmp_path / "o")
@@ -136,7 +136,7 @@ def test_unknown_model_is_a_config_error(tmp_path: Path) -> None:
 def test_pretrain_on_digits_learns_and_saves_a_loadable_model(tmp_path: Path) -> None:
     import keras
 
-    from export.pretrain import pretrain, pretrain_report
+    from fedge.export.pretrain import pretrain, pretrain_report
 
     r = pretrain_report("auto", "digits", epochs=3, seed=0, out_path=tmp_path / "d.keras")
     assert (r.model, r.dataset) == ("mlp", "digits")

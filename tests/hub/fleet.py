@@ -11,12 +11,12 @@ from typing import Any
 
 import numpy as np
 
-from hub.config import HubConfig, config_from_mapping
-from hub.daemon import HubDaemon
-from hub.evaluate import EvalFn
-from protocol.codec import decode, encode, encode_control
-from protocol.manifest import save_head
-from protocol.messages import (
+from fedge.hub.config import HubConfig, config_from_mapping
+from fedge.hub.daemon import HubDaemon
+from fedge.hub.evaluate import EvalFn
+from fedge.protocol.codec import decode, encode, encode_control
+from fedge.protocol.manifest import save_head
+from fedge.protocol.messages import (
     Message,
     ModelHead,
     ModelUpdate,
@@ -25,8 +25,8 @@ from protocol.messages import (
     RoundOverrides,
     RoundResult,
 )
-from protocol.topics import Topics
-from protocol.transport import InMemoryBroker, InMemoryTransport
+from fedge.protocol.topics import Topics
+from fedge.protocol.transport import InMemoryBroker, InMemoryTransport
 
 FLEET = "f1"
 TOPICS = Topics(FLEET)
@@ -97,7 +97,7 @@ class Device:
     def update(self, rnd: RoundAnnounce, delta: dict[str, np.ndarray], n: int = 10, **over: Any) -> ModelUpdate:
         kwargs: dict[str, Any] = {"fleet": FLEET, "round": rnd.round, "device": self.name,
                                   "model_version": rnd.model_version, "n_samples": n, "delta": delta,
-                                  "metrics": {"loss": 1.0}}
+                                  "metrics": {"loss_after": 1.0}}
         kwargs.update(over)
         msg = ModelUpdate(**kwargs)
         self.send(encode(msg))

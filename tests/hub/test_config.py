@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from hub.config import load_config
-from protocol.errors import ConfigError
+from fedge.hub.config import load_config
+from fedge.protocol.errors import ConfigError
 
 
 def test_valid_config_resolves_paths_and_defaults(hub_toml: Callable[..., Path], tmp_path: Path) -> None:

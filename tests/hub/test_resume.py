@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from protocol.codec import encode
-from protocol.messages import Ack, ModelHead, RoundAnnounce, RoundStatus
+from fedge.protocol.codec import encode
+from fedge.protocol.messages import Ack, ModelHead, RoundAnnounce, RoundStatus
 from tests.hub.fleet import SHAPES, TOPICS, Fleet, hub_config, zero_delta
 
 

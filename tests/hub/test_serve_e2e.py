@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from protocol.codec import decode, encode
-from protocol.manifest import Manifest
-from protocol.messages import (
+from fedge.protocol.codec import decode, encode
+from fedge.protocol.manifest import Manifest
+from fedge.protocol.messages import (
     Ack,
     Arrays,
     HubStatus,
@@ -29,9 +29,9 @@ from protocol.messages import (
     RoundResult,
     RoundStatus,
 )
-from protocol.mqtt_config import BrokerConfig
-from protocol.topics import Topics
-from protocol.transport_mqtt import MqttTransport
+from fedge.protocol.mqtt_config import BrokerConfig
+from fedge.protocol.topics import Topics
+from fedge.protocol.transport_mqtt import MqttTransport
 from tests.helpers import Mosquitto, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Manifest, Path]:
-    from export.testing import export_small
+    from fedge.export.testing import export_small
 
     root = tmp_path_factory.mktemp("export")
     manifest = export_small(root / "artifacts", "mlp", num_classes=4, input_dim=16)
@@ -84,12 +84,12 @@ class Watcher:
 def _hub(config: Path, log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "hub.cli", "hub", "serve", "--config", str(config)],
+        return subprocess.Popen([sys.executable, "-m", "fedge.cli", "hub", "serve", "--config", str(config)],
                                 stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
 
 def _cli(*args: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "hub.cli", *args], capture_output=True, text=True, cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "fedge.cli", *args], capture_output=True, text=True, cwd=ROOT,
                          timeout=60)
     assert out.returncode == 0, out.stderr
     return out.stdout
@@ -160,3 +160,12 @@ def test_round_survives_kill_9(setup: tuple[Path, Watcher], exported: tuple[Path
         assert hub.wait(30) == 0
     w.wait(lambda: getattr(w.retained.get(T.hub_status), "online", None) is False)
     assert isinstance(w.retained[T.hub_status], HubStatus)
+
+
+@pytest.mark.parametrize("fleet", ["a b", "a/b", "x" * 65])
+def test_round_start_with_an_invalid_fleet_is_a_clear_error(fleet: str) -> None:
+    out = subprocess.run([sys.executable, "-m", "fedge.cli", "round", "start", "--fleet", fleet,
+                          "--broker", "mqtt://127.0.0.1:1"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert "fleet" in out.stderr and "[A-Za-z0-9_-]" in out.stderr

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hub.strategies import Aggregator, FedAvgProx
+from fedge.hub.strategies import Aggregator, FedAvgProx
 
 SHAPES = {"h0_kernel": (3, 2), "h0_bias": (2,)}
 
@@ -100,17 +98,14 @@ def test_invalid_inputs_raise() -> None:
         FedAvgProx(-1.0)
 
 
-def test_aggregation_throughput_and_constant_memory() -> None:
+def test_aggregation_uses_constant_memory() -> None:
+    """Streaming: 1,000 updates reuse the same sum buffers (throughput is measured in bench/round_overhead.py)."""
     shapes = {"h0_kernel": (1000, 100)}
     agg = Aggregator(shapes, 0.1)
     rng = np.random.default_rng(0)
     deltas = [{"h0_kernel": rng.normal(size=(1000, 100)).astype(np.float32)} for _ in range(4)]
     buffers_before = {id(a) for a in agg._sums.values()}
-    t0 = time.perf_counter()
     for i in range(1000):
         agg.add(deltas[i % 4], 10 + i % 7)
-    seconds = time.perf_counter() - t0
-    mb = 1000 * 100_000 * 4 / 1e6
     assert {id(a) for a in agg._sums.values()} == buffers_before
     assert agg.count == 1000
-    assert mb / seconds >= 500, f"{mb / seconds:.0f} MB/s"

@@ -9,8 +9,8 @@ from __future__ import annotations
 import sys
 import threading
 
-from protocol.mqtt_config import BrokerConfig
-from protocol.transport_mqtt import MqttTransport
+from fedge.protocol.mqtt_config import BrokerConfig
+from fedge.protocol.transport_mqtt import MqttTransport
 
 
 def main() -> None:

@@ -13,10 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from protocol import codec
-from protocol.codec import DTYPES, decode, decode_as, decode_control, encode, encode_control
-from protocol.errors import DecodeError
-from protocol.messages import (
+from fedge.protocol import codec
+from fedge.protocol.codec import DTYPES, decode, decode_as, decode_control, encode, encode_control
+from fedge.protocol.errors import DecodeError
+from fedge.protocol.messages import (
     PROTOCOL_VERSION,
     Ack,
     HubStatus,

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from protocol.codec import decode, encode
-from protocol.messages import MessageType
+from fedge.protocol.codec import decode, encode
+from fedge.protocol.messages import MessageType
 
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden"
 

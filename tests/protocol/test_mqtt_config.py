@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from protocol.errors import ConfigError
-from protocol.mqtt_config import BrokerConfig
+from fedge.protocol.errors import ConfigError
+from fedge.protocol.mqtt_config import BrokerConfig
 
 
 def test_defaults_and_url_parts() -> None:

@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocol.topics import Topics, topic_matches, valid_id
+from fedge.protocol.errors import ConfigError
+from fedge.protocol.topics import Topics, topic_matches, valid_id
 
 
 def test_topic_tree_of_a_fleet() -> None:
@@ -40,10 +41,12 @@ def test_device_of_reads_update_and_presence_topics_only() -> None:
 @pytest.mark.parametrize("bad", ["", "a/b", "a+", "#", "x" * 65, "é", "a b"])
 def test_ids_that_would_break_the_topic_tree_are_refused(bad: str) -> None:
     assert not valid_id(bad)
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError) as info:
         Topics(bad)
-    with pytest.raises(ValueError):
+    assert info.value.field == "fleet"
+    with pytest.raises(ConfigError) as info:
         Topics("ok").update(bad)
+    assert info.value.field == "device"
 
 
 segments = st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, max_size=4)
@@ -55,3 +58,14 @@ def test_topic_matches_agrees_with_paho(filter_parts: list[str], topic_parts: li
         filter_parts = [p for p in filter_parts if p != "#"] or ["#"]
     f, t = "/".join(filter_parts), "/".join(topic_parts)
     assert topic_matches(f, t) == mqtt.topic_matches_sub(f, t)
+
+
+def test_protocol_md_states_the_session_expiry_the_code_uses() -> None:
+    from pathlib import Path
+
+    from fedge.edge_agent.config import AGENT_SESSION_EXPIRY_S
+    from fedge.hub.serve import HUB_SESSION_EXPIRY_S
+
+    text = (Path(__file__).resolve().parents[2] / "PROTOCOL.md").read_text()
+    assert f"the hub uses {HUB_SESSION_EXPIRY_S} s" in text
+    assert f"agents\n    {AGENT_SESSION_EXPIRY_S} s" in text

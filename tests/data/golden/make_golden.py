@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from protocol import codec
-from protocol.messages import (
+from fedge.protocol import codec
+from fedge.protocol.messages import (
     Ack,
     Arrays,
     HubStatus,

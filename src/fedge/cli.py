@@ -11,7 +11,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from protocol.errors import FedgeError
+from fedge.protocol.errors import FedgeError
+from fedge.protocol.logs import configure_logging
 
 
 def _add_partition(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -28,7 +29,7 @@ def _add_partition(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
 
 def _run_partition(args: argparse.Namespace) -> int:
-    from hub.partition import run_partition
+    from fedge.datasets.partition import run_partition
 
     paths = run_partition(
         args.dataset, args.devices, args.alpha, args.seed, args.rotate, args.contrast, args.noise, args.out
@@ -49,15 +50,15 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from hub.demo import run_demo
+    from fedge.demo import run_demo
 
     return run_demo(args.devices, args.rounds, args.out, as_json=args.json, seed=args.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from devices.cli import add_subcommands as add_devices
-    from export.cli import add_subcommands as add_export
-    from hub.serve import add_subcommands as add_hub
+    from fedge.devices.cli import add_subcommands as add_devices
+    from fedge.export.cli import add_subcommands as add_export
+    from fedge.hub.serve import add_subcommands as add_hub
 
     parser = argparse.ArgumentParser(prog="fedge", description="federated transfer learning on edge devices")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -72,10 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
+    configure_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
         code: int = args.handler(args)
     except FedgeError as exc:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from protocol.errors import ConfigError, DataError
+from fedge.protocol.errors import ConfigError, DataError
 
 __all__ = [
     "FASHION_MNIST_DIR",
@@ -43,6 +43,8 @@ DIGITS_SPLIT_SEED = 0
 
 @dataclass(frozen=True)
 class Dataset:
+    """A labelled data set split into train and test, images in [0, 1] (``[N, 28, 28, 1]``) or feature vectors."""
+
     name: str
     x_train: NDArray[np.float32]
     y_train: NDArray[np.int64]

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from protocol.errors import ConfigError
+from fedge.protocol.errors import ConfigError
 
 __all__ = ["Shift", "contrast", "gaussian_noise", "invert", "rotate"]
 

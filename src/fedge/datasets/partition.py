@@ -18,9 +18,9 @@ from typing import Any, NamedTuple
 import numpy as np
 from numpy.typing import NDArray
 
-from hub.datasets import Dataset, load_source
-from hub.shifts import Shift
-from protocol.errors import ConfigError
+from fedge.datasets.shifts import Shift
+from fedge.datasets.source import Dataset, load_source
+from fedge.protocol.errors import ConfigError
 
 __all__ = [
     "DeviceShard",
@@ -37,6 +37,8 @@ IntArray = NDArray[np.int64]
 
 
 class DeviceShard(NamedTuple):
+    """One device's local data: its samples, labels and the domain shift applied to them."""
+
     x: NDArray[np.float32]
     y: NDArray[np.int64]
     shift: Shift

@@ -4,7 +4,7 @@ A bare package module is registered as ``onnxruntime.training`` (``__path__`` se
 real folder) so its sub-modules import normally. It is registered *before* ``onnxruntime``
 itself is imported: in the training wheel ``import onnxruntime`` otherwise runs the real
 ``onnxruntime.training`` package (its version check imports ``ortmodule``), which pulls in
-``onnx`` (and torch when installed). Use ``import_onnxruntime()`` everywhere in the agent.
+``onnx`` (and torch when installed). Use ``import_onnxruntime()`` everywhere (agent and exporter).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import types
 from pathlib import Path
 from typing import Any
 
-from protocol.errors import ConfigError
+from fedge.protocol.errors import ArtifactError, ConfigError
 
-__all__ = ["import_onnxruntime", "ort_training_available", "training_api"]
+__all__ = ["import_onnxruntime", "import_training", "ort_training_available", "training_api"]
 
 
 def _training_dir() -> Path | None:
@@ -59,13 +59,27 @@ def import_onnxruntime() -> Any:
     return importlib.import_module("onnxruntime")
 
 
-def training_api() -> Any:
-    """The ``onnxruntime.training.api`` module, imported without torch."""
+def import_training(submodule: str) -> Any:
+    """``onnxruntime.training.<submodule>`` (``"api"`` or ``"artifacts"``), imported without torch.
+
+    Raises :class:`ArtifactError` when no onnxruntime with training support is installed.
+    """
     d = _training_dir()
     if d is None:
-        raise ConfigError("backend", "ort is not installed: pip install onnxruntime-training-cpu==1.19.2")
+        raise ArtifactError(
+            "onnxruntime with training support is not installed (pip install onnxruntime-training-cpu==1.19.2; "
+            "plain onnxruntime has no training API)"
+        )
     _register_bare_training(d)
     ort = import_onnxruntime()
     if not hasattr(ort, "training"):
         setattr(ort, "training", sys.modules["onnxruntime.training"])  # noqa: B010
-    return importlib.import_module("onnxruntime.training.api")
+    return importlib.import_module(f"onnxruntime.training.{submodule}")
+
+
+def training_api() -> Any:
+    """The ``onnxruntime.training.api`` module, imported without torch (``ConfigError`` on ``backend``
+    when the ORT training wheel is missing)."""
+    if _training_dir() is None:
+        raise ConfigError("backend", "ort is not installed: pip install onnxruntime-training-cpu==1.19.2")
+    return import_training("api")

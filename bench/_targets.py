@@ -1,0 +1,75 @@
+"""Targets of the benchmarks: each bench declares its figures and targets here, checks them, prints them beside
+its figures, and exits non-zero when one is missed. ``bench/readme_table.py`` renders the README table from the
+same declarations and a bench run's JSON, so figures and targets cannot drift apart."""
+
+from __future__ import annotations
+
+import json
+import operator
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+_OPS: dict[str, Callable[[float, float], bool]] = {">=": operator.ge, "<=": operator.le}
+
+
+@dataclass(frozen=True)
+class Target:
+    figure: str   # key in the bench's JSON object
+    op: str       # ">=" or "<="
+    value: float
+    what: str     # one line for the README: what the figure measures, against which baseline
+
+    def met(self, measured: float) -> bool:
+        return _OPS[self.op](measured, self.value)
+
+    def text(self) -> str:
+        return f"{'≥' if self.op == '>=' else '≤'} {self.value:g}"
+
+
+TRAIN_STEP = (
+    Target("litert_vs_tf_function_speedup", ">=", 10,
+           "head-only train step, LiteRT vs TensorFlow `tf.function` (graph mode, warmed up)"),
+    Target("litert_vs_tf_eager_speedup", ">=", 10, "head-only train step, LiteRT vs TensorFlow eager"),
+    Target("feature_cache_vs_per_round", ">=", 2.5,
+           "3 rounds × 5 epochs, 2,000 samples: feature cache vs features computed once per round"),
+    Target("feature_cache_speedup", ">=", 8, "same, vs features recomputed every epoch"),
+    Target("agent_peak_rss_mb", "<=", 150, "LiteRT agent process fine-tuning the cnn28 head (no TensorFlow)"),
+)
+
+ROUND_OVERHEAD = (
+    Target("overhead_s_median_20", "<=", 0.5, "round overhead, 20 agent processes, loopback mosquitto"),
+    Target("overhead_s_median_500", "<=", 3, "round overhead, 500 simulated devices, one MQTT connection each"),
+    Target("aggregation_mb_per_s", ">=", 500, "streaming aggregation, 1,000 updates of 100k float32"),
+    Target("hub_rss_growth_mb", "<=", 50, "hub RSS after 1,000 updates minus after 100"),
+)
+
+BENCHES: dict[str, tuple[Target, ...]] = {"bench/train_step.py": TRAIN_STEP, "bench/round_overhead.py": ROUND_OVERHEAD}
+
+
+def check(figures: Mapping[str, Any], targets: tuple[Target, ...]) -> dict[str, Any]:
+    """``{"targets": {figure: "op value"}, "missed": [figure, ...], "targets_met": bool}`` for ``figures``."""
+    missed = [t.figure for t in targets if not isinstance(figures.get(t.figure), int | float)
+              or not t.met(float(figures[t.figure]))]
+    return {"targets": {t.figure: f"{t.op}{t.value:g}" for t in targets}, "missed": missed,
+            "targets_met": not missed}
+
+
+def finish(figures: dict[str, Any], targets: tuple[Target, ...], as_json: bool) -> int:
+    """Print the figures with their targets (one JSON object with ``--json``); 1 when a target is missed."""
+    figures.update(check(figures, targets))
+    if as_json:
+        print(json.dumps(figures, sort_keys=True))
+    else:
+        for t in targets:
+            mark = "ok  " if t.figure not in figures["missed"] else "MISS"
+            print(f"{mark} {t.figure:34s} {figures.get(t.figure)!s:>10}  target {t.text():8s} {t.what}")
+        print()
+        for k, v in sorted(figures.items()):
+            if k not in {t.figure for t in targets} | {"targets", "missed", "targets_met"}:
+                print(f"     {k:34s} {v}")
+    if figures["missed"]:
+        print(f"missed targets: {', '.join(figures['missed'])}", file=sys.stderr)
+        return 1
+    return 0
