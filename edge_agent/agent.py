@@ -22,6 +22,7 @@ from numpy.typing import NDArray
 from fedge.edge_agent.artifacts import artifacts_dir, install_model_full, is_installed
 from fedge.edge_agent.config import AgentConfig
 from fedge.edge_agent.data import LocalData, load_local
+from fedge.edge_agent.features import FeatureCache
 from fedge.edge_agent.state import AgentState, write_atomic
 from fedge.protocol.codec import decode, encode
 from fedge.protocol.errors import ArtifactError, DecodeError, FedgeError
@@ -69,6 +70,7 @@ class Agent:
         self.artifacts_root = root / "artifacts"
         self.heads_dir = root / "heads"
         self.features_dir = root / "features"
+        self.feature_cache = FeatureCache(self.features_dir)  # kept: rounds after the first read memory
         self.personal_head_path = root / "personal_head.npz"
         self.state = AgentState.load(root / "state.json")
         self._transport = transport
@@ -165,6 +167,7 @@ class Agent:
             self._worker.join(timeout_s)
             if self._worker.is_alive():
                 log.warning("training still running after %.0f s; leaving it", timeout_s)
+        self.feature_cache.flush()
         try:
             self.publish_presence(online=False)
         except FedgeError as exc:
@@ -349,7 +352,6 @@ class Agent:
         return x
 
     def _run_round(self, msg: RoundAnnounce) -> None:
-        from fedge.edge_agent.features import FeatureCache
         from fedge.edge_agent.training import evaluate, fit
 
         with self._cond:
@@ -363,7 +365,7 @@ class Agent:
         if {k: v.shape for k, v in global_head.items()} != {k: np.shape(v) for k, v in expected.items()}:
             raise FedgeError(f"head of model {msg.model_version} does not fit the backbone's head layout")
         y = np.asarray(self.data.y, dtype=np.int64)
-        feats = FeatureCache(self.features_dir).get(
+        feats = self.feature_cache.get(
             trainer, self._inputs(msg.backbone_sha256), self.data.sha256, msg.backbone_sha256
         )
         trainer.set_head(global_head)

@@ -1,14 +1,16 @@
-"""On-disk cache of backbone features, keyed on (local data sha256, backbone sha256).
+"""Cache of backbone features, keyed on (local data sha256, backbone sha256): in memory and on disk.
 
 Entries live at ``root/<backbone_sha256[:16]>/<data_sha256[:16]>.npy``; they are written
-atomically (temporary file + ``os.replace``) and a file that cannot be read back as
-``float32 [N, F]`` with the right ``N`` is recomputed and overwritten.
+atomically (temporary file + ``os.replace``), off the round's critical path in a writer thread, and a file
+that cannot be read back as ``float32 [N, F]`` with the right ``N`` is recomputed and overwritten. The last
+entry used is also kept in memory, so a long-running agent reads the disk only after a restart.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,8 @@ class FeatureCache:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        self._memo: tuple[Path, NDArray[np.float32]] | None = None
+        self._writer: threading.Thread | None = None
 
     def path(self, data_sha256: str, backbone_sha256: str) -> Path:
         return self.root / _key(backbone_sha256, "backbone_sha256") / f"{_key(data_sha256, 'data_sha256')}.npy"
@@ -69,10 +73,22 @@ class FeatureCache:
     ) -> NDArray[np.float32]:
         """Cached features of ``x`` (computed with ``trainer.features`` and stored on a miss)."""
         path = self.path(data_sha256, backbone_sha256)
-        if path.is_file():
-            hit = self._load(path, x.shape[0])
-            if hit is not None:
-                return hit
-        feats = np.ascontiguousarray(trainer.features(x), dtype=np.float32)
-        self._store(path, feats)
-        return feats
+        if self._memo is not None and self._memo[0] == path and self._memo[1].shape[0] == x.shape[0]:
+            return self._memo[1]
+        self.flush()
+        hit = self._load(path, x.shape[0]) if path.is_file() else None
+        if hit is None:
+            hit = np.ascontiguousarray(trainer.features(x), dtype=np.float32)
+            hit.setflags(write=False)  # shared with the writer thread and later rounds
+            self._writer = threading.Thread(target=self._store, args=(path, hit), name="fedge-feature-cache")
+            self._writer.start()
+        else:
+            hit.setflags(write=False)
+        self._memo = (path, hit)
+        return hit
+
+    def flush(self) -> None:
+        """Wait until the last computed entry is on disk (``get`` never waits for the disk otherwise)."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.join()

@@ -64,14 +64,15 @@ def fit(
     t0 = time.perf_counter()
     for _ in range(epochs):
         order = rng.permutation(n)
+        shuffled_f, shuffled_y = feats[order], labels[order]  # one gather per epoch, then contiguous batches
         total = 0.0
         for s in range(0, n, b):
-            idx = order[s : s + b]
-            last = trainer.train_step(feats[idx], labels[idx], lr)
+            fb, yb = shuffled_f[s : s + b], shuffled_y[s : s + b]
+            last = trainer.train_step(fb, yb, lr)
             if steps == 0:
                 first = last
             steps += 1
-            total += last * idx.shape[0]
+            total += last * fb.shape[0]
         epoch_losses.append(total / n)
     return FitResult(steps, first, last, time.perf_counter() - t0, tuple(epoch_losses))
 

@@ -13,7 +13,7 @@ from numpy.typing import NDArray
 from fedge.edge_agent.trainers.base import pad_rows
 from fedge.protocol.errors import ArtifactError, ConfigError
 
-__all__ = ["LiteRTModel", "litert_available"]
+__all__ = ["FixedShapeRunner", "LiteRTModel", "litert_available"]
 
 _MODULES = ("ai_edge_litert.interpreter", "tflite_runtime.interpreter")
 
@@ -29,6 +29,44 @@ def _interpreter_class() -> Any:
             continue
         return importlib.import_module(mod).Interpreter
     raise ConfigError("backend", "litert is not installed: pip install ai-edge-litert (or tflite-runtime)")
+
+
+class FixedShapeRunner:
+    """A signature runner for inputs whose shapes never change (fedge's signatures have a fixed batch).
+
+    LiteRT's ``SignatureRunner.__call__`` resizes every input and re-plans the subgraph's memory on every call,
+    which costs about as much as the head's training step itself. The first call goes through it (resize,
+    allocate); later calls only copy the inputs in, invoke and read the outputs. A wrong shape still raises
+    (``SetTensor`` checks it). Runners without the internals used here (another LiteRT release) are always
+    called the ordinary way.
+    """
+
+    _INTERNALS = ("_interpreter_wrapper", "_inputs", "_outputs", "_subgraph_index")
+
+    def __init__(self, runner: Any) -> None:
+        self._runner = runner
+        self._fast = all(hasattr(runner, a) for a in self._INTERNALS)
+        self._primed = False
+
+    def __call__(self, **inputs: NDArray[Any]) -> dict[str, NDArray[Any]]:
+        if not (self._fast and self._primed):
+            out: dict[str, NDArray[Any]] = self._runner(**inputs)
+            self._primed = True
+            return out
+        r = self._runner
+        wrapper, graph = r._interpreter_wrapper, r._subgraph_index
+        if inputs.keys() != r._inputs.keys():
+            raise ValueError(f"inputs {sorted(inputs)} do not match the signature's {sorted(r._inputs)}")
+        for name, value in inputs.items():
+            wrapper.SetTensor(r._inputs[name], value, graph)
+        wrapper.Invoke(graph)
+        return {name: wrapper.GetTensor(index, graph) for name, index in r._outputs}
+
+    def get_input_details(self) -> Any:
+        return self._runner.get_input_details()
+
+    def get_output_details(self) -> Any:
+        return self._runner.get_output_details()
 
 
 class LiteRTModel:
@@ -53,7 +91,7 @@ class LiteRTModel:
         if r is None:
             if name not in self.signatures:
                 raise ArtifactError(f"{self.path}: no signature {name!r} (has {sorted(self.signatures)})")
-            r = self.interpreter.get_signature_runner(name)
+            r = FixedShapeRunner(self.interpreter.get_signature_runner(name))
             self._runners[name] = r
         return r
 

@@ -58,6 +58,7 @@ def test_second_get_reads_the_cache(tmp_path: Path, trainer: CountingTrainer, x:
     cache = FeatureCache(tmp_path)
     first = cache.get(trainer, x, DATA, BB1)
     assert trainer.calls == 1
+    cache.flush()  # the entry is written by a writer thread, off the round's path
     assert (tmp_path / BB1[:16] / f"{DATA[:16]}.npy").is_file()
     second = cache.get(trainer, x, DATA, BB1)
     assert trainer.calls == 1
@@ -73,6 +74,7 @@ def test_new_backbone_gives_a_new_entry(tmp_path: Path, trainer: CountingTrainer
     cache.get(trainer, x, DATA, BB1)
     cache.get(trainer, x, DATA, BB2)
     assert trainer.calls == 2
+    cache.flush()
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.npy")) == sorted(
         [f"{BB1[:16]}/{DATA[:16]}.npy", f"{BB2[:16]}/{DATA[:16]}.npy"]
     )
@@ -94,13 +96,30 @@ def test_new_backbone_gives_a_new_entry(tmp_path: Path, trainer: CountingTrainer
 def test_corrupt_entry_is_recomputed(damage, tmp_path: Path, trainer: CountingTrainer, x: NDArray[np.float32]) -> None:  # type: ignore[no-untyped-def]
     cache = FeatureCache(tmp_path)
     good = cache.get(trainer, x, DATA, BB1)
+    cache.flush()
     path = cache.path(DATA, BB1)
     damage(path, good)
-    again = cache.get(trainer, x, DATA, BB1)
+    restarted = FeatureCache(tmp_path)  # a new agent process reads the damaged file
+    again = restarted.get(trainer, x, DATA, BB1)
     assert trainer.calls == 2
     np.testing.assert_array_equal(again, good)
+    restarted.flush()
     np.testing.assert_array_equal(np.load(path, allow_pickle=False), good)  # and the entry is repaired
-    cache.get(trainer, x, DATA, BB1)
+    FeatureCache(tmp_path).get(trainer, x, DATA, BB1)
+    assert trainer.calls == 2
+
+
+def test_a_running_agent_keeps_the_entry_in_memory(tmp_path: Path, trainer: CountingTrainer,
+                                                   x: NDArray[np.float32]) -> None:
+    cache = FeatureCache(tmp_path)
+    first = cache.get(trainer, x, DATA, BB1)
+    cache.flush()
+    cache.path(DATA, BB1).unlink()  # the disk copy is gone: the same cache still needs no backbone pass
+    np.testing.assert_array_equal(cache.get(trainer, x, DATA, BB1), first)
+    assert trainer.calls == 1
+    with pytest.raises(ValueError):
+        first[0, 0] = 1.0  # shared between rounds and the writer thread: read-only
+    FeatureCache(tmp_path).get(trainer, x, DATA, BB1)  # a new process recomputes
     assert trainer.calls == 2
 
 
