@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -23,12 +23,16 @@ from fedge.edge_agent.artifacts import artifacts_dir, install_model_full, is_ins
 from fedge.edge_agent.config import AgentConfig
 from fedge.edge_agent.data import LocalData, load_local
 from fedge.edge_agent.features import FeatureCache
+from fedge.edge_agent.ledger import DeviceLedger, announced_dp, decline_reason
+from fedge.edge_agent.privacy import DpParams, privatize
 from fedge.edge_agent.state import AgentState, write_atomic
 from fedge.protocol.codec import decode, encode
 from fedge.protocol.errors import ArtifactError, DecodeError, FedgeError
 from fedge.protocol.manifest import load_head, load_manifest
 from fedge.protocol.messages import (
     Ack,
+    Decline,
+    DeclineReason,
     ModelFull,
     ModelHead,
     ModelUpdate,
@@ -71,6 +75,7 @@ class Agent:
         self.heads_dir = root / "heads"
         self.features_dir = root / "features"
         self.feature_cache = FeatureCache(self.features_dir)  # kept: rounds after the first read memory
+        self.ledger = DeviceLedger(root / "privacy.json")
         self.personal_head_path = root / "personal_head.npz"
         self.state = AgentState.load(root / "state.json")
         self._transport = transport
@@ -150,7 +155,8 @@ class Agent:
             self.config.fleet,
             self.device,
             online=online,
-            n_samples=len(self._data.y) if self._data is not None else None,
+            # a DP device does not say how much data it holds
+            n_samples=len(self._data.y) if self._data is not None and self.config.privacy is None else None,
             backends=self._backends,
             model_version=self.state.model_version,
             agent_version=agent_version(),
@@ -359,6 +365,9 @@ class Agent:
         if reason:
             log.info("not training round %d: %s", msg.round, reason)
             return
+        dp = self._dp_decision(msg)
+        if dp is False:
+            return
         trainer = self._trainer_for(msg.backbone_sha256)
         global_head = load_head(self.heads_dir / f"{msg.model_version}.npz")
         expected = trainer.get_head()
@@ -383,14 +392,24 @@ class Agent:
             "train_seconds": float(result.seconds), "n_steps": float(result.steps),
             f"backend_{trainer.name}": 1.0,  # metrics are numbers on the wire: the backend is a one-hot key
         }
+        n_samples = len(y)
+        if dp is not None:  # clip + the device's share of the noise; nothing about the local data in the clear
+            private, norm = privatize(delta, dp, np.random.default_rng())  # OS entropy: unpredictable noise
+            delta = dict(private)
+            log.info("round %d: %s DP, update norm %.4f clipped to %.4g, noise std %.4g", msg.round, dp.mode,
+                     norm, dp.clip, dp.device_noise_std())
+            metrics, n_samples = {}, 1
         update = ModelUpdate(
-            self.config.fleet, msg.round, self.device, msg.model_version, len(y), delta, metrics
+            self.config.fleet, msg.round, self.device, msg.model_version, n_samples, delta, metrics
         )
         with self._cond:
             if msg.round <= self.state.last_completed_round:
                 log.info("round %d already completed; not publishing again", msg.round)
                 return
-            assert self._transport is not None
+            if self._transport is None:
+                raise FedgeError("no transport: the agent was not started")
+            if dp is not None:  # recorded before it leaves the device: a crash over-counts, never under-counts
+                self.ledger.record(msg.round, dp)
             self._transport.publish(self.topics.update(self.device), encode(update), qos=1)
             _save_npz(self.personal_head_path, dict(trained))
             self.state.last_completed_round = msg.round
@@ -401,6 +420,30 @@ class Agent:
             msg.round, trainer.name, result.steps, result.seconds, loss_before, loss_after,
             acc_before, acc_after, update.nonce[:8],
         )
+
+    def _dp_decision(self, msg: RoundAnnounce) -> DpParams | Literal[False] | None:
+        """The round's DP parameters (None: not private), or False after declining it."""
+        try:
+            dp = announced_dp(msg)
+        except ValueError as exc:
+            self._decline(msg, DeclineReason.MODE_NOT_ALLOWED, f"invalid DP parameters: {exc}")
+            return False
+        why = decline_reason(self.config.privacy, dp, self.ledger)
+        if why is not None:
+            self._decline(msg, *why)
+            return False
+        return dp
+
+    def _decline(self, msg: RoundAnnounce, reason: DeclineReason, detail: str) -> None:
+        log.warning("declining round %d: %s (%s)", msg.round, reason, detail)
+        if self._transport is None:
+            return
+        out = Decline(self.config.fleet, msg.round, self.device, reason, detail)
+        self._transport.publish(self.topics.decline(self.device), encode(out), qos=1)
+        with self._cond:
+            self.state.last_completed_round = max(self.state.last_completed_round, msg.round)
+            self.state.save()
+            self._cond.notify_all()
 
     def _skip_reason_late(self, msg: RoundAnnounce) -> str | None:
         if msg.round <= self.state.last_completed_round:

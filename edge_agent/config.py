@@ -13,11 +13,19 @@
     [broker]
     url = "mqtt://127.0.0.1:1883"
 
+    [privacy]                     # optional: this device takes part in differentially private rounds only
+    epsilon_budget = 8.0          # the device declines a round that would push its own epsilon past this
+    delta = 1e-5
+    min_noise_multiplier = 0.5    # declines rounds announcing less noise (z) than this
+    max_clip = 10.0               # declines rounds announcing a larger clip norm (C); 0 = no ceiling
+    modes = ["central", "local"]  # DP modes it accepts
+
 Relative paths resolve against the folder of the config file.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +40,52 @@ AGENT_SESSION_EXPIRY_S = 86400  # default: the broker keeps an offline agent's s
 
 BACKENDS: Final = ("auto", "litert", "ort", "numpy")
 _BROKER_FILES: Final = ("ca_file", "cert_file", "key_file")
-_KNOWN: Final = frozenset({"device_id", "fleet", "data", "state_dir", "backend", "seed", "session_expiry_s", "broker"})
+_KNOWN: Final = frozenset({"device_id", "fleet", "data", "state_dir", "backend", "seed", "session_expiry_s", "broker",
+                           "privacy"})
+_PRIVACY_KNOWN: Final = frozenset({"epsilon_budget", "delta", "min_noise_multiplier", "max_clip", "modes"})
+_DP_MODES: Final = ("central", "local", "distributed")
+
+
+@dataclass(frozen=True)
+class DevicePrivacy:
+    """``[privacy]`` of agent.toml: the device's own budget and the weakest DP it accepts. Its guarantee in
+    ``local`` mode holds whatever the hub announces: rounds outside these bounds are declined."""
+
+    epsilon_budget: float
+    delta: float = 1e-5
+    min_noise_multiplier: float = 0.5
+    max_clip: float = 0.0  # 0 = no ceiling
+    modes: tuple[str, ...] = ("central", "local")
+
+
+def _privacy(table: Any) -> DevicePrivacy | None:
+    if table is None:
+        return None
+    if not isinstance(table, Mapping):
+        raise ConfigError("privacy", "must be a table")
+    unknown = sorted(set(table) - _PRIVACY_KNOWN)
+    if unknown:
+        raise ConfigError(f"privacy.{unknown[0]}", f"unknown field; allowed: {', '.join(sorted(_PRIVACY_KNOWN))}")
+
+    def num(key: str, default: float | None, *, positive: bool) -> float:
+        value = table.get(key, default)
+        if value is None:
+            raise ConfigError(f"privacy.{key}", "is required")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or (
+                value <= 0 if positive else value < 0):
+            raise ConfigError(f"privacy.{key}", f"must be a finite number {'> 0' if positive else '>= 0'}, "
+                              f"got {value!r}")
+        return float(value)
+
+    delta = num("delta", 1e-5, positive=True)
+    if delta >= 1:
+        raise ConfigError("privacy.delta", f"must be in (0, 1), got {delta}")
+    modes = table.get("modes", ["central", "local"])
+    if not isinstance(modes, list) or not modes or any(m not in _DP_MODES for m in modes):
+        raise ConfigError("privacy.modes", f"must be a non-empty list of {', '.join(_DP_MODES)}, got {modes!r}")
+    return DevicePrivacy(num("epsilon_budget", None, positive=True), delta,
+                         num("min_noise_multiplier", 0.5, positive=True), num("max_clip", 0.0, positive=False),
+                         tuple(modes))
 
 
 @dataclass(frozen=True)
@@ -48,6 +101,7 @@ class AgentConfig:
     backend: str = "auto"
     seed: int = 0
     session_expiry_s: int = 86400
+    privacy: DevicePrivacy | None = None
 
 
 def _str(table: Mapping[str, Any], key: str, default: str | None = None) -> str:
@@ -103,6 +157,7 @@ def config_from_mapping(table: Mapping[str, Any], base_dir: Path) -> AgentConfig
         backend=backend,
         seed=_int(table, "seed", 0, 0),
         session_expiry_s=_int(table, "session_expiry_s", AGENT_SESSION_EXPIRY_S, 0),
+        privacy=_privacy(table.get("privacy")),
     )
 
 
@@ -111,4 +166,4 @@ def load_config(path: str | Path) -> AgentConfig:
     return config_from_mapping(read_toml(path), Path(path).resolve().parent)
 
 
-__all__ = ["BACKENDS", "AgentConfig", "config_from_mapping", "load_config"]
+__all__ = ["BACKENDS", "AgentConfig", "DevicePrivacy", "config_from_mapping", "load_config"]

@@ -30,6 +30,14 @@
     every_s = 0                      # 0 = off: else start a round every N s when none is open
     chain_rounds = 0                 # 0 = off: else a started round is followed by up to N-1 more
 
+    [privacy]                        # client-level differential privacy (PROTOCOL.md)
+    mode = "off"                     # off | central | local
+    noise_multiplier = 1.0           # z
+    clip = 1.0                       # C
+    sample_rate = 0.1                # q (Poisson sampling of eligible devices)
+    delta = 1e-5
+    epsilon_budget = 0               # 0 = none; else rounds past it are refused
+
 Relative paths resolve against the folder of the config file. Every error is a ConfigError
 naming the field, e.g. ``rounds.deadline_s``.
 """
@@ -110,6 +118,43 @@ class AggregationConfig:
         _need_num("aggregation.proximal_lambda", self.proximal_lambda, minimum=0.0)
 
 
+PRIVACY_MODES: Final = ("off", "central", "local", "distributed")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """``[privacy]``: client-level differential privacy of the fleet's updates (see PROTOCOL.md)."""
+
+    mode: str = "off"                   # off | central | local (distributed needs secure aggregation)
+    noise_multiplier: float = 1.0       # z: noise std is z*C (central: on the sum; local: on each update)
+    clip: float = 1.0                   # C: L2 norm every update is clipped to
+    sample_rate: float = 0.1            # q: each eligible device is selected independently with probability q
+    delta: float = 1e-5                 # the delta of every reported epsilon
+    epsilon_budget: float = 0.0         # 0 = no budget; else a round that would exceed it is refused
+
+    def __post_init__(self) -> None:
+        if self.mode not in PRIVACY_MODES:
+            raise ConfigError("privacy.mode", f"{self.mode!r} is not one of {', '.join(PRIVACY_MODES)}")
+        if self.mode == "distributed":
+            raise ConfigError("privacy.mode", "distributed DP is private against the hub only under secure "
+                              "aggregation, which this hub does not have yet: use central or local")
+        _need_num("privacy.noise_multiplier", self.noise_multiplier, minimum=0.0)
+        if self.mode != "off" and self.noise_multiplier <= 0:
+            raise ConfigError("privacy.noise_multiplier", "must be > 0 when privacy is on")
+        _need_num("privacy.clip", self.clip, positive=True)
+        _need_num("privacy.sample_rate", self.sample_rate, positive=True)
+        if self.sample_rate > 1:
+            raise ConfigError("privacy.sample_rate", f"must be in (0, 1], got {self.sample_rate}")
+        _need_num("privacy.delta", self.delta, positive=True)
+        if self.delta >= 1:
+            raise ConfigError("privacy.delta", f"must be in (0, 1), got {self.delta}")
+        _need_num("privacy.epsilon_budget", self.epsilon_budget, minimum=0.0)
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+
 @dataclass(frozen=True)
 class ScheduleConfig:
     every_s: float = 0.0
@@ -163,6 +208,7 @@ class HubConfig:
     rounds: RoundsConfig = RoundsConfig()
     aggregation: AggregationConfig = AggregationConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
 
     def __post_init__(self) -> None:
         if not isinstance(self.fleet, str) or not valid_id(self.fleet):
@@ -179,7 +225,7 @@ class HubConfig:
 
 
 _TOP: Final = frozenset({"fleet", "state_dir", "artifacts", "eval_data", "devices", "broker", "rounds",
-                         "aggregation", "schedule"})
+                         "aggregation", "schedule", "privacy"})
 
 
 def _table(table: Mapping[str, Any], key: str, cls: type[Any]) -> Any:
@@ -230,6 +276,7 @@ def config_from_mapping(table: Mapping[str, Any], base_dir: Path) -> HubConfig:
         rounds=_table(table, "rounds", RoundsConfig),
         aggregation=_table(table, "aggregation", AggregationConfig),
         schedule=_table(table, "schedule", ScheduleConfig),
+        privacy=_table(table, "privacy", PrivacyConfig),
     )
 
 
@@ -244,6 +291,7 @@ __all__ = [
     "AggregationConfig",
     "HubBroker",
     "HubConfig",
+    "PrivacyConfig",
     "RoundsConfig",
     "ScheduleConfig",
     "config_from_mapping",

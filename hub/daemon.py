@@ -14,23 +14,27 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
+from fedge.edge_agent.privacy import DpParams, epsilon, event_for
 from fedge.hub.config import HubConfig
 from fedge.hub.evaluate import EvalFn, Evaluator
 from fedge.hub.registry import Registry
-from fedge.hub.rounds import OpenRound, RoundParams, select_devices
-from fedge.hub.store import Store, VersionRow
-from fedge.hub.strategies import Strategy, make_strategy
+from fedge.hub.rounds import OpenRound, RoundParams, poisson_select, select_devices
+from fedge.hub.store import LedgerRow, Store, VersionRow
+from fedge.hub.strategies import Aggregator, DpAggregator, Strategy, make_strategy
 from fedge.hub.validate import Accept, Rejection, UpdateContext, validate_update
 from fedge.protocol.codec import decode, decode_control, encode, encode_control
 from fedge.protocol.errors import DecodeError, FedgeError
 from fedge.protocol.messages import (
     Ack,
+    Decline,
     HubStatus,
     ModelUpdate,
     Presence,
     Reject,
+    RejectReason,
     RoundOverrides,
     RoundResult,
     RoundStatus,
@@ -101,6 +105,7 @@ class HubDaemon:
         self.transport.subscribe(self.topics.presence_all, self._on_presence)
         self.transport.subscribe(self.topics.control_round_start, self._on_control)
         self.transport.subscribe(self.topics.update_all, self._on_update)
+        self.transport.subscribe(self.topics.decline_all, self._on_decline)
         if connect is not None:
             connect()
         self.call(self._publish_state)
@@ -183,6 +188,9 @@ class HubDaemon:
     def _on_control(self, topic: str, payload: bytes) -> None:
         self.call(lambda: self._handle_control(payload))
 
+    def _on_decline(self, topic: str, payload: bytes) -> None:
+        self.call(lambda: self._handle_decline(topic, payload))
+
     # -- state machine (worker thread) ------------------------------------------------------------
     def _publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
         self.transport.publish(topic, payload, qos=1, retain=retain)
@@ -230,9 +238,11 @@ class HubDaemon:
         if not rows:
             return
         row = rows[-1]
-        agg = self.strategy.aggregator({k: s for k, (s, _) in self._spec(row.backbone_sha256).items()})
-        rnd = OpenRound(row.id, row.model_version, row.backbone_sha256, RoundParams.from_dict(row.params),
+        params = RoundParams.from_dict(row.params)
+        agg = self._aggregator(params, row.backbone_sha256)
+        rnd = OpenRound(row.id, row.model_version, row.backbone_sha256, params,
                         row.selected, row.opened_at, row.deadline, agg)
+        rnd.declined.update(self.store.declines(row.id))
         for stored in self.store.iter_updates(row.id):
             msg = decode(stored.payload, max_bytes=max(len(stored.payload), 1))
             if not isinstance(msg, ModelUpdate):
@@ -298,17 +308,90 @@ class HubDaemon:
         last = self.store.last_round()
         rid = 1 if last is None else last.id + 1
         params = RoundParams.make(self.cfg.rounds, overrides)
-        selected = select_devices(candidates, params.fraction, params.min_devices, self.cfg.rounds.seed, rid)
         now = self.clock()
-        agg = self.strategy.aggregator({k: s for k, (s, _) in self._spec(cur.backbone_sha256).items()})
+        privacy = self.cfg.privacy
+        eps_after: float | None = None
+        if privacy.enabled:
+            dp = DpParams(privacy.mode, privacy.noise_multiplier, privacy.clip, privacy.sample_rate,
+                          min_cohort=params.min_devices)
+            params = replace(params, dp=dp, expected_cohort=privacy.sample_rate * len(candidates))
+            selected = poisson_select(candidates, privacy.sample_rate, self.cfg.rounds.seed, rid)
+            eps_after = self.epsilon_spent(extra=dp)
+            if privacy.epsilon_budget > 0 and eps_after > privacy.epsilon_budget:
+                detail = (f"privacy budget: epsilon would reach {eps_after:.3f} > budget {privacy.epsilon_budget:g} "
+                          f"(delta {privacy.delta:g}; {self.epsilon_spent():.3f} spent)")
+                self._refuse_round(rid, cur, params, now, detail)
+                return False
+            # the ledger entry is committed before the round exists: a crash in between over-counts, never under
+            self.store.add_ledger(LedgerRow(rid, dp.mode, dp.noise_multiplier, dp.clip, dp.sample_rate,
+                                            len(selected), params.expected_cohort, eps_after, privacy.delta, now))
+        else:
+            selected = select_devices(candidates, params.fraction, params.min_devices, self.cfg.rounds.seed, rid)
+        agg = self._aggregator(params, cur.backbone_sha256)
         rnd = OpenRound(rid, cur.version, cur.backbone_sha256, params, selected, now, now + params.deadline_s, agg)
         self.store.open_round(rid, cur.version, cur.backbone_sha256, params.to_dict(), selected, now, rnd.deadline)
         self.round = rnd
         self._publish(self.topics.announce, encode(rnd.announce(self.cfg.fleet)), retain=True)
         self._status(online=True)
-        log.info("round %d open: model %s, %d selected %s, quorum %d, deadline %.0f s", rid, cur.version,
-                 len(selected), list(selected), params.min_devices, params.deadline_s)
+        log.info("round %d open: model %s, %d selected %s, quorum %d, deadline %.0f s%s", rid, cur.version,
+                 len(selected), list(selected), params.min_devices, params.deadline_s,
+                 "" if eps_after is None else f", {privacy.mode} DP, epsilon after it {eps_after:.3f}")
         return True
+
+    def _aggregator(self, params: RoundParams, backbone: str) -> Aggregator:
+        shapes = {k: s for k, (s, _) in self._spec(backbone).items()}
+        if params.dp is None:
+            return self.strategy.aggregator(shapes)
+        return DpAggregator(shapes, self.cfg.aggregation.proximal_lambda, params.dp, max(params.expected_cohort, 1.0))
+
+    def epsilon_spent(self, extra: DpParams | None = None) -> float:
+        """The fleet's epsilon at the configured delta over every DP round in the ledger (plus ``extra``)."""
+        events = [event_for(DpParams(r.mode, r.noise_multiplier, r.clip, r.sample_rate), trust_sampling=True)
+                  for r in self.store.ledger()]
+        if extra is not None:
+            events.append(event_for(extra, trust_sampling=True))
+        return epsilon(events, self.cfg.privacy.delta)
+
+    def _refuse_round(self, rid: int, cur: VersionRow, params: RoundParams, now: float, detail: str) -> None:
+        """Record and publish a round that was refused before it opened (nothing is announced)."""
+        self.store.open_round(rid, cur.version, cur.backbone_sha256, params.to_dict(), (), now, now)
+        self.store.set_round_detail(rid, detail)
+        self.store.close_round(rid, str(RoundStatus.REFUSED_BUDGET), now, None, None, (), 0, 0, None)
+        self._set_chain(0, RoundOverrides())
+        self.rounds_jsonl({"round": rid, "status": str(RoundStatus.REFUSED_BUDGET), "detail": detail, "devices": 0})
+        self._publish(self.topics.result, encode(self._result_of(rid)), retain=True)
+        log.warning("round %d refused: %s", rid, detail)
+
+    def _handle_decline(self, topic: str, payload: bytes) -> None:
+        device = self.topics.device_of(topic)
+        rnd = self.round
+        rid = rnd.id if rnd else None
+        try:
+            msg = decode(payload, max_bytes=1 << 16)
+        except DecodeError as exc:
+            self.store.add_reject(rid, device or topic, str(exc.reason), f"decline: {exc.detail}")
+            return
+        problem: tuple[RejectReason, str] | None = None
+        if not isinstance(msg, Decline):
+            problem = RejectReason.WRONG_TYPE, f"expected a decline on {topic}, got {msg.type}"
+        elif msg.device != device or msg.fleet != self.cfg.fleet:
+            problem = RejectReason.DEVICE_MISMATCH, f"decline for {msg.device!r} in {msg.fleet!r} on {topic}"
+        elif rnd is None or msg.round != rnd.id:
+            problem = RejectReason.STALE_ROUND, f"decline of round {msg.round}; open round: {rid}"
+        elif msg.device not in rnd.selected:
+            problem = RejectReason.NOT_SELECTED, f"{msg.device} was not selected for round {rnd.id}"
+        if problem is not None or not isinstance(msg, Decline) or rnd is None:
+            reason, detail = problem or (RejectReason.MALFORMED, "decline")
+            self.store.add_reject(rid, device or topic, str(reason), f"decline: {detail}")
+            log.warning("decline on %s ignored: %s (%s)", topic, reason, detail)
+            return
+        if msg.device in rnd.accepted or msg.device in rnd.declined:
+            return  # redelivery, or a decline after its update: the update stands
+        self.store.add_decline(rnd.id, msg.device, str(msg.reason), msg.detail)
+        rnd.declined[msg.device] = str(msg.reason)
+        log.info("round %d: %s declined (%s: %s)", rnd.id, msg.device, msg.reason, msg.detail)
+        if rnd.should_close(self.clock()):
+            self._close_round(rnd)
 
     def _context(self, r: OpenRound | None) -> UpdateContext:
         spec = self._spec(r.backbone_sha256) if r else {}
@@ -403,10 +486,12 @@ class HubDaemon:
         row = self.store.round(rid)
         if row is None or row.closed_at is None:
             raise HubStateError(f"round {rid} is not a closed round of this hub")
+        ledger = self.store.ledger_row(rid)
         return RoundResult(
             fleet=self.cfg.fleet, round=rid, status=RoundStatus(row.status), model_version=row.new_version,
             accuracy=row.accuracy, loss=row.loss, devices=row.devices, n_samples=row.n_samples or 0,
-            rejected=row.rejected or 0, seconds=row.closed_at - row.opened_at,
+            rejected=row.rejected or 0, seconds=row.closed_at - row.opened_at, detail=self.store.round_detail(rid),
+            declined=tuple(sorted(self.store.declines(rid))), epsilon=None if ledger is None else ledger.epsilon,
         )
 
     def rounds_jsonl(self, record: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from fedge.edge_agent.privacy import DpParams
 from fedge.hub.config import RoundsConfig
 from fedge.hub.strategies import Aggregator
 from fedge.protocol.messages import RoundAnnounce, RoundOverrides
@@ -20,11 +21,16 @@ from fedge.protocol.messages import RoundAnnounce, RoundOverrides
 
 @dataclass(frozen=True)
 class RoundParams:
+    """A round's hyper-parameters; under DP also its DP parameters and the DP-FedAvg denominator
+    (``expected_cohort`` = q × eligible devices)."""
+
     min_devices: int
     deadline_s: float
     fraction: float
     local_epochs: int
     lr: float
+    dp: DpParams | None = None
+    expected_cohort: float = 0.0
 
     @classmethod
     def make(cls, defaults: RoundsConfig, overrides: RoundOverrides | None = None) -> RoundParams:
@@ -38,12 +44,25 @@ class RoundParams:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if self.dp is None:
+            out.pop("dp")
+        return out
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RoundParams:
+        dp = raw.get("dp")
         return cls(int(raw["min_devices"]), float(raw["deadline_s"]), float(raw["fraction"]),
-                   int(raw["local_epochs"]), float(raw["lr"]))
+                   int(raw["local_epochs"]), float(raw["lr"]), None if dp is None else DpParams(**dp),
+                   float(raw.get("expected_cohort", 0.0)))
+
+
+def poisson_select(eligible: Iterable[str], sample_rate: float, seed: int, round_id: int) -> tuple[str, ...]:
+    """Poisson sampling: each eligible device is selected independently with probability ``sample_rate``
+    (Generator((seed, round)); the cohort size is random, which is what the DP accountant assumes)."""
+    pool = sorted(set(eligible))
+    draws = np.random.default_rng([seed, round_id, 1]).random(len(pool))
+    return tuple(d for d, u in zip(pool, draws, strict=True) if u < sample_rate)
 
 
 def select_devices(
@@ -72,18 +91,26 @@ class OpenRound:
     deadline: float
     aggregator: Aggregator
     accepted: dict[str, str] = field(default_factory=dict)  # device -> nonce
+    declined: dict[str, str] = field(default_factory=dict)  # device -> DeclineReason
     n_samples: int = 0
     rejected: int = 0
 
     def announce(self, fleet: str) -> RoundAnnounce:
+        dp = self.params.dp
         return RoundAnnounce(
             fleet=fleet, round=self.id, model_version=self.model_version, backbone_sha256=self.backbone_sha256,
             deadline=self.deadline, min_devices=self.params.min_devices, selected=self.selected,
             local_epochs=self.params.local_epochs, lr=self.params.lr,
+            dp_mode=None if dp is None else dp.mode,
+            dp_noise_multiplier=None if dp is None else dp.noise_multiplier,
+            dp_clip=None if dp is None else dp.clip,
+            dp_sample_rate=None if dp is None else dp.sample_rate,
+            dp_min_cohort=None if dp is None else dp.min_cohort,
         )
 
     def all_answered(self) -> bool:
-        return set(self.selected) <= set(self.accepted)
+        """Every selected device sent an update or declined."""
+        return set(self.selected) <= set(self.accepted) | set(self.declined)
 
     def should_close(self, now: float) -> bool:
         return now >= self.deadline or self.all_answered()
@@ -92,4 +119,4 @@ class OpenRound:
         return len(self.accepted) >= self.params.min_devices
 
 
-__all__ = ["OpenRound", "RoundParams", "select_devices"]
+__all__ = ["OpenRound", "RoundParams", "poisson_select", "select_devices"]

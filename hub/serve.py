@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import threading
+from dataclasses import asdict
 from typing import Any
 
 from fedge.protocol.errors import FedgeError
@@ -26,6 +27,11 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = hsub.add_parser("status", help="print the hub's state as JSON (reads the store; works offline)")
     p.add_argument("--config", required=True)
     p.set_defaults(handler=run_status)
+    p = hsub.add_parser("privacy", help="print the privacy ledger: every DP round and the epsilon spent")
+    p.add_argument("--config", required=True, help="hub.toml")
+    p.add_argument("--fleet", help="check that the config serves this fleet")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    p.set_defaults(handler=run_privacy)
     p = hsub.add_parser("rollback", help="make an earlier model version current (the daemon republishes it)")
     p.add_argument("--config", required=True)
     p.add_argument("--to", required=True, metavar="VERSION", help="e.g. v3")
@@ -104,8 +110,10 @@ def status_dict(config_path: str) -> dict[str, Any]:
             "rounds": [{"id": r.id, "status": r.status, "model_version": r.model_version,
                         "new_version": r.new_version, "selected": list(r.selected), "devices": list(r.devices),
                         "n_samples": r.n_samples, "accuracy": r.accuracy, "loss": r.loss,
-                        "seconds": None if r.closed_at is None else round(r.closed_at - r.opened_at, 3)}
+                        "seconds": None if r.closed_at is None else round(r.closed_at - r.opened_at, 3),
+                        "detail": store.round_detail(r.id), "declined": sorted(store.declines(r.id))}
                        for r in store.rounds()],
+            "declines": store.decline_counts(),
             "rejects": store.reject_counts(),
             "control": store.control_counts(),
             "devices": store.devices(),
@@ -116,6 +124,51 @@ def status_dict(config_path: str) -> dict[str, Any]:
 
 def run_status(args: argparse.Namespace) -> int:
     print(json.dumps(status_dict(args.config), indent=2))
+    return 0
+
+
+def privacy_dict(config_path: str, fleet: str | None = None) -> dict[str, Any]:
+    """The privacy ledger of a hub's store, with its budget (reads the store; works while the hub runs)."""
+    from fedge.hub.config import load_config
+    from fedge.hub.store import Store
+
+    cfg = load_config(config_path)
+    if fleet is not None and fleet != cfg.fleet:
+        raise FedgeError(f"{config_path} serves fleet {cfg.fleet!r}, not {fleet!r}")
+    db = cfg.state_dir / "hub.sqlite"
+    if not db.exists():
+        raise FedgeError(f"no hub state at {db} (has the hub run yet?)")
+    store = Store(db)
+    try:
+        ledger = store.ledger()
+        refused = [{"round": r.id, "detail": store.round_detail(r.id)} for r in store.rounds()
+                   if r.status == "refused_budget"]
+    finally:
+        store.close()
+    p = cfg.privacy
+    return {
+        "fleet": cfg.fleet, "mode": p.mode, "delta": p.delta,
+        "epsilon_budget": p.epsilon_budget or None,
+        "epsilon_spent": ledger[-1].epsilon if ledger else 0.0,
+        "rounds": [asdict(r) for r in ledger],
+        "refused": refused,
+    }
+
+
+def run_privacy(args: argparse.Namespace) -> int:
+    info = privacy_dict(args.config, args.fleet)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    budget = "none" if info["epsilon_budget"] is None else f"{info['epsilon_budget']:g}"
+    print(f"fleet {info['fleet']}: {info['mode']} DP, epsilon spent {info['epsilon_spent']:.3f} of budget {budget} "
+          f"(delta {info['delta']:g})")
+    print(f"{'round':>5}  {'mode':<8} {'z':>6} {'C':>7} {'q':>6} {'cohort':>6} {'expected':>8} {'epsilon':>8}")
+    for r in info["rounds"]:
+        print(f"{r['round']:>5}  {r['mode']:<8} {r['noise_multiplier']:>6.3g} {r['clip']:>7.3g} "
+              f"{r['sample_rate']:>6.3g} {r['cohort']:>6} {r['expected_cohort']:>8.1f} {r['epsilon']:>8.3f}")
+    for r in info["refused"]:
+        print(f"round {r['round']} refused: {r['detail']}")
     return 0
 
 

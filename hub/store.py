@@ -41,6 +41,14 @@ CREATE TABLE IF NOT EXISTS control (
 CREATE TABLE IF NOT EXISTS devices (
     device TEXT PRIMARY KEY, online INTEGER NOT NULL, n_samples INTEGER, backends TEXT NOT NULL,
     last_seen REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS privacy_ledger (
+    round INTEGER PRIMARY KEY, mode TEXT NOT NULL, noise_multiplier REAL NOT NULL, clip REAL NOT NULL,
+    sample_rate REAL NOT NULL, cohort INTEGER NOT NULL, expected_cohort REAL NOT NULL, epsilon REAL NOT NULL,
+    delta REAL NOT NULL, ts REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS declines (
+    round INTEGER NOT NULL, device TEXT NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL, ts REAL NOT NULL,
+    UNIQUE(round, device));
+CREATE TABLE IF NOT EXISTS round_details (round INTEGER PRIMARY KEY, detail TEXT NOT NULL);
 """
 
 
@@ -74,6 +82,22 @@ class VersionRow:
     accuracy: float | None
     loss: float | None
     created_at: float
+
+
+@dataclass(frozen=True)
+class LedgerRow:
+    """One DP round in the privacy ledger: its parameters, the cohort, and the fleet's epsilon after it."""
+
+    round: int
+    mode: str
+    noise_multiplier: float
+    clip: float
+    sample_rate: float
+    cohort: int
+    expected_cohort: float
+    epsilon: float
+    delta: float
+    ts: float
 
 
 @dataclass(frozen=True)
@@ -227,6 +251,43 @@ class Store:
         row = self._one("SELECT * FROM rounds ORDER BY id DESC LIMIT 1")
         return None if row is None else self._round(row)
 
+    def set_round_detail(self, rid: int, detail: str) -> None:
+        self._write("INSERT INTO round_details(round, detail) VALUES (?, ?) "
+                    "ON CONFLICT(round) DO UPDATE SET detail = excluded.detail", (rid, detail))
+
+    def round_detail(self, rid: int) -> str | None:
+        row = self._one("SELECT detail FROM round_details WHERE round = ?", (rid,))
+        return None if row is None else str(row[0])
+
+    # privacy ledger and declines
+    def add_ledger(self, row: LedgerRow) -> None:
+        """Append one DP round to the ledger (committed before the round is announced)."""
+        self._write("INSERT INTO privacy_ledger VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (row.round, row.mode, row.noise_multiplier, row.clip, row.sample_rate, row.cohort,
+                     row.expected_cohort, row.epsilon, row.delta, row.ts))
+
+    def ledger(self) -> list[LedgerRow]:
+        return [LedgerRow(*r) for r in self._all("SELECT * FROM privacy_ledger ORDER BY round")]
+
+    def ledger_row(self, rid: int) -> LedgerRow | None:
+        row = self._one("SELECT * FROM privacy_ledger WHERE round = ?", (rid,))
+        return None if row is None else LedgerRow(*row)
+
+    def add_decline(self, rid: int, device: str, reason: str, detail: str) -> bool:
+        """Record a device's decline of a round; False when it had already declined it."""
+        try:
+            self._write("INSERT INTO declines VALUES (?, ?, ?, ?, ?)", (rid, device, reason, detail, time.time()))
+        except sqlite3.IntegrityError:
+            return False
+        return True
+
+    def declines(self, rid: int) -> dict[str, str]:
+        """device -> reason of every decline of round ``rid``."""
+        return {str(d): str(r) for d, r in self._all("SELECT device, reason FROM declines WHERE round = ?", (rid,))}
+
+    def decline_counts(self) -> dict[str, int]:
+        return {str(r): int(n) for r, n in self._all("SELECT reason, COUNT(*) FROM declines GROUP BY reason")}
+
     # updates
     def add_update(self, rid: int, device: str, nonce: str, n_samples: int, metrics: dict[str, float],
                    payload: bytes) -> None:
@@ -286,4 +347,4 @@ class Store:
                 for d, o, n, b, s in rows]
 
 
-__all__ = ["RoundRow", "Store", "StoredUpdate", "VersionRow"]
+__all__ = ["LedgerRow", "RoundRow", "Store", "StoredUpdate", "VersionRow"]

@@ -15,6 +15,8 @@ from typing import Protocol
 import numpy as np
 from numpy.typing import NDArray
 
+from fedge.edge_agent.privacy import DpParams, clip_update
+
 Head = dict[str, NDArray[np.float32]]
 Shapes = Mapping[str, tuple[int, ...]]
 
@@ -85,6 +87,39 @@ class FedAvgProx:
         return Aggregator(shapes, self.proximal_lambda)
 
 
+class DpAggregator(Aggregator):
+    """The DP-FedAvg estimator: every update weighs the same (its sample count is not used, nor sent), the
+    sum is divided by a fixed denominator (the expected cohort q·N, not the realised one), and in ``central``
+    mode the hub re-clips each update to C and adds N(0, (zC)²) to the sum before dividing.
+
+    ``rng`` draws the central noise; by default it is seeded from the operating system (unpredictable).
+    """
+
+    def __init__(self, shapes: Shapes, proximal_lambda: float, params: DpParams, expected_cohort: float,
+                 rng: np.random.Generator | None = None) -> None:
+        super().__init__(shapes, proximal_lambda)
+        if not expected_cohort > 0:
+            raise ValueError(f"expected cohort must be > 0, got {expected_cohort}")
+        self.params = params
+        self.expected_cohort = float(expected_cohort)
+        self._rng = rng if rng is not None else np.random.default_rng()
+
+    def add(self, delta: Mapping[str, NDArray[np.generic]], n_samples: int) -> None:
+        """Add one update with weight 1; in central mode clipped to C first (the hub's own guarantee)."""
+        if self.params.mode == "central":
+            delta, _ = clip_update(delta, self.params.clip)
+        super().add(delta, 1)
+
+    def mean_delta(self) -> dict[str, NDArray[np.float64]]:
+        """``(Σ clip(Δ_k) + N(0, (zC)²)) / (q·N)`` (float64); noise drawn once per call."""
+        std = self.params.hub_noise_std()
+        out: dict[str, NDArray[np.float64]] = {}
+        for name, acc in self._sums.items():
+            total = acc + self._rng.normal(0.0, std, size=acc.shape) if std > 0 else acc
+            out[name] = total / self.expected_cohort
+        return out
+
+
 def make_strategy(name: str, proximal_lambda: float) -> Strategy:
     """The strategy named in ``[aggregation] strategy``."""
     if name == "fedavg":
@@ -92,4 +127,4 @@ def make_strategy(name: str, proximal_lambda: float) -> Strategy:
     raise ValueError(f"unknown aggregation strategy {name!r}")
 
 
-__all__ = ["Aggregator", "FedAvgProx", "Head", "Strategy", "make_strategy"]
+__all__ = ["Aggregator", "DpAggregator", "FedAvgProx", "Head", "Strategy", "make_strategy"]

@@ -24,6 +24,8 @@ from fedge.protocol.messages import (
     PROTOCOL_VERSION,
     Ack,
     Arrays,
+    Decline,
+    DeclineReason,
     HubStatus,
     Message,
     MessageType,
@@ -52,7 +54,8 @@ DTYPES: Final[dict[str, np.dtype[Any]]] = {
 }
 _BY_TYPE: Final[dict[MessageType, type[Message]]] = {
     cls.type: cls
-    for cls in (Presence, HubStatus, RoundAnnounce, ModelHead, ModelFull, ModelUpdate, Ack, Reject, RoundResult)
+    for cls in (Presence, HubStatus, RoundAnnounce, ModelHead, ModelFull, ModelUpdate, Ack, Reject, RoundResult,
+                Decline)
 }
 _ARRAY_FIELD: Final = {"head", "files", "delta"}
 
@@ -76,6 +79,8 @@ def encode(msg: Message) -> bytes:
         value = getattr(msg, f.name)
         if f.name in _ARRAY_FIELD:
             arrays = value
+            continue
+        if f.metadata.get("extension") and value == f.default:
             continue
         header[f.name] = list(value) if isinstance(value, tuple) else value
     specs: list[dict[str, Any]] = []
@@ -175,7 +180,7 @@ def _check(name: str, hint: Any, value: Any) -> Any:
         value = float(value) if ok else value
     elif hint is str:
         ok = isinstance(value, str)
-    elif hint in (RejectReason, RoundStatus):
+    elif hint in (RejectReason, RoundStatus, DeclineReason):
         try:
             return hint(value)
         except ValueError as exc:

@@ -20,6 +20,10 @@ PROTOCOL_VERSION = 1
 
 Arrays = dict[str, NDArray[np.generic]]
 
+EXT = {"extension": True}
+"""Field metadata of fields added within version 1: the encoder leaves them out while they hold their default,
+so frames of messages that do not use them are byte-identical to those of the first version-1 release."""
+
 
 def new_nonce() -> str:
     """16 random bytes as 32 hex characters: makes every message idempotent."""
@@ -36,6 +40,7 @@ class MessageType(StrEnum):
     ACK = "ack"
     REJECT = "reject"
     RESULT = "result"
+    DECLINE = "decline"
 
 
 class RejectReason(StrEnum):
@@ -61,6 +66,17 @@ class RejectReason(StrEnum):
 class RoundStatus(StrEnum):
     COMPLETED = "completed"
     FAILED_QUORUM = "failed_quorum"
+    REFUSED_BUDGET = "refused_budget"  # the round would have spent more privacy budget than configured
+
+
+class DeclineReason(StrEnum):
+    """Why a selected device does not take part in a round (sent in a Decline, so the hub stops waiting)."""
+
+    BUDGET_EXHAUSTED = "budget_exhausted"      # the round would push the device's own epsilon past its budget
+    NOISE_BELOW_FLOOR = "noise_below_floor"    # announced noise multiplier below the device's floor
+    CLIP_ABOVE_CEILING = "clip_above_ceiling"  # announced clip norm above the device's ceiling
+    DP_REQUIRED = "dp_required"                # the device takes part only in DP rounds
+    MODE_NOT_ALLOWED = "mode_not_allowed"      # a DP mode the device does not accept
 
 
 @dataclass(frozen=True)
@@ -108,6 +124,12 @@ class RoundAnnounce:
     lr: float
     nonce: str = field(default_factory=new_nonce)
     ts: float = field(default_factory=time.time)
+    # differential privacy (absent from the frame when the round is not private; see PROTOCOL.md)
+    dp_mode: str | None = field(default=None, metadata=EXT)              # "central" | "local" | "distributed"
+    dp_noise_multiplier: float | None = field(default=None, metadata=EXT)  # z
+    dp_clip: float | None = field(default=None, metadata=EXT)            # C: devices clip updates to this L2 norm
+    dp_sample_rate: float | None = field(default=None, metadata=EXT)     # q: Poisson selection probability
+    dp_min_cohort: int | None = field(default=None, metadata=EXT)        # m: distributed noise is split over m
 
 
 @dataclass(frozen=True, eq=False)
@@ -199,9 +221,27 @@ class RoundResult:
     seconds: float
     nonce: str = field(default_factory=new_nonce)
     ts: float = field(default_factory=time.time)
+    detail: str | None = field(default=None, metadata=EXT)        # why a round was refused or failed, for people
+    declined: tuple[str, ...] = field(default=(), metadata=EXT)   # selected devices that declined the round
+    epsilon: float | None = field(default=None, metadata=EXT)     # fleet privacy budget spent after this round
 
 
-Message = Presence | HubStatus | RoundAnnounce | ModelHead | ModelFull | ModelUpdate | Ack | Reject | RoundResult
+@dataclass(frozen=True)
+class Decline:
+    """A selected device will not take part in ``round`` (the hub stops waiting for it)."""
+
+    type: ClassVar[MessageType] = MessageType.DECLINE
+    fleet: str
+    round: int
+    device: str
+    reason: DeclineReason
+    detail: str = ""
+    nonce: str = field(default_factory=new_nonce)
+    ts: float = field(default_factory=time.time)
+
+
+Message = (Presence | HubStatus | RoundAnnounce | ModelHead | ModelFull | ModelUpdate | Ack | Reject | RoundResult
+           | Decline)
 
 
 @dataclass(frozen=True)
@@ -219,6 +259,8 @@ __all__ = [
     "PROTOCOL_VERSION",
     "Ack",
     "Arrays",
+    "Decline",
+    "DeclineReason",
     "HubStatus",
     "Message",
     "MessageType",

@@ -67,6 +67,13 @@ class Topics:
     def update_all(self) -> str:
         return f"{self.base}/update/+"
 
+    def decline(self, device: str) -> str:
+        return f"{self.base}/decline/{_check('device', device)}"
+
+    @property
+    def decline_all(self) -> str:
+        return f"{self.base}/decline/+"
+
     def presence(self, device: str) -> str:
         return f"{self.base}/presence/{_check('device', device)}"
 
@@ -85,9 +92,9 @@ class Topics:
         return f"{self.base}/device/{_check('device', device)}/reject"
 
     def device_of(self, topic: str) -> str | None:
-        """The device id in an ``update/<device>`` or ``presence/<device>`` topic, else None."""
+        """The device id in an ``update/<device>``, ``presence/<device>`` or ``decline/<device>`` topic, else None."""
         parts = topic.split("/")
-        if len(parts) == 4 and parts[:2] == [ROOT, self.fleet] and parts[2] in ("update", "presence"):
+        if len(parts) == 4 and parts[:2] == [ROOT, self.fleet] and parts[2] in ("update", "presence", "decline"):
             return parts[3] if valid_id(parts[3]) else None
         return None
 

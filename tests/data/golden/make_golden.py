@@ -26,6 +26,8 @@ from fedge.protocol import codec
 from fedge.protocol.messages import (
     Ack,
     Arrays,
+    Decline,
+    DeclineReason,
     HubStatus,
     Message,
     MessageType,
@@ -75,6 +77,8 @@ def golden_messages() -> list[Message]:
                nonce=_nonce(9), ts=TS),
         RoundResult("demo", 4, RoundStatus.COMPLETED, "v4", 0.875, 0.5, ("dev-01",), 120, 1, 12.5,
                     nonce=_nonce(10), ts=TS),
+        Decline("demo", 5, "dev-02", DeclineReason.BUDGET_EXHAUSTED, "epsilon 7.9 + this round > budget 8",
+                nonce=_nonce(11), ts=TS),
     ]
 
 
@@ -90,6 +94,8 @@ def describe(msg: Message) -> dict[str, Any]:
                  "data": np.asarray(a).ravel().tolist()}
                 for k, a in value.items()
             ]
+        elif f.metadata.get("extension") and value == f.default:
+            continue  # left out of the frame too (see protocol.messages.EXT)
         else:
             out["fields"][f.name] = list(value) if isinstance(value, tuple) else value
     return out
@@ -109,7 +115,7 @@ def from_description(desc: dict[str, Any]) -> Message:
             v = desc["fields"][f.name]
             kwargs[f.name] = tuple(v) if isinstance(v, list) else v
     if "reason" in kwargs:
-        kwargs["reason"] = RejectReason(kwargs["reason"])
+        kwargs["reason"] = (DeclineReason if cls is Decline else RejectReason)(kwargs["reason"])
     if "status" in kwargs:
         kwargs["status"] = RoundStatus(kwargs["status"])
     return cls(**kwargs)
