@@ -7,12 +7,12 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEVICES ?= 5
 ROUNDS ?= 5
 
-.PHONY: demo test setup system-deps agent-venv lint unit agent-env-tests bench bench-readme clean
+.PHONY: demo test setup system-deps agent-venv lint unit agent-env-tests agent-wheels bench bench-readme clean
 
 demo: setup
 	$(BIN)/fedge demo --devices $(DEVICES) --rounds $(ROUNDS) --out demo-out
 
-test: setup agent-venv lint unit agent-env-tests
+test: setup agent-venv lint unit agent-env-tests agent-wheels
 
 # Debian packages: mosquitto (real broker for the tests) and Fashion-MNIST (offline data set).
 system-deps:
@@ -68,6 +68,10 @@ agent-env-tests: setup agent-venv
 	$(BIN)/python -c "from fedge.export.testing import export_small; export_small('build/agent-artifacts')"
 	FEDGE_AGENT_ENV=1 FEDGE_ARTIFACTS=$(CURDIR)/build/agent-artifacts $(AGENT_VENV)/bin/pytest -q -p no:cacheprovider \
 		tests/agent -m "not full_env"
+
+# fedge[agent] must install from wheels alone on a Raspberry Pi (aarch64, Python 3.11): no compiler there.
+agent-wheels: setup
+	$(BIN)/python .ci/agent_wheels.py
 
 bench: setup
 	$(BIN)/python bench/train_step.py

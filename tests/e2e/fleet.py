@@ -128,6 +128,15 @@ class Fleet:
         self._transports: list[MqttTransport] = []
 
     # -- configuration ----------------------------------------------------------------------------
+    def set_agent_config(self, dev: str, **tables: Any) -> None:
+        """Add or replace top-level keys/tables of one agent's agent.toml (before it starts)."""
+        import tomllib
+
+        cfg = self.root / "agents" / f"{dev}.toml"
+        table = tomllib.loads(cfg.read_text())
+        table.update(tables)
+        write_toml(cfg, table)
+
     def write_hub_toml(self, *, devices: Iterable[str] | None = None, eval_data: bool = True,
                        **sections: Mapping[str, Any]) -> None:
         broker: dict[str, Any] = {"url": self.broker_url}
