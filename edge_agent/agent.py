@@ -27,7 +27,7 @@ from fedge.edge_agent.ledger import DeviceLedger, announced_dp, decline_reason
 from fedge.edge_agent.privacy import DpParams, privatize
 from fedge.edge_agent.state import AgentState, write_atomic
 from fedge.protocol.codec import decode, encode
-from fedge.protocol.errors import ArtifactError, DecodeError, FedgeError
+from fedge.protocol.errors import ArtifactError, DataError, DecodeError, FedgeError
 from fedge.protocol.manifest import load_head, load_manifest
 from fedge.protocol.messages import (
     Ack,
@@ -333,10 +333,16 @@ class Agent:
                 return
             try:
                 self._run_round(msg)
-            except Exception:
+            except Exception as exc:
                 log.exception("round %d failed on this device", msg.round)
-                with self._cond:
-                    self._started.discard(msg.round)  # a redelivered announce may retry
+                # say so, so the hub stops waiting for this device (and do not retry the round)
+                reason = DeclineReason.DATA_ERROR if isinstance(exc, DataError) else DeclineReason.TRAINER_ERROR
+                try:
+                    self._decline(msg, reason, f"{type(exc).__name__}: {exc}"[:500])
+                except Exception:
+                    log.exception("could not decline round %d", msg.round)
+                    with self._cond:
+                        self._started.discard(msg.round)  # a redelivered announce may retry
 
     def _trainer_for(self, backbone_sha256: str) -> Any:
         from fedge.edge_agent.trainers import open_trainer
@@ -349,11 +355,17 @@ class Agent:
         return self._trainer[1]
 
     def _inputs(self, backbone_sha256: str) -> NDArray[np.float32]:
-        shape = load_manifest(artifacts_dir(self.artifacts_root, backbone_sha256)).input.shape
+        manifest = load_manifest(artifacts_dir(self.artifacts_root, backbone_sha256))
+        shape = manifest.input.shape
+        y = np.asarray(self.data.y)
+        bad = y[(y < 0) | (y >= manifest.num_classes)]
+        if bad.size:
+            raise DataError(f"{self.data.path}: label {int(bad[0])} is outside [0, {manifest.num_classes}) "
+                            f"({bad.size} of {y.size} labels; the model has {manifest.num_classes} classes)")
         x = np.asarray(self.data.x, dtype=np.float32)
         if x.shape[1:] != shape:
             if int(np.prod(x.shape[1:])) != int(np.prod(shape)):
-                raise FedgeError(f"local data {self.data.path} has samples of shape {x.shape[1:]}, model wants {shape}")
+                raise DataError(f"local data {self.data.path} has samples of shape {x.shape[1:]}, model wants {shape}")
             x = x.reshape((x.shape[0], *shape))
         return x
 

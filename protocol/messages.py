@@ -77,6 +77,8 @@ class DeclineReason(StrEnum):
     CLIP_ABOVE_CEILING = "clip_above_ceiling"  # announced clip norm above the device's ceiling
     DP_REQUIRED = "dp_required"                # the device takes part only in DP rounds
     MODE_NOT_ALLOWED = "mode_not_allowed"      # a DP mode the device does not accept
+    DATA_ERROR = "data_error"                  # the local data cannot be used (e.g. a label >= the class count)
+    TRAINER_ERROR = "trainer_error"            # training failed on this device
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,8 @@ from fedge.protocol.errors import DataError
 from fedge.protocol.manifest import Manifest, load_head
 from fedge.protocol.messages import (
     Arrays,
+    Decline,
+    DeclineReason,
     Message,
     ModelFull,
     ModelHead,
@@ -269,3 +271,30 @@ def test_bad_local_data_fails_start_with_data_error(config: AgentConfig, hub: Hu
     with pytest.raises(DataError, match=r"local\.npz"):
         agent.start()
     agent.stop()
+
+
+def test_a_label_outside_the_classes_declines_the_round_with_a_data_error(
+    tmp_path: Path, hub: Hub, artifacts_dir: Path, manifest: Manifest
+) -> None:
+    path = tmp_path / "bad-labels.npz"
+    y = np.zeros(N, np.int64)
+    y[7] = manifest.num_classes + 2  # passes the file checks; only the model knows the class count
+    np.savez(path, x=np.random.default_rng(2).random((N, 28, 28, 1), dtype=np.float32), y=y)
+    cfg = config_from_mapping({"device_id": DEV, "fleet": FLEET, "data": str(path), "state_dir": "state2",
+                               "broker": {"url": "mqtt://127.0.0.1:1"}}, tmp_path)
+    declines: list[Message] = []
+    hub.broker.subscribe(T.decline(DEV), lambda _t, p: declines.append(decode(p)))
+    a = Agent(cfg, transport=InMemoryTransport(hub.broker))
+    try:
+        hub.send(T.model_full, model_full(artifacts_dir, manifest), retain=True)
+        hub.send(T.model_head, model_head(artifacts_dir, manifest), retain=True)
+        a.start()
+        hub.send(T.announce, announce(manifest, 1), retain=True)
+        assert wait_until(lambda: bool(declines), 60)
+        (d,) = declines
+        assert isinstance(d, Decline) and d.round == 1 and d.reason is DeclineReason.DATA_ERROR
+        assert "bad-labels.npz" in d.detail and f"label {manifest.num_classes + 2}" in d.detail
+        assert hub.updates() == []
+        assert a.wait_round_done(1, 10)  # and it is not retried
+    finally:
+        a.stop()
