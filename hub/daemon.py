@@ -25,7 +25,7 @@ from fedge.hub.rounds import OpenRound, RoundParams, poisson_select, select_devi
 from fedge.hub.store import LedgerRow, Store, VersionRow
 from fedge.hub.strategies import Aggregator, DpAggregator, Strategy, make_strategy
 from fedge.hub.validate import Accept, Rejection, UpdateContext, validate_update
-from fedge.protocol.codec import decode, decode_control, encode, encode_control
+from fedge.protocol.codec import decode, decode_control, encode, encode_control, encode_control_reply
 from fedge.protocol.errors import DecodeError, FedgeError
 from fedge.protocol.messages import (
     Ack,
@@ -45,6 +45,16 @@ from fedge.protocol.transport import Transport
 log = logging.getLogger("fedge.hub")
 
 _Event = tuple[Callable[[], None], threading.Event | None]
+
+
+def _request_id_of(payload: bytes) -> str | None:
+    """The request_id of a control payload that failed validation, when one can be read (for the reply)."""
+    try:
+        obj = json.loads(payload.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return None
+    rid = obj.get("request_id") if isinstance(obj, dict) else None
+    return rid if isinstance(rid, str) and valid_id(rid) else None
 
 
 class HubStateError(FedgeError):
@@ -280,16 +290,27 @@ class HubDaemon:
         except DecodeError as exc:
             self.store.add_control(str(exc.reason), exc.detail)
             log.warning("control message ignored (%s): %s", exc.reason, exc.detail)
+            self._reply(_request_id_of(payload), None, str(exc.reason), exc.detail)
             return
         if self.round is not None:
-            self.store.add_control("round_open", f"round {self.round.id} is open")
+            detail = f"round {self.round.id} is open"
+            self.store.add_control("round_open", detail)
             log.warning("control message ignored: round %d is open", self.round.id)
+            self._reply(overrides.request_id, None, "round_open", detail)
             return
         self._set_chain(max(self.cfg.schedule.chain_rounds - 1, 0), overrides)
-        if not self._start_round(overrides):
-            self.store.add_control("no_devices", "no known device to select")
+        rid, reason, detail = self._start_round(overrides)
+        if rid is None and reason == "no_devices":
+            self.store.add_control(reason, detail)
+        self._reply(overrides.request_id, rid, reason, detail)
+
+    def _reply(self, request_id: str | None, rid: int | None, reason: str, detail: str) -> None:
+        """Answer a control message on control/round/reply (JSON; see PROTOCOL.md §5)."""
+        body = encode_control_reply(request_id, rid is not None, rid, reason, detail)
+        self._publish(self.topics.control_round_reply, body)
 
     def _set_chain(self, left: int, overrides: RoundOverrides) -> None:
+        overrides = replace(overrides, request_id=None)  # a reply goes to the request's own round only
         self._chain_left, self._chain_overrides = left, overrides
         self.store.set_meta("chain_left", str(left))
         self.store.set_meta("chain_overrides", encode_control(overrides).decode())
@@ -297,11 +318,13 @@ class HubDaemon:
     def _candidates(self) -> set[str]:
         return set(self.cfg.devices) if self.cfg.devices is not None else set(self._online)
 
-    def _start_round(self, overrides: RoundOverrides) -> bool:
+    def _start_round(self, overrides: RoundOverrides) -> tuple[int | None, str, str]:
+        """Open a round: ``(round id, "started", "")``, or ``(None, reason, detail)`` when none was opened
+        (``no_devices``, or ``refused_budget`` with the refused round's id)."""
         candidates = self._candidates()
         if not candidates:
             log.warning("no round started: no known online device")
-            return False
+            return None, "no_devices", "no known online device to select"
         cur = self._current()
         if (cur.version, cur.backbone_sha256) != self._published:  # e.g. after `fedge hub rollback`
             self._publish_model(cur)
@@ -321,7 +344,7 @@ class HubDaemon:
                 detail = (f"privacy budget: epsilon would reach {eps_after:.3f} > budget {privacy.epsilon_budget:g} "
                           f"(delta {privacy.delta:g}; {self.epsilon_spent():.3f} spent)")
                 self._refuse_round(rid, cur, params, now, detail)
-                return False
+                return None, "refused_budget", f"round {rid} refused: {detail}"
             # the ledger entry is committed before the round exists: a crash in between over-counts, never under
             self.store.add_ledger(LedgerRow(rid, dp.mode, dp.noise_multiplier, dp.clip, dp.sample_rate,
                                             len(selected), params.expected_cohort, eps_after, privacy.delta, now))
@@ -336,7 +359,7 @@ class HubDaemon:
         log.info("round %d open: model %s, %d selected %s, quorum %d, deadline %.0f s%s", rid, cur.version,
                  len(selected), list(selected), params.min_devices, params.deadline_s,
                  "" if eps_after is None else f", {privacy.mode} DP, epsilon after it {eps_after:.3f}")
-        return True
+        return rid, "started", ""
 
     def _aggregator(self, params: RoundParams, backbone: str) -> Aggregator:
         shapes = {k: s for k, (s, _) in self._spec(backbone).items()}

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from dataclasses import asdict
 from typing import Any
 
@@ -47,6 +48,10 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--fraction", type=float)
     p.add_argument("--local-epochs", type=int)
     p.add_argument("--lr", type=float)
+    p.add_argument("--wait", action="store_true", help="wait for the round's result; exit 1 unless it completed")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the result (with --wait)")
+    p.add_argument("--reply-timeout", type=float, default=15.0, help="seconds to wait for the hub's reply")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=run_round_start)
 
 
@@ -188,23 +193,92 @@ def run_rollback(args: argparse.Namespace) -> int:
 
 
 def run_round_start(args: argparse.Namespace) -> int:
-    from fedge.protocol.codec import encode_control
-    from fedge.protocol.messages import RoundOverrides
+    """Ask the hub for a round; print its id (and with --wait its result). Exit 0 on success, 1 when the hub
+    refused or the round did not complete, 2 on usage or connection errors and when the hub does not answer."""
+    import queue
+    import uuid
+
+    from fedge.protocol.codec import decode, encode_control
+    from fedge.protocol.messages import RoundOverrides, RoundResult, RoundStatus
     from fedge.protocol.mqtt_config import BrokerConfig
     from fedge.protocol.topics import Topics
     from fedge.protocol.transport_mqtt import MqttTransport
 
-    topic = Topics(args.fleet).control_round_start  # an invalid fleet id is a ConfigError before connecting
+    topics = Topics(args.fleet)  # an invalid fleet id is a ConfigError before connecting
+    request_id = uuid.uuid4().hex[:16]
     overrides = RoundOverrides(min_devices=args.min_devices, deadline_s=args.deadline_s, fraction=args.fraction,
-                               local_epochs=args.local_epochs, lr=args.lr)
-    transport = MqttTransport(BrokerConfig(url=args.broker), f"fedge-ctl-{os.getpid()}", session_expiry_s=0)
+                               local_epochs=args.local_epochs, lr=args.lr, request_id=request_id)
+    replies: queue.Queue[dict[str, Any]] = queue.Queue()
+    results: queue.Queue[RoundResult] = queue.Queue()
+
+    def on_reply(_topic: str, payload: bytes) -> None:
+        try:
+            body = json.loads(payload)
+        except ValueError:
+            return
+        if isinstance(body, dict) and body.get("request_id") == request_id:
+            replies.put(body)
+
+    def on_result(_topic: str, payload: bytes) -> None:
+        try:
+            msg = decode(payload) if payload else None
+        except FedgeError:
+            return
+        if isinstance(msg, RoundResult):
+            results.put(msg)
+
+    transport = MqttTransport(BrokerConfig(url=args.broker), f"fedge-ctl-{os.getpid()}-{request_id[:6]}",
+                              session_expiry_s=0)
+    transport.subscribe(topics.control_round_reply, on_reply)
+    transport.subscribe(topics.result, on_result)
     transport.connect()
     try:
-        transport.publish(topic, encode_control(overrides))
+        transport.publish(topics.control_round_start, encode_control(overrides))
+        try:
+            reply = replies.get(timeout=args.reply_timeout)
+        except queue.Empty:
+            raise FedgeError(f"no reply from the hub of fleet {args.fleet!r} within {args.reply_timeout:g} s "
+                             "(is `fedge hub serve` running on this broker?)") from None
+        out: dict[str, Any] = {"fleet": args.fleet, **{k: reply.get(k) for k in ("accepted", "round", "reason",
+                                                                                  "detail")}}
+        if not reply.get("accepted"):
+            _print_start(out, args.json)
+            return 1
+        rid = int(reply["round"])
+        if not args.wait:
+            _print_start(out, args.json)
+            return 0
+        if not args.json:
+            print(f"round {rid} started; waiting for its result", flush=True)
+        deadline = time.monotonic() + args.timeout
+        while True:
+            try:
+                res = results.get(timeout=max(deadline - time.monotonic(), 0.001))
+            except queue.Empty:
+                raise FedgeError(f"round {rid}: no result within {args.timeout:g} s") from None
+            if res.round == rid:
+                break
     finally:
         transport.close()
-    print(f"round start requested for fleet {args.fleet!r}")
-    return 0
+    result = {"fleet": args.fleet, "round": rid, "status": str(res.status), "model_version": res.model_version,
+              "accuracy": res.accuracy, "loss": res.loss, "devices": list(res.devices), "declined": list(res.declined),
+              "rejected": res.rejected, "seconds": round(res.seconds, 3), "epsilon": res.epsilon,
+              "detail": res.detail}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        acc = "-" if res.accuracy is None else f"{res.accuracy:.4f}"
+        print(f"round {rid} {res.status}: {len(res.devices)} devices, {len(res.declined)} declined, "
+              f"{res.rejected} rejected, accuracy {acc}, model {res.model_version or '-'}, {res.seconds:.2f} s"
+              + (f" ({res.detail})" if res.detail else ""))
+    return 0 if res.status is RoundStatus.COMPLETED else 1
 
 
-__all__ = ["add_subcommands", "status_dict"]
+def _print_start(out: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(out))
+    elif out["accepted"]:
+        print(f"round {out['round']} started (fleet {out['fleet']!r})")
+    else:
+        print(f"round start refused by the hub of fleet {out['fleet']!r}: {out['reason']}"
+              + (f" ({out['detail']})" if out["detail"] else ""))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 import types
 import typing
@@ -227,7 +228,9 @@ def decode_as(payload: bytes, cls: type[Message], *, max_bytes: int = DEFAULT_MA
     return msg
 
 
-_OVERRIDES: Final = {"min_devices": int, "deadline_s": float, "fraction": float, "local_epochs": int, "lr": float}
+_OVERRIDES: Final = {"min_devices": int, "deadline_s": float, "fraction": float, "local_epochs": int, "lr": float,
+                     "request_id": str}
+_REQUEST_ID: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 def decode_control(payload: bytes) -> RoundOverrides:
@@ -253,7 +256,16 @@ def decode_control(payload: bytes) -> RoundOverrides:
     for key in ("deadline_s", "lr"):
         if key in checked and checked[key] <= 0:
             raise _fail(RejectReason.MALFORMED, f"field {key!r} must be > 0")
+    if "request_id" in checked and not _REQUEST_ID.match(checked["request_id"]):
+        raise _fail(RejectReason.MALFORMED, "field 'request_id' must be 1-64 characters of [A-Za-z0-9_-]")
     return RoundOverrides(**checked)
+
+
+def encode_control_reply(request_id: str | None, accepted: bool, round_id: int | None, reason: str,
+                         detail: str = "") -> bytes:
+    """The hub's JSON answer on ``control/round/reply`` to one ``control/round/start``."""
+    body = {"request_id": request_id, "accepted": accepted, "round": round_id, "reason": reason, "detail": detail}
+    return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
 
 
 def encode_control(overrides: RoundOverrides) -> bytes:
@@ -262,4 +274,6 @@ def encode_control(overrides: RoundOverrides) -> bytes:
     return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
 
 
-__all__ = ["DTYPES", "MAGIC", "decode", "decode_as", "decode_control", "encode", "encode_control"]
+__all__ = [
+    "DTYPES", "MAGIC", "decode", "decode_as", "decode_control", "encode", "encode_control", "encode_control_reply",
+]

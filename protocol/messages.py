@@ -255,6 +255,7 @@ class RoundOverrides:
     fraction: float | None = None
     local_epochs: int | None = None
     lr: float | None = None
+    request_id: str | None = None  # echoed in the hub's reply on control/round/reply (not a round parameter)
 
 
 __all__ = [

@@ -41,6 +41,10 @@ class Topics:
         return f"{self.base}/control/round/start"
 
     @property
+    def control_round_reply(self) -> str:
+        return f"{self.base}/control/round/reply"
+
+    @property
     def announce(self) -> str:
         return f"{self.base}/round/announce"
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import pytest
 
 from fedge.protocol.messages import ModelHead, RoundResult, RoundStatus
-from tests.e2e.fleet import Fleet
+from tests.e2e.fleet import FLEET, Fleet
 
 pytestmark = pytest.mark.e2e
 
@@ -79,3 +80,37 @@ def test_rounds_started_by_a_raw_mqtt_publish(fleet: Fleet) -> None:
     (r2,) = fleet.wait_results([2])
     assert r2.status is RoundStatus.COMPLETED and len(r2.devices) >= 2
     assert r2.model_version != r1.model_version
+
+
+def _round_start(fleet: Fleet, *args: str, timeout_s: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fedge.cli", "round", "start", "--fleet", FLEET,
+                           "--broker", fleet.broker_url, *args], capture_output=True, text=True, timeout=timeout_s)
+
+
+def test_round_start_prints_the_round_id_and_waits_for_its_result(fleet: Fleet) -> None:
+    fleet.write_hub_toml(devices=[*fleet.devices, "ghost-01"], rounds={"min_devices": 5, "deadline_s": 60.0})
+    fleet.start_hub()
+    fleet.start_agents(ready=True)
+    done = _round_start(fleet, "--wait", "--json", "--deadline-s", "20")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["round"] == 1 and result["status"] == "completed" and len(result["devices"]) == 5
+    assert result["model_version"] and result["accuracy"] is not None
+    assert fleet.wait_results([1])[0].model_version == result["model_version"]
+
+    # the ghost never answers: round 2 stays open, and a second request is refused with a reason
+    started = _round_start(fleet, "--deadline-s", "8")
+    assert started.returncode == 0 and started.stdout.strip() == "round 2 started (fleet 'e2e')"
+    refused = _round_start(fleet, "--json")
+    assert refused.returncode == 1
+    assert json.loads(refused.stdout) == {"fleet": FLEET, "accepted": False, "round": None, "reason": "round_open",
+                                          "detail": "round 2 is open"}
+    # waiting on a round that fails (quorum 6 of 5 reachable devices) exits non-zero
+    fleet.wait_results([2], timeout_s=60)
+    failed = _round_start(fleet, "--wait", "--min-devices", "6", "--deadline-s", "3")
+    assert failed.returncode == 1 and "round 3 failed_quorum" in failed.stdout, failed.stdout + failed.stderr
+
+
+def test_round_start_without_a_hub_says_so(fleet: Fleet) -> None:
+    out = _round_start(fleet, "--reply-timeout", "2", timeout_s=60)
+    assert out.returncode == 2 and "no reply from the hub" in out.stderr and "Traceback" not in out.stderr
