@@ -20,10 +20,41 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", required=True, help="path to agent.toml")
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     run.add_argument("--connect-timeout", type=float, default=30.0, help="seconds to wait for the broker at start")
+    run.add_argument("--check", action="store_true",
+                     help="validate the config and the local data (naming any bad key or file) and exit")
+    init = sub.add_parser("init", help="write a commented starter agent.toml (every key: docs/CONFIG.md)")
+    init.add_argument("--out", default="agent.toml")
+    init.add_argument("--device-id", default="device-00")
+    init.add_argument("--fleet", default="demo")
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
     st = sub.add_parser("selftest", help="check this device: runtimes, artifacts, a few training steps", add_help=False)
     st.add_argument("args", nargs=argparse.REMAINDER)
     sub.add_parser("version", help="print the agent and protocol versions")
     return p
+
+
+def _init(out: str, device_id: str, fleet: str, force: bool) -> int:
+    from pathlib import Path
+
+    from fedge.edge_agent.config import starter_config
+
+    path = Path(out)
+    if path.exists() and not force:
+        raise FedgeError(f"{path} exists (use --force to overwrite)")
+    path.write_text(starter_config(device_id, fleet), encoding="utf-8")
+    print(f"wrote {path}: set data and [broker] url, then: fedge-agent run --config {path} --check")
+    return 0
+
+
+def _check(config_path: str) -> int:
+    from fedge.edge_agent.config import load_config
+    from fedge.edge_agent.data import load_local
+
+    cfg = load_config(config_path)
+    data = load_local(cfg.data)
+    print(f"{config_path}: ok (device {cfg.device_id!r} in fleet {cfg.fleet!r}, broker {cfg.broker.url}, "
+          f"{len(data.y)} local samples, backend {cfg.backend}, privacy {'on' if cfg.privacy else 'off'})")
+    return 0
 
 
 def _run(config_path: str, log_level: str, connect_timeout: float) -> int:
@@ -66,6 +97,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fedge-agent {agent_version()} (protocol {PROTOCOL_VERSION})")
         return 0
     try:
+        if args.command == "init":
+            return _init(args.out, args.device_id, args.fleet, args.force)
+        if args.check:
+            return _check(args.config)
         return _run(args.config, args.log_level, args.connect_timeout)
     except FedgeError as exc:
         print(f"fedge-agent: error: {exc}", file=sys.stderr)

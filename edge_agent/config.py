@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from fedge.protocol.configdoc import Section, doc, keys_of, starter_toml
 from fedge.protocol.errors import ConfigError
 from fedge.protocol.mqtt_config import BrokerConfig
 from fedge.protocol.tomlfile import read_toml
@@ -51,11 +52,23 @@ class DevicePrivacy:
     """``[privacy]`` of agent.toml: the device's own budget and the weakest DP it accepts. Its guarantee in
     ``local`` mode holds whatever the hub announces: rounds outside these bounds are declined."""
 
-    epsilon_budget: float
-    delta: float = 1e-5
-    min_noise_multiplier: float = 0.5
-    max_clip: float = 0.0  # 0 = no ceiling
-    modes: tuple[str, ...] = ("central", "local")
+    epsilon_budget: float = field(
+        metadata=doc(
+            "this device's own privacy budget: it declines a round that would take its epsilon past it", example=8.0),
+    )
+    delta: float = field(default=1e-5, metadata=doc("the delta of the device's epsilon"))
+    min_noise_multiplier: float = field(
+        default=0.5,
+        metadata=doc('the least noise (z) it accepts: rounds announcing less are declined', example=0.8),
+    )
+    max_clip: float = field(
+        default=0.0,
+        metadata=doc('the largest clip norm (C) it accepts (0 = no ceiling)', example=1.0),
+    )
+    modes: tuple[str, ...] = field(
+        default=("central", "local"),
+        metadata=doc('the DP modes it takes part in (central trusts the hub to add the noise)', example=['local']),
+    )
 
 
 def _privacy(table: Any) -> DevicePrivacy | None:
@@ -93,14 +106,30 @@ class AgentConfig:
     """A validated ``agent.toml``: every field typed and checked, paths resolved against the file's folder.
     Loading a malformed file raises ``ConfigError`` naming the bad field."""
 
-    device_id: str
-    fleet: str
-    data: Path
-    state_dir: Path
+    device_id: str = field(
+        metadata=doc("this device's id (1-64 of [A-Za-z0-9_-]); also its MQTT client id", example='pi-kitchen-01'),
+    )
+    fleet: str = field(metadata=doc("the fleet to join (the hub's fleet)", example='demo'))
+    data: Path = field(
+        metadata=doc(
+            'local training data: .npz with arrays x and y, or .csv with the label in the last column',
+            example='data/local.npz'),
+    )
+    state_dir: Path = field(
+        metadata=doc(
+            'where the agent keeps models, heads, the feature cache, its state and privacy ledger', example='state'),
+    )
     broker: BrokerConfig
-    backend: str = "auto"
-    seed: int = 0
-    session_expiry_s: int = 86400
+    backend: str = field(
+        default="auto",
+        metadata=doc(
+            'trainer: auto (LiteRT, then ONNX Runtime training, then NumPy), litert, ort or numpy', example='litert'),
+    )
+    seed: int = field(default=0, metadata=doc('seed of the local shuffling (the DP noise is never seeded)'))
+    session_expiry_s: int = field(
+        default=86400,
+        metadata=doc("seconds the broker keeps this device's session and queued messages while it is offline"),
+    )
     privacy: DevicePrivacy | None = None
 
 
@@ -161,9 +190,34 @@ def config_from_mapping(table: Mapping[str, Any], base_dir: Path) -> AgentConfig
     )
 
 
+def reference_sections() -> list[Section]:
+    """Every key of agent.toml, documented (the source of docs/CONFIG.md and ``fedge-agent init``)."""
+    return [
+        Section(None, keys_of(AgentConfig, only=("device_id", "fleet", "data", "state_dir", "backend", "seed",
+                                                 "session_expiry_s"),
+                              required=("device_id", "fleet", "data"), defaults={"state_dir": "state"})),
+        Section("broker", keys_of(BrokerConfig, required=("url",)), "the MQTT broker the hub uses (required)"),
+        Section("privacy", keys_of(DevicePrivacy),
+                "optional: with this table the device takes part in differentially private rounds only"),
+    ]
+
+
+def starter_config(device_id: str = "device-00", fleet: str = "demo") -> str:
+    """A commented agent.toml with every key, the required ones set."""
+    return starter_toml(
+        "fedge agent configuration (every key: docs/CONFIG.md). Relative paths resolve against this file's "
+        "folder.\nCheck it with: fedge-agent run --config agent.toml --check",
+        reference_sections()[:2],  # [privacy] is opt-in: documented, not in the starter
+        {"device_id": device_id, "fleet": fleet, "data": "data.npz", "broker.url": "mqtt://127.0.0.1:1883"},
+    )
+
+
 def load_config(path: str | Path) -> AgentConfig:
     """Read and validate ``agent.toml``; every problem is a ConfigError naming the field."""
     return config_from_mapping(read_toml(path), Path(path).resolve().parent)
 
 
-__all__ = ["BACKENDS", "AgentConfig", "DevicePrivacy", "config_from_mapping", "load_config"]
+__all__ = [
+    "BACKENDS", "AgentConfig", "DevicePrivacy", "config_from_mapping", "load_config", "reference_sections",
+    "starter_config",
+]

@@ -46,10 +46,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final
 
+from fedge.protocol.configdoc import Section, doc, keys_of, starter_toml
 from fedge.protocol.errors import ConfigError
 from fedge.protocol.mqtt_config import BrokerConfig
 from fedge.protocol.tomlfile import read_toml
@@ -87,13 +88,35 @@ def _need_num(field: str, value: object, *, positive: bool = False, minimum: flo
 
 @dataclass(frozen=True)
 class RoundsConfig:
-    min_devices: int = 1
-    deadline_s: float = 60.0
-    fraction: float = 1.0
-    local_epochs: int = 1
-    lr: float = 0.05
-    seed: int = 0
-    max_update_bytes: int = 8 << 20
+    min_devices: int = field(
+        default=1,
+        metadata=doc(
+            'quorum: a round produces a new model only with updates from at least this many devices', example=3),
+    )
+    deadline_s: float = field(
+        default=60.0,
+        metadata=doc(
+            'seconds a round stays open for updates (it closes earlier once every selected device answered)',
+            example=120),
+    )
+    fraction: float = field(
+        default=1.0,
+        metadata=doc(
+            'share of the online (or allow-listed) devices selected per round (no-DP rounds), in (0, 1]', example=0.5),
+    )
+    local_epochs: int = field(
+        default=1,
+        metadata=doc('passes over its local data each device trains per round', example=2),
+    )
+    lr: float = field(default=0.05, metadata=doc("SGD learning rate of the devices' head training", example=0.05))
+    seed: int = field(
+        default=0,
+        metadata=doc('seed of device selection (rounds are reproducible for a seed)', example=7),
+    )
+    max_update_bytes: int = field(
+        default=8 << 20,
+        metadata=doc('largest update frame the hub accepts, in bytes (bigger ones are rejected as too_large)'),
+    )
 
     def __post_init__(self) -> None:
         _need_int("rounds.min_devices", self.min_devices, 1)
@@ -109,8 +132,16 @@ class RoundsConfig:
 
 @dataclass(frozen=True)
 class AggregationConfig:
-    strategy: str = "fedavg"
-    proximal_lambda: float = 0.0
+    strategy: str = field(
+        default="fedavg",
+        metadata=doc('how updates become the next global head: fedavg (sample-weighted FedAvg with a proximal pull)'),
+    )
+    proximal_lambda: float = field(
+        default=0.0,
+        metadata=doc(
+            'lambda of the pull toward the source head w0: w = (FedAvg + 2 lambda w0) / (1 + 2 lambda); 0 = '
+            'plain FedAvg', example=0.01),
+    )
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -125,12 +156,30 @@ PRIVACY_MODES: Final = ("off", "central", "local", "distributed")
 class PrivacyConfig:
     """``[privacy]``: client-level differential privacy of the fleet's updates (see PROTOCOL.md)."""
 
-    mode: str = "off"                   # off | central | local (distributed needs secure aggregation)
-    noise_multiplier: float = 1.0       # z: noise std is z*C (central: on the sum; local: on each update)
-    clip: float = 1.0                   # C: L2 norm every update is clipped to
-    sample_rate: float = 0.1            # q: each eligible device is selected independently with probability q
-    delta: float = 1e-5                 # the delta of every reported epsilon
-    epsilon_budget: float = 0.0         # 0 = no budget; else a round that would exceed it is refused
+    mode: str = field(
+        default="off",
+        metadata=doc(
+            'client-level DP: off, central (devices clip, hub adds noise) or local (devices clip and add '
+            'noise)', example='central'),
+    )
+    noise_multiplier: float = field(
+        default=1.0,
+        metadata=doc(
+            'z: the Gaussian noise std is z * clip (on the sum in central mode, on each update in local mode)',
+            example=1.0),
+    )
+    clip: float = field(default=1.0, metadata=doc('C: the L2 norm every update is clipped to', example=0.5))
+    sample_rate: float = field(
+        default=0.1,
+        metadata=doc('q: under DP each eligible device is selected independently with this probability', example=0.1),
+    )
+    delta: float = field(default=1e-5, metadata=doc('the delta at which epsilon is reported and budgeted'))
+    epsilon_budget: float = field(
+        default=0.0,
+        metadata=doc(
+            "the fleet's privacy budget: a round that would take epsilon past it is refused (0 = no budget)",
+            example=8.0),
+    )
 
     def __post_init__(self) -> None:
         if self.mode not in PRIVACY_MODES:
@@ -157,8 +206,14 @@ class PrivacyConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    every_s: float = 0.0
-    chain_rounds: int = 0
+    every_s: float = field(
+        default=0.0,
+        metadata=doc('start a round every N seconds when none is open (0 = off)', example=3600),
+    )
+    chain_rounds: int = field(
+        default=0,
+        metadata=doc('a started round is followed by up to N-1 more, each on the previous result (0 = off)', example=5),
+    )
 
     def __post_init__(self) -> None:
         _need_num("schedule.every_s", self.every_s, minimum=0.0)
@@ -171,8 +226,11 @@ class HubBroker:
 
     config: BrokerConfig
     embedded: bool = False
-    embedded_host: str = "127.0.0.1"
-    embedded_port: int = 1883
+    embedded_host: str = field(
+        default="127.0.0.1",
+        metadata=doc('with url = "embedded": the address the hub\'s own MQTT broker (amqtt, MQTT 3.1.1) listens on'),
+    )
+    embedded_port: int = field(default=1883, metadata=doc('with url = "embedded": the port of the hub\'s own broker'))
 
     def __post_init__(self) -> None:
         if not isinstance(self.embedded_host, str) or not self.embedded_host:
@@ -199,12 +257,30 @@ class HubConfig:
     """A validated ``hub.toml``: every field typed and checked, paths resolved against the file's folder.
     Loading a malformed file raises ``ConfigError`` naming the bad field."""
 
-    fleet: str
-    state_dir: Path
-    artifacts: Path
+    fleet: str = field(
+        metadata=doc("the fleet's id (1-64 of [A-Za-z0-9_-]); every topic is under fedge/<fleet>/", example='demo'),
+    )
+    state_dir: Path = field(
+        metadata=doc('where the hub keeps its SQLite store, model versions and rounds.jsonl', example='hub-state'),
+    )
+    artifacts: Path = field(
+        metadata=doc(
+            'the exported source model (fedge export): it becomes version v0, the proximal anchor w0',
+            example='artifacts'),
+    )
     broker: HubBroker
-    eval_data: Path | None = None
-    devices: tuple[str, ...] | None = None
+    eval_data: Path | None = field(
+        default=None,
+        metadata=doc(
+            "held-out data (.npz with x, y) of the devices' domain to score every new version (optional)",
+            example='eval.npz'),
+    )
+    devices: tuple[str, ...] | None = field(
+        default=None,
+        metadata=doc(
+            'allow-list of device ids (optional; without it devices are known from their presence)',
+            example=['device-00', 'device-01']),
+    )
     rounds: RoundsConfig = RoundsConfig()
     aggregation: AggregationConfig = AggregationConfig()
     schedule: ScheduleConfig = ScheduleConfig()
@@ -280,6 +356,31 @@ def config_from_mapping(table: Mapping[str, Any], base_dir: Path) -> HubConfig:
     )
 
 
+def reference_sections() -> list[Section]:
+    """Every key of hub.toml, documented (the source of docs/CONFIG.md and ``fedge hub init``)."""
+    return [
+        Section(None, keys_of(HubConfig, only=("fleet", "state_dir", "artifacts", "eval_data", "devices"),
+                              required=("fleet", "artifacts"), defaults={"state_dir": "hub-state"})),
+        Section("broker", keys_of(BrokerConfig, required=("url",))
+                + keys_of(HubBroker, only=("embedded_host", "embedded_port")),
+                "the MQTT broker (required): an external one, or \"embedded\" to run one inside the hub"),
+        Section("rounds", keys_of(RoundsConfig), "round defaults (a control message may override some per round)"),
+        Section("aggregation", keys_of(AggregationConfig)),
+        Section("schedule", keys_of(ScheduleConfig), "rounds started without anyone asking"),
+        Section("privacy", keys_of(PrivacyConfig), "client-level differential privacy (PROTOCOL.md)"),
+    ]
+
+
+def starter_config(fleet: str = "demo") -> str:
+    """A commented hub.toml with every key, the required ones set."""
+    return starter_toml(
+        "fedge hub configuration (every key: docs/CONFIG.md). Relative paths resolve against this file's folder.\n"
+        "Check it with: fedge hub serve --config hub.toml --check",
+        reference_sections(),
+        {"fleet": fleet, "artifacts": "artifacts", "broker.url": "mqtt://127.0.0.1:1883"},
+    )
+
+
 def load_config(path: str | Path) -> HubConfig:
     """Read and validate ``hub.toml``; every problem is a ConfigError naming the field."""
     return config_from_mapping(read_toml(path), Path(path).resolve().parent)
@@ -296,4 +397,6 @@ __all__ = [
     "ScheduleConfig",
     "config_from_mapping",
     "load_config",
+    "reference_sections",
+    "starter_config",
 ]

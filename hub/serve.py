@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from fedge.protocol.errors import FedgeError
+from fedge.protocol.errors import ConfigError, FedgeError
 
 log = logging.getLogger("fedge.hub")
 
@@ -24,7 +24,13 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     hsub = hub.add_subparsers(dest="hub_command", required=True)
     p = hsub.add_parser("serve", help="run the hub daemon (Ctrl-C / SIGTERM to stop)")
     p.add_argument("--config", required=True, help="hub.toml")
+    p.add_argument("--check", action="store_true", help="validate the config (naming any bad key) and exit")
     p.set_defaults(handler=run_serve)
+    p = hsub.add_parser("init", help="write a commented starter hub.toml (every key: docs/CONFIG.md)")
+    p.add_argument("--out", default="hub.toml")
+    p.add_argument("--fleet", default="demo")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.set_defaults(handler=run_init)
     p = hsub.add_parser("status", help="print the hub's state as JSON (reads the store; works offline)")
     p.add_argument("--config", required=True)
     p.set_defaults(handler=run_status)
@@ -55,6 +61,19 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.set_defaults(handler=run_round_start)
 
 
+def run_init(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fedge.hub.config import starter_config
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise FedgeError(f"{out} exists (use --force to overwrite)")
+    out.write_text(starter_config(args.fleet), encoding="utf-8")
+    print(f"wrote {out}: set artifacts and [broker] url, then: fedge hub serve --config {out} --check")
+    return 0
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from fedge.hub.config import load_config
     from fedge.hub.daemon import HubDaemon
@@ -64,6 +83,13 @@ def run_serve(args: argparse.Namespace) -> int:
     from fedge.protocol.transport_mqtt import MqttTransport
 
     cfg = load_config(args.config)
+    if args.check:
+        if not (cfg.state_dir / "hub.sqlite").exists() and not (cfg.artifacts / "manifest.json").is_file():
+            raise ConfigError("artifacts", f"{cfg.artifacts} holds no exported model (manifest.json): "
+                              "run fedge export first")
+        print(f"{args.config}: ok (fleet {cfg.fleet!r}, broker {cfg.broker.config.url}"
+              f"{' embedded' if cfg.broker.embedded else ''}, privacy {cfg.privacy.mode}, state in {cfg.state_dir})")
+        return 0
     broker: Any = None
     if cfg.broker.embedded:
         from fedge.hub.broker import EmbeddedBroker

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
+from fedge.protocol.configdoc import doc
 from fedge.protocol.errors import ConfigError
 
 PROTOCOLS: Final = ("auto", "5", "3.1.1")
@@ -23,15 +24,37 @@ class BrokerConfig:
     ``protocol="auto"`` tries MQTT 5 first and falls back to 3.1.1.
     """
 
-    url: str = "mqtt://127.0.0.1:1883"
-    username: str | None = None
-    password: str | None = None
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    insecure: bool = False
-    protocol: str = "auto"
-    keepalive: int = 30
+    url: str = field(
+        default="mqtt://127.0.0.1:1883",
+        metadata=doc(
+            'broker address: mqtt://host[:port] (TCP, 1883) or mqtts://host[:port] (TLS, 8883); the hub also '
+            'takes "embedded"', example='mqtts://broker.example:8883'),
+    )
+    username: str | None = field(
+        default=None,
+        metadata=doc(
+            'MQTT user name (devices: their device id when the broker has per-device ACLs)', example='device-00'),
+    )
+    password: str | None = field(default=None, metadata=doc('MQTT password (needs username)', example='s3cret'))
+    ca_file: str | None = field(
+        default=None,
+        metadata=doc(
+            "CA certificate that signed the broker's certificate (PEM), relative to the config file", example='ca.pem'),
+    )
+    cert_file: str | None = field(
+        default=None,
+        metadata=doc('client certificate (PEM) for brokers that require one; goes with key_file', example='device.crt'),
+    )
+    key_file: str | None = field(default=None, metadata=doc('private key of cert_file (PEM)', example='device.key'))
+    insecure: bool = field(
+        default=False,
+        metadata=doc("skip verification of the broker's certificate and host name (tests only)"),
+    )
+    protocol: str = field(
+        default="auto",
+        metadata=doc('MQTT version: auto (try 5, fall back to 3.1.1), 5 or 3.1.1', example='3.1.1'),
+    )
+    keepalive: int = field(default=30, metadata=doc('seconds between MQTT keep-alive pings'))
 
     def __post_init__(self) -> None:
         self.validate("broker")
