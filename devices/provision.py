@@ -61,7 +61,7 @@ def broker_acl(p: Provisioning) -> str:
     t = Topics(p.fleet)
     return (
         f"user {p.device_id}\n"
-        f"topic write {t.update(p.device_id)}\n"
+        f"topic write {t.update(p.device_id)}\ntopic write {t.decline(p.device_id)}\n"
         f"topic readwrite {t.presence(p.device_id)}\n"
         f"topic read {t.announce}\ntopic read {t.model_head}\ntopic read {t.model_full}\n"
         f"topic read {t.result}\ntopic read {t.hub_status}\ntopic read {t.device_inbox(p.device_id)}\n"

@@ -160,6 +160,7 @@ class Agent:
             backends=self._backends,
             model_version=self.state.model_version,
             agent_version=agent_version(),
+            dp=True,
         )
         self._transport.publish(self.topics.presence(self.device), encode(msg), qos=1, retain=True)
 
@@ -336,9 +337,10 @@ class Agent:
             except Exception as exc:
                 log.exception("round %d failed on this device", msg.round)
                 # say so, so the hub stops waiting for this device (and do not retry the round)
+                # the reason only: the error text can describe the local data (its path, labels, size)
                 reason = DeclineReason.DATA_ERROR if isinstance(exc, DataError) else DeclineReason.TRAINER_ERROR
                 try:
-                    self._decline(msg, reason, f"{type(exc).__name__}: {exc}"[:500])
+                    self._decline(msg, reason, "see the device's log")
                 except Exception:
                     log.exception("could not decline round %d", msg.round)
                     with self._cond:
@@ -390,10 +392,12 @@ class Agent:
             trainer, self._inputs(msg.backbone_sha256), self.data.sha256, msg.backbone_sha256
         )
         trainer.set_head(global_head)
-        loss_before, acc_before = evaluate(trainer, feats, y)
+        before = evaluate(trainer, feats, y)
+        loss_before, acc_before = before.loss, before.accuracy
         rng = np.random.default_rng([self.config.seed, msg.round])
         result = fit(trainer, feats, y, msg.local_epochs, msg.lr, rng)
-        loss_after, acc_after = evaluate(trainer, feats, y)
+        after = evaluate(trainer, feats, y)
+        loss_after, acc_after = after.loss, after.accuracy
         trained = {k: np.asarray(v, dtype=np.float32) for k, v in trainer.get_head().items()}
         delta: dict[str, NDArray[np.generic]] = {
             k: (trained[k] - global_head[k]).astype(np.float32) for k in global_head
@@ -405,6 +409,8 @@ class Agent:
             f"backend_{trainer.name}": 1.0,  # metrics are numbers on the wire: the backend is a one-hot key
         }
         n_samples = len(y)
+        if not all(np.isfinite(v).all() for v in delta.values()):
+            raise FedgeError(f"round {msg.round}: training diverged (the update is not finite)")
         if dp is not None:  # clip + the device's share of the noise; nothing about the local data in the clear
             private, norm = privatize(delta, dp, np.random.default_rng())  # OS entropy: unpredictable noise
             delta = dict(private)

@@ -8,6 +8,7 @@ entry used is also kept in memory, so a long-running agent reads the disk only a
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import threading
@@ -17,6 +18,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedge.edge_agent.trainers.base import Trainer
+
+log = logging.getLogger("fedge.agent")
 
 __all__ = ["FeatureCache"]
 
@@ -40,6 +43,7 @@ class FeatureCache:
         self.root = Path(root)
         self._memo: tuple[Path, NDArray[np.float32]] | None = None
         self._writer: threading.Thread | None = None
+        self._lock = threading.Lock()  # get() runs on the agent's worker, flush() also from stop()
 
     def path(self, data_sha256: str, backbone_sha256: str) -> Path:
         return self.root / _key(backbone_sha256, "backbone_sha256") / f"{_key(data_sha256, 'data_sha256')}.npy"
@@ -80,8 +84,10 @@ class FeatureCache:
         if hit is None:
             hit = np.ascontiguousarray(trainer.features(x), dtype=np.float32)
             hit.setflags(write=False)  # shared with the writer thread and later rounds
-            self._writer = threading.Thread(target=self._store, args=(path, hit), name="fedge-feature-cache")
-            self._writer.start()
+            writer = threading.Thread(target=self._store_logged, args=(path, hit), name="fedge-feature-cache")
+            with self._lock:
+                self._writer = writer
+            writer.start()
         else:
             hit.setflags(write=False)
         self._memo = (path, hit)
@@ -89,6 +95,13 @@ class FeatureCache:
 
     def flush(self) -> None:
         """Wait until the last computed entry is on disk (``get`` never waits for the disk otherwise)."""
-        writer, self._writer = self._writer, None
+        with self._lock:
+            writer, self._writer = self._writer, None
         if writer is not None:
             writer.join()
+
+    def _store_logged(self, path: Path, feats: NDArray[np.float32]) -> None:
+        try:
+            self._store(path, feats)
+        except OSError as exc:  # disk full, read-only: the features stay in memory, the next process recomputes
+            log.warning("feature cache: could not write %s: %s", path, exc)

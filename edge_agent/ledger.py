@@ -4,6 +4,11 @@ The device does not trust the hub's accounting: it records every DP round it pub
 noise multiplier, clip, the noise it added) in ``state_dir/privacy.json`` and computes its own epsilon with
 the same accountant as the hub, *without* sampling amplification (a device cannot check how it was chosen).
 An entry is written before the update is published, so a crash can over-count, never under-count.
+
+What the device can enforce depends on the mode: in ``local`` mode it adds the noise itself, so its epsilon
+holds whatever the hub does. In ``central`` mode the noise is the hub's: the device's ledger then counts the
+z the hub announced, and the guarantee rests on the hub keeping its word. ``distributed`` is declined until
+secure aggregation exists.
 """
 
 from __future__ import annotations
@@ -73,6 +78,9 @@ class DeviceLedger:
 def decline_reason(policy: DevicePrivacy | None, dp: DpParams | None, ledger: DeviceLedger
                    ) -> tuple[DeclineReason, str] | None:
     """Why this device must not take part in a round announcing ``dp`` (None: it may)."""
+    if dp is not None and dp.mode == "distributed":  # every device, policy or not: see PROTOCOL.md
+        return (DeclineReason.MODE_NOT_ALLOWED, "distributed DP needs secure aggregation, which this agent does not "
+                "have yet: its own update would carry only 1/sqrt(m) of the noise")
     if policy is None:
         return None
     if dp is None:

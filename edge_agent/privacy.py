@@ -75,7 +75,8 @@ def l2_norm(delta: Mapping[str, NDArray[Any]]) -> float:
 def clip_update(delta: Mapping[str, NDArray[Any]], clip: float) -> tuple[dict[str, F32], float]:
     """``delta`` scaled down to L2 norm at most ``clip`` (unchanged when already within), and its original norm."""
     norm = l2_norm(delta)
-    scale = 1.0 if norm <= clip else clip / norm
+    # a hair below C so that rounding to float32 cannot push the norm above it
+    scale = 1.0 if norm <= clip * (1 - 1e-6) else clip * (1 - 1e-6) / norm
     return {k: (np.asarray(v, dtype=np.float64) * scale).astype(np.float32) for k, v in delta.items()}, norm
 
 
@@ -111,10 +112,19 @@ class DpEvent:
 
 
 def event_for(params: DpParams, *, trust_sampling: bool) -> DpEvent:
-    """The accounting event of one round. Sampling amplification applies only to ``central`` mode and only when
-    the accountant trusts the sampling (the hub does; a device does not)."""
-    amplified = trust_sampling and params.mode == "central" and params.sample_rate < 1.0
-    return DpEvent(params.noise_multiplier, params.sample_rate if amplified else 1.0, amplified)
+    """The accounting event of one round, for client-level DP.
+
+    ``central``: the released aggregate; adjacency is adding or removing one device, whose clipped update moves
+    the sum by at most C: a Gaussian mechanism with noise multiplier z, Poisson-subsampled with rate q only when
+    ``trust_sampling`` (the cohort must be secret from whoever sees the result; hub ``amplification`` option).
+    ``local`` (and ``distributed``): the hub sees each device's own noised update, so adjacency is replacing
+    that device's data: two clipped updates differ by up to 2C, a Gaussian mechanism with multiplier z/2, never
+    amplified (the hub knows who took part).
+    """
+    if params.mode == "central":
+        amplified = trust_sampling and params.sample_rate < 1.0
+        return DpEvent(params.noise_multiplier, params.sample_rate if amplified else 1.0, amplified)
+    return DpEvent(params.noise_multiplier / 2.0)
 
 
 def _quiet_absl() -> None:

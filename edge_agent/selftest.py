@@ -89,14 +89,15 @@ def _run(args: argparse.Namespace, report: dict[str, Any]) -> bool:
     report["features_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
     if feats.shape != (x.shape[0], manifest.feature_dim):
         raise RuntimeError(f"backbone features have shape {feats.shape}, expected {(x.shape[0], manifest.feature_dim)}")
-    loss_first, _ = evaluate(trainer, feats, y)
+    loss_first = evaluate(trainer, feats, y).loss
     starts = list(range(0, x.shape[0], b))
     t0 = time.perf_counter()
     for step in range(args.steps):
         s = starts[step % len(starts)]
         trainer.train_step(feats[s : s + b], y[s : s + b], args.lr)
     seconds = time.perf_counter() - t0
-    loss_last, acc = evaluate(trainer, feats, y)
+    last = evaluate(trainer, feats, y)
+    loss_last, acc = last.loss, last.accuracy
     report.update(
         steps=args.steps,
         loss_first=loss_first,

@@ -55,8 +55,10 @@ def _train(
     num_classes: int,
     seed: int,
     epochs: int,
+    progress: bool = False,
 ) -> Any:
     import keras
+    from tqdm import tqdm
 
     if epochs < 0:
         raise ConfigError("epochs", "must be >= 0")
@@ -70,9 +72,20 @@ def _train(
     )
     x32 = np.asarray(x, dtype=np.float32)
     y64 = np.asarray(y, dtype=np.int64)
-    for _ in range(epochs):
-        order = rng.permutation(len(y64))
-        model.fit(x32[order], y64[order], batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    steps = -(-len(y64) // BATCH)
+    with tqdm(total=epochs * steps, desc="pre-training", unit="batch", disable=not progress, leave=False) as bar:
+
+        class _Bar(keras.callbacks.Callback):  # type: ignore[misc]
+            def on_train_batch_end(self, batch: int, logs: dict[str, float] | None = None) -> None:
+                bar.update(1)
+                if logs and batch % 50 == 0:
+                    bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.3f}",
+                                    acc=f"{logs.get('accuracy', float('nan')):.3f}")
+
+        for _ in range(epochs):
+            order = rng.permutation(len(y64))
+            model.fit(x32[order], y64[order], batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
+                      callbacks=[_Bar()])
     return model
 
 
@@ -89,10 +102,12 @@ def pretrain_arrays(
     seed: int,
     out_path: str | Path,
     epochs: int = DEFAULT_EPOCHS,
+    *,
+    progress: bool = False,
 ) -> Path:
-    """Train a zoo model on ``(x, y)`` and save it to ``out_path`` (``.keras``)."""
+    """Train a zoo model on ``(x, y)`` and save it to ``out_path`` (``.keras``); ``progress`` shows a bar."""
     name = model_for_input(model_name, x)
-    model = _train(name, x, y, num_classes, seed, epochs)
+    model = _train(name, x, y, num_classes, seed, epochs, progress)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     model.save(out)

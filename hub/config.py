@@ -181,6 +181,13 @@ class PrivacyConfig:
             example=8.0),
     )
 
+    amplification: bool = field(
+        default=False,
+        metadata=doc(
+            "central mode: count rounds as Poisson-subsampled (far smaller epsilon); valid only while the cohort is "
+            "secret from whoever sees results (announces must be readable by fleet members only)", example=True),
+    )
+
     def __post_init__(self) -> None:
         if self.mode not in PRIVACY_MODES:
             raise ConfigError("privacy.mode", f"{self.mode!r} is not one of {', '.join(PRIVACY_MODES)}")

@@ -13,11 +13,13 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
-from fedge.edge_agent.privacy import DpParams, epsilon, event_for
+import numpy as np
+
+from fedge.edge_agent.privacy import DpEvent, DpParams, epsilon, event_for
 from fedge.hub.config import HubConfig
 from fedge.hub.evaluate import EvalFn, Evaluator
 from fedge.hub.registry import Registry
@@ -47,6 +49,21 @@ log = logging.getLogger("fedge.hub")
 _Event = tuple[Callable[[], None], threading.Event | None]
 
 
+def ledger_epsilon(rows: Iterable[LedgerRow], delta: float, extra: DpParams | None = None, *,
+                   amplification: bool = False) -> float:
+    """Epsilon at ``delta`` of every ledger row (each with the amplification it was recorded with) plus ``extra``
+    (with the configured ``amplification``), by the RDP accountant."""
+    events = [DpEvent(*_effective(r)) for r in rows]
+    if extra is not None:
+        events.append(event_for(extra, trust_sampling=amplification))
+    return epsilon(events, delta)
+
+
+def _effective(row: LedgerRow) -> tuple[float, float, bool]:
+    e = event_for(DpParams(row.mode, row.noise_multiplier, row.clip, row.sample_rate), trust_sampling=row.amplified)
+    return e.noise_multiplier, e.sample_rate, e.amplified
+
+
 def _request_id_of(payload: bytes) -> str | None:
     """The request_id of a control payload that failed validation, when one can be read (for the reply)."""
     try:
@@ -73,7 +90,8 @@ class HubDaemon:
     """
 
     def __init__(self, cfg: HubConfig, transport: Transport, *, clock: Callable[[], float] = time.time,
-                 evaluator: EvalFn | None = None, tick_s: float = 0.1) -> None:
+                 evaluator: EvalFn | None = None, tick_s: float = 0.1,
+                 rng: np.random.Generator | None = None) -> None:
         self.cfg = cfg
         self.transport = transport
         self.topics = Topics(cfg.fleet)
@@ -84,6 +102,10 @@ class HubDaemon:
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(cfg.state_dir / "hub.sqlite")
         self.registry = Registry(self.store, cfg.state_dir)
+        # DP cohorts and central noise: seeded by the operating system unless a test passes a generator
+        self._rng = rng if rng is not None else np.random.default_rng()
+        self._dp_capable: set[str] = self.store.dp_capable()
+        self._budget_exhausted = False
         self.round: OpenRound | None = None
         self.known: set[str] = set(cfg.devices or ())
         self._online: set[str] = set()
@@ -280,6 +302,9 @@ class HubDaemon:
             log.warning("presence of %s ignored: not in the devices allow-list", device)
             return
         self.store.upsert_device(device, msg.online, msg.n_samples, msg.backends, self.clock())
+        if (device in self._dp_capable) != msg.dp:
+            self.store.set_dp_capable(device, msg.dp)
+            (self._dp_capable.add if msg.dp else self._dp_capable.discard)(device)
         self.known.add(device)
         (self._online.add if msg.online else self._online.discard)(device)
         log.info("device %s %s (%s samples)", device, "online" if msg.online else "offline", msg.n_samples)
@@ -328,31 +353,43 @@ class HubDaemon:
         cur = self._current()
         if (cur.version, cur.backbone_sha256) != self._published:  # e.g. after `fedge hub rollback`
             self._publish_model(cur)
-        last = self.store.last_round()
-        rid = 1 if last is None else last.id + 1
+        rid = self.store.next_round_id()
         params = RoundParams.make(self.cfg.rounds, overrides)
         now = self.clock()
         privacy = self.cfg.privacy
         eps_after: float | None = None
+        ledger: LedgerRow | None = None
         if privacy.enabled:
+            # only agents that say they apply announced DP: an older agent would send its raw update
+            eligible = candidates & self._dp_capable
+            if not eligible:
+                return None, "no_devices", "no online device applies DP (update the agents)"
             dp = DpParams(privacy.mode, privacy.noise_multiplier, privacy.clip, privacy.sample_rate,
                           min_cohort=params.min_devices)
-            params = replace(params, dp=dp, expected_cohort=privacy.sample_rate * len(candidates))
-            selected = poisson_select(candidates, privacy.sample_rate, self.cfg.rounds.seed, rid)
+            params = replace(params, dp=dp, expected_cohort=privacy.sample_rate * len(eligible))
+            selected = poisson_select(eligible, privacy.sample_rate, self._rng)  # unpredictable cohort
+            if len(selected) < params.min_devices:  # decided by the sampling alone: nothing released, no cost
+                detail = (f"Poisson cohort of {len(selected)} is below min_devices {params.min_devices}: "
+                          "skipped, nothing announced, no privacy spent")
+                self._unannounced(rid, RoundStatus.FAILED_QUORUM, cur, params, now, detail)
+                return None, "cohort_too_small", detail
             eps_after = self.epsilon_spent(extra=dp)
             if privacy.epsilon_budget > 0 and eps_after > privacy.epsilon_budget:
                 detail = (f"privacy budget: epsilon would reach {eps_after:.3f} > budget {privacy.epsilon_budget:g} "
                           f"(delta {privacy.delta:g}; {self.epsilon_spent():.3f} spent)")
-                self._refuse_round(rid, cur, params, now, detail)
+                self._budget_exhausted = True
+                self._unannounced(rid, RoundStatus.REFUSED_BUDGET, cur, params, now, detail)
                 return None, "refused_budget", f"round {rid} refused: {detail}"
-            # the ledger entry is committed before the round exists: a crash in between over-counts, never under
-            self.store.add_ledger(LedgerRow(rid, dp.mode, dp.noise_multiplier, dp.clip, dp.sample_rate,
-                                            len(selected), params.expected_cohort, eps_after, privacy.delta, now))
+            event = event_for(dp, trust_sampling=privacy.amplification)
+            ledger = LedgerRow(rid, dp.mode, dp.noise_multiplier, dp.clip, dp.sample_rate, event.amplified,
+                               len(selected), params.expected_cohort, eps_after, privacy.delta, now)
         else:
             selected = select_devices(candidates, params.fraction, params.min_devices, self.cfg.rounds.seed, rid)
         agg = self._aggregator(params, cur.backbone_sha256)
         rnd = OpenRound(rid, cur.version, cur.backbone_sha256, params, selected, now, now + params.deadline_s, agg)
-        self.store.open_round(rid, cur.version, cur.backbone_sha256, params.to_dict(), selected, now, rnd.deadline)
+        # the ledger entry and the round are one transaction: a crash leaves both or neither
+        self.store.open_round(rid, cur.version, cur.backbone_sha256, params.to_dict(), selected, now, rnd.deadline,
+                              ledger)
         self.round = rnd
         self._publish(self.topics.announce, encode(rnd.announce(self.cfg.fleet)), retain=True)
         self._status(online=True)
@@ -365,25 +402,23 @@ class HubDaemon:
         shapes = {k: s for k, (s, _) in self._spec(backbone).items()}
         if params.dp is None:
             return self.strategy.aggregator(shapes)
-        return DpAggregator(shapes, self.cfg.aggregation.proximal_lambda, params.dp, max(params.expected_cohort, 1.0))
+        return DpAggregator(shapes, self.cfg.aggregation.proximal_lambda, params.dp, max(params.expected_cohort, 1.0),
+                            rng=self._rng)
 
     def epsilon_spent(self, extra: DpParams | None = None) -> float:
         """The fleet's epsilon at the configured delta over every DP round in the ledger (plus ``extra``)."""
-        events = [event_for(DpParams(r.mode, r.noise_multiplier, r.clip, r.sample_rate), trust_sampling=True)
-                  for r in self.store.ledger()]
-        if extra is not None:
-            events.append(event_for(extra, trust_sampling=True))
-        return epsilon(events, self.cfg.privacy.delta)
+        return ledger_epsilon(self.store.ledger(), self.cfg.privacy.delta, extra,
+                              amplification=self.cfg.privacy.amplification)
 
-    def _refuse_round(self, rid: int, cur: VersionRow, params: RoundParams, now: float, detail: str) -> None:
-        """Record and publish a round that was refused before it opened (nothing is announced)."""
-        self.store.open_round(rid, cur.version, cur.backbone_sha256, params.to_dict(), (), now, now)
-        self.store.set_round_detail(rid, detail)
-        self.store.close_round(rid, str(RoundStatus.REFUSED_BUDGET), now, None, None, (), 0, 0, None)
+    def _unannounced(self, rid: int, status: RoundStatus, cur: VersionRow, params: RoundParams, now: float,
+                     detail: str) -> None:
+        """Record (one transaction) and publish a round decided before it was announced; stops a chain."""
+        self.store.record_unopened_round(rid, str(status), cur.version, cur.backbone_sha256, params.to_dict(), now,
+                                         detail)
         self._set_chain(0, RoundOverrides())
-        self.rounds_jsonl({"round": rid, "status": str(RoundStatus.REFUSED_BUDGET), "detail": detail, "devices": 0})
+        self.rounds_jsonl({"round": rid, "status": str(status), "detail": detail, "devices": 0})
         self._publish(self.topics.result, encode(self._result_of(rid)), retain=True)
-        log.warning("round %d refused: %s", rid, detail)
+        log.warning("round %d %s: %s", rid, status, detail)
 
     def _handle_decline(self, topic: str, payload: bytes) -> None:
         device = self.topics.device_of(topic)
@@ -422,6 +457,7 @@ class HubDaemon:
             fleet=self.cfg.fleet, known_devices=frozenset(self.known), round_id=r.id if r else None,
             model_version=r.model_version if r else None, selected=frozenset(r.selected if r else ()),
             accepted=dict(r.accepted) if r else {}, head_spec=spec, max_update_bytes=self.cfg.rounds.max_update_bytes,
+            private=r is not None and r.params.dp is not None, declined=frozenset(r.declined if r else ()),
         )
 
     def _handle_update(self, topic: str, payload: bytes) -> None:
@@ -463,7 +499,7 @@ class HubDaemon:
         if self.round is not None and self.round.should_close(now):
             self._close_round(self.round)
         every = self.cfg.schedule.every_s
-        if self.round is None and every > 0 and self._candidates():
+        if self.round is None and every > 0 and self._candidates() and not self._budget_exhausted:
             last = self.store.last_round()
             if last is None or now - last.opened_at >= every:
                 self._start_round(RoundOverrides())
@@ -472,8 +508,14 @@ class HubDaemon:
         now = self.clock()
         row: VersionRow | None = None
         acc = loss = None
+        detail: str | None = None
+        head = None
         if r.quorum():
             head = r.aggregator.result(self.registry.load_head(r.model_version), self.registry.w0(r.backbone_sha256))
+            if not all(np.isfinite(a).all() for a in head.values()):
+                detail, head = "the aggregate is not finite: no version registered", None
+                log.error("round %d: %s", r.id, detail)
+        if head is not None:
             try:
                 score = self.evaluator(self.registry.backbone_dir(r.backbone_sha256), r.backbone_sha256, head)
             except Exception:
@@ -486,6 +528,8 @@ class HubDaemon:
         status = RoundStatus.COMPLETED if row is not None else RoundStatus.FAILED_QUORUM
         rejected = sum(self.store.reject_counts(r.id).values())
         devices = tuple(sorted(r.accepted))
+        if detail is not None:
+            self.store.set_round_detail(r.id, detail)
         self.store.close_round(r.id, str(status), now, acc, loss, devices, r.n_samples, rejected, row)
         self.round = None
         self.rounds_jsonl({
@@ -510,11 +554,15 @@ class HubDaemon:
         if row is None or row.closed_at is None:
             raise HubStateError(f"round {rid} is not a closed round of this hub")
         ledger = self.store.ledger_row(rid)
+        private = ledger is not None or RoundParams.from_dict(row.params).dp is not None
+        # a DP round's result names nobody and counts no samples (the store keeps them for the operator)
         return RoundResult(
             fleet=self.cfg.fleet, round=rid, status=RoundStatus(row.status), model_version=row.new_version,
-            accuracy=row.accuracy, loss=row.loss, devices=row.devices, n_samples=row.n_samples or 0,
-            rejected=row.rejected or 0, seconds=row.closed_at - row.opened_at, detail=self.store.round_detail(rid),
-            declined=tuple(sorted(self.store.declines(rid))), epsilon=None if ledger is None else ledger.epsilon,
+            accuracy=row.accuracy, loss=row.loss, devices=() if private else row.devices,
+            n_samples=0 if private else row.n_samples or 0, rejected=row.rejected or 0,
+            seconds=row.closed_at - row.opened_at, detail=self.store.round_detail(rid),
+            declined=() if private else tuple(sorted(self.store.declines(rid))),
+            epsilon=None if ledger is None else ledger.epsilon,
         )
 
     def rounds_jsonl(self, record: dict[str, Any]) -> None:

@@ -57,11 +57,14 @@ class RoundParams:
                    float(raw.get("expected_cohort", 0.0)))
 
 
-def poisson_select(eligible: Iterable[str], sample_rate: float, seed: int, round_id: int) -> tuple[str, ...]:
-    """Poisson sampling: each eligible device is selected independently with probability ``sample_rate``
-    (Generator((seed, round)); the cohort size is random, which is what the DP accountant assumes)."""
+def poisson_select(eligible: Iterable[str], sample_rate: float, seed: int | np.random.Generator,
+                   round_id: int = 0) -> tuple[str, ...]:
+    """Poisson sampling: each eligible device is selected independently with probability ``sample_rate``; the
+    cohort size is random, which is what the DP accountant assumes. ``seed`` is a Generator (the hub passes one
+    seeded by the operating system, so nobody can predict the cohort) or an int (reproducible, with the round)."""
     pool = sorted(set(eligible))
-    draws = np.random.default_rng([seed, round_id, 1]).random(len(pool))
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng([seed, round_id, 1])
+    draws = rng.random(len(pool))
     return tuple(d for d, u in zip(pool, draws, strict=True) if u < sample_rate)
 
 

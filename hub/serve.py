@@ -161,6 +161,7 @@ def run_status(args: argparse.Namespace) -> int:
 def privacy_dict(config_path: str, fleet: str | None = None) -> dict[str, Any]:
     """The privacy ledger of a hub's store, with its budget (reads the store; works while the hub runs)."""
     from fedge.hub.config import load_config
+    from fedge.hub.daemon import ledger_epsilon
     from fedge.hub.store import Store
 
     cfg = load_config(config_path)
@@ -180,7 +181,8 @@ def privacy_dict(config_path: str, fleet: str | None = None) -> dict[str, Any]:
     return {
         "fleet": cfg.fleet, "mode": p.mode, "delta": p.delta,
         "epsilon_budget": p.epsilon_budget or None,
-        "epsilon_spent": ledger[-1].epsilon if ledger else 0.0,
+        # recomputed from the whole ledger at the delta configured now (each row keeps the epsilon it had)
+        "epsilon_spent": ledger_epsilon(ledger, p.delta),
         "rounds": [asdict(r) for r in ledger],
         "refused": refused,
     }

@@ -43,8 +43,9 @@ CREATE TABLE IF NOT EXISTS devices (
     last_seen REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS privacy_ledger (
     round INTEGER PRIMARY KEY, mode TEXT NOT NULL, noise_multiplier REAL NOT NULL, clip REAL NOT NULL,
-    sample_rate REAL NOT NULL, cohort INTEGER NOT NULL, expected_cohort REAL NOT NULL, epsilon REAL NOT NULL,
-    delta REAL NOT NULL, ts REAL NOT NULL);
+    sample_rate REAL NOT NULL, amplified INTEGER NOT NULL, cohort INTEGER NOT NULL, expected_cohort REAL NOT NULL,
+    epsilon REAL NOT NULL, delta REAL NOT NULL, ts REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS device_caps (device TEXT PRIMARY KEY, dp INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS declines (
     round INTEGER NOT NULL, device TEXT NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL, ts REAL NOT NULL,
     UNIQUE(round, device));
@@ -93,6 +94,7 @@ class LedgerRow:
     noise_multiplier: float
     clip: float
     sample_rate: float
+    amplified: bool  # counted as Poisson-subsampled (central mode with [privacy] amplification = true)
     cohort: int
     expected_cohort: float
     epsilon: float
@@ -198,13 +200,50 @@ class Store:
         return None if row is None else VersionRow(*row)
 
     # rounds
+    def next_round_id(self) -> int:
+        """One more than any round id used by a round or a ledger entry."""
+        row = self._one("SELECT MAX(m) FROM (SELECT MAX(id) AS m FROM rounds UNION ALL "
+                        "SELECT MAX(round) FROM privacy_ledger)")
+        return int(row[0] or 0) + 1
+
     def open_round(self, rid: int, model_version: str, backbone: str, params: dict[str, Any],
-                   selected: tuple[str, ...], opened_at: float, deadline: float) -> None:
-        self._write(
-            "INSERT INTO rounds(id, status, model_version, backbone_sha256, params, selected, opened_at, deadline) "
-            "VALUES (?, 'open', ?, ?, ?, ?, ?, ?)",
-            (rid, model_version, backbone, json.dumps(params), json.dumps(list(selected)), opened_at, deadline),
-        )
+                   selected: tuple[str, ...], opened_at: float, deadline: float,
+                   ledger: LedgerRow | None = None) -> None:
+        """Open a round and, for a DP round, append its ledger entry: both or neither (one transaction)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if ledger is not None:
+                    self._db.execute("INSERT INTO privacy_ledger VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                     (ledger.round, ledger.mode, ledger.noise_multiplier, ledger.clip,
+                                      ledger.sample_rate, int(ledger.amplified), ledger.cohort,
+                                      ledger.expected_cohort, ledger.epsilon, ledger.delta, ledger.ts))
+                self._db.execute(
+                    "INSERT INTO rounds(id, status, model_version, backbone_sha256, params, selected, opened_at, "
+                    "deadline) VALUES (?, 'open', ?, ?, ?, ?, ?, ?)",
+                    (rid, model_version, backbone, json.dumps(params), json.dumps(list(selected)), opened_at,
+                     deadline),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def record_unopened_round(self, rid: int, status: str, model_version: str, backbone: str,
+                              params: dict[str, Any], at: float, detail: str) -> None:
+        """A round that was decided without being announced (refused, or a cohort below quorum): one transaction."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "INSERT INTO rounds(id, status, model_version, backbone_sha256, params, selected, opened_at, "
+                    "deadline, closed_at, devices, n_samples, rejected) VALUES (?, ?, ?, ?, ?, '[]', ?, ?, ?, '[]', "
+                    "0, 0)", (rid, status, model_version, backbone, json.dumps(params), at, at, at))
+                self._db.execute("INSERT INTO round_details(round, detail) VALUES (?, ?)", (rid, detail))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def close_round(self, rid: int, status: str, closed_at: float, accuracy: float | None, loss: float | None,
                     devices: tuple[str, ...], n_samples: int, rejected: int, version: VersionRow | None) -> None:
@@ -260,18 +299,25 @@ class Store:
         return None if row is None else str(row[0])
 
     # privacy ledger and declines
-    def add_ledger(self, row: LedgerRow) -> None:
-        """Append one DP round to the ledger (committed before the round is announced)."""
-        self._write("INSERT INTO privacy_ledger VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (row.round, row.mode, row.noise_multiplier, row.clip, row.sample_rate, row.cohort,
-                     row.expected_cohort, row.epsilon, row.delta, row.ts))
+    @staticmethod
+    def _ledger(row: Any) -> LedgerRow:
+        rid, mode, z, clip, q, amplified, *rest = row
+        return LedgerRow(rid, mode, z, clip, q, bool(amplified), *rest)
 
     def ledger(self) -> list[LedgerRow]:
-        return [LedgerRow(*r) for r in self._all("SELECT * FROM privacy_ledger ORDER BY round")]
+        return [self._ledger(r) for r in self._all("SELECT * FROM privacy_ledger ORDER BY round")]
 
     def ledger_row(self, rid: int) -> LedgerRow | None:
         row = self._one("SELECT * FROM privacy_ledger WHERE round = ?", (rid,))
-        return None if row is None else LedgerRow(*row)
+        return None if row is None else self._ledger(row)
+
+    def set_dp_capable(self, device: str, dp: bool) -> None:
+        self._write("INSERT INTO device_caps(device, dp) VALUES (?, ?) ON CONFLICT(device) DO UPDATE SET dp = "
+                    "excluded.dp", (device, int(dp)))
+
+    def dp_capable(self) -> set[str]:
+        """Devices whose last presence said they apply announced DP (clip + noise, no data in the clear)."""
+        return {str(d) for (d,) in self._all("SELECT device FROM device_caps WHERE dp = 1")}
 
     def add_decline(self, rid: int, device: str, reason: str, detail: str) -> bool:
         """Record a device's decline of a round; False when it had already declined it."""

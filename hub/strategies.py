@@ -103,11 +103,16 @@ class DpAggregator(Aggregator):
         self.params = params
         self.expected_cohort = float(expected_cohort)
         self._rng = rng if rng is not None else np.random.default_rng()
+        # central: the hub's own guarantee needs every update within C. Otherwise updates carry the devices'
+        # noise: clip at C plus a bound that honest noise exceeds with negligible probability (post-processing,
+        # no privacy cost), so that one hostile device cannot blow the aggregate up
+        dims = sum(int(np.prod(s)) for s in shapes.values())
+        noise = params.device_noise_std()
+        self.bound = params.clip if params.mode == "central" else params.clip + noise * (np.sqrt(dims) + 10.0)
 
     def add(self, delta: Mapping[str, NDArray[np.generic]], n_samples: int) -> None:
-        """Add one update with weight 1; in central mode clipped to C first (the hub's own guarantee)."""
-        if self.params.mode == "central":
-            delta, _ = clip_update(delta, self.params.clip)
+        """Add one update with weight 1, clipped to :attr:`bound` (C in central mode)."""
+        delta, _ = clip_update(delta, self.bound)
         super().add(delta, 1)
 
     def mean_delta(self) -> dict[str, NDArray[np.float64]]:

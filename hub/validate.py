@@ -35,6 +35,8 @@ class UpdateContext:
     head_spec: Mapping[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype)
     max_update_bytes: int
     max_samples: int = MAX_SAMPLES
+    private: bool = False  # the open round is a DP round
+    declined: frozenset[str] = frozenset()  # devices that declined the open round
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,11 @@ def check_update(msg: ModelUpdate, topic_device: str | None, ctx: UpdateContext)
         return RejectReason.STALE_ROUND, f"update for round {msg.round}, round {ctx.round_id} is open"
     if msg.device not in ctx.selected:
         return RejectReason.NOT_SELECTED, f"device {msg.device!r} was not selected for round {ctx.round_id}"
+    if msg.device in ctx.declined:
+        return RejectReason.DUPLICATE, f"device {msg.device!r} declined round {ctx.round_id}"
+    if ctx.private and (msg.n_samples != 1 or msg.metrics):
+        return RejectReason.MALFORMED, ("a DP round's update carries n_samples = 1 and no metrics (is the agent too "
+                                        "old to apply DP?)")
     if msg.model_version != ctx.model_version:
         detail = f"update from {msg.model_version!r}, round {ctx.round_id} trains {ctx.model_version!r}"
         return RejectReason.WRONG_MODEL, detail

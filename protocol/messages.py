@@ -95,6 +95,7 @@ class Presence:
     agent_version: str = ""
     nonce: str = field(default_factory=new_nonce)
     ts: float = field(default_factory=time.time)
+    dp: bool = field(default=False, metadata=EXT)  # this agent applies announced DP (clip, noise, no data metrics)
 
 
 @dataclass(frozen=True)

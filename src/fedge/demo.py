@@ -82,7 +82,8 @@ def prepare(paths: DemoPaths, devices: int, seed: int, quiet: bool) -> dict[str,
     if not paths.source_model.exists():
         _say(quiet, f"[1/4] pre-training the source model ({model_name}) on {n_source} upright {data.name} images")
         pretrain_arrays(
-            model_name, data.x_train[:n_source], data.y_train[:n_source], data.num_classes, seed, paths.source_model
+            model_name, data.x_train[:n_source], data.y_train[:n_source], data.num_classes, seed, paths.source_model,
+            progress=not quiet,
         )
     try:
         verify_artifacts(paths.artifacts)
@@ -140,7 +141,7 @@ def source_accuracy(paths: DemoPaths) -> float:
     trainer = open_trainer(paths.artifacts, backend="auto")
     eval_data = load_local(paths.data / "eval.npz")
     trainer.set_head(load_head(paths.artifacts))
-    _, acc = evaluate(trainer, trainer.features(eval_data.x), eval_data.y)
+    acc = evaluate(trainer, trainer.features(eval_data.x), eval_data.y).accuracy
     return float(acc)
 
 

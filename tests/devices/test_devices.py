@@ -90,3 +90,25 @@ def test_cli_lists_profiles() -> None:
         [sys.executable, "-m", "fedge.cli", "devices", "list"], capture_output=True, text=True, check=True
     ).stdout
     assert '"rpi5"' in out
+
+
+def test_the_broker_acl_lets_the_agent_publish_on_every_topic_it_uses(tmp_path: Path) -> None:
+    """Every ``self._transport.publish(self.topics.<t>(self.device), ...)`` in the agent is writable in the ACL
+    (a topic missing there is silently dropped by mosquitto: a decline would never reach the hub)."""
+    import ast
+
+    from fedge.protocol.topics import Topics
+
+    source = (Path(__file__).resolve().parents[2] / "edge_agent" / "agent.py").read_text()
+    used = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "publish":
+            target = node.args[0]
+            assert isinstance(target, ast.Call) and isinstance(target.func, ast.Attribute), ast.unparse(node)
+            used.add(target.func.attr)
+    assert used == {"presence", "update", "decline"}
+    bundle = provision(Provisioning("pi-09", "farm", "mqtt://h:1883", "/d.npz"), get_profile("rpi5"), tmp_path)
+    acl = (bundle / "broker-acl.conf").read_text().splitlines()
+    writable = {line.split()[-1] for line in acl if line.startswith(("topic write ", "topic readwrite "))}
+    t = Topics("farm")
+    assert {getattr(t, name)("pi-09") for name in used} <= writable

@@ -90,8 +90,8 @@ class Device:
     def __post_init__(self) -> None:
         self.transport.subscribe(TOPICS.device_inbox(self.name), lambda _t, p: self.inbox.append(decode(p)))
 
-    def hello(self, n_samples: int = 100, online: bool = True) -> None:
-        msg = Presence(fleet=FLEET, device=self.name, online=online, n_samples=n_samples, backends=("numpy",))
+    def hello(self, n_samples: int = 100, online: bool = True, dp: bool = True) -> None:
+        msg = Presence(fleet=FLEET, device=self.name, online=online, n_samples=n_samples, backends=("numpy",), dp=dp)
         self.transport.publish(TOPICS.presence(self.name), encode(msg), retain=True)
 
     def update(self, rnd: RoundAnnounce, delta: dict[str, np.ndarray], n: int = 10, **over: Any) -> ModelUpdate:
@@ -123,7 +123,8 @@ class Fleet:
         watcher.subscribe(TOPICS.result, lambda _t, p: p and self.results.append(decode(p)))  # type: ignore[func-returns-value, arg-type]
         watcher.subscribe(TOPICS.model_head, lambda _t, p: p and self.heads.append(decode(p)))  # type: ignore[func-returns-value, arg-type]
         self.hub = HubDaemon(cfg, InMemoryTransport(self.broker), clock=self.clock,
-                             evaluator=evaluator or (lambda _d, _s, _h: None), tick_s=0.02)
+                             evaluator=evaluator or (lambda _d, _s, _h: None), tick_s=0.02,
+                             rng=np.random.default_rng(1234))
         self.devices: dict[str, Device] = {}
 
     def device(self, name: str) -> Device:
