@@ -56,9 +56,28 @@ def check(figures: Mapping[str, Any], targets: tuple[Target, ...]) -> dict[str, 
             "targets_met": not missed}
 
 
+def measured() -> dict[str, Any]:
+    """Where and when a bench ran (kept in its JSON, shown under the README table)."""
+    import datetime as dt
+    import os
+    import platform
+    import subprocess
+    from pathlib import Path
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                                cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "host": platform.node(),
+            "machine": platform.machine(), "cpus": cpus, "python": platform.python_version(), "commit": commit}
+
+
 def finish(figures: dict[str, Any], targets: tuple[Target, ...], as_json: bool) -> int:
     """Print the figures with their targets (one JSON object with ``--json``); 1 when a target is missed."""
     figures.update(check(figures, targets))
+    figures["measured"] = measured()
     if as_json:
         print(json.dumps(figures, sort_keys=True))
     else:
@@ -67,7 +86,7 @@ def finish(figures: dict[str, Any], targets: tuple[Target, ...], as_json: bool) 
             print(f"{mark} {t.figure:34s} {figures.get(t.figure)!s:>10}  target {t.text():8s} {t.what}")
         print()
         for k, v in sorted(figures.items()):
-            if k not in {t.figure for t in targets} | {"targets", "missed", "targets_met"}:
+            if k not in {t.figure for t in targets} | {"targets", "missed", "targets_met", "measured"}:
                 print(f"     {k:34s} {v}")
     if figures["missed"]:
         print(f"missed targets: {', '.join(figures['missed'])}", file=sys.stderr)

@@ -379,6 +379,11 @@ class Agent:
         if reason:
             log.info("not training round %d: %s", msg.round, reason)
             return
+        sent = self._outbox(msg.round)
+        if sent.is_file():  # written before a crash: send those exact bytes again, never a freshly noised update
+            self._publish_update(msg.round, sent.read_bytes(), None, None)
+            log.info("round %d: update from before the restart sent again", msg.round)
+            return
         dp = self._dp_decision(msg)
         if dp is False:
             return
@@ -420,24 +425,38 @@ class Agent:
         update = ModelUpdate(
             self.config.fleet, msg.round, self.device, msg.model_version, n_samples, delta, metrics
         )
-        with self._cond:
-            if msg.round <= self.state.last_completed_round:
-                log.info("round %d already completed; not publishing again", msg.round)
-                return
-            if self._transport is None:
-                raise FedgeError("no transport: the agent was not started")
-            if dp is not None:  # recorded before it leaves the device: a crash over-counts, never under-counts
-                self.ledger.record(msg.round, dp)
-            self._transport.publish(self.topics.update(self.device), encode(update), qos=1)
-            _save_npz(self.personal_head_path, dict(trained))
-            self.state.last_completed_round = msg.round
-            self.state.save()
-            self._cond.notify_all()
+        if not self._publish_update(msg.round, encode(update), dp, trained):
+            return
         log.info(
             "round %d: %s, %d steps in %.2f s, loss %.4f -> %.4f, acc %.3f -> %.3f; update %s published",
             msg.round, trainer.name, result.steps, result.seconds, loss_before, loss_after,
             acc_before, acc_after, update.nonce[:8],
         )
+
+    def _outbox(self, round_id: int) -> Path:
+        return self.config.state_dir / "outbox" / f"round-{round_id}.bin"
+
+    def _publish_update(self, round_id: int, payload: bytes, dp: DpParams | None,
+                        trained: dict[str, NDArray[np.float32]] | None) -> bool:
+        """Record (DP ledger, outbox), publish, then mark the round completed; False if it already was."""
+        with self._cond:
+            if round_id <= self.state.last_completed_round:
+                log.info("round %d already completed; not publishing again", round_id)
+                return False
+            if self._transport is None:
+                raise FedgeError("no transport: the agent was not started")
+            outbox = self._outbox(round_id)
+            if dp is not None:  # recorded before it leaves the device: a crash over-counts, never under-counts
+                self.ledger.record(round_id, dp)
+            write_atomic(outbox, payload)  # a crash from here on re-sends these bytes
+            self._transport.publish(self.topics.update(self.device), payload, qos=1)
+            if trained is not None:
+                _save_npz(self.personal_head_path, dict(trained))
+            self.state.last_completed_round = round_id
+            self.state.save()
+            outbox.unlink(missing_ok=True)
+            self._cond.notify_all()
+        return True
 
     def _dp_decision(self, msg: RoundAnnounce) -> DpParams | Literal[False] | None:
         """The round's DP parameters (None: not private), or False after declining it."""

@@ -10,7 +10,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -298,3 +298,38 @@ def test_a_label_outside_the_classes_declines_the_round_with_a_data_error(
         assert a.wait_round_done(1, 10)  # and it is not retried
     finally:
         a.stop()
+
+
+def test_a_restart_after_publishing_resends_the_same_private_update(
+    config: AgentConfig, hub: Hub, artifacts_dir: Path, manifest: Manifest
+) -> None:
+    """Crash window: the update left the device but the round was not marked done. The restarted agent must
+    send the very same bytes (a second, freshly noised update would average the noise away)."""
+    raw: list[bytes] = []
+    hub.broker.subscribe(T.update(DEV), lambda _t, p: raw.append(p))
+    hub.send(T.model_full, model_full(artifacts_dir, manifest), retain=True)
+    hub.send(T.model_head, model_head(artifacts_dir, manifest), retain=True)
+    dp_round = replace(announce(manifest, 7), dp_mode="local", dp_noise_multiplier=1.0, dp_clip=1.0,
+                       dp_sample_rate=1.0, dp_min_cohort=1)
+    hub.send(T.announce, dp_round, retain=True)
+    first = Agent(config, transport=InMemoryTransport(hub.broker))
+    first.start()
+    assert first.wait_round_done(7, 60)
+    first.stop()
+    (sent,) = raw
+    upd = decode(sent)
+    assert isinstance(upd, ModelUpdate) and upd.n_samples == 1 and upd.metrics == {}
+    # put the device back into the crash window: outbox written and published, round not marked completed
+    state_file = config.state_dir / "state.json"
+    state = json.loads(state_file.read_text())
+    state["last_completed_round"] = 6
+    state_file.write_text(json.dumps(state))
+    (config.state_dir / "outbox").mkdir(exist_ok=True)
+    (config.state_dir / "outbox" / "round-7.bin").write_bytes(sent)
+    second = Agent(config, transport=InMemoryTransport(hub.broker))
+    second.start()  # the retained announce of round 7 arrives again
+    assert second.wait_round_done(7, 60)
+    second.stop()
+    assert raw == [sent, sent]  # byte for byte, same nonce: the hub treats it as a redelivery
+    assert len(json.loads((config.state_dir / "privacy.json").read_text())["entries"]) == 1
+    assert not (config.state_dir / "outbox" / "round-7.bin").exists()
