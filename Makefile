@@ -76,6 +76,7 @@ agent-wheels: setup
 bench: setup
 	$(BIN)/python bench/train_step.py
 	$(BIN)/python bench/round_overhead.py
+	$(BIN)/python bench/privacy_utility.py
 
 # Run every bench and write the README's benchmark table from that run.
 bench-readme: setup

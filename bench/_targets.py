@@ -45,7 +45,17 @@ ROUND_OVERHEAD = (
     Target("hub_rss_growth_mb", "<=", 50, "hub RSS after 1,000 updates minus after 100"),
 )
 
-BENCHES: dict[str, tuple[Target, ...]] = {"bench/train_step.py": TRAIN_STEP, "bench/round_overhead.py": ROUND_OVERHEAD}
+PRIVACY_UTILITY = (
+    Target("simulate_1000_s", "<=", 300,
+           "`fedge simulate`, 1,000 devices × 5 rounds, no DP, one process (pre-training excluded)"),
+    Target("dp_loss_points_eps8", "<=", 3,
+           "accuracy points lost with central DP at ε = 8 (δ 1e-5, q 0.1, 1,000 devices) vs the same run without DP"),
+    Target("dp_eps2_gain_points", ">=", 1,
+           "accuracy points the ε = 2 and ε = 1 global models (the worse of the two) gain over the source model"),
+)
+
+BENCHES: dict[str, tuple[Target, ...]] = {"bench/train_step.py": TRAIN_STEP, "bench/round_overhead.py": ROUND_OVERHEAD,
+                                          "bench/privacy_utility.py": PRIVACY_UTILITY}
 
 
 def check(figures: Mapping[str, Any], targets: tuple[Target, ...]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from numpy.typing import NDArray
 from fedge.edge_agent.artifacts import artifacts_dir, install_model_full, is_installed
 from fedge.edge_agent.config import AgentConfig
 from fedge.edge_agent.data import LocalData, load_local
+from fedge.edge_agent.evaluation import head_scores, local_only_head, split_indices
 from fedge.edge_agent.features import FeatureCache
 from fedge.edge_agent.ledger import DeviceLedger, announced_dp, decline_reason
 from fedge.edge_agent.privacy import DpParams, privatize
@@ -392,10 +393,12 @@ class Agent:
         expected = trainer.get_head()
         if {k: v.shape for k, v in global_head.items()} != {k: np.shape(v) for k, v in expected.items()}:
             raise FedgeError(f"head of model {msg.model_version} does not fit the backbone's head layout")
-        y = np.asarray(self.data.y, dtype=np.int64)
-        feats = self.feature_cache.get(
+        y_all = np.asarray(self.data.y, dtype=np.int64)
+        feats_all = self.feature_cache.get(
             trainer, self._inputs(msg.backbone_sha256), self.data.sha256, msg.backbone_sha256
         )
+        train_idx, val_idx = split_indices(len(y_all), self.config.validation_fraction, self.data.sha256)
+        feats, y = feats_all[train_idx], y_all[train_idx]  # the validation rows never train
         trainer.set_head(global_head)
         before = evaluate(trainer, feats, y)
         loss_before, acc_before = before.loss, before.accuracy
@@ -414,6 +417,14 @@ class Agent:
             f"backend_{trainer.name}": 1.0,  # metrics are numbers on the wire: the backend is a one-hot key
         }
         n_samples = len(y)
+        if dp is None and len(val_idx):  # federated evaluation (never under DP: it describes the local data)
+            w0 = load_head(artifacts_dir(self.artifacts_root, msg.backbone_sha256))
+            local = local_only_head(trainer, w0, feats, y, self.config.local_only_epochs, msg.lr, self.config.seed,
+                                    self.config.state_dir / "local_only" / f"{msg.backbone_sha256[:16]}-"
+                                    f"{self.data.sha256[:16]}.npz")
+            heads = {"source": w0, "global": global_head, "trained": trained, "personal": trained,
+                     "local_only": local}
+            metrics.update(head_scores(trainer, heads, feats_all[val_idx], y_all[val_idx]))
         if not all(np.isfinite(v).all() for v in delta.values()):
             raise FedgeError(f"round {msg.round}: training diverged (the update is not finite)")
         if dp is not None:  # clip + the device's share of the noise; nothing about the local data in the clear

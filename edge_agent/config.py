@@ -42,7 +42,7 @@ AGENT_SESSION_EXPIRY_S = 86400  # default: the broker keeps an offline agent's s
 BACKENDS: Final = ("auto", "litert", "ort", "numpy")
 _BROKER_FILES: Final = ("ca_file", "cert_file", "key_file")
 _KNOWN: Final = frozenset({"device_id", "fleet", "data", "state_dir", "backend", "seed", "session_expiry_s", "broker",
-                           "privacy"})
+                           "privacy", "validation_fraction", "local_only_epochs"})
 _PRIVACY_KNOWN: Final = frozenset({"epsilon_budget", "delta", "min_noise_multiplier", "max_clip", "modes"})
 _DP_MODES: Final = ("central", "local", "distributed")
 
@@ -130,6 +130,16 @@ class AgentConfig:
         default=86400,
         metadata=doc("seconds the broker keeps this device's session and queued messages while it is offline"),
     )
+    validation_fraction: float = field(
+        default=0.2,
+        metadata=doc("share of the local data held out (once, deterministically) to evaluate heads; it never trains",
+                     example=0.25),
+    )
+    local_only_epochs: int = field(
+        default=10,
+        metadata=doc("epochs of the local-only baseline head (trained from the source head on this device alone, "
+                     "once per backbone)"),
+    )
     privacy: DevicePrivacy | None = None
 
 
@@ -149,6 +159,13 @@ def _int(table: Mapping[str, Any], key: str, default: int, minimum: int) -> int:
     if value < minimum:
         raise ConfigError(key, f"must be >= {minimum}, got {value}")
     return value
+
+
+def _fraction(table: Mapping[str, Any], key: str, default: float) -> float:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+        raise ConfigError(key, f"must be a number in [0, 1), got {value!r}")
+    return float(value)
 
 
 def _path(table: Mapping[str, Any], key: str, base: Path, default: str | None = None) -> Path:
@@ -186,6 +203,8 @@ def config_from_mapping(table: Mapping[str, Any], base_dir: Path) -> AgentConfig
         backend=backend,
         seed=_int(table, "seed", 0, 0),
         session_expiry_s=_int(table, "session_expiry_s", AGENT_SESSION_EXPIRY_S, 0),
+        validation_fraction=_fraction(table, "validation_fraction", 0.2),
+        local_only_epochs=_int(table, "local_only_epochs", 10, 1),
         privacy=_privacy(table.get("privacy")),
     )
 
@@ -194,7 +213,7 @@ def reference_sections() -> list[Section]:
     """Every key of agent.toml, documented (the source of docs/CONFIG.md and ``fedge-agent init``)."""
     return [
         Section(None, keys_of(AgentConfig, only=("device_id", "fleet", "data", "state_dir", "backend", "seed",
-                                                 "session_expiry_s"),
+                                                 "session_expiry_s", "validation_fraction", "local_only_epochs"),
                               required=("device_id", "fleet", "data"), defaults={"state_dir": "state"})),
         Section("broker", keys_of(BrokerConfig, required=("url",)), "the MQTT broker the hub uses (required)"),
         Section("privacy", keys_of(DevicePrivacy),

@@ -64,6 +64,21 @@ def _effective(row: LedgerRow) -> tuple[float, float, bool]:
     return e.noise_multiplier, e.sample_rate, e.amplified
 
 
+def federated_scores(metrics: Iterable[dict[str, float]]) -> dict[str, float]:
+    """Validation-size-weighted means of the devices' ``val_acc_*`` / ``val_loss_*`` (and the total ``val_n``)."""
+    rows = [m for m in metrics if m.get("val_n", 0) > 0]
+    total = sum(m["val_n"] for m in rows)
+    if not total:
+        return {}
+    keys = sorted({k for m in rows for k in m if k.startswith(("val_acc_", "val_loss_"))})
+    out = {"val_n": float(total)}
+    for k in keys:
+        have = [m for m in rows if k in m]
+        weight = sum(m["val_n"] for m in have)
+        out[k] = round(sum(m[k] * m["val_n"] for m in have) / weight, 6)
+    return out
+
+
 def _request_id_of(payload: bytes) -> str | None:
     """The request_id of a control payload that failed validation, when one can be read (for the reply)."""
     try:
@@ -530,12 +545,16 @@ class HubDaemon:
         devices = tuple(sorted(r.accepted))
         if detail is not None:
             self.store.set_round_detail(r.id, detail)
+        federated = federated_scores(self.store.update_metrics(r.id)) if r.params.dp is None else {}
+        if federated:
+            self.store.set_round_metrics(r.id, federated)
         self.store.close_round(r.id, str(status), now, acc, loss, devices, r.n_samples, rejected, row)
         self.round = None
         self.rounds_jsonl({
             "round": r.id, "status": str(status), "devices": len(devices), "n_samples": r.n_samples,
             "accuracy": acc, "loss": loss, "seconds": round(now - r.opened_at, 3),
             "model_version": None if row is None else row.version, "rejected": rejected,
+            "federated": federated,
         })
         log.info("round %d %s: %d/%d devices, %d samples, %d rejected, accuracy %s, model %s, %.2f s", r.id, status,
                  len(devices), len(r.selected), r.n_samples, rejected, "-" if acc is None else f"{acc:.4f}",
@@ -562,7 +581,7 @@ class HubDaemon:
             n_samples=0 if private else row.n_samples or 0, rejected=row.rejected or 0,
             seconds=row.closed_at - row.opened_at, detail=self.store.round_detail(rid),
             declined=() if private else tuple(sorted(self.store.declines(rid))),
-            epsilon=None if ledger is None else ledger.epsilon,
+            epsilon=None if ledger is None else ledger.epsilon, federated=self.store.round_metrics(rid),
         )
 
     def rounds_jsonl(self, record: dict[str, Any]) -> None:

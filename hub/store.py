@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS declines (
     round INTEGER NOT NULL, device TEXT NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL, ts REAL NOT NULL,
     UNIQUE(round, device));
 CREATE TABLE IF NOT EXISTS round_details (round INTEGER PRIMARY KEY, detail TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS round_metrics (round INTEGER PRIMARY KEY, metrics TEXT NOT NULL);
 """
 
 
@@ -293,6 +294,15 @@ class Store:
     def set_round_detail(self, rid: int, detail: str) -> None:
         self._write("INSERT INTO round_details(round, detail) VALUES (?, ?) "
                     "ON CONFLICT(round) DO UPDATE SET detail = excluded.detail", (rid, detail))
+
+    def set_round_metrics(self, rid: int, metrics: dict[str, float]) -> None:
+        self._write("INSERT INTO round_metrics(round, metrics) VALUES (?, ?) "
+                    "ON CONFLICT(round) DO UPDATE SET metrics = excluded.metrics", (rid, json.dumps(metrics)))
+
+    def round_metrics(self, rid: int) -> dict[str, float]:
+        """The federated evaluation of round ``rid`` (empty when the devices reported none)."""
+        row = self._one("SELECT metrics FROM round_metrics WHERE round = ?", (rid,))
+        return {} if row is None else {str(k): float(v) for k, v in json.loads(row[0]).items()}
 
     def round_detail(self, rid: int) -> str | None:
         row = self._one("SELECT detail FROM round_details WHERE round = ?", (rid,))

@@ -15,7 +15,7 @@ import re
 import struct
 import types
 import typing
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, Field, fields
 from typing import Any, Final
 
 import numpy as np
@@ -72,6 +72,10 @@ def _pad8(n: int) -> int:
     return (-n) % 8
 
 
+def _default_of(f: Field[Any]) -> Any:
+    return f.default_factory() if f.default is MISSING and f.default_factory is not MISSING else f.default
+
+
 def encode(msg: Message) -> bytes:
     """Encode a message as one frame."""
     header: dict[str, Any] = {"type": str(msg.type)}
@@ -81,7 +85,7 @@ def encode(msg: Message) -> bytes:
         if f.name in _ARRAY_FIELD:
             arrays = value
             continue
-        if f.metadata.get("extension") and value == f.default:
+        if f.metadata.get("extension") and value == _default_of(f):
             continue
         header[f.name] = list(value) if isinstance(value, tuple) else value
     specs: list[dict[str, Any]] = []

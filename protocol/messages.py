@@ -227,6 +227,8 @@ class RoundResult:
     detail: str | None = field(default=None, metadata=EXT)        # why a round was refused or failed, for people
     declined: tuple[str, ...] = field(default=(), metadata=EXT)   # selected devices that declined the round
     epsilon: float | None = field(default=None, metadata=EXT)     # fleet privacy budget spent after this round
+    # federated evaluation: sample-weighted means of the devices' validation scores (val_acc_global, ...)
+    federated: dict[str, float] = field(default_factory=dict, metadata=EXT)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -55,6 +56,45 @@ def _run_demo(args: argparse.Namespace) -> int:
     return run_demo(args.devices, args.rounds, args.out, as_json=args.json, seed=args.seed)
 
 
+def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("simulate", help="N virtual devices in one process (no MQTT), the real training, DP and "
+                                        "aggregation code; prints the demo's report plus epsilon")
+    p.add_argument("--devices", type=int, default=100)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--out", default="simulate-out",
+                   help="work folder (source model, artifacts, data, report); reuse one to skip pre-training")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object, no table")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="auto", choices=["auto", "litert", "ort", "numpy"])
+    p.add_argument("--dp-mode", default="off", choices=["off", "central", "local"])
+    noise = p.add_mutually_exclusive_group()
+    noise.add_argument("--noise-multiplier", type=float, default=None, help="z (default 1 under DP)")
+    noise.add_argument("--epsilon", type=float, default=None,
+                       help="target epsilon after --rounds rounds: picks the smallest z that stays within it")
+    p.add_argument("--clip", type=float, default=1.0, help="C: L2 norm every update is clipped to")
+    p.add_argument("--sample-rate", type=float, default=0.1, help="q: Poisson sampling rate of each round (DP)")
+    p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--amplification", action="store_true",
+                   help="central DP: count rounds as Poisson-subsampled, like the hub's [privacy] amplification")
+    p.add_argument("--fraction", type=float, default=1.0, help="share of the devices selected per round (no DP)")
+    p.add_argument("--local-epochs", type=int, default=2)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--proximal-lambda", type=float, default=0.01)
+    p.set_defaults(handler=_run_simulate)
+
+
+def _run_simulate(args: argparse.Namespace) -> int:
+    from fedge.simulate import run_simulate, settings_from_args
+
+    settings = settings_from_args(
+        args.devices, args.rounds, args.seed, dp_mode=args.dp_mode, noise_multiplier=args.noise_multiplier,
+        target_epsilon=args.epsilon, clip=args.clip, sample_rate=args.sample_rate, delta=args.delta,
+        local_epochs=args.local_epochs, lr=args.lr, proximal_lambda=args.proximal_lambda, fraction=args.fraction,
+        amplification=args.amplification,
+    )
+    return run_simulate(settings, args.out, as_json=args.json, backend=args.backend)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fedge.devices.cli import add_subcommands as add_devices
     from fedge.export.cli import add_subcommands as add_export
@@ -67,13 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_partition(sub)
     add_hub(sub)
     _add_demo(sub)
+    _add_simulate(sub)
     add_devices(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(logging.DEBUG if args.verbose else logging.INFO)
+    if not args.verbose:  # third-party noise (TensorFlow/absl C++ logs, oneDNN notices) only with -v
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        logging.getLogger("absl").setLevel(logging.ERROR)
+    # the demo prints its own progress: fedge's INFO logs only with -v there
+    quiet_command = args.command in ("demo", "simulate")
+    configure_logging(logging.DEBUG if args.verbose else logging.WARNING if quiet_command else logging.INFO)
     try:
         code: int = args.handler(args)
     except FedgeError as exc:

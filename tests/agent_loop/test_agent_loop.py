@@ -42,6 +42,7 @@ from tests.helpers import wait_until
 FLEET = "loop"
 DEV = "dev-a"
 N = 40
+N_TRAIN = 32  # validation_fraction 0.2 holds 8 rows out
 T = Topics(FLEET)
 
 
@@ -133,14 +134,19 @@ def test_round_publishes_exactly_one_valid_update_and_ignores_the_rest(
     (upd,) = hub.updates()
     head = load_head(artifacts_dir)
     assert upd.round == 1 and upd.device == DEV and upd.model_version == "v1" and upd.fleet == FLEET
-    assert upd.n_samples == N
+    assert upd.n_samples == N_TRAIN  # the validation split never trains
     assert list(upd.delta) == list(head)
     for name, arr in head.items():
         assert upd.delta[name].shape == arr.shape and upd.delta[name].dtype == np.float32
     assert any(np.abs(d).max() > 0 for d in upd.delta.values())
     for key in ("loss_before", "loss_after", "acc_before", "acc_after", "train_seconds", "n_steps"):
         assert key in upd.metrics
-    assert upd.metrics["n_steps"] == -(-N // manifest.train_batch)  # one epoch
+    assert upd.metrics["n_steps"] == -(-N_TRAIN // manifest.train_batch)  # one epoch
+    # federated evaluation: every head scored on the device's validation split
+    assert upd.metrics["val_n"] == N - N_TRAIN
+    for name in ("source", "global", "trained", "personal", "local_only"):
+        assert 0 <= upd.metrics[f"val_acc_{name}"] <= 1 and upd.metrics[f"val_loss_{name}"] > 0
+    assert upd.metrics["val_acc_global"] == upd.metrics["val_acc_source"]  # v1 is the exported head here
     assert any(k.startswith("backend_") for k in upd.metrics)
 
     # the personalised head = global + delta is kept on the device; the round is persisted
@@ -216,7 +222,7 @@ def test_tampered_model_full_is_rejected_and_a_pending_round_runs_when_the_real_
     hub.send(T.model_full, good)
     assert agent.wait_round_done(1, 60)
     (upd,) = hub.updates()
-    assert upd.round == 1 and upd.n_samples == N
+    assert upd.round == 1 and upd.n_samples == N_TRAIN
     installed = config.state_dir / "artifacts" / manifest.backbone_sha256[:16]
     assert (installed / "manifest.json").is_file()
     assert {p.name for p in (config.state_dir / "artifacts").iterdir()} == {installed.name}

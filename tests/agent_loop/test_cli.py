@@ -179,5 +179,5 @@ def test_run_trains_a_round_over_mqtt(tmp_path: Path, mosquitto: Mosquitto, arti
             proc.wait()
         hub.close()
     (upd,) = updates
-    assert upd.round == 1 and upd.device == "dev-cli" and upd.n_samples == 20
+    assert upd.round == 1 and upd.device == "dev-cli" and upd.n_samples == 16  # 4 of 20 held out for validation
     assert set(upd.delta) == set(head.head)

@@ -43,6 +43,11 @@ class FleetData:
     shard_sizes: tuple[int, ...]
     eval_file: Path
 
+    @property
+    def train_total(self) -> int:
+        """Samples the devices train on: each holds out round(0.2 n) for validation (agent default)."""
+        return sum(n - round(0.2 * n) for n in self.shard_sizes)
+
 
 @dataclass
 class Proc:

@@ -67,7 +67,7 @@ def test_hostile_updates_are_rejected_and_the_round_completes(fleet: Fleet) -> N
     (res,) = fleet.wait_results([1], timeout_s=30)
     assert res.status is RoundStatus.COMPLETED
     assert sorted(res.devices) == sorted([*fleet.devices, GHOST]), "the good agents (and the ghost's valid update)"
-    assert res.n_samples == sum(fleet.data.shard_sizes) + 50
+    assert res.n_samples == fleet.data.train_total + 50
     assert res.rejected >= len(hostile)
     with fleet.cond:
         real_rejects = [r for t, r in fleet.seen.rejects if r.device in fleet.devices]

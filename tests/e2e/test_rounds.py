@@ -20,7 +20,11 @@ def _check_chain(fleet: Fleet, results: list[RoundResult], v0_accuracy: float) -
         assert res.status is RoundStatus.COMPLETED, res
         assert len(res.devices) >= len(fleet.devices), res
         assert sorted(res.devices) == fleet.devices
-        assert res.n_samples == sum(fleet.data.shard_sizes)
+        assert res.n_samples == fleet.data.train_total
+        # federated evaluation: validation-weighted scores of every head, over all five devices' held-out rows
+        assert res.federated["val_n"] == sum(fleet.data.shard_sizes) - fleet.data.train_total
+        for name in ("source", "global", "trained", "personal", "local_only"):
+            assert 0 <= res.federated[f"val_acc_{name}"] <= 1
         assert res.model_version is not None and res.accuracy is not None
         versions.append(res.model_version)
     assert len(set(versions)) == len(versions), f"every round makes a new version: {versions}"

@@ -94,7 +94,7 @@ def describe(msg: Message) -> dict[str, Any]:
                  "data": np.asarray(a).ravel().tolist()}
                 for k, a in value.items()
             ]
-        elif f.metadata.get("extension") and value == f.default:
+        elif f.metadata.get("extension") and value == codec._default_of(f):
             continue  # left out of the frame too (see protocol.messages.EXT)
         else:
             out["fields"][f.name] = list(value) if isinstance(value, tuple) else value

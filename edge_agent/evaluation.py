@@ -1,0 +1,67 @@
+"""Federated evaluation on the device: a fixed validation split and the scores of the heads a device can compare.
+
+Every round a device scores, on validation data that never trains, the source head (w0 of the backbone), the
+global head it received, the head it trained, its personalised head and a local-only head (trained from w0 on
+this device's training split alone, once per backbone and cached). The hub averages these sample-weighted,
+so an operator sees whether federating helped the devices at all. Nothing here runs under DP: the scores
+describe the local data (PROTOCOL.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+
+from fedge.edge_agent.trainers.base import Trainer
+from fedge.edge_agent.training import evaluate, fit
+from fedge.protocol.manifest import load_head, save_head
+
+log = logging.getLogger("fedge.agent")
+
+Head = Mapping[str, NDArray[np.float32]]
+HEADS = ("source", "global", "trained", "personal", "local_only")
+
+
+def split_indices(n: int, fraction: float, key: str) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """``(train, validation)`` row indices: a permutation seeded by ``key`` (the data's sha256), so the split is
+    the same on every run; at least one training row; no validation rows when ``fraction`` is 0 or n < 2."""
+    n_val = min(round(n * fraction), n - 1) if n >= 2 else 0
+    order = np.random.default_rng(int(key[:16], 16)).permutation(n)
+    return np.sort(order[n_val:]).astype(np.int64), np.sort(order[:n_val]).astype(np.int64)
+
+
+def local_only_head(trainer: Trainer, w0: Head, feats: NDArray[np.float32], y: NDArray[np.int64], epochs: int,
+                    lr: float, seed: int, cache: Path) -> dict[str, NDArray[np.float32]]:
+    """The head this device would have on its own: w0 fine-tuned on its training split for ``epochs``; computed
+    once and kept in ``cache`` (keyed by the caller on backbone and data)."""
+    if cache.is_file():
+        try:
+            return load_head(cache)
+        except Exception as exc:  # a damaged cache is recomputed
+            log.warning("local-only head %s unreadable (%s): recomputing", cache, exc)
+    trainer.set_head(w0)
+    fit(trainer, feats, y, epochs, lr, np.random.default_rng([seed, 1_000_003]))
+    head = {k: np.asarray(v, dtype=np.float32) for k, v in trainer.get_head().items()}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    save_head(cache, head)
+    return head
+
+
+def head_scores(trainer: Trainer, heads: Mapping[str, Head], feats: NDArray[np.float32],
+                y: NDArray[np.int64]) -> dict[str, float]:
+    """``val_acc_<name>`` and ``val_loss_<name>`` of every head on ``(feats, y)``, plus ``val_n``. Leaves the
+    trainer holding the last head scored."""
+    out: dict[str, float] = {"val_n": float(len(y))}
+    for name, head in heads.items():
+        trainer.set_head(head)
+        score = evaluate(trainer, feats, y)
+        out[f"val_acc_{name}"] = float(score.accuracy)
+        out[f"val_loss_{name}"] = float(score.loss)
+    return out
+
+
+__all__ = ["HEADS", "head_scores", "local_only_head", "split_indices"]
