@@ -154,14 +154,19 @@ def _plot(report: dict[str, Any], out: Path) -> None:
     rounds = [r["round"] for r in report["rounds"]]
     accs = [r["accuracy"] for r in report["rounds"]]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(rounds, accs, marker="o", label="federated global model")
+    ax.plot(rounds, accs, marker="o", label="global model (hub's held-out data)")
+    for key, label in (("fed_global", "global (devices' validation)"), ("fed_personal", "personalised"),
+                       ("fed_local_only", "local-only"), ("fed_source", "source (devices' validation)")):
+        values = [r.get(key, float("nan")) for r in report["rounds"]]
+        if any(key in r for r in report["rounds"]):
+            ax.plot(rounds, values, marker=".", linestyle=":", label=label)
     ax.axhline(report["source_accuracy"], color="grey", linestyle="--", label="source model only")
     ax.set_xticks(rounds)
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy on held-out device-domain data")
     ax.set_title(f"fedge demo: {report['devices']} devices, {report['dataset']}")
     ax.set_ylim(0, 1)
-    ax.legend()
+    ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
@@ -290,7 +295,10 @@ def build_report(info: dict[str, Any], devices: int, src_acc: float, results: li
     """The demo's report; ``passed`` requires the final global model to beat the source model *and* chance."""
     rounds: list[dict[str, Any]] = [
         {"round": r.round, "devices": len(r.devices), "accuracy": None if r.accuracy is None else round(r.accuracy, 4),
-         "seconds": round(r.seconds, 3), "status": str(r.status)}
+         "seconds": round(r.seconds, 3), "status": str(r.status),
+         # federated evaluation on the devices' own validation data (absent under DP)
+         **{f"fed_{h}": r.federated[f"val_acc_{h}"] for h in ("source", "local_only", "global", "personal")
+            if f"val_acc_{h}" in r.federated}}
         for r in results
     ]
     final: float | None = results[-1].accuracy if results else None
