@@ -27,6 +27,10 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--device-id", default="device-00")
     init.add_argument("--fleet", default="demo")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    pr = sub.add_parser("predict", help="predict with this device's personalised head (CSV: row,class,probability)")
+    pr.add_argument("--config", required=True, help="path to agent.toml")
+    pr.add_argument("--data", required=True, help=".npz with x, or .csv feature rows")
+    pr.add_argument("--out", help="CSV file (default: stdout)")
     st = sub.add_parser("selftest", help="check this device: runtimes, artifacts, a few training steps", add_help=False)
     st.add_argument("args", nargs=argparse.REMAINDER)
     sub.add_parser("version", help="print the agent and protocol versions")
@@ -43,6 +47,18 @@ def _init(out: str, device_id: str, fleet: str, force: bool) -> int:
         raise FedgeError(f"{path} exists (use --force to overwrite)")
     path.write_text(starter_config(device_id, fleet), encoding="utf-8")
     print(f"wrote {path}: set data and [broker] url, then: fedge-agent run --config {path} --check")
+    return 0
+
+
+def _predict(config_path: str, data: str, out: str | None) -> int:
+    from pathlib import Path
+
+    from fedge.edge_agent.config import load_config
+    from fedge.edge_agent.predict import predict, write_csv
+
+    which, pred, prob = predict(load_config(config_path), Path(data))
+    write_csv(pred, prob, None if out is None else Path(out))
+    print(f"{len(pred)} predictions with the {which} head" + ("" if out is None else f" -> {out}"), file=sys.stderr)
     return 0
 
 
@@ -99,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "init":
             return _init(args.out, args.device_id, args.fleet, args.force)
+        if args.command == "predict":
+            return _predict(args.config, args.data, args.out)
         if args.check:
             return _check(args.config)
         return _run(args.config, args.log_level, args.connect_timeout)

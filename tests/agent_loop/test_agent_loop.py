@@ -339,3 +339,25 @@ def test_a_restart_after_publishing_resends_the_same_private_update(
     assert raw == [sent, sent]  # byte for byte, same nonce: the hub treats it as a redelivery
     assert len(json.loads((config.state_dir / "privacy.json").read_text())["entries"]) == 1
     assert not (config.state_dir / "outbox" / "round-7.bin").exists()
+
+
+def test_predict_uses_the_personalised_head(
+    agent: Agent, hub: Hub, artifacts_dir: Path, manifest: Manifest, config: AgentConfig, data_file: Path
+) -> None:
+    from fedge.edge_agent.predict import predict
+    from fedge.edge_agent.trainers import open_trainer
+
+    hub.send(T.model_full, model_full(artifacts_dir, manifest), retain=True)
+    hub.send(T.model_head, model_head(artifacts_dir, manifest), retain=True)
+    agent.start()
+    hub.send(T.announce, announce(manifest, 1), retain=True)
+    assert agent.wait_round_done(1, 60)
+    which, pred, prob = predict(config, data_file, backend="numpy")
+    assert which == "personal" and pred.shape == (N,) and np.all((prob > 0) & (prob <= 1))
+    trainer = open_trainer(artifacts_dir, backend="numpy")
+    with np.load(data_file) as z:
+        x = z["x"]
+    trainer.set_head(load_head(config.state_dir / "personal_head.npz"))
+    np.testing.assert_array_equal(pred, trainer.logits(trainer.features(x)).argmax(axis=1))
+    (config.state_dir / "personal_head.npz").unlink()  # no personal head: the global head it holds
+    assert predict(config, data_file, backend="numpy")[0] == "global v1"
