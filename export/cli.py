@@ -18,9 +18,10 @@ _DATASETS = ("auto", "fashion-mnist", "digits")
 
 
 def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("pretrain", help="pre-train the source model on the hub's data set (saves .keras)")
+    p = sub.add_parser("pretrain", help="pre-train the source model on a data set or your data (saves .keras)")
     p.add_argument("--model", default="auto", choices=_ZOO_CHOICES, help="auto: cnn28 for images, mlp for vectors")
     p.add_argument("--dataset", default="auto", choices=_DATASETS)
+    p.add_argument("--data", help="your own source data instead: .npz with x, y or .csv with the label last")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="model.keras", help="output .keras file")
@@ -51,7 +52,8 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def run_pretrain(args: argparse.Namespace) -> int:
     from fedge.export.pretrain import pretrain_report
 
-    r = pretrain_report(args.model, args.dataset, args.epochs, args.seed, args.out)
+    r = pretrain_report(args.model, args.dataset, args.epochs, args.seed, args.out, data_file=args.data,
+                        progress=True)
     print(f"pre-trained {r.model} on {r.dataset} for {args.epochs} epoch(s) in {r.seconds:.1f} s: "
           f"test accuracy {r.test_accuracy:.3f}")
     print(f"saved {r.path}")

@@ -131,16 +131,42 @@ def pretrain_report(
     epochs: int = DEFAULT_EPOCHS,
     seed: int = 0,
     out_path: str | Path = "model.keras",
+    data_file: str | Path | None = None,
+    progress: bool = False,
 ) -> PretrainResult:
-    """Train on ``fedge.datasets.source.load_source(dataset)``, measure test accuracy, save ``.keras``."""
-    from fedge.datasets.source import load_source
-
+    """Train on ``fedge.datasets.source.load_source(dataset)`` or on the user's ``data_file`` (.npz with x, y or
+    .csv with the label last; 10 % held out, deterministically, to measure accuracy), save ``.keras``."""
     start = time.perf_counter()
-    data = load_source(dataset)
-    name = model_for_input(model_name, data.x_train)
-    model = _train(name, data.x_train, data.y_train, data.num_classes, seed, epochs)
-    acc = _accuracy(model, data.x_test, data.y_test) if len(data.y_test) else float("nan")
+    if data_file is not None:
+        x_train, y_train, x_test, y_test, num_classes, source = _user_data(Path(data_file))
+    else:
+        from fedge.datasets.source import load_source
+
+        data = load_source(dataset)
+        x_train, y_train, x_test, y_test = data.x_train, data.y_train, data.x_test, data.y_test
+        num_classes, source = data.num_classes, data.name
+    name = model_for_input(model_name, x_train)
+    model = _train(name, x_train, y_train, num_classes, seed, epochs, progress)
+    acc = _accuracy(model, x_test, y_test) if len(y_test) else float("nan")
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     model.save(out)
-    return PretrainResult(out, acc, time.perf_counter() - start, name, data.name)
+    return PretrainResult(out, acc, time.perf_counter() - start, name, source)
+
+
+def _user_data(path: Path) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any], NDArray[Any], int, str]:
+    """The user's source data: images ``[N, 28, 28(, 1)]`` go to the CNN, anything else is flattened for the MLP."""
+    from fedge.edge_agent.data import load_local
+    from fedge.edge_agent.evaluation import split_indices
+
+    local = load_local(path)
+    x = np.asarray(local.x, dtype=np.float32)
+    if x.ndim == 3 and x.shape[1:] == (28, 28):
+        x = x[..., None]
+    elif not (x.ndim == 4 and x.shape[1:] == (28, 28, 1)):
+        x = x.reshape(len(x), -1)
+    y = np.asarray(local.y, dtype=np.int64)
+    if y.size == 0 or y.min() < 0:
+        raise ConfigError("data", f"{path}: labels must be integers >= 0")
+    train, test = split_indices(len(y), 0.1, local.sha256)
+    return x[train], y[train], x[test], y[test], int(y.max()) + 1, path.name
