@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from fedge.protocol.messages import RoundStatus
@@ -65,3 +68,25 @@ def test_an_agent_stopped_right_after_it_comes_online_ends_offline(fleet: Fleet)
     fleet.stop_agent(dev)  # waits (20 s) for the offline presence
     late = fleet.retained(fleet.topics.presence(dev))
     assert getattr(late, "online", None) is False, late
+
+
+def test_a_device_with_a_bad_label_declines_and_the_round_closes_without_it(fleet: Fleet, tmp_path: Path) -> None:
+    import numpy as np
+
+    bad = tmp_path / "bad-label.npz"
+    with np.load(fleet.data.shards[0]) as z:
+        x, y = z["x"], z["y"].copy()
+    y[3] = 99  # the model has 10 classes: passes the file checks, fails against the model
+    np.savez(bad, x=x, y=y)
+    fleet.set_agent_config("device-00", data=str(bad))
+    fleet.write_hub_toml(devices=fleet.devices, rounds={"deadline_s": 90.0, "min_devices": 4})
+    fleet.start_hub()
+    fleet.start_agents(ready=True)
+    fleet.start_round()
+    (res,) = fleet.wait_results([1], timeout_s=60)
+    assert res.status is RoundStatus.COMPLETED and res.declined == ("device-00",)
+    assert sorted(res.devices) == fleet.devices[1:]
+    assert res.seconds < 30, f"the hub waited {res.seconds:.1f} s: it must not wait for the deadline (90 s)"
+    status = json.loads(fleet.hub_cli("hub", "status").stdout)
+    assert status["declines"] == {"data_error": 1}
+    assert "label 99" in (fleet.logs / "device-00.log").read_text()  # the details stay on the device
