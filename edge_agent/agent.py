@@ -27,6 +27,7 @@ from fedge.edge_agent.features import FeatureCache
 from fedge.edge_agent.ledger import DeviceLedger, announced_dp, decline_reason
 from fedge.edge_agent.privacy import DpParams, privatize
 from fedge.edge_agent.state import AgentState, write_atomic
+from fedge.edge_agent.training import Prox, fit
 from fedge.protocol.codec import decode, encode
 from fedge.protocol.errors import ArtifactError, DataError, DecodeError, FedgeError
 from fedge.protocol.manifest import load_head, load_manifest
@@ -373,7 +374,7 @@ class Agent:
         return x
 
     def _run_round(self, msg: RoundAnnounce) -> None:
-        from fedge.edge_agent.training import evaluate, fit
+        from fedge.edge_agent.training import evaluate
 
         with self._cond:
             reason = self._skip_reason_late(msg)
@@ -417,12 +418,13 @@ class Agent:
             f"backend_{trainer.name}": 1.0,  # metrics are numbers on the wire: the backend is a one-hot key
         }
         n_samples = len(y)
+        personal = self._personal_head(trainer, trained, global_head, feats, y, msg)
         if dp is None and len(val_idx):  # federated evaluation (never under DP: it describes the local data)
             w0 = load_head(artifacts_dir(self.artifacts_root, msg.backbone_sha256))
             local = local_only_head(trainer, w0, feats, y, self.config.local_only_epochs, msg.lr, self.config.seed,
                                     self.config.state_dir / "local_only" / f"{msg.backbone_sha256[:16]}-"
                                     f"{self.data.sha256[:16]}.npz")
-            heads = {"source": w0, "global": global_head, "trained": trained, "personal": trained,
+            heads = {"source": w0, "global": global_head, "trained": trained, "personal": personal,
                      "local_only": local}
             metrics.update(head_scores(trainer, heads, feats_all[val_idx], y_all[val_idx]))
         if not all(np.isfinite(v).all() for v in delta.values()):
@@ -436,13 +438,34 @@ class Agent:
         update = ModelUpdate(
             self.config.fleet, msg.round, self.device, msg.model_version, n_samples, delta, metrics
         )
-        if not self._publish_update(msg.round, encode(update), dp, trained):
+        if not self._publish_update(msg.round, encode(update), dp, personal):
             return
         log.info(
             "round %d: %s, %d steps in %.2f s, loss %.4f -> %.4f, acc %.3f -> %.3f; update %s published",
             msg.round, trainer.name, result.steps, result.seconds, loss_before, loss_after,
             acc_before, acc_after, update.nonce[:8],
         )
+
+    def _personal_head(self, trainer: Any, trained: dict[str, NDArray[np.float32]],
+                       global_head: dict[str, NDArray[np.float32]], feats: NDArray[np.float32],
+                       y: NDArray[np.int64], msg: RoundAnnounce) -> dict[str, NDArray[np.float32]]:
+        """The head this device keeps for its own predictions (never sent). ``finetune``: the head it trained
+        from the global one. ``ditto``: its previous personal head (or the global one), trained further with a
+        pull ``mu * ||v - w_global||^2`` toward the new global head."""
+        if self.config.personalization != "ditto":
+            return trained
+        start = global_head
+        if self.personal_head_path.is_file():
+            try:
+                previous = load_head(self.personal_head_path)
+                if {k: v.shape for k, v in previous.items()} == {k: v.shape for k, v in global_head.items()}:
+                    start = previous
+            except ArtifactError:
+                log.warning("personal head %s unreadable: starting from the global head", self.personal_head_path)
+        trainer.set_head(start)
+        fit(trainer, feats, y, msg.local_epochs, msg.lr, np.random.default_rng([self.config.seed, msg.round, 7]),
+            prox=Prox(global_head, self.config.ditto_mu))
+        return {k: np.asarray(v, dtype=np.float32) for k, v in trainer.get_head().items()}
 
     def _outbox(self, round_id: int) -> Path:
         return self.config.state_dir / "outbox" / f"round-{round_id}.bin"

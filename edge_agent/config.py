@@ -42,7 +42,7 @@ AGENT_SESSION_EXPIRY_S = 86400  # default: the broker keeps an offline agent's s
 BACKENDS: Final = ("auto", "litert", "ort", "numpy")
 _BROKER_FILES: Final = ("ca_file", "cert_file", "key_file")
 _KNOWN: Final = frozenset({"device_id", "fleet", "data", "state_dir", "backend", "seed", "session_expiry_s", "broker",
-                           "privacy", "validation_fraction", "local_only_epochs"})
+                           "privacy", "validation_fraction", "local_only_epochs", "personalization", "ditto_mu"})
 _PRIVACY_KNOWN: Final = frozenset({"epsilon_budget", "delta", "min_noise_multiplier", "max_clip", "modes"})
 _DP_MODES: Final = ("central", "local", "distributed")
 
@@ -140,6 +140,16 @@ class AgentConfig:
         metadata=doc("epochs of the local-only baseline head (trained from the source head on this device alone, "
                      "once per backbone)"),
     )
+    personalization: str = field(
+        default="finetune",
+        metadata=doc("how the device's own head is made: finetune (the global head fine-tuned on local data, as "
+                     "sent) or ditto (a separate personal head pulled toward the global head by ditto_mu)",
+                     example="ditto"),
+    )
+    ditto_mu: float = field(
+        default=0.1,
+        metadata=doc("ditto: strength mu of the pull mu*||v - w_global||^2 of the personal head v", example=0.5),
+    )
     privacy: DevicePrivacy | None = None
 
 
@@ -161,11 +171,19 @@ def _int(table: Mapping[str, Any], key: str, default: int, minimum: int) -> int:
     return value
 
 
-def _fraction(table: Mapping[str, Any], key: str, default: float) -> float:
+def _fraction(table: Mapping[str, Any], key: str, default: float, upper: float | None = 1.0) -> float:
     value = table.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
-        raise ConfigError(key, f"must be a number in [0, 1), got {value!r}")
+    if (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0
+            or (upper is not None and value >= upper)):
+        raise ConfigError(key, f"must be a number in [0, {upper if upper is not None else 'inf'}), got {value!r}")
     return float(value)
+
+
+def _choice(table: Mapping[str, Any], key: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = table.get(key, default)
+    if value not in allowed:
+        raise ConfigError(key, f"{value!r} is not one of {', '.join(allowed)}")
+    return str(value)
 
 
 def _path(table: Mapping[str, Any], key: str, base: Path, default: str | None = None) -> Path:
@@ -205,6 +223,8 @@ def config_from_mapping(table: Mapping[str, Any], base_dir: Path) -> AgentConfig
         session_expiry_s=_int(table, "session_expiry_s", AGENT_SESSION_EXPIRY_S, 0),
         validation_fraction=_fraction(table, "validation_fraction", 0.2),
         local_only_epochs=_int(table, "local_only_epochs", 10, 1),
+        personalization=_choice(table, "personalization", "finetune", ("finetune", "ditto")),
+        ditto_mu=_fraction(table, "ditto_mu", 0.1, upper=None),
         privacy=_privacy(table.get("privacy")),
     )
 
@@ -213,7 +233,8 @@ def reference_sections() -> list[Section]:
     """Every key of agent.toml, documented (the source of docs/CONFIG.md and ``fedge-agent init``)."""
     return [
         Section(None, keys_of(AgentConfig, only=("device_id", "fleet", "data", "state_dir", "backend", "seed",
-                                                 "session_expiry_s", "validation_fraction", "local_only_epochs"),
+                                                 "session_expiry_s", "validation_fraction", "local_only_epochs",
+                                                 "personalization", "ditto_mu"),
                               required=("device_id", "fleet", "data"), defaults={"state_dir": "state"})),
         Section("broker", keys_of(BrokerConfig, required=("url",)), "the MQTT broker the hub uses (required)"),
         Section("privacy", keys_of(DevicePrivacy),

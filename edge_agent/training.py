@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,7 +13,7 @@ from numpy.typing import NDArray
 from fedge.edge_agent.losses import Score, ScoreSum
 from fedge.edge_agent.trainers.base import Trainer
 
-__all__ = ["FitResult", "evaluate", "fit"]
+__all__ = ["FitResult", "Prox", "evaluate", "fit"]
 
 EVAL_CHUNK = 1024
 
@@ -38,6 +39,16 @@ def _check(feats: NDArray[np.float32], y: NDArray[np.integer]) -> None:
         raise ValueError("no samples to train on")
 
 
+@dataclass(frozen=True)
+class Prox:
+    """A pull ``mu * ||w - anchor||^2`` on the head, applied after every step as its exact proximal operator
+    ``w <- (w + 2 lr mu anchor) / (1 + 2 lr mu)``: works with every trainer (through get_head / set_head).
+    Ditto uses it toward the global head; the seed's lambda term toward the source head w0."""
+
+    anchor: Mapping[str, NDArray[np.float32]]
+    mu: float
+
+
 def fit(
     trainer: Trainer,
     feats: NDArray[np.float32],
@@ -45,8 +56,10 @@ def fit(
     epochs: int,
     lr: float,
     rng: np.random.Generator,
+    prox: Prox | None = None,
 ) -> FitResult:
-    """``epochs`` passes of SGD in batches of ``trainer.batch_size``, reshuffled with ``rng`` each epoch.
+    """``epochs`` passes of SGD in batches of ``trainer.batch_size``, reshuffled with ``rng`` each epoch, with an
+    optional proximal pull after every step.
 
     The last batch of an epoch may be short (the trainer pads and masks it).
     """
@@ -69,6 +82,11 @@ def fit(
         for s in range(0, n, b):
             fb, yb = shuffled_f[s : s + b], shuffled_y[s : s + b]
             last = trainer.train_step(fb, yb, lr)
+            if prox is not None and prox.mu > 0:
+                k = 2.0 * lr * prox.mu
+                head = trainer.get_head()
+                trainer.set_head({name: ((np.asarray(w, np.float64) + k * np.asarray(prox.anchor[name], np.float64))
+                                         / (1.0 + k)).astype(np.float32) for name, w in head.items()})
             if steps == 0:
                 first = last
             steps += 1

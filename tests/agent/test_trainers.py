@@ -119,3 +119,34 @@ def test_requested_backend_not_installed_says_how_to_install(
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "not installed" in out.stdout and hint in out.stdout
+
+
+def test_proximal_pull_is_the_same_on_every_trainer_and_does_what_it_says(artifacts_dir: Path) -> None:
+    """fit(..., prox=Prox(anchor, mu)): the same heads on every installed trainer (parity), mu = 0 is plain SGD,
+    and a strong pull keeps the head near its anchor."""
+    from fedge.edge_agent.training import Prox
+
+    rng = np.random.default_rng(5)
+    head0 = load_head(artifacts_dir)
+    anchor = {k: v + np.float32(0.05) for k, v in head0.items()}
+    trainers = {b: open_trainer(artifacts_dir, b) for b in available_backends()}
+    feats = np.abs(rng.normal(size=(96, load_manifest(artifacts_dir).feature_dim))).astype(np.float32)
+    y = rng.integers(0, load_manifest(artifacts_dir).num_classes, 96)
+
+    def run(t: Trainer, mu: float) -> dict[str, np.ndarray]:
+        t.set_head(head0)
+        fit(t, feats, y, 2, 0.1, np.random.default_rng(1), prox=Prox(anchor, mu) if mu else None)
+        return {k: np.asarray(v) for k, v in t.get_head().items()}
+
+    pulled = {b: run(t, 0.5) for b, t in trainers.items()}
+    ref = pulled["numpy"]
+    for b, head in pulled.items():
+        for k in ref:
+            np.testing.assert_allclose(head[k], ref[k], rtol=1e-3, atol=1e-4, err_msg=f"{b}: {k}")
+    free = run(trainers["numpy"], 0.0)
+    strong = run(trainers["numpy"], 50.0)
+
+    def dist(h: dict[str, np.ndarray]) -> float:
+        return float(np.sqrt(sum(np.square(h[k] - anchor[k]).sum() for k in h)))
+
+    assert dist(strong) < 0.1 * dist(free) and dist(strong) < dist(pulled["numpy"]) < dist(free)

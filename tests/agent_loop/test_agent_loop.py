@@ -361,3 +361,30 @@ def test_predict_uses_the_personalised_head(
     np.testing.assert_array_equal(pred, trainer.logits(trainer.features(x)).argmax(axis=1))
     (config.state_dir / "personal_head.npz").unlink()  # no personal head: the global head it holds
     assert predict(config, data_file, backend="numpy")[0] == "global v1"
+
+
+def test_ditto_keeps_a_separate_personal_head_pulled_toward_the_global_one(
+    tmp_path: Path, hub: Hub, artifacts_dir: Path, manifest: Manifest, data_file: Path
+) -> None:
+    cfg = config_from_mapping({"device_id": DEV, "fleet": FLEET, "data": str(data_file), "state_dir": "ditto",
+                               "broker": {"url": "mqtt://127.0.0.1:1"}, "personalization": "ditto",
+                               "ditto_mu": 5.0}, tmp_path)
+    a = Agent(cfg, transport=InMemoryTransport(hub.broker))
+    try:
+        hub.send(T.model_full, model_full(artifacts_dir, manifest), retain=True)
+        hub.send(T.model_head, model_head(artifacts_dir, manifest), retain=True)
+        a.start()
+        hub.send(T.announce, replace(announce(manifest, 1), local_epochs=3, lr=0.2), retain=True)
+        assert a.wait_round_done(1, 60)
+    finally:
+        a.stop()
+    (upd,) = hub.updates()
+    glob = load_head(artifacts_dir)
+    trained = {k: glob[k] + np.asarray(upd.delta[k], np.float32) for k in glob}
+    personal = load_head(cfg.state_dir / "personal_head.npz")
+
+    def dist(h: dict[str, np.ndarray]) -> float:
+        return float(np.sqrt(sum(np.square(h[k] - glob[k]).sum() for k in h)))
+
+    assert 0 < dist(personal) < dist(trained)  # its own head, held close to the global one by mu
+    assert "val_acc_personal" in upd.metrics
