@@ -14,11 +14,13 @@ demo: setup
 
 test: setup agent-venv lint unit agent-env-tests agent-wheels
 
-# Debian packages: mosquitto (real broker for the tests) and Fashion-MNIST (offline data set).
+# Debian packages: mosquitto (real broker for the tests), Fashion-MNIST (offline data set) and headless Chromium
+# with its driver (the dashboard's browser test; Debian's build: nothing downloads a browser).
 system-deps:
-	@if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ] || [ ! -d /usr/share/datasets/fashion-mnist ]; then \
+	@if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ] || [ ! -d /usr/share/datasets/fashion-mnist ] \
+		|| ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
-			mosquitto mosquitto-clients dataset-fashion-mnist; \
+			mosquitto mosquitto-clients dataset-fashion-mnist chromium chromium-driver; \
 	fi
 	@# the packaged service is not needed: tests and demo start their own brokers
 	-@$(SUDO) systemctl disable --now mosquitto >/dev/null 2>&1 || true

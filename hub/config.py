@@ -38,6 +38,10 @@
     delta = 1e-5
     epsilon_budget = 0               # 0 = none; else rounds past it are refused
 
+    [http]                           # read-only fleet dashboard and Prometheus /metrics
+    listen = "127.0.0.1:8080"        # empty = off
+    token = ""                       # required when listen is not a loopback address
+
 Relative paths resolve against the folder of the config file. Every error is a ConfigError
 naming the field, e.g. ``rounds.deadline_s``.
 """
@@ -50,6 +54,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final
 
+from fedge.hub.dashboard.listen import MIN_TOKEN_CHARS, is_loopback, parse_listen, valid_token
 from fedge.protocol.configdoc import Section, doc, keys_of, starter_toml
 from fedge.protocol.errors import ConfigError
 from fedge.protocol.mqtt_config import BrokerConfig
@@ -142,11 +147,23 @@ class AggregationConfig:
             'lambda of the pull toward the source head w0: w = (FedAvg + 2 lambda w0) / (1 + 2 lambda); 0 = '
             'plain FedAvg', example=0.01),
     )
+    deploy_gate: bool = field(
+        default=True,
+        metadata=doc("with eval_data: deploy a new version only if its held-out accuracy is not below the deployed "
+                     "one's by more than deploy_tolerance (else it stays a candidate)"),
+    )
+    deploy_tolerance: float = field(
+        default=0.05,
+        metadata=doc("accuracy points (as a fraction) a new version may lose against the deployed one", example=0.0),
+    )
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ConfigError("aggregation.strategy", f"{self.strategy!r} is not one of {', '.join(STRATEGIES)}")
         _need_num("aggregation.proximal_lambda", self.proximal_lambda, minimum=0.0)
+        if not isinstance(self.deploy_gate, bool):
+            raise ConfigError("aggregation.deploy_gate", f"must be true or false, got {self.deploy_gate!r}")
+        _need_num("aggregation.deploy_tolerance", self.deploy_tolerance, minimum=0.0)
 
 
 PRIVACY_MODES: Final = ("off", "central", "local", "distributed")
@@ -228,6 +245,47 @@ class ScheduleConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """``[http]``: the read-only fleet dashboard and Prometheus ``/metrics`` served by the hub process."""
+
+    listen: str = field(
+        default="",
+        metadata=doc(
+            'HOST:PORT of the read-only web dashboard and /metrics (empty = off; fedge hub serve --http overrides '
+            'it); keep it on loopback unless a token is set', example='127.0.0.1:8080'),
+    )
+    token: str = field(
+        default="",
+        metadata=doc(
+            f'bearer token every dashboard request must carry (?token=..., Authorization: Bearer ...), at least '
+            f'{MIN_TOKEN_CHARS} of [A-Za-z0-9._~-]; required when listen is not a loopback address',
+            example='Xk3v9Qm2-pT7wLz4_Rb8sNd1'),
+    )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.listen, str):
+            raise ConfigError("http.listen", f"must be a string HOST:PORT, got {self.listen!r}")
+        if not isinstance(self.token, str):
+            raise ConfigError("http.token", f"must be a string, got {self.token!r}")
+        if self.token and not valid_token(self.token):
+            raise ConfigError("http.token", f"must be at least {MIN_TOKEN_CHARS} of [A-Za-z0-9._~-] (e.g. python -c "
+                              "'import secrets; print(secrets.token_urlsafe(24))')")
+        if not self.listen:
+            return
+        try:
+            host, _port = parse_listen(self.listen)
+        except ValueError as exc:
+            raise ConfigError("http.listen", str(exc)) from None
+        if not self.token and not is_loopback(host):
+            raise ConfigError("http.token", f"is required when the dashboard listens on {host}, not a loopback "
+                              "address (anyone who can reach it could read the fleet's state)")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.listen)
+
+
+@dataclass(frozen=True)
 class HubBroker:
     """The broker to use; ``embedded`` is set when the hub runs amqtt itself on embedded_host:port."""
 
@@ -292,6 +350,7 @@ class HubConfig:
     aggregation: AggregationConfig = AggregationConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    http: HttpConfig = HttpConfig()
 
     def __post_init__(self) -> None:
         if not isinstance(self.fleet, str) or not valid_id(self.fleet):
@@ -308,7 +367,7 @@ class HubConfig:
 
 
 _TOP: Final = frozenset({"fleet", "state_dir", "artifacts", "eval_data", "devices", "broker", "rounds",
-                         "aggregation", "schedule", "privacy"})
+                         "aggregation", "schedule", "privacy", "http"})
 
 
 def _table(table: Mapping[str, Any], key: str, cls: type[Any]) -> Any:
@@ -360,6 +419,7 @@ def config_from_mapping(table: Mapping[str, Any], base_dir: Path) -> HubConfig:
         aggregation=_table(table, "aggregation", AggregationConfig),
         schedule=_table(table, "schedule", ScheduleConfig),
         privacy=_table(table, "privacy", PrivacyConfig),
+        http=_table(table, "http", HttpConfig),
     )
 
 
@@ -375,6 +435,7 @@ def reference_sections() -> list[Section]:
         Section("aggregation", keys_of(AggregationConfig)),
         Section("schedule", keys_of(ScheduleConfig), "rounds started without anyone asking"),
         Section("privacy", keys_of(PrivacyConfig), "client-level differential privacy (PROTOCOL.md)"),
+        Section("http", keys_of(HttpConfig), "the read-only fleet dashboard and Prometheus /metrics (README)"),
     ]
 
 
@@ -397,6 +458,7 @@ __all__ = [
     "EMBEDDED",
     "STRATEGIES",
     "AggregationConfig",
+    "HttpConfig",
     "HubBroker",
     "HubConfig",
     "PrivacyConfig",

@@ -139,6 +139,7 @@ class HubDaemon:
         if self.registry.current() is None:
             row = self.registry.import_artifacts(self.cfg.artifacts)
             log.info("imported %s as %s (backbone %s)", self.cfg.artifacts, row.version, row.backbone_sha256[:16])
+            self._score_version(row)  # the source model's held-out score: the first bar for the deploy gate
         for dev in self.store.devices():
             if self.cfg.devices is None:
                 self.known.add(dev["device"])
@@ -257,6 +258,17 @@ class HubDaemon:
         self._publish(self.topics.model_head, encode(self.registry.model_head(self.cfg.fleet, row)), retain=True)
         self._published = (row.version, row.backbone_sha256)
         log.info("published model/head %s", row.version)
+
+    def _score_version(self, row: VersionRow) -> None:
+        try:
+            score = self.evaluator(self.registry.backbone_dir(row.backbone_sha256), row.backbone_sha256,
+                                   self.registry.load_head(row.version))
+        except Exception:
+            log.exception("%s: evaluation failed", row.version)
+            return
+        if score is not None:
+            self.store.set_version_score(row.version, score.accuracy, score.loss)
+            log.info("%s scores accuracy %.4f on the hub's held-out data", row.version, score.accuracy)
 
     def _current(self) -> VersionRow:
         cur = self.registry.current()
@@ -540,6 +552,14 @@ class HubDaemon:
                 acc, loss = score.accuracy, score.loss  # are on their training data: not comparable)
             row = self.registry.write_head(head, parent=r.model_version, round_id=r.id,
                                            backbone_sha256=r.backbone_sha256, accuracy=acc, loss=loss)
+            deployed = self.store.version(r.model_version)
+            agg = self.cfg.aggregation
+            if (agg.deploy_gate and acc is not None and deployed is not None and deployed.accuracy is not None
+                    and acc < deployed.accuracy - agg.deploy_tolerance):
+                detail = (f"{row.version} kept as a candidate, not deployed: held-out accuracy {acc:.4f} is below "
+                          f"the deployed {deployed.version}'s {deployed.accuracy:.4f} by more than "
+                          f"{agg.deploy_tolerance:g} (fedge hub rollback --to {row.version} deploys it anyway)")
+                log.warning("round %d: %s", r.id, detail)
         status = RoundStatus.COMPLETED if row is not None else RoundStatus.FAILED_QUORUM
         rejected = sum(self.store.reject_counts(r.id).values())
         devices = tuple(sorted(r.accepted))
@@ -548,7 +568,9 @@ class HubDaemon:
         federated = federated_scores(self.store.update_metrics(r.id)) if r.params.dp is None else {}
         if federated:
             self.store.set_round_metrics(r.id, federated)
-        self.store.close_round(r.id, str(status), now, acc, loss, devices, r.n_samples, rejected, row)
+        held_back = detail is not None and row is not None
+        self.store.close_round(r.id, str(status), now, acc, loss, devices, r.n_samples, rejected, row,
+                               make_current=not held_back)
         self.round = None
         self.rounds_jsonl({
             "round": r.id, "status": str(status), "devices": len(devices), "n_samples": r.n_samples,
@@ -559,7 +581,7 @@ class HubDaemon:
         log.info("round %d %s: %d/%d devices, %d samples, %d rejected, accuracy %s, model %s, %.2f s", r.id, status,
                  len(devices), len(r.selected), r.n_samples, rejected, "-" if acc is None else f"{acc:.4f}",
                  "-" if row is None else row.version, now - r.opened_at)
-        if row is not None:
+        if row is not None and not held_back:
             self._publish_model(row)
         self._publish(self.topics.result, encode(self._result_of(r.id)), retain=True)
         self._publish(self.topics.announce, b"", retain=True)

@@ -25,6 +25,9 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = hsub.add_parser("serve", help="run the hub daemon (Ctrl-C / SIGTERM to stop)")
     p.add_argument("--config", required=True, help="hub.toml")
     p.add_argument("--check", action="store_true", help="validate the config (naming any bad key) and exit")
+    p.add_argument("--http", metavar="HOST:PORT",
+                   help="serve the read-only fleet dashboard and /metrics here (overrides [http] listen; a "
+                        "non-loopback address needs [http] token)")
     p.set_defaults(handler=run_serve)
     p = hsub.add_parser("init", help="write a commented starter hub.toml (every key: docs/CONFIG.md)")
     p.add_argument("--out", default="hub.toml")
@@ -83,14 +86,20 @@ def run_serve(args: argparse.Namespace) -> int:
     from fedge.protocol.transport_mqtt import MqttTransport
 
     cfg = load_config(args.config)
+    if getattr(args, "http", None) is not None:  # --http overrides [http] listen (validated the same way)
+        from dataclasses import replace
+
+        cfg = replace(cfg, http=replace(cfg.http, listen=args.http))
     if args.check:
         if not (cfg.state_dir / "hub.sqlite").exists() and not (cfg.artifacts / "manifest.json").is_file():
             raise ConfigError("artifacts", f"{cfg.artifacts} holds no exported model (manifest.json): "
                               "run fedge export first")
         print(f"{args.config}: ok (fleet {cfg.fleet!r}, broker {cfg.broker.config.url}"
-              f"{' embedded' if cfg.broker.embedded else ''}, privacy {cfg.privacy.mode}, state in {cfg.state_dir})")
+              f"{' embedded' if cfg.broker.embedded else ''}, privacy {cfg.privacy.mode}, state in {cfg.state_dir}"
+              f"{', dashboard on ' + cfg.http.listen if cfg.http.enabled else ''})")
         return 0
     broker: Any = None
+    dashboard: Any = None
     if cfg.broker.embedded:
         from fedge.hub.broker import EmbeddedBroker
 
@@ -105,6 +114,11 @@ def run_serve(args: argparse.Namespace) -> int:
         transport = MqttTransport(cfg.broker.config, f"fedge-hub-{cfg.fleet}", will=will, manual_ack=True,
                                   session_expiry_s=HUB_SESSION_EXPIRY_S)
         daemon = HubDaemon(cfg, transport)
+        if cfg.http.enabled:  # the read-only dashboard: its own read-only store connection, presence watched
+            from fedge.hub.dashboard.server import start_for_hub
+
+            dashboard = start_for_hub(cfg, transport)
+            print(f"dashboard: {dashboard.url}", flush=True)
         daemon.start(connect=transport.connect)
         transport.add_on_connect(daemon.on_reconnect)
         log.info("hub for fleet %r serving on %s (state in %s)", cfg.fleet, cfg.broker.config.url, cfg.state_dir)
@@ -116,6 +130,8 @@ def run_serve(args: argparse.Namespace) -> int:
             daemon.stop()
             transport.close()
     finally:
+        if dashboard is not None:
+            dashboard.stop()
         if broker is not None:
             broker.stop()
     return 0

@@ -247,8 +247,10 @@ class Store:
                 raise
 
     def close_round(self, rid: int, status: str, closed_at: float, accuracy: float | None, loss: float | None,
-                    devices: tuple[str, ...], n_samples: int, rejected: int, version: VersionRow | None) -> None:
-        """Close a round and (if it produced one) record its new version as current, in ONE transaction."""
+                    devices: tuple[str, ...], n_samples: int, rejected: int, version: VersionRow | None,
+                    make_current: bool = True) -> None:
+        """Close a round and (if it produced one) record its new version, as current unless ``make_current`` is
+        False (a candidate the deploy gate held back), in ONE transaction."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -258,8 +260,9 @@ class Store:
                         (version.version, version.idx, version.sha256, version.parent, version.round,
                          version.backbone_sha256, version.accuracy, version.loss, version.created_at),
                     )
-                    self._db.execute("INSERT INTO meta(key, value) VALUES ('current_version', ?) "
-                                     "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (version.version,))
+                    if make_current:
+                        self._db.execute("INSERT INTO meta(key, value) VALUES ('current_version', ?) "
+                                         "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (version.version,))
                 self._db.execute(
                     "UPDATE rounds SET status = ?, closed_at = ?, new_version = ?, accuracy = ?, loss = ?, "
                     "devices = ?, n_samples = ?, rejected = ? WHERE id = ?",
@@ -303,6 +306,9 @@ class Store:
         """The federated evaluation of round ``rid`` (empty when the devices reported none)."""
         row = self._one("SELECT metrics FROM round_metrics WHERE round = ?", (rid,))
         return {} if row is None else {str(k): float(v) for k, v in json.loads(row[0]).items()}
+
+    def set_version_score(self, version: str, accuracy: float, loss: float) -> None:
+        self._write("UPDATE versions SET accuracy = ?, loss = ? WHERE version = ?", (accuracy, loss, version))
 
     def round_detail(self, rid: int) -> str | None:
         row = self._one("SELECT detail FROM round_details WHERE round = ?", (rid,))

@@ -47,13 +47,18 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--out", default="demo-out", help="work folder (artifacts, data, state, report)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object, no table")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--http", metavar="HOST:PORT",
+                   help="the hub serves its fleet dashboard and /metrics here; the URL is printed (off loopback with "
+                        "a random token)")
+    p.add_argument("--hold", action="store_true", help="keep the fleet running after the last round until Ctrl-C")
     p.set_defaults(handler=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from fedge.demo import run_demo
 
-    return run_demo(args.devices, args.rounds, args.out, as_json=args.json, seed=args.seed)
+    return run_demo(args.devices, args.rounds, args.out, as_json=args.json, seed=args.seed, http=args.http,
+                    hold=args.hold)
 
 
 def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -110,7 +110,8 @@ def prepare(paths: DemoPaths, devices: int, seed: int, quiet: bool) -> dict[str,
             "device_files": [str(f) for f in files]}
 
 
-def _hub_toml(paths: DemoPaths, fleet: str, port: int, devices: int, rounds: int) -> dict[str, Any]:
+def _hub_toml(paths: DemoPaths, fleet: str, port: int, devices: int, rounds: int,
+              http: dict[str, str] | None = None) -> dict[str, Any]:
     return {
         "fleet": fleet, "state_dir": paths.hub_state, "artifacts": paths.artifacts,
         "eval_data": paths.data / "eval.npz",
@@ -119,6 +120,7 @@ def _hub_toml(paths: DemoPaths, fleet: str, port: int, devices: int, rounds: int
                    "lr": 0.05, "seed": 0},
         "aggregation": {"strategy": "fedavg", "proximal_lambda": 0.01},
         "schedule": {"chain_rounds": rounds},
+        **({"http": http} if http else {}),
     }
 
 
@@ -179,8 +181,10 @@ class DemoFleet:
     """The demo's processes: the hub (with its embedded broker) and N agents, plus a watcher connection that
     sees presence and round results. A context manager: leaving it stops every process (agents first)."""
 
-    def __init__(self, paths: DemoPaths, devices: int, rounds: int, device_files: list[str]) -> None:
+    def __init__(self, paths: DemoPaths, devices: int, rounds: int, device_files: list[str],
+                 http: dict[str, str] | None = None) -> None:
         self.paths, self.devices, self.rounds, self.device_files = paths, devices, rounds, device_files
+        self.http = http  # the hub's [http] table (dashboard), or None
         self.fleet = "demo"
         self.port = free_port()
         self.conf_dir = paths.root / "config"
@@ -227,7 +231,7 @@ class DemoFleet:
         from fedge.protocol.transport_mqtt import MqttTransport
 
         hub_toml = write_toml(self.conf_dir / "hub.toml",
-                              _hub_toml(self.paths, self.fleet, self.port, self.devices, self.rounds))
+                              _hub_toml(self.paths, self.fleet, self.port, self.devices, self.rounds, self.http))
         hub = self._spawn(["fedge.cli", "hub", "serve", "--config", str(hub_toml)], "hub.log")
         self.watcher = MqttTransport(BrokerConfig(url=f"mqtt://127.0.0.1:{self.port}", protocol="3.1.1"),
                                      f"fedge-demo-{os.getpid()}")
@@ -325,10 +329,36 @@ def _print_summary(report: dict[str, Any]) -> None:
     print(f"report: {report['report']}\nplot:   {report['plot']}")
 
 
-def run_demo(devices: int, rounds: int, out: str, *, as_json: bool = False, seed: int = 0) -> int:
-    """Run the whole demo; returns 0 when the federated model ends above the source model and above chance."""
+def _dashboard(listen: str) -> tuple[dict[str, str], str, tuple[str, int]]:
+    """The hub's [http] table for ``--http HOST:PORT``, the URL to open and the address to wait for. Port 0 picks a
+    free port; off loopback a random token is made (and put in the URL)."""
+    import secrets
+
+    from fedge.hub.dashboard.listen import is_loopback, parse_listen
+
+    try:
+        host, port = parse_listen(listen)
+    except ValueError as exc:
+        raise FedgeError(f"--http: {exc}") from None
+    local = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # every address: open it on this machine
+    port = port or free_port(local if ":" not in local else "127.0.0.1")
+    table = {"listen": f"[{host}]:{port}" if ":" in host else f"{host}:{port}"}
+    if not is_loopback(host):
+        table["token"] = secrets.token_urlsafe(24)
+    url = f"http://{f'[{local}]' if ':' in local else local}:{port}/" + (f"?token={table['token']}"
+                                                                        if "token" in table else "")
+    return table, url, (local, port)
+
+
+def run_demo(devices: int, rounds: int, out: str, *, as_json: bool = False, seed: int = 0, http: str | None = None,
+             hold: bool = False) -> int:
+    """Run the whole demo; returns 0 when the federated model ends above the source model and above chance.
+
+    ``http`` (HOST:PORT): the hub serves its dashboard there (its URL is printed); ``hold``: the fleet keeps
+    running after the last round until Ctrl-C (SIGINT)."""
     if devices < 1 or rounds < 1:
         raise FedgeError("--devices and --rounds must be at least 1")
+    dashboard = _dashboard(http) if http else None
     quiet = as_json
     paths = DemoPaths(Path(out).resolve())
     info = prepare(paths, devices, seed, quiet)
@@ -338,20 +368,41 @@ def run_demo(devices: int, rounds: int, out: str, *, as_json: bool = False, seed
         acc = f"{res.accuracy:8.3f}" if res.accuracy is not None else f"{'failed':>8}"
         _say(quiet, f"{res.round:>5}  {len(res.devices):>7}  {acc}  {res.seconds:7.2f}")
 
-    with DemoFleet(paths, devices, rounds, info["device_files"]) as fleet:
+    def tell(text: str) -> None:  # the dashboard's lines: on stderr under --json (stdout is one JSON object)
+        print(text, file=sys.stderr if as_json else sys.stdout, flush=True)
+
+    with DemoFleet(paths, devices, rounds, info["device_files"], None if dashboard is None else dashboard[0]) as fleet:
         _say(quiet, f"[4/4] embedded broker on :{fleet.port}, hub and {devices} agent processes; {rounds} rounds")
         fleet.start_hub()
+        if dashboard is not None:
+            from fedge.hub.mosquitto import wait_port
+
+            try:
+                wait_port(*dashboard[2], timeout_s=30)
+            except TimeoutError:
+                raise FedgeError(f"the hub's dashboard did not come up; see {fleet.logs / 'hub.log'}") from None
+            tell(f"dashboard: {dashboard[1]}")
         fleet.start_agents()
         _say(quiet, f"\n{'round':>5}  {'devices':>7}  {'accuracy':>8}  {'seconds':>7}")
         _say(quiet, f"{'src':>5}  {'-':>7}  {src_acc:8.3f}  {'-':>7}")
         results = fleet.run_rounds(show)
-    report = build_report(info, devices, src_acc, results, paths)
-    paths.report.write_text(json.dumps(report, indent=2) + "\n")
-    _plot(report, paths.plot)
-    if as_json:
-        print(json.dumps(report))
-    else:
-        _print_summary(report)
+        report = build_report(info, devices, src_acc, results, paths)
+        paths.report.write_text(json.dumps(report, indent=2) + "\n")
+        _plot(report, paths.plot)
+        if as_json:
+            print(json.dumps(report), flush=True)
+        else:
+            _print_summary(report)
+        if hold:
+            where = f"; dashboard: {dashboard[1]}" if dashboard is not None else ""
+            tell(f"holding: hub and {devices} agents keep running{where}; more rounds: fedge round start --fleet "
+                 f"{fleet.fleet} --broker mqtt://127.0.0.1:{fleet.port}; Ctrl-C to stop")
+            try:
+                while fleet.procs[0].poll() is None:
+                    time.sleep(0.5)
+                tell(f"the hub exited; see {fleet.logs / 'hub.log'}")
+            except KeyboardInterrupt:
+                tell("stopping the fleet")
     return 0 if report["passed"] else 1
 
 

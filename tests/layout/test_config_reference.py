@@ -29,11 +29,12 @@ def test_the_reference_is_up_to_date() -> None:
 
 def test_every_hub_key_the_loader_accepts_is_documented() -> None:
     doc = _keys(hub_config.reference_sections())
-    tables = {"broker", "rounds", "aggregation", "schedule", "privacy"}
+    tables = {"broker", "rounds", "aggregation", "schedule", "privacy", "http"}
     assert doc[None] == set(hub_config._TOP) - tables
     assert doc["broker"] == {f.name for f in fields(BrokerConfig)} | {"embedded_host", "embedded_port"}
     for name, cls in (("rounds", hub_config.RoundsConfig), ("aggregation", hub_config.AggregationConfig),
-                      ("schedule", hub_config.ScheduleConfig), ("privacy", hub_config.PrivacyConfig)):
+                      ("schedule", hub_config.ScheduleConfig), ("privacy", hub_config.PrivacyConfig),
+                      ("http", hub_config.HttpConfig)):
         assert doc[name] == {f.name for f in fields(cls)}, name
     assert set(doc) == {None} | tables
 

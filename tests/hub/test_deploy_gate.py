@@ -1,0 +1,46 @@
+"""The deploy gate: with held-out data, a new version that scores worse than the deployed one by more than the
+tolerance is kept as a candidate (registered, not current, not published); version 0 is scored at import."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from fedge.edge_agent.losses import Score
+from fedge.protocol.messages import ModelHead, RoundStatus
+from tests.hub.fleet import SHAPES, TOPICS, Fleet, hub_config, zero_delta
+
+
+def test_a_worse_version_stays_a_candidate(tmp_path: Path, artifacts: Path) -> None:
+    scores = iter([0.80, 0.50, 0.78])  # v0 at import, then the version of each round
+
+    def evaluator(_d: Path, _s: str, _h: Mapping[str, np.ndarray]) -> Score:
+        return Score(1.0, next(scores))
+
+    cfg = hub_config(tmp_path / "state", artifacts, aggregation={"deploy_tolerance": 0.05})
+    fleet = Fleet(cfg, evaluator=evaluator)
+    fleet.hub.start()
+    try:
+        assert fleet.hub.store.version("v0").accuracy == 0.80  # type: ignore[union-attr]
+        for d in ("a", "b"):
+            fleet.device(d).hello()
+        rnd = fleet.start_round()
+        for d in rnd.selected:
+            fleet.device(d).update(rnd, zero_delta(SHAPES, 0.1))
+        res = fleet.results[-1]
+        assert res.status is RoundStatus.COMPLETED and res.model_version == "v1" and res.accuracy == 0.5
+        assert res.detail is not None and "kept as a candidate" in res.detail
+        assert fleet.hub.registry.current().version == "v0"  # type: ignore[union-attr]
+        head = fleet.retained(TOPICS.model_head)
+        assert isinstance(head, ModelHead) and head.version == "v0"  # devices never got v1
+        rnd = fleet.start_round()
+        assert rnd.model_version == "v0"  # the next round trains the deployed version again
+        for d in rnd.selected:
+            fleet.device(d).update(rnd, zero_delta(SHAPES, 0.1))
+        res = fleet.results[-1]
+        assert res.model_version == "v2" and res.detail is None  # 0.78 >= 0.80 - 0.05: deployed
+        assert fleet.hub.registry.current().version == "v2"  # type: ignore[union-attr]
+    finally:
+        fleet.hub.stop()
