@@ -404,7 +404,10 @@ class Agent:
         before = evaluate(trainer, feats, y)
         loss_before, acc_before = before.loss, before.accuracy
         rng = np.random.default_rng([self.config.seed, msg.round])
-        result = fit(trainer, feats, y, msg.local_epochs, msg.lr, rng)
+        # the seed's lambda*||w - w0||^2 acts in local training too (and again at the hub's aggregation)
+        pull = (Prox(load_head(artifacts_dir(self.artifacts_root, msg.backbone_sha256)), msg.proximal_lambda)
+                if msg.proximal_lambda else None)
+        result = fit(trainer, feats, y, msg.local_epochs, msg.lr, rng, prox=pull)
         after = evaluate(trainer, feats, y)
         loss_after, acc_after = after.loss, after.accuracy
         trained = {k: np.asarray(v, dtype=np.float32) for k, v in trainer.get_head().items()}

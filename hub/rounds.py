@@ -109,6 +109,7 @@ class OpenRound:
             dp_clip=None if dp is None else dp.clip,
             dp_sample_rate=None if dp is None else dp.sample_rate,
             dp_min_cohort=None if dp is None else dp.min_cohort,
+            proximal_lambda=self.aggregator.proximal_lambda or None,
         )
 
     def all_answered(self) -> bool:

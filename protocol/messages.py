@@ -133,6 +133,8 @@ class RoundAnnounce:
     dp_clip: float | None = field(default=None, metadata=EXT)            # C: devices clip updates to this L2 norm
     dp_sample_rate: float | None = field(default=None, metadata=EXT)     # q: Poisson selection probability
     dp_min_cohort: int | None = field(default=None, metadata=EXT)        # m: distributed noise is split over m
+    # the pull lambda*||w - w0||^2 toward the backbone's source head, applied in local training too
+    proximal_lambda: float | None = field(default=None, metadata=EXT)
 
 
 @dataclass(frozen=True, eq=False)

@@ -388,3 +388,18 @@ def test_ditto_keeps_a_separate_personal_head_pulled_toward_the_global_one(
 
     assert 0 < dist(personal) < dist(trained)  # its own head, held close to the global one by mu
     assert "val_acc_personal" in upd.metrics
+
+
+def test_the_announced_proximal_pull_acts_in_local_training(
+    agent: Agent, hub: Hub, artifacts_dir: Path, manifest: Manifest
+) -> None:
+    """v1 is the exported head = w0: a strong pull toward w0 shrinks the trained update."""
+    hub.send(T.model_full, model_full(artifacts_dir, manifest), retain=True)
+    hub.send(T.model_head, model_head(artifacts_dir, manifest), retain=True)
+    agent.start()
+    hub.send(T.announce, replace(announce(manifest, 1), lr=0.2, local_epochs=3))
+    assert agent.wait_round_done(1, 60)
+    hub.send(T.announce, replace(announce(manifest, 2), lr=0.2, local_epochs=3, proximal_lambda=20.0))
+    assert agent.wait_round_done(2, 60)
+    free, pulled = (float(np.sqrt(sum(np.square(d).sum() for d in u.delta.values()))) for u in hub.updates())
+    assert 0 < pulled < 0.3 * free
