@@ -2,8 +2,10 @@
 
 Keras convolutions are NHWC: the graph transposes the input to NCHW, uses OIHW kernels, and
 transposes back to NHWC before any Flatten/Reshape so the flatten order matches Keras.
+Elementwise layers (activations, the ``affine`` Sub/Mul/Add of Normalization, Rescaling and
+BatchNormalization) keep the current layout; in NCHW their channels-last arrays are transposed.
 Opset 17; IR version 8 (ORT training's ``Optimizer`` refuses IR > 10). Head initializers are
-named like the manifest (``h0_kernel``, ...), backbone ones ``bb{i}_{layer}_{kernel|bias}``.
+named like the manifest (``h0_kernel``, ...), backbone ones ``bb{i}_{layer}_{kernel|bias|shift|scale|offset}``.
 """
 
 from __future__ import annotations
@@ -64,15 +66,40 @@ def _backbone(g: _Graph, split: SplitModel, x: str, out: str) -> str:
         return g.op("Identity", [x], "id", out)
     for i, layer in enumerate(layers):
         last = i == len(layers) - 1
-        spatial = layer.kind in ("conv2d", "maxpool", "avgpool")
+        spatial = layer.kind in ("conv2d", "maxpool", "avgpool", "globalavg", "globalmax")
+        elementwise = layer.kind in ("activation", "affine")
         if spatial and not nchw:
             x, nchw = g.op("Transpose", [x], "nchw", perm=[0, 3, 1, 2]), True
-        elif not spatial and nchw:
+        elif not spatial and not elementwise and nchw:
             x, nchw = g.op("Transpose", [x], "nhwc", perm=[0, 2, 3, 1]), False
+        if layer.kind == "affine":
+            x = _affine(g, layer, x, names, out if last else None, nchw)
+            continue
+        if layer.kind in ("globalavg", "globalmax"):  # NCHW in; [N, C, 1, 1] out, flattened unless keepdims
+            op = "GlobalAveragePool" if layer.kind == "globalavg" else "GlobalMaxPool"
+            if len(layer.target_shape) == 3:
+                x = g.op(op, [x], op.lower())
+            else:
+                x, nchw = g.op("Flatten", [g.op(op, [x], op.lower())], "flatten", out if last else None, axis=1), False
+            continue
         x = _layer(g, layer, x, names, out if last else None)
     if nchw:  # backbone ends on a spatial layer: features must be flat anyway, so this is unreachable
         x = g.op("Transpose", [x], "nhwc", out, perm=[0, 2, 3, 1])
     return x
+
+
+def _nchw(arr: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """A channels-last array broadcasting against ``[H, W, C]`` -> one broadcasting against ``[C, H, W]``."""
+    full = arr.reshape((1,) * (3 - arr.ndim) + arr.shape)
+    return np.ascontiguousarray(full.transpose(2, 0, 1))
+
+
+def _affine(g: _Graph, layer: BackboneLayer, x: str, names: Any, out: str | None, nchw: bool) -> str:
+    """``(x - shift) * scale + offset``: Normalization, Rescaling, BatchNormalization."""
+    shift, scale, offset = (g.init(next(names), _nchw(a) if nchw else a) for a in layer.weights)
+    y = g.op("Sub", [x, shift], "sub")
+    y = g.op("Mul", [y, scale], "mul")
+    return g.op("Add", [y, offset], "affine", out)
 
 
 def _layer(g: _Graph, layer: BackboneLayer, x: str, names: Any, out: str | None) -> str:

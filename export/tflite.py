@@ -141,6 +141,9 @@ def _layer(tf: Any, layer: BackboneLayer, ws: list[Any], x: Any, batch: int) -> 
         return tf.nn.max_pool2d(x, list(layer.pool), list(layer.strides), pad)
     if layer.kind == "avgpool":
         return tf.nn.avg_pool2d(x, list(layer.pool), list(layer.strides), pad)
+    if layer.kind in ("globalavg", "globalmax"):
+        reduce = tf.reduce_mean if layer.kind == "globalavg" else tf.reduce_max
+        return reduce(x, axis=[1, 2], keepdims=len(layer.target_shape) == 3)
     if layer.kind == "flatten":
         n = 1
         for d in x.shape[1:]:
@@ -152,6 +155,8 @@ def _layer(tf: Any, layer: BackboneLayer, ws: list[Any], x: Any, batch: int) -> 
         return _act(tf, tf.matmul(x, ws[0]) + ws[1], layer.activation)
     if layer.kind == "activation":
         return _act(tf, x, layer.activation)
+    if layer.kind == "affine":  # Normalization, Rescaling, BatchNormalization (folded)
+        return (x - ws[0]) * ws[1] + ws[2]
     raise ValueError(f"unknown backbone layer kind {layer.kind!r}")
 
 
