@@ -54,8 +54,20 @@ PRIVACY_UTILITY = (
            "accuracy points the ε = 2 and ε = 1 global models (the worse of the two) gain over the source model"),
 )
 
+TRANSFER_QUALITY = (
+    Target("personalized_gain_a_points", ">=", 3,
+           "Fashion-MNIST demo task, 100 devices: personalised minus the better of global and local-only accuracy "
+           "(points, federated on the devices' validation data)"),
+    Target("global_minus_source_min_points", ">=", 0,
+           "both tasks, every round after the deploy gate: lowest federated global minus source accuracy (points)"),
+    Target("simulate_1000_s", "<=", 300,
+           "`fedge simulate` with validation split, local-only, ditto and federated evaluation, 1,000 devices × 5 "
+           "rounds"),
+)
+
 BENCHES: dict[str, tuple[Target, ...]] = {"bench/train_step.py": TRAIN_STEP, "bench/round_overhead.py": ROUND_OVERHEAD,
-                                          "bench/privacy_utility.py": PRIVACY_UTILITY}
+                                          "bench/privacy_utility.py": PRIVACY_UTILITY,
+                                          "bench/transfer_quality.py": TRANSFER_QUALITY}
 
 
 def check(figures: Mapping[str, Any], targets: tuple[Target, ...]) -> dict[str, Any]:

@@ -85,6 +85,17 @@ def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--local-epochs", type=int, default=2)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--proximal-lambda", type=float, default=0.01)
+    p.add_argument("--validation-fraction", type=float, default=0.2,
+                   help="share of each device's data held out for federated evaluation (the agent's default; 0: none)")
+    p.add_argument("--local-only-epochs", type=int, default=10, help="epochs of each device's local-only baseline")
+    p.add_argument("--personalization", default="finetune", choices=["finetune", "ditto"],
+                   help="each device's own head: the fine-tuned global head, or a ditto head pulled toward it")
+    p.add_argument("--ditto-mu", type=float, default=0.1, help="ditto: strength of the pull toward the global head")
+    gate = p.add_mutually_exclusive_group()
+    gate.add_argument("--deploy-tolerance", type=float, default=0.05,
+                      help="deploy gate: keep the deployed version when a new one's held-out accuracy is lower by "
+                           "more than this (the hub's default)")
+    gate.add_argument("--no-deploy-gate", action="store_true", help="deploy every new version")
     p.set_defaults(handler=_run_simulate)
 
 
@@ -95,7 +106,9 @@ def _run_simulate(args: argparse.Namespace) -> int:
         args.devices, args.rounds, args.seed, dp_mode=args.dp_mode, noise_multiplier=args.noise_multiplier,
         target_epsilon=args.epsilon, clip=args.clip, sample_rate=args.sample_rate, delta=args.delta,
         local_epochs=args.local_epochs, lr=args.lr, proximal_lambda=args.proximal_lambda, fraction=args.fraction,
-        amplification=args.amplification,
+        amplification=args.amplification, validation_fraction=args.validation_fraction,
+        local_only_epochs=args.local_only_epochs, personalization=args.personalization, ditto_mu=args.ditto_mu,
+        deploy_tolerance=None if args.no_deploy_gate else args.deploy_tolerance,
     )
     return run_simulate(settings, args.out, as_json=args.json, backend=args.backend)
 

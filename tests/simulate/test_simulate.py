@@ -18,7 +18,7 @@ from fedge.demo import DemoPaths, source_accuracy
 from fedge.edge_agent.data import load_local
 from fedge.edge_agent.privacy import DpEvent, DpParams, epsilon, event_for, noise_for_epsilon
 from fedge.edge_agent.trainers import open_trainer
-from fedge.edge_agent.training import fit
+from fedge.edge_agent.training import Prox, fit
 from fedge.hub.rounds import poisson_select, select_devices
 from fedge.protocol.errors import ConfigError
 from fedge.simulate import (
@@ -96,6 +96,7 @@ def test_features_and_a_device_update_are_the_agents(fleet: SimFleet, work: Demo
     local = load_local(work.data / "device-03.npz")
     np.testing.assert_allclose(fleet.feats[3], trainer.features(local.x), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(fleet.labels[3], local.y)
+    assert fleet.keys[3] == local.sha256  # the agent keys its validation split on this
 
     for lam in (0.0, 0.01):
         settings = SimSettings(devices=DEVICES, rounds=1, fraction=1 / DEVICES, proximal_lambda=lam)
@@ -255,3 +256,152 @@ def test_more_devices_than_the_demo_partition_gives_ten_samples(work: DemoPaths,
     assert run.results[0].status == "completed" and len(run.results[0].devices) > 0
     with pytest.raises(ConfigError, match="devices"):
         load_fleet(paths, 12_001, seed=0)
+
+
+# -- transfer quality: validation split, local-only, personalisation, federated evaluation, deploy gate ---------------
+
+VAL = 0.2
+
+
+def _transfer(rounds: int = 2, **kw: Any) -> SimSettings:
+    base: dict[str, Any] = {"devices": DEVICES, "rounds": rounds, "validation_fraction": VAL}
+    return SimSettings(**{**base, **kw})
+
+
+def _dist(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    return float(np.linalg.norm(_head_diff(a, b)))
+
+
+def test_split_and_local_only_are_the_agents(fleet: SimFleet, work: DemoPaths) -> None:
+    """The split is ``split_indices`` keyed on the shard file's sha256 (as the agent splits it); the local-only head
+    is w0 fitted on the train split alone, computed once per device and then reused."""
+    from fedge.edge_agent.evaluation import split_indices
+    from fedge.simulate import local_only_rng
+
+    # (the key is the shard file's sha256: checked in test_features_and_a_device_update, before the CLI tests
+    # rewrite the shards with other seeds)
+    n = len(fleet.labels[3])
+    tr, va = split_indices(n, VAL, fleet.keys[3])
+    assert len(va) == round(n * VAL) and not set(tr) & set(va)
+
+    run = run_rounds(fleet, _transfer(rounds=2, local_epochs=1))
+    trainer = open_trainer(work.artifacts, fleet.trainer.name)
+    trainer.set_head(fleet.w0)
+    fit(trainer, fleet.feats[3][tr], fleet.labels[3][tr], 10, 0.05, local_only_rng(0, 3))
+    own = run.local_only[3]
+    assert own is not None
+    for k, v in trainer.get_head().items():
+        np.testing.assert_allclose(own[k], v, rtol=1e-6, atol=1e-7)
+    # once: every round scores the same local-only heads, and another run reuses them
+    first, second = (r.federated for r in run.results)
+    assert first["val_acc_local_only"] == second["val_acc_local_only"]
+    assert first["val_acc_source"] == second["val_acc_source"]
+    again = run_rounds(fleet, _transfer(rounds=1, local_epochs=1))
+    assert all(a is b for a, b in zip(again.local_only, run.local_only, strict=True))
+
+
+def test_federated_scores_are_the_weighted_mean_of_the_agents_head_scores(fleet: SimFleet, work: DemoPaths) -> None:
+    """3 devices, 1 round, finetune: each device's val_* recomputed with the agent's ``head_scores`` (set_head +
+    evaluate on the real trainer) and averaged by hand, weighted by val_n."""
+    from fedge.edge_agent.evaluation import head_scores, split_indices
+    from fedge.simulate import local_only_rng
+
+    run = run_rounds(fleet, _transfer(rounds=1, fraction=3 / DEVICES))
+    res = run.results[0]
+    assert len(res.devices) == 3
+    trainer = open_trainer(work.artifacts, fleet.trainer.name)
+    rows = []
+    for name in res.devices:
+        i = fleet.names.index(name)
+        tr, va = split_indices(len(fleet.labels[i]), VAL, fleet.keys[i])
+        f, y = fleet.feats[i][tr], fleet.labels[i][tr]
+        trainer.set_head(fleet.w0)
+        fit(trainer, f, y, 2, 0.05, train_rng(0, i, 1))
+        trained = trainer.get_head()
+        trainer.set_head(fleet.w0)
+        fit(trainer, f, y, 10, 0.05, local_only_rng(0, i))
+        local = trainer.get_head()
+        heads = {"source": fleet.w0, "global": fleet.w0, "trained": trained, "personal": trained, "local_only": local}
+        rows.append(head_scores(trainer, heads, fleet.feats[i][va], fleet.labels[i][va]))
+    n = np.array([r["val_n"] for r in rows])
+    assert res.federated["val_n"] == n.sum()
+    for h in ("source", "global", "trained", "personal", "local_only"):
+        for what, tol in (("acc", 1e-6), ("loss", 1e-4)):
+            key = f"val_{what}_{h}"
+            expected = float((np.array([r[key] for r in rows]) * n).sum() / n.sum())
+            assert res.federated[key] == pytest.approx(expected, abs=tol), key
+    assert res.federated["val_acc_personal"] == res.federated["val_acc_trained"]  # finetune: personal = trained
+
+
+def test_ditto_differs_from_finetune_and_is_pulled_toward_the_global_head(fleet: SimFleet, work: DemoPaths) -> None:
+    from fedge.simulate import ditto_rng
+
+    fine = run_rounds(fleet, _transfer(rounds=2))
+    loose = run_rounds(fleet, _transfer(rounds=2, personalization="ditto", ditto_mu=0.0))
+    tight = run_rounds(fleet, _transfer(rounds=2, personalization="ditto", ditto_mu=5.0))
+    # personalisation never changes what is sent: the global heads are the same
+    for k in fine.head:
+        np.testing.assert_array_equal(fine.head[k], tight.head[k])
+    i = 3
+    p_fine, p_loose, p_tight = fine.personal[i], loose.personal[i], tight.personal[i]
+    assert p_fine is not None and p_loose is not None and p_tight is not None
+    assert _dist(p_fine, p_tight) > 1e-3
+    # round 2's global head is round 1's result: the pull brings the personal head closer to it
+    assert _dist(p_tight, fine.head) < 0.5 * _dist(p_loose, fine.head)
+    assert fine.results[-1].federated["val_acc_personal"] != tight.results[-1].federated["val_acc_personal"]
+
+    # round 1 recomputed: from the global head (w0, no previous personal head), Prox(w0, mu) after every step
+    one = run_rounds(fleet, _transfer(rounds=1, personalization="ditto", ditto_mu=5.0))
+    tr, _ = fleet.split(i, VAL)
+    trainer = open_trainer(work.artifacts, fleet.trainer.name)
+    trainer.set_head(fleet.w0)
+    fit(trainer, fleet.feats[i][tr], fleet.labels[i][tr], 2, 0.05, ditto_rng(0, i, 1), prox=Prox(fleet.w0, 5.0))
+    own = one.personal[i]
+    assert own is not None
+    for k, v in trainer.get_head().items():
+        np.testing.assert_allclose(own[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_deploy_gate_keeps_the_deployed_version(fleet: SimFleet) -> None:
+    """From a good deployed head, a huge lr wrecks the next version: without the gate it is deployed; with it the
+    good head stays deployed, the next round starts from it again, and the report says so."""
+    good = run_rounds(fleet, _transfer(rounds=2))
+    good_acc = good.results[-1].accuracy
+    assert good_acc is not None and good_acc > fleet.source_accuracy + 0.1
+    bad: dict[str, Any] = {"rounds": 2, "lr": 20.0, "local_epochs": 3}
+    ungated = run_rounds(fleet, _transfer(**bad), start=good.head)
+    first = ungated.results[0].accuracy
+    assert first is not None and first < good_acc - 0.05, "the huge lr did not make the round worse"
+    assert ungated.deployed == [True, True]
+    gated = run_rounds(fleet, _transfer(**bad, deploy_tolerance=0.0), start=good.head)
+    assert gated.results[0].accuracy == first  # the candidate is still scored
+    assert gated.deployed[0] is False
+    assert "kept as a candidate" in (gated.results[0].detail or "")
+    # round 2 started from the deployed (good) head again, so its devices received the same global head
+    assert gated.results[1].federated["val_acc_global"] == gated.results[0].federated["val_acc_global"]
+    for res, made in zip(gated.results, gated.deployed, strict=True):
+        assert res.accuracy is not None and made == (res.accuracy >= good_acc)
+    if not any(gated.deployed):
+        for k, v in good.head.items():
+            np.testing.assert_array_equal(gated.head[k], v)
+    report = build_sim_report(fleet, _transfer(**bad, deploy_tolerance=0.0), gated)
+    assert [r["deployed"] for r in report["rounds"]] == gated.deployed
+    assert report["deploy_gate"] and report["deploy_tolerance"] == 0.0
+    # a tolerance wider than the drop deploys it
+    wide = run_rounds(fleet, _transfer(**bad, deploy_tolerance=1.0), start=good.head)
+    assert wide.deployed == [True, True]
+
+
+def test_transfer_run_is_deterministic(work: DemoPaths, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--devices", str(DEVICES), "--rounds", "2", "--out", str(work.root), "--personalization", "ditto",
+            "--ditto-mu", "0.5", "--local-epochs", "1"]
+    _, first = _cli_json(capsys, [*args, "--seed", "5"])
+    _, second = _cli_json(capsys, [*args, "--seed", "5"])
+    assert _strip_timings(first) == _strip_timings(second)
+    assert first["validation_fraction"] == 0.2 and first["deploy_gate"] and first["deploy_tolerance"] == 0.05
+    assert first["personalization"] == "ditto" and first["ditto_mu"] == 0.5
+    for entry in first["rounds"]:
+        assert {"fed_source", "fed_local_only", "fed_global", "fed_personal", "deployed"} <= set(entry)
+    assert set(first["final_federated"]) == {"source", "local_only", "global", "personal"}
+    _, other = _cli_json(capsys, [*args, "--seed", "6"])
+    assert other["final_federated"] != first["final_federated"]
