@@ -79,6 +79,7 @@ bench: setup
 	$(BIN)/python bench/train_step.py
 	$(BIN)/python bench/round_overhead.py
 	$(BIN)/python bench/privacy_utility.py
+	$(BIN)/python bench/transfer_quality.py
 
 # Run every bench and write the README's benchmark table from that run.
 bench-readme: setup
