@@ -108,6 +108,7 @@ class Agent:
         self._backends = tuple(available_backends())
         for d in (self.artifacts_root, self.heads_dir, self.features_dir):
             d.mkdir(parents=True, exist_ok=True)
+        self._lock_state_dir()
         self._worker = threading.Thread(target=self._work, name=f"fedge-agent-{self.device}", daemon=True)
         self._worker.start()
         transport = self._transport
@@ -166,6 +167,19 @@ class Agent:
         )
         self._transport.publish(self.topics.presence(self.device), encode(msg), qos=1, retain=True)
 
+    def _lock_state_dir(self) -> None:
+        """One agent per state_dir: two agents sharing one would mix rounds, heads and privacy ledgers."""
+        import fcntl
+
+        fh = open(self.config.state_dir / ".lock", "a+")  # noqa: SIM115 - held for the agent's lifetime
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            raise FedgeError(f"state_dir {self.config.state_dir} is in use by another agent process "
+                             "(give each agent its own state_dir)") from None
+        self._state_lock = fh
+
     def stop(self, timeout_s: float = 60.0) -> None:
         """Finish the running round (up to ``timeout_s``), say offline (retained), close the transport."""
         if self._stopped:
@@ -184,6 +198,9 @@ class Agent:
         close: Callable[[], None] | None = getattr(self._transport, "close", None)
         if self._owns_transport and close is not None:
             close()
+        lock = getattr(self, "_state_lock", None)
+        if lock is not None:
+            lock.close()  # releases the state_dir for the next agent process
         log.info("agent %s stopped", self.device)
 
     def wait_round_done(self, round_: int, timeout: float) -> bool:

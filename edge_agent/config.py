@@ -238,7 +238,8 @@ def reference_sections() -> list[Section]:
                               required=("device_id", "fleet", "data"), defaults={"state_dir": "state"})),
         Section("broker", keys_of(BrokerConfig, required=("url",)), "the MQTT broker the hub uses (required)"),
         Section("privacy", keys_of(DevicePrivacy),
-                "optional: with this table the device takes part in differentially private rounds only"),
+                "optional: the device's own privacy budget and floors. With it the device takes part in DP rounds "
+                "only; without it, it applies whatever DP a round announces, with no budget of its own"),
     ]
 
 

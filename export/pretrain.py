@@ -6,6 +6,7 @@ is shuffled with the same generator (Keras' own shuffling is off; nothing is see
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +74,8 @@ def _train(
     x32 = np.asarray(x, dtype=np.float32)
     y64 = np.asarray(y, dtype=np.int64)
     steps = -(-len(y64) // BATCH)
-    with tqdm(total=epochs * steps, desc="pre-training", unit="batch", disable=not progress, leave=False) as bar:
+    show = progress and sys.stderr.isatty()  # no carriage-return spam in logs and pipes
+    with tqdm(total=epochs * steps, desc="pre-training", unit="batch", disable=not show, leave=False) as bar:
 
         class _Bar(keras.callbacks.Callback):  # type: ignore[misc]
             def on_train_batch_end(self, batch: int, logs: dict[str, float] | None = None) -> None:

@@ -158,7 +158,8 @@ def status_dict(config_path: str) -> dict[str, Any]:
                         "new_version": r.new_version, "selected": list(r.selected), "devices": list(r.devices),
                         "n_samples": r.n_samples, "accuracy": r.accuracy, "loss": r.loss,
                         "seconds": None if r.closed_at is None else round(r.closed_at - r.opened_at, 3),
-                        "detail": store.round_detail(r.id), "declined": sorted(store.declines(r.id))}
+                        "detail": store.round_detail(r.id), "declined": sorted(store.declines(r.id)),
+                        "federated": store.round_metrics(r.id)}
                        for r in store.rounds()],
             "declines": store.decline_counts(),
             "rejects": store.reject_counts(),
@@ -307,14 +308,17 @@ def run_round_start(args: argparse.Namespace) -> int:
     result = {"fleet": args.fleet, "round": rid, "status": str(res.status), "model_version": res.model_version,
               "accuracy": res.accuracy, "loss": res.loss, "devices": list(res.devices), "declined": list(res.declined),
               "rejected": res.rejected, "seconds": round(res.seconds, 3), "epsilon": res.epsilon,
-              "detail": res.detail}
+              "detail": res.detail, "federated": res.federated,
+              "deployed": res.model_version is not None
+              and not (res.detail or "").startswith(f"{res.model_version} kept")}
     if args.json:
         print(json.dumps(result))
     else:
         acc = "-" if res.accuracy is None else f"{res.accuracy:.4f}"
-        print(f"round {rid} {res.status}: {len(res.devices)} devices, {len(res.declined)} declined, "
-              f"{res.rejected} rejected, accuracy {acc}, model {res.model_version or '-'}, {res.seconds:.2f} s"
-              + (f" ({res.detail})" if res.detail else ""))
+        who = (f"{len(res.devices)} devices, {len(res.declined)} declined" if res.epsilon is None
+               else f"DP round (contributors withheld), epsilon {res.epsilon:.3f}")
+        print(f"round {rid} {res.status}: {who}, {res.rejected} rejected, accuracy {acc}, "
+              f"model {res.model_version or '-'}, {res.seconds:.2f} s" + (f" ({res.detail})" if res.detail else ""))
     return 0 if res.status is RoundStatus.COMPLETED else 1
 
 

@@ -13,7 +13,7 @@ metric                                  type       what
 ``fedge_devices_online``                gauge      devices whose last presence says online
 ``fedge_devices_known``                 gauge      devices the hub has ever heard from
 ``fedge_round_duration_seconds``        histogram  open-to-close time of the announced rounds
-``fedge_model_accuracy``                gauge      the hub's held-out accuracy of the newest scored round
+``fedge_model_accuracy``                gauge      the hub's held-out accuracy of the deployed model version
 ``fedge_privacy_epsilon_spent``         gauge      the fleet's epsilon (only when the ledger has rows)
 ``fedge_privacy_epsilon_budget``        gauge      the configured budget (only with a ledger and a budget)
 ======================================  =========  ==================================================
@@ -72,7 +72,7 @@ class FleetCollector(Collector):
         yield _histogram("fedge_round_duration_seconds", "Seconds from announce to close of the announced rounds.",
                          facts.durations)
         if facts.last_accuracy is not None:
-            yield GaugeMetricFamily("fedge_model_accuracy", "Held-out accuracy of the newest scored model version.",
+            yield GaugeMetricFamily("fedge_model_accuracy", "Held-out accuracy of the deployed model version.",
                                     value=facts.last_accuracy)
         if facts.epsilon_spent is not None:
             yield GaugeMetricFamily("fedge_privacy_epsilon_spent", "The fleet's differential-privacy epsilon spent "

@@ -276,8 +276,9 @@ class FleetReader:
             # announced rounds only: one decided without an announce (refused, cohort below quorum) selected nobody
             durations = [float(c - o) for o, c in conn.execute(
                 "SELECT opened_at, closed_at FROM rounds WHERE closed_at IS NOT NULL AND selected != '[]' ORDER BY id")]
-            acc = conn.execute("SELECT accuracy FROM rounds WHERE accuracy IS NOT NULL ORDER BY id DESC "
-                               "LIMIT 1").fetchone()
+            # the deployed (current) version's held-out accuracy, not a candidate the deploy gate held back
+            acc = conn.execute("SELECT v.accuracy FROM versions v JOIN meta m ON m.key = 'current_version' "
+                               "AND m.value = v.version WHERE v.accuracy IS NOT NULL").fetchone()
             online, known = conn.execute("SELECT COALESCE(SUM(online), 0), COUNT(*) FROM devices").fetchone()
             ledger = self._ledger(conn)
             return MetricFacts(

@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         logging.getLogger("absl").setLevel(logging.ERROR)
     # the demo prints its own progress: fedge's INFO logs only with -v there
-    quiet_command = args.command in ("demo", "simulate")
+    quiet_command = args.command in ("demo", "simulate", "round")
     configure_logging(logging.DEBUG if args.verbose else logging.WARNING if quiet_command else logging.INFO)
     try:
         code: int = args.handler(args)

@@ -403,3 +403,19 @@ def test_the_announced_proximal_pull_acts_in_local_training(
     assert agent.wait_round_done(2, 60)
     free, pulled = (float(np.sqrt(sum(np.square(d).sum() for d in u.delta.values()))) for u in hub.updates())
     assert 0 < pulled < 0.3 * free
+
+
+def test_two_agents_cannot_share_a_state_dir(config: AgentConfig, hub: Hub) -> None:
+    from fedge.protocol.errors import FedgeError
+
+    first = Agent(config, transport=InMemoryTransport(hub.broker))
+    first.start()
+    try:
+        second = Agent(config, transport=InMemoryTransport(hub.broker))
+        with pytest.raises(FedgeError, match="in use by another agent"):
+            second.start()
+    finally:
+        first.stop()
+    third = Agent(config, transport=InMemoryTransport(hub.broker))  # released on stop
+    third.start()
+    third.stop()
