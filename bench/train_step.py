@@ -97,55 +97,17 @@ def time_litert_step(trainer: LiteRTTrainer, f: NDArray[np.float32], y: NDArray[
     return (time.perf_counter() - t0) / n
 
 
-def time_tf_eager_step(
-    head: dict[str, NDArray[np.float32]], f: NDArray[np.float32], y: NDArray[np.int64], n: int
-) -> float:
+def _tf_head_step(head: dict[str, NDArray[np.float32]], f: NDArray[np.float32], y: NDArray[np.int64]
+                  ) -> tuple[Any, tuple[Any, ...]]:
+    """The head's SGD step in TensorFlow (same loss as the LiteRT signature) and its arguments; the caller
+    runs it eagerly or compiles it with ``tf.function``."""
     import tensorflow as tf
 
     n_layers = len(head) // 2
     vs = [tf.Variable(head[f"h{i}_{k}"]) for i in range(n_layers) for k in ("kernel", "bias")]
-    ft = tf.constant(f)
-    onehot = tf.one_hot(tf.constant(y.astype(np.int32)), int(head[f"h{n_layers - 1}_bias"].shape[0]))
-    mask = tf.ones([f.shape[0]], tf.float32)
-    lr = tf.constant(LR, tf.float32)
-
-    def step() -> None:  # eager on purpose: no tf.function
-        with tf.GradientTape() as tape:
-            a = ft
-            for i in range(n_layers):
-                a = tf.matmul(a, vs[2 * i]) + vs[2 * i + 1]
-                if i < n_layers - 1:
-                    a = tf.nn.relu(a)
-            per_row = -tf.reduce_sum(onehot * tf.nn.log_softmax(a), axis=1)
-            loss = tf.reduce_sum(mask * per_row) / tf.maximum(tf.reduce_sum(mask), 1.0)
-        for v, g in zip(vs, tape.gradient(loss, vs), strict=True):
-            v.assign_sub(lr * g)
-
-    for _ in range(20):
-        step()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        step()
-    return (time.perf_counter() - t0) / n
-
-
-def time_tf_function_step(
-    head: dict[str, NDArray[np.float32]], f: NDArray[np.float32], y: NDArray[np.int64], n: int, *, jit: bool
-) -> float:
-    """The eager step below compiled with ``tf.function`` (graph mode), warmed up before timing."""
-    import tensorflow as tf
-
-    n_layers = len(head) // 2
-    vs = [tf.Variable(head[f"h{i}_{k}"]) for i in range(n_layers) for k in ("kernel", "bias")]
-    ft = tf.constant(f)
-    yt = tf.constant(y.astype(np.int32))
-    mask = tf.ones([f.shape[0]], tf.float32)
-    lr = tf.constant(LR, tf.float32)
     classes = int(head[f"h{n_layers - 1}_bias"].shape[0])
 
-    @tf.function(jit_compile=jit)
-    def step(x: Any, labels: Any, m: Any, rate: Any) -> Any:
-        onehot = tf.one_hot(labels, classes)
+    def step(x: Any, onehot: Any, m: Any, rate: Any) -> Any:
         with tf.GradientTape() as tape:
             a = x
             for i in range(n_layers):
@@ -158,12 +120,36 @@ def time_tf_function_step(
             v.assign_sub(rate * g)
         return loss
 
-    for _ in range(50):
-        step(ft, yt, mask, lr)
+    args = (tf.constant(f), tf.one_hot(tf.constant(y.astype(np.int32)), classes), tf.ones([f.shape[0]], tf.float32),
+            tf.constant(LR, tf.float32))
+    return step, args
+
+
+def _time_calls(step: Any, args: tuple[Any, ...], warmup: int, n: int) -> float:
+    for _ in range(warmup):
+        step(*args)
     t0 = time.perf_counter()
     for _ in range(n):
-        step(ft, yt, mask, lr)
+        step(*args)
     return (time.perf_counter() - t0) / n
+
+
+def time_tf_eager_step(
+    head: dict[str, NDArray[np.float32]], f: NDArray[np.float32], y: NDArray[np.int64], n: int
+) -> float:
+    """The step run eagerly (no ``tf.function``)."""
+    step, args = _tf_head_step(head, f, y)
+    return _time_calls(step, args, 20, n)
+
+
+def time_tf_function_step(
+    head: dict[str, NDArray[np.float32]], f: NDArray[np.float32], y: NDArray[np.int64], n: int, *, jit: bool
+) -> float:
+    """The same step compiled with ``tf.function`` (graph mode, optionally XLA), warmed up before timing."""
+    import tensorflow as tf
+
+    step, args = _tf_head_step(head, f, y)
+    return _time_calls(tf.function(step, jit_compile=jit), args, 50, n)
 
 
 def cache_rounds(
