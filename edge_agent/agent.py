@@ -422,8 +422,8 @@ class Agent:
         loss_before, acc_before = before.loss, before.accuracy
         rng = np.random.default_rng([self.config.seed, msg.round])
         # the seed's lambda*||w - w0||^2 acts in local training too (and again at the hub's aggregation)
-        pull = (Prox(load_head(artifacts_dir(self.artifacts_root, msg.backbone_sha256)), msg.proximal_lambda)
-                if msg.proximal_lambda else None)
+        w0 = load_head(artifacts_dir(self.artifacts_root, msg.backbone_sha256))  # the backbone's source head
+        pull = Prox(w0, msg.proximal_lambda) if msg.proximal_lambda else None
         result = fit(trainer, feats, y, msg.local_epochs, msg.lr, rng, prox=pull)
         after = evaluate(trainer, feats, y)
         loss_after, acc_after = after.loss, after.accuracy
@@ -440,7 +440,6 @@ class Agent:
         n_samples = len(y)
         personal = self._personal_head(trainer, trained, global_head, feats, y, msg)
         if dp is None and len(val_idx):  # federated evaluation (never under DP: it describes the local data)
-            w0 = load_head(artifacts_dir(self.artifacts_root, msg.backbone_sha256))
             local = local_only_head(trainer, w0, feats, y, self.config.local_only_epochs, msg.lr, self.config.seed,
                                     self.config.state_dir / "local_only" / f"{msg.backbone_sha256[:16]}-"
                                     f"{self.data.sha256[:16]}.npz")
