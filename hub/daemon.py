@@ -456,20 +456,18 @@ class HubDaemon:
         except DecodeError as exc:
             self.store.add_reject(rid, device or topic, str(exc.reason), f"decline: {exc.detail}")
             return
-        problem: tuple[RejectReason, str] | None = None
-        if not isinstance(msg, Decline):
-            problem = RejectReason.WRONG_TYPE, f"expected a decline on {topic}, got {msg.type}"
-        elif msg.device != device or msg.fleet != self.cfg.fleet:
-            problem = RejectReason.DEVICE_MISMATCH, f"decline for {msg.device!r} in {msg.fleet!r} on {topic}"
-        elif rnd is None or msg.round != rnd.id:
-            problem = RejectReason.STALE_ROUND, f"decline of round {msg.round}; open round: {rid}"
-        elif msg.device not in rnd.selected:
-            problem = RejectReason.NOT_SELECTED, f"{msg.device} was not selected for round {rnd.id}"
-        if problem is not None or not isinstance(msg, Decline) or rnd is None:
-            reason, detail = problem or (RejectReason.MALFORMED, "decline")
+        def ignore(reason: RejectReason, detail: str) -> None:
             self.store.add_reject(rid, device or topic, str(reason), f"decline: {detail}")
             log.warning("decline on %s ignored: %s (%s)", topic, reason, detail)
-            return
+
+        if not isinstance(msg, Decline):
+            return ignore(RejectReason.WRONG_TYPE, f"expected a decline on {topic}, got {msg.type}")
+        if msg.device != device or msg.fleet != self.cfg.fleet:
+            return ignore(RejectReason.DEVICE_MISMATCH, f"decline for {msg.device!r} in {msg.fleet!r} on {topic}")
+        if rnd is None or msg.round != rnd.id:
+            return ignore(RejectReason.STALE_ROUND, f"decline of round {msg.round}; open round: {rid}")
+        if msg.device not in rnd.selected:
+            return ignore(RejectReason.NOT_SELECTED, f"{msg.device} was not selected for round {rnd.id}")
         if msg.device in rnd.accepted or msg.device in rnd.declined:
             return  # redelivery, or a decline after its update: the update stands
         self.store.add_decline(rnd.id, msg.device, str(msg.reason), msg.detail)
