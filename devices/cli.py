@@ -8,8 +8,9 @@ import shlex
 from dataclasses import asdict
 from pathlib import Path
 
+from fedge.devices.flash import flash
 from fedge.devices.profiles import builtin_profiles, get_profile
-from fedge.devices.provision import Provisioning, flash, provision
+from fedge.devices.provision import Provisioning, provision
 
 
 def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -22,7 +23,10 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     prov.add_argument("--fleet", required=True)
     prov.add_argument("--broker", required=True, help="mqtt://host:port or mqtts://host:port")
     prov.add_argument("--data", required=True, help="path of the local data file on the device")
-    prov.add_argument("--install-dir", default="/opt/fedge")
+    prov.add_argument("--install-dir", default="/opt/fedge", help="absolute path on the device (plain characters)")
+    prov.add_argument("--user", default="fedge", help="the system user the agent runs as (created if missing)")
+    prov.add_argument("--wheel", help="bundle this fedge wheel, or build one from this source folder "
+                                      "(pip wheel --no-deps); default: the installer pins this fedge's version")
     prov.add_argument("--out", default="bundles")
     prov.set_defaults(handler=_provision)
     fl = dsub.add_parser("flash", help="copy a bundle to user@host over SSH and install it (or into a mounted root)")
@@ -38,8 +42,9 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _provision(args: argparse.Namespace) -> int:
-    p = Provisioning(args.device_id, args.fleet, args.broker, args.data, args.install_dir)
-    bundle = provision(p, get_profile(args.profile), Path(args.out))
+    p = Provisioning(args.device_id, args.fleet, args.broker, args.data, args.install_dir, args.user)
+    wheel = None if args.wheel is None else Path(args.wheel)
+    bundle = provision(p, get_profile(args.profile), Path(args.out), wheel=wheel)
     print(bundle)
     return 0
 

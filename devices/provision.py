@@ -1,25 +1,53 @@
-"""Provisioning: one bundle per device (config, credentials, service unit, installer) and flashing it.
+"""Provisioning: one bundle per device (config, credentials, service unit, installer).
 
-A bundle folder holds ``agent.toml`` (with the device's MQTT credentials), ``install.sh``, the
-service file for the profile (systemd unit or Termux:Boot script) and, for the broker operator,
-``broker-acl.conf`` (what this device may publish) and ``credentials.txt``.
+A bundle folder (mode 0700: it holds the device's broker password) has ``agent.toml`` (with the device's MQTT
+credentials), ``install.sh``, the service file for the profile (systemd unit or Termux:Boot script),
+``bundle.json`` (what ``fedge devices flash`` needs: install folder, user, service, the pinned fedge), the
+fedge wheel when one is bundled and, for the broker operator, ``broker-acl.conf`` (what this device may
+publish) and ``credentials.txt``. Flashing is in ``fedge.devices.flash``.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import secrets
-import shlex
-import shutil
-import subprocess
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from importlib import resources
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
+from fedge.devices.installer import bundle_wheel, index_pin, install_script, systemd_unit, termux_boot
 from fedge.devices.profiles import DeviceProfile
 from fedge.protocol.errors import ConfigError
 from fedge.protocol.tomlfile import dumps_toml
 from fedge.protocol.topics import Topics, valid_id
+
+# one path component: no whitespace, quotes or shell metacharacters, not starting with "-"
+_COMPONENT = re.compile(r"[A-Za-z0-9_.+][A-Za-z0-9_.+-]*")
+# the shadow-utils default NAME_REGEX (useradd), at most 32 characters
+_USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+
+
+def check_install_dir(value: str, field: str = "install_dir") -> str:
+    """``value`` if it is an absolute, normalised path of plain components (``[A-Za-z0-9_.+-]``, not
+    starting with ``-``, no ``.`` or ``..``), else ``ConfigError`` naming ``field``."""
+    parts = value.split("/")
+    if not value.startswith("/") or len(value) > 255:
+        raise ConfigError(field, f"{value!r} must be an absolute path (at most 255 characters)")
+    bad = [p for p in parts[1:] if p in ("", ".", "..") or not _COMPONENT.fullmatch(p)]
+    if bad:
+        raise ConfigError(field, f"{value!r}: component {bad[0]!r} is empty, '.' or '..', starts with '-' or "
+                                 "has characters outside [A-Za-z0-9_.+-]")
+    return value
+
+
+def check_user(value: str) -> str:
+    """``value`` if it is a valid user name for ``useradd``, else ``ConfigError`` naming ``user``."""
+    if not _USER.fullmatch(value):
+        raise ConfigError("user", f"{value!r} must be a user name of 1-32 characters of [a-z0-9_-], starting "
+                                  "with a letter or '_'")
+    return value
 
 
 @dataclass(frozen=True)
@@ -41,10 +69,8 @@ class Provisioning:
             raise ConfigError("fleet", f"{self.fleet!r} must be 1-64 characters of [A-Za-z0-9_-]")
         if not self.broker_url.startswith(("mqtt://", "mqtts://")):
             raise ConfigError("broker_url", f"{self.broker_url!r} must start with mqtt:// or mqtts://")
-
-
-def _template(name: str) -> str:
-    return resources.files("fedge.devices").joinpath("templates", name).read_text(encoding="utf-8")
+        check_install_dir(self.install_dir)
+        check_user(self.user)
 
 
 def agent_toml(p: Provisioning, profile: DeviceProfile, password: str) -> str:
@@ -68,77 +94,41 @@ def broker_acl(p: Provisioning) -> str:
     )
 
 
-def provision(p: Provisioning, profile: DeviceProfile, out_dir: Path, *, password: str | None = None) -> Path:
-    """Write the device's bundle into ``out_dir/<device_id>/`` and return that folder."""
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by its owner only (never briefly world-readable)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        os.fchmod(fd, 0o600)
+        fh.write(text)
+
+
+def provision(p: Provisioning, profile: DeviceProfile, out_dir: Path, *, password: str | None = None,
+              wheel: Path | None = None) -> Path:
+    """Write the device's bundle into ``out_dir/<device_id>/`` and return that folder. ``wheel``: a fedge wheel,
+    or a source folder to build one from, bundled and pinned by its sha256; without it the installer pins the
+    provisioning fedge's version from the package index."""
     bundle = out_dir / p.device_id
     bundle.mkdir(parents=True, exist_ok=True)
+    bundle.chmod(0o700)
+    pin = index_pin() if wheel is None else bundle_wheel(wheel, bundle)
     pw = password or secrets.token_urlsafe(24)
-    values = {
-        "device_id": p.device_id, "fleet": p.fleet, "install_dir": p.install_dir, "user": p.user,
-        "extras": ",".join(profile.extras), "memory_max_mb": str(profile.max_agent_rss_mb * 2),
-    }
     if profile.service == "systemd":
         service_name = "fedge-agent.service"
-        service_install = (
-            f'install -m 644 "$here/{service_name}" /etc/systemd/system/{service_name}\n'
-            f"id -u {p.user} >/dev/null 2>&1 || useradd --system --home {p.install_dir} {p.user}\n"
-            f"chown -R {p.user} {p.install_dir}\n"
-            f"systemctl daemon-reload && systemctl enable --now {service_name}"
-        )
-        template = "fedge-agent.service"
+        service = systemd_unit(p.install_dir, p.user, p.device_id, p.fleet, profile.max_agent_rss_mb * 2)
     else:
         service_name = "termux-boot.sh"
-        service_install = f'mkdir -p ~/.termux/boot && install -m 755 "$here/{service_name}" ~/.termux/boot/fedge-agent'
-        template = "termux-boot.sh"
-    (bundle / service_name).write_text(_template(template).format(**values))
-    (bundle / "install.sh").write_text(_template("install.sh").format(**values, service_install=service_install))
+        service = termux_boot(p.install_dir)
+    (bundle / service_name).write_text(service, encoding="utf-8")
+    (bundle / "install.sh").write_text(
+        install_script(p.install_dir, p.user, profile.extras, profile.service, pin), encoding="utf-8")
     (bundle / "install.sh").chmod(0o755)
-    config = bundle / "agent.toml"
-    config.write_text(agent_toml(p, profile, pw))
-    config.chmod(0o600)
-    (bundle / "broker-acl.conf").write_text(broker_acl(p))
-    creds = bundle / "credentials.txt"
-    creds.write_text(f"{p.device_id}:{pw}\n")
-    creds.chmod(0o600)
+    write_private(bundle / "agent.toml", agent_toml(p, profile, pw))
+    (bundle / "broker-acl.conf").write_text(broker_acl(p), encoding="utf-8")
+    write_private(bundle / "credentials.txt", f"{p.device_id}:{pw}\n")
+    meta: dict[str, Any] = {"device_id": p.device_id, "install_dir": p.install_dir, "user": p.user,
+                            "service": profile.service, "service_file": service_name, **asdict(pin)}
+    (bundle / "bundle.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return bundle
 
 
-Runner = Callable[[Sequence[str]], int]
-
-
-def _run(cmd: Sequence[str]) -> int:
-    return subprocess.run(list(cmd), check=False).returncode
-
-
-def flash_commands(bundle: Path, target: str, remote_dir: str = "/tmp/fedge-bundle") -> list[list[str]]:
-    """The commands that put a bundle on ``user@host`` and run its installer there."""
-    if "@" not in target or target.startswith("@") or target.endswith("@"):
-        raise ConfigError("target", f"{target!r} must look like user@host")
-    return [
-        ["ssh", target, f"rm -rf {shlex.quote(remote_dir)} && mkdir -p {shlex.quote(remote_dir)}"],
-        ["scp", "-q", "-r", *(str(f) for f in sorted(bundle.iterdir()) if f.name != "credentials.txt"),
-         f"{target}:{remote_dir}/"],
-        ["ssh", target, f"sudo sh {shlex.quote(remote_dir)}/install.sh"],
-    ]
-
-
-def flash(bundle: Path, target: str, *, dry_run: bool = False, run: Runner = _run) -> list[list[str]]:
-    """Flash over SSH (``user@host``) or copy into a mounted root file system (a local folder)."""
-    if not (bundle / "agent.toml").is_file():
-        raise ConfigError("bundle", f"{str(bundle)!r} is not a provisioned bundle (no agent.toml)")
-    local = Path(target)
-    if "@" not in target and local.is_dir():
-        dest = local / "opt" / "fedge-bundle"
-        if not dry_run:
-            shutil.copytree(bundle, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns("credentials.txt"))
-        return [["copy", str(bundle), str(dest)]]
-    cmds = flash_commands(bundle, target)
-    if not dry_run:
-        for cmd in cmds:
-            code = run(cmd)
-            if code != 0:
-                raise ConfigError("target", f"{shlex.join(cmd)} failed with exit code {code}")
-    return cmds
-
-
-__all__ = ["Provisioning", "agent_toml", "broker_acl", "flash", "flash_commands", "provision"]
+__all__ = ["Provisioning", "agent_toml", "broker_acl", "check_install_dir", "check_user", "provision", "write_private"]

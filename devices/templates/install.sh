@@ -1,15 +1,46 @@
 #!/bin/sh
-# Installs the fedge agent into {install_dir} on the device. Run on the device from the bundle folder.
+# Installs the fedge agent on this device; run it from the bundle folder (as root for a systemd service).
+# Written by `fedge devices provision`: every value below is shell-quoted and used only as "$name".
 set -eu
-here=$(cd "$(dirname "$0")" && pwd)
-mkdir -p "{install_dir}"
-cp "$here/agent.toml" "{install_dir}/agent.toml"
-chmod 600 "{install_dir}/agent.toml"
-python3 -m venv "{install_dir}/venv"
-if ls "$here"/*.whl >/dev/null 2>&1; then
-  "{install_dir}/venv/bin/pip" install "$(ls "$here"/*.whl | head -n 1)[{extras}]"
+install_dir={install_dir}
+agent_user={user}
+extras={extras}
+version={version}
+wheel={wheel}
+wheel_sha256={wheel_sha256}
+
+here=$(cd -- "$(dirname -- "$0")" && pwd)
+work=$(mktemp -d)
+trap 'rm -rf -- "$work"' EXIT
+umask 022
+
+if [ -n "$wheel" ]; then
+  # check a private copy: what was checked is what pip installs
+  cp -- "$here/$wheel" "$work/$wheel"
+  got=$(python3 -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' "$work/$wheel")
+  if [ "$got" != "$wheel_sha256" ]; then
+    echo "install.sh: $wheel has sha256 $got, the bundle pins $wheel_sha256: not installing" >&2
+    exit 1
+  fi
+  requirement="$work/$wheel[$extras]"
 else
-  "{install_dir}/venv/bin/pip" install "fedge[{extras}]"
+  requirement="fedge[$extras]==$version"
 fi
-"{install_dir}/venv/bin/fedge-agent" version
+
+mkdir -p -- "$install_dir/state"
+chmod 700 -- "$install_dir/state"
+if [ -f "$here/agent.toml" ]; then
+  install -m 600 -- "$here/agent.toml" "$install_dir/agent.toml"
+elif [ ! -f "$install_dir/agent.toml" ]; then
+  echo "install.sh: no agent.toml in $here nor in $install_dir" >&2
+  exit 1
+fi
+python3 -m venv -- "$install_dir/venv"
+TMPDIR="$work" "$install_dir/venv/bin/pip" install --quiet --no-cache-dir -- "$requirement"
+installed=$("$install_dir/venv/bin/python" -c 'from importlib.metadata import version; print(version("fedge"))')
+if [ "$installed" != "$version" ]; then
+  echo "install.sh: installed fedge $installed, the bundle pins $version" >&2
+  exit 1
+fi
+"$install_dir/venv/bin/fedge-agent" version
 {service_install}

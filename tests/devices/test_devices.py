@@ -5,12 +5,14 @@ from __future__ import annotations
 import stat
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
+from fedge.devices.flash import flash
 from fedge.devices.profiles import builtin_profiles, get_profile, load_profile_file
-from fedge.devices.provision import Provisioning, flash, provision
+from fedge.devices.provision import Provisioning, provision
 from fedge.edge_agent.config import load_config
 from fedge.protocol.errors import ConfigError
 
@@ -75,13 +77,18 @@ def test_flash_into_a_mounted_root_and_over_ssh_dry_run(tmp_path: Path) -> None:
     root = tmp_path / "rootfs"
     root.mkdir()
     flash(bundle, str(root))
-    copied = root / "opt" / "fedge-bundle"
-    assert (copied / "agent.toml").is_file() and not (copied / "credentials.txt").exists()
+    assert (root / "opt" / "fedge" / "agent.toml").is_file()
+    assert not list(root.rglob("credentials.txt"))
     calls: list[list[str]] = []
-    cmds = flash(bundle, "pi@10.0.0.9", run=lambda c: calls.append(list(c)) or 0)
-    assert calls == cmds and cmds[-1][:2] == ["ssh", "pi@10.0.0.9"] and "install.sh" in cmds[-1][-1]
+
+    def ssh(cmd: Sequence[str], capture: bool) -> tuple[int, str]:
+        calls.append(list(cmd))
+        return 0, "/tmp/tmp.a1\n" if capture else ""
+
+    cmds = flash(bundle, "pi@10.0.0.9", run=ssh)
+    assert calls == cmds and cmds[-1][:3] == ["ssh", "--", "pi@10.0.0.9"] and "install.sh" in cmds[-1][-1]
     with pytest.raises(ConfigError) as err:
-        flash(bundle, "pi@10.0.0.9", run=lambda c: 255)
+        flash(bundle, "pi@10.0.0.9", run=lambda c, capture: (255, ""))
     assert err.value.field == "target"
 
 
