@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
 from fedge.devices.flash import flash
+from fedge.devices.fleet import FleetDir
 from fedge.devices.profiles import builtin_profiles, get_profile
 from fedge.devices.provision import Provisioning, provision
+from fedge.protocol.errors import ConfigError
 
 
 def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -21,7 +24,10 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     prov.add_argument("--profile", required=True, help="built-in profile name or a profile .toml")
     prov.add_argument("--device-id", required=True)
     prov.add_argument("--fleet", required=True)
-    prov.add_argument("--broker", required=True, help="mqtt://host:port or mqtts://host:port")
+    prov.add_argument("--broker", help="mqtt://host:port or mqtts://host:port (default with --fleet-dir: the fleet's "
+                                       "mqtts:// URL)")
+    prov.add_argument("--fleet-dir", help="the fleet folder of fedge fleet init: the device gets a broker account, the "
+                                          "bundle the fleet's CA certificate and the hub's public key")
     prov.add_argument("--data", required=True, help="path of the local data file on the device")
     prov.add_argument("--install-dir", default="/opt/fedge", help="absolute path on the device (plain characters)")
     prov.add_argument("--user", default="fedge", help="the system user the agent runs as (created if missing)")
@@ -42,10 +48,16 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _provision(args: argparse.Namespace) -> int:
-    p = Provisioning(args.device_id, args.fleet, args.broker, args.data, args.install_dir, args.user)
+    fleet_dir = None if args.fleet_dir is None else Path(args.fleet_dir)
+    broker = args.broker or (None if fleet_dir is None else FleetDir.at(fleet_dir).read()["broker_url"])
+    if broker is None:
+        raise ConfigError("broker", "give --broker URL or --fleet-dir DIR")
+    p = Provisioning(args.device_id, args.fleet, broker, args.data, args.install_dir, args.user)
     wheel = None if args.wheel is None else Path(args.wheel)
-    bundle = provision(p, get_profile(args.profile), Path(args.out), wheel=wheel)
+    bundle = provision(p, get_profile(args.profile), Path(args.out), wheel=wheel, fleet_dir=fleet_dir)
     print(bundle)
+    if fleet_dir is not None:
+        print(f"{args.device_id} added to {fleet_dir}/passwd: reload the broker (SIGHUP) to let it in", file=sys.stderr)
     return 0
 
 

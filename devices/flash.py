@@ -68,9 +68,13 @@ def check_target(target: str) -> str:
     return target
 
 
+TRUST_FILES = ("ca.crt", "hub-signing.pub")  # public files agent.toml names relative to itself
+
+
 def _payload(bundle: Path, meta: dict[str, Any]) -> list[Path]:
     """The bundle files the device needs (not the operator's credentials.txt and broker-acl.conf)."""
     names = ["agent.toml", "install.sh", "bundle.json", _SERVICE_FILES[meta["service"]]]
+    names += [n for n in TRUST_FILES if (bundle / n).is_file()]  # a --fleet-dir bundle: the fleet CA, the hub key
     return [bundle / n for n in names + ([meta["wheel"]] if meta["wheel"] else [])]
 
 

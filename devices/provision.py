@@ -4,7 +4,9 @@ A bundle folder (mode 0700: it holds the device's broker password) has ``agent.t
 credentials), ``install.sh``, the service file for the profile (systemd unit or Termux:Boot script),
 ``bundle.json`` (what ``fedge devices flash`` needs: install folder, user, service, the pinned fedge), the
 fedge wheel when one is bundled and, for the broker operator, ``broker-acl.conf`` (what this device may
-publish) and ``credentials.txt``. Flashing is in ``fedge.devices.flash``.
+publish) and ``credentials.txt``. Provisioned into a fleet folder (``fedge fleet init``), it also has the fleet's
+``ca.crt`` (``ca_file`` of agent.toml) and the hub's public key ``hub-signing.pub``, and the device gets an
+account in the fleet's password file. Flashing is in ``fedge.devices.flash``.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ import json
 import os
 import re
 import secrets
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from fedge.devices.fleet import RESERVED_USERS, FleetDir, add_device
 from fedge.devices.installer import bundle_wheel, index_pin, install_script, systemd_unit, termux_boot
 from fedge.devices.profiles import DeviceProfile
 from fedge.protocol.errors import ConfigError
@@ -73,12 +77,12 @@ class Provisioning:
         check_user(self.user)
 
 
-def agent_toml(p: Provisioning, profile: DeviceProfile, password: str) -> str:
-    """The device's ``agent.toml`` (credentials included)."""
+def agent_toml(p: Provisioning, profile: DeviceProfile, password: str, ca_file: str | None = None) -> str:
+    """The device's ``agent.toml`` (credentials included; ``ca_file`` relative to it)."""
     return dumps_toml({
         "device_id": p.device_id, "fleet": p.fleet, "data": p.data_path, "state_dir": p.install_dir + "/state",
         "backend": profile.backend, "seed": 0,
-        "broker": {"url": p.broker_url, "username": p.device_id, "password": password},
+        "broker": {"url": p.broker_url, "username": p.device_id, "password": password, "ca_file": ca_file},
     }, header=f"fedge agent for {p.device_id} ({profile.name})")
 
 
@@ -103,10 +107,18 @@ def write_private(path: Path, text: str) -> None:
 
 
 def provision(p: Provisioning, profile: DeviceProfile, out_dir: Path, *, password: str | None = None,
-              wheel: Path | None = None) -> Path:
+              wheel: Path | None = None, fleet_dir: Path | None = None) -> Path:
     """Write the device's bundle into ``out_dir/<device_id>/`` and return that folder. ``wheel``: a fedge wheel,
     or a source folder to build one from, bundled and pinned by its sha256; without it the installer pins the
-    provisioning fedge's version from the package index."""
+    provisioning fedge's version from the package index. ``fleet_dir`` (``fedge fleet init``): the device gets an
+    account in its password file, and the bundle the fleet's CA certificate and the hub's public key."""
+    fleet = None if fleet_dir is None else FleetDir.at(fleet_dir)
+    if fleet is not None:
+        name = fleet.read()["fleet"]
+        if name != p.fleet:
+            raise ConfigError("fleet", f"{fleet.root} is the folder of fleet {name!r}, not {p.fleet!r}")
+        if p.device_id in RESERVED_USERS:
+            raise ConfigError("device_id", f"{p.device_id!r} is the name of the fleet's hub or operator account")
     bundle = out_dir / p.device_id
     bundle.mkdir(parents=True, exist_ok=True)
     bundle.chmod(0o700)
@@ -122,12 +134,17 @@ def provision(p: Provisioning, profile: DeviceProfile, out_dir: Path, *, passwor
     (bundle / "install.sh").write_text(
         install_script(p.install_dir, p.user, profile.extras, profile.service, pin), encoding="utf-8")
     (bundle / "install.sh").chmod(0o755)
-    write_private(bundle / "agent.toml", agent_toml(p, profile, pw))
+    if fleet is not None:
+        for src in (fleet.ca_cert, fleet.signing_pub):
+            shutil.copyfile(src, bundle / src.name)
+    write_private(bundle / "agent.toml", agent_toml(p, profile, pw, None if fleet is None else fleet.ca_cert.name))
     (bundle / "broker-acl.conf").write_text(broker_acl(p), encoding="utf-8")
     write_private(bundle / "credentials.txt", f"{p.device_id}:{pw}\n")
     meta: dict[str, Any] = {"device_id": p.device_id, "install_dir": p.install_dir, "user": p.user,
                             "service": profile.service, "service_file": service_name, **asdict(pin)}
     (bundle / "bundle.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    if fleet is not None:  # last: no account without a complete bundle
+        add_device(fleet.root, p.device_id, pw)
     return bundle
 
 

@@ -29,6 +29,11 @@ fi
 
 mkdir -p -- "$install_dir/state"
 chmod 700 -- "$install_dir/state"
+for public in ca.crt hub-signing.pub; do  # a fleet bundle's CA certificate and hub key (agent.toml names them)
+  if [ -f "$here/$public" ]; then
+    install -m 644 -- "$here/$public" "$install_dir/$public"
+  fi
+done
 if [ -f "$here/agent.toml" ]; then
   install -m 600 -- "$here/agent.toml" "$install_dir/agent.toml"
 elif [ ! -f "$install_dir/agent.toml" ]; then
