@@ -2,7 +2,12 @@
 
 Fields: ``last_completed_round`` (an announce for a round at or below it is stale), ``model_version``
 (the global version the device holds), ``versions`` (version -> backbone sha256 of the heads stored
-under ``heads/``), ``last_reject`` (the hub's last Reject: round, reason, detail, ts).
+under ``heads/``), ``backbones`` (installed backbones, oldest first), ``last_reject`` (the hub's last
+Reject: round, reason, detail, ts).
+
+The state directory is private: folders 0700, files 0600 (:func:`secure_tree` at start-up, :func:`write_atomic`
+for every file the agent writes); a file is fsynced, and its folder after the rename, before anything that
+points at it is written.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -18,14 +24,55 @@ from typing import Any
 
 log = logging.getLogger("fedge.agent")
 
-MAX_VERSIONS = 16
-"""Heads kept on disk (the oldest beyond this are pruned)."""
+MAX_VERSIONS = 2
+"""Heads kept on disk: the current one and the previous one (older ones are pruned)."""
+MAX_BACKBONES = 2
+"""Backbones kept installed besides those of the kept heads: the newest and the one before it."""
+PRIVATE_DIR = 0o700
+PRIVATE_FILE = 0o600
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def fsync_dir(folder: Path) -> None:
+    """Make a rename or a new entry in ``folder`` durable."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def private_dir(folder: Path) -> Path:
+    """Create ``folder`` if needed, and every missing parent, all 0700; make ``folder`` 0700."""
+    missing = [folder, *(p for p in folder.parents if not p.exists())]
+    for d in reversed(missing):
+        d.mkdir(mode=PRIVATE_DIR, exist_ok=True)
+    os.chmod(folder, PRIVATE_DIR)
+    return folder
+
+
+def secure_tree(root: Path) -> None:
+    """Make ``root`` and everything below it private: folders 0700, files 0600 (symbolic links are left alone;
+    an entry that cannot be changed, e.g. owned by another user, is logged)."""
+    private_dir(root)
+    for folder, dirs, files in os.walk(root):
+        for name in (*dirs, *files):
+            path = os.path.join(folder, name)
+            try:
+                mode = os.lstat(path).st_mode
+                if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
+                    want = PRIVATE_DIR if stat.S_ISDIR(mode) else PRIVATE_FILE
+                    if stat.S_IMODE(mode) != want:
+                        os.chmod(path, want)
+            except OSError as exc:
+                log.warning("cannot make %s private: %s", path, exc)
+
+
+def write_atomic(path: Path, data: bytes | memoryview) -> None:
+    """Write a private file (0600) durably: a temporary file in the same folder, fsync, rename over ``path``,
+    fsync the folder. A crash leaves the old file or the new one."""
+    if not path.parent.is_dir():
+        private_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # mode 0600
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -35,6 +82,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
 
 
 @dataclass
@@ -46,6 +94,7 @@ class AgentState:
     last_completed_round: int = 0
     model_version: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
+    backbones: list[str] = field(default_factory=list)
     last_reject: dict[str, Any] | None = None
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
@@ -66,6 +115,9 @@ class AgentState:
             versions = obj.get("versions", {})
             if isinstance(versions, dict):
                 state.versions = {str(k): str(v) for k, v in versions.items()}
+            backbones = obj.get("backbones", [])
+            if isinstance(backbones, list):
+                state.backbones = [str(b) for b in backbones]
             reject = obj.get("last_reject")
             state.last_reject = reject if isinstance(reject, dict) else None
         except (OSError, ValueError) as exc:
@@ -79,6 +131,7 @@ class AgentState:
                 "last_completed_round": self.last_completed_round,
                 "model_version": self.model_version,
                 "versions": dict(self.versions),
+                "backbones": list(self.backbones),
                 "last_reject": self.last_reject,
             }
 
@@ -87,19 +140,32 @@ class AgentState:
             write_atomic(self.path, (json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n").encode())
 
     def add_version(self, version: str, backbone_sha256: str) -> list[str]:
-        """Remember a head version; returns the versions pruned (their files should be deleted)."""
+        """Remember a head version; returns the versions pruned (their files should be deleted): only the
+        newest :data:`MAX_VERSIONS` are kept, the held one (``model_version``) always among them."""
         with self.lock:
             self.versions.pop(version, None)
             self.versions[version] = backbone_sha256
             pruned: list[str] = []
             while len(self.versions) > MAX_VERSIONS:
-                oldest = next(iter(self.versions))
-                if oldest == self.model_version:
-                    self.versions[oldest] = self.versions.pop(oldest)  # keep the held one: move it to the end
-                    oldest = next(iter(self.versions))
+                oldest = next(v for v in self.versions if v != self.model_version)
                 del self.versions[oldest]
                 pruned.append(oldest)
             return pruned
 
+    def add_backbone(self, backbone_sha256: str) -> None:
+        """Remember that a backbone was installed: the :data:`MAX_BACKBONES` newest are remembered, newest last."""
+        with self.lock:
+            if backbone_sha256 in self.backbones:
+                self.backbones.remove(backbone_sha256)
+            self.backbones = [*self.backbones, backbone_sha256][-MAX_BACKBONES:]
 
-__all__ = ["MAX_VERSIONS", "AgentState", "write_atomic"]
+    def backbones_to_keep(self) -> set[str]:
+        """The backbones of the kept heads and the newest installed ones."""
+        with self.lock:
+            return set(self.versions.values()) | set(self.backbones)
+
+
+__all__ = [
+    "MAX_BACKBONES", "MAX_VERSIONS", "PRIVATE_DIR", "PRIVATE_FILE", "AgentState", "fsync_dir", "private_dir",
+    "secure_tree", "write_atomic",
+]

@@ -16,7 +16,7 @@ import struct
 import types
 import typing
 from dataclasses import MISSING, Field, fields
-from typing import Any, Final
+from typing import Any, Final, TypeGuard
 
 import numpy as np
 
@@ -46,6 +46,16 @@ MAGIC: Final = b"FDG"
 PREFIX_LEN: Final = 8
 MAX_HEADER_BYTES: Final = 1 << 20
 DEFAULT_MAX_FRAME_BYTES: Final = 64 << 20
+MAX_ARRAYS: Final = 1024
+"""Arrays one frame may carry (a head has two per layer, a model/full a handful of files)."""
+MAX_ARRAY_BYTES: Final = (1 << 31) - 1
+"""Largest array a shape may describe: product of its non-zero dimensions x itemsize (32-bit devices)."""
+MAX_CONTROL_BYTES: Final = 4096
+"""Largest ``control/round/start`` body (a full one is about 200 bytes)."""
+SMALL_FRAME_BYTES: Final = 1 << 16
+"""Limit for frames that carry no arrays worth the name: presence, ack, reject, decline."""
+ANNOUNCE_FRAME_BYTES: Final = MAX_HEADER_BYTES + PREFIX_LEN
+"""Limit for ``round/announce`` (a header only; its ``selected`` list grows with the fleet)."""
 DTYPES: Final[dict[str, np.dtype[Any]]] = {
     "float32": np.dtype("<f4"),
     "float64": np.dtype("<f8"),
@@ -89,23 +99,42 @@ def encode(msg: Message) -> bytes:
             continue
         header[f.name] = list(value) if isinstance(value, tuple) else value
     specs: list[dict[str, Any]] = []
-    chunks: list[bytes] = []
+    chunks: list[Any] = []  # buffers: the arrays themselves are joined into the frame, copied once
     offset = 0
     for name, arr in arrays.items():
         a = np.asarray(arr)
         dname = _dtype_name(a)
-        raw = np.ascontiguousarray(a, dtype=DTYPES[dname]).tobytes()
-        specs.append({"name": name, "dtype": dname, "shape": list(a.shape), "offset": offset, "nbytes": len(raw)})
-        chunks.append(raw + b"\0" * _pad8(len(raw)))
-        offset += len(raw) + _pad8(len(raw))
+        raw = np.ascontiguousarray(a, dtype=DTYPES[dname])
+        specs.append({"name": name, "dtype": dname, "shape": list(a.shape), "offset": offset, "nbytes": raw.nbytes})
+        chunks += [raw, b"\0" * _pad8(raw.nbytes)]
+        offset += raw.nbytes + _pad8(raw.nbytes)
     header["arrays"] = specs
     text = json.dumps(header, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
     text += b" " * _pad8(PREFIX_LEN + len(text))
-    return MAGIC + bytes([PROTOCOL_VERSION]) + struct.pack("<I", len(text)) + text + b"".join(chunks)
+    return b"".join([MAGIC, bytes([PROTOCOL_VERSION]), struct.pack("<I", len(text)), text, *chunks])
 
 
 def _fail(reason: RejectReason, detail: str) -> DecodeError:
     return DecodeError(str(reason), detail)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook``: a JSON object that names a key twice is refused (parsers disagree on which wins)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def loads_strict(text: bytes | str) -> Any:
+    """``json.loads`` refusing duplicate object keys; raises ``ValueError`` (or ``RecursionError``)."""
+    return json.loads(text, object_pairs_hook=_unique_keys)
 
 
 def _split(payload: bytes, max_bytes: int) -> tuple[dict[str, Any], memoryview]:
@@ -119,7 +148,7 @@ def _split(payload: bytes, max_bytes: int) -> tuple[dict[str, Any], memoryview]:
     if hlen > MAX_HEADER_BYTES or PREFIX_LEN + hlen > len(payload):
         raise _fail(RejectReason.MALFORMED, f"header length {hlen} does not fit the frame")
     try:
-        header = json.loads(bytes(payload[PREFIX_LEN : PREFIX_LEN + hlen]).decode("utf-8"))
+        header = loads_strict(bytes(payload[PREFIX_LEN : PREFIX_LEN + hlen]).decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, int > 4300 digits
         raise _fail(RejectReason.MALFORMED, f"header is not JSON: {exc}") from exc
     if not isinstance(header, dict):
@@ -127,9 +156,16 @@ def _split(payload: bytes, max_bytes: int) -> tuple[dict[str, Any], memoryview]:
     return header, memoryview(payload)[PREFIX_LEN + hlen :]
 
 
-def _arrays(specs: Any, data: memoryview) -> Arrays:
+def _is_int(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _arrays(specs: Any, data: memoryview, *, copy: bool) -> Arrays:
+    """The arrays of a frame: copies, or (``copy=False``) read-only views into ``data``."""
     if not isinstance(specs, list):
         raise _fail(RejectReason.MALFORMED, "'arrays' is not a list")
+    if len(specs) > MAX_ARRAYS:
+        raise _fail(RejectReason.MALFORMED, f"{len(specs)} arrays; at most {MAX_ARRAYS} per frame")
     out: Arrays = {}
     end = 0
     for spec in specs:
@@ -139,20 +175,23 @@ def _arrays(specs: Any, data: memoryview) -> Arrays:
         offset, nbytes = spec.get("offset"), spec.get("nbytes")
         if not isinstance(name, str) or not name or name in out:
             raise _fail(RejectReason.MALFORMED, f"array name {name!r} missing or repeated")
-        if dname not in DTYPES:
+        if not isinstance(dname, str) or dname not in DTYPES:  # a list or an object is unhashable
             raise _fail(RejectReason.WRONG_DTYPE, f"array {name!r}: dtype {dname!r} not allowed")
         if (
             not isinstance(shape, list)
             or len(shape) > 8
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+            or not all(_is_int(d) and d >= 0 for d in shape)
         ):
             raise _fail(RejectReason.MALFORMED, f"array {name!r}: bad shape {shape!r}")
         dt = DTYPES[dname]
-        if nbytes != math.prod(shape) * dt.itemsize:
+        if math.prod(d for d in shape if d) * dt.itemsize > MAX_ARRAY_BYTES:  # zero-size ones too
+            raise _fail(RejectReason.MALFORMED, f"array {name!r}: shape {shape!r} is too large")
+        if not _is_int(nbytes) or nbytes != math.prod(shape) * dt.itemsize:
             raise _fail(RejectReason.MALFORMED, f"array {name!r}: nbytes {nbytes!r} does not match shape")
-        if not isinstance(offset, int) or offset < end or offset % 8 or offset + nbytes > len(data):
+        if not _is_int(offset) or offset < end or offset % 8 or offset + nbytes > len(data):
             raise _fail(RejectReason.MALFORMED, f"array {name!r}: offset {offset!r} out of order or range")
-        out[name] = np.frombuffer(data, dtype=dt, count=math.prod(shape), offset=offset).reshape(shape).copy()
+        view = np.frombuffer(data, dtype=dt, count=math.prod(shape), offset=offset).reshape(shape)
+        out[name] = view.copy() if copy else view
         end = offset + nbytes
     return out
 
@@ -204,7 +243,10 @@ def _check(name: str, hint: Any, value: Any) -> Any:
 
 
 def decode(payload: bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Message:
-    """Decode one frame; raises DecodeError (with a RejectReason) for anything malformed."""
+    """Decode one frame; raises DecodeError (with a RejectReason) for anything malformed.
+
+    Arrays are copies, except a ``model_full``'s files: read-only views into ``payload`` (no second copy of a
+    large model in memory; the message keeps ``payload`` alive)."""
     header, data = _split(payload, max_bytes)
     try:
         cls = _BY_TYPE[MessageType(str(header.get("type")))]
@@ -214,7 +256,7 @@ def decode(payload: bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Messa
     kwargs: dict[str, Any] = {}
     for f in fields(cls):
         if f.name in _ARRAY_FIELD:
-            kwargs[f.name] = _arrays(header.get("arrays", []), data)
+            kwargs[f.name] = _arrays(header.get("arrays", []), data, copy=cls is not ModelFull)
         elif f.name in header:
             kwargs[f.name] = _check(f.name, hints[f.name], header[f.name])
         elif f.default is MISSING and f.default_factory is MISSING:
@@ -239,11 +281,13 @@ _REQUEST_ID: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 def decode_control(payload: bytes) -> RoundOverrides:
     """Decode ``control/round/start``: empty or ``{}`` means hub defaults; JSON may override fields."""
+    if len(payload) > MAX_CONTROL_BYTES:
+        raise _fail(RejectReason.TOO_LARGE, f"control payload of {len(payload)} bytes; at most {MAX_CONTROL_BYTES}")
     text = payload.strip()
     if not text:
         return RoundOverrides()
     try:
-        obj = json.loads(text.decode("utf-8"))
+        obj = loads_strict(text.decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, int > 4300 digits
         raise _fail(RejectReason.MALFORMED, f"control payload is not JSON: {exc}") from exc
     if not isinstance(obj, dict):
@@ -279,5 +323,7 @@ def encode_control(overrides: RoundOverrides) -> bytes:
 
 
 __all__ = [
-    "DTYPES", "MAGIC", "decode", "decode_as", "decode_control", "encode", "encode_control", "encode_control_reply",
+    "ANNOUNCE_FRAME_BYTES", "DTYPES", "MAGIC", "MAX_ARRAYS", "MAX_ARRAY_BYTES", "MAX_CONTROL_BYTES",
+    "SMALL_FRAME_BYTES", "decode", "decode_as", "decode_control", "encode", "encode_control", "encode_control_reply",
+    "loads_strict",
 ]

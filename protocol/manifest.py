@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from fedge.protocol.codec import loads_strict
 from fedge.protocol.errors import ArtifactError
 
 __all__ = [
@@ -110,8 +112,8 @@ class Manifest:
     @classmethod
     def from_json(cls, text: str | bytes) -> Manifest:
         try:
-            raw: Any = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raw: Any = loads_strict(text)
+        except (ValueError, RecursionError) as exc:  # not JSON or UTF-8, a repeated key, >4300 digits, deep nesting
             raise ArtifactError(f"manifest is not valid JSON: {exc}") from exc
         return cls.from_dict(raw)
 
@@ -286,11 +288,28 @@ def load_head(path: str | Path) -> dict[str, NDArray[np.float32]]:
     return out
 
 
-def save_head(path: str | Path, head: Mapping[str, NDArray[Any]]) -> None:
-    """Write ``head`` as an uncompressed ``.npz`` (float32, head order); no pickle."""
+def save_head(path: str | Path, head: Mapping[str, NDArray[Any]], *, mode: int | None = None) -> None:
+    """Write ``head`` as an uncompressed ``.npz`` (float32, head order); no pickle. Durable when it returns: the
+    file is written beside the target, fsynced, renamed over it, and the folder fsynced. ``mode`` (e.g. 0o600)
+    sets the file's permissions; without it the umask decides."""
     arrays = {name: np.ascontiguousarray(np.asarray(head[name], dtype=np.float32)) for name in head_order(head)}
     target = Path(path)
     tmp = target.with_name(target.name + ".tmp")
-    with open(tmp, "wb") as fh:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666 if mode is None else mode)
+    with os.fdopen(fd, "wb") as fh:
+        if mode is not None:
+            os.fchmod(fh.fileno(), mode)  # a leftover temporary file keeps its old mode otherwise
         np.savez(fh, allow_pickle=False, **arrays)
+        fh.flush()
+        os.fsync(fh.fileno())
     tmp.replace(target)
+    _fsync_dir(target.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename or a new entry in ``folder`` durable."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
