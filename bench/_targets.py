@@ -63,6 +63,9 @@ TRANSFER_QUALITY = (
     Target("simulate_1000_s", "<=", 300,
            "`fedge simulate` with validation split, local-only, ditto and federated evaluation, 1,000 devices × 5 "
            "rounds"),
+    Target("selection_correct", ">=", 0.9,
+           "both tasks, 5 seeds, 3 candidates (source, fresh, zero-feature poor): share of seeds in which selection "
+           "picked the candidate with the best fine-tuned held-out accuracy (the lower task)"),
 )
 
 BENCHES: dict[str, tuple[Target, ...]] = {"bench/train_step.py": TRAIN_STEP, "bench/round_overhead.py": ROUND_OVERHEAD,

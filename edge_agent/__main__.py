@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -80,6 +81,7 @@ def _run(config_path: str, log_level: str, connect_timeout: float) -> int:
 
     configure_logging(log_level)
     config = load_config(config_path)
+    os.umask(0o077)  # everything the agent writes is private to its user (state, features, heads, ledger)
     agent = Agent(config)
     stop = threading.Event()
 

@@ -19,34 +19,41 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from fedge.edge_agent.artifacts import artifacts_dir, install_model_full, is_installed
+from fedge.edge_agent.artifacts import artifacts_dir, install_model_full, is_installed, prune_backbones
 from fedge.edge_agent.config import AgentConfig
 from fedge.edge_agent.data import LocalData, load_local
 from fedge.edge_agent.evaluation import head_scores, local_only_head, split_indices
 from fedge.edge_agent.features import FeatureCache
 from fedge.edge_agent.ledger import DeviceLedger, announced_dp, decline_reason
 from fedge.edge_agent.privacy import DpParams, privatize
-from fedge.edge_agent.state import AgentState, write_atomic
+from fedge.edge_agent.selection import SelectionWorker
+from fedge.edge_agent.state import AgentState, secure_tree, write_atomic
 from fedge.edge_agent.training import Prox, fit
-from fedge.protocol.codec import decode, encode
+from fedge.protocol.codec import ANNOUNCE_FRAME_BYTES, SMALL_FRAME_BYTES, decode, encode
 from fedge.protocol.errors import ArtifactError, DataError, DecodeError, FedgeError
 from fedge.protocol.manifest import load_head, load_manifest
 from fedge.protocol.messages import (
     Ack,
     Decline,
     DeclineReason,
+    HubStatus,
     ModelFull,
     ModelHead,
     ModelUpdate,
     Presence,
     Reject,
     RoundAnnounce,
+    RoundResult,
 )
 from fedge.protocol.topics import Topics
 from fedge.protocol.transport import Transport
 
 log = logging.getLogger("fedge.agent")
 _VERSION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+RETRY_S = 30.0
+"""An unacknowledged update is published again (same bytes) this often, and after every reconnect and hub status."""
+SEND_MARGIN_S = 1.0
+"""Training stops this long before the round's deadline, so that the update still arrives in time."""
 Head = dict[str, NDArray[np.float32]]
 
 
@@ -90,7 +97,10 @@ class Agent:
         self._jobs: queue.Queue[RoundAnnounce | None] = queue.Queue()
         self._worker: threading.Thread | None = None
         self._trainer: tuple[str, Any] | None = None  # (backbone sha256, Trainer), one open at a time
+        self._unacked: dict[int, tuple[str, bytes]] = {}  # round -> (nonce, payload) published, not yet acked
+        self._closed_round = 0  # the highest round the hub's result says is closed
         self._subscribed = False
+        self._selection = SelectionWorker(self)  # source-model selection rounds (edge_agent/selection.py)
         self._stopped = False
 
     # ----------------------------------------------------------------- lifecycle
@@ -106,9 +116,12 @@ class Agent:
 
         self._data = load_local(self.config.data)
         self._backends = tuple(available_backends())
-        for d in (self.artifacts_root, self.heads_dir, self.features_dir):
-            d.mkdir(parents=True, exist_ok=True)
+        self.config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._lock_state_dir()
+        secure_tree(self.config.state_dir)  # private: folders 0700, files 0600 (also what older agents left)
+        for d in (self.artifacts_root, self.heads_dir, self.features_dir):
+            d.mkdir(mode=0o700, exist_ok=True)
+        self._load_outbox()
         self._worker = threading.Thread(target=self._work, name=f"fedge-agent-{self.device}", daemon=True)
         self._worker.start()
         transport = self._transport
@@ -141,15 +154,22 @@ class Agent:
         )
 
     def _subscribe(self, t: Transport) -> None:
-        t.subscribe(self.topics.model_full, self._guard(self._on_model_full), qos=1)
-        t.subscribe(self.topics.model_head, self._guard(self._on_model_head), qos=1)
-        t.subscribe(self.topics.announce, self._guard(self._on_announce), qos=1)
-        t.subscribe(self.topics.device_inbox(self.device), self._guard(self._on_inbox), qos=1)
+        # per-topic size limits: only model/full is big
+        t.subscribe(self.topics.model_full, self._guard(self._on_model_full, self.config.max_model_bytes), qos=1)
+        t.subscribe(self.topics.model_head, self._guard(self._on_model_head, self.config.max_head_bytes), qos=1)
+        t.subscribe(self.topics.announce, self._guard(self._on_announce, ANNOUNCE_FRAME_BYTES), qos=1)
+        t.subscribe(self.topics.device_inbox(self.device), self._guard(self._on_inbox, SMALL_FRAME_BYTES), qos=1)
+        t.subscribe(self.topics.result, self._guard(self._on_result, ANNOUNCE_FRAME_BYTES), qos=1)
+        t.subscribe(self.topics.hub_status, self._guard(self._on_hub_status, SMALL_FRAME_BYTES), qos=1)
+        t.subscribe(self.topics.candidate_all, self._guard(self._selection.on_candidate, self.config.max_model_bytes),
+                    qos=1)
+        t.subscribe(self.topics.select_announce, self._guard(self._selection.on_announce, ANNOUNCE_FRAME_BYTES), qos=1)
 
     def _on_connect(self, *_: Any) -> None:
         if self._subscribed and not self._stopped:
             log.info("connected: publishing presence")
             self.publish_presence(online=True)
+            self._republish_unacked("reconnected")
 
     def publish_presence(self, *, online: bool) -> None:
         if self._transport is None or (online and self._stopped):
@@ -209,12 +229,12 @@ class Agent:
             return self._cond.wait_for(lambda: self.state.last_completed_round >= round_, timeout)
 
     # ----------------------------------------------------------------- handlers
-    def _guard(self, handler: Callable[[Any], None]) -> Callable[[str, bytes], None]:
+    def _guard(self, handler: Callable[[Any], None], max_bytes: int) -> Callable[[str, bytes], None]:
         def run(topic: str, payload: bytes) -> None:
             if not payload:
                 return
             try:
-                msg = decode(payload)
+                msg = decode(payload, max_bytes=max_bytes)
             except DecodeError as exc:
                 log.warning("ignoring malformed message on %s: %s", topic, exc)
                 return
@@ -238,6 +258,11 @@ class Agent:
             log.error("rejected model/full for backbone %s: %s", msg.backbone_sha256[:16], exc)
             return
         log.info("backbone %s %s at %s", msg.backbone_sha256[:16], "installed" if new else "already held", path)
+        if new:
+            with self._cond:
+                self.state.add_backbone(msg.backbone_sha256)
+                self.state.save()
+                self._prune_backbones()
         self._check_pending()
 
     def _on_model_head(self, msg: Any) -> None:
@@ -260,10 +285,18 @@ class Agent:
             changed = self.state.model_version != msg.version
             self.state.model_version = msg.version
             self.state.save()
+            self._prune_backbones()
         log.info("global model %s (backbone %s, round %s)", msg.version, msg.backbone_sha256[:16], msg.round)
         if changed and self._subscribed and not self._stopped:
             self.publish_presence(online=True)
         self._check_pending()
+
+    def _prune_backbones(self) -> None:
+        """Delete backbones no longer kept (current and previous), never one a queued or running round uses."""
+        keep = self.state.backbones_to_keep() | {m.backbone_sha256 for m in self._pending.values()}
+        if self._trainer is not None:
+            keep.add(self._trainer[0])
+        prune_backbones(self.config.state_dir, keep)
 
     def _on_announce(self, msg: Any) -> None:
         if not isinstance(msg, RoundAnnounce):
@@ -288,9 +321,15 @@ class Agent:
 
     def _on_inbox(self, msg: Any) -> None:
         if isinstance(msg, Ack):
-            log.info("hub acknowledged round %d (update %s)", msg.round, msg.ref_nonce[:8])
+            if self._settle(msg.round, msg.ref_nonce):
+                log.info("hub acknowledged round %d (update %s)", msg.round, msg.ref_nonce[:8])
+            else:
+                log.warning("ignoring an ack of round %d for update %s: not an update of ours awaiting an ack",
+                            msg.round, msg.ref_nonce[:8])
         elif isinstance(msg, Reject):
             log.warning("hub rejected round %s: %s (%s)", msg.round, msg.reason, msg.detail)
+            if msg.round is not None and msg.ref_nonce is not None:
+                self._settle(msg.round, msg.ref_nonce)  # refused: the same bytes again would be refused again
             with self._cond:
                 self.state.last_reject = {
                     "round": msg.round, "reason": str(msg.reason), "detail": msg.detail,
@@ -299,6 +338,58 @@ class Agent:
                 self.state.save()
         else:
             log.warning("ignoring %s in the device inbox", msg.type)
+
+    def _on_result(self, msg: Any) -> None:
+        if not isinstance(msg, RoundResult):
+            log.warning("ignoring %s on the round/result topic", msg.type)
+            return
+        with self._cond:
+            self._closed_round = max(self._closed_round, msg.round)  # a training of it stops at the next batch
+            closed = [r for r in self._unacked if r <= msg.round]
+        for rnd in closed:
+            if self._settle(rnd, None):
+                log.info("round %d closed (%s) before our update was acknowledged: not sent again", rnd, msg.status)
+
+    def _on_hub_status(self, msg: Any) -> None:
+        if isinstance(msg, HubStatus) and msg.online:  # the hub (re)subscribed before it said so
+            self._republish_unacked("hub online")
+
+    # ----------------------------------------------------------------- unacknowledged updates
+    def _load_outbox(self) -> None:
+        """Updates published before a restart and never acknowledged: sent again until acked or closed."""
+        for path in sorted((self.config.state_dir / "outbox").glob("round-*.bin")):
+            try:
+                rnd = int(path.stem.removeprefix("round-"))
+                payload = path.read_bytes()
+                msg = decode(payload)
+            except (ValueError, FedgeError, OSError) as exc:
+                log.warning("dropping unreadable outbox file %s: %s", path, exc)
+                path.unlink(missing_ok=True)
+                continue
+            if isinstance(msg, ModelUpdate) and msg.round == rnd:
+                self._unacked[rnd] = (msg.nonce, payload)
+
+    def _settle(self, round_id: int, nonce: str | None) -> bool:
+        """Forget the unacknowledged update of ``round_id`` (only if its nonce is ``nonce``, unless None)."""
+        with self._cond:
+            held = self._unacked.get(round_id)
+            if held is None or (nonce is not None and held[0] != nonce):
+                return False
+            del self._unacked[round_id]
+            self._outbox(round_id).unlink(missing_ok=True)
+            return True
+
+    def _republish_unacked(self, why: str) -> None:
+        """Publish every unacknowledged update again, byte for byte (same nonce: the hub counts it once)."""
+        connected = getattr(self._transport, "connected", None)
+        if self._transport is None or self._stopped or (isinstance(connected, threading.Event)
+                                                         and not connected.is_set()):
+            return
+        with self._cond:
+            pending = sorted(self._unacked.items())
+        for rnd, (nonce, payload) in pending:
+            log.info("round %d: update %s not acknowledged yet: sent again (%s)", rnd, nonce[:8], why)
+            self._transport.publish(self.topics.update(self.device), payload, qos=1)
 
     # ----------------------------------------------------------------- round bookkeeping
     def _skip_reason(self, msg: RoundAnnounce) -> str | None:
@@ -348,11 +439,15 @@ class Agent:
     # ----------------------------------------------------------------- training (worker thread)
     def _work(self) -> None:
         while True:
-            msg = self._jobs.get()
+            try:
+                msg = self._jobs.get(timeout=RETRY_S)
+            except queue.Empty:
+                self._republish_unacked("no ack yet")
+                continue
             if msg is None:
                 return
             try:
-                self._run_round(msg)
+                (self._selection.run if msg.candidates else self._run_round)(msg)
             except Exception as exc:
                 log.exception("round %d failed on this device", msg.round)
                 # say so, so the hub stops waiting for this device (and do not retry the round)
@@ -403,9 +498,20 @@ class Agent:
             self._publish_update(msg.round, sent.read_bytes(), None, None)
             log.info("round %d: update from before the restart sent again", msg.round)
             return
+        if msg.local_epochs > self.config.max_epochs:
+            self._decline(msg, DeclineReason.OVER_LIMITS, f"{msg.local_epochs} local epochs announced; this device "
+                          f"trains at most {self.config.max_epochs}")
+            return
         dp = self._dp_decision(msg)
         if dp is False:
             return
+        # training stops at the deadline (less a margin to send), at the device's own time limit, or once the round
+        # closed; checked before every batch
+        t_end = min(msg.deadline - SEND_MARGIN_S, time.time() + self.config.max_round_s)
+
+        def stop() -> bool:
+            return time.time() >= t_end or self._closed_round >= msg.round
+
         trainer = self._trainer_for(msg.backbone_sha256)
         global_head = load_head(self.heads_dir / f"{msg.model_version}.npz")
         expected = trainer.get_head()
@@ -424,7 +530,15 @@ class Agent:
         # the seed's lambda*||w - w0||^2 acts in local training too (and again at the hub's aggregation)
         w0 = load_head(artifacts_dir(self.artifacts_root, msg.backbone_sha256))  # the backbone's source head
         pull = Prox(w0, msg.proximal_lambda) if msg.proximal_lambda else None
-        result = fit(trainer, feats, y, msg.local_epochs, msg.lr, rng, prox=pull)
+        result = fit(trainer, feats, y, msg.local_epochs, msg.lr, rng, prox=pull, stop=stop)
+        if result.stopped and (self._closed_round >= msg.round or result.steps == 0):
+            if self._closed_round >= msg.round:
+                log.info("round %d closed while training: no update", msg.round)
+                self._mark_done(msg.round)
+            else:
+                self._decline(msg, DeclineReason.OVER_LIMITS, "no time left to train before the deadline or the "
+                              f"device's limit of {self.config.max_round_s:g} s")
+            return
         after = evaluate(trainer, feats, y)
         loss_after, acc_after = after.loss, after.accuracy
         trained = {k: np.asarray(v, dtype=np.float32) for k, v in trainer.get_head().items()}
@@ -437,8 +551,11 @@ class Agent:
             "train_seconds": float(result.seconds), "n_steps": float(result.steps),
             f"backend_{trainer.name}": 1.0,  # metrics are numbers on the wire: the backend is a one-hot key
         }
+        if result.stopped:  # the deadline or the device's time limit came first: the update covers fewer steps
+            metrics["stopped_early"] = 1.0
+            log.warning("round %d: training stopped after %d steps (deadline or max_round_s)", msg.round, result.steps)
         n_samples = len(y)
-        personal = self._personal_head(trainer, trained, global_head, feats, y, msg)
+        personal = self._personal_head(trainer, trained, global_head, feats, y, msg, stop)
         if dp is None and len(val_idx):  # federated evaluation (never under DP: it describes the local data)
             local = local_only_head(trainer, w0, feats, y, self.config.local_only_epochs, msg.lr, self.config.seed,
                                     self.config.state_dir / "local_only" / f"{msg.backbone_sha256[:16]}-"
@@ -467,7 +584,8 @@ class Agent:
 
     def _personal_head(self, trainer: Any, trained: dict[str, NDArray[np.float32]],
                        global_head: dict[str, NDArray[np.float32]], feats: NDArray[np.float32],
-                       y: NDArray[np.int64], msg: RoundAnnounce) -> dict[str, NDArray[np.float32]]:
+                       y: NDArray[np.int64], msg: RoundAnnounce,
+                       stop: Callable[[], bool] | None = None) -> dict[str, NDArray[np.float32]]:
         """The head this device keeps for its own predictions (never sent). ``finetune``: the head it trained
         from the global one. ``ditto``: its previous personal head (or the global one), trained further with a
         pull ``mu * ||v - w_global||^2`` toward the new global head."""
@@ -483,7 +601,7 @@ class Agent:
                 log.warning("personal head %s unreadable: starting from the global head", self.personal_head_path)
         trainer.set_head(start)
         fit(trainer, feats, y, msg.local_epochs, msg.lr, np.random.default_rng([self.config.seed, msg.round, 7]),
-            prox=Prox(global_head, self.config.ditto_mu))
+            prox=Prox(global_head, self.config.ditto_mu), stop=stop)
         return {k: np.asarray(v, dtype=np.float32) for k, v in trainer.get_head().items()}
 
     def _outbox(self, round_id: int) -> Path:
@@ -501,15 +619,28 @@ class Agent:
             outbox = self._outbox(round_id)
             if dp is not None:  # recorded before it leaves the device: a crash over-counts, never under-counts
                 self.ledger.record(round_id, dp)
-            write_atomic(outbox, payload)  # a crash from here on re-sends these bytes
+            write_atomic(outbox, payload)  # a crash from here on re-sends these bytes (kept until acked or closed)
+            self._unacked[round_id] = (self._nonce_of(payload), payload)
             self._transport.publish(self.topics.update(self.device), payload, qos=1)
             if trained is not None:
                 _save_npz(self.personal_head_path, dict(trained))
             self.state.last_completed_round = round_id
             self.state.save()
-            outbox.unlink(missing_ok=True)
             self._cond.notify_all()
         return True
+
+    @staticmethod
+    def _nonce_of(payload: bytes) -> str:
+        msg = decode(payload)
+        if not isinstance(msg, ModelUpdate):
+            raise FedgeError(f"the outbox holds a {msg.type}, not an update")
+        return msg.nonce
+
+    def _mark_done(self, round_id: int) -> None:
+        with self._cond:
+            self.state.last_completed_round = max(self.state.last_completed_round, round_id)
+            self.state.save()
+            self._cond.notify_all()
 
     def _dp_decision(self, msg: RoundAnnounce) -> DpParams | Literal[False] | None:
         """The round's DP parameters (None: not private), or False after declining it."""
@@ -530,10 +661,7 @@ class Agent:
             return
         out = Decline(self.config.fleet, msg.round, self.device, reason, detail)
         self._transport.publish(self.topics.decline(self.device), encode(out), qos=1)
-        with self._cond:
-            self.state.last_completed_round = max(self.state.last_completed_round, msg.round)
-            self.state.save()
-            self._cond.notify_all()
+        self._mark_done(msg.round)
 
     def _skip_reason_late(self, msg: RoundAnnounce) -> str | None:
         if msg.round <= self.state.last_completed_round:

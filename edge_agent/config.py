@@ -9,6 +9,8 @@
     backend = "auto"              # auto | litert | ort | numpy
     seed = 0
     session_expiry_s = 86400      # optional: how long the broker keeps our session while offline
+    max_epochs = 50               # declines (over_limits) rounds announcing more local epochs
+    max_round_s = 900             # stops training after this many seconds (and always at the round's deadline)
 
     [broker]
     url = "mqtt://127.0.0.1:1883"
@@ -42,7 +44,8 @@ AGENT_SESSION_EXPIRY_S = 86400  # default: the broker keeps an offline agent's s
 BACKENDS: Final = ("auto", "litert", "ort", "numpy")
 _BROKER_FILES: Final = ("ca_file", "cert_file", "key_file")
 _KNOWN: Final = frozenset({"device_id", "fleet", "data", "state_dir", "backend", "seed", "session_expiry_s", "broker",
-                           "privacy", "validation_fraction", "local_only_epochs", "personalization", "ditto_mu"})
+                           "privacy", "validation_fraction", "local_only_epochs", "personalization", "ditto_mu",
+                           "max_epochs", "max_round_s", "max_model_bytes", "max_head_bytes"})
 _PRIVACY_KNOWN: Final = frozenset({"epsilon_budget", "delta", "min_noise_multiplier", "max_clip", "modes"})
 _DP_MODES: Final = ("central", "local", "distributed")
 
@@ -150,7 +153,34 @@ class AgentConfig:
         default=0.1,
         metadata=doc("ditto: strength mu of the pull mu*||v - w_global||^2 of the personal head v", example=0.5),
     )
+    max_epochs: int = field(
+        default=50,
+        metadata=doc("the most local epochs this device trains per round: it declines a round announcing more "
+                     "(over_limits)", example=10),
+    )
+    max_round_s: float = field(
+        default=900.0,
+        metadata=doc("the most seconds this device trains per round: training stops there (or at the round's "
+                     "deadline, if sooner) and the update covers the steps done", example=120),
+    )
+    max_model_bytes: int = field(
+        default=64 << 20,
+        metadata=doc("largest model/full frame (every artifact file of a backbone) this device accepts, in bytes",
+                     example=134217728),
+    )
+    max_head_bytes: int = field(
+        default=8 << 20,
+        metadata=doc("largest model/head frame this device accepts, in bytes (announce, ack and reject frames have "
+                     "fixed small limits, PROTOCOL.md section 7)"),
+    )
     privacy: DevicePrivacy | None = None
+
+
+def _positive(table: Mapping[str, Any], key: str, default: float) -> float:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(key, f"must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def _str(table: Mapping[str, Any], key: str, default: str | None = None) -> str:
@@ -225,6 +255,10 @@ def config_from_mapping(table: Mapping[str, Any], base_dir: Path) -> AgentConfig
         local_only_epochs=_int(table, "local_only_epochs", 10, 1),
         personalization=_choice(table, "personalization", "finetune", ("finetune", "ditto")),
         ditto_mu=_fraction(table, "ditto_mu", 0.1, upper=None),
+        max_epochs=_int(table, "max_epochs", 50, 1),
+        max_round_s=_positive(table, "max_round_s", 900.0),
+        max_model_bytes=_int(table, "max_model_bytes", 64 << 20, 1 << 16),
+        max_head_bytes=_int(table, "max_head_bytes", 8 << 20, 1 << 10),
         privacy=_privacy(table.get("privacy")),
     )
 
@@ -234,7 +268,8 @@ def reference_sections() -> list[Section]:
     return [
         Section(None, keys_of(AgentConfig, only=("device_id", "fleet", "data", "state_dir", "backend", "seed",
                                                  "session_expiry_s", "validation_fraction", "local_only_epochs",
-                                                 "personalization", "ditto_mu"),
+                                                 "personalization", "ditto_mu", "max_epochs", "max_round_s",
+                                                 "max_model_bytes", "max_head_bytes"),
                               required=("device_id", "fleet", "data"), defaults={"state_dir": "state"})),
         Section("broker", keys_of(BrokerConfig, required=("url",)), "the MQTT broker the hub uses (required)"),
         Section("privacy", keys_of(DevicePrivacy),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,13 +21,15 @@ EVAL_CHUNK = 1024
 @dataclass(frozen=True)
 class FitResult:
     """``loss_first``/``loss_last``: the loss of the first and of the last step (before each update);
-    ``epoch_losses``: the sample-weighted mean step loss of every epoch."""
+    ``epoch_losses``: the sample-weighted mean step loss of every epoch begun (the last one may be partial);
+    ``stopped``: ``fit``'s ``stop`` ended training before all epochs ran."""
 
     steps: int
     loss_first: float
     loss_last: float
     seconds: float
     epoch_losses: tuple[float, ...] = ()
+    stopped: bool = False
 
 
 def _check(feats: NDArray[np.float32], y: NDArray[np.integer]) -> None:
@@ -57,11 +59,14 @@ def fit(
     lr: float,
     rng: np.random.Generator,
     prox: Prox | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> FitResult:
     """``epochs`` passes of SGD in batches of ``trainer.batch_size``, reshuffled with ``rng`` each epoch, with an
     optional proximal pull after every step.
 
-    The last batch of an epoch may be short (the trainer pads and masks it).
+    The last batch of an epoch may be short (the trainer pads and masks it). ``stop`` is asked before every batch
+    (so also between epochs): once it returns True training ends there, with ``stopped`` set (the agent stops at
+    the round's deadline, at its own time limit, or when the round closed).
     """
     feats = np.asarray(feats, dtype=np.float32)
     labels: NDArray[np.int64] = np.asarray(y, dtype=np.int64)
@@ -74,12 +79,19 @@ def fit(
     steps = 0
     first = last = float("nan")
     epoch_losses: list[float] = []
+    stopped = False
     t0 = time.perf_counter()
     for _ in range(epochs):
+        if stop is not None and stop():
+            stopped = True
+            break
         order = rng.permutation(n)
         shuffled_f, shuffled_y = feats[order], labels[order]  # one gather per epoch, then contiguous batches
-        total = 0.0
+        total, seen = 0.0, 0
         for s in range(0, n, b):
+            if s and stop is not None and stop():
+                stopped = True
+                break
             fb, yb = shuffled_f[s : s + b], shuffled_y[s : s + b]
             last = trainer.train_step(fb, yb, lr)
             if prox is not None and prox.mu > 0:
@@ -91,8 +103,11 @@ def fit(
                 first = last
             steps += 1
             total += last * fb.shape[0]
-        epoch_losses.append(total / n)
-    return FitResult(steps, first, last, time.perf_counter() - t0, tuple(epoch_losses))
+            seen += fb.shape[0]
+        epoch_losses.append(total / seen)
+        if stopped:
+            break
+    return FitResult(steps, first, last, time.perf_counter() - t0, tuple(epoch_losses), stopped)
 
 
 def evaluate(trainer: Trainer, feats: NDArray[np.float32], y: NDArray[np.integer]) -> Score:

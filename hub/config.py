@@ -22,9 +22,17 @@
     seed = 0
     max_update_bytes = 8388608
 
+    [limits]                         # upper bounds of control overrides (over them: refused, over_limits)
+    max_min_devices = 10000
+    max_deadline_s = 3600
+    max_local_epochs = 50
+    max_lr = 10.0
+
     [aggregation]
-    strategy = "fedavg"
+    strategy = "fedavg"              # fedavg | median | trimmed_mean
     proximal_lambda = 0.0
+    max_weight_ratio = 4.0           # an update weighs at most 4x the cohort's median sample count
+    max_update_norm = "auto"         # or a number: the L2 bound updates are clipped to
 
     [schedule]
     every_s = 0                      # 0 = off: else start a round every N s when none is open
@@ -41,6 +49,9 @@
     [http]                           # read-only fleet dashboard and Prometheus /metrics
     listen = "127.0.0.1:8080"        # empty = off
     token = ""                       # required when listen is not a loopback address
+
+    [store]
+    keep_update_payloads = false     # raw update frames are dropped once their round closed
 
 Relative paths resolve against the folder of the config file. Every error is a ConfigError
 naming the field, e.g. ``rounds.deadline_s``.
@@ -61,7 +72,7 @@ from fedge.protocol.mqtt_config import BrokerConfig
 from fedge.protocol.tomlfile import read_toml
 from fedge.protocol.topics import valid_id
 
-STRATEGIES: Final = ("fedavg",)
+STRATEGIES: Final = ("fedavg", "median", "trimmed_mean")
 EMBEDDED: Final = "embedded"
 
 
@@ -136,10 +147,75 @@ class RoundsConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """``[limits]``: upper bounds of what a ``control/round/start`` may ask for (PROTOCOL.md §5). A request over
+    any of them is refused with reason ``over_limits``; ``[rounds]`` defaults must lie within them too."""
+
+    max_min_devices: int = field(
+        default=10000, metadata=doc('the largest quorum (min_devices) a control message may set', example=100))
+    max_deadline_s: float = field(
+        default=3600.0,
+        metadata=doc('the longest round (deadline_s, seconds) a control message may set', example=600))
+    max_local_epochs: int = field(
+        default=50, metadata=doc('the most local epochs per round a control message may set', example=10))
+    max_lr: float = field(default=10.0, metadata=doc('the largest learning rate a control message may set',
+                                                     example=1.0))
+
+    def __post_init__(self) -> None:
+        _need_int("limits.max_min_devices", self.max_min_devices, 1)
+        _need_num("limits.max_deadline_s", self.max_deadline_s, positive=True)
+        _need_int("limits.max_local_epochs", self.max_local_epochs, 1)
+        _need_num("limits.max_lr", self.max_lr, positive=True)
+
+    def excess(self, name: str, value: float) -> str | None:
+        """Why ``value`` of round parameter ``name`` is over its limit, or None (parameters without one: None)."""
+        bound = getattr(self, f"max_{name}", None)
+        if bound is None or value <= bound:
+            return None
+        return f"{name} {value:g} exceeds limits.max_{name} = {bound:g}"
+
+
+@dataclass(frozen=True)
 class AggregationConfig:
+    """``[aggregation]``: how a round's updates become the next head, and the bounds no device can exceed outside
+    DP rounds (PROTOCOL.md, "Hub behaviour"): weight capped, L2 norm clipped, robust strategies."""
+
     strategy: str = field(
         default="fedavg",
-        metadata=doc('how updates become the next global head: fedavg (sample-weighted FedAvg with a proximal pull)'),
+        metadata=doc('how updates become the next global head: fedavg (sample-weighted mean), median '
+                     '(coordinate-wise) or trimmed_mean (coordinate-wise, trim_fraction cut at each end); all with '
+                     'the proximal pull; median and trimmed_mean ignore sample counts', example="trimmed_mean"),
+    )
+    trim_fraction: float = field(
+        default=0.2,
+        metadata=doc('trimmed_mean: the share of values dropped at each end of every coordinate, in [0, 0.5) '
+                     '(floor(trim_fraction x updates) each side; none in small cohorts)', example=0.1),
+    )
+    max_weight_ratio: float = field(
+        default=4.0,
+        metadata=doc("fedavg: an update's weight is its n_samples capped at this multiple of the round's lower median "
+                     "n_samples (>= 1)", example=10.0),
+    )
+    max_update_norm: float | str = field(
+        default="auto",
+        metadata=doc('the L2 norm updates are clipped to (non-DP rounds): a number, or "auto" = norm_multiplier x '
+                     'the lower median norm of this round\'s and the last norm_window rounds\' accepted updates '
+                     '(this round\'s alone at first); never above norm_ceiling', example=5.0),
+    )
+    norm_multiplier: float = field(
+        default=4.0,
+        metadata=doc('"auto" norm bound: this multiple of the median accepted norm (>= 1)', example=3.0),
+    )
+    norm_window: int = field(
+        default=5,
+        metadata=doc('"auto" norm bound: how many recent rounds\' accepted norms count (0 = this round only)',
+                     example=10),
+    )
+    norm_ceiling: float = field(
+        default=100.0,
+        metadata=doc('absolute ceiling of the norm bound, whatever the history says (raise it for heads whose honest '
+                     'updates are longer: the hub logs each round\'s bound and how many updates it clipped)',
+                     example=10.0),
     )
     proximal_lambda: float = field(
         default=0.0,
@@ -156,14 +232,42 @@ class AggregationConfig:
         default=0.05,
         metadata=doc("accuracy points (as a fraction) a new version may lose against the deployed one", example=0.0),
     )
+    federated_gate: bool = field(
+        default=False,
+        metadata=doc("after each non-DP round, the round's devices score the new version on their validation data (an "
+                     "evaluation round, PROTOCOL.md); it is deployed only if that federated accuracy is not below the "
+                     "deployed head's (as the same devices scored it in the round) by more than deploy_tolerance",
+                     example=True),
+    )
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ConfigError("aggregation.strategy", f"{self.strategy!r} is not one of {', '.join(STRATEGIES)}")
         _need_num("aggregation.proximal_lambda", self.proximal_lambda, minimum=0.0)
+        _need_num("aggregation.trim_fraction", self.trim_fraction, minimum=0.0)
+        if self.trim_fraction >= 0.5:
+            raise ConfigError("aggregation.trim_fraction", f"must be < 0.5, got {self.trim_fraction}")
+        _need_num("aggregation.max_weight_ratio", self.max_weight_ratio, minimum=1.0)
+        _need_num("aggregation.norm_multiplier", self.norm_multiplier, minimum=1.0)
+        _need_int("aggregation.norm_window", self.norm_window, 0)
+        _need_num("aggregation.norm_ceiling", self.norm_ceiling, positive=True)
         if not isinstance(self.deploy_gate, bool):
             raise ConfigError("aggregation.deploy_gate", f"must be true or false, got {self.deploy_gate!r}")
         _need_num("aggregation.deploy_tolerance", self.deploy_tolerance, minimum=0.0)
+        if not isinstance(self.federated_gate, bool):
+            raise ConfigError("aggregation.federated_gate", f"must be true or false, got {self.federated_gate!r}")
+        if self.max_update_norm != "auto":
+            if not _is_num(self.max_update_norm) or float(self.max_update_norm) <= 0:
+                raise ConfigError("aggregation.max_update_norm",
+                                  f'must be "auto" or a number > 0, got {self.max_update_norm!r}')
+            if float(self.max_update_norm) > self.norm_ceiling:
+                raise ConfigError("aggregation.max_update_norm",
+                                  f"{self.max_update_norm} is above norm_ceiling {self.norm_ceiling}")
+
+    @property
+    def fixed_update_norm(self) -> float | None:
+        """``max_update_norm`` as a number, None for "auto"."""
+        return None if isinstance(self.max_update_norm, str) else float(self.max_update_norm)
 
 
 PRIVACY_MODES: Final = ("off", "central", "local", "distributed")
@@ -242,6 +346,22 @@ class ScheduleConfig:
     def __post_init__(self) -> None:
         _need_num("schedule.every_s", self.every_s, minimum=0.0)
         _need_int("schedule.chain_rounds", self.chain_rounds, 0)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """``[store]``: what the hub keeps in ``hub.sqlite`` beyond what it needs."""
+
+    keep_update_payloads: bool = field(
+        default=False,
+        metadata=doc("keep every accepted update's raw frame after its round closed (false: dropped when the round "
+                     "closes, only its nonce, sample count and metrics stay; an open round's are always kept so a "
+                     "restarted hub can resume it)", example=True),
+    )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.keep_update_payloads, bool):
+            raise ConfigError("store.keep_update_payloads", f"must be true or false, got {self.keep_update_payloads!r}")
 
 
 @dataclass(frozen=True)
@@ -347,10 +467,12 @@ class HubConfig:
             example=['device-00', 'device-01']),
     )
     rounds: RoundsConfig = RoundsConfig()
+    limits: LimitsConfig = LimitsConfig()
     aggregation: AggregationConfig = AggregationConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     http: HttpConfig = HttpConfig()
+    store: StoreConfig = StoreConfig()
 
     def __post_init__(self) -> None:
         if not isinstance(self.fleet, str) or not valid_id(self.fleet):
@@ -361,13 +483,17 @@ class HubConfig:
             for d in self.devices:
                 if not isinstance(d, str) or not valid_id(d):
                     raise ConfigError("devices", f"{d!r} must be 1-64 characters of [A-Za-z0-9_-]")
+        for name in ("min_devices", "deadline_s", "local_epochs", "lr"):
+            why = self.limits.excess(name, getattr(self.rounds, name))
+            if why is not None:
+                raise ConfigError(f"rounds.{name}", f"{why} (raise the limit or lower the default)")
         if self.rounds.min_devices > len(self.devices or ()) > 0:
             raise ConfigError("rounds.min_devices", f"{self.rounds.min_devices} exceeds the {len(self.devices or ())} "
                               "devices of the allow-list")
 
 
-_TOP: Final = frozenset({"fleet", "state_dir", "artifacts", "eval_data", "devices", "broker", "rounds",
-                         "aggregation", "schedule", "privacy", "http"})
+_TOP: Final = frozenset({"fleet", "state_dir", "artifacts", "eval_data", "devices", "broker", "rounds", "limits",
+                         "aggregation", "schedule", "privacy", "http", "store"})
 
 
 def _table(table: Mapping[str, Any], key: str, cls: type[Any]) -> Any:
@@ -416,10 +542,12 @@ def config_from_mapping(table: Mapping[str, Any], base_dir: Path) -> HubConfig:
         eval_data=_path(table, "eval_data", base_dir),
         devices=None if devices is None else tuple(devices),
         rounds=_table(table, "rounds", RoundsConfig),
+        limits=_table(table, "limits", LimitsConfig),
         aggregation=_table(table, "aggregation", AggregationConfig),
         schedule=_table(table, "schedule", ScheduleConfig),
         privacy=_table(table, "privacy", PrivacyConfig),
         http=_table(table, "http", HttpConfig),
+        store=_table(table, "store", StoreConfig),
     )
 
 
@@ -432,10 +560,14 @@ def reference_sections() -> list[Section]:
                 + keys_of(HubBroker, only=("embedded_host", "embedded_port")),
                 "the MQTT broker (required): an external one, or \"embedded\" to run one inside the hub"),
         Section("rounds", keys_of(RoundsConfig), "round defaults (a control message may override some per round)"),
-        Section("aggregation", keys_of(AggregationConfig)),
+        Section("limits", keys_of(LimitsConfig),
+                "upper bounds of control overrides: a round start asking for more is refused (over_limits)"),
+        Section("aggregation", keys_of(AggregationConfig, types={"max_update_norm": 'number or "auto"'}),
+                "aggregation and the bounds on each update outside DP rounds (PROTOCOL.md)"),
         Section("schedule", keys_of(ScheduleConfig), "rounds started without anyone asking"),
         Section("privacy", keys_of(PrivacyConfig), "client-level differential privacy (PROTOCOL.md)"),
         Section("http", keys_of(HttpConfig), "the read-only fleet dashboard and Prometheus /metrics (README)"),
+        Section("store", keys_of(StoreConfig), "what the hub's SQLite store keeps"),
     ]
 
 
@@ -461,9 +593,11 @@ __all__ = [
     "HttpConfig",
     "HubBroker",
     "HubConfig",
+    "LimitsConfig",
     "PrivacyConfig",
     "RoundsConfig",
     "ScheduleConfig",
+    "StoreConfig",
     "config_from_mapping",
     "load_config",
     "reference_sections",

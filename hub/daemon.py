@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import queue
 import threading
 import time
@@ -23,11 +25,21 @@ from fedge.edge_agent.privacy import DpEvent, DpParams, epsilon, event_for
 from fedge.hub.config import HubConfig
 from fedge.hub.evaluate import EvalFn, Evaluator
 from fedge.hub.registry import Registry
-from fedge.hub.rounds import OpenRound, RoundParams, poisson_select, select_devices
+from fedge.hub.rounds import OpenRound, RoundParams, over_limits, poisson_select, select_devices
+from fedge.hub.selection import Selector
 from fedge.hub.store import LedgerRow, Store, VersionRow
-from fedge.hub.strategies import Aggregator, DpAggregator, Strategy, make_strategy
+from fedge.hub.strategies import Aggregator, Bounds, DpAggregator, Strategy, make_strategy
 from fedge.hub.validate import Accept, Rejection, UpdateContext, validate_update
-from fedge.protocol.codec import decode, decode_control, encode, encode_control, encode_control_reply
+from fedge.protocol.codec import (
+    MAX_CONTROL_BYTES,
+    decode,
+    decode_control,
+    encode,
+    encode_control,
+    encode_control_reply,
+    loads_strict,
+)
+from fedge.protocol.control import decode_cancel
 from fedge.protocol.errors import DecodeError, FedgeError
 from fedge.protocol.messages import (
     Ack,
@@ -81,12 +93,19 @@ def federated_scores(metrics: Iterable[dict[str, float]]) -> dict[str, float]:
 
 def _request_id_of(payload: bytes) -> str | None:
     """The request_id of a control payload that failed validation, when one can be read (for the reply)."""
+    if len(payload) > MAX_CONTROL_BYTES:  # refused unread: no parsing of whatever size the broker allows
+        return None
     try:
-        obj = json.loads(payload.decode("utf-8"))
+        obj = loads_strict(payload.decode("utf-8"))
     except (ValueError, RecursionError):
         return None
     rid = obj.get("request_id") if isinstance(obj, dict) else None
     return rid if isinstance(rid, str) and valid_id(rid) else None
+
+
+def _finite(value: float | None) -> float | None:
+    """``value`` if it is a finite number, else None (a result message carries no NaN or infinity)."""
+    return value if value is not None and math.isfinite(value) else None
 
 
 class HubStateError(FedgeError):
@@ -112,22 +131,29 @@ class HubDaemon:
         self.topics = Topics(cfg.fleet)
         self.clock = clock
         self.tick_s = tick_s
-        self.strategy: Strategy = make_strategy(cfg.aggregation.strategy, cfg.aggregation.proximal_lambda)
+        agg = cfg.aggregation
+        self.strategy: Strategy = make_strategy(
+            agg.strategy, agg.proximal_lambda,
+            Bounds(agg.max_weight_ratio, agg.fixed_update_norm, agg.norm_multiplier, agg.norm_ceiling),
+            agg.trim_fraction)
         self.evaluator: EvalFn = evaluator if evaluator is not None else Evaluator(cfg.eval_data)
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        self.store = Store(cfg.state_dir / "hub.sqlite")
+        self.store = Store(cfg.state_dir / "hub.sqlite", keep_update_payloads=cfg.store.keep_update_payloads)
         self.registry = Registry(self.store, cfg.state_dir)
         # DP cohorts and central noise: seeded by the operating system unless a test passes a generator
         self._rng = rng if rng is not None else np.random.default_rng()
         self._dp_capable: set[str] = self.store.dp_capable()
         self._budget_exhausted = False
         self.round: OpenRound | None = None
+        self.selector = Selector(self)  # source-model selection rounds (hub/selection.py)
         self.known: set[str] = set(cfg.devices or ())
         self._online: set[str] = set()
         self._specs: dict[str, dict[str, tuple[tuple[int, ...], str]]] = {}
         self._published: tuple[str | None, str | None] = (None, None)  # (version, backbone)
         self._chain_left = int(self.store.get_meta("chain_left") or 0)
         self._chain_overrides = decode_control((self.store.get_meta("chain_overrides") or "").encode())
+        if self._chain_left and over_limits(self._chain_overrides, cfg.limits):  # limits lowered since: chain ends
+            self._chain_left = 0
+        self._connects = 0
         self._queue: queue.Queue[_Event] = queue.Queue()
         self._stop = threading.Event()
         self._dead = threading.Event()
@@ -146,14 +172,20 @@ class HubDaemon:
             if dev["online"]:
                 self._online.add(dev["device"])
         self._resume()
+        self.selector.resume()
         self._worker = threading.Thread(target=self._run, name=f"fedge-hub-{self.cfg.fleet}", daemon=True)
         self._worker.start()
         # handlers wait for the worker, so it must run before the first (retained) message arrives; and
         # subscribing before connecting means no message of the persistent session arrives unhandled
         self.transport.subscribe(self.topics.presence_all, self._on_presence)
         self.transport.subscribe(self.topics.control_round_start, self._on_control)
+        self.transport.subscribe(self.topics.control_round_cancel, self._on_cancel)
         self.transport.subscribe(self.topics.update_all, self._on_update)
         self.transport.subscribe(self.topics.decline_all, self._on_decline)
+        self.transport.subscribe(self.topics.control_round_select,
+                                 lambda _t, p: self.call(lambda: self.selector.handle_control(p)))
+        self.transport.subscribe(self.topics.select_report_all,
+                                 lambda t, p: self.call(lambda: self.selector.handle_report(t, p)))
         if connect is not None:
             connect()
         self.call(self._publish_state)
@@ -204,8 +236,17 @@ class HubDaemon:
     def tick(self) -> None:
         self.call(self._tick)
 
+    def on_connect(self) -> None:
+        """The transport's on-connect callback: the first call is the connection :meth:`start` publishes the state
+        on; every later one is a reconnect (see :meth:`on_reconnect`)."""
+        self._connects += 1
+        if self._connects > 1:
+            self.on_reconnect()
+
     def on_reconnect(self) -> None:
-        self.post(lambda: self._status(online=True))
+        """After a reconnect: publish every retained message again (a broker restarted without persistence lost
+        them all): status, model/full, model/head, the open round's announce (or its clearing), the last result."""
+        self.post(lambda: self._publish_state(force=True))
 
     def _run(self) -> None:
         last_tick = 0.0
@@ -236,6 +277,9 @@ class HubDaemon:
     def _on_control(self, topic: str, payload: bytes) -> None:
         self.call(lambda: self._handle_control(payload))
 
+    def _on_cancel(self, topic: str, payload: bytes) -> None:
+        self.call(lambda: self._handle_cancel(payload))
+
     def _on_decline(self, topic: str, payload: bytes) -> None:
         self.call(lambda: self._handle_decline(topic, payload))
 
@@ -249,9 +293,10 @@ class HubDaemon:
                         model_version=None if cur is None else cur.version)
         self._publish(self.topics.hub_status, encode(msg), retain=True)
 
-    def _publish_model(self, row: VersionRow) -> None:
-        """Retained model/head; model/full too when the backbone differs from the one last published."""
-        if row.backbone_sha256 != self._published[1]:
+    def _publish_model(self, row: VersionRow, *, force: bool = False) -> None:
+        """Retained model/head; model/full too when the backbone differs from the one last published (or
+        ``force``)."""
+        if force or row.backbone_sha256 != self._published[1]:
             full = self.registry.model_full(self.cfg.fleet, row.backbone_sha256)
             self._publish(self.topics.model_full, encode(full), retain=True)
             log.info("published model/full for backbone %s", row.backbone_sha256[:16])
@@ -276,9 +321,9 @@ class HubDaemon:
             raise HubStateError(f"the model registry in {self.cfg.state_dir} holds no version")
         return cur
 
-    def _publish_state(self) -> None:
+    def _publish_state(self, force: bool = False) -> None:
         self._status(online=True)
-        self._publish_model(self._current())
+        self._publish_model(self._current(), force=force)
         if self.round is not None:
             self._publish(self.topics.announce, encode(self.round.announce(self.cfg.fleet)), retain=True)
         else:
@@ -299,8 +344,10 @@ class HubDaemon:
         row = rows[-1]
         params = RoundParams.from_dict(row.params)
         agg = self._aggregator(params, row.backbone_sha256)
+        # a round opened before [limits] were lowered still ends within them
+        deadline = min(row.deadline, row.opened_at + self.cfg.limits.max_deadline_s)
         rnd = OpenRound(row.id, row.model_version, row.backbone_sha256, params,
-                        row.selected, row.opened_at, row.deadline, agg)
+                        row.selected, row.opened_at, deadline, agg)
         rnd.declined.update(self.store.declines(row.id))
         for stored in self.store.iter_updates(row.id):
             msg = decode(stored.payload, max_bytes=max(len(stored.payload), 1))
@@ -333,8 +380,19 @@ class HubDaemon:
             self.store.set_dp_capable(device, msg.dp)
             (self._dp_capable.add if msg.dp else self._dp_capable.discard)(device)
         self.known.add(device)
+        was_online = device in self._online
         (self._online.add if msg.online else self._online.discard)(device)
         log.info("device %s %s (%s samples)", device, "online" if msg.online else "offline", msg.n_samples)
+        rnd = self.round
+        if rnd is None:
+            return
+        if msg.online:
+            rnd.offline.discard(device)  # back before the round closed: its update is awaited again
+        elif was_online and rnd.went_offline(device):
+            log.warning("round %d: selected device %s went offline without answering: counted as failed", rnd.id,
+                        device)
+            if rnd.should_close(self.clock()):
+                self._close_round(rnd)
 
     def _handle_control(self, payload: bytes) -> None:
         try:
@@ -350,6 +408,17 @@ class HubDaemon:
             log.warning("control message ignored: round %d is open", self.round.id)
             self._reply(overrides.request_id, None, "round_open", detail)
             return
+        if self.selector.open is not None:
+            detail = f"selection round {self.selector.open.id} is open"
+            self.store.add_control("round_open", detail)
+            self._reply(overrides.request_id, None, "round_open", detail)
+            return
+        excess = over_limits(overrides, self.cfg.limits)
+        if excess is not None:
+            self.store.add_control("over_limits", excess)
+            log.warning("control message refused: %s", excess)
+            self._reply(overrides.request_id, None, "over_limits", excess)
+            return
         self._set_chain(max(self.cfg.schedule.chain_rounds - 1, 0), overrides)
         rid, reason, detail = self._start_round(overrides)
         if rid is None and reason == "no_devices":
@@ -360,6 +429,49 @@ class HubDaemon:
         """Answer a control message on control/round/reply (JSON; see PROTOCOL.md §5)."""
         body = encode_control_reply(request_id, rid is not None, rid, reason, detail)
         self._publish(self.topics.control_round_reply, body)
+
+    def _handle_cancel(self, payload: bytes) -> None:
+        try:
+            req = decode_cancel(payload)
+        except DecodeError as exc:
+            self.store.add_control(str(exc.reason), f"cancel: {exc.detail}")
+            log.warning("cancel ignored (%s): %s", exc.reason, exc.detail)
+            self._reply(_request_id_of(payload), None, str(exc.reason), exc.detail)
+            return
+        rnd = self.round
+        if rnd is None or (req.round is not None and req.round != rnd.id):
+            detail = "no round is open" if rnd is None else f"round {req.round} is not open (round {rnd.id} is)"
+            self.store.add_control("no_open_round", f"cancel: {detail}")
+            self._reply(req.request_id, None, "no_open_round", detail)
+            return
+        self._cancel_round(rnd, req.reason)
+        self.store.add_control("cancelled", f"round {rnd.id}")
+        self._reply(req.request_id, rnd.id, "cancelled", self.store.round_detail(rnd.id) or "")
+
+    def _cancel_round(self, r: OpenRound, reason: str) -> None:
+        """Close ``r`` as ``cancelled``: nothing aggregated, no version, a chain ends. A DP round keeps its ledger
+        entry: it was announced, so devices may already have trained and sent (noised) updates."""
+        detail = f"cancelled by the operator: {reason or 'no reason given'}"
+        if r.params.dp is not None:
+            detail += ("; its privacy charge stays in the ledger (the round was announced: devices may have trained "
+                       "and sent updates)")
+        self._end_round(r, RoundStatus.CANCELLED, detail)
+
+    def _end_round(self, r: OpenRound, status: RoundStatus, detail: str) -> None:
+        """Close ``r`` without aggregating (no version) with ``detail``; publish its result; a chain ends."""
+        now = self.clock()
+        self.store.set_round_detail(r.id, detail)
+        rejected = sum(self.store.reject_counts(r.id).values())
+        devices = tuple(sorted(r.accepted))
+        self.store.close_round(r.id, str(status), now, None, None, devices, r.n_samples, rejected, None)
+        self.round = None
+        self._set_chain(0, RoundOverrides())
+        self.rounds_jsonl({"round": r.id, "status": str(status), "devices": len(devices),
+                           "n_samples": r.n_samples, "seconds": round(now - r.opened_at, 3), "detail": detail})
+        log.warning("round %d %s: %s", r.id, status, detail)
+        self._publish(self.topics.result, encode(self._result_of(r.id)), retain=True)
+        self._publish(self.topics.announce, b"", retain=True)
+        self._status(online=True)
 
     def _set_chain(self, left: int, overrides: RoundOverrides) -> None:
         overrides = replace(overrides, request_id=None)  # a reply goes to the request's own round only
@@ -428,7 +540,8 @@ class HubDaemon:
     def _aggregator(self, params: RoundParams, backbone: str) -> Aggregator:
         shapes = {k: s for k, (s, _) in self._spec(backbone).items()}
         if params.dp is None:
-            return self.strategy.aggregator(shapes)
+            # the norm history is read when the round opens (or resumes): fixed for the round
+            return self.strategy.aggregator(shapes, self.store.recent_update_norms(self.cfg.aggregation.norm_window))
         return DpAggregator(shapes, self.cfg.aggregation.proximal_lambda, params.dp, max(params.expected_cohort, 1.0),
                             rng=self._rng)
 
@@ -464,6 +577,8 @@ class HubDaemon:
             return ignore(RejectReason.WRONG_TYPE, f"expected a decline on {topic}, got {msg.type}")
         if msg.device != device or msg.fleet != self.cfg.fleet:
             return ignore(RejectReason.DEVICE_MISMATCH, f"decline for {msg.device!r} in {msg.fleet!r} on {topic}")
+        if self.selector.handle_decline(msg):
+            return
         if rnd is None or msg.round != rnd.id:
             return ignore(RejectReason.STALE_ROUND, f"decline of round {msg.round}; open round: {rid}")
         if msg.device not in rnd.selected:
@@ -521,12 +636,21 @@ class HubDaemon:
 
     def _tick(self) -> None:
         now = self.clock()
-        if self.round is not None and self.round.should_close(now):
-            self._close_round(self.round)
+        rnd = self.round
+        if rnd is not None and rnd.should_close(now):
+            try:
+                self._close_round(rnd)
+            except Exception as exc:  # a round whose deadline passed always closes: as failed, if not otherwise
+                log.exception("round %d: closing failed", rnd.id)
+                if self.round is rnd:
+                    self._end_round(rnd, RoundStatus.FAILED_QUORUM, f"closing the round failed: {exc}")
+        self.selector.tick(now)
         every = self.cfg.schedule.every_s
-        if self.round is None and every > 0 and self._candidates() and not self._budget_exhausted:
+        idle = self.round is None and self.selector.open is None
+        if idle and every > 0 and self._candidates() and not self._budget_exhausted:
             last = self.store.last_round()
             if last is None or now - last.opened_at >= every:
+                self._set_chain(0, RoundOverrides())  # a scheduled round uses the defaults and starts no chain
                 self._start_round(RoundOverrides())
 
     def _close_round(self, r: OpenRound) -> None:
@@ -537,6 +661,11 @@ class HubDaemon:
         head = None
         if r.quorum():
             head = r.aggregator.result(self.registry.load_head(r.model_version), self.registry.w0(r.backbone_sha256))
+            bounds = r.aggregator.summary
+            if bounds is not None:
+                log.info("round %d: %s, norm bound %.4g (%d of %d updates clipped), weight cap %s (%d capped)", r.id,
+                         r.aggregator.name, bounds.norm_bound, bounds.clipped, r.aggregator.count,
+                         "-" if bounds.weight_cap is None else f"{bounds.weight_cap:g}", bounds.capped)
             if not all(np.isfinite(a).all() for a in head.values()):
                 detail, head = "the aggregate is not finite: no version registered", None
                 log.error("round %d: %s", r.id, detail)
@@ -546,8 +675,8 @@ class HubDaemon:
             except Exception:
                 log.exception("round %d: evaluation failed (version registered without a score)", r.id)
                 score = None
-            if score is not None:  # without hub eval data a version has no score (devices' own losses
-                acc, loss = score.accuracy, score.loss  # are on their training data: not comparable)
+            if score is not None:  # without hub eval data a version has no score (devices' own losses are on
+                acc, loss = _finite(score.accuracy), _finite(score.loss)  # their training data: not comparable)
             row = self.registry.write_head(head, parent=r.model_version, round_id=r.id,
                                            backbone_sha256=r.backbone_sha256, accuracy=acc, loss=loss)
             deployed = self.store.version(r.model_version)
@@ -567,26 +696,44 @@ class HubDaemon:
         if federated:
             self.store.set_round_metrics(r.id, federated)
         held_back = detail is not None and row is not None
+        gate = None if held_back or row is None else self.selector.gate_detail(r, row, federated)
+        if gate is not None:  # [aggregation] federated_gate: the round's devices validate the new version first
+            detail, held_back = gate, True
+            self.store.set_round_detail(r.id, detail)
         self.store.close_round(r.id, str(status), now, acc, loss, devices, r.n_samples, rejected, row,
                                make_current=not held_back)
         self.round = None
+        if r.params.dp is None and r.aggregator.norms:  # the "auto" norm bound's history (never of DP rounds)
+            self.store.add_update_norms(r.id, r.aggregator.norms, self.cfg.aggregation.norm_window)
+        summary = r.aggregator.summary
         self.rounds_jsonl({
             "round": r.id, "status": str(status), "devices": len(devices), "n_samples": r.n_samples,
             "accuracy": acc, "loss": loss, "seconds": round(now - r.opened_at, 3),
             "model_version": None if row is None else row.version, "rejected": rejected,
             "federated": federated,
+            **({} if summary is None else {"norm_bound": summary.norm_bound, "clipped": summary.clipped,
+                                           "weight_cap": summary.weight_cap, "capped": summary.capped}),
         })
         log.info("round %d %s: %d/%d devices, %d samples, %d rejected, accuracy %s, model %s, %.2f s", r.id, status,
                  len(devices), len(r.selected), r.n_samples, rejected, "-" if acc is None else f"{acc:.4f}",
                  "-" if row is None else row.version, now - r.opened_at)
+        result = encode(self._result_of(r.id))  # before anything goes out: if it cannot encode, nothing is published
         if row is not None and not held_back:
             self._publish_model(row)
-        self._publish(self.topics.result, encode(self._result_of(r.id)), retain=True)
+        self._publish(self.topics.result, result, retain=True)
         self._publish(self.topics.announce, b"", retain=True)
         self._status(online=True)
+        if gate is not None and row is not None:
+            self.selector.start_gate(r, row, federated)  # the chain goes on once it closes
+            return
+        self.continue_chain()
+
+    def continue_chain(self) -> None:
+        """Start the next round of a ``chain_rounds`` chain, if one is left."""
         if self._chain_left > 0:
             self._set_chain(self._chain_left - 1, self._chain_overrides)
-            self._start_round(self._chain_overrides)
+            if self._start_round(self._chain_overrides)[0] is None:  # nobody to ask: the chain ends here
+                self._set_chain(0, RoundOverrides())
 
     def _result_of(self, rid: int) -> RoundResult:
         row = self.store.round(rid)
@@ -597,15 +744,17 @@ class HubDaemon:
         # a DP round's result names nobody and counts no samples (the store keeps them for the operator)
         return RoundResult(
             fleet=self.cfg.fleet, round=rid, status=RoundStatus(row.status), model_version=row.new_version,
-            accuracy=row.accuracy, loss=row.loss, devices=() if private else row.devices,
+            accuracy=_finite(row.accuracy), loss=_finite(row.loss), devices=() if private else row.devices,
             n_samples=0 if private else row.n_samples or 0, rejected=row.rejected or 0,
-            seconds=row.closed_at - row.opened_at, detail=self.store.round_detail(rid),
+            seconds=_finite(row.closed_at - row.opened_at) or 0.0, detail=self.store.round_detail(rid),
             declined=() if private else tuple(sorted(self.store.declines(rid))),
-            epsilon=None if ledger is None else ledger.epsilon, federated=self.store.round_metrics(rid),
+            epsilon=None if ledger is None else _finite(ledger.epsilon),
+            federated={k: v for k, v in self.store.round_metrics(rid).items() if math.isfinite(v)},
         )
 
     def rounds_jsonl(self, record: dict[str, Any]) -> None:
-        with (self.cfg.state_dir / "rounds.jsonl").open("a", encoding="utf-8") as fh:
+        fd = os.open(self.cfg.state_dir / "rounds.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with open(fd, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record, sort_keys=True) + "\n")
 
 

@@ -1,13 +1,15 @@
 """Model versions: ``v0, v1, ...`` — a head over a backbone, with lineage and score.
 
 Files: ``state_dir/models/<version>/head.npz`` and one artifacts folder per backbone under
-``state_dir/backbones/<sha[:16]>/``. Metadata and the current-version pointer live in the store.
+``state_dir/backbones/<sha[:16]>/``. Metadata and the current-version pointer live in the store. Every file
+is 0600 in 0700 folders and fsynced (with its folders) before the store commits a row that names it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -18,6 +20,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from fedge.edge_agent.state import PRIVATE_FILE, fsync_dir, private_dir, secure_tree
 from fedge.hub.store import Store, VersionRow
 from fedge.protocol.errors import ArtifactError
 from fedge.protocol.manifest import MANIFEST_FILE, Manifest, head_order, load_head, save_head, verify_artifacts
@@ -36,6 +39,18 @@ def head_sha256(head: Mapping[str, NDArray[Any]]) -> str:
     return h.hexdigest()
 
 
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and folder under ``root`` (deepest first)."""
+    for folder, _dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(folder))
+
+
 class Registry:
     """Every model version of a fleet: backbones (exported artifacts, verified by hash) and heads.
 
@@ -49,6 +64,7 @@ class Registry:
         self.state_dir = state_dir
         self.models_dir = state_dir / "models"
         self.backbones_dir = state_dir / "backbones"
+        secure_tree(state_dir)  # folders 0700, files 0600 (also what an older hub left behind)
 
     # backbones
     def backbone_dir(self, sha256: str) -> Path:
@@ -62,25 +78,33 @@ class Registry:
 
     def import_artifacts(self, artifacts: Path, *, parent: str | None = None) -> VersionRow:
         """Copy an exported artifacts folder in as a backbone and register its head as a new version."""
+        sha, head = self.add_backbone(artifacts)
+        return self.add_version(head, parent=parent, round_id=None, backbone_sha256=sha)
+
+    def add_backbone(self, artifacts: Path) -> tuple[str, dict[str, NDArray[np.float32]]]:
+        """Verify an exported artifacts folder and copy it in as a backbone (no version): its sha256 and head."""
         manifest = verify_artifacts(artifacts)
         head = load_head(artifacts)
         self._check_head(head, manifest)
         sha = manifest.backbone_sha256
         target = self.backbone_dir(sha)
         if not (target / MANIFEST_FILE).is_file():
-            self.backbones_dir.mkdir(parents=True, exist_ok=True)
+            private_dir(self.backbones_dir)
             tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=self.backbones_dir))
             try:
                 shutil.copytree(artifacts, tmp, dirs_exist_ok=True)
+                secure_tree(tmp)
                 verify_artifacts(tmp)
+                _fsync_tree(tmp)
                 if target.exists():
                     shutil.rmtree(target)
                 tmp.rename(target)
+                fsync_dir(self.backbones_dir)  # durable before the store records it
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
         self.store.add_backbone(sha, str(target))
-        return self.add_version(head, parent=parent, round_id=None, backbone_sha256=sha)
+        return sha, head
 
     @staticmethod
     def _check_head(head: Mapping[str, NDArray[Any]], manifest: Manifest) -> None:
@@ -95,9 +119,9 @@ class Registry:
         """Write the next version's head file; the caller records the returned row in the store."""
         idx = self.store.next_version_idx()
         version = f"v{idx}"
-        folder = self.models_dir / version
-        folder.mkdir(parents=True, exist_ok=True)
-        save_head(folder / "head.npz", head)
+        folder = private_dir(self.models_dir / version)
+        save_head(folder / "head.npz", head, mode=PRIVATE_FILE)  # fsyncs the file and its folder
+        fsync_dir(self.models_dir)  # the version's folder too: all durable before a commit names it
         return VersionRow(version, idx, head_sha256(head), parent, round_id, backbone_sha256, accuracy, loss,
                           time.time())
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Final
 
 import numpy as np
 
 from fedge.edge_agent.privacy import DpParams
-from fedge.hub.config import RoundsConfig
+from fedge.hub.config import LimitsConfig, RoundsConfig
 from fedge.hub.strategies import Aggregator
 from fedge.protocol.messages import RoundAnnounce, RoundOverrides
 
@@ -57,6 +57,24 @@ class RoundParams:
                    float(raw.get("expected_cohort", 0.0)))
 
 
+UNBOUNDED_OVERRIDES: Final = frozenset({"fraction", "request_id"})
+"""RoundOverrides fields without a ``[limits]`` entry: fraction is bounded to (0, 1] by the decoder, request_id is
+not a round parameter. Every other field needs a ``limits.max_<field>`` (tests check that)."""
+
+
+def over_limits(overrides: RoundOverrides, limits: LimitsConfig) -> str | None:
+    """Why a control request asks for more than ``[limits]`` allows ("; "-joined), or None if it is within them."""
+    problems = []
+    for f in fields(overrides):
+        value = getattr(overrides, f.name)
+        if f.name in UNBOUNDED_OVERRIDES or value is None:
+            continue
+        why = limits.excess(f.name, value)
+        if why is not None:
+            problems.append(why)
+    return "; ".join(problems) or None
+
+
 def poisson_select(eligible: Iterable[str], sample_rate: float, seed: int | np.random.Generator,
                    round_id: int = 0) -> tuple[str, ...]:
     """Poisson sampling: each eligible device is selected independently with probability ``sample_rate``; the
@@ -97,6 +115,14 @@ class OpenRound:
     declined: dict[str, str] = field(default_factory=dict)  # device -> DeclineReason
     n_samples: int = 0
     rejected: int = 0
+    offline: set[str] = field(default_factory=set)  # selected, not answered, last will (offline presence) seen
+
+    def went_offline(self, device: str) -> bool:
+        """A selected device that has not answered went offline: it counts as failed (True if it now does)."""
+        if device not in self.selected or device in self.accepted or device in self.declined:
+            return False
+        self.offline.add(device)
+        return True
 
     def announce(self, fleet: str) -> RoundAnnounce:
         dp = self.params.dp
@@ -113,8 +139,8 @@ class OpenRound:
         )
 
     def all_answered(self) -> bool:
-        """Every selected device sent an update or declined."""
-        return set(self.selected) <= set(self.accepted) | set(self.declined)
+        """Every selected device sent an update, declined, or went offline (failed) without answering."""
+        return set(self.selected) <= set(self.accepted) | set(self.declined) | self.offline
 
     def should_close(self, now: float) -> bool:
         return now >= self.deadline or self.all_answered()
@@ -123,4 +149,4 @@ class OpenRound:
         return len(self.accepted) >= self.params.min_devices
 
 
-__all__ = ["OpenRound", "RoundParams", "poisson_select", "select_devices"]
+__all__ = ["UNBOUNDED_OVERRIDES", "OpenRound", "RoundParams", "over_limits", "poisson_select", "select_devices"]

@@ -1,4 +1,4 @@
-"""CLI: ``fedge hub serve|status|rollback`` and ``fedge round start``."""
+"""CLI: ``fedge hub serve|status|rollback`` and ``fedge round start|cancel``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from dataclasses import asdict
 from typing import Any
 
 from fedge.protocol.errors import ConfigError, FedgeError
+from fedge.protocol.mqtt_config import BrokerConfig
 
 log = logging.getLogger("fedge.hub")
 
@@ -51,7 +52,7 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     rsub = rnd.add_subparsers(dest="round_command", required=True)
     p = rsub.add_parser("start", help="ask the hub to start a round (ignored while one is open)")
     p.add_argument("--fleet", required=True)
-    p.add_argument("--broker", required=True, help="mqtt://host:port")
+    _add_broker_args(p)
     p.add_argument("--min-devices", type=int)
     p.add_argument("--deadline-s", type=float)
     p.add_argument("--fraction", type=float)
@@ -62,6 +63,42 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--reply-timeout", type=float, default=15.0, help="seconds to wait for the hub's reply")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=run_round_start)
+    p = rsub.add_parser("cancel", help="close the open round now, as cancelled (no new model from it)")
+    p.add_argument("--fleet", required=True)
+    _add_broker_args(p)
+    p.add_argument("--reason", default="", help="why (kept in the round's result detail)")
+    p.add_argument("--round", type=int, help="cancel only if this round is the open one")
+    p.add_argument("--reply-timeout", type=float, default=15.0, help="seconds to wait for the hub's reply")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=run_round_cancel)
+    from fedge.hub.selection_cli import add_subcommands as add_selection_subcommands
+
+    add_selection_subcommands(hsub, rsub)  # hub models add|list, round select
+
+
+def _add_broker_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--broker", help="mqtt://host:port (no login, no TLS options)")
+    g.add_argument("--broker-config", metavar="FILE",
+                   help="a TOML file with a [broker] table (url, username, password, ca_file, ...; paths relative to "
+                        "the file), e.g. the operator.toml of fedge fleet init")
+
+
+def control_broker(args: argparse.Namespace) -> BrokerConfig:
+    """The BrokerConfig of a control command: ``--broker URL`` or the ``[broker]`` table of ``--broker-config``."""
+    from pathlib import Path
+
+    from fedge.protocol.tomlfile import read_toml
+
+    path = getattr(args, "broker_config", None)
+    if path is None:
+        return BrokerConfig(url=args.broker)
+    table = read_toml(path, "broker_config").get("broker")
+    if not isinstance(table, dict):
+        raise ConfigError("broker", f"{path} has no [broker] table")
+    base = Path(path).resolve().parent
+    files = {k: str(base / v) for k in ("ca_file", "cert_file", "key_file") if isinstance(v := table.get(k), str)}
+    return BrokerConfig.from_mapping({**table, **files})
 
 
 def run_init(args: argparse.Namespace) -> int:
@@ -98,6 +135,7 @@ def run_serve(args: argparse.Namespace) -> int:
               f"{' embedded' if cfg.broker.embedded else ''}, privacy {cfg.privacy.mode}, state in {cfg.state_dir}"
               f"{', dashboard on ' + cfg.http.listen if cfg.http.enabled else ''})")
         return 0
+    os.umask(0o077)  # everything the hub writes is private to its user (hub.sqlite, models, rounds.jsonl)
     broker: Any = None
     dashboard: Any = None
     if cfg.broker.embedded:
@@ -120,7 +158,7 @@ def run_serve(args: argparse.Namespace) -> int:
             dashboard = start_for_hub(cfg, transport)
             print(f"dashboard: {dashboard.url}", flush=True)
         daemon.start(connect=transport.connect)
-        transport.add_on_connect(daemon.on_reconnect)
+        transport.add_on_connect(daemon.on_connect)  # after a reconnect: every retained message again
         log.info("hub for fleet %r serving on %s (state in %s)", cfg.fleet, cfg.broker.config.url, cfg.state_dir)
         try:
             while not stop.wait(0.5):
@@ -140,6 +178,7 @@ def run_serve(args: argparse.Namespace) -> int:
 def status_dict(config_path: str) -> dict[str, Any]:
     from fedge.hub.config import load_config
     from fedge.hub.registry import Registry
+    from fedge.hub.selection import selection_status
     from fedge.hub.store import Store
 
     cfg = load_config(config_path)
@@ -165,6 +204,7 @@ def status_dict(config_path: str) -> dict[str, Any]:
             "rejects": store.reject_counts(),
             "control": store.control_counts(),
             "devices": store.devices(),
+            **selection_status(store),  # candidate source models and selection rounds
         }
     finally:
         store.close()
@@ -245,7 +285,6 @@ def run_round_start(args: argparse.Namespace) -> int:
 
     from fedge.protocol.codec import decode, encode_control
     from fedge.protocol.messages import RoundOverrides, RoundResult, RoundStatus
-    from fedge.protocol.mqtt_config import BrokerConfig
     from fedge.protocol.topics import Topics
     from fedge.protocol.transport_mqtt import MqttTransport
 
@@ -272,13 +311,19 @@ def run_round_start(args: argparse.Namespace) -> int:
         if isinstance(msg, RoundResult):
             results.put(msg)
 
-    transport = MqttTransport(BrokerConfig(url=args.broker), f"fedge-ctl-{os.getpid()}-{request_id[:6]}",
+    transport = MqttTransport(control_broker(args), f"fedge-ctl-{os.getpid()}-{request_id[:6]}",
                               session_expiry_s=0)
     transport.subscribe(topics.control_round_reply, on_reply)
     transport.subscribe(topics.result, on_result)
     transport.connect()
     try:
-        transport.publish(topics.control_round_start, encode_control(overrides))
+        if getattr(args, "select", False):  # fedge round select: the same exchange on control/round/select
+            from fedge.protocol.selection import SelectRequest, encode_select_control
+
+            names = tuple(c for c in (args.candidates or "").split(",") if c)
+            transport.publish(topics.control_round_select, encode_select_control(SelectRequest(names, overrides)))
+        else:
+            transport.publish(topics.control_round_start, encode_control(overrides))
         try:
             reply = replies.get(timeout=args.reply_timeout)
         except queue.Empty:
@@ -308,7 +353,7 @@ def run_round_start(args: argparse.Namespace) -> int:
     result = {"fleet": args.fleet, "round": rid, "status": str(res.status), "model_version": res.model_version,
               "accuracy": res.accuracy, "loss": res.loss, "devices": list(res.devices), "declined": list(res.declined),
               "rejected": res.rejected, "seconds": round(res.seconds, 3), "epsilon": res.epsilon,
-              "detail": res.detail, "federated": res.federated,
+              "detail": res.detail, "federated": res.federated, "ranking": list(res.ranking),
               "deployed": res.model_version is not None
               and not (res.detail or "").startswith(f"{res.model_version} kept")}
     if args.json:
@@ -320,6 +365,53 @@ def run_round_start(args: argparse.Namespace) -> int:
         print(f"round {rid} {res.status}: {who}, {res.rejected} rejected, accuracy {acc}, "
               f"model {res.model_version or '-'}, {res.seconds:.2f} s" + (f" ({res.detail})" if res.detail else ""))
     return 0 if res.status is RoundStatus.COMPLETED else 1
+
+
+def run_round_cancel(args: argparse.Namespace) -> int:
+    """Ask the hub to cancel the open round; exit 0 when it did, 1 when it refused (no such open round), 2 when it
+    does not answer."""
+    import queue
+    import uuid
+
+    from fedge.protocol.control import CancelRequest, encode_cancel
+    from fedge.protocol.topics import Topics
+    from fedge.protocol.transport_mqtt import MqttTransport
+
+    topics = Topics(args.fleet)
+    request_id = uuid.uuid4().hex[:16]
+    body = encode_cancel(CancelRequest(args.reason, args.round, request_id))
+    replies: queue.Queue[dict[str, Any]] = queue.Queue()
+
+    def on_reply(_topic: str, payload: bytes) -> None:
+        try:
+            reply = json.loads(payload)
+        except ValueError:
+            return
+        if isinstance(reply, dict) and reply.get("request_id") == request_id:
+            replies.put(reply)
+
+    transport = MqttTransport(control_broker(args), f"fedge-ctl-{os.getpid()}-{request_id[:6]}",
+                              session_expiry_s=0)
+    transport.subscribe(topics.control_round_reply, on_reply)
+    transport.connect()
+    try:
+        transport.publish(topics.control_round_cancel, body)
+        try:
+            reply = replies.get(timeout=args.reply_timeout)
+        except queue.Empty:
+            raise FedgeError(f"no reply from the hub of fleet {args.fleet!r} within {args.reply_timeout:g} s "
+                             "(is `fedge hub serve` running on this broker?)") from None
+    finally:
+        transport.close()
+    out = {"fleet": args.fleet, **{k: reply.get(k) for k in ("accepted", "round", "reason", "detail")}}
+    if args.json:
+        print(json.dumps(out))
+    elif out["accepted"]:
+        print(f"round {out['round']} cancelled (fleet {out['fleet']!r}): {out['detail']}")
+    else:
+        print(f"cancel refused by the hub of fleet {out['fleet']!r}: {out['reason']}"
+              + (f" ({out['detail']})" if out["detail"] else ""))
+    return 0 if out["accepted"] else 1
 
 
 def _print_start(out: dict[str, Any], as_json: bool) -> None:

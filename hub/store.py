@@ -1,15 +1,18 @@
 """The hub's durable state: one SQLite file (``state_dir/hub.sqlite``, WAL).
 
 Tables: ``meta`` (current version pointer, schedule chain), ``backbones``, ``versions``,
-``rounds`` (params, selection, deadline, outcome), ``updates`` (raw accepted payloads,
-UNIQUE(round, device)), ``rejects`` (reason per refused message), ``control`` (ignored control
-messages), ``devices`` (presence). Every write is its own transaction. One connection, guarded
-by a lock, shared by the daemon's threads.
+``rounds`` (params, selection, deadline, outcome), ``updates`` (accepted updates, UNIQUE(round, device):
+nonce, samples, metrics, and the raw frame until the round closes unless ``keep_update_payloads``),
+``rejects`` (reason per refused message), ``control`` (ignored control messages), ``devices`` (presence),
+``candidates``, ``selections`` and ``selection_reports`` (source-model selection). Every write is its own
+transaction. One connection, guarded by a lock, shared by the daemon's threads. The file, its -wal and -shm
+are 0600 in a 0700 folder.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -17,6 +20,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from fedge.edge_agent.state import PRIVATE_FILE, private_dir
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -51,6 +56,15 @@ CREATE TABLE IF NOT EXISTS declines (
     UNIQUE(round, device));
 CREATE TABLE IF NOT EXISTS round_details (round INTEGER PRIMARY KEY, detail TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS round_metrics (round INTEGER PRIMARY KEY, metrics TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS candidates (
+    name TEXT PRIMARY KEY, backbone_sha256 TEXT NOT NULL, added_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS selections (
+    round INTEGER PRIMARY KEY, status TEXT NOT NULL, model_version TEXT NOT NULL, candidates TEXT NOT NULL,
+    selected TEXT NOT NULL, params TEXT NOT NULL, opened_at REAL NOT NULL, deadline REAL NOT NULL, closed_at REAL,
+    ranking TEXT, winner TEXT, new_version TEXT, detail TEXT);
+CREATE TABLE IF NOT EXISTS selection_reports (
+    round INTEGER NOT NULL, device TEXT NOT NULL, nonce TEXT NOT NULL, metrics TEXT NOT NULL, received_at REAL NOT NULL,
+    UNIQUE(round, device));
 """
 
 
@@ -104,6 +118,26 @@ class LedgerRow:
 
 
 @dataclass(frozen=True)
+class SelectionRow:
+    """A source-model selection round: its candidates (name -> backbone sha256) and, once closed, the ranking
+    (best first: name, accuracy, loss, val_n) and the version that deployed the winner."""
+
+    round: int
+    status: str
+    model_version: str
+    candidates: dict[str, str]
+    selected: tuple[str, ...]
+    params: dict[str, Any]
+    opened_at: float
+    deadline: float
+    closed_at: float | None
+    ranking: list[dict[str, Any]]
+    winner: str | None
+    new_version: str | None
+    detail: str | None
+
+
+@dataclass(frozen=True)
 class StoredUpdate:
     device: str
     nonce: str
@@ -119,13 +153,19 @@ class Store:
     survives a crash (an update is stored before it is acked). Safe to call from several threads.
     """
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path, *, keep_update_payloads: bool = False) -> None:
+        private_dir(path.parent)
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE))  # SQLite gives -wal/-shm the file's mode
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            if os.path.exists(f"{path}{suffix}"):
+                os.chmod(f"{path}{suffix}", PRIVATE_FILE)
         self.path = path
+        self.keep_update_payloads = keep_update_payloads
         self._lock = threading.RLock()
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA secure_delete=ON")  # a dropped payload is overwritten, not just unlinked
         self._db.executescript(SCHEMA)
 
     def close(self) -> None:
@@ -158,6 +198,17 @@ class Store:
     def set_meta(self, key: str, value: str) -> None:
         self._write("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                     (key, value))
+
+    def recent_update_norms(self, rounds: int) -> list[float]:
+        """The accepted updates' L2 norms (before clipping) of the last ``rounds`` non-DP rounds that recorded some."""
+        recorded = json.loads(self.get_meta("update_norms") or "[]")
+        return [float(n) for _rid, norms in recorded[-rounds:] if rounds > 0 for n in norms]
+
+    def add_update_norms(self, rid: int, norms: list[float], keep: int) -> None:
+        """Record round ``rid``'s accepted norms, keeping the last ``keep`` rounds'."""
+        recorded = json.loads(self.get_meta("update_norms") or "[]")
+        recorded = [r for r in recorded if r[0] != rid] + [[rid, [round(n, 9) for n in norms]]]
+        self.set_meta("update_norms", json.dumps(recorded[-keep:] if keep > 0 else []))
 
     # backbones and versions
     def add_backbone(self, sha256: str, path: str) -> None:
@@ -204,7 +255,7 @@ class Store:
     def next_round_id(self) -> int:
         """One more than any round id used by a round or a ledger entry."""
         row = self._one("SELECT MAX(m) FROM (SELECT MAX(id) AS m FROM rounds UNION ALL "
-                        "SELECT MAX(round) FROM privacy_ledger)")
+                        "SELECT MAX(round) FROM privacy_ledger UNION ALL SELECT MAX(round) FROM selections)")
         return int(row[0] or 0) + 1
 
     def open_round(self, rid: int, model_version: str, backbone: str, params: dict[str, Any],
@@ -269,10 +320,20 @@ class Store:
                     (status, closed_at, None if version is None else version.version, accuracy, loss,
                      json.dumps(list(devices)), n_samples, rejected, rid),
                 )
+                if not self.keep_update_payloads:
+                    self._drop_closed_payloads()
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+            if not self.keep_update_payloads:  # the old pages out of the WAL too (best effort: a reader may hold it)
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def _drop_closed_payloads(self) -> None:
+        """Empty the raw frames of every update of a closed round (nonces, sample counts and metrics stay: the
+        redelivery check and the dashboard need those, never the frame)."""
+        self._db.execute("UPDATE updates SET payload = x'' WHERE length(payload) > 0 AND round IN "
+                         "(SELECT id FROM rounds WHERE status != 'open')")
 
     @staticmethod
     def _round(row: Any) -> RoundRow:
@@ -373,6 +434,75 @@ class Store:
     def update_metrics(self, rid: int) -> list[dict[str, float]]:
         return [json.loads(m) for (m,) in self._all("SELECT metrics FROM updates WHERE round = ?", (rid,))]
 
+    # source-model selection
+    def add_candidate(self, name: str, backbone_sha256: str) -> None:
+        """Register (or re-point) a candidate source model by name."""
+        self._write("INSERT INTO candidates VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
+                    "backbone_sha256 = excluded.backbone_sha256, added_at = excluded.added_at",
+                    (name, backbone_sha256, time.time()))
+
+    def candidates(self) -> dict[str, str]:
+        """name -> backbone sha256 of every registered candidate, by name."""
+        return {str(n): str(b) for n, b in self._all("SELECT name, backbone_sha256 FROM candidates ORDER BY name")}
+
+    def open_selection(self, rid: int, model_version: str, candidates: dict[str, str], selected: tuple[str, ...],
+                       params: dict[str, Any], opened_at: float, deadline: float) -> None:
+        self._write("INSERT INTO selections(round, status, model_version, candidates, selected, params, opened_at, "
+                    "deadline) VALUES (?, 'open', ?, ?, ?, ?, ?, ?)",
+                    (rid, model_version, json.dumps(candidates), json.dumps(list(selected)), json.dumps(params),
+                     opened_at, deadline))
+
+    def add_selection_report(self, rid: int, device: str, nonce: str, metrics: dict[str, float]) -> bool:
+        """Store a device's selection report; False when it already reported this round."""
+        try:
+            self._write("INSERT INTO selection_reports VALUES (?, ?, ?, ?, ?)",
+                        (rid, device, nonce, json.dumps(metrics), time.time()))
+        except sqlite3.IntegrityError:
+            return False
+        return True
+
+    def selection_reports(self, rid: int) -> dict[str, tuple[str, dict[str, float]]]:
+        """device -> (nonce, metrics) of every report of selection round ``rid``."""
+        rows = self._all("SELECT device, nonce, metrics FROM selection_reports WHERE round = ? ORDER BY rowid", (rid,))
+        return {str(d): (str(n), json.loads(m)) for d, n, m in rows}
+
+    def close_selection(self, rid: int, status: str, closed_at: float, ranking: list[dict[str, Any]],
+                        winner: str | None, detail: str, version: VersionRow | None) -> None:
+        """Close a selection round and record the version deploying its winner (made current): one transaction."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if version is not None:
+                    self._db.execute(
+                        "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (version.version, version.idx, version.sha256, version.parent, version.round,
+                         version.backbone_sha256, version.accuracy, version.loss, version.created_at),
+                    )
+                    self._db.execute("INSERT INTO meta(key, value) VALUES ('current_version', ?) "
+                                     "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (version.version,))
+                self._db.execute(
+                    "UPDATE selections SET status = ?, closed_at = ?, ranking = ?, winner = ?, new_version = ?, "
+                    "detail = ? WHERE round = ?",
+                    (status, closed_at, json.dumps(ranking), winner, None if version is None else version.version,
+                     detail, rid))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    @staticmethod
+    def _selection(row: Any) -> SelectionRow:
+        rid, status, mv, cands, selected, params, opened, deadline, closed, ranking, winner, newv, detail = row
+        return SelectionRow(rid, status, mv, json.loads(cands), tuple(json.loads(selected)), json.loads(params),
+                            opened, deadline, closed, json.loads(ranking or "[]"), winner, newv, detail)
+
+    def selections(self) -> list[SelectionRow]:
+        return [self._selection(r) for r in self._all("SELECT * FROM selections ORDER BY round")]
+
+    def selection(self, rid: int) -> SelectionRow | None:
+        row = self._one("SELECT * FROM selections WHERE round = ?", (rid,))
+        return None if row is None else self._selection(row)
+
     # rejects and control
     def add_reject(self, rid: int | None, device: str | None, reason: str, detail: str) -> None:
         self._write("INSERT INTO rejects(round, device, reason, detail, ts) VALUES (?, ?, ?, ?, ?)",
@@ -409,4 +539,4 @@ class Store:
                 for d, o, n, b, s in rows]
 
 
-__all__ = ["LedgerRow", "RoundRow", "Store", "StoredUpdate", "VersionRow"]
+__all__ = ["LedgerRow", "RoundRow", "SelectionRow", "Store", "StoredUpdate", "VersionRow"]

@@ -1,90 +1,260 @@
-"""Streaming aggregation: sample-weighted FedAvg with a proximal pull towards the source head w0.
+"""Aggregation: a round's updates become the next global head, pulled toward the source head w0.
 
-``min_w Σ_k (n_k/n)·½‖w − w_k‖² + λ‖w − w0‖²`` gives ``w = (w̄ + 2λ·w0) / (1 + 2λ)`` where
-``w̄ = w_global + Σ_k n_k·Δ_k / Σ_k n_k``. λ = 0 is plain FedAvg.
+Strategies (``[aggregation] strategy``):
 
-An :class:`Aggregator` keeps only float64 running sums ``Σ n_k Δ_k`` (one array per head
-parameter) and ``Σ n_k``: its memory does not grow with the number of updates.
+- ``fedavg``: the weighted mean ``Σ w_k Δ_k / Σ w_k`` with ``w_k = min(n_k, max_weight_ratio · m)``, ``m`` the
+  lower median of the cohort's sample counts: a device claiming 10^9 samples weighs at most
+  ``max_weight_ratio`` times a typical device.
+- ``median``: the coordinate-wise median of the deltas (unweighted, as Flower's FedMedian).
+- ``trimmed_mean``: per coordinate, the ``floor(trim_fraction · n)`` largest and smallest values dropped and the
+  rest averaged (unweighted, as Flower's FedTrimmedAvg). With ``floor(trim_fraction · n) = 0`` (small cohorts)
+  nothing is trimmed: it is then the plain mean.
+
+Every strategy first bounds each update's L2 norm (:class:`Bounds`), combines, bounds the combined delta's norm
+too (a coordinate-wise median can be longer than any single update), then applies the proximal pull:
+``min_w ½‖w − w̄‖² + λ‖w − w0‖²`` gives ``w = (w̄ + 2λ·w0) / (1 + 2λ)`` with ``w̄ = w_global + combined Δ``;
+λ = 0 is no pull. So no update, and no combination of them, moves the head by more than the norm bound.
+
+Updates above the bound are **clipped** (scaled down to it), not rejected: the bound is decided when the round
+closes (it depends on the whole cohort), after the device was acked, and an honest device cannot know it in
+advance (more data or more epochs legitimately make longer deltas); clipping keeps its direction and limits its
+influence to that of an update of the bound's length, as DP-FedAvg does.
+
+Memory: an :class:`Aggregator` keeps references to the round's accepted deltas until the round closes (the
+cohort's weight cap, the norm bound and the median need all of them): cohort × head size (float32), e.g. 1,000
+devices × the ``cnn28`` head (2,410 parameters) ≈ 10 MB. Combining works one head parameter at a time
+(float64). DP rounds use the streaming :class:`DpAggregator` (constant memory, every update clipped to C).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Protocol
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
-from fedge.edge_agent.privacy import DpParams, clip_update
+from fedge.edge_agent.privacy import DpParams, clip_update, l2_norm
 
 Head = dict[str, NDArray[np.float32]]
 Shapes = Mapping[str, tuple[int, ...]]
+Delta = Mapping[str, NDArray[np.generic]]
+Combined = dict[str, NDArray[np.float64]]
+
+STRATEGY_NAMES: Final = ("fedavg", "median", "trimmed_mean")
+
+
+def lower_median(values: Sequence[float]) -> float:
+    """The lower median (the smaller middle element for an even count): with two values an outlier never counts."""
+    if not values:
+        raise ValueError("lower_median of nothing")
+    ordered = sorted(values)
+    return float(ordered[(len(ordered) - 1) // 2])
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Limits on each update outside DP rounds (``[aggregation]`` in hub.toml).
+
+    ``max_update_norm`` None is "auto": the bound is ``norm_multiplier ×`` the lower median of the accepted
+    updates' norms of this round and of the recent rounds in ``history`` (their norms before clipping); in the
+    first rounds (no history) this round's norms alone. An attacker who is a minority of those updates cannot move
+    the median past an honest device's norm, so it cannot train the bound upward round after round; ``norm_ceiling``
+    caps the bound whatever the history says (e.g. a single-device round, or a majority of hostile devices).
+    """
+
+    max_weight_ratio: float = 4.0
+    max_update_norm: float | None = None
+    norm_multiplier: float = 4.0
+    norm_ceiling: float = 100.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.max_weight_ratio) and self.max_weight_ratio >= 1):
+            raise ValueError(f"max_weight_ratio must be >= 1, got {self.max_weight_ratio}")
+        if self.max_update_norm is not None and not (math.isfinite(self.max_update_norm) and self.max_update_norm > 0):
+            raise ValueError(f"max_update_norm must be > 0, got {self.max_update_norm}")
+        if not (math.isfinite(self.norm_multiplier) and self.norm_multiplier >= 1):
+            raise ValueError(f"norm_multiplier must be >= 1, got {self.norm_multiplier}")
+        if not (math.isfinite(self.norm_ceiling) and self.norm_ceiling > 0):
+            raise ValueError(f"norm_ceiling must be > 0, got {self.norm_ceiling}")
+
+    def norm_bound(self, norms: Sequence[float], history: Sequence[float] = ()) -> float:
+        """The L2 bound for a round whose updates have ``norms``, after rounds whose updates had ``history``."""
+        if self.max_update_norm is not None:
+            return min(self.max_update_norm, self.norm_ceiling)
+        return min(self.norm_multiplier * lower_median([*norms, *history]), self.norm_ceiling)
+
+    def weight_cap(self, counts: Sequence[int]) -> float:
+        """The largest weight one update may have: ``max_weight_ratio ×`` the lower median sample count."""
+        return self.max_weight_ratio * lower_median([float(c) for c in counts])
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What the bounds did to a round: the norm bound, how many updates were clipped, the weight cap (FedAvg
+    only, else None) and how many updates it lowered."""
+
+    norm_bound: float
+    clipped: int
+    weight_cap: float | None
+    capped: int
+
+
+def _scaled_into(acc: NDArray[np.float64], arr: NDArray[np.generic], factor: float) -> None:
+    acc += np.asarray(arr, dtype=np.float64) * factor
 
 
 class Aggregator:
-    """Running weighted sum of head deltas; ``add`` is in place and allocation-free."""
+    """One round's accepted updates; :meth:`result` bounds and combines them (sample-weighted FedAvg here).
 
-    def __init__(self, shapes: Shapes, proximal_lambda: float = 0.0) -> None:
-        if proximal_lambda < 0:
+    ``history`` holds the accepted updates' norms of recent rounds (for an "auto" norm bound).
+    """
+
+    name = "fedavg"
+
+    def __init__(self, shapes: Shapes, proximal_lambda: float = 0.0, bounds: Bounds | None = None,
+                 history: Sequence[float] = ()) -> None:
+        if not proximal_lambda >= 0:
             raise ValueError(f"proximal_lambda must be >= 0, got {proximal_lambda}")
         self.proximal_lambda = float(proximal_lambda)
-        self._sums = {name: np.zeros(shape, dtype=np.float64) for name, shape in shapes.items()}
-        self._scratch = {name: np.empty(shape, dtype=np.float64) for name, shape in shapes.items()}
+        self.shapes = {name: tuple(shape) for name, shape in shapes.items()}
+        self.bounds = bounds if bounds is not None else Bounds()
+        self.history = tuple(float(h) for h in history if math.isfinite(h) and h >= 0)
+        self._deltas: list[Delta] = []
+        self.counts: list[int] = []
+        self.norms: list[float] = []  # each accepted update's L2 norm, before clipping
         self.total_samples = 0
         self.count = 0
+        self.summary: Summary | None = None
 
-    def add(self, delta: Mapping[str, NDArray[np.generic]], n_samples: int) -> None:
-        """Add one update (already validated: same names and shapes, finite, n_samples >= 1)."""
+    def _check(self, delta: Delta, n_samples: int) -> None:
         if n_samples < 1:
             raise ValueError(f"n_samples must be >= 1, got {n_samples}")
-        if set(delta) != set(self._sums):
-            raise ValueError(f"delta names {sorted(delta)} differ from the head's {sorted(self._sums)}")
-        weight = float(n_samples)
-        for name, acc in self._sums.items():
-            scratch = self._scratch[name]
-            np.multiply(delta[name], weight, out=scratch)
-            np.add(acc, scratch, out=acc)
+        if set(delta) != set(self.shapes):
+            raise ValueError(f"delta names {sorted(delta)} differ from the head's {sorted(self.shapes)}")
+        for name, shape in self.shapes.items():
+            if tuple(np.shape(delta[name])) != shape:
+                raise ValueError(f"{name}: shape {np.shape(delta[name])}, expected {shape}")
+
+    def add(self, delta: Delta, n_samples: int) -> None:
+        """Add one update (validated by the hub: same names and shapes, finite, n_samples >= 1); the arrays are
+        kept, not copied, and must not change until the round closes."""
+        self._check(delta, n_samples)
+        self._deltas.append(delta)
+        self.counts.append(int(n_samples))
+        self.norms.append(l2_norm(delta))
         self.total_samples += int(n_samples)
         self.count += 1
 
-    def mean_delta(self) -> dict[str, NDArray[np.float64]]:
-        """``Σ n_k Δ_k / Σ n_k`` (float64)."""
-        if self.total_samples == 0:
-            raise ValueError("no update was added")
-        return {name: acc / self.total_samples for name, acc in self._sums.items()}
+    def _combine(self, scales: list[float]) -> tuple[Combined, float | None, int]:
+        """The weighted mean of the deltas, each times its clipping scale; also the weight cap and how many
+        updates it lowered."""
+        cap = self.bounds.weight_cap(self.counts)
+        weights = [min(float(n), cap) for n in self.counts]
+        total = sum(weights)
+        out: Combined = {}
+        for name, shape in self.shapes.items():
+            acc = np.zeros(shape, dtype=np.float64)
+            for delta, w, s in zip(self._deltas, weights, scales, strict=True):
+                _scaled_into(acc, delta[name], w * s / total)
+            out[name] = acc
+        return out, cap, sum(1 for n in self.counts if n > cap)
 
-    def result(self, global_head: Mapping[str, NDArray[np.generic]], w0: Mapping[str, NDArray[np.generic]]) -> Head:
-        """The new global head ``(w̄ + 2λ w0) / (1 + 2λ)`` as float32."""
+    def mean_delta(self) -> Combined:
+        """The combined delta (float64) of the bounded updates, itself within the norm bound; sets :attr:`summary`."""
+        if not self._deltas:
+            raise ValueError("no update was added")
+        bound = self.bounds.norm_bound(self.norms, self.history)
+        scales = [1.0 if norm <= bound else bound / norm for norm in self.norms]
+        with np.errstate(over="ignore", invalid="ignore"):
+            combined, cap, capped = self._combine(scales)
+            norm = l2_norm(combined)
+            if math.isfinite(norm) and norm > bound:  # a mean of bounded updates never is; a median may be
+                combined = {k: v * (bound / norm) for k, v in combined.items()}
+        self.summary = Summary(bound, sum(1 for s in scales if s < 1.0), cap, capped)
+        return combined
+
+    def result(self, global_head: Delta, w0: Delta) -> Head:
+        """The new global head ``(w̄ + 2λ w0) / (1 + 2λ)`` as float32 (may hold ±inf if it overflows float32:
+        the caller refuses a non-finite head)."""
         lam2 = 2.0 * self.proximal_lambda
         out: Head = {}
-        for name, mean in self.mean_delta().items():
-            w_bar = np.asarray(global_head[name], dtype=np.float64) + mean
-            if lam2:
-                w_bar = (w_bar + lam2 * np.asarray(w0[name], dtype=np.float64)) / (1.0 + lam2)
-            out[name] = w_bar.astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            for name, delta in self.mean_delta().items():
+                w_bar = np.asarray(global_head[name], dtype=np.float64) + delta
+                if lam2:
+                    w_bar = (w_bar + lam2 * np.asarray(w0[name], dtype=np.float64)) / (1.0 + lam2)
+                out[name] = w_bar.astype(np.float32)
         return out
+
+
+class MedianAggregator(Aggregator):
+    """Coordinate-wise median of the (norm-bounded) deltas; sample counts are not used."""
+
+    name = "median"
+
+    def _stack(self, name: str, scales: list[float]) -> NDArray[np.float64]:
+        return np.stack([np.asarray(d[name], dtype=np.float64) * s for d, s in zip(self._deltas, scales, strict=True)])
+
+    def _combine(self, scales: list[float]) -> tuple[Combined, float | None, int]:
+        return {name: np.median(self._stack(name, scales), axis=0) for name in self.shapes}, None, 0
+
+
+class TrimmedMeanAggregator(MedianAggregator):
+    """Per coordinate, the ``floor(trim_fraction · n)`` largest and smallest values dropped, the rest averaged."""
+
+    name = "trimmed_mean"
+
+    def __init__(self, shapes: Shapes, proximal_lambda: float = 0.0, bounds: Bounds | None = None,
+                 history: Sequence[float] = (), trim_fraction: float = 0.2) -> None:
+        if not 0 <= trim_fraction < 0.5:
+            raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
+        super().__init__(shapes, proximal_lambda, bounds, history)
+        self.trim_fraction = float(trim_fraction)
+
+    def _combine(self, scales: list[float]) -> tuple[Combined, float | None, int]:
+        cut = int(self.trim_fraction * len(self._deltas))
+        out: Combined = {}
+        for name in self.shapes:
+            stack = np.sort(self._stack(name, scales), axis=0)
+            out[name] = stack[cut:len(self._deltas) - cut].mean(axis=0)
+        return out, None, 0
 
 
 class Strategy(Protocol):
     """How a round's updates become the next global head."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
-    def aggregator(self, shapes: Shapes) -> Aggregator: ...
+    def aggregator(self, shapes: Shapes, history: Sequence[float] = ()) -> Aggregator: ...
 
 
-class FedAvgProx:
-    """Sample-weighted FedAvg, pulled towards w0 with strength ``proximal_lambda`` (0 = plain FedAvg)."""
+@dataclass(frozen=True)
+class RobustStrategy:
+    """``fedavg``, ``median`` or ``trimmed_mean`` under :class:`Bounds`, with a proximal pull toward w0."""
 
-    name = "fedavg"
+    name: str = "fedavg"
+    proximal_lambda: float = 0.0
+    bounds: Bounds = Bounds()
+    trim_fraction: float = 0.2
 
-    def __init__(self, proximal_lambda: float = 0.0) -> None:
-        if not proximal_lambda >= 0:
-            raise ValueError(f"proximal_lambda must be >= 0, got {proximal_lambda}")
-        self.proximal_lambda = float(proximal_lambda)
+    def __post_init__(self) -> None:
+        if self.name not in STRATEGY_NAMES:
+            raise ValueError(f"unknown aggregation strategy {self.name!r}")
+        if not self.proximal_lambda >= 0:
+            raise ValueError(f"proximal_lambda must be >= 0, got {self.proximal_lambda}")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ValueError(f"trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
 
-    def aggregator(self, shapes: Shapes) -> Aggregator:
-        return Aggregator(shapes, self.proximal_lambda)
+    def aggregator(self, shapes: Shapes, history: Sequence[float] = ()) -> Aggregator:
+        if self.name == "median":
+            return MedianAggregator(shapes, self.proximal_lambda, self.bounds, history)
+        if self.name == "trimmed_mean":
+            return TrimmedMeanAggregator(shapes, self.proximal_lambda, self.bounds, history, self.trim_fraction)
+        return Aggregator(shapes, self.proximal_lambda, self.bounds, history)
 
 
 class DpAggregator(Aggregator):
@@ -92,8 +262,12 @@ class DpAggregator(Aggregator):
     sum is divided by a fixed denominator (the expected cohort q·N, not the realised one), and in ``central``
     mode the hub re-clips each update to C and adds N(0, (zC)²) to the sum before dividing.
 
-    ``rng`` draws the central noise; by default it is seeded from the operating system (unpredictable).
+    Streaming: only float64 running sums are kept (constant memory), and no per-update norm is recorded (it
+    would describe a device's data). ``rng`` draws the central noise; by default it is seeded from the operating
+    system (unpredictable).
     """
+
+    name = "dp_fedavg"
 
     def __init__(self, shapes: Shapes, proximal_lambda: float, params: DpParams, expected_cohort: float,
                  rng: np.random.Generator | None = None) -> None:
@@ -103,33 +277,42 @@ class DpAggregator(Aggregator):
         self.params = params
         self.expected_cohort = float(expected_cohort)
         self._rng = rng if rng is not None else np.random.default_rng()
+        self._sums = {name: np.zeros(shape, dtype=np.float64) for name, shape in self.shapes.items()}
         # central: the hub's own guarantee needs every update within C. Otherwise updates carry the devices'
         # noise: clip at C plus a bound that honest noise exceeds with negligible probability (post-processing,
         # no privacy cost), so that one hostile device cannot blow the aggregate up
-        dims = sum(int(np.prod(s)) for s in shapes.values())
+        dims = sum(int(np.prod(s)) for s in self.shapes.values())
         noise = params.device_noise_std()
         self.bound = params.clip if params.mode == "central" else params.clip + noise * (np.sqrt(dims) + 10.0)
 
-    def add(self, delta: Mapping[str, NDArray[np.generic]], n_samples: int) -> None:
+    def add(self, delta: Delta, n_samples: int) -> None:
         """Add one update with weight 1, clipped to :attr:`bound` (C in central mode)."""
-        delta, _ = clip_update(delta, self.bound)
-        super().add(delta, 1)
+        self._check(delta, n_samples)
+        clipped, _ = clip_update(delta, self.bound)
+        for name, acc in self._sums.items():
+            acc += clipped[name]
+        self.total_samples += 1
+        self.count += 1
 
-    def mean_delta(self) -> dict[str, NDArray[np.float64]]:
+    def mean_delta(self) -> Combined:
         """``(Σ clip(Δ_k) + N(0, (zC)²)) / (q·N)`` (float64); noise drawn once per call."""
+        if not self.count:
+            raise ValueError("no update was added")
         std = self.params.hub_noise_std()
-        out: dict[str, NDArray[np.float64]] = {}
+        out: Combined = {}
         for name, acc in self._sums.items():
             total = acc + self._rng.normal(0.0, std, size=acc.shape) if std > 0 else acc
             out[name] = total / self.expected_cohort
         return out
 
 
-def make_strategy(name: str, proximal_lambda: float) -> Strategy:
-    """The strategy named in ``[aggregation] strategy``."""
-    if name == "fedavg":
-        return FedAvgProx(proximal_lambda)
-    raise ValueError(f"unknown aggregation strategy {name!r}")
+def make_strategy(name: str, proximal_lambda: float, bounds: Bounds | None = None,
+                  trim_fraction: float = 0.2) -> Strategy:
+    """The strategy named in ``[aggregation] strategy`` (``fedavg``, ``median`` or ``trimmed_mean``)."""
+    return RobustStrategy(name, proximal_lambda, bounds if bounds is not None else Bounds(), trim_fraction)
 
 
-__all__ = ["Aggregator", "DpAggregator", "FedAvgProx", "Head", "Strategy", "make_strategy"]
+__all__ = [
+    "STRATEGY_NAMES", "Aggregator", "Bounds", "DpAggregator", "Head", "MedianAggregator",
+    "RobustStrategy", "Strategy", "Summary", "TrimmedMeanAggregator", "lower_median", "make_strategy",
+]

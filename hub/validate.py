@@ -3,7 +3,7 @@
 Checks, in order: decode (malformed / too_large / bad_version / wrong_type), fleet, topic device
 ≠ message device, unknown device, no open round, stale round, not selected, wrong model,
 duplicate (the same nonce again is a redelivery, not a reject), names/shapes, dtypes, non-finite
-values, sample count.
+values, sample count. Every rejection is addressed to the topic's device, whatever the body says.
 """
 
 from __future__ import annotations
@@ -55,8 +55,9 @@ class Redelivery:
 
 @dataclass(frozen=True)
 class Rejection:
-    """An update that must not be aggregated. ``round``/``device`` address the Reject message when known;
-    ``update`` is the decoded message when decoding got that far."""
+    """An update that must not be aggregated. ``device`` is the update topic's device (None for a topic without a
+    valid one): a Reject goes to the sender only, never to a device the body names, and is counted against it.
+    ``round`` is the body's round when decoding got that far, ``update`` the decoded message."""
 
     reason: RejectReason
     detail: str
@@ -68,8 +69,8 @@ class Rejection:
 Verdict = Accept | Redelivery | Rejection
 
 
-def _reject(reason: RejectReason, detail: str, msg: ModelUpdate | None = None, device: str | None = None) -> Rejection:
-    return Rejection(reason, detail, None if msg is None else msg.round, device if msg is None else msg.device, msg)
+def _reject(reason: RejectReason, detail: str, topic_device: str | None, msg: ModelUpdate | None = None) -> Rejection:
+    return Rejection(reason, detail, None if msg is None else msg.round, topic_device, msg)
 
 
 def check_update(msg: ModelUpdate, topic_device: str | None, ctx: UpdateContext) -> tuple[RejectReason, str] | None:
@@ -128,9 +129,9 @@ def validate_update(topic_device: str | None, payload: bytes, ctx: UpdateContext
             reason = RejectReason(exc.reason)
         except ValueError:
             reason = RejectReason.MALFORMED
-        return _reject(reason, exc.detail, device=topic_device)
+        return _reject(reason, exc.detail, topic_device)
     if not isinstance(msg, ModelUpdate):
-        return _reject(RejectReason.WRONG_TYPE, f"expected {ModelUpdate.type}, got {msg.type}", device=topic_device)
+        return _reject(RejectReason.WRONG_TYPE, f"expected {ModelUpdate.type}, got {msg.type}", topic_device)
     problem = check_update(msg, topic_device, ctx)
     if problem is None and msg.device in ctx.accepted:
         if ctx.accepted[msg.device] == msg.nonce:
@@ -138,11 +139,8 @@ def validate_update(topic_device: str | None, payload: bytes, ctx: UpdateContext
         problem = RejectReason.DUPLICATE, f"device {msg.device!r} already has an update in round {msg.round}"
     if problem is None:
         problem = check_delta(msg, ctx)
-    if problem is not None:
-        verdict = _reject(*problem, msg=msg)
-        if problem[0] is RejectReason.DEVICE_MISMATCH:  # answer on the topic's device, not the claimed one
-            return Rejection(problem[0], problem[1], msg.round, topic_device, msg)
-        return verdict
+    if problem is not None:  # answered to the topic's device: the body's device may be anyone's name
+        return _reject(*problem, topic_device, msg)
     return Accept(msg)
 
 

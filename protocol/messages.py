@@ -67,6 +67,7 @@ class RoundStatus(StrEnum):
     COMPLETED = "completed"
     FAILED_QUORUM = "failed_quorum"
     REFUSED_BUDGET = "refused_budget"  # the round would have spent more privacy budget than configured
+    CANCELLED = "cancelled"            # an operator cancelled the open round (control/round/cancel)
 
 
 class DeclineReason(StrEnum):
@@ -79,6 +80,7 @@ class DeclineReason(StrEnum):
     MODE_NOT_ALLOWED = "mode_not_allowed"      # a DP mode the device does not accept
     DATA_ERROR = "data_error"                  # the local data cannot be used (e.g. a label >= the class count)
     TRAINER_ERROR = "trainer_error"            # training failed on this device
+    OVER_LIMITS = "over_limits"                # the round asks for more work than the device's own limits allow
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,9 @@ class RoundAnnounce:
     dp_min_cohort: int | None = field(default=None, metadata=EXT)        # m: distributed noise is split over m
     # the pull lambda*||w - w0||^2 toward the backbone's source head, applied in local training too
     proximal_lambda: float | None = field(default=None, metadata=EXT)
+    # a selection round (announced on round/select only): candidate source models and their backbones, in pairs
+    candidates: tuple[str, ...] = field(default=(), metadata=EXT)
+    candidate_backbones: tuple[str, ...] = field(default=(), metadata=EXT)
 
 
 @dataclass(frozen=True, eq=False)
@@ -231,6 +236,8 @@ class RoundResult:
     epsilon: float | None = field(default=None, metadata=EXT)     # fleet privacy budget spent after this round
     # federated evaluation: sample-weighted means of the devices' validation scores (val_acc_global, ...)
     federated: dict[str, float] = field(default_factory=dict, metadata=EXT)
+    # a selection round: the candidate source models, best first (their scores are in ``federated``)
+    ranking: tuple[str, ...] = field(default=(), metadata=EXT)
 
 
 @dataclass(frozen=True)

@@ -41,8 +41,37 @@ class Topics:
         return f"{self.base}/control/round/start"
 
     @property
+    def control_round_cancel(self) -> str:
+        return f"{self.base}/control/round/cancel"
+
+    @property
     def control_round_reply(self) -> str:
         return f"{self.base}/control/round/reply"
+
+    @property
+    def control_round_select(self) -> str:
+        """Ask the hub for a source-model selection round (plain JSON, PROTOCOL.md §5)."""
+        return f"{self.base}/control/round/select"
+
+    @property
+    def select_announce(self) -> str:
+        """The open selection round's announce (retained while it is open)."""
+        return f"{self.base}/round/select"
+
+    def candidate(self, name: str) -> str:
+        """A candidate source model's full artifacts (retained while a selection round is open)."""
+        return f"{self.base}/model/candidate/{_check('candidate', name)}"
+
+    @property
+    def candidate_all(self) -> str:
+        return f"{self.base}/model/candidate/+"
+
+    def select_report(self, device: str) -> str:
+        return f"{self.base}/select/{_check('device', device)}"
+
+    @property
+    def select_report_all(self) -> str:
+        return f"{self.base}/select/+"
 
     @property
     def announce(self) -> str:
@@ -96,9 +125,11 @@ class Topics:
         return f"{self.base}/device/{_check('device', device)}/reject"
 
     def device_of(self, topic: str) -> str | None:
-        """The device id in an ``update/<device>``, ``presence/<device>`` or ``decline/<device>`` topic, else None."""
+        """The device id in an ``update/<device>``, ``presence/<device>``, ``decline/<device>`` or
+        ``select/<device>`` topic, else None."""
         parts = topic.split("/")
-        if len(parts) == 4 and parts[:2] == [ROOT, self.fleet] and parts[2] in ("update", "presence", "decline"):
+        if len(parts) == 4 and parts[:2] == [ROOT, self.fleet] and parts[2] in ("update", "presence", "decline",
+                                                                                 "select"):
             return parts[3] if valid_id(parts[3]) else None
         return None
 

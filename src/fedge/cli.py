@@ -96,6 +96,9 @@ def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                       help="deploy gate: keep the deployed version when a new one's held-out accuracy is lower by "
                            "more than this (the hub's default)")
     gate.add_argument("--no-deploy-gate", action="store_true", help="deploy every new version")
+    p.add_argument("--candidate", action="append", default=[], metavar="NAME=ARTIFACTS_DIR",
+                   help="run a source-model selection round first among the demo's model (source) and these "
+                        "exported models (repeatable); the rounds start from the winner")
     p.set_defaults(handler=_run_simulate)
 
 
@@ -110,7 +113,38 @@ def _run_simulate(args: argparse.Namespace) -> int:
         local_only_epochs=args.local_only_epochs, personalization=args.personalization, ditto_mu=args.ditto_mu,
         deploy_tolerance=None if args.no_deploy_gate else args.deploy_tolerance,
     )
-    return run_simulate(settings, args.out, as_json=args.json, backend=args.backend)
+    from fedge.simulate_selection import parse_candidates
+
+    return run_simulate(settings, args.out, as_json=args.json, backend=args.backend,
+                        candidates=parse_candidates(args.candidate))
+
+
+def _add_fleet(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("fleet", help="a fleet's broker set-up: CA, TLS, accounts, ACLs, hub signing key")
+    fsub = p.add_subparsers(dest="fleet_command", required=True)
+    p = fsub.add_parser("init", help="write a fleet folder: CA, broker certificate, mosquitto.conf, passwd, acl, "
+                                     "hub.toml, operator.toml, the hub's signing key")
+    p.add_argument("--fleet", required=True)
+    p.add_argument("--dir", required=True, help="the fleet folder (created, mode 0700)")
+    p.add_argument("--broker-host", default="localhost", help="the name or address devices use for the broker "
+                                                              "(in its certificate, with 127.0.0.1 and localhost)")
+    p.add_argument("--port", type=int, default=8883, help="the broker's TLS port")
+    p.add_argument("--bind", help="address the broker listens on (default: every interface)")
+    p.add_argument("--artifacts", default="artifacts", help="the exported model, for hub.toml")
+    p.set_defaults(handler=_run_fleet_init)
+
+
+def _run_fleet_init(args: argparse.Namespace) -> int:
+    from fedge.devices.fleet import init_fleet
+
+    d = init_fleet(args.fleet, args.dir, broker_host=args.broker_host, port=args.port, bind=args.bind,
+                   artifacts=args.artifacts)
+    print(f"fleet {args.fleet!r} in {d.root}\n"
+          f"  broker:   mosquitto -c {d.mosquitto_conf}\n"
+          f"  hub:      fedge hub serve --config {d.hub_toml}\n"
+          f"  devices:  fedge devices provision --fleet-dir {d.root} ... (then reload the broker: SIGHUP)\n"
+          f"  operator: fedge round start --fleet {args.fleet} --broker-config {d.operator_toml}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_simulate(sub)
     add_devices(sub)
+    _add_fleet(sub)
     return parser
 
 

@@ -698,7 +698,7 @@ def _print_table(report: dict[str, Any], run: SimRun) -> None:
 
 
 def run_simulate(settings: SimSettings, out: str | Path, *, as_json: bool = False, backend: str = "auto",
-                 plot: bool = True) -> int:
+                 plot: bool = True, candidates: dict[str, Path] | None = None) -> int:
     """``fedge simulate``: prepare (or reuse) the demo task in ``out``, run the rounds, write ``report.json`` (and
     the plot), print a table or one JSON object. 0 when the final model beats the source model and chance."""
     from fedge.demo import _plot
@@ -706,9 +706,17 @@ def run_simulate(settings: SimSettings, out: str | Path, *, as_json: bool = Fals
     paths = DemoPaths(Path(out).resolve())
     if not as_json:
         print(f"preparing {settings.devices} devices in {paths.root}", flush=True)
-    fleet = load_fleet(paths, settings.devices, settings.seed, backend=backend, quiet=as_json)
+    selection = None
+    if candidates:  # a selection round first (fedge.simulate_selection); the rounds start from the winner
+        from fedge.simulate_selection import select_and_load
+
+        selection, fleet = select_and_load(paths, settings, candidates, backend=backend, quiet=as_json)
+    else:
+        fleet = load_fleet(paths, settings.devices, settings.seed, backend=backend, quiet=as_json)
     run = run_rounds(fleet, settings)
     report = build_sim_report(fleet, settings, run)
+    if selection is not None:
+        report["selection"] = selection.as_dict()
     paths.report.write_text(json.dumps(report, indent=2) + "\n")
     if plot:
         _plot(report, paths.plot)
@@ -716,6 +724,9 @@ def run_simulate(settings: SimSettings, out: str | Path, *, as_json: bool = Fals
         print(json.dumps(report))
     else:
         _print_table(report, run)
+        if selection is not None:
+            print("selection: " + ", ".join(f"{c.name} {c.accuracy:.4f}" for c in selection.ranking)
+                  + f" -> {selection.winner} (rounds ran from its w0)")
     return 0 if report["passed"] else 1
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fedge.protocol.codec import decode
-from fedge.protocol.errors import FedgeError
+from fedge.protocol.errors import DecodeError, FedgeError
 from fedge.protocol.messages import Ack, Message, ModelHead, Presence, Reject, RoundAnnounce, RoundResult
 from fedge.protocol.mqtt_config import BrokerConfig
 from fedge.protocol.tomlfile import write_toml
@@ -105,10 +105,11 @@ class Fleet:
     """Hub + agents + watcher over one broker; see the module docstring."""
 
     def __init__(self, root: Path, data: FleetData, broker_url: str, *, n_agents: int = 5,
-                 embedded_port: int | None = None) -> None:
+                 embedded_port: int | None = None, accounts: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         self.root = root
         self.data = data
         self.broker_url = broker_url
+        self.accounts = accounts or {}  # [broker] tables by account ("hub": the hub and the test's clients; devices)
         self.embedded_port = embedded_port
         self.topics = Topics(FLEET)
         self.devices = [f"device-{i:02d}" for i in range(n_agents)]
@@ -124,7 +125,7 @@ class Fleet:
             cfg.parent.mkdir(parents=True, exist_ok=True)
             write_toml(cfg, {"device_id": dev, "fleet": FLEET, "data": data.shards[i],
                              "state_dir": root / "agents" / dev, "backend": "auto", "seed": i,
-                             "broker": {"url": broker_url}})
+                             "broker": self.broker_table(dev)})
             self.agents[dev] = Proc(dev, [sys.executable, "-m", "fedge.edge_agent", "run", "--config", str(cfg)],
                                     self.logs / f"{dev}.log")
         self.seen = Seen()
@@ -133,6 +134,10 @@ class Fleet:
         self._transports: list[MqttTransport] = []
 
     # -- configuration ----------------------------------------------------------------------------
+    def broker_table(self, account: str) -> dict[str, Any]:
+        """The ``[broker]`` table of ``account`` (a device id or "hub"): its login from ``accounts``, else the URL."""
+        return dict(self.accounts.get(account, {"url": self.broker_url}))
+
     def set_agent_config(self, dev: str, **tables: Any) -> None:
         """Add or replace top-level keys/tables of one agent's agent.toml (before it starts)."""
         import tomllib
@@ -144,7 +149,7 @@ class Fleet:
 
     def write_hub_toml(self, *, devices: Iterable[str] | None = None, eval_data: bool = True,
                        **sections: Mapping[str, Any]) -> None:
-        broker: dict[str, Any] = {"url": self.broker_url}
+        broker: dict[str, Any] = self.broker_table("hub")
         if self.embedded_port is not None:
             broker = {"url": "embedded", "embedded_host": "127.0.0.1", "embedded_port": self.embedded_port}
         rounds = {"min_devices": len(self.devices), "deadline_s": 60.0, "fraction": 1.0, "local_epochs": 5,
@@ -206,8 +211,8 @@ class Fleet:
     # -- the watcher ------------------------------------------------------------------------------
     def transport(self, name: str, timeout_s: float = 60.0) -> MqttTransport:
         """A connected MqttTransport of the test (retried while an embedded broker is starting)."""
-        t = MqttTransport(BrokerConfig(url=self.broker_url), f"{name}-{os.getpid()}-{time.monotonic_ns()}",
-                          session_expiry_s=0)
+        t = MqttTransport(BrokerConfig.from_mapping(self.broker_table("hub")),
+                          f"{name}-{os.getpid()}-{time.monotonic_ns()}", session_expiry_s=0)
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -247,7 +252,10 @@ class Fleet:
         def handle(topic: str, payload: bytes) -> None:
             if not payload:
                 return
-            msg = decode(payload)
+            try:
+                msg = decode(payload)
+            except DecodeError:  # hostile tests publish garbage on the hub's topics: not the hub's words
+                return
             with self.cond:
                 if keep_topic:
                     assert isinstance(msg, Reject)

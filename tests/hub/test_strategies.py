@@ -1,4 +1,5 @@
-"""Streaming FedAvg + proximal pull: properties, equality with the batch formula, speed."""
+"""Aggregation strategies: FedAvg + proximal pull (properties, the batch formula), weight cap, norm bound, median,
+trimmed mean."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedge.hub.strategies import Aggregator, FedAvgProx
+from fedge.hub.strategies import Aggregator, Bounds, lower_median, make_strategy
 
 SHAPES = {"h0_kernel": (3, 2), "h0_bias": (2,)}
+LOOSE = Bounds(max_weight_ratio=1e12, max_update_norm=1e300, norm_ceiling=1e300)  # plain FedAvg: no bound bites
 
 
 def _head(rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -21,7 +23,7 @@ updates_st = st.lists(st.tuples(st.integers(0, 2**31 - 1), st.integers(1, 1000))
 
 def _run(lam: float, updates: list[tuple[dict[str, np.ndarray], int]], g: dict[str, np.ndarray],
          w0: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    agg = FedAvgProx(lam).aggregator(SHAPES)
+    agg = make_strategy("fedavg", lam, LOOSE).aggregator(SHAPES)
     for delta, n in updates:
         agg.add(delta, n)
     return agg.result(g, w0)
@@ -87,7 +89,7 @@ def test_streaming_equals_batch_weighted_mean_with_pull() -> None:
 
 
 def test_invalid_inputs_raise() -> None:
-    agg = Aggregator(SHAPES)
+    agg = Aggregator(SHAPES, bounds=LOOSE)
     with pytest.raises(ValueError, match="no update"):
         agg.result(_head(np.random.default_rng(0)), _head(np.random.default_rng(1)))
     with pytest.raises(ValueError, match="n_samples"):
@@ -95,17 +97,106 @@ def test_invalid_inputs_raise() -> None:
     with pytest.raises(ValueError, match="names"):
         agg.add({"h0_kernel": np.zeros((3, 2), np.float32)}, 1)
     with pytest.raises(ValueError):
-        FedAvgProx(-1.0)
+        make_strategy("fedavg", -1.0)
+    with pytest.raises(ValueError, match="unknown"):
+        make_strategy("krum", 0.0)
+    with pytest.raises(ValueError, match="trim_fraction"):
+        make_strategy("trimmed_mean", 0.0, trim_fraction=0.5)
+    with pytest.raises(ValueError, match="max_weight_ratio"):
+        Bounds(max_weight_ratio=0.5)
 
 
-def test_aggregation_uses_constant_memory() -> None:
-    """Streaming: 1,000 updates reuse the same sum buffers (throughput is measured in bench/round_overhead.py)."""
-    shapes = {"h0_kernel": (1000, 100)}
-    agg = Aggregator(shapes, 0.1)
-    rng = np.random.default_rng(0)
-    deltas = [{"h0_kernel": rng.normal(size=(1000, 100)).astype(np.float32)} for _ in range(4)]
-    buffers_before = {id(a) for a in agg._sums.values()}
-    for i in range(1000):
-        agg.add(deltas[i % 4], 10 + i % 7)
-    assert {id(a) for a in agg._sums.values()} == buffers_before
-    assert agg.count == 1000
+def _const(value: float) -> dict[str, np.ndarray]:
+    return {k: np.full(s, value, np.float32) for k, s in SHAPES.items()}
+
+
+DIM = sum(int(np.prod(s)) for s in SHAPES.values())
+
+
+def test_lower_median_ignores_the_larger_of_two() -> None:
+    assert lower_median([1.0, 1e30]) == 1.0
+    assert lower_median([3.0, 1.0, 2.0]) == 2.0
+    assert lower_median([4, 1, 3, 2]) == 2.0
+
+
+def test_weight_is_capped_at_a_multiple_of_the_median_count() -> None:
+    g = _const(0.0)
+    agg = make_strategy("fedavg", 0.0, Bounds(max_weight_ratio=2.0, max_update_norm=1e9, norm_ceiling=1e9)
+                        ).aggregator(SHAPES)
+    for value, n in [(1.0, 10), (1.0, 10), (1.0, 10), (-1.0, 10**9)]:
+        agg.add(_const(value), n)
+    out = agg.result(g, g)
+    # the liar weighs 2 x 10 = 20 against 30: (30 - 20) / 50
+    np.testing.assert_allclose(out["h0_bias"], 0.2, rtol=1e-6)
+    assert agg.summary is not None and agg.summary.weight_cap == 20.0 and agg.summary.capped == 1
+
+
+def test_updates_above_the_norm_bound_are_clipped_not_dropped() -> None:
+    g = _const(0.0)
+    agg = make_strategy("fedavg", 0.0, Bounds(max_update_norm=1.0)).aggregator(SHAPES)
+    agg.add(_const(10.0), 5)  # norm 10 sqrt(DIM): clipped to 1
+    agg.add(_const(0.0), 5)
+    out = agg.result(g, g)
+    np.testing.assert_allclose(out["h0_bias"], 0.5 / np.sqrt(DIM), rtol=1e-6)
+    assert agg.summary is not None and agg.summary.clipped == 1 and agg.summary.norm_bound == 1.0
+
+
+@pytest.mark.parametrize("history", [(), (1.0,) * 20])
+def test_auto_bound_is_a_multiple_of_the_lower_median_norm_capped_by_the_ceiling(history: tuple[float, ...]) -> None:
+    b = Bounds(norm_multiplier=3.0, norm_ceiling=50.0)
+    norms = [1.0, 1.0, 1.0, 1e30]
+    assert b.norm_bound(norms, history) == 3.0
+    assert b.norm_bound([1e30], ()) == 50.0  # one device alone: the ceiling
+    assert b.norm_bound([20.0] * 3, history) == (3.0 if history else 50.0)  # a long honest history holds
+    assert Bounds(max_update_norm=7.0, norm_ceiling=5.0).norm_bound(norms) == 5.0
+
+
+@pytest.mark.parametrize("name", ["fedavg", "median", "trimmed_mean"])
+def test_no_strategy_moves_the_head_further_than_the_bound(name: str) -> None:
+    rng = np.random.default_rng(5)
+    g = _head(rng)
+    agg = make_strategy(name, 0.0, Bounds(max_update_norm=0.5)).aggregator(SHAPES)
+    for _ in range(5):
+        agg.add({k: v * 100 for k, v in _head(rng).items()}, int(rng.integers(1, 10**9)))
+    out = agg.result(g, g)
+    moved = np.sqrt(sum(np.sum((out[k].astype(np.float64) - g[k]) ** 2) for k in SHAPES))
+    assert moved <= 0.5 * (1 + 1e-6) + 1e-6
+
+
+def test_median_and_trimmed_mean_ignore_a_minority_of_outliers() -> None:
+    g = _const(0.0)
+    loose = Bounds(max_update_norm=1e9, norm_ceiling=1e9)
+    values = [1.0, 2.0, 3.0, 4.0, 1000.0]
+    med = make_strategy("median", 0.0, loose).aggregator(SHAPES)
+    trim = make_strategy("trimmed_mean", 0.0, loose, trim_fraction=0.2).aggregator(SHAPES)
+    for v in values:
+        med.add(_const(v), 1)
+        trim.add(_const(v), 10**6 if v == 1000.0 else 1)  # sample counts play no part
+    np.testing.assert_allclose(med.result(g, g)["h0_kernel"], 3.0)
+    np.testing.assert_allclose(trim.result(g, g)["h0_kernel"], 3.0)  # mean of 2, 3, 4
+    untrimmed = make_strategy("trimmed_mean", 0.0, loose, trim_fraction=0.1).aggregator(SHAPES)
+    for v in values:  # floor(0.1 x 5) = 0: nothing trimmed
+        untrimmed.add(_const(v), 1)
+    np.testing.assert_allclose(untrimmed.result(g, g)["h0_kernel"], sum(values) / 5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["median", "trimmed_mean"])
+def test_robust_strategies_keep_the_proximal_pull(name: str) -> None:
+    rng = np.random.default_rng(9)
+    g, w0 = _head(rng), _head(rng)
+    agg = make_strategy(name, 0.5, Bounds(max_update_norm=1e9, norm_ceiling=1e9)).aggregator(SHAPES)
+    for _ in range(3):
+        agg.add(_const(1.0), 1)
+    out = agg.result(g, w0)
+    for k in SHAPES:  # lambda 0.5: (w_bar + w0) / 2
+        np.testing.assert_allclose(out[k], (g[k].astype(np.float64) + 1.0 + w0[k]) / 2, rtol=1e-6, atol=1e-6)
+
+
+def test_an_aggregate_beyond_float32_is_returned_as_inf_without_a_warning() -> None:
+    big = float(np.finfo(np.float32).max)
+    g = _const(big)
+    agg = make_strategy("fedavg", 0.0, Bounds(max_update_norm=1e300, norm_ceiling=1e300)).aggregator(SHAPES)
+    agg.add(_const(big), 1)
+    agg.add(_const(big), 1)
+    out = agg.result(g, g)  # finite deltas, finite head: the sum does not fit float32 (the hub refuses it)
+    assert not np.isfinite(out["h0_kernel"]).any()

@@ -82,6 +82,24 @@ def golden_messages() -> list[Message]:
     ]
 
 
+def golden_variants() -> dict[str, Message]:
+    """Vectors of messages that reuse a type on topics of their own (file name -> message): the selection round's
+    announce (``round/select``), a device's report (``select/<device>``) and its result (PROTOCOL.md §4)."""
+    return {
+        "selection_announce": RoundAnnounce("demo", 6, "v4", "ab" * 32, TS + 120.0, 2, ("dev-01", "dev-02"), 2, 0.1,
+                                            nonce=_nonce(12), ts=TS, candidates=("cnn-a", "cnn-b"),
+                                            candidate_backbones=("cd" * 32, "ef" * 32)),
+        "selection_report": ModelUpdate("demo", 6, "dev-01", "v4", 24, {},
+                                        metrics={"val_n": 24.0, "val_acc_cnn-a": 0.75, "val_loss_cnn-a": 0.625,
+                                                 "val_acc_cnn-b": 0.25, "val_loss_cnn-b": 2.5},
+                                        nonce=_nonce(13), ts=TS),
+        "selection_result": RoundResult("demo", 6, RoundStatus.COMPLETED, "v5", None, None, ("dev-01", "dev-02"), 48, 0,
+                                        30.5, nonce=_nonce(14), ts=TS, detail="selected cnn-a, deployed as v5",
+                                        federated={"val_n": 48.0, "val_acc_cnn-a": 0.75, "val_acc_cnn-b": 0.25},
+                                        ranking=("cnn-a", "cnn-b")),
+    }
+
+
 def describe(msg: Message) -> dict[str, Any]:
     """The plain-JSON description of a message (what the .json files hold)."""
     out: dict[str, Any] = {"type": str(msg.type), "fields": {}, "arrays_field": None, "arrays": []}
@@ -122,10 +140,11 @@ def from_description(desc: dict[str, Any]) -> Message:
 
 
 def main(out: Path = HERE) -> None:
-    for msg in golden_messages():
-        (out / f"{msg.type}.bin").write_bytes(codec.encode(msg))
-        (out / f"{msg.type}.json").write_text(json.dumps(describe(msg), indent=2, sort_keys=True) + "\n")
-    print(f"wrote {len(golden_messages())} golden vectors to {out}", file=sys.stderr)
+    named = {str(m.type): m for m in golden_messages()} | golden_variants()
+    for name, msg in named.items():
+        (out / f"{name}.bin").write_bytes(codec.encode(msg))
+        (out / f"{name}.json").write_text(json.dumps(describe(msg), indent=2, sort_keys=True) + "\n")
+    print(f"wrote {len(named)} golden vectors to {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,254 @@
+"""Source-model selection on the hub: ranking, the control body, and a selection round over the in-memory broker
+(candidates published, reports checked and recorded, the winner deployed as the new w0)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedge.hub.registry import Registry
+from fedge.hub.selection import rank, selection_status
+from fedge.protocol.codec import decode, encode
+from fedge.protocol.errors import DecodeError
+from fedge.protocol.messages import ModelFull, ModelUpdate, Reject, RoundAnnounce, RoundStatus
+from fedge.protocol.selection import SelectRequest, decode_select_control, encode_select_control
+from fedge.protocol.transport import InMemoryTransport
+from tests.hub.fleet import FLEET, TOPICS, Fleet, hub_config, make_artifacts
+
+
+def test_rank_weights_by_validation_rows_and_counts_a_missing_score_as_zero() -> None:
+    reports = [
+        {"val_n": 10.0, "val_acc_a": 0.9, "val_loss_a": 0.3, "val_acc_b": 0.5, "val_loss_b": 1.0},
+        {"val_n": 30.0, "val_acc_a": 0.5, "val_loss_a": 0.9, "val_acc_b": 0.7, "val_loss_b": 0.8},
+        {"val_n": 20.0, "val_acc_b": 0.6, "val_loss_b": 0.9},  # could not score a
+    ]
+    ranking = rank(["a", "b"], reports)
+    assert [c.name for c in ranking] == ["b", "a"]
+    b, a = ranking
+    assert b.accuracy == pytest.approx((0.5 * 10 + 0.7 * 30 + 0.6 * 20) / 60)
+    assert a.accuracy == pytest.approx((0.9 * 10 + 0.5 * 30) / 60)  # over all 60 rows: 20 of them scored 0
+    assert (a.val_n, b.val_n) == (40, 60)
+    assert a.loss == pytest.approx((0.3 * 10 + 0.9 * 30) / 40)
+
+
+def test_rank_breaks_ties_by_loss_then_name() -> None:
+    reports = [{"val_n": 5.0, "val_acc_x": 0.8, "val_loss_x": 0.5, "val_acc_y": 0.8, "val_loss_y": 0.4,
+                "val_acc_z": 0.8, "val_loss_z": 0.4}]
+    assert [c.name for c in rank(["x", "z", "y"], reports)] == ["y", "z", "x"]
+
+
+def test_select_control_body_round_trips_and_refuses_bad_candidates() -> None:
+    from fedge.protocol.messages import RoundOverrides
+
+    req = SelectRequest(("good", "poor"), RoundOverrides(min_devices=2, local_epochs=1, request_id="r1"))
+    assert decode_select_control(encode_select_control(req)) == req
+    assert decode_select_control(b"") == SelectRequest()
+    for bad in (b'{"candidates": "good"}', b'{"candidates": ["a", "a"]}', b'{"candidates": ["no/slash"]}',
+                b'{"candidates": [], "bogus": 1}', b'{"local_epochs": 0}', b"[1]",
+                b'{"candidates": ["a"], "candidates": ["b"]}'):
+        with pytest.raises(DecodeError) as err:
+            decode_select_control(bad)
+        assert err.value.reason == "malformed", bad
+
+
+def _register(fleet: Fleet, tmp_path: Path) -> dict[str, str]:
+    registry = Registry(fleet.hub.store, fleet.cfg.state_dir)
+    out = {}
+    for i, name in enumerate(("good", "poor")):
+        art = make_artifacts(tmp_path / f"cand-{name}", seed=10 + i, backbone_bytes=f"backbone {name}".encode())
+        sha, _ = registry.add_backbone(art)
+        fleet.hub.store.add_candidate(name, sha)
+        out[name] = sha
+    return out
+
+
+def _select(fleet: Fleet, body: dict[str, object]) -> list[dict[str, object]]:
+    replies: list[dict[str, object]] = []
+    t = InMemoryTransport(fleet.broker)
+    t.subscribe(TOPICS.control_round_reply, lambda _t, p: replies.append(json.loads(p)))
+    t.publish(TOPICS.control_round_select, json.dumps(body).encode())
+    return replies
+
+
+def _report(fleet: Fleet, device: str, rnd: int, metrics: dict[str, float], **over: object) -> ModelUpdate:
+    kwargs: dict[str, object] = {"fleet": FLEET, "round": rnd, "device": device, "model_version": "v0",
+                                 "n_samples": int(metrics.get("val_n", 1)), "delta": {}, "metrics": metrics}
+    kwargs.update(over)
+    msg = ModelUpdate(**kwargs)  # type: ignore[arg-type]
+    fleet.device(device).transport.publish(TOPICS.select_report(device), encode(msg))
+    return msg
+
+
+def test_a_selection_round_ranks_records_and_deploys_the_winner(tmp_path: Path, artifacts: Path) -> None:
+    fleet = Fleet(hub_config(tmp_path / "state", artifacts))
+    fleet.hub.start()
+    try:
+        shas = _register(fleet, tmp_path)
+        for d in ("a", "b", "c"):
+            fleet.device(d).hello()
+        (reply,) = _select(fleet, {"candidates": ["good", "poor"], "min_devices": 2, "request_id": "q1"})
+        assert reply["accepted"] and reply["reason"] == "started", reply
+        rid = reply["round"]
+        ann = fleet.retained(TOPICS.select_announce)
+        assert isinstance(ann, RoundAnnounce) and ann.round == rid
+        assert ann.candidates == ("good", "poor") and ann.candidate_backbones == (shas["good"], shas["poor"])
+        assert fleet.retained(TOPICS.announce) is None, "no federated round is announced"
+        for name in ("good", "poor"):  # every candidate's artifacts, retained while the round is open
+            full = fleet.retained(TOPICS.candidate(name))
+            assert isinstance(full, ModelFull) and full.backbone_sha256 == shas[name]
+        # a federated round cannot start while the selection round is open
+        (busy,) = _select(fleet, {"candidates": ["good"]})
+        assert busy["reason"] == "round_open"
+        fleet.control(b'{"request_id": "q2"}')
+        assert fleet.hub.round is None
+
+        _report(fleet, "a", rid, {"val_n": 10.0, "val_acc_good": 0.8, "val_loss_good": 0.5,
+                                  "val_acc_poor": 0.2, "val_loss_poor": 2.0})
+        # hostile or wrong reports are rejected, counted, and change nothing
+        _report(fleet, "a", rid, {"val_n": 10.0, "val_acc_good": 0.1})  # a second, different report: duplicate
+        _report(fleet, "b", rid, {"val_n": 10.0, "val_acc_good": 1.5})  # accuracy outside [0, 1]
+        _report(fleet, "b", rid, {"val_n": 10.0}, delta={"w": np.zeros(2, np.float32)})  # weights: not allowed
+        _report(fleet, "b", rid + 1, {"val_n": 10.0})  # another round
+        reasons = [m.reason for d in ("a", "b") for m in fleet.device(d).inbox if isinstance(m, Reject)]
+        assert sorted(map(str, reasons)) == ["duplicate", "malformed", "malformed", "stale_round"]
+        assert fleet.hub.selector.open is not None
+        _report(fleet, "b", rid, {"val_n": 30.0, "val_acc_good": 0.6, "val_loss_good": 0.9,
+                                  "val_acc_poor": 0.3, "val_loss_poor": 1.9})
+        if "c" in ann.selected:
+            _report(fleet, "c", rid, {"val_n": 5.0, "val_acc_good": 0.7, "val_acc_poor": 0.1})
+        assert fleet.hub.selector.open is None, "every selected device answered: the round closed"
+
+        res = fleet.results[-1]
+        assert res.round == rid and res.status is RoundStatus.COMPLETED
+        assert res.ranking == ("good", "poor")
+        assert res.federated["val_acc_good"] > res.federated["val_acc_poor"]
+        new = res.model_version
+        assert new is not None and fleet.hub.registry.current().version == new  # type: ignore[union-attr]
+        row = fleet.hub.store.version(new)
+        assert row is not None and row.backbone_sha256 == shas["good"] and row.round == rid and row.parent == "v0"
+        # the winner is the new w0: published as model/full + model/head, its head is the candidate's
+        full = fleet.retained(TOPICS.model_full)
+        assert isinstance(full, ModelFull) and full.backbone_sha256 == shas["good"]
+        assert fleet.heads[-1].version == new and fleet.heads[-1].backbone_sha256 == shas["good"]
+        w0 = fleet.hub.registry.w0(shas["good"])
+        good_head = fleet.hub.registry.load_head(new)
+        assert all(np.array_equal(w0[k], good_head[k]) for k in w0)
+        # cleared: no candidate or selection announce stays retained
+        assert fleet.retained(TOPICS.select_announce) is None
+        assert all(fleet.retained(TOPICS.candidate(n)) is None for n in shas)
+        status = selection_status(fleet.hub.store)
+        (sel,) = status["selections"]
+        assert sel["winner"] == "good" and sel["new_version"] == new and sel["round"] == rid
+        assert [r["name"] for r in sel["ranking"]] == ["good", "poor"]
+        # round ids are shared: the next federated round gets the next id, over the new backbone
+        ann2 = fleet.start_round(min_devices=1)
+        assert ann2.round == rid + 1 and ann2.backbone_sha256 == shas["good"] and ann2.model_version == new
+    finally:
+        fleet.hub.stop()
+
+
+def test_selection_without_quorum_fails_and_deploys_nothing(tmp_path: Path, artifacts: Path) -> None:
+    fleet = Fleet(hub_config(tmp_path / "state", artifacts))
+    fleet.hub.start()
+    try:
+        _register(fleet, tmp_path)
+        for d in ("a", "b"):
+            fleet.device(d).hello()
+        (reply,) = _select(fleet, {"min_devices": 2, "deadline_s": 10})
+        _report(fleet, "a", int(reply["round"]), {"val_n": 10.0, "val_acc_good": 0.8, "val_acc_poor": 0.2})  # type: ignore[call-overload]
+        fleet.advance(11)
+        res = fleet.results[-1]
+        assert res.status is RoundStatus.FAILED_QUORUM and res.model_version is None and res.ranking == ()
+        assert fleet.hub.registry.current().version == "v0"  # type: ignore[union-attr]
+    finally:
+        fleet.hub.stop()
+
+
+def test_selection_is_refused_under_dp_and_for_unknown_candidates(tmp_path: Path, artifacts: Path) -> None:
+    fleet = Fleet(hub_config(tmp_path / "state", artifacts,
+                             privacy={"mode": "central", "noise_multiplier": 1.0, "clip": 1.0, "sample_rate": 1.0}))
+    fleet.hub.start()
+    try:
+        _register(fleet, tmp_path)
+        fleet.device("a").hello()
+        (dp,) = _select(fleet, {})
+        assert not dp["accepted"] and dp["reason"] == "dp_not_supported", dp
+        assert "clear" in str(dp["detail"])
+        (unknown,) = _select(fleet, {"candidates": ["nope"]})
+        assert unknown["reason"] in ("dp_not_supported", "unknown_candidate")
+        assert fleet.hub.selector.open is None and fleet.retained(TOPICS.select_announce) is None
+    finally:
+        fleet.hub.stop()
+
+
+def test_unknown_candidates_and_an_empty_registry_are_refused(tmp_path: Path, artifacts: Path) -> None:
+    fleet = Fleet(hub_config(tmp_path / "state", artifacts))
+    fleet.hub.start()
+    try:
+        fleet.device("a").hello()
+        (empty,) = _select(fleet, {})
+        assert empty["reason"] == "no_candidates"
+        (bad,) = _select(fleet, {"candidates": "good", "request_id": "bad1"})  # refused, still answered by id
+        assert (bad["reason"], bad["request_id"]) == ("malformed", "bad1")
+        _register(fleet, tmp_path)
+        (unknown,) = _select(fleet, {"candidates": ["good", "nope"]})
+        assert unknown["reason"] == "unknown_candidate" and "nope" in str(unknown["detail"])
+        (excess,) = _select(fleet, {"local_epochs": 10_000})  # the hub's [limits] hold for selection rounds too
+        assert excess["reason"] == "over_limits"
+        assert fleet.hub.store.control_counts() == {"no_candidates": 1, "unknown_candidate": 1, "over_limits": 1,
+                                                    "malformed": 1}
+    finally:
+        fleet.hub.stop()
+
+
+def test_decoding_the_selection_announce_keeps_plain_announces_byte_identical() -> None:
+    plain = RoundAnnounce(fleet=FLEET, round=1, model_version="v0", backbone_sha256="ab" * 32, deadline=1.0,
+                          min_devices=1, selected=("a",), local_epochs=1, lr=0.1, nonce="00" * 16, ts=1.0)
+    assert b"candidates" not in encode(plain)
+    sel = RoundAnnounce(**{**plain.__dict__, "candidates": ("x",), "candidate_backbones": ("cd" * 32,)})
+    back = decode(encode(sel))
+    assert isinstance(back, RoundAnnounce) and back.candidates == ("x",)
+
+
+@pytest.mark.parametrize("validated,deployed", [(0.58, True), (0.40, False)])
+def test_the_federated_gate_deploys_only_a_version_the_devices_validate(
+        tmp_path: Path, artifacts: Path, validated: float, deployed: bool) -> None:
+    from fedge.protocol.messages import ModelHead
+    from tests.hub.fleet import SHAPES, zero_delta
+
+    cfg = hub_config(tmp_path / "state", artifacts, aggregation={"federated_gate": True, "deploy_tolerance": 0.05},
+                     schedule={"chain_rounds": 2})
+    fleet = Fleet(cfg)
+    fleet.hub.start()
+    try:
+        for d in ("a", "b"):
+            fleet.device(d).hello()
+        rnd = fleet.start_round()
+        for d in rnd.selected:  # the devices score the head they received (v0) at 0.6 on their validation data
+            fleet.device(d).update(rnd, zero_delta(SHAPES, 0.01), metrics={"val_n": 10.0, "val_acc_global": 0.6})
+        first = fleet.results[-1]
+        assert first.round == rnd.round and first.model_version == "v1"
+        assert first.detail is not None and first.detail.startswith("v1 kept as a candidate until"), first.detail
+        assert fleet.hub.registry.current().version == "v0"  # type: ignore[union-attr]
+        assert fleet.retained(TOPICS.announce) is None, "the chain waits for the evaluation round"
+        ann = fleet.retained(TOPICS.select_announce)
+        assert isinstance(ann, RoundAnnounce) and ann.round == rnd.round + 1
+        assert (ann.candidates, ann.local_epochs, ann.selected) == (("v1",), 0, rnd.selected)
+        head = fleet.retained(TOPICS.candidate("v1"))
+        assert isinstance(head, ModelHead) and head.version == "v1"
+        for d in rnd.selected:
+            _report(fleet, d, ann.round, {"val_n": 10.0, "val_acc_v1": validated, "val_loss_v1": 1.0})
+        gate = fleet.results[-1]
+        assert gate.round == ann.round and gate.status is RoundStatus.COMPLETED, gate
+        assert (gate.model_version == "v1") is deployed, gate
+        assert fleet.hub.registry.current().version == ("v1" if deployed else "v0")  # type: ignore[union-attr]
+        assert (fleet.heads[-1].version == "v1") is deployed
+        assert fleet.retained(TOPICS.candidate("v1")) is None and fleet.retained(TOPICS.select_announce) is None
+        # the chain goes on from whatever is deployed now
+        nxt = fleet.announce()
+        assert nxt.round == ann.round + 1 and nxt.model_version == ("v1" if deployed else "v0")
+    finally:
+        fleet.hub.stop()
