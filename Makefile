@@ -36,7 +36,7 @@ setup: system-deps $(VENV)/.linked
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[agent,agent-ort,hub,export,dev]' $(EDITABLE)
+	$(BIN)/pip install -q -e '.[agent,agent-ort,hub,export,secagg,dev]' $(EDITABLE)
 	$(BIN)/pip check
 	touch $@
 

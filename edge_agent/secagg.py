@@ -1,0 +1,347 @@
+"""SecAgg+ (Bell et al. 2020): the shared math and the device side, as a transport-free state machine.
+
+Library only: nothing puts these stages on MQTT yet (PROTOCOL.md, "Secure aggregation"). The hub side is
+`fedge.hub.secagg`. Primitives come from libraries, imported lazily (extra ``secagg``): X25519, HKDF-SHA256
+salted with the round id, ChaCha20 keystreams as the mask PRG and AES-GCM for the relayed shares
+(``cryptography``); Shamir sharing over GF(2^128) (``pycryptodome``), two 16-byte halves per 32-byte secret.
+
+A device masks its quantised update ``x`` as ``y = x + PRG(b) + Σ_v ±PRG(agree(s_u, s_v)) mod 2^bits`` over
+its neighbours ``v`` in a public random graph; ``+`` when ``u < v``. It Shamir-shares ``b`` and its mask
+private key ``s_sk`` to those neighbours, and in the unmasking stage reveals, per neighbour, exactly one of
+them: the seed share if the neighbour's masked input arrived, the key share if it did not. Never both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from fedge.edge_agent.secagg_wire import (
+    HUB,
+    AdvertiseKeys,
+    KeysBroadcast,
+    MaskedInput,
+    PeerKeys,
+    RevealedShare,
+    Sealed,
+    SecAggError,
+    SecAggFailure,
+    ShareKeys,
+    SharesRelay,
+    UnmaskRequest,
+    UnmaskResponse,
+)
+from fedge.protocol.configdoc import doc
+from fedge.protocol.errors import ConfigError
+
+KEY_BYTES = 32
+
+
+@dataclass(frozen=True)
+class SecAggConfig:
+    """Secure-aggregation parameters of a round (the ``[secagg]`` section once it is wired)."""
+
+    degree: int = field(default=0, metadata=doc("neighbours k per device; 0 = 2*ceil(log2 n)", example=8))
+    threshold: int = field(default=0, metadata=doc("Shamir threshold t (k/2 < t <= k); 0 = k//2 + 1", example=5))
+    ring_bits: int = field(default=32, metadata=doc("the sum is computed modulo 2**ring_bits (8..62)", example=32))
+    clip: float = field(default=1.0, metadata=doc("each coordinate is clipped to [-clip, clip]", example=1.0))
+    scale: float = field(default=65536.0, metadata=doc("q = round(x * scale)", example=65536.0))
+    stochastic: bool = field(default=False, metadata=doc("unbiased stochastic rounding, not nearest", example=True))
+
+    def __post_init__(self) -> None:
+        if not 8 <= self.ring_bits <= 62:
+            raise ConfigError("secagg.ring_bits", f"must be in 8..62, got {self.ring_bits}")
+        if not (math.isfinite(self.clip) and self.clip > 0):
+            raise ConfigError("secagg.clip", f"must be a positive number, got {self.clip}")
+        if not (math.isfinite(self.scale) and self.scale > 0):
+            raise ConfigError("secagg.scale", f"must be a positive number, got {self.scale}")
+        if self.degree < 0 or self.threshold < 0:
+            raise ConfigError("secagg.degree", "degree and threshold must be >= 0 (0 = automatic)")
+
+    @property
+    def max_abs_q(self) -> int:
+        """The largest |q| a clipped coordinate can quantise to."""
+        return math.ceil(self.clip * self.scale)
+
+    def check_capacity(self, n: int) -> None:
+        """Raise `ConfigError` unless the sum of ``n`` quantised updates fits the centred ring."""
+        if n * self.max_abs_q >= 2 ** (self.ring_bits - 1):
+            raise ConfigError(
+                "secagg.scale",
+                f"{n} devices x max |q| {self.max_abs_q} overflow the ring 2^{self.ring_bits}: "
+                "lower scale or clip, or raise ring_bits",
+            )
+
+
+def quantise(update: NDArray[Any], cfg: SecAggConfig, rng: np.random.Generator | None = None) -> NDArray[np.uint64]:
+    """Clip to [-clip, clip], scale, round (stochastically with ``rng`` if configured), map into the ring."""
+    x = np.clip(np.asarray(update, dtype=np.float64).ravel(), -cfg.clip, cfg.clip) * cfg.scale
+    if cfg.stochastic:
+        if rng is None:
+            raise ConfigError("secagg.stochastic", "stochastic rounding needs a random generator")
+        q = np.floor(x + rng.random(x.shape))
+    else:
+        q = np.rint(x)
+    return q.astype(np.int64).astype(np.uint64) & np.uint64((1 << cfg.ring_bits) - 1)
+
+
+def dequantise(total: NDArray[np.uint64], cfg: SecAggConfig) -> NDArray[np.float64]:
+    """The centred integer value of a ring vector (a sum of quantised updates) divided by the scale."""
+    v = np.asarray(total, dtype=np.uint64) & np.uint64((1 << cfg.ring_bits) - 1)
+    signed = v.astype(np.int64)
+    signed[v >= np.uint64(1 << (cfg.ring_bits - 1))] -= np.int64(1 << cfg.ring_bits)
+    return signed.astype(np.float64) / cfg.scale
+
+
+def _rank(seed: bytes, device: str) -> bytes:
+    return hashlib.sha256(b"fedge-secagg/graph\x00" + seed + device.encode()).digest()
+
+
+def neighbour_graph(cohort: tuple[str, ...], degree: int, seed: bytes) -> dict[str, tuple[str, ...]]:
+    """A random k-regular graph every party derives alike: the cohort is placed on a cycle in the order of
+    ``sha256(seed, id)`` and each device is joined to its ``ceil(k/2)`` nearest on each side (a random
+    Harary graph, as in SecAgg+); the complete graph when that reaches ``n - 1``."""
+    order = sorted(cohort, key=lambda d: _rank(seed, d))
+    n, half = len(order), (degree + 1) // 2
+    if 2 * half >= n - 1:
+        return {d: tuple(sorted(p for p in cohort if p != d)) for d in cohort}
+    graph: dict[str, tuple[str, ...]] = {}
+    for i, d in enumerate(order):
+        graph[d] = tuple(sorted({order[(i + j) % n] for j in range(-half, half + 1) if j}))
+    return graph
+
+
+@dataclass(frozen=True)
+class RoundSetup:
+    """What every party of a SecAgg round agrees on in public: round id, cohort, graph seed, config."""
+
+    round_id: str
+    cohort: tuple[str, ...]
+    seed: bytes
+    config: SecAggConfig = SecAggConfig()
+
+    def __post_init__(self) -> None:
+        if len(set(self.cohort)) != len(self.cohort) or HUB in self.cohort or len(self.cohort) < 2:
+            raise ConfigError("secagg.cohort", "needs two or more distinct device ids (not 'hub')")
+        if not self.threshold > self.degree / 2 or self.threshold > self.degree:
+            raise ConfigError("secagg.threshold", f"t={self.threshold} must satisfy k/2 < t <= k (k={self.degree})")
+        self.config.check_capacity(len(self.cohort))
+
+    @cached_property
+    def degree(self) -> int:
+        """The graph degree k actually used (every device has exactly this many neighbours)."""
+        n = len(self.cohort)
+        want = self.config.degree or 2 * math.ceil(math.log2(n))
+        return n - 1 if 2 * ((want + 1) // 2) >= n - 1 else 2 * ((want + 1) // 2)
+
+    @cached_property
+    def threshold(self) -> int:
+        """The Shamir threshold t."""
+        return self.config.threshold or self.degree // 2 + 1
+
+    @cached_property
+    def graph(self) -> dict[str, tuple[str, ...]]:
+        """Each device's neighbours, sorted."""
+        return neighbour_graph(self.cohort, self.degree, self.seed)
+
+    @property
+    def mask(self) -> np.uint64:
+        """``2**ring_bits - 1``."""
+        return np.uint64((1 << self.config.ring_bits) - 1)
+
+
+def kdf(shared: bytes, round_id: str, label: str, a: str, b: str) -> bytes:
+    """HKDF-SHA256 salted with the round id, bound to a purpose label and the (unordered) pair of ids."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    lo, hi = sorted((a, b))
+    info = b"\x00".join([b"fedge-secagg", label.encode(), lo.encode(), hi.encode()])
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=round_id.encode(), info=info).derive(shared)
+
+
+def agree(private: Any, peer_public: bytes, round_id: str, label: str, me: str, peer: str) -> bytes:
+    """X25519 agreement of our private key with a peer's raw public key, through `kdf`."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
+    try:
+        shared = private.exchange(X25519PublicKey.from_public_bytes(peer_public))
+    except ValueError as exc:  # wrong size, or a low-order point (all-zero shared secret)
+        raise SecAggError(SecAggFailure.MALFORMED, f"bad public key of {peer!r}: {exc}") from exc
+    return kdf(shared, round_id, label, me, peer)
+
+
+def prg(seed: bytes, length: int, ring_bits: int) -> NDArray[np.uint64]:
+    """``length`` ring elements from the ChaCha20 keystream under the 32-byte ``seed``."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+    width = 4 if ring_bits <= 32 else 8
+    stream = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor().update(bytes(width * length))
+    return np.frombuffer(stream, dtype=f"<u{width}").astype(np.uint64) & np.uint64((1 << ring_bits) - 1)
+
+
+def split_secret(secret: bytes, threshold: int, count: int) -> list[tuple[int, bytes]]:
+    """Shamir-share a 32-byte secret: ``count`` shares ``(index, 32 bytes)``, any ``threshold`` recover it."""
+    from Crypto.Protocol.SecretSharing import Shamir
+
+    if len(secret) != KEY_BYTES:
+        raise ValueError("secrets are 32 bytes")
+    lo = Shamir.split(threshold, count, secret[:16])
+    hi = Shamir.split(threshold, count, secret[16:])
+    return [(i, a + b) for (i, a), (_, b) in zip(lo, hi, strict=True)]
+
+
+def combine_secret(shares: list[tuple[int, bytes]]) -> bytes:
+    """Recover a 32-byte secret from shares of `split_secret` (exactly the threshold of them suffices)."""
+    from Crypto.Protocol.SecretSharing import Shamir
+
+    if any(len(s) != KEY_BYTES for _, s in shares) or len({i for i, _ in shares}) != len(shares):
+        raise SecAggError(SecAggFailure.MALFORMED, "shares must be 32 bytes with distinct indices")
+    return bytes(Shamir.combine([(i, s[:16]) for i, s in shares]) + Shamir.combine([(i, s[16:]) for i, s in shares]))
+
+
+def seed_commitment(round_id: str, device: str, seed: bytes) -> bytes:
+    """SHA-256 commitment to a self-mask seed, so a reconstruction from bad shares is detected."""
+    return hashlib.sha256(b"\x00".join([b"fedge-secagg/seed", round_id.encode(), device.encode(), seed])).digest()
+
+
+def share_ad(round_id: str, sender: str, receiver: str) -> bytes:
+    """AES-GCM associated data of a sealed share bundle: round id, sender, receiver."""
+    return b"".join(struct.pack(">H", len(p)) + p for p in (round_id.encode(), sender.encode(), receiver.encode()))
+
+
+def pair_sign(me: str, peer: str) -> int:
+    """+1 if ``me`` adds the pairwise mask with ``peer``, -1 if it subtracts it."""
+    return 1 if me < peer else -1
+
+
+class SecAggDevice:
+    """One device's side of a SecAgg+ round: ``advertise`` → ``share_keys`` → ``masked_input`` → ``unmask``.
+
+    Each call checks the round id, the receiver and the stage; a hub that breaks the protocol (asks for
+    both shares of one peer, asks twice, names strangers) makes the device abort: every later call raises
+    ``SecAggError(aborted)``. Secrets stay in memory and are never in any message except as shares."""
+
+    def __init__(self, setup: RoundSetup, device_id: str) -> None:
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+        if device_id not in setup.cohort:
+            raise ConfigError("secagg.cohort", f"device {device_id!r} is not in the cohort")
+        self.setup, self.me = setup, device_id
+        self._enc_sk, self._mask_sk = X25519PrivateKey.generate(), X25519PrivateKey.generate()
+        self._seed = os.urandom(KEY_BYTES)
+        self._peers: dict[str, PeerKeys] = {}
+        self._held: dict[str, tuple[int, bytes, bytes]] = {}  # peer -> (index, seed share, key share)
+        self._stage = "advertise"
+
+    def _enter(self, stage: str, msg: KeysBroadcast | SharesRelay | UnmaskRequest | None) -> None:
+        if self._stage == "aborted":
+            raise SecAggError(SecAggFailure.ABORTED, f"{self.me} aborted this round")
+        if msg is not None:
+            if msg.round_id != self.setup.round_id:
+                raise SecAggError(SecAggFailure.WRONG_ROUND, f"message of round {msg.round_id!r}")
+            if msg.sender != HUB or msg.receiver != self.me:
+                raise SecAggError(SecAggFailure.UNKNOWN_SENDER, f"from {msg.sender!r} to {msg.receiver!r}")
+        if self._stage != stage:
+            self._abort(SecAggFailure.OUT_OF_ORDER, f"{stage} while in stage {self._stage}")
+
+    def _abort(self, reason: SecAggFailure, detail: str) -> None:
+        self._stage = "aborted"
+        self._seed, self._held = b"", {}
+        raise SecAggError(reason, f"{self.me} aborts: {detail}")
+
+    def advertise(self) -> AdvertiseKeys:
+        """Stage 0: the two public keys and the seed commitment."""
+        self._enter("advertise", None)
+        self._stage = "share"
+        return AdvertiseKeys(
+            self.setup.round_id, self.me, self._enc_sk.public_key().public_bytes_raw(),
+            self._mask_sk.public_key().public_bytes_raw(), seed_commitment(self.setup.round_id, self.me, self._seed),
+        )
+
+    def share_keys(self, msg: KeysBroadcast) -> ShareKeys:
+        """Stage 1: Shamir-share the seed and the mask key to the neighbours that advertised, sealed."""
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        self._enter("share", msg)
+        names = [p.peer for p in msg.peers]
+        neighbours = set(self.setup.graph[self.me])
+        if len(set(names)) != len(names) or not set(names) <= neighbours:
+            self._abort(SecAggFailure.PROTOCOL_VIOLATION, "key list names non-neighbours or repeats")
+        if any(len(p.enc_pk) != KEY_BYTES or len(p.mask_pk) != KEY_BYTES for p in msg.peers):
+            self._abort(SecAggFailure.MALFORMED, "a public key is not 32 bytes")
+        if len(names) < self.setup.threshold:
+            self._abort(SecAggFailure.BELOW_THRESHOLD, f"{len(names)} neighbours < t={self.setup.threshold}")
+        self._peers = {p.peer: p for p in msg.peers}
+        order = sorted(names)
+        t = self.setup.threshold
+        seed_shares = split_secret(self._seed, t, len(order))
+        key_shares = split_secret(self._mask_sk.private_bytes_raw(), t, len(order))
+        sealed = []
+        for peer, (idx, sb), (_, sk) in zip(order, seed_shares, key_shares, strict=True):
+            key = agree(self._enc_sk, self._peers[peer].enc_pk, self.setup.round_id, "share", self.me, peer)
+            nonce = os.urandom(12)
+            body = struct.pack(">H", idx) + sb + sk
+            ct = AESGCM(key).encrypt(nonce, body, share_ad(self.setup.round_id, self.me, peer))
+            sealed.append(Sealed(peer, nonce + ct))
+        self._stage = "mask"
+        return ShareKeys(self.setup.round_id, self.me, tuple(sealed))
+
+    def _open(self, item: Sealed) -> tuple[int, bytes, bytes]:
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        peer = self._peers[item.peer]
+        key = agree(self._enc_sk, peer.enc_pk, self.setup.round_id, "share", self.me, item.peer)
+        try:
+            ad = share_ad(self.setup.round_id, item.peer, self.me)
+            body = AESGCM(key).decrypt(item.ciphertext[:12], item.ciphertext[12:], ad)
+        except (InvalidTag, ValueError) as exc:
+            raise SecAggError(SecAggFailure.BAD_CIPHERTEXT, f"share from {item.peer!r} fails authentication") from exc
+        if len(body) != 2 + 2 * KEY_BYTES:
+            raise SecAggError(SecAggFailure.MALFORMED, f"share bundle from {item.peer!r} has {len(body)} bytes")
+        return struct.unpack(">H", body[:2])[0], body[2:34], body[34:]
+
+    def masked_input(self, msg: SharesRelay, q: NDArray[np.uint64]) -> MaskedInput:
+        """Stage 2: open the relayed shares (all must authenticate), then mask the quantised update ``q``."""
+        self._enter("mask", msg)
+        senders = [s.peer for s in msg.shares]
+        if len(set(senders)) != len(senders) or not set(senders) <= set(self._peers):
+            self._abort(SecAggFailure.PROTOCOL_VIOLATION, "relay names peers that got no keys from us, or repeats")
+        held = {s.peer: self._open(s) for s in msg.shares}  # raises before any state changes
+        if len(held) < self.setup.threshold:
+            self._abort(SecAggFailure.BELOW_THRESHOLD, f"{len(held)} neighbours shared keys < t={self.setup.threshold}")
+        self._held = held
+        bits, rid = self.setup.config.ring_bits, self.setup.round_id
+        y = (np.asarray(q, dtype=np.uint64).ravel() & self.setup.mask) + prg(self._seed, q.size, bits)
+        for peer in sorted(held):
+            seed = agree(self._mask_sk, self._peers[peer].mask_pk, rid, "mask", self.me, peer)
+            y = y + prg(seed, q.size, bits) if pair_sign(self.me, peer) > 0 else y - prg(seed, q.size, bits)
+        y &= self.setup.mask
+        self._stage = "unmask"
+        width = 4 if bits <= 32 else 8
+        return MaskedInput(rid, self.me, bits, y.astype(f"<u{width}").tobytes())
+
+    def unmask(self, msg: UnmaskRequest) -> UnmaskResponse:
+        """Stage 3: reveal the seed share of each listed survivor, the key share of each listed dropped peer.
+
+        Aborts if one peer is in both lists, if a peer is unknown or repeated, or on any second request."""
+        self._enter("unmask", msg)
+        surv, drop = set(msg.survivors), set(msg.dropped)
+        if surv & drop:
+            self._abort(SecAggFailure.PROTOCOL_VIOLATION, f"asked for both shares of {sorted(surv & drop)}")
+        if len(surv) + len(drop) != len(msg.survivors) + len(msg.dropped) or not (surv | drop) <= set(self._held):
+            self._abort(SecAggFailure.PROTOCOL_VIOLATION, "unmask request names unknown peers or repeats")
+        seed = tuple(RevealedShare(p, self._held[p][0], self._held[p][1]) for p in sorted(surv))
+        keys = tuple(RevealedShare(p, self._held[p][0], self._held[p][2]) for p in sorted(drop))
+        self._stage = "done"
+        self._seed, self._held = b"", {}
+        return UnmaskResponse(self.setup.round_id, self.me, seed, keys)

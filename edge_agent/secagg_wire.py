@@ -1,0 +1,258 @@
+"""SecAgg+ stage messages and their explicit byte encodings (library only: not on the MQTT wire yet).
+
+Every message carries the round id and its sender; hub-to-device messages also name the receiver.
+Encoding (no pickle): ``b"FSA" | version u8 | kind u8`` then the fields in declaration order:
+strings as ``u16 length | UTF-8``, byte strings as ``u32 length | bytes``, integers as ``u32``, tuples as
+``u32 count | items``. Every length is big-endian; a truncated payload or trailing bytes are ``malformed``.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, fields
+from enum import StrEnum
+from typing import Any, ClassVar
+
+import numpy as np
+from numpy.typing import NDArray
+
+from fedge.protocol.errors import FedgeError
+
+HUB = "hub"  # the sender name of hub-to-device stage messages
+_MAGIC = b"FSA"
+_VERSION = 1
+
+
+class SecAggFailure(StrEnum):
+    """Why a SecAgg stage message was rejected or why a party aborted the round."""
+
+    MALFORMED = "malformed"                    # the payload does not decode, or a field has the wrong size
+    WRONG_ROUND = "wrong_round"                # the message belongs to another round (a replay)
+    UNKNOWN_SENDER = "unknown_sender"          # the sender is not in the cohort, or not in this stage
+    DUPLICATE = "duplicate"                    # a second message of the same stage from the same sender
+    OUT_OF_ORDER = "out_of_order"              # the stage is closed, or not open yet
+    BAD_CIPHERTEXT = "bad_ciphertext"          # an encrypted share failed authentication (tampered or replayed)
+    PROTOCOL_VIOLATION = "protocol_violation"  # the other side broke the protocol (e.g. asked for both shares)
+    BELOW_THRESHOLD = "below_threshold"        # too few survivors to go on or to reconstruct
+    BAD_SHARE = "bad_share"                    # a reconstructed secret does not match its commitment
+    ABORTED = "aborted"                        # this device aborted the round earlier
+
+
+class SecAggError(FedgeError):
+    """A SecAgg message was rejected, or a party aborted the round; ``reason`` is a `SecAggFailure`."""
+
+    def __init__(self, reason: SecAggFailure, detail: str) -> None:
+        super().__init__(f"secagg {reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class PeerKeys:
+    """A neighbour's two advertised X25519 public keys (encryption c, masking s)."""
+
+    peer: str
+    enc_pk: bytes
+    mask_pk: bytes
+    SCHEMA: ClassVar[str] = "sbb"
+
+
+@dataclass(frozen=True)
+class Sealed:
+    """An encrypted share bundle; ``peer`` is its receiver in `ShareKeys`, its sender in `SharesRelay`."""
+
+    peer: str
+    ciphertext: bytes
+    SCHEMA: ClassVar[str] = "sb"
+
+
+@dataclass(frozen=True)
+class RevealedShare:
+    """One Shamir share (32 bytes: two 16-byte halves at the same index) of ``peer``'s secret."""
+
+    peer: str
+    index: int
+    share: bytes
+    SCHEMA: ClassVar[str] = "sib"
+
+
+@dataclass(frozen=True)
+class AdvertiseKeys:
+    """Stage 0, device → hub: the device's public keys and a commitment to its self-mask seed."""
+
+    round_id: str
+    sender: str
+    enc_pk: bytes
+    mask_pk: bytes
+    seed_commit: bytes
+    KIND: ClassVar[int] = 1
+    SCHEMA: ClassVar[str] = "ssbbb"
+
+
+@dataclass(frozen=True)
+class KeysBroadcast:
+    """Stage 1, hub → device: the keys of the receiver's neighbours that advertised."""
+
+    round_id: str
+    sender: str
+    receiver: str
+    peers: tuple[PeerKeys, ...]
+    KIND: ClassVar[int] = 2
+    SCHEMA: ClassVar[str] = "sssP"
+
+
+@dataclass(frozen=True)
+class ShareKeys:
+    """Stage 1, device → hub: one AES-GCM sealed share bundle per neighbour."""
+
+    round_id: str
+    sender: str
+    shares: tuple[Sealed, ...]
+    KIND: ClassVar[int] = 3
+    SCHEMA: ClassVar[str] = "ssC"
+
+
+@dataclass(frozen=True)
+class SharesRelay:
+    """Stage 2, hub → device: the sealed bundles addressed to the receiver (the hub cannot open them)."""
+
+    round_id: str
+    sender: str
+    receiver: str
+    shares: tuple[Sealed, ...]
+    KIND: ClassVar[int] = 4
+    SCHEMA: ClassVar[str] = "sssC"
+
+
+@dataclass(frozen=True)
+class MaskedInput:
+    """Stage 2, device → hub: the masked quantised update, little-endian u32 (u64 above 32 ring bits)."""
+
+    round_id: str
+    sender: str
+    ring_bits: int
+    vector: bytes
+    KIND: ClassVar[int] = 5
+    SCHEMA: ClassVar[str] = "ssib"
+
+    def values(self) -> NDArray[np.uint64]:
+        """The vector as ring elements (``uint64``)."""
+        width = ring_width(self.ring_bits)
+        if len(self.vector) % width:
+            raise SecAggError(SecAggFailure.MALFORMED, f"masked vector of {len(self.vector)} bytes")
+        return np.frombuffer(self.vector, dtype=f"<u{width}").astype(np.uint64)
+
+
+@dataclass(frozen=True)
+class UnmaskRequest:
+    """Stage 3, hub → device: for each neighbour, reveal the seed share (survivor) or key share (dropped)."""
+
+    round_id: str
+    sender: str
+    receiver: str
+    survivors: tuple[str, ...]
+    dropped: tuple[str, ...]
+    KIND: ClassVar[int] = 6
+    SCHEMA: ClassVar[str] = "sssSS"
+
+
+@dataclass(frozen=True)
+class UnmaskResponse:
+    """Stage 3, device → hub: seed shares of surviving neighbours, key shares of dropped ones."""
+
+    round_id: str
+    sender: str
+    seed_shares: tuple[RevealedShare, ...]
+    key_shares: tuple[RevealedShare, ...]
+    KIND: ClassVar[int] = 7
+    SCHEMA: ClassVar[str] = "ssRR"
+
+
+StageMessage = AdvertiseKeys | KeysBroadcast | ShareKeys | SharesRelay | MaskedInput | UnmaskRequest | UnmaskResponse
+_KINDS: dict[int, type[Any]] = {
+    c.KIND: c
+    for c in (AdvertiseKeys, KeysBroadcast, ShareKeys, SharesRelay, MaskedInput, UnmaskRequest, UnmaskResponse)
+}
+_NESTED: dict[str, type[Any]] = {"P": PeerKeys, "C": Sealed, "R": RevealedShare}
+
+
+def ring_width(ring_bits: int) -> int:
+    """Bytes per ring element on the wire: 4 up to 32 bits, else 8."""
+    return 4 if ring_bits <= 32 else 8
+
+
+def _put(out: list[bytes], code: str, value: Any) -> None:
+    if code == "s":
+        raw = value.encode()
+        out += [struct.pack(">H", len(raw)), raw]
+    elif code == "b":
+        out += [struct.pack(">I", len(value)), bytes(value)]
+    elif code == "i":
+        out.append(struct.pack(">I", value))
+    else:
+        out.append(struct.pack(">I", len(value)))
+        for item in value:
+            if code == "S":
+                _put(out, "s", item)
+            else:
+                for f, c in zip(fields(item), item.SCHEMA, strict=True):
+                    _put(out, c, getattr(item, f.name))
+
+
+def encode(msg: StageMessage) -> bytes:
+    """The explicit byte encoding of a stage message."""
+    out = [_MAGIC, bytes([_VERSION, msg.KIND])]
+    for f, code in zip(fields(msg), msg.SCHEMA, strict=True):
+        _put(out, code, getattr(msg, f.name))
+    return b"".join(out)
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > len(self.data):
+            raise SecAggError(SecAggFailure.MALFORMED, "truncated payload")
+        chunk = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return chunk
+
+    def u(self, fmt: str) -> int:
+        value: int = struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+        return value
+
+    def get(self, code: str) -> Any:
+        if code == "s":
+            try:
+                return self.take(self.u(">H")).decode()
+            except UnicodeDecodeError as exc:
+                raise SecAggError(SecAggFailure.MALFORMED, "a string is not UTF-8") from exc
+        if code == "b":
+            return self.take(self.u(">I"))
+        if code == "i":
+            return self.u(">I")
+        count = self.u(">I")
+        if count > len(self.data):
+            raise SecAggError(SecAggFailure.MALFORMED, f"count {count} exceeds the payload")
+        if code == "S":
+            return tuple(self.get("s") for _ in range(count))
+        cls = _NESTED[code]
+        return tuple(cls(*(self.get(c) for c in cls.SCHEMA)) for _ in range(count))
+
+
+def decode(payload: bytes) -> StageMessage:
+    """Decode a stage message; raises `SecAggError` (``malformed``) on any structural problem."""
+    if len(payload) < 5 or payload[:3] != _MAGIC or payload[3] != _VERSION:
+        raise SecAggError(SecAggFailure.MALFORMED, "not a SecAgg stage message of version 1")
+    cls = _KINDS.get(payload[4])
+    if cls is None:
+        raise SecAggError(SecAggFailure.MALFORMED, f"unknown kind {payload[4]}")
+    reader = _Reader(payload)
+    reader.pos = 5
+    values = [reader.get(code) for code in cls.SCHEMA]
+    if reader.pos != len(payload):
+        raise SecAggError(SecAggFailure.MALFORMED, f"{len(payload) - reader.pos} trailing bytes")
+    msg: StageMessage = cls(*values)
+    return msg
