@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Final
@@ -14,12 +15,15 @@ from fedge.protocol.tomlfile import read_toml
 BACKENDS: Final = ("auto", "litert", "ort", "numpy")
 SERVICES: Final = ("systemd", "termux")
 EXTRAS: Final = ("agent", "agent-ort")
+# the profile's [eligibility]: defaults of the agent's [eligibility] (edge_agent/eligibility.py validates them again)
+ELIGIBILITY: Final = {"require_power": bool, "min_battery_pct": float, "allow_metered": bool, "max_load": float}
 
 
 @dataclass(frozen=True)
 class DeviceProfile:
     """A device class (Raspberry Pi 4/5, Jetson, Android/Termux, x86): which agent extras and backend to
-    install, the service manager, and the agent's memory budget."""
+    install, the service manager, the agent's memory budget, and when it trains (``eligibility``: the
+    ``[eligibility]`` written into its agent.toml; empty = no conditions)."""
 
     name: str
     description: str
@@ -30,6 +34,7 @@ class DeviceProfile:
     memory_mb: int
     max_agent_rss_mb: int
     service: str
+    eligibility: dict[str, bool | float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.arch not in ("aarch64", "x86_64", "armv7l"):
@@ -47,6 +52,15 @@ class DeviceProfile:
             raise ConfigError("backend", "'ort' needs the agent-ort extra")
         if not 0 < self.max_agent_rss_mb <= self.memory_mb:
             raise ConfigError("max_agent_rss_mb", f"must be in (0, memory_mb={self.memory_mb}]")
+        for key, value in self.eligibility.items():
+            kind = ELIGIBILITY.get(key)
+            if kind is None:
+                raise ConfigError(f"eligibility.{key}", f"unknown field; allowed: {', '.join(ELIGIBILITY)}")
+            ok = isinstance(value, bool) if kind is bool else (
+                isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0)
+            if not ok:
+                want = "true or false" if kind is bool else "a number >= 0"
+                raise ConfigError(f"eligibility.{key}", f"must be {want}, got {value!r}")
 
 
 def profile_from_mapping(table: dict[str, Any], source: str) -> DeviceProfile:
@@ -60,11 +74,14 @@ def profile_from_mapping(table: dict[str, Any], source: str) -> DeviceProfile:
             raise ConfigError(key, f"missing in profile {source}")
         if not isinstance(table[key], kind) or isinstance(table[key], bool):
             raise ConfigError(key, f"in profile {source} must be a {kind.__name__}, got {table[key]!r}")
-    unknown = sorted(set(table) - set(fields))
+    unknown = sorted(set(table) - set(fields) - {"eligibility"})
     if unknown:
         raise ConfigError(unknown[0], f"unknown field in profile {source}")
+    eligibility = table.get("eligibility", {})
+    if not isinstance(eligibility, dict):
+        raise ConfigError("eligibility", f"in profile {source} must be a table, got {eligibility!r}")
     try:
-        return DeviceProfile(**{**table, "extras": tuple(table["extras"])})
+        return DeviceProfile(**{**table, "extras": tuple(table["extras"]), "eligibility": dict(eligibility)})
     except ConfigError as exc:
         raise ConfigError(exc.field, f"{exc.problem} (profile {source})") from exc
 
