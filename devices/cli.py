@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from fedge.devices.flash import flash
-from fedge.devices.fleet import FleetDir
+from fedge.devices.fleet import FleetDir, remove_device
 from fedge.devices.profiles import builtin_profiles, get_profile
 from fedge.devices.provision import Provisioning, provision
 from fedge.protocol.errors import ConfigError
@@ -40,6 +40,10 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     fl.add_argument("--target", required=True, help="user@host, or a folder where the device's root is mounted")
     fl.add_argument("--dry-run", action="store_true", help="print the commands only")
     fl.set_defaults(handler=_flash)
+    rv = dsub.add_parser("revoke", help="remove a device's broker account from a fleet folder (then reload the broker)")
+    rv.add_argument("--fleet-dir", required=True, help="the fleet folder of fedge fleet init")
+    rv.add_argument("device_id", metavar="DEVICE_ID")
+    rv.set_defaults(handler=_revoke)
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -58,6 +62,13 @@ def _provision(args: argparse.Namespace) -> int:
     print(bundle)
     if fleet_dir is not None:
         print(f"{args.device_id} added to {fleet_dir}/passwd: reload the broker (SIGHUP) to let it in", file=sys.stderr)
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    d = remove_device(Path(args.fleet_dir), args.device_id)
+    print(f"{args.device_id} removed from {d.passwd}: reload the broker (SIGHUP, e.g. kill -HUP $(pidof mosquitto)) "
+          "to refuse its next connection", file=sys.stderr)
     return 0
 
 

@@ -132,7 +132,7 @@ def acl_text(fleet: str) -> str:
         f"write {t.base}/update/%u", f"write {t.base}/presence/%u", f"write {t.base}/decline/%u",
         f"write {t.base}/select/%u", f"read {t.base}/device/%u/#",
         f"read {t.announce}", f"read {t.model_head}", f"read {t.model_full}", f"read {t.result}",
-        f"read {t.hub_status}", f"read {t.select_announce}", f"read {t.candidate_all}",
+        f"read {t.hub_status}", f"read {t.select_announce}", f"read {t.candidate_all}", f"read {t.base}/hub/key/+",
     ]
     return "\n".join([
         f"# fedge fleet {fleet}: broker access rules (mosquitto acl_file)",
@@ -162,6 +162,8 @@ def mosquitto_conf(d: FleetDir, port: int, bind: str | None = None) -> str:
         f"certfile {d.server_cert}",
         f"keyfile {d.server_key}",
         "tls_version tlsv1.2",
+        "# the client id is the account's user name: nobody can knock a device (or the hub) off by taking its id",
+        "use_username_as_clientid true",
         "allow_anonymous false",
         f"password_file {d.passwd}",
         f"acl_file {d.acl}",
@@ -237,10 +239,14 @@ def _certificates(d: FleetDir, fleet: str, host: str, days: int) -> None:
 
 
 def _signing_key(d: FleetDir) -> None:
-    from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    key = Ed25519PrivateKey.generate()
+    _write_signing_key(d, Ed25519PrivateKey.generate())
+
+
+def _write_signing_key(d: FleetDir, key: Any) -> None:
+    from cryptography.hazmat.primitives import serialization
+
     pem = serialization.Encoding.PEM
     write_private(d.signing_key, key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
                                                    serialization.NoEncryption()))
@@ -282,13 +288,12 @@ def init_fleet(fleet: str, directory: str | Path, *, broker_host: str = "localho
     set_password(d.passwd, OPERATOR_USER, operator_pw)
     write_private(d.acl, acl_text(fleet), 0o644)
     write_private(d.mosquitto_conf, mosquitto_conf(d, port, bind), 0o644)
-    hub = {"fleet": fleet, "state_dir": "hub-state", "artifacts": artifacts,
+    hub = {"fleet": fleet, "state_dir": "hub-state", "artifacts": artifacts, "signing_key": str(d.signing_key),
            "broker": {"url": url, "username": HUB_USER, "password": hub_pw, "ca_file": str(d.ca_cert)}}
     write_private(d.hub_toml, dumps_toml(hub, header=(
         f"fedge hub of fleet {fleet} (written by fedge fleet init; every key: docs/CONFIG.md).\n"
         "Set artifacts to the exported model (fedge export), then: fedge hub serve --config hub.toml\n"
-        "The hub's Ed25519 signing key (not read by the hub yet):\n"
-        f'signing_key = "{d.signing_key}"')))
+        "signing_key: every frame the hub publishes is signed; provisioned devices pin hub-signing.pub")))
     operator = {"fleet": fleet, "broker": {"url": url, "username": OPERATOR_USER, "password": operator_pw,
                                            "ca_file": d.ca_cert.name}}
     write_private(d.operator_toml, dumps_toml(operator, header=(
@@ -297,6 +302,26 @@ def init_fleet(fleet: str, directory: str | Path, *, broker_host: str = "localho
     meta = {"fleet": fleet, "broker_url": url, "hub_user": HUB_USER, "operator_user": OPERATOR_USER}
     write_private(d.meta, dumps_toml(meta, header="fedge fleet folder (fedge fleet init)"), 0o644)
     return d
+
+
+def rotate_signing_key(fleet_dir: str | Path) -> Path:
+    """Replace the hub's signing key with a new one vouched for by the old one: writes
+    ``hub-key-rotation-<n>.bin`` (PROTOCOL.md, "Signatures"; the hub publishes every rotation file beside its key,
+    retained, on ``hub/key/<n>``), then the new ``hub-signing.key`` / ``.pub`` (the old key is deleted). Restart the
+    hub to sign with the new key; devices move their trust along the chain. Returns the rotation file."""
+    from fedge.protocol.signing import KeyRotation, load_private_key, rotation_files
+
+    d = FleetDir.at(fleet_dir)
+    fleet = str(d.read()["fleet"])
+    old = load_private_key(d.signing_key)
+    seq = max((s for s, _ in rotation_files(d.root)), default=0) + 1
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    new = Ed25519PrivateKey.generate()
+    path = d.root / f"hub-key-rotation-{seq}.bin"
+    write_private(path, KeyRotation.make(fleet, old, new.public_key(), seq), 0o644)
+    _write_signing_key(d, new)
+    return path
 
 
 def add_device(fleet_dir: str | Path, device_id: str, password: str) -> FleetDir:
@@ -312,5 +337,21 @@ def add_device(fleet_dir: str | Path, device_id: str, password: str) -> FleetDir
     return d
 
 
+def remove_device(fleet_dir: str | Path, device_id: str) -> FleetDir:
+    """Revoke ``device_id``: drop its account from the fleet folder's password file (``ConfigError`` if it has
+    none, or names the hub or operator). The running broker refuses its next connection after a SIGHUP."""
+    d = FleetDir.at(fleet_dir)
+    d.read()
+    if device_id in RESERVED_USERS:
+        raise ConfigError("device_id", f"{device_id!r} is the name of the fleet's hub or operator account")
+    lines = d.passwd.read_text(encoding="utf-8").splitlines() if d.passwd.exists() else []
+    kept = [line for line in lines if line and line.split(":", 1)[0] != device_id]
+    if len(kept) == len([line for line in lines if line]):
+        raise ConfigError("device_id", f"{device_id!r} has no account in {d.passwd}")
+    write_private(d.passwd, "".join(f"{line}\n" for line in kept))
+    return d
+
+
 __all__ = ["HUB_USER", "OPERATOR_USER", "RESERVED_USERS", "FleetDir", "acl_text", "add_device", "check_password",
-           "hash_password", "init_fleet", "mosquitto_conf", "set_password", "write_private"]
+           "hash_password", "init_fleet", "mosquitto_conf", "remove_device", "rotate_signing_key", "set_password",
+           "write_private"]

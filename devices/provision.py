@@ -77,12 +77,14 @@ class Provisioning:
         check_user(self.user)
 
 
-def agent_toml(p: Provisioning, profile: DeviceProfile, password: str, ca_file: str | None = None) -> str:
-    """The device's ``agent.toml`` (credentials included; ``ca_file`` relative to it)."""
+def agent_toml(p: Provisioning, profile: DeviceProfile, password: str, ca_file: str | None = None,
+               hub_public_key: str | None = None) -> str:
+    """The device's ``agent.toml`` (credentials included; ``ca_file`` and ``hub_public_key`` relative to it)."""
     return dumps_toml({
         "device_id": p.device_id, "fleet": p.fleet, "data": p.data_path, "state_dir": p.install_dir + "/state",
-        "backend": profile.backend, "seed": 0,
+        "backend": profile.backend, "seed": 0, "hub_public_key": hub_public_key,
         "broker": {"url": p.broker_url, "username": p.device_id, "password": password, "ca_file": ca_file},
+        "eligibility": dict(profile.eligibility) or None,  # the profile's conditions (none: the table is left out)
     }, header=f"fedge agent for {p.device_id} ({profile.name})")
 
 
@@ -137,7 +139,8 @@ def provision(p: Provisioning, profile: DeviceProfile, out_dir: Path, *, passwor
     if fleet is not None:
         for src in (fleet.ca_cert, fleet.signing_pub):
             shutil.copyfile(src, bundle / src.name)
-    write_private(bundle / "agent.toml", agent_toml(p, profile, pw, None if fleet is None else fleet.ca_cert.name))
+    write_private(bundle / "agent.toml", agent_toml(p, profile, pw, None if fleet is None else fleet.ca_cert.name,
+                                                    None if fleet is None else fleet.signing_pub.name))
     (bundle / "broker-acl.conf").write_text(broker_acl(p), encoding="utf-8")
     write_private(bundle / "credentials.txt", f"{p.device_id}:{pw}\n")
     meta: dict[str, Any] = {"device_id": p.device_id, "install_dir": p.install_dir, "user": p.user,

@@ -22,6 +22,7 @@ from numpy.typing import NDArray
 from fedge.edge_agent.artifacts import artifacts_dir, install_model_full, is_installed, prune_backbones
 from fedge.edge_agent.config import AgentConfig
 from fedge.edge_agent.data import LocalData, load_local
+from fedge.edge_agent.eligibility import not_eligible
 from fedge.edge_agent.evaluation import head_scores, local_only_head, split_indices
 from fedge.edge_agent.features import FeatureCache
 from fedge.edge_agent.ledger import DeviceLedger, announced_dp, decline_reason
@@ -29,6 +30,7 @@ from fedge.edge_agent.privacy import DpParams, privatize
 from fedge.edge_agent.selection import SelectionWorker
 from fedge.edge_agent.state import AgentState, secure_tree, write_atomic
 from fedge.edge_agent.training import Prox, fit
+from fedge.edge_agent.trust import HubTrust
 from fedge.protocol.codec import ANNOUNCE_FRAME_BYTES, SMALL_FRAME_BYTES, decode, encode
 from fedge.protocol.errors import ArtifactError, DataError, DecodeError, FedgeError
 from fedge.protocol.manifest import load_head, load_manifest
@@ -45,6 +47,7 @@ from fedge.protocol.messages import (
     RoundAnnounce,
     RoundResult,
 )
+from fedge.protocol.signing import rotation_filter
 from fedge.protocol.topics import Topics
 from fedge.protocol.transport import Transport
 
@@ -87,6 +90,8 @@ class Agent:
         self.ledger = DeviceLedger(root / "privacy.json")
         self.personal_head_path = root / "personal_head.npz"
         self.state = AgentState.load(root / "state.json")
+        # signatures, forward-only rounds and versions (edge_agent/trust.py)
+        self.trust = HubTrust(root, self.topics, config.hub_public_key, self.state.last_completed_round)
         self._transport = transport
         self._owns_transport = transport is None
         self._data: LocalData | None = None
@@ -97,6 +102,7 @@ class Agent:
         self._jobs: queue.Queue[RoundAnnounce | None] = queue.Queue()
         self._worker: threading.Thread | None = None
         self._trainer: tuple[str, Any] | None = None  # (backbone sha256, Trainer), one open at a time
+        self._trainer_dir: Path | None = None  # the install it was opened on (a re-install replaces it)
         self._unacked: dict[int, tuple[str, bytes]] = {}  # round -> (nonce, payload) published, not yet acked
         self._closed_round = 0  # the highest round the hub's result says is closed
         self._subscribed = False
@@ -164,6 +170,8 @@ class Agent:
         t.subscribe(self.topics.candidate_all, self._guard(self._selection.on_candidate, self.config.max_model_bytes),
                     qos=1)
         t.subscribe(self.topics.select_announce, self._guard(self._selection.on_announce, ANNOUNCE_FRAME_BYTES), qos=1)
+        if self.trust.signing_required:  # the hub's key rotations (PROTOCOL.md, "Signatures")
+            t.subscribe(rotation_filter(self.config.fleet), self.trust.on_rotation, qos=1)
 
     def _on_connect(self, *_: Any) -> None:
         if self._subscribed and not self._stopped:
@@ -240,6 +248,8 @@ class Agent:
                 return
             if getattr(msg, "fleet", self.config.fleet) != self.config.fleet:
                 log.warning("ignoring %s on %s: fleet %r is not ours", msg.type, topic, msg.fleet)
+                return
+            if self.trust.check(topic, payload, msg) is not None:  # unsigned, forged, replayed: logged, counted
                 return
             try:
                 handler(msg)
@@ -463,9 +473,10 @@ class Agent:
     def _trainer_for(self, backbone_sha256: str) -> Any:
         from fedge.edge_agent.trainers import open_trainer
 
-        if self._trainer is None or self._trainer[0] != backbone_sha256:
-            folder = artifacts_dir(self.artifacts_root, backbone_sha256)
+        folder = artifacts_dir(self.artifacts_root, backbone_sha256)  # the verified install in use
+        if self._trainer is None or self._trainer[0] != backbone_sha256 or self._trainer_dir != folder:
             self._trainer = None
+            self._trainer_dir = folder
             self._trainer = (backbone_sha256, open_trainer(folder, backend=self.config.backend))
             log.info("opened %s trainer for backbone %s", self._trainer[1].name, backbone_sha256[:16])
         return self._trainer[1]
@@ -501,6 +512,10 @@ class Agent:
         if msg.local_epochs > self.config.max_epochs:
             self._decline(msg, DeclineReason.OVER_LIMITS, f"{msg.local_epochs} local epochs announced; this device "
                           f"trains at most {self.config.max_epochs}")
+            return
+        unmet = not_eligible(self.config.eligibility)  # power, battery, link, load: read now, just before training
+        if unmet is not None:
+            self._decline(msg, DeclineReason.NOT_ELIGIBLE, unmet)
             return
         dp = self._dp_decision(msg)
         if dp is False:

@@ -1,10 +1,15 @@
 """Install a ModelFull (manifest + every artifact file) into the agent's local artifact cache.
 
-Each backbone version lives in ``<root>/<backbone_sha256[:16]>/``. Installation checks every
-file's sha256 and size against the manifest carried in the message (and that the manifest names
-the same backbone), writes into a temporary folder beside the target, verifies it again from
-disk, then renames it into place: a half-written version is never visible. A version already
-present is left alone, so every backbone is downloaded and written once.
+Installs are named by what was verified, never by the id a message claims: each backbone id has a folder
+``<root>/<backbone_sha256[:16]>/`` holding one folder per verified install, named by the sha256 of its
+``manifest.json`` (which pins every file's sha256 and size): ``<root>/<sha[:16]>/<manifest sha256[:32]>/``, and
+a ``current`` file naming the install in use. Installation checks every file's sha256 and size against the
+manifest carried in the message (and that the manifest names the same backbone), refuses ONNX models that
+reference external data (edge_agent/onnx_check.py), writes into a temporary folder, verifies it again from
+disk, renames it into place, then points ``current`` at it: a half-written install is never visible. An
+install already present is only pointed at again, so every backbone is written once; a different verified copy
+under the same id (e.g. the hub's genuine model after a forged one) replaces it, and the features and
+local-only heads computed with the old copy are dropped.
 
 Memory: the files are hashed and written straight from the message's arrays (read-only views into the
 received frame, see ``codec.decode``), so installing holds no second copy of the model. Files are 0600,
@@ -23,7 +28,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from fedge.edge_agent.state import PRIVATE_FILE, fsync_dir, private_dir
+from fedge.edge_agent.onnx_check import check_onnx_files
+from fedge.edge_agent.state import PRIVATE_FILE, fsync_dir, private_dir, write_atomic
 from fedge.protocol.errors import ArtifactError
 from fedge.protocol.manifest import MANIFEST_FILE, Manifest, verify_artifacts
 from fedge.protocol.messages import ModelFull
@@ -31,11 +37,25 @@ from fedge.protocol.messages import ModelFull
 log = logging.getLogger("fedge.agent")
 _HEX16 = frozenset("0123456789abcdef")
 
-def artifacts_dir(root: Path, backbone_sha256: str) -> Path:
-    """Where the artifacts of one backbone version live (ArtifactError unless a hex digest)."""
+CURRENT_FILE = "current"
+_NONE = "none"  # the install folder named when nothing is installed (never created)
+
+
+def _backbone_root(root: Path, backbone_sha256: str) -> Path:
     if len(backbone_sha256) < 16 or not all(c in "0123456789abcdef" for c in backbone_sha256):
         raise ArtifactError(f"backbone sha256 {backbone_sha256!r} is not a lowercase hex digest")
     return root / backbone_sha256[:16]
+
+
+def artifacts_dir(root: Path, backbone_sha256: str) -> Path:
+    """Where the installed artifacts of one backbone live (ArtifactError unless a hex digest): the verified
+    install its ``current`` file names (a folder that does not exist while none is installed)."""
+    folder = _backbone_root(root, backbone_sha256)
+    try:
+        name = (folder / CURRENT_FILE).read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        name = _NONE
+    return folder / (name if len(name) == 32 and set(name) <= _HEX16 else _NONE)
 
 
 def is_installed(root: Path, backbone_sha256: str) -> bool:
@@ -91,34 +111,64 @@ def _write_private(path: Path, data: memoryview | bytes) -> None:
         os.fsync(fh.fileno())
 
 
+def _point(folder: Path, name: str) -> None:
+    """Make ``folder/current`` name the install ``name`` (atomically), then drop every other install."""
+    write_atomic(folder / CURRENT_FILE, name.encode("ascii"))
+    for entry in folder.iterdir():
+        if entry.is_dir() and entry.name != name and not entry.name.startswith("."):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _forget_derived(root: Path, prefix: str) -> None:
+    """Drop what the agent computed with a replaced install: cached features and local-only heads."""
+    state_dir = root.parent
+    shutil.rmtree(state_dir / "features" / prefix, ignore_errors=True)
+    local_only = state_dir / "local_only"
+    for file in sorted(local_only.glob(f"{prefix}-*.npz")) if local_only.is_dir() else []:
+        file.unlink(missing_ok=True)
+
+
 def install_model_full(root: Path, msg: ModelFull) -> tuple[Path, bool]:
-    """Verify and install; returns (folder, newly_installed). Raises ArtifactError on any mismatch."""
-    target = artifacts_dir(root, msg.backbone_sha256)
-    if is_installed(root, msg.backbone_sha256):  # retained: it comes again on every (re)subscribe
+    """Verify and install; returns (folder, newly_installed): new when the backbone's current install changed.
+    Raises ArtifactError on any mismatch."""
+    folder = _backbone_root(root, msg.backbone_sha256)
+    name = hashlib.sha256(msg.manifest.encode("utf-8")).hexdigest()[:32]  # names every file's sha256
+    target = folder / name
+    current = artifacts_dir(root, msg.backbone_sha256)
+    if current == target and (target / MANIFEST_FILE).is_file():  # retained: it comes again on every subscribe
         return target, False
     files = check_model_full(msg)
-    private_dir(root)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=root))  # mode 0700
+    check_onnx_files(files)
+    replacing = (current / MANIFEST_FILE).is_file()
+    if (target / MANIFEST_FILE).is_file():  # verified and written before (a copy it switched away from)
+        _point(folder, name)
+        if replacing:
+            _forget_derived(root, folder.name)
+        return target, True
+    private_dir(folder)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=folder))  # mode 0700
     try:
-        for name, data in files.items():
-            dest = tmp / _safe_relpath(name)
+        for rel, data in files.items():
+            dest = tmp / _safe_relpath(rel)
             if not dest.parent.is_dir():
                 private_dir(dest.parent)
             _write_private(dest, data)
         _write_private(tmp / MANIFEST_FILE, msg.manifest.encode("utf-8"))
         verify_artifacts(tmp)
-        for folder, _dirs, _files in os.walk(tmp, topdown=False):
-            fsync_dir(Path(folder))  # every new entry durable before the rename publishes the folder
-        if target.exists():  # a half-installed leftover without manifest.json (or a race): replace it
-            if is_installed(root, msg.backbone_sha256):
-                shutil.rmtree(tmp)
-                return target, False
+        for sub, _dirs, _files in os.walk(tmp, topdown=False):
+            fsync_dir(Path(sub))  # every new entry durable before the rename publishes the folder
+        if target.exists():  # a half-installed leftover without manifest.json: replace it
             shutil.rmtree(target)
         tmp.rename(target)
+        fsync_dir(folder)
         fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _point(folder, name)
+    if replacing:
+        log.warning("backbone %s: a different verified copy replaced the installed one", folder.name)
+        _forget_derived(root, folder.name)
     return target, True
 
 

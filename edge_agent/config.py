@@ -22,6 +22,12 @@
     max_clip = 10.0               # declines rounds announcing a larger clip norm (C); 0 = no ceiling
     modes = ["central", "local"]  # DP modes it accepts
 
+    [eligibility]                 # optional: train only when these hold (unknown conditions never block)
+    require_power = true          # on external power
+    min_battery_pct = 50          # battery at least this full
+    allow_metered = false         # not on a metered link (NetworkManager)
+    max_load = 0.8                # 1-minute load average per CPU at most this
+
 Relative paths resolve against the folder of the config file.
 """
 
@@ -33,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from fedge.edge_agent.eligibility import EligibilityPolicy, policy_from_mapping
 from fedge.protocol.configdoc import Section, doc, keys_of, starter_toml
 from fedge.protocol.errors import ConfigError
 from fedge.protocol.mqtt_config import BrokerConfig
@@ -45,7 +52,8 @@ BACKENDS: Final = ("auto", "litert", "ort", "numpy")
 _BROKER_FILES: Final = ("ca_file", "cert_file", "key_file")
 _KNOWN: Final = frozenset({"device_id", "fleet", "data", "state_dir", "backend", "seed", "session_expiry_s", "broker",
                            "privacy", "validation_fraction", "local_only_epochs", "personalization", "ditto_mu",
-                           "max_epochs", "max_round_s", "max_model_bytes", "max_head_bytes"})
+                           "max_epochs", "max_round_s", "max_model_bytes", "max_head_bytes", "eligibility",
+                           "hub_public_key"})
 _PRIVACY_KNOWN: Final = frozenset({"epsilon_budget", "delta", "min_noise_multiplier", "max_clip", "modes"})
 _DP_MODES: Final = ("central", "local", "distributed")
 
@@ -173,7 +181,15 @@ class AgentConfig:
         metadata=doc("largest model/head frame this device accepts, in bytes (announce, ack and reject frames have "
                      "fixed small limits, PROTOCOL.md section 7)"),
     )
+    hub_public_key: Path | None = field(
+        default=None,
+        metadata=doc("the hub's Ed25519 public key (PEM; hub-signing.pub of fedge fleet init, put in the bundle by "
+                     "fedge devices provision). Set: the agent acts only on hub messages signed by it (or a key it "
+                     "rotated to), with rounds and model versions only moving forward (PROTOCOL.md, Signatures). "
+                     "Unset: unsigned messages are accepted", example='hub-signing.pub'),
+    )
     privacy: DevicePrivacy | None = None
+    eligibility: EligibilityPolicy = field(default_factory=EligibilityPolicy)
 
 
 def _positive(table: Mapping[str, Any], key: str, default: float) -> float:
@@ -259,7 +275,9 @@ def config_from_mapping(table: Mapping[str, Any], base_dir: Path) -> AgentConfig
         max_round_s=_positive(table, "max_round_s", 900.0),
         max_model_bytes=_int(table, "max_model_bytes", 64 << 20, 1 << 16),
         max_head_bytes=_int(table, "max_head_bytes", 8 << 20, 1 << 10),
+        hub_public_key=_path(table, "hub_public_key", base_dir) if "hub_public_key" in table else None,
         privacy=_privacy(table.get("privacy")),
+        eligibility=policy_from_mapping(table.get("eligibility")),
     )
 
 
@@ -269,12 +287,17 @@ def reference_sections() -> list[Section]:
         Section(None, keys_of(AgentConfig, only=("device_id", "fleet", "data", "state_dir", "backend", "seed",
                                                  "session_expiry_s", "validation_fraction", "local_only_epochs",
                                                  "personalization", "ditto_mu", "max_epochs", "max_round_s",
-                                                 "max_model_bytes", "max_head_bytes"),
+                                                 "max_model_bytes", "max_head_bytes", "hub_public_key"),
                               required=("device_id", "fleet", "data"), defaults={"state_dir": "state"})),
         Section("broker", keys_of(BrokerConfig, required=("url",)), "the MQTT broker the hub uses (required)"),
         Section("privacy", keys_of(DevicePrivacy),
                 "optional: the device's own privacy budget and floors. With it the device takes part in DP rounds "
                 "only; without it, it applies whatever DP a round announces, with no budget of its own"),
+        Section("eligibility", keys_of(EligibilityPolicy),
+                "optional: when this device trains (the defaults of its device profile when provisioned). A round "
+                "announced while a condition is known not to hold is declined (not_eligible); a condition the "
+                "platform cannot tell (no battery in sysfs or Termux, no NetworkManager) does not block. "
+                "FEDGE_SYSFS_ROOT (tests, containers) replaces /sys"),
     ]
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedge.edge_agent.artifacts import artifacts_dir, install_model_full, is_installed
+from fedge.edge_agent.eligibility import not_eligible
 from fedge.edge_agent.evaluation import split_indices
 from fedge.edge_agent.losses import Score
 from fedge.edge_agent.trainers.base import Trainer
@@ -148,6 +149,10 @@ class SelectionWorker:
         if msg.local_epochs > agent.config.max_epochs:
             agent._decline(msg, DeclineReason.OVER_LIMITS, f"{msg.local_epochs} fine-tune epochs announced; this "
                            f"device trains at most {agent.config.max_epochs}")
+            return
+        unmet = not_eligible(agent.config.eligibility)
+        if unmet is not None:
+            agent._decline(msg, DeclineReason.NOT_ELIGIBLE, unmet)
             return
         from fedge.edge_agent.agent import SEND_MARGIN_S  # here: agent.py imports this module
 

@@ -133,9 +133,16 @@ class RoundsConfig:
         default=8 << 20,
         metadata=doc('largest update frame the hub accepts, in bytes (bigger ones are rejected as too_large)'),
     )
+    offline_grace_s: float = field(
+        default=10.0,
+        metadata=doc(
+            'a selected device whose last will (offline) arrived counts as failed once it stays offline this long '
+            '(a broker restart makes every device look offline for a moment)', example=30),
+    )
 
     def __post_init__(self) -> None:
         _need_int("rounds.min_devices", self.min_devices, 1)
+        _need_num("rounds.offline_grace_s", self.offline_grace_s, minimum=0.0)
         _need_num("rounds.deadline_s", self.deadline_s, positive=True)
         _need_num("rounds.fraction", self.fraction, positive=True)
         if self.fraction > 1:
@@ -466,6 +473,12 @@ class HubConfig:
             'allow-list of device ids (optional; without it devices are known from their presence)',
             example=['device-00', 'device-01']),
     )
+    signing_key: Path | None = field(
+        default=None,
+        metadata=doc("the hub's Ed25519 private key (PEM, hub-signing.key of fedge fleet init): every frame the hub "
+                     "publishes is signed with it (PROTOCOL.md, Signatures); devices with hub_public_key refuse "
+                     "anything else", example='hub-signing.key'),
+    )
     rounds: RoundsConfig = RoundsConfig()
     limits: LimitsConfig = LimitsConfig()
     aggregation: AggregationConfig = AggregationConfig()
@@ -493,7 +506,7 @@ class HubConfig:
 
 
 _TOP: Final = frozenset({"fleet", "state_dir", "artifacts", "eval_data", "devices", "broker", "rounds", "limits",
-                         "aggregation", "schedule", "privacy", "http", "store"})
+                         "aggregation", "schedule", "privacy", "http", "store", "signing_key"})
 
 
 def _table(table: Mapping[str, Any], key: str, cls: type[Any]) -> Any:
@@ -541,6 +554,7 @@ def config_from_mapping(table: Mapping[str, Any], base_dir: Path) -> HubConfig:
         broker=HubBroker.from_mapping(broker),
         eval_data=_path(table, "eval_data", base_dir),
         devices=None if devices is None else tuple(devices),
+        signing_key=_path(table, "signing_key", base_dir),
         rounds=_table(table, "rounds", RoundsConfig),
         limits=_table(table, "limits", LimitsConfig),
         aggregation=_table(table, "aggregation", AggregationConfig),
@@ -554,7 +568,8 @@ def config_from_mapping(table: Mapping[str, Any], base_dir: Path) -> HubConfig:
 def reference_sections() -> list[Section]:
     """Every key of hub.toml, documented (the source of docs/CONFIG.md and ``fedge hub init``)."""
     return [
-        Section(None, keys_of(HubConfig, only=("fleet", "state_dir", "artifacts", "eval_data", "devices"),
+        Section(None, keys_of(HubConfig, only=("fleet", "state_dir", "artifacts", "eval_data", "devices",
+                                               "signing_key"),
                               required=("fleet", "artifacts"), defaults={"state_dir": "hub-state"})),
         Section("broker", keys_of(BrokerConfig, required=("url",))
                 + keys_of(HubBroker, only=("embedded_host", "embedded_port")),

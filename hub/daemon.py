@@ -31,6 +31,7 @@ from fedge.hub.store import LedgerRow, Store, VersionRow
 from fedge.hub.strategies import Aggregator, Bounds, DpAggregator, Strategy, make_strategy
 from fedge.hub.validate import Accept, Rejection, UpdateContext, validate_update
 from fedge.protocol.codec import (
+    MAGIC,
     MAX_CONTROL_BYTES,
     decode,
     decode_control,
@@ -40,7 +41,7 @@ from fedge.protocol.codec import (
     loads_strict,
 )
 from fedge.protocol.control import decode_cancel
-from fedge.protocol.errors import DecodeError, FedgeError
+from fedge.protocol.errors import ConfigError, DecodeError, FedgeError
 from fedge.protocol.messages import (
     Ack,
     Decline,
@@ -53,6 +54,7 @@ from fedge.protocol.messages import (
     RoundResult,
     RoundStatus,
 )
+from fedge.protocol.signing import HubSigner, load_private_key, rotation_files, rotation_topic
 from fedge.protocol.topics import Topics, valid_id
 from fedge.protocol.transport import Transport
 
@@ -103,6 +105,16 @@ def _request_id_of(payload: bytes) -> str | None:
     return rid if isinstance(rid, str) and valid_id(rid) else None
 
 
+def _signer(cfg: HubConfig) -> HubSigner | None:
+    """The hub's frame signer from ``signing_key`` (None without one); ConfigError if the key is unusable."""
+    if cfg.signing_key is None:
+        return None
+    try:
+        return HubSigner(load_private_key(cfg.signing_key), cfg.fleet)
+    except FedgeError as exc:
+        raise ConfigError("signing_key", str(exc)) from exc
+
+
 def _finite(value: float | None) -> float | None:
     """``value`` if it is a finite number, else None (a result message carries no NaN or infinity)."""
     return value if value is not None and math.isfinite(value) else None
@@ -145,6 +157,7 @@ class HubDaemon:
         self._budget_exhausted = False
         self.round: OpenRound | None = None
         self.selector = Selector(self)  # source-model selection rounds (hub/selection.py)
+        self.signer = _signer(cfg)
         self.known: set[str] = set(cfg.devices or ())
         self._online: set[str] = set()
         self._specs: dict[str, dict[str, tuple[tuple[int, ...], str]]] = {}
@@ -285,6 +298,8 @@ class HubDaemon:
 
     # -- state machine (worker thread) ------------------------------------------------------------
     def _publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        if self.signer is not None and payload[:3] == MAGIC:  # frames only: not control replies, not empty clears
+            payload = self.signer.sign(payload, topic)
         self.transport.publish(topic, payload, qos=1, retain=retain)
 
     def _status(self, online: bool) -> None:
@@ -322,6 +337,9 @@ class HubDaemon:
         return cur
 
     def _publish_state(self, force: bool = False) -> None:
+        if self.signer is not None and self.cfg.signing_key is not None:  # key rotations first (retained)
+            for seq, payload in rotation_files(self.cfg.signing_key.parent):
+                self._publish(rotation_topic(self.cfg.fleet, seq), payload, retain=True)
         self._status(online=True)
         self._publish_model(self._current(), force=force)
         if self.round is not None:
@@ -347,7 +365,7 @@ class HubDaemon:
         # a round opened before [limits] were lowered still ends within them
         deadline = min(row.deadline, row.opened_at + self.cfg.limits.max_deadline_s)
         rnd = OpenRound(row.id, row.model_version, row.backbone_sha256, params,
-                        row.selected, row.opened_at, deadline, agg)
+                        row.selected, row.opened_at, deadline, agg, offline_grace_s=self.cfg.rounds.offline_grace_s)
         rnd.declined.update(self.store.declines(row.id))
         for stored in self.store.iter_updates(row.id):
             msg = decode(stored.payload, max_bytes=max(len(stored.payload), 1))
@@ -387,10 +405,10 @@ class HubDaemon:
         if rnd is None:
             return
         if msg.online:
-            rnd.offline.discard(device)  # back before the round closed: its update is awaited again
-        elif was_online and rnd.went_offline(device):
-            log.warning("round %d: selected device %s went offline without answering: counted as failed", rnd.id,
-                        device)
+            rnd.offline.pop(device, None)  # back before the round closed: its update is awaited again
+        elif was_online and rnd.went_offline(device, self.clock()):
+            log.warning("round %d: selected device %s went offline without answering: counted as failed unless "
+                        "back within %g s", rnd.id, device, rnd.offline_grace_s)
             if rnd.should_close(self.clock()):
                 self._close_round(rnd)
 
@@ -525,7 +543,8 @@ class HubDaemon:
         else:
             selected = select_devices(candidates, params.fraction, params.min_devices, self.cfg.rounds.seed, rid)
         agg = self._aggregator(params, cur.backbone_sha256)
-        rnd = OpenRound(rid, cur.version, cur.backbone_sha256, params, selected, now, now + params.deadline_s, agg)
+        rnd = OpenRound(rid, cur.version, cur.backbone_sha256, params, selected, now, now + params.deadline_s, agg,
+                        offline_grace_s=self.cfg.rounds.offline_grace_s)
         # the ledger entry and the round are one transaction: a crash leaves both or neither
         self.store.open_round(rid, cur.version, cur.backbone_sha256, params.to_dict(), selected, now, rnd.deadline,
                               ledger)

@@ -55,7 +55,8 @@ class Registry:
     """Every model version of a fleet: backbones (exported artifacts, verified by hash) and heads.
 
     Versions are never overwritten: each aggregation writes a new head file (atomically) and a new row naming
-    its parent and round; ``current()`` is the version devices get; ``rollback`` makes an older one current.
+    its parent and round; ``current()`` is the version devices get; ``rollback`` deploys an older one's head
+    again, as a new version.
     ``w0`` is a backbone's source head (the proximal anchor).
     """
 
@@ -152,13 +153,24 @@ class Registry:
             raise ArtifactError(f"no version registered for backbone {backbone_sha256[:16]}")
         return self.load_head(row.version)
 
+    def make_current(self, version: str) -> VersionRow:
+        """Deploy a version registered but held back (a gate's candidate, newer than the deployed one)."""
+        row = self.store.version(version)
+        if row is None:
+            raise ArtifactError(f"unknown model version {version!r}")
+        self.store.set_meta(CURRENT, version)
+        return row
+
     def rollback(self, version: str) -> VersionRow:
+        """Deploy ``version``'s head again as a NEW version (its copy, parent the current one): versions only
+        move forward, so devices that refuse replayed older versions (signed fleets) take it."""
         row = self.store.version(version)
         if row is None:
             known = ", ".join(v.version for v in self.store.versions())
             raise ArtifactError(f"unknown model version {version!r}; known: {known}")
-        self.store.set_meta(CURRENT, version)
-        return row
+        cur = self.current()
+        return self.add_version(self.load_head(version), parent=None if cur is None else cur.version, round_id=None,
+                                backbone_sha256=row.backbone_sha256, accuracy=row.accuracy, loss=row.loss)
 
     # messages
     def model_head(self, fleet: str, row: VersionRow) -> ModelHead:

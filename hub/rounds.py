@@ -115,14 +115,20 @@ class OpenRound:
     declined: dict[str, str] = field(default_factory=dict)  # device -> DeclineReason
     n_samples: int = 0
     rejected: int = 0
-    offline: set[str] = field(default_factory=set)  # selected, not answered, last will (offline presence) seen
+    offline: dict[str, float] = field(default_factory=dict)  # selected, not answered, last will seen -> when
+    offline_grace_s: float = 0.0  # how long a device must stay offline to count as failed
 
-    def went_offline(self, device: str) -> bool:
-        """A selected device that has not answered went offline: it counts as failed (True if it now does)."""
+    def went_offline(self, device: str, now: float) -> bool:
+        """A selected device that has not answered went offline: it counts as failed once it stayed offline
+        ``offline_grace_s`` (True if it is now awaited no more, or will not be after the grace)."""
         if device not in self.selected or device in self.accepted or device in self.declined:
             return False
-        self.offline.add(device)
+        self.offline.setdefault(device, now)
         return True
+
+    def failed_offline(self, now: float) -> set[str]:
+        """Selected devices offline for at least the grace period without answering."""
+        return {d for d, since in self.offline.items() if now - since >= self.offline_grace_s}
 
     def announce(self, fleet: str) -> RoundAnnounce:
         dp = self.params.dp
@@ -138,12 +144,12 @@ class OpenRound:
             proximal_lambda=self.aggregator.proximal_lambda or None,
         )
 
-    def all_answered(self) -> bool:
-        """Every selected device sent an update, declined, or went offline (failed) without answering."""
-        return set(self.selected) <= set(self.accepted) | set(self.declined) | self.offline
+    def all_answered(self, now: float) -> bool:
+        """Every selected device sent an update, declined, or stayed offline (failed) without answering."""
+        return set(self.selected) <= set(self.accepted) | set(self.declined) | self.failed_offline(now)
 
     def should_close(self, now: float) -> bool:
-        return now >= self.deadline or self.all_answered()
+        return now >= self.deadline or self.all_answered(now)
 
     def quorum(self) -> bool:
         return len(self.accepted) >= self.params.min_devices

@@ -243,7 +243,7 @@ class Selector:
             return True, (f"{version} kept as a candidate, not deployed: federated validation accuracy "
                           f"{score.accuracy:.4f} is below the deployed head's {baseline:.4f} by more than {tol:g} "
                           f"(fedge hub rollback --to {version} deploys it anyway)"), None
-        row = hub.registry.rollback(version)  # makes it current
+        row = hub.registry.make_current(version)  # the held-back candidate, the newest version
         return True, (f"{version} deployed: federated validation accuracy {score.accuracy:.4f} (deployed head "
                          f"{baseline:.4f}, tolerance {tol:g})"), row
 

@@ -43,7 +43,8 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--fleet", help="check that the config serves this fleet")
     p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     p.set_defaults(handler=run_privacy)
-    p = hsub.add_parser("rollback", help="make an earlier model version current (the daemon republishes it)")
+    p = hsub.add_parser("rollback", help="deploy an earlier model version again, as a new version (the daemon "
+                                         "publishes it)")
     p.add_argument("--config", required=True)
     p.add_argument("--to", required=True, metavar="VERSION", help="e.g. v3")
     p.set_defaults(handler=run_rollback)
@@ -273,7 +274,8 @@ def run_rollback(args: argparse.Namespace) -> int:
         row = Registry(store, cfg.state_dir).rollback(args.to)
     finally:
         store.close()
-    print(f"current model version is now {row.version} (a running hub publishes it when its next round starts)")
+    print(f"current model version is now {row.version}, a copy of {args.to} (a running hub publishes it when its "
+          "next round starts)")
     return 0
 
 

@@ -54,8 +54,11 @@ MAX_CONTROL_BYTES: Final = 4096
 """Largest ``control/round/start`` body (a full one is about 200 bytes)."""
 SMALL_FRAME_BYTES: Final = 1 << 16
 """Limit for frames that carry no arrays worth the name: presence, ack, reject, decline."""
-ANNOUNCE_FRAME_BYTES: Final = MAX_HEADER_BYTES + PREFIX_LEN
-"""Limit for ``round/announce`` (a header only; its ``selected`` list grows with the fleet)."""
+ANNOUNCE_FRAME_BYTES: Final = MAX_HEADER_BYTES + PREFIX_LEN + 64
+"""Limit for ``round/announce`` (a header only; its ``selected`` list grows with the fleet; + a signature)."""
+SIG_FIELD: Final = "sig_key"
+"""Header field of a signed frame (protocol/signing.py): the signing key's id; the frame ends in the signature."""
+SIGNATURE_BYTES: Final = 64
 DTYPES: Final[dict[str, np.dtype[Any]]] = {
     "float32": np.dtype("<f4"),
     "float64": np.dtype("<f8"),
@@ -153,7 +156,17 @@ def _split(payload: bytes, max_bytes: int) -> tuple[dict[str, Any], memoryview]:
         raise _fail(RejectReason.MALFORMED, f"header is not JSON: {exc}") from exc
     if not isinstance(header, dict):
         raise _fail(RejectReason.MALFORMED, "header is not a JSON object")
-    return header, memoryview(payload)[PREFIX_LEN + hlen :]
+    end = len(payload)
+    if SIG_FIELD in header:  # a signed frame: the signature trailer is not part of the data section
+        end -= SIGNATURE_BYTES
+        if end < PREFIX_LEN + hlen:
+            raise _fail(RejectReason.MALFORMED, "signed frame too short for its signature")
+    return header, memoryview(payload)[PREFIX_LEN + hlen : end]
+
+
+def frame_header(payload: bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> tuple[dict[str, Any], memoryview]:
+    """A frame's parsed header and its data section (without a signature trailer); DecodeError if malformed."""
+    return _split(payload, max_bytes)
 
 
 def _is_int(value: Any) -> TypeGuard[int]:
@@ -323,7 +336,7 @@ def encode_control(overrides: RoundOverrides) -> bytes:
 
 
 __all__ = [
-    "ANNOUNCE_FRAME_BYTES", "DTYPES", "MAGIC", "MAX_ARRAYS", "MAX_ARRAY_BYTES", "MAX_CONTROL_BYTES",
-    "SMALL_FRAME_BYTES", "decode", "decode_as", "decode_control", "encode", "encode_control", "encode_control_reply",
-    "loads_strict",
+    "ANNOUNCE_FRAME_BYTES", "DTYPES", "MAGIC", "MAX_ARRAYS", "MAX_ARRAY_BYTES", "MAX_CONTROL_BYTES", "SIGNATURE_BYTES",
+    "SIG_FIELD", "SMALL_FRAME_BYTES", "decode", "decode_as", "decode_control", "encode", "encode_control",
+    "encode_control_reply", "frame_header", "loads_strict",
 ]

@@ -81,6 +81,7 @@ class DeclineReason(StrEnum):
     DATA_ERROR = "data_error"                  # the local data cannot be used (e.g. a label >= the class count)
     TRAINER_ERROR = "trainer_error"            # training failed on this device
     OVER_LIMITS = "over_limits"                # the round asks for more work than the device's own limits allow
+    NOT_ELIGIBLE = "not_eligible"              # a training condition does not hold now (power, battery, link, load)
 
 
 @dataclass(frozen=True)

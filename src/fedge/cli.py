@@ -132,6 +132,18 @@ def _add_fleet(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--bind", help="address the broker listens on (default: every interface)")
     p.add_argument("--artifacts", default="artifacts", help="the exported model, for hub.toml")
     p.set_defaults(handler=_run_fleet_init)
+    p = fsub.add_parser("rotate-key", help="replace the hub's signing key with a new one signed by the old one "
+                                           "(restart the hub afterwards; devices follow the signed rotation)")
+    p.add_argument("--dir", required=True, help="the fleet folder of fedge fleet init")
+    p.set_defaults(handler=_run_rotate_key)
+
+
+def _run_rotate_key(args: argparse.Namespace) -> int:
+    from fedge.devices.fleet import rotate_signing_key
+
+    path = rotate_signing_key(args.dir)
+    print(f"new hub signing key in {args.dir}; rotation {path.name} vouches for it: restart the hub to sign with it")
+    return 0
 
 
 def _run_fleet_init(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from fedge.edge_agent.agent import Agent
+from fedge.edge_agent.artifacts import artifacts_dir as installed_dir
 from fedge.edge_agent.config import AgentConfig, config_from_mapping
 from fedge.protocol.codec import decode, encode
 from fedge.protocol.errors import DataError
@@ -224,7 +225,7 @@ def test_tampered_model_full_is_rejected_and_a_pending_round_runs_when_the_real_
     (upd,) = hub.updates()
     assert upd.round == 1 and upd.n_samples == N_TRAIN
     installed = config.state_dir / "artifacts" / manifest.backbone_sha256[:16]
-    assert (installed / "manifest.json").is_file()
+    assert (installed_dir(config.state_dir / "artifacts", manifest.backbone_sha256) / "manifest.json").is_file()
     assert {p.name for p in (config.state_dir / "artifacts").iterdir()} == {installed.name}
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedge.edge_agent.artifacts import artifacts_dir
 from fedge.protocol.codec import encode
 from fedge.protocol.manifest import Manifest
 from fedge.protocol.messages import ModelFull
@@ -90,7 +91,7 @@ def test_installing_a_50_mb_model_full_holds_at_most_one_extra_copy(tmp_path: Pa
     report = json.loads(out.stdout.strip().splitlines()[-1])
     payload = report["payload"]
     assert payload > SIZE and report["installed"], report
-    installed = tmp_path / "state" / "artifacts" / hashlib.sha256(b"synthetic backbone").hexdigest()[:16]
+    installed = artifacts_dir(tmp_path / "state" / "artifacts", hashlib.sha256(b"synthetic backbone").hexdigest())
     assert (installed / "model.tflite").stat().st_size == SIZE
     extra_traced = report["traced_peak"] - report["traced_payload"]  # allocations beyond the received frame
     extra_rss = report["hwm"] - report["base"]  # the frame itself and everything the install added

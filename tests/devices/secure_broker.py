@@ -7,7 +7,7 @@ import secrets
 import subprocess
 from pathlib import Path
 
-from fedge.devices.fleet import FleetDir, add_device, init_fleet
+from fedge.devices.fleet import FleetDir, add_device, init_fleet, set_password
 from fedge.protocol.mqtt_config import BrokerConfig
 from fedge.protocol.tomlfile import read_toml
 from tests.helpers import MOSQUITTO, free_port, wait_port
@@ -30,6 +30,16 @@ class SecureBroker:
         self.url = f"mqtts://127.0.0.1:{self.port}"
         self.log = root / "mosquitto.log"
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def add_watcher(self, user: str = "e2e-watcher") -> dict[str, str]:
+        """A test account with the hub's rights on the fleet's topics; its ``[broker]`` table. The generated config
+        makes the user name the client id, so the test's watcher must not log in as the hub (it would knock the
+        hub off); call before :meth:`start`."""
+        self.passwords[user] = secrets.token_urlsafe(16)
+        set_password(self.dir.passwd, user, self.passwords[user])
+        with self.dir.acl.open("a", encoding="utf-8") as fh:
+            fh.write(f"user {user}\ntopic readwrite fedge/{self.fleet}/#\n")
+        return self.table(user)
 
     def start(self) -> SecureBroker:
         with self.log.open("ab") as log:

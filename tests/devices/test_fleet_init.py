@@ -76,7 +76,7 @@ def test_init_writes_a_private_fleet_folder(tmp_path: Path, capsys: pytest.Captu
     conf = d.mosquitto_conf.read_text()
     for line in ("listener 18883", f"cafile {d.ca_cert}", f"certfile {d.server_cert}", f"keyfile {d.server_key}",
                  "allow_anonymous false", f"password_file {d.passwd}", f"acl_file {d.acl}", "persistence true",
-                 f"persistence_location {d.data}/", "max_queued_messages 0"):
+                 f"persistence_location {d.data}/", "max_queued_messages 0", "use_username_as_clientid true"):
         assert line in conf.splitlines(), line
     acl = d.acl.read_text().splitlines()
     assert "pattern write fedge/sec/update/%u" in acl and "pattern read fedge/sec/device/%u/#" in acl
@@ -86,7 +86,7 @@ def test_init_writes_a_private_fleet_folder(tmp_path: Path, capsys: pytest.Captu
     assert (hub.fleet, hub.broker.config.url, hub.broker.config.username) == (FLEET, "mqtts://broker.example:18883",
                                                                               "fedge-hub")
     assert hub.broker.config.ca_file == str(d.ca_cert) and hub.broker.config.tls
-    assert f'# signing_key = "{d.signing_key}"' in d.hub_toml.read_text()
+    assert hub.signing_key == d.signing_key  # the hub signs what it publishes with the generated key
     passwd = dict(line.split(":", 1) for line in d.passwd.read_text().splitlines())
     assert check_password(passwd["fedge-hub"], hub.broker.config.password or "")
     operator = read_toml(d.operator_toml)["broker"]
@@ -136,6 +136,7 @@ def test_provision_into_a_fleet_gives_an_account_the_ca_and_the_hub_key(tmp_path
     assert (bundle / "ca.crt").read_bytes() == d.ca_cert.read_bytes()
     assert (bundle / "hub-signing.pub").read_bytes() == d.signing_pub.read_bytes()
     cfg = load_agent_config(bundle / "agent.toml")
+    assert cfg.hub_public_key == bundle / "hub-signing.pub"  # pinned: the agent acts only on the hub's signed frames
     assert cfg.broker.url == read_toml(d.meta)["broker_url"] and cfg.broker.url.startswith("mqtts://")
     assert cfg.broker.ca_file == str(bundle / "ca.crt") and cfg.broker.username == "pi-01"
     passwd = dict(line.split(":", 1) for line in d.passwd.read_text().splitlines())
@@ -345,3 +346,31 @@ def _connects(broker: SecureBroker, user: str, password: str) -> bool:
     except TransportError:
         return False
     return True
+
+
+def test_a_revoked_device_cannot_reconnect(secure: SecureBroker, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _connects(secure, "dev-a", secure.passwords["dev-a"])
+    assert main(["devices", "revoke", "--fleet-dir", str(secure.dir.root), "dev-a"]) == 0
+    assert "reload the broker (SIGHUP" in capsys.readouterr().err
+    assert [line.split(":")[0] for line in secure.dir.passwd.read_text().splitlines()] == [
+        "fedge-hub", "fedge-operator", "dev-b"]
+    assert stat.S_IMODE(secure.dir.passwd.stat().st_mode) == 0o600
+    assert secure.proc is not None
+    secure.proc.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: not _connects(secure, "dev-a", secure.passwords["dev-a"]), 10)
+    with pytest.raises(TransportError, match="refused"):
+        _connect(secure, "dev-a", "dev-a")
+    assert _connects(secure, "dev-b", secure.passwords["dev-b"])  # the others stay in
+    assert main(["devices", "revoke", "--fleet-dir", str(secure.dir.root), "dev-a"]) == 2  # no account any more
+    assert main(["devices", "revoke", "--fleet-dir", str(secure.dir.root), "fedge-hub"]) == 2
+    assert "fedge-hub" in capsys.readouterr().err
+
+
+def test_fleet_rotate_key_cli_writes_a_rotation_and_a_new_key(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    d = SecureBroker(tmp_path, FLEET, []).dir
+    old_pub = d.signing_pub.read_bytes()
+    assert main(["fleet", "rotate-key", "--dir", str(d.root)]) == 0
+    assert "hub-key-rotation-1.bin" in capsys.readouterr().out
+    assert (d.root / "hub-key-rotation-1.bin").is_file() and d.signing_pub.read_bytes() != old_pub
+    assert stat.S_IMODE(d.signing_key.stat().st_mode) == 0o600

@@ -211,7 +211,9 @@ class Fleet:
     # -- the watcher ------------------------------------------------------------------------------
     def transport(self, name: str, timeout_s: float = 60.0) -> MqttTransport:
         """A connected MqttTransport of the test (retried while an embedded broker is starting)."""
-        t = MqttTransport(BrokerConfig.from_mapping(self.broker_table("hub")),
+        # a "watcher" account when given: with use_username_as_clientid the hub's own login would knock the hub off
+        account = "watcher" if "watcher" in self.accounts else "hub"
+        t = MqttTransport(BrokerConfig.from_mapping(self.broker_table(account)),
                           f"{name}-{os.getpid()}-{time.monotonic_ns()}", session_expiry_s=0)
         deadline = time.monotonic() + timeout_s
         while True:

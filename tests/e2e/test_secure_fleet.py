@@ -26,7 +26,7 @@ DEVICES = ["device-00", "device-01"]
 def test_a_round_runs_over_tls_with_the_generated_files(request: pytest.FixtureRequest, tmp_path: Path,
                                                          fleet_data: FleetData) -> None:
     broker = SecureBroker(tmp_path / "broker", FLEET, [])
-    accounts: dict[str, dict[str, Any]] = {"hub": broker.table("hub")}
+    accounts: dict[str, dict[str, Any]] = {"hub": broker.table("hub"), "watcher": broker.add_watcher()}
     for dev in DEVICES:  # what `fedge devices provision --fleet-dir` gives each device
         p = Provisioning(dev, FLEET, broker.dir.read()["broker_url"], "/unused.npz")
         bundle = provision(p, get_profile("x86-dev"), tmp_path / "bundles", fleet_dir=broker.dir.root)

@@ -111,7 +111,8 @@ def test_a_chain_keeps_its_overrides_and_a_scheduled_round_does_not_inherit_them
     fleet.device("a").update(first, zero_delta(SHAPES, 0.1))
     second = fleet.announce()
     assert (second.round, second.local_epochs) == (2, 4), "a chained round inherits the start's overrides"
-    fleet.device("a").hello(online=False)  # its will: the round fails at once, the next chained round finds nobody
+    fleet.device("a").hello(online=False)  # its will: the round fails after the grace, the next finds nobody
+    fleet.advance(fleet.cfg.rounds.offline_grace_s)
     assert fleet.hub.round is None and [r.status for r in fleet.results][-1] is RoundStatus.FAILED_QUORUM
     fleet.device("a").hello()
     fleet.advance(101)  # the schedule starts a round: hub defaults, and no leftover chain
@@ -132,9 +133,11 @@ def test_a_selected_device_that_goes_offline_counts_as_failed_and_the_round_clos
     fleet.device("b").update(rnd, zero_delta(SHAPES, 1.0))
     assert fleet.results == [], "c has not answered"
     fleet.device("c").hello(online=False)  # c's last will
+    assert fleet.results == [], "c may be back within the grace period (a broker restart sends every will)"
+    fleet.advance(fleet.cfg.rounds.offline_grace_s)
     (res,) = fleet.results
     assert res.status is RoundStatus.COMPLETED and res.devices == ("a", "b")
-    assert res.seconds == 0, "closed at the will, not at the deadline"
+    assert res.seconds == fleet.cfg.rounds.offline_grace_s, "closed at the will's grace, not at the deadline"
 
 
 def test_offline_devices_below_quorum_fail_the_round_at_once(fleet: Fleet) -> None:
@@ -145,6 +148,7 @@ def test_offline_devices_below_quorum_fail_the_round_at_once(fleet: Fleet) -> No
     fleet.device("b").hello(online=False)
     assert fleet.results == []
     fleet.device("c").hello(online=False)
+    fleet.advance(fleet.cfg.rounds.offline_grace_s)
     (res,) = fleet.results
     assert res.status is RoundStatus.FAILED_QUORUM and res.devices == ("a",)
 
@@ -154,7 +158,9 @@ def test_a_device_back_online_before_the_round_closed_is_awaited_and_counted(fle
         fleet.device(name).hello()
     rnd = fleet.start_round()
     fleet.device("c").hello(online=False)
+    fleet.advance(fleet.cfg.rounds.offline_grace_s / 2)
     fleet.device("c").hello()
+    fleet.advance(fleet.cfg.rounds.offline_grace_s)
     fleet.device("a").update(rnd, zero_delta(SHAPES, 1.0))
     fleet.device("b").update(rnd, zero_delta(SHAPES, 1.0))
     assert fleet.results == [], "c came back: the round waits for it again"

@@ -262,6 +262,10 @@ def test_rollback_is_published_at_next_round(fleet: Fleet) -> None:
     fleet.device("a").update(rnd, zero_delta(SHAPES, 1.0))
     fleet.device("b").update(rnd, zero_delta(SHAPES, 1.0))
     assert fleet.retained(TOPICS.model_head).version == "v1"  # type: ignore[union-attr]
-    fleet.hub.registry.rollback("v0")
-    assert fleet.start_round().model_version == "v0"
-    assert fleet.retained(TOPICS.model_head).version == "v0"  # type: ignore[union-attr]
+    row = fleet.hub.registry.rollback("v0")
+    assert (row.version, row.parent) == ("v2", "v1"), "a rollback is a new version: versions only move forward"
+    assert fleet.start_round().model_version == "v2"
+    head = fleet.retained(TOPICS.model_head)
+    assert isinstance(head, ModelHead) and head.version == "v2"
+    v0 = fleet.hub.registry.load_head("v0")
+    assert all(np.array_equal(head.head[k], v0[k]) for k in v0), "v2 is v0's head"

@@ -12,6 +12,7 @@ import numpy as np
 
 from fedge.configref import DOC, render
 from fedge.edge_agent import config as agent_config
+from fedge.edge_agent import eligibility
 from fedge.hub import config as hub_config
 from fedge.protocol.configdoc import Section
 from fedge.protocol.mqtt_config import BrokerConfig
@@ -42,9 +43,10 @@ def test_every_hub_key_the_loader_accepts_is_documented() -> None:
 
 def test_every_agent_key_the_loader_accepts_is_documented() -> None:
     doc = _keys(agent_config.reference_sections())
-    assert doc[None] == set(agent_config._KNOWN) - {"broker", "privacy"}
+    assert doc[None] == set(agent_config._KNOWN) - {"broker", "privacy", "eligibility"}
     assert doc["broker"] == {f.name for f in fields(BrokerConfig)}
     assert doc["privacy"] == set(agent_config._PRIVACY_KNOWN)
+    assert doc["eligibility"] == set(eligibility.KEYS)
 
 
 def test_every_key_has_a_meaning_and_the_reference_shows_it() -> None:
