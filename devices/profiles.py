@@ -23,7 +23,8 @@ ELIGIBILITY: Final = {"require_power": bool, "min_battery_pct": float, "allow_me
 class DeviceProfile:
     """A device class (Raspberry Pi 4/5, Jetson, Android/Termux, x86): which agent extras and backend to
     install, the service manager, the agent's memory budget, and when it trains (``eligibility``: the
-    ``[eligibility]`` written into its agent.toml; empty = no conditions)."""
+    ``[eligibility]`` written into its agent.toml; empty = no conditions) and how much of a round it takes
+    (``max_epochs``, ``max_round_s``: the agent's limits written into its agent.toml; None = the agent's default)."""
 
     name: str
     description: str
@@ -35,6 +36,8 @@ class DeviceProfile:
     max_agent_rss_mb: int
     service: str
     eligibility: dict[str, bool | float] = field(default_factory=dict)
+    max_epochs: int | None = None
+    max_round_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.arch not in ("aarch64", "x86_64", "armv7l"):
@@ -61,6 +64,13 @@ class DeviceProfile:
             if not ok:
                 want = "true or false" if kind is bool else "a number >= 0"
                 raise ConfigError(f"eligibility.{key}", f"must be {want}, got {value!r}")
+        if self.max_epochs is not None and (
+                isinstance(self.max_epochs, bool) or not isinstance(self.max_epochs, int) or self.max_epochs < 1):
+            raise ConfigError("max_epochs", f"must be an integer >= 1, got {self.max_epochs!r}")
+        if self.max_round_s is not None and (
+                isinstance(self.max_round_s, bool) or not isinstance(self.max_round_s, int | float)
+                or not math.isfinite(self.max_round_s) or self.max_round_s <= 0):
+            raise ConfigError("max_round_s", f"must be a finite number of seconds > 0, got {self.max_round_s!r}")
 
 
 def profile_from_mapping(table: dict[str, Any], source: str) -> DeviceProfile:
@@ -74,14 +84,18 @@ def profile_from_mapping(table: dict[str, Any], source: str) -> DeviceProfile:
             raise ConfigError(key, f"missing in profile {source}")
         if not isinstance(table[key], kind) or isinstance(table[key], bool):
             raise ConfigError(key, f"in profile {source} must be a {kind.__name__}, got {table[key]!r}")
-    unknown = sorted(set(table) - set(fields) - {"eligibility"})
+    unknown = sorted(set(table) - set(fields) - {"eligibility", "max_epochs", "max_round_s"})
     if unknown:
         raise ConfigError(unknown[0], f"unknown field in profile {source}")
     eligibility = table.get("eligibility", {})
     if not isinstance(eligibility, dict):
         raise ConfigError("eligibility", f"in profile {source} must be a table, got {eligibility!r}")
+    seconds = table.get("max_round_s")
+    if isinstance(seconds, int) and not isinstance(seconds, bool):
+        seconds = float(seconds)  # TOML writes whole seconds as integers
     try:
-        return DeviceProfile(**{**table, "extras": tuple(table["extras"]), "eligibility": dict(eligibility)})
+        return DeviceProfile(**{**table, "extras": tuple(table["extras"]), "eligibility": dict(eligibility),
+                                "max_round_s": seconds})
     except ConfigError as exc:
         raise ConfigError(exc.field, f"{exc.problem} (profile {source})") from exc
 

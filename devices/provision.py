@@ -83,6 +83,7 @@ def agent_toml(p: Provisioning, profile: DeviceProfile, password: str, ca_file: 
     return dumps_toml({
         "device_id": p.device_id, "fleet": p.fleet, "data": p.data_path, "state_dir": p.install_dir + "/state",
         "backend": profile.backend, "seed": 0, "hub_public_key": hub_public_key,
+        "max_epochs": profile.max_epochs, "max_round_s": profile.max_round_s,  # the profile's limits (None: left out)
         "broker": {"url": p.broker_url, "username": p.device_id, "password": password, "ca_file": ca_file},
         "eligibility": dict(profile.eligibility) or None,  # the profile's conditions (none: the table is left out)
     }, header=f"fedge agent for {p.device_id} ({profile.name})")

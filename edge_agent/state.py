@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedge.protocol.manifest import fsync_dir
+
 log = logging.getLogger("fedge.agent")
 
 MAX_VERSIONS = 2
@@ -32,13 +34,6 @@ PRIVATE_DIR = 0o700
 PRIVATE_FILE = 0o600
 
 
-def fsync_dir(folder: Path) -> None:
-    """Make a rename or a new entry in ``folder`` durable."""
-    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def private_dir(folder: Path) -> Path:

@@ -219,15 +219,17 @@ class Store:
         row = self._one("SELECT path FROM backbones WHERE sha256 = ?", (sha256,))
         return None if row is None else str(row[0])
 
+    def _insert_version(self, row: VersionRow) -> None:
+        """INSERT one version row (inside the caller's transaction)."""
+        self._db.execute("INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         (row.version, row.idx, row.sha256, row.parent, row.round, row.backbone_sha256,
+                          row.accuracy, row.loss, row.created_at))
+
     def add_version(self, row: VersionRow, *, make_current: bool = True) -> None:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute(
-                    "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (row.version, row.idx, row.sha256, row.parent, row.round, row.backbone_sha256,
-                     row.accuracy, row.loss, row.created_at),
-                )
+                self._insert_version(row)
                 if make_current:
                     self._db.execute("INSERT INTO meta(key, value) VALUES ('current_version', ?) "
                                      "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (row.version,))
@@ -306,11 +308,7 @@ class Store:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 if version is not None:
-                    self._db.execute(
-                        "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (version.version, version.idx, version.sha256, version.parent, version.round,
-                         version.backbone_sha256, version.accuracy, version.loss, version.created_at),
-                    )
+                    self._insert_version(version)
                     if make_current:
                         self._db.execute("INSERT INTO meta(key, value) VALUES ('current_version', ?) "
                                          "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (version.version,))
@@ -473,11 +471,7 @@ class Store:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 if version is not None:
-                    self._db.execute(
-                        "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (version.version, version.idx, version.sha256, version.parent, version.round,
-                         version.backbone_sha256, version.accuracy, version.loss, version.created_at),
-                    )
+                    self._insert_version(version)
                     self._db.execute("INSERT INTO meta(key, value) VALUES ('current_version', ?) "
                                      "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (version.version,))
                 self._db.execute(

@@ -303,10 +303,10 @@ def save_head(path: str | Path, head: Mapping[str, NDArray[Any]], *, mode: int |
         fh.flush()
         os.fsync(fh.fileno())
     tmp.replace(target)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     """Make a rename or a new entry in ``folder`` durable."""
     fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
