@@ -30,6 +30,7 @@ from fedge.hub.selection import Selector
 from fedge.hub.store import LedgerRow, Store, VersionRow
 from fedge.hub.strategies import Aggregator, Bounds, DpAggregator, Strategy, make_strategy
 from fedge.hub.validate import Accept, Rejection, UpdateContext, validate_update
+from fedge.hub.watchdog import hub_watchdog
 from fedge.protocol.codec import (
     MAGIC,
     MAX_CONTROL_BYTES,
@@ -158,6 +159,7 @@ class HubDaemon:
         self.round: OpenRound | None = None
         self.selector = Selector(self)  # source-model selection rounds (hub/selection.py)
         self.signer = _signer(cfg)
+        self.watchdog = hub_watchdog(self.topics, cfg.signing_key)  # frames on the hub's topics it did not publish
         self.known: set[str] = set(cfg.devices or ())
         self._online: set[str] = set()
         self._specs: dict[str, dict[str, tuple[tuple[int, ...], str]]] = {}
@@ -199,6 +201,8 @@ class HubDaemon:
                                  lambda _t, p: self.call(lambda: self.selector.handle_control(p)))
         self.transport.subscribe(self.topics.select_report_all,
                                  lambda t, p: self.call(lambda: self.selector.handle_report(t, p)))
+        for filter_ in self.watchdog.filters:
+            self.transport.subscribe(filter_, lambda t, p: self.call(lambda: self.watchdog.observe(t, p, self.store)))
         if connect is not None:
             connect()
         self.call(self._publish_state)
@@ -300,6 +304,7 @@ class HubDaemon:
     def _publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
         if self.signer is not None and payload[:3] == MAGIC:  # frames only: not control replies, not empty clears
             payload = self.signer.sign(payload, topic)
+        self.watchdog.sent(topic, payload)
         self.transport.publish(topic, payload, qos=1, retain=retain)
 
     def _status(self, online: bool) -> None:

@@ -61,6 +61,7 @@ class RejectReason(StrEnum):
     WRONG_DTYPE = "wrong_dtype"
     NOT_FINITE = "not_finite"
     BAD_SAMPLES = "bad_samples"
+    IMPERSONATION = "impersonation"  # hub-side only: a frame on the hub's own topics it did not publish (never sent)
 
 
 class RoundStatus(StrEnum):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ from fedge.edge_agent.config import AgentConfig, load_config
 from fedge.protocol.errors import ConfigError
 
 PROFILES = Path(__file__).parents[2] / "devices" / "profiles"
+_DEFAULTS = {f.name: f.default for f in fields(AgentConfig)}
+AGENT_DEFAULTS = (_DEFAULTS["max_epochs"], _DEFAULTS["max_round_s"])
 
 
 def test_every_builtin_profile_bounds_a_round() -> None:
@@ -23,9 +26,8 @@ def test_every_builtin_profile_bounds_a_round() -> None:
     assert (phone.max_epochs, phone.max_round_s) == (10, 120.0)
     assert pi4.max_round_s == 300.0 and jetson.max_round_s == 600.0
     assert phone.max_round_s < pi4.max_round_s < jetson.max_round_s
-    defaults = AgentConfig(device_id="d", fleet="f", data=Path("d.npz"), state_dir=Path("s"))
     dev = profiles["x86-dev"]
-    assert (dev.max_epochs, dev.max_round_s) == (defaults.max_epochs, defaults.max_round_s)
+    assert (dev.max_epochs, dev.max_round_s) == AGENT_DEFAULTS
 
 
 def test_provisioned_phone_gets_the_profile_limits(tmp_path: Path) -> None:
@@ -48,9 +50,8 @@ def test_a_profile_without_limits_leaves_the_agent_defaults(tmp_path: Path) -> N
     bundle = provision(Provisioning("pi-2", "farm", "mqtts://h:8883", "/d.npz"), profile, tmp_path / "out")
     text = (bundle / "agent.toml").read_text()
     assert "max_epochs" not in text and "max_round_s" not in text
-    defaults = AgentConfig(device_id="d", fleet="f", data=Path("d.npz"), state_dir=Path("s"))
     cfg = load_config(bundle / "agent.toml")
-    assert (cfg.max_epochs, cfg.max_round_s) == (defaults.max_epochs, defaults.max_round_s)
+    assert (cfg.max_epochs, cfg.max_round_s) == AGENT_DEFAULTS
 
 
 @pytest.mark.parametrize(("line", "bad", "field"), [

@@ -2,10 +2,11 @@
 ``hub_public_key``, over mosquitto. A rogue client with write access to the fleet's topics publishes a forged
 model_head (unsigned, and signed by its own key), a forged announce, and a replay of an older genuine signed
 head: every agent refuses each one with a reason in its log, keeps its model, and the next genuine round
-completes."""
+completes; the hub counts the frames it did not sign as ``impersonation`` rejects in ``fedge hub status``."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -90,6 +91,11 @@ def test_forged_and_replayed_hub_messages_are_refused_by_every_agent(
     with fleet.cond:
         assert all(fleet.seen.models.get(d) == "v1" for d in fleet.devices), fleet.seen.models
 
+    def impersonations() -> int:  # the hub noticed the frames it did not sign (the v0 replay is its own signature)
+        return int(json.loads(fleet.hub_cli("hub", "status").stdout)["rejects"].get("impersonation", 0))
+
+    assert wait_until(lambda: impersonations() == 3, 60), impersonations()
+
     fleet.start_round()  # the hub's own round 2: every agent still on v1, none tricked into a fake round 2
     (second,) = fleet.wait_results([2], timeout_s=120)
     assert second.status == RoundStatus.COMPLETED and sorted(second.devices) == fleet.devices, second
@@ -109,3 +115,4 @@ def test_forged_and_replayed_hub_messages_are_refused_by_every_agent(
     fleet.start_round()
     (third,) = fleet.wait_results([3], timeout_s=120)
     assert third.status == RoundStatus.COMPLETED and sorted(third.devices) == fleet.devices, third
+    assert impersonations() == 3  # its own frames retained under the retired key were not counted on restart
