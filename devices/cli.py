@@ -56,19 +56,29 @@ def _provision(args: argparse.Namespace) -> int:
     broker = args.broker or (None if fleet_dir is None else FleetDir.at(fleet_dir).read()["broker_url"])
     if broker is None:
         raise ConfigError("broker", "give --broker URL or --fleet-dir DIR")
+    existed = fleet_dir is not None and _has_account(FleetDir.at(fleet_dir).passwd, args.device_id)
     p = Provisioning(args.device_id, args.fleet, broker, args.data, args.install_dir, args.user)
     wheel = None if args.wheel is None else Path(args.wheel)
     bundle = provision(p, get_profile(args.profile), Path(args.out), wheel=wheel, fleet_dir=fleet_dir)
     print(bundle)
     if fleet_dir is not None:
-        print(f"{args.device_id} added to {fleet_dir}/passwd: reload the broker (SIGHUP) to let it in", file=sys.stderr)
+        what = ("already had an account: its password is REPLACED (older bundles of it are locked out)" if existed
+                else f"added to {fleet_dir}/passwd")
+        print(f"{args.device_id} {what}; reload the broker to apply: kill -HUP \"$(cat {fleet_dir}/mosquitto.pid)\"",
+              file=sys.stderr)
     return 0
+
+
+def _has_account(passwd: Path, user: str) -> bool:
+    lines = passwd.read_text(encoding="utf-8").splitlines() if passwd.exists() else []
+    return any(line.split(":", 1)[0] == user for line in lines)
 
 
 def _revoke(args: argparse.Namespace) -> int:
     d = remove_device(Path(args.fleet_dir), args.device_id)
-    print(f"{args.device_id} removed from {d.passwd}: reload the broker (SIGHUP, e.g. kill -HUP $(pidof mosquitto)) "
-          "to refuse its next connection", file=sys.stderr)
+    print(f"{args.device_id} removed from {d.passwd}: reload the broker (kill -HUP \"$(cat {d.root}/mosquitto.pid)\") "
+          "to refuse its next connection; also drop it from the hub's devices list, if any (a revoked device sends no "
+          "last will, so the hub sees it online until it restarts)", file=sys.stderr)
     return 0
 
 

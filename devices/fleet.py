@@ -171,6 +171,8 @@ def mosquitto_conf(d: FleetDir, port: int, bind: str | None = None) -> str:
         f"user {_owner()}",
         "persistence true",
         f"persistence_location {d.data}/",
+        "# reload after provisioning or revoking a device: kill -HUP \"$(cat <this folder>/mosquitto.pid)\"",
+        f"pid_file {d.root / 'mosquitto.pid'}",
         "autosave_interval 60",
         "max_queued_messages 0",
         f"max_queued_bytes {1 << 30}",

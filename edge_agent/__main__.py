@@ -68,6 +68,14 @@ def _check(config_path: str) -> int:
     from fedge.edge_agent.data import load_local
 
     cfg = load_config(config_path)
+    if cfg.hub_public_key is not None:
+        from fedge.protocol.errors import ConfigError, FedgeError
+        from fedge.protocol.signing import load_public_key
+
+        try:
+            load_public_key(cfg.hub_public_key)
+        except FedgeError as exc:
+            raise ConfigError("hub_public_key", str(exc)) from exc
     data = load_local(cfg.data)
     print(f"{config_path}: ok (device {cfg.device_id!r} in fleet {cfg.fleet!r}, broker {cfg.broker.url}, "
           f"{len(data.y)} local samples, backend {cfg.backend}, privacy {'on' if cfg.privacy else 'off'})")

@@ -116,6 +116,11 @@ def _signer(cfg: HubConfig) -> HubSigner | None:
         raise ConfigError("signing_key", str(exc)) from exc
 
 
+def check_signing_key(cfg: HubConfig) -> None:
+    """ConfigError naming ``signing_key`` if it is set and unusable (``fedge hub serve --check``)."""
+    _signer(cfg)
+
+
 def _finite(value: float | None) -> float | None:
     """``value`` if it is a finite number, else None (a result message carries no NaN or infinity)."""
     return value if value is not None and math.isfinite(value) else None
@@ -782,4 +787,4 @@ class HubDaemon:
             fh.write(json.dumps(record, sort_keys=True) + "\n")
 
 
-__all__ = ["HubDaemon", "HubStateError"]
+__all__ = ["HubDaemon", "HubStateError", "check_signing_key"]

@@ -132,6 +132,11 @@ def run_serve(args: argparse.Namespace) -> int:
         if not (cfg.state_dir / "hub.sqlite").exists() and not (cfg.artifacts / "manifest.json").is_file():
             raise ConfigError("artifacts", f"{cfg.artifacts} holds no exported model (manifest.json): "
                               "run fedge export first")
+        if cfg.eval_data is not None and not cfg.eval_data.is_file():
+            raise ConfigError("eval_data", f"{cfg.eval_data}: file not found")
+        from fedge.hub.daemon import check_signing_key
+
+        check_signing_key(cfg)
         print(f"{args.config}: ok (fleet {cfg.fleet!r}, broker {cfg.broker.config.url}"
               f"{' embedded' if cfg.broker.embedded else ''}, privacy {cfg.privacy.mode}, state in {cfg.state_dir}"
               f"{', dashboard on ' + cfg.http.listen if cfg.http.enabled else ''})")

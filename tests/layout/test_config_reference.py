@@ -92,3 +92,26 @@ def test_init_and_check_from_the_command_line(tmp_path: Path) -> None:
     (tmp_path / "agent.toml").write_text(text)
     bad = _cli("fedge.edge_agent", "run", "--config", "agent.toml", "--check", cwd=tmp_path)
     assert bad.returncode == 2 and "'backend'" in bad.stderr
+
+
+def test_check_names_a_missing_eval_set_and_unusable_keys(tmp_path: Path) -> None:
+    from fedge.protocol.tomlfile import write_toml
+
+    (tmp_path / "artifacts").mkdir()
+    (tmp_path / "artifacts" / "manifest.json").write_text("{}")
+    (tmp_path / "garbage.pem").write_text("not a key")
+    broker = {"url": "mqtt://127.0.0.1:1883"}
+    hub = {"fleet": "farm", "artifacts": "artifacts", "eval_data": "nope.npz", "broker": broker}
+    write_toml(tmp_path / "hub.toml", hub)
+    out = _cli("fedge.cli", "hub", "serve", "--config", "hub.toml", "--check", cwd=tmp_path)
+    assert out.returncode == 2 and "'eval_data'" in out.stderr and "nope.npz" in out.stderr, out.stderr
+    write_toml(tmp_path / "hub.toml", {"fleet": "farm", "artifacts": "artifacts", "signing_key": "garbage.pem",
+                                       "broker": broker})
+    out = _cli("fedge.cli", "hub", "serve", "--config", "hub.toml", "--check", cwd=tmp_path)
+    assert out.returncode == 2 and "'signing_key'" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+    np.savez(tmp_path / "data.npz", x=np.zeros((4, 3), np.float32), y=np.array([0, 1, 0, 1]))
+    write_toml(tmp_path / "agent.toml", {"device_id": "pi-01", "fleet": "farm", "data": "data.npz",
+                                         "hub_public_key": "garbage.pem", "broker": broker})
+    out = _cli("fedge.edge_agent", "run", "--config", "agent.toml", "--check", cwd=tmp_path)
+    assert out.returncode == 2 and "'hub_public_key'" in out.stderr and "Traceback" not in out.stderr, out.stderr
