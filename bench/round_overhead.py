@@ -6,7 +6,8 @@
   the control publish to the RoundResult minus the slowest device's ``train_seconds``.
 - ``overhead_s_median_500``: 500 simulated devices (own paho connection each, 4 processes × 125)
   answering the announce at once with a small valid update; wall time from control to result.
-- ``aggregation_mb_per_s``: ``hub.strategies`` aggregator, 1,000 updates of 100k float32 parameters.
+- ``aggregation_mb_per_s``: ``hub.strategies`` FedAvg aggregator, 1,000 updates of 100k float32 parameters: adding
+  them and combining them (weight cap, norm bound, weighted sum) as the round closes.
 - ``hub_rss_growth_mb``: hub VmRSS after 1,000 accepted updates minus after 100.
 Progress goes to stderr, the JSON to stdout. Everything runs in a temp dir and is cleaned up.
 """
@@ -267,6 +268,7 @@ def bench_aggregation(updates: int = 1000, params: int = 100_000, distinct: int 
     t0 = time.perf_counter()
     for i in range(updates):
         agg.add(deltas[i % distinct], 10 + i % 7)
+    agg.mean_delta()  # the weight cap, the norm bound and the weighted sum happen when the round closes
     secs = time.perf_counter() - t0
     mb = updates * params * 4 / 1e6
     # the hub's full path per update: decode + validate + aggregate
