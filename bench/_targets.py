@@ -41,7 +41,8 @@ TRAIN_STEP = (
 ROUND_OVERHEAD = (
     Target("overhead_s_median_20", "<=", 0.5, "round overhead, 20 agent processes, loopback mosquitto"),
     Target("overhead_s_median_500", "<=", 3, "round overhead, 500 simulated devices, one MQTT connection each"),
-    Target("aggregation_mb_per_s", ">=", 500, "norm-bounded FedAvg (add + combine at close), 1,000 updates of 100k float32"),
+    Target("aggregation_mb_per_s", ">=", 500,
+           "norm-bounded FedAvg (add + combine at close), 1,000 updates of 100k float32"),
     Target("hub_rss_growth_mb", "<=", 50, "hub RSS after 1,000 updates minus after 100"),
 )
 

@@ -321,8 +321,9 @@ def rotate_signing_key(fleet_dir: str | Path) -> Path:
 
     new = Ed25519PrivateKey.generate()
     path = d.root / f"hub-key-rotation-{seq}.bin"
-    write_private(path, KeyRotation.make(fleet, old, new.public_key(), seq), 0o644)
-    _write_signing_key(d, new)
+    rotation = KeyRotation.make(fleet, old, new.public_key(), seq)
+    _write_signing_key(d, new)  # the new key first: a rotation must never name a key nobody holds
+    write_private(path, rotation, 0o644)
     return path
 
 

@@ -92,6 +92,7 @@ class Agent:
         self.state = AgentState.load(root / "state.json")
         # signatures, forward-only rounds and versions (edge_agent/trust.py)
         self.trust = HubTrust(root, self.topics, config.hub_public_key, self.state.last_completed_round)
+        self._held: dict[str, tuple[Callable[[str, bytes], None], bytes]] = {}  # refused for an unknown key
         self._transport = transport
         self._owns_transport = transport is None
         self._data: LocalData | None = None
@@ -160,6 +161,8 @@ class Agent:
         )
 
     def _subscribe(self, t: Transport) -> None:
+        if self.trust.signing_required:  # the hub's key rotations first (PROTOCOL.md, "Signatures")
+            t.subscribe(rotation_filter(self.config.fleet), self._on_rotation, qos=1)
         # per-topic size limits: only model/full is big
         t.subscribe(self.topics.model_full, self._guard(self._on_model_full, self.config.max_model_bytes), qos=1)
         t.subscribe(self.topics.model_head, self._guard(self._on_model_head, self.config.max_head_bytes), qos=1)
@@ -170,8 +173,16 @@ class Agent:
         t.subscribe(self.topics.candidate_all, self._guard(self._selection.on_candidate, self.config.max_model_bytes),
                     qos=1)
         t.subscribe(self.topics.select_announce, self._guard(self._selection.on_announce, ANNOUNCE_FRAME_BYTES), qos=1)
-        if self.trust.signing_required:  # the hub's key rotations (PROTOCOL.md, "Signatures")
-            t.subscribe(rotation_filter(self.config.fleet), self.trust.on_rotation, qos=1)
+
+    def _on_rotation(self, topic: str, payload: bytes) -> None:
+        """Apply a key rotation, then re-check the frames refused for an unknown key (a retained model signed by
+        the new key can arrive before the rotation that vouches for it)."""
+        before = self.trust.rotation_seq
+        self.trust.on_rotation(topic, payload)
+        if self.trust.rotation_seq != before:
+            held, self._held = self._held, {}
+            for held_topic, (run, frame) in held.items():
+                run(held_topic, frame)
 
     def _on_connect(self, *_: Any) -> None:
         if self._subscribed and not self._stopped:
@@ -249,7 +260,10 @@ class Agent:
             if getattr(msg, "fleet", self.config.fleet) != self.config.fleet:
                 log.warning("ignoring %s on %s: fleet %r is not ours", msg.type, topic, msg.fleet)
                 return
-            if self.trust.check(topic, payload, msg) is not None:  # unsigned, forged, replayed: logged, counted
+            refused = self.trust.check(topic, payload, msg)  # unsigned, forged, replayed: logged, counted
+            if refused == "unknown_key":  # perhaps signed by a key whose rotation has not arrived yet: kept
+                self._held[topic] = (run, payload)  # (the latest frame per topic) for after the next rotation
+            if refused is not None:
                 return
             try:
                 handler(msg)

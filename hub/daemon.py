@@ -55,7 +55,7 @@ from fedge.protocol.messages import (
     RoundResult,
     RoundStatus,
 )
-from fedge.protocol.signing import HubSigner, load_private_key, rotation_files, rotation_topic
+from fedge.protocol.signing import HubSigner, load_private_key, rotation_files, rotation_topic, rotations_up_to
 from fedge.protocol.topics import Topics, valid_id
 from fedge.protocol.transport import Transport
 
@@ -164,6 +164,9 @@ class HubDaemon:
         self.round: OpenRound | None = None
         self.selector = Selector(self)  # source-model selection rounds (hub/selection.py)
         self.signer = _signer(cfg)
+        # key rotations up to the key this hub signs with, read once (a rotation written later waits for a restart)
+        self._rotations = ([] if self.signer is None or cfg.signing_key is None else
+                           rotations_up_to(rotation_files(cfg.signing_key.parent), self.signer.key_id))
         self.watchdog = hub_watchdog(self.topics, cfg.signing_key)  # frames on the hub's topics it did not publish
         self.known: set[str] = set(cfg.devices or ())
         self._online: set[str] = set()
@@ -347,9 +350,8 @@ class HubDaemon:
         return cur
 
     def _publish_state(self, force: bool = False) -> None:
-        if self.signer is not None and self.cfg.signing_key is not None:  # key rotations first (retained)
-            for seq, payload in rotation_files(self.cfg.signing_key.parent):
-                self._publish(rotation_topic(self.cfg.fleet, seq), payload, retain=True)
+        for seq, payload in self._rotations:  # key rotations first (retained)
+            self._publish(rotation_topic(self.cfg.fleet, seq), payload, retain=True)
         self._status(online=True)
         self._publish_model(self._current(), force=force)
         if self.round is not None:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedge.hub.rounds import OpenRound, RoundParams, over_limits, select_devices
 from fedge.hub.store import SelectionRow, Store, VersionRow
+from fedge.hub.strategies import lower_median
 from fedge.protocol.codec import decode, encode
 from fedge.protocol.errors import DecodeError
 from fedge.protocol.manifest import load_head
@@ -55,18 +56,24 @@ class CandidateScore:
         return {"name": self.name, "accuracy": self.accuracy, "loss": self.loss, "val_n": self.val_n}
 
 
-def rank(candidates: Sequence[str], reports: Iterable[Mapping[str, float]]) -> list[CandidateScore]:
-    """Candidates best first: by weighted accuracy, then lower loss, then name (deterministic)."""
+def rank(candidates: Sequence[str], reports: Iterable[Mapping[str, float]],
+         max_weight_ratio: float = 4.0) -> list[CandidateScore]:
+    """Candidates best first: by weighted accuracy, then lower loss, then name (deterministic).
+
+    A report weighs its ``val_n``, capped at ``max_weight_ratio`` x the lower median ``val_n`` of the reports
+    (as FedAvg caps sample counts): ``val_n`` is self-declared, and one device must not decide the ranking."""
     rows = [r for r in reports if r.get("val_n", 0) > 0]
-    total = sum(r["val_n"] for r in rows)
+    cap = max_weight_ratio * lower_median([float(r["val_n"]) for r in rows]) if rows else 0.0
+    weight = [min(float(r["val_n"]), cap) for r in rows]
+    total = sum(weight)
     out = []
     for name in candidates:
-        scored = [r for r in rows if acc_key(name) in r]
-        n = sum(r["val_n"] for r in scored)
-        acc = sum(r[acc_key(name)] * r["val_n"] for r in scored) / total if total else 0.0
-        with_loss = [r for r in scored if loss_key(name) in r]
-        wl = sum(r["val_n"] for r in with_loss)
-        loss = sum(r[loss_key(name)] * r["val_n"] for r in with_loss) / wl if wl else None
+        scored = [(r, w) for r, w in zip(rows, weight, strict=True) if acc_key(name) in r]
+        n = sum(r["val_n"] for r, _ in scored)
+        acc = sum(r[acc_key(name)] * w for r, w in scored) / total if total else 0.0
+        with_loss = [(r, w) for r, w in scored if loss_key(name) in r]
+        wl = sum(w for _, w in with_loss)
+        loss = sum(r[loss_key(name)] * w for r, w in with_loss) / wl if wl else None
         out.append(CandidateScore(name, round(acc, 6), None if loss is None else round(loss, 6), int(n)))
     return sorted(out, key=lambda c: (-c.accuracy, float("inf") if c.loss is None else c.loss, c.name))
 
@@ -234,7 +241,7 @@ class Selector:
         ``(quorum reached, detail, the deployed row or None)``."""
         hub = self.hub
         version, baseline = str(gate["version"]), float(gate["baseline"])
-        (score,) = rank([version], sel.reports.values())
+        (score,) = rank([version], sel.reports.values(), hub.cfg.aggregation.max_weight_ratio)
         tol = hub.cfg.aggregation.deploy_tolerance
         if len(sel.reports) < sel.params.min_devices or score.val_n == 0:
             return False, (f"{version} stays a candidate: {len(sel.reports)} validation reports, quorum "
@@ -323,7 +330,7 @@ class Selector:
         """Rank, record, deploy the winner as a new version over its backbone, publish the result."""
         hub = self.hub
         now = hub.clock()
-        ranking = rank(list(sel.candidates), sel.reports.values())
+        ranking = rank(list(sel.candidates), sel.reports.values(), hub.cfg.aggregation.max_weight_ratio)
         table = ", ".join(f"{c.name} {c.accuracy:.4f}" for c in ranking)
         row: VersionRow | None = None
         winner: str | None = None

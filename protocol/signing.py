@@ -56,6 +56,20 @@ def rotation_files(folder: Path) -> list[tuple[int, bytes]]:
     return [(seq, p.read_bytes()) for seq, p in sorted(found)]
 
 
+def rotations_up_to(files: list[tuple[int, bytes]], key: str) -> list[tuple[int, bytes]]:
+    """The rotations of ``files`` (``rotation_files``) up to the one that introduced ``key``, the key in use:
+    a rotation to a key the signer does not hold yet (written while it runs) must not be published, or devices
+    would retire the key it still signs with. None if ``key`` was never rotated to (the first key)."""
+    for i, (_seq, payload) in enumerate(files):
+        try:
+            body = json.loads(payload[:-SIGNATURE_BYTES].decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            continue
+        if isinstance(body, dict) and body.get("new_key") == key:
+            return files[: i + 1]
+    return []
+
+
 class SignatureError(FedgeError):
     """A frame or key rotation that fails verification; ``reason`` is a short code (``unsigned``,
     ``unknown_key``, ``bad_signature``, ``malformed``)."""
@@ -139,7 +153,7 @@ class HubSigner:
 
     def sign(self, frame: bytes, topic: str) -> bytes:
         """``frame`` (unsigned, as ``codec.encode`` wrote it) with ``sig_key`` in its header and the trailer."""
-        header, data = frame_header(frame)
+        header, data = frame_header(frame, max_bytes=max(len(frame), 1))  # the caller bounded the size
         header[SIG_FIELD] = self.key_id
         text = json.dumps(header, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
         text += b" " * ((-(PREFIX_LEN + len(text))) % 8)
@@ -154,7 +168,7 @@ def verify_frame(payload: bytes, fleet: str, topic: str, keys: dict[str, Any]) -
     from cryptography.exceptions import InvalidSignature
 
     try:
-        header, _ = frame_header(payload)
+        header, _ = frame_header(payload, max_bytes=max(len(payload), 1))  # the topic's own limit applied first
     except FedgeError as exc:
         raise SignatureError("malformed", str(exc)) from exc
     kid = header.get(SIG_FIELD)

@@ -151,6 +151,21 @@ def test_key_rotation_moves_trust_to_the_new_key(
     assert agent.state.model_version == "v2"
 
 
+def test_a_model_signed_by_a_key_whose_rotation_comes_later_is_installed_once_it_does(
+    agent: Agent, hub: Hub, hub_key: Ed25519PrivateKey, artifacts_dir: Path, manifest: Manifest,
+) -> None:
+    """A retained model signed by the new key may reach a (re)starting agent before the rotation vouching for it:
+    it is held, and installed as soon as the rotation applies (else the device would wait forever)."""
+    new = Ed25519PrivateKey.generate()
+    _send(hub, T.model_full, model_full(artifacts_dir, manifest), new, retain=True)
+    _send(hub, T.model_head, model_head(artifacts_dir, manifest, "v3"), new, retain=True)
+    agent.start()
+    assert agent.state.model_version is None and _refused(agent.config).get("unknown_key") == 2
+    hub.broker.publish(rotation_topic(FLEET, 1), KeyRotation.make(FLEET, hub_key, new.public_key(), 1), True)
+    assert agent.trust.rotation_seq == 1
+    assert agent.state.model_version == "v3" and agent.state.backbones, "the held frames were checked again"
+
+
 def test_hub_publishes_rotations_and_signs_with_the_rotated_key(tmp_path: Path) -> None:
     """``rotate_signing_key`` in a fleet folder writes a rotation the old key signed; the new key signs after it."""
     from fedge.devices.fleet import init_fleet, rotate_signing_key

@@ -34,6 +34,14 @@ def test_rank_weights_by_validation_rows_and_counts_a_missing_score_as_zero() ->
     assert a.loss == pytest.approx((0.3 * 10 + 0.9 * 30) / 40)
 
 
+def test_one_device_claiming_a_huge_validation_set_does_not_decide_the_ranking() -> None:
+    honest = [{"val_n": 100.0, "val_acc_a": 0.9, "val_acc_b": 0.3} for _ in range(9)]
+    liar = {"val_n": 1e12, "val_acc_a": 0.0, "val_acc_b": 1.0}
+    a, b = rank(["a", "b"], [*honest, liar])
+    assert a.name == "a", (a, b)  # uncapped, the liar alone would make b 1.0 and a 0.0
+    assert b.accuracy == pytest.approx((9 * 100 * 0.3 + 400 * 1.0) / (9 * 100 + 400), abs=1e-6)  # 4 x median
+
+
 def test_rank_breaks_ties_by_loss_then_name() -> None:
     reports = [{"val_n": 5.0, "val_acc_x": 0.8, "val_loss_x": 0.5, "val_acc_y": 0.8, "val_loss_y": 0.4,
                 "val_acc_z": 0.8, "val_loss_z": 0.4}]

@@ -45,6 +45,14 @@ def test_signed_frame_verifies_and_still_decodes_to_the_same_message(key: Ed2551
         np.testing.assert_array_equal(back.head[name], arr)
 
 
+def test_frames_above_the_default_decode_limit_are_signed_and_verified(key: Ed25519PrivateKey) -> None:
+    big = ModelHead("demo", "v3", "v2", "ab" * 32, 3, {"h0_kernel": np.zeros((17, 1 << 20), np.float32)})  # 68 MiB
+    frame = encode(big)
+    assert len(frame) > 64 << 20
+    signed = HubSigner(key, "demo").sign(frame, T.model_head)
+    assert verify_frame(signed, "demo", T.model_head, _trust(key)) == key_id(key)
+
+
 def test_tampered_bytes_are_refused(key: Ed25519PrivateKey) -> None:
     signed = bytearray(HubSigner(key, "demo").sign(encode(_head()), T.model_head))
     signed[-SIGNATURE_BYTES - 1] ^= 1  # one bit of the head's data section
@@ -107,3 +115,16 @@ def test_key_rotation_is_accepted_only_when_signed_by_a_trusted_key(key: Ed25519
         verify_rotation(bytes(forged), "demo", _trust(key))
     with pytest.raises(SignatureError):
         verify_rotation(payload, "other", _trust(key))
+
+
+def test_a_hub_publishes_only_the_rotations_up_to_the_key_it_signs_with(key: Ed25519PrivateKey) -> None:
+    """A rotation written while the hub runs (to a key it does not hold yet) is not published: devices would
+    retire the key it still signs with."""
+    from fedge.protocol.signing import rotations_up_to
+
+    k1, k2 = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    files = [(1, KeyRotation.make("demo", key, k1.public_key(), 1)),
+             (2, KeyRotation.make("demo", k1, k2.public_key(), 2))]
+    assert rotations_up_to(files, key_id(key)) == []
+    assert rotations_up_to(files, key_id(k1)) == files[:1]
+    assert rotations_up_to(files, key_id(k2)) == files
