@@ -206,8 +206,8 @@ class AggregationConfig:
     max_update_norm: float | str = field(
         default="auto",
         metadata=doc('the L2 norm updates are clipped to (non-DP rounds): a number, or "auto" = norm_multiplier x '
-                     'the lower median norm of this round\'s and the last norm_window rounds\' accepted updates '
-                     '(this round\'s alone at first); never above norm_ceiling', example=5.0),
+                     'the lower median non-zero norm of this round\'s and the last norm_window rounds\' accepted '
+                     'updates (this round\'s alone at first); never above norm_ceiling', example=5.0),
     )
     norm_multiplier: float = field(
         default=4.0,

@@ -84,7 +84,8 @@ class Bounds:
         """The L2 bound for a round whose updates have ``norms``, after rounds whose updates had ``history``."""
         if self.max_update_norm is not None:
             return min(self.max_update_norm, self.norm_ceiling)
-        return min(self.norm_multiplier * lower_median([*norms, *history]), self.norm_ceiling)
+        moving = [n for n in (*norms, *history) if n > 0]  # zero updates set no scale (nor freeze the bound at 0)
+        return min(self.norm_multiplier * lower_median(moving), self.norm_ceiling) if moving else self.norm_ceiling
 
     def weight_cap(self, counts: Sequence[int]) -> float:
         """The largest weight one update may have: ``max_weight_ratio ×`` the lower median sample count."""

@@ -149,6 +149,8 @@ def test_auto_bound_is_a_multiple_of_the_lower_median_norm_capped_by_the_ceiling
     assert b.norm_bound([1e30], ()) == 50.0  # one device alone: the ceiling
     assert b.norm_bound([20.0] * 3, history) == (3.0 if history else 50.0)  # a long honest history holds
     assert Bounds(max_update_norm=7.0, norm_ceiling=5.0).norm_bound(norms) == 5.0
+    assert b.norm_bound([0.0, 2.0], ()) == 6.0, "a zero update does not freeze the bound at 0"
+    assert b.norm_bound([0.0, 0.0], ()) == 50.0
 
 
 @pytest.mark.parametrize("name", ["fedavg", "median", "trimmed_mean"])
