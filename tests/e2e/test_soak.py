@@ -48,7 +48,10 @@ def _rss_mb(pid: int) -> float:
 
 
 class Flood:
-    """Builds the hostile messages: (topic, payload, what the hub counts it as: 'reject' | 'control' | None)."""
+    """Builds the hostile messages: (topic, payload, what the hub counts it as: 'reject' | 'control' | None).
+
+    Garbage on the hub's own topics (announce, model/head, model/full) reaches the agents, which ignore it, and
+    the hub's watchdog, which counts it as an ``impersonation`` reject."""
 
     def __init__(self, fleet: Fleet, limit: int, rng: random.Random) -> None:
         self.fleet, self.tp, self.rng, self.limit = fleet, fleet.topics, rng, limit
@@ -102,9 +105,10 @@ class Flood:
                                      "control")]),
             ("presence: random bytes", [(tp.presence(intruder), self._garbage(r.randrange(1, 200)), None)]),
             ("presence: another device", [(tp.presence(intruder), encode(Presence(FLEET, d, True)), None)]),
-            ("agents: garbage announce", [(tp.announce, self._garbage(r.randrange(1, 300)), None)]),
-            ("agents: garbage head", [(tp.model_head, self._garbage(r.randrange(1, 300)), None)]),
-            ("agents: garbage model", [(tp.model_full, self._garbage(r.randrange(1, 3000)), None)]),
+            # garbage on the hub's own topics: the hub's watchdog counts it (impersonation)
+            ("agents: garbage announce", [(tp.announce, self._garbage(r.randrange(1, 300)), "reject")]),
+            ("agents: garbage head", [(tp.model_head, self._garbage(r.randrange(1, 300)), "reject")]),
+            ("agents: garbage model", [(tp.model_full, self._garbage(r.randrange(1, 3000)), "reject")]),
             ("agents: garbage inbox", [(f"{tp.base}/device/{d}/ack", self._garbage(r.randrange(1, 100)), None)]),
             ("agents: foreign ack", [(tp.ack(d), encode(Ack(FLEET, r.randrange(1, 99), d, "f" * 16)), None)]),
             ("agents: foreign reject", [(tp.reject(d), encode(Reject(FLEET, 1, d, RejectReason.MALFORMED,
