@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from fedge.devices.flash import flash
-from fedge.devices.fleet import FleetDir, remove_device
+from fedge.devices.fleet import FleetDir, password_entries, remove_device
 from fedge.devices.profiles import builtin_profiles, get_profile
 from fedge.devices.provision import Provisioning, provision
 from fedge.protocol.errors import ConfigError
@@ -56,7 +56,7 @@ def _provision(args: argparse.Namespace) -> int:
     broker = args.broker or (None if fleet_dir is None else FleetDir.at(fleet_dir).read()["broker_url"])
     if broker is None:
         raise ConfigError("broker", "give --broker URL or --fleet-dir DIR")
-    existed = fleet_dir is not None and _has_account(FleetDir.at(fleet_dir).passwd, args.device_id)
+    existed = fleet_dir is not None and args.device_id in password_entries(FleetDir.at(fleet_dir).passwd)
     p = Provisioning(args.device_id, args.fleet, broker, args.data, args.install_dir, args.user)
     wheel = None if args.wheel is None else Path(args.wheel)
     bundle = provision(p, get_profile(args.profile), Path(args.out), wheel=wheel, fleet_dir=fleet_dir)
@@ -68,10 +68,6 @@ def _provision(args: argparse.Namespace) -> int:
               file=sys.stderr)
     return 0
 
-
-def _has_account(passwd: Path, user: str) -> bool:
-    lines = passwd.read_text(encoding="utf-8").splitlines() if passwd.exists() else []
-    return any(line.split(":", 1)[0] == user for line in lines)
 
 
 def _revoke(args: argparse.Namespace) -> int:

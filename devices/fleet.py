@@ -118,9 +118,14 @@ def set_password(passwd: Path, user: str, password: str) -> None:
     """Add ``user`` to the password file or replace its password (the broker reads it on start and SIGHUP)."""
     if not valid_id(user) and user not in RESERVED_USERS:
         raise ConfigError("device_id", f"{user!r} must be 1-64 characters of [A-Za-z0-9_-]")
-    lines = passwd.read_text(encoding="utf-8").splitlines() if passwd.exists() else []
-    kept = [line for line in lines if line and line.split(":", 1)[0] != user]
+    kept = [line for name, line in password_entries(passwd).items() if name != user]
     write_private(passwd, "\n".join([*kept, f"{user}:{hash_password(password)}"]) + "\n")
+
+
+def password_entries(passwd: Path) -> dict[str, str]:
+    """The password file's lines by account name, in file order (empty when the file does not exist)."""
+    lines = passwd.read_text(encoding="utf-8").splitlines() if passwd.exists() else []
+    return {line.split(":", 1)[0]: line for line in lines if line}
 
 
 # -- broker configuration -----------------------------------------------------------------------------------
@@ -347,14 +352,13 @@ def remove_device(fleet_dir: str | Path, device_id: str) -> FleetDir:
     d.read()
     if device_id in RESERVED_USERS:
         raise ConfigError("device_id", f"{device_id!r} is the name of the fleet's hub or operator account")
-    lines = d.passwd.read_text(encoding="utf-8").splitlines() if d.passwd.exists() else []
-    kept = [line for line in lines if line and line.split(":", 1)[0] != device_id]
-    if len(kept) == len([line for line in lines if line]):
+    entries = password_entries(d.passwd)
+    if entries.pop(device_id, None) is None:
         raise ConfigError("device_id", f"{device_id!r} has no account in {d.passwd}")
-    write_private(d.passwd, "".join(f"{line}\n" for line in kept))
+    write_private(d.passwd, "".join(f"{line}\n" for line in entries.values()))
     return d
 
 
 __all__ = ["HUB_USER", "OPERATOR_USER", "RESERVED_USERS", "FleetDir", "acl_text", "add_device", "check_password",
-           "hash_password", "init_fleet", "mosquitto_conf", "remove_device", "rotate_signing_key", "set_password",
-           "write_private"]
+           "hash_password", "init_fleet", "mosquitto_conf", "password_entries", "remove_device", "rotate_signing_key",
+           "set_password", "write_private"]
