@@ -135,7 +135,7 @@ def acl_text(fleet: str) -> str:
     t = Topics(fleet)
     device_rules = [
         f"write {t.base}/update/%u", f"write {t.base}/presence/%u", f"write {t.base}/decline/%u",
-        f"write {t.base}/select/%u", f"read {t.base}/device/%u/#",
+        f"write {t.base}/select/%u", f"write {t.base}/secagg/%u", f"read {t.base}/device/%u/#",
         f"read {t.announce}", f"read {t.model_head}", f"read {t.model_full}", f"read {t.result}",
         f"read {t.hub_status}", f"read {t.select_announce}", f"read {t.candidate_all}", f"read {t.base}/hub/key/+",
     ]

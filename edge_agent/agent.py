@@ -27,6 +27,7 @@ from fedge.edge_agent.evaluation import head_scores, local_only_head, split_indi
 from fedge.edge_agent.features import FeatureCache
 from fedge.edge_agent.ledger import DeviceLedger, announced_dp, decline_reason
 from fedge.edge_agent.privacy import DpParams, privatize
+from fedge.edge_agent.secagg_session import DeviceSession, is_secagg, private_input
 from fedge.edge_agent.selection import SelectionWorker
 from fedge.edge_agent.state import AgentState, secure_tree, write_atomic
 from fedge.edge_agent.training import Prox, fit
@@ -46,6 +47,7 @@ from fedge.protocol.messages import (
     Reject,
     RoundAnnounce,
     RoundResult,
+    SecAggStage,
 )
 from fedge.protocol.signing import rotation_filter
 from fedge.protocol.topics import Topics
@@ -58,6 +60,16 @@ RETRY_S = 30.0
 SEND_MARGIN_S = 1.0
 """Training stops this long before the round's deadline, so that the update still arrives in time."""
 Head = dict[str, NDArray[np.float32]]
+
+
+def _secagg_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("cryptography") is not None
+
+
+_SECAGG = _secagg_available()
+"""Whether this agent can take part in secure-aggregation rounds (said in its presence)."""
 
 
 def agent_version() -> str:
@@ -108,6 +120,7 @@ class Agent:
         self._closed_round = 0  # the highest round the hub's result says is closed
         self._subscribed = False
         self._selection = SelectionWorker(self)  # source-model selection rounds (edge_agent/selection.py)
+        self._secagg: dict[int, DeviceSession] = {}  # secure-aggregation rounds in progress (secrets in memory only)
         self._stopped = False
 
     # ----------------------------------------------------------------- lifecycle
@@ -203,6 +216,7 @@ class Agent:
             model_version=self.state.model_version,
             agent_version=agent_version(),
             dp=True,
+            secagg=_SECAGG,
         )
         self._transport.publish(self.topics.presence(self.device), encode(msg), qos=1, retain=True)
 
@@ -344,7 +358,14 @@ class Agent:
                 )
 
     def _on_inbox(self, msg: Any) -> None:
-        if isinstance(msg, Ack):
+        if isinstance(msg, SecAggStage):
+            with self._cond:
+                session = self._secagg.get(msg.round)
+            if session is None:
+                log.warning("ignoring a secagg frame of round %d: no secure-aggregation round of ours", msg.round)
+                return
+            self._send_secagg(session.on_frame(msg))
+        elif isinstance(msg, Ack):
             if self._settle(msg.round, msg.ref_nonce):
                 log.info("hub acknowledged round %d (update %s)", msg.round, msg.ref_nonce[:8])
             else:
@@ -370,6 +391,8 @@ class Agent:
         with self._cond:
             self._closed_round = max(self._closed_round, msg.round)  # a training of it stops at the next batch
             closed = [r for r in self._unacked if r <= msg.round]
+            for rnd in [r for r in self._secagg if r <= msg.round]:
+                del self._secagg[rnd]  # its secrets go with it
         for rnd in closed:
             if self._settle(rnd, None):
                 log.info("round %d closed (%s) before our update was acknowledged: not sent again", rnd, msg.status)
@@ -534,6 +557,9 @@ class Agent:
         dp = self._dp_decision(msg)
         if dp is False:
             return
+        session = self._secagg_session(msg)
+        if session is False:
+            return
         # training stops at the deadline (less a margin to send), at the device's own time limit, or once the round
         # closed; checked before every batch
         t_end = min(msg.deadline - SEND_MARGIN_S, time.time() + self.config.max_round_s)
@@ -585,6 +611,12 @@ class Agent:
             log.warning("round %d: training stopped after %d steps (deadline or max_round_s)", msg.round, result.steps)
         n_samples = len(y)
         personal = self._personal_head(trainer, trained, global_head, feats, y, msg, stop)
+        if session is not None:  # secure aggregation: only the masked, quantised update leaves the device
+            self._secagg_input(msg, session, delta, dp, personal)
+            log.info("round %d: %s, %d steps in %.2f s, loss %.4f -> %.4f, acc %.3f -> %.3f; masked input %s",
+                     msg.round, trainer.name, result.steps, result.seconds, loss_before, loss_after, acc_before,
+                     acc_after, "sent" if session.masked_sent else "waits for the relayed shares")
+            return
         if dp is None and len(val_idx):  # federated evaluation (never under DP: it describes the local data)
             local = local_only_head(trainer, w0, feats, y, self.config.local_only_epochs, msg.lr, self.config.seed,
                                     self.config.state_dir / "local_only" / f"{msg.backbone_sha256[:16]}-"
@@ -678,11 +710,53 @@ class Agent:
         except ValueError as exc:
             self._decline(msg, DeclineReason.MODE_NOT_ALLOWED, f"invalid DP parameters: {exc}")
             return False
-        why = decline_reason(self.config.privacy, dp, self.ledger)
+        why = decline_reason(self.config.privacy, dp, self.ledger, secure=is_secagg(msg))
         if why is not None:
             self._decline(msg, *why)
             return False
         return dp
+
+    def _secagg_session(self, msg: RoundAnnounce) -> DeviceSession | Literal[False] | None:
+        """A secure-aggregation round's session, its advertise frame published (None: a plain round; False after
+        declining an unusable setup)."""
+        if not is_secagg(msg):
+            return None
+        try:
+            session = DeviceSession(msg, self.device)
+        except (FedgeError, ImportError) as exc:
+            self._decline(msg, DeclineReason.MODE_NOT_ALLOWED, f"unusable secure-aggregation setup: {exc}")
+            return False
+        with self._cond:
+            self._secagg[msg.round] = session
+        self._send_secagg(session.start())
+        return session
+
+    def _send_secagg(self, frames: list[bytes]) -> None:
+        if self._transport is None:
+            return
+        for frame in frames:
+            self._transport.publish(self.topics.secagg(self.device), frame, qos=1)
+
+    def _secagg_input(self, msg: RoundAnnounce, session: DeviceSession, delta: dict[str, NDArray[np.generic]],
+                      dp: DpParams | None, personal: dict[str, NDArray[np.float32]]) -> None:
+        """Quantise (under distributed DP: clip and add this device's share of the noise first) and hand the
+        update to the session; the round counts as completed here (the personal head is kept)."""
+        if not all(np.isfinite(v).all() for v in delta.values()):
+            raise FedgeError(f"round {msg.round}: training diverged (the update is not finite)")
+        q = private_input(delta, sorted(delta), session.setup, dp, np.random.default_rng())  # OS entropy
+        with self._cond:
+            if msg.round <= self.state.last_completed_round:
+                return
+            if dp is not None:  # recorded before anything derived from the update leaves the device
+                self.ledger.record(msg.round, dp)
+            if self.config.keep_secagg_inputs:
+                _save_npz(self.config.state_dir / "secagg" / f"round-{msg.round}.npz",
+                          {"q": q.astype(np.uint64), "ring_bits": np.asarray(session.setup.config.ring_bits)})
+            _save_npz(self.personal_head_path, dict(personal))
+            self.state.last_completed_round = msg.round
+            self.state.save()
+            self._cond.notify_all()
+        self._send_secagg(session.set_input(q))
 
     def _decline(self, msg: RoundAnnounce, reason: DeclineReason, detail: str) -> None:
         log.warning("declining round %d: %s (%s)", msg.round, reason, detail)

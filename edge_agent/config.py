@@ -53,7 +53,7 @@ _BROKER_FILES: Final = ("ca_file", "cert_file", "key_file")
 _KNOWN: Final = frozenset({"device_id", "fleet", "data", "state_dir", "backend", "seed", "session_expiry_s", "broker",
                            "privacy", "validation_fraction", "local_only_epochs", "personalization", "ditto_mu",
                            "max_epochs", "max_round_s", "max_model_bytes", "max_head_bytes", "eligibility",
-                           "hub_public_key"})
+                           "hub_public_key", "keep_secagg_inputs"})
 _PRIVACY_KNOWN: Final = frozenset({"epsilon_budget", "delta", "min_noise_multiplier", "max_clip", "modes"})
 _DP_MODES: Final = ("central", "local", "distributed")
 
@@ -188,8 +188,20 @@ class AgentConfig:
                      "rotated to), with rounds and model versions only moving forward (PROTOCOL.md, Signatures). "
                      "Unset: unsigned messages are accepted", example='hub-signing.pub'),
     )
+    keep_secagg_inputs: bool = field(
+        default=False,
+        metadata=doc("keep each secure-aggregation round's quantised update (before masking) in "
+                     "state_dir/secagg/round-<n>.npz: what this device contributed, for its own audit", example=True),
+    )
     privacy: DevicePrivacy | None = None
     eligibility: EligibilityPolicy = field(default_factory=EligibilityPolicy)
+
+
+def _flag(table: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = table.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"must be true or false, got {value!r}")
+    return value
 
 
 def _positive(table: Mapping[str, Any], key: str, default: float) -> float:
@@ -276,6 +288,7 @@ def config_from_mapping(table: Mapping[str, Any], base_dir: Path) -> AgentConfig
         max_model_bytes=_int(table, "max_model_bytes", 64 << 20, 1 << 16),
         max_head_bytes=_int(table, "max_head_bytes", 8 << 20, 1 << 10),
         hub_public_key=_path(table, "hub_public_key", base_dir) if "hub_public_key" in table else None,
+        keep_secagg_inputs=_flag(table, "keep_secagg_inputs", False),
         privacy=_privacy(table.get("privacy")),
         eligibility=policy_from_mapping(table.get("eligibility")),
     )
@@ -287,7 +300,8 @@ def reference_sections() -> list[Section]:
         Section(None, keys_of(AgentConfig, only=("device_id", "fleet", "data", "state_dir", "backend", "seed",
                                                  "session_expiry_s", "validation_fraction", "local_only_epochs",
                                                  "personalization", "ditto_mu", "max_epochs", "max_round_s",
-                                                 "max_model_bytes", "max_head_bytes", "hub_public_key"),
+                                                 "max_model_bytes", "max_head_bytes", "hub_public_key",
+                                                 "keep_secagg_inputs"),
                               required=("device_id", "fleet", "data"), defaults={"state_dir": "state"})),
         Section("broker", keys_of(BrokerConfig, required=("url",)), "the MQTT broker the hub uses (required)"),
         Section("privacy", keys_of(DevicePrivacy),

@@ -75,12 +75,13 @@ class DeviceLedger:
         write_atomic(self.path, (json.dumps(body, indent=1) + "\n").encode())
 
 
-def decline_reason(policy: DevicePrivacy | None, dp: DpParams | None, ledger: DeviceLedger
-                   ) -> tuple[DeclineReason, str] | None:
-    """Why this device must not take part in a round announcing ``dp`` (None: it may)."""
-    if dp is not None and dp.mode == "distributed":  # every device, policy or not: see PROTOCOL.md
-        return (DeclineReason.MODE_NOT_ALLOWED, "distributed DP needs secure aggregation, which this agent does not "
-                "have yet: its own update would carry only 1/sqrt(m) of the noise")
+def decline_reason(policy: DevicePrivacy | None, dp: DpParams | None, ledger: DeviceLedger, *,
+                   secure: bool = False) -> tuple[DeclineReason, str] | None:
+    """Why this device must not take part in a round announcing ``dp`` (None: it may); ``secure``: the round is a
+    secure-aggregation round."""
+    if dp is not None and dp.mode == "distributed" and not secure:  # every device, policy or not: PROTOCOL.md
+        return (DeclineReason.MODE_NOT_ALLOWED, "distributed DP outside a secure-aggregation round: the hub would "
+                "see this device's update with only 1/sqrt(m) of the noise")
     if policy is None:
         return None
     if dp is None:

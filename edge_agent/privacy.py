@@ -6,7 +6,9 @@ Modes (announced per round, see PROTOCOL.md "Differential privacy"):
   clipped updates (protects the released model; the hub and the broker see clipped updates).
 - ``local``: the device clips and adds N(0, (zC)²) itself (protects against the hub and the broker).
 - ``distributed``: the device adds N(0, (zC)²/m) for the round's minimum cohort ``m``, so that the sum carries
-  the full noise; private against the hub only under secure aggregation (not available yet: refused).
+  the full noise; private against the hub only under secure aggregation, so only a SecAgg round may announce it
+  (devices decline it otherwise), and it is accounted like ``central`` without amplification: the hub sees only
+  the sum.
 
 Accounting uses Google's ``dp-accounting`` (RDP accountant), imported lazily: agents that never take part in
 a DP round do not load it. Identical rounds are composed with a count (one call per distinct event), which
@@ -117,13 +119,19 @@ def event_for(params: DpParams, *, trust_sampling: bool) -> DpEvent:
     ``central``: the released aggregate; adjacency is adding or removing one device, whose clipped update moves
     the sum by at most C: a Gaussian mechanism with noise multiplier z, Poisson-subsampled with rate q only when
     ``trust_sampling`` (the cohort must be secret from whoever sees the result; hub ``amplification`` option).
-    ``local`` (and ``distributed``): the hub sees each device's own noised update, so adjacency is replacing
-    that device's data: two clipped updates differ by up to 2C, a Gaussian mechanism with multiplier z/2, never
-    amplified (the hub knows who took part).
+    ``distributed`` (announced only in secure-aggregation rounds): the hub sees only the sum, which carries noise of
+    std at least zC when at least m devices are in it (the hub closes a round with fewer as failed): a Gaussian
+    mechanism with multiplier z at sensitivity C, never amplified (the hub knows the cohort). The noise is added
+    before quantisation (a rounded Gaussian); with the default scale 2^16 the rounding is far below the noise.
+    ``local``: the hub sees each device's own noised update, so adjacency is replacing that device's data: two
+    clipped updates differ by up to 2C, a Gaussian mechanism with multiplier z/2, never amplified (the hub knows
+    who took part).
     """
     if params.mode == "central":
         amplified = trust_sampling and params.sample_rate < 1.0
         return DpEvent(params.noise_multiplier, params.sample_rate if amplified else 1.0, amplified)
+    if params.mode == "distributed":
+        return DpEvent(params.noise_multiplier)
     return DpEvent(params.noise_multiplier / 2.0)
 
 

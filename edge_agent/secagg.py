@@ -3,7 +3,8 @@
 Library only: nothing puts these stages on MQTT yet (PROTOCOL.md, "Secure aggregation"). The hub side is
 `fedge.hub.secagg`. Primitives come from libraries, imported lazily (extra ``secagg``): X25519, HKDF-SHA256
 salted with the round id, ChaCha20 keystreams as the mask PRG and AES-GCM for the relayed shares
-(``cryptography``); Shamir sharing over GF(2^128) (``pycryptodome``), two 16-byte halves per 32-byte secret.
+(``cryptography``); Shamir sharing over the prime field GF(2^256 + 297) on Python ints, one 33-byte share
+value per 32-byte secret.
 
 A device masks its quantised update ``x`` as ``y = x + PRG(b) + Σ_v ±PRG(agree(s_u, s_v)) mod 2^bits`` over
 its neighbours ``v`` in a public random graph; ``+`` when ``u < v``. It Shamir-shares ``b`` and its mask
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import secrets
 import struct
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -188,24 +190,57 @@ def prg(seed: bytes, length: int, ring_bits: int) -> NDArray[np.uint64]:
     return np.frombuffer(stream, dtype=f"<u{width}").astype(np.uint64) & np.uint64((1 << ring_bits) - 1)
 
 
-def split_secret(secret: bytes, threshold: int, count: int) -> list[tuple[int, bytes]]:
-    """Shamir-share a 32-byte secret: ``count`` shares ``(index, 32 bytes)``, any ``threshold`` recover it."""
-    from Crypto.Protocol.SecretSharing import Shamir
+SHAMIR_PRIME = 2**256 + 297  # the least prime above 2^256: a 32-byte secret is one field element
+SHARE_BYTES = 33  # a share value: one element of GF(SHAMIR_PRIME), fixed-width big-endian
+MAX_SHARES = 0xFFFF  # share indices travel as u16 in the sealed bundle
 
+
+def _split_with(secret: int, coeffs: list[int], count: int) -> list[tuple[int, bytes]]:
+    """Shares ``(x, f(x))`` for x = 1..count of ``f(x) = secret + c1 x + c2 x^2 + ...`` mod p (Horner)."""
+    poly = [secret, *coeffs][::-1]
+    shares = []
+    for x in range(1, count + 1):
+        acc = 0
+        for c in poly:
+            acc = (acc * x + c) % SHAMIR_PRIME
+        shares.append((x, acc.to_bytes(SHARE_BYTES, "big")))
+    return shares
+
+
+def split_secret(secret: bytes, threshold: int, count: int) -> list[tuple[int, bytes]]:
+    """Shamir-share a 32-byte secret over GF(`SHAMIR_PRIME`): ``count`` shares ``(index, SHARE_BYTES bytes)``,
+    any ``threshold`` of them recover it, fewer reveal nothing. Costs O(count * threshold) multiplications."""
     if len(secret) != KEY_BYTES:
         raise ValueError("secrets are 32 bytes")
-    lo = Shamir.split(threshold, count, secret[:16])
-    hi = Shamir.split(threshold, count, secret[16:])
-    return [(i, a + b) for (i, a), (_, b) in zip(lo, hi, strict=True)]
+    if not 1 <= threshold <= count <= MAX_SHARES:
+        raise ValueError(f"need 1 <= threshold <= count <= {MAX_SHARES}, got t={threshold} n={count}")
+    coeffs = [secrets.randbelow(SHAMIR_PRIME) for _ in range(threshold - 1)]
+    return _split_with(int.from_bytes(secret, "big"), coeffs, count)
 
 
 def combine_secret(shares: list[tuple[int, bytes]]) -> bytes:
-    """Recover a 32-byte secret from shares of `split_secret` (exactly the threshold of them suffices)."""
-    from Crypto.Protocol.SecretSharing import Shamir
+    """Recover a 32-byte secret from shares of `split_secret` by Lagrange interpolation at 0 (exactly the
+    threshold of them suffices; O(len(shares)^2) multiplications and one inverse per share).
 
-    if any(len(s) != KEY_BYTES for _, s in shares) or len({i for i, _ in shares}) != len(shares):
-        raise SecAggError(SecAggFailure.MALFORMED, "shares must be 32 bytes with distinct indices")
-    return bytes(Shamir.combine([(i, s[:16]) for i, s in shares]) + Shamir.combine([(i, s[16:]) for i, s in shares]))
+    Empty input, a share of the wrong length, a value >= p, index 0 or a repeated index, or a result that
+    is not a 32-byte secret (inconsistent shares) raise ``SecAggError(malformed)``."""
+    xs = [i for i, _ in shares]
+    if not shares or any(len(s) != SHARE_BYTES for _, s in shares) or len(set(xs)) != len(xs):
+        raise SecAggError(SecAggFailure.MALFORMED, f"shares must be {SHARE_BYTES} bytes with distinct indices")
+    ys = [int.from_bytes(s, "big") for _, s in shares]
+    if any(not 1 <= x <= MAX_SHARES for x in xs) or any(y >= SHAMIR_PRIME for y in ys):
+        raise SecAggError(SecAggFailure.MALFORMED, "a share index or value is out of range")
+    total = 0
+    for j, (xj, yj) in enumerate(zip(xs, ys, strict=True)):
+        num = den = 1
+        for m, xm in enumerate(xs):
+            if m != j:
+                num = num * xm % SHAMIR_PRIME
+                den = den * (xm - xj) % SHAMIR_PRIME
+        total = (total + yj * num * pow(den, -1, SHAMIR_PRIME)) % SHAMIR_PRIME
+    if total >= 1 << (8 * KEY_BYTES):
+        raise SecAggError(SecAggFailure.MALFORMED, "shares interpolate to no 32-byte secret")
+    return total.to_bytes(KEY_BYTES, "big")
 
 
 def seed_commitment(round_id: str, device: str, seed: bytes) -> bytes:
@@ -306,9 +341,9 @@ class SecAggDevice:
             body = AESGCM(key).decrypt(item.ciphertext[:12], item.ciphertext[12:], ad)
         except (InvalidTag, ValueError) as exc:
             raise SecAggError(SecAggFailure.BAD_CIPHERTEXT, f"share from {item.peer!r} fails authentication") from exc
-        if len(body) != 2 + 2 * KEY_BYTES:
+        if len(body) != 2 + 2 * SHARE_BYTES:
             raise SecAggError(SecAggFailure.MALFORMED, f"share bundle from {item.peer!r} has {len(body)} bytes")
-        return struct.unpack(">H", body[:2])[0], body[2:34], body[34:]
+        return struct.unpack(">H", body[:2])[0], body[2 : 2 + SHARE_BYTES], body[2 + SHARE_BYTES :]
 
     def masked_input(self, msg: SharesRelay, q: NDArray[np.uint64]) -> MaskedInput:
         """Stage 2: open the relayed shares (all must authenticate), then mask the quantised update ``q``."""

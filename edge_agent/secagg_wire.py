@@ -68,7 +68,7 @@ class Sealed:
 
 @dataclass(frozen=True)
 class RevealedShare:
-    """One Shamir share (32 bytes: two 16-byte halves at the same index) of ``peer``'s secret."""
+    """One Shamir share of ``peer``'s secret: an index and a 33-byte big-endian element of GF(2^256 + 297)."""
 
     peer: str
     index: int

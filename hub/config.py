@@ -65,6 +65,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final
 
+from fedge.edge_agent.secagg import SecAggConfig
 from fedge.hub.dashboard.listen import MIN_TOKEN_CHARS, is_loopback, parse_listen, valid_token
 from fedge.protocol.configdoc import Section, doc, keys_of, starter_toml
 from fedge.protocol.errors import ConfigError
@@ -287,8 +288,8 @@ class PrivacyConfig:
     mode: str = field(
         default="off",
         metadata=doc(
-            'client-level DP: off, central (devices clip, hub adds noise) or local (devices clip and add '
-            'noise)', example='central'),
+            'client-level DP: off, central (devices clip, hub adds noise), local (devices clip and add noise) or '
+            'distributed (each device adds its share of the noise; needs [secagg] enabled)', example='central'),
     )
     noise_multiplier: float = field(
         default=1.0,
@@ -319,9 +320,6 @@ class PrivacyConfig:
     def __post_init__(self) -> None:
         if self.mode not in PRIVACY_MODES:
             raise ConfigError("privacy.mode", f"{self.mode!r} is not one of {', '.join(PRIVACY_MODES)}")
-        if self.mode == "distributed":
-            raise ConfigError("privacy.mode", "distributed DP is private against the hub only under secure "
-                              "aggregation, which this hub does not have yet: use central or local")
         _need_num("privacy.noise_multiplier", self.noise_multiplier, minimum=0.0)
         if self.mode != "off" and self.noise_multiplier <= 0:
             raise ConfigError("privacy.noise_multiplier", "must be > 0 when privacy is on")
@@ -369,6 +367,48 @@ class StoreConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.keep_update_payloads, bool):
             raise ConfigError("store.keep_update_payloads", f"must be true or false, got {self.keep_update_payloads!r}")
+
+
+@dataclass(frozen=True)
+class SecAggSection:
+    """``[secagg]``: secure aggregation (SecAgg+ over the broker; PROTOCOL.md, "Secure aggregation")."""
+
+    enabled: bool = field(default=False, metadata=doc(
+        "every round is a secure-aggregation round: the hub learns only the sum of the devices' updates (devices "
+        "need the agent's secagg extra)", example=True))
+    degree: int = field(default=0, metadata=doc(
+        "neighbours k each device masks with; 0 = 2*ceil(log2 n) for a cohort of n", example=8))
+    threshold: int = field(default=0, metadata=doc(
+        "Shamir threshold t (k/2 < t <= k): a stage needs t survivors; 0 = k//2 + 1", example=5))
+    ring_bits: int = field(default=32, metadata=doc("the sum is computed modulo 2**ring_bits (8..62)", example=32))
+    clip: float = field(default=1.0, metadata=doc(
+        "each coordinate of an update is clipped to [-clip, clip] before quantisation (under distributed DP at "
+        "least C + 6 noise standard deviations)", example=1.0))
+    scale: float = field(default=65536.0, metadata=doc("quantisation: q = round(x * scale)", example=65536.0))
+    stochastic: bool = field(default=False, metadata=doc("unbiased stochastic rounding instead of nearest",
+                                                         example=True))
+    stage_timeout_s: float = field(default=30.0, metadata=doc(
+        "how long the key and unmask stages wait for devices (the masked-input stage lasts until the round's "
+        "deadline)", example=10.0))
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ConfigError("secagg.enabled", f"must be true or false, got {self.enabled!r}")
+        if not isinstance(self.stochastic, bool):
+            raise ConfigError("secagg.stochastic", f"must be true or false, got {self.stochastic!r}")
+        for name in ("degree", "threshold", "ring_bits"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"secagg.{name}", f"must be a whole number >= 0, got {value!r}")
+        _need_num("secagg.clip", self.clip, positive=True)
+        _need_num("secagg.scale", self.scale, positive=True)
+        _need_num("secagg.stage_timeout_s", self.stage_timeout_s, positive=True)
+        self.params()  # ring_bits range and the rest, named
+
+    def params(self) -> SecAggConfig:
+        """The library's parameters (ConfigError naming the field if they are unusable)."""
+        return SecAggConfig(degree=self.degree, threshold=self.threshold, ring_bits=self.ring_bits, clip=self.clip,
+                            scale=self.scale, stochastic=self.stochastic)
 
 
 @dataclass(frozen=True)
@@ -486,8 +526,12 @@ class HubConfig:
     privacy: PrivacyConfig = PrivacyConfig()
     http: HttpConfig = HttpConfig()
     store: StoreConfig = StoreConfig()
+    secagg: SecAggSection = SecAggSection()
 
     def __post_init__(self) -> None:
+        if self.privacy.mode == "distributed" and not self.secagg.enabled:
+            raise ConfigError("privacy.mode", "distributed DP is private against the hub only under secure "
+                              "aggregation: set [secagg] enabled = true, or use central or local")
         if not isinstance(self.fleet, str) or not valid_id(self.fleet):
             raise ConfigError("fleet", f"{self.fleet!r} must be 1-64 characters of [A-Za-z0-9_-]")
         if self.devices is not None:
@@ -506,7 +550,7 @@ class HubConfig:
 
 
 _TOP: Final = frozenset({"fleet", "state_dir", "artifacts", "eval_data", "devices", "broker", "rounds", "limits",
-                         "aggregation", "schedule", "privacy", "http", "store", "signing_key"})
+                         "aggregation", "schedule", "privacy", "http", "store", "signing_key", "secagg"})
 
 
 def _table(table: Mapping[str, Any], key: str, cls: type[Any]) -> Any:
@@ -562,6 +606,7 @@ def config_from_mapping(table: Mapping[str, Any], base_dir: Path) -> HubConfig:
         privacy=_table(table, "privacy", PrivacyConfig),
         http=_table(table, "http", HttpConfig),
         store=_table(table, "store", StoreConfig),
+        secagg=_table(table, "secagg", SecAggSection),
     )
 
 
@@ -583,6 +628,7 @@ def reference_sections() -> list[Section]:
         Section("privacy", keys_of(PrivacyConfig), "client-level differential privacy (PROTOCOL.md)"),
         Section("http", keys_of(HttpConfig), "the read-only fleet dashboard and Prometheus /metrics (README)"),
         Section("store", keys_of(StoreConfig), "what the hub's SQLite store keeps"),
+        Section("secagg", keys_of(SecAggSection), "secure aggregation: the hub sees only the sum (PROTOCOL.md)"),
     ]
 
 
@@ -612,6 +658,7 @@ __all__ = [
     "PrivacyConfig",
     "RoundsConfig",
     "ScheduleConfig",
+    "SecAggSection",
     "StoreConfig",
     "config_from_mapping",
     "load_config",

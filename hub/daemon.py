@@ -22,13 +22,16 @@ from typing import Any
 import numpy as np
 
 from fedge.edge_agent.privacy import DpEvent, DpParams, epsilon, event_for
+from fedge.edge_agent.secagg_session import auto_clip
+from fedge.hub import secagg_daemon
 from fedge.hub.config import HubConfig
 from fedge.hub.evaluate import EvalFn, Evaluator
 from fedge.hub.registry import Registry
 from fedge.hub.rounds import OpenRound, RoundParams, over_limits, poisson_select, select_devices
+from fedge.hub.secagg_round import SecAggCoordinator, SecAggPlan
 from fedge.hub.selection import Selector
 from fedge.hub.store import LedgerRow, Store, VersionRow
-from fedge.hub.strategies import Aggregator, Bounds, DpAggregator, Strategy, make_strategy
+from fedge.hub.strategies import Aggregator, Bounds, DpAggregator, SecureSumAggregator, Strategy, make_strategy
 from fedge.hub.validate import Accept, Rejection, UpdateContext, validate_update
 from fedge.hub.watchdog import hub_watchdog
 from fedge.protocol.codec import (
@@ -160,6 +163,7 @@ class HubDaemon:
         # DP cohorts and central noise: seeded by the operating system unless a test passes a generator
         self._rng = rng if rng is not None else np.random.default_rng()
         self._dp_capable: set[str] = self.store.dp_capable()
+        self._secagg_capable: set[str] = set()  # from the devices' presence (retained: back after a restart)
         self._budget_exhausted = False
         self.round: OpenRound | None = None
         self.selector = Selector(self)  # source-model selection rounds (hub/selection.py)
@@ -205,6 +209,8 @@ class HubDaemon:
         self.transport.subscribe(self.topics.control_round_cancel, self._on_cancel)
         self.transport.subscribe(self.topics.update_all, self._on_update)
         self.transport.subscribe(self.topics.decline_all, self._on_decline)
+        self.transport.subscribe(self.topics.secagg_all,
+                                 lambda t, p: self.call(lambda: secagg_daemon.handle_frame(self, t, p)))
         self.transport.subscribe(self.topics.control_round_select,
                                  lambda _t, p: self.call(lambda: self.selector.handle_control(p)))
         self.transport.subscribe(self.topics.select_report_all,
@@ -379,6 +385,8 @@ class HubDaemon:
         rnd = OpenRound(row.id, row.model_version, row.backbone_sha256, params,
                         row.selected, row.opened_at, deadline, agg, offline_grace_s=self.cfg.rounds.offline_grace_s)
         rnd.declined.update(self.store.declines(row.id))
+        # a SecAgg round's stage state (and the devices' secrets) was in memory: rnd.secagg stays None and the
+        # first tick closes it as failed
         for stored in self.store.iter_updates(row.id):
             msg = decode(stored.payload, max_bytes=max(len(stored.payload), 1))
             if not isinstance(msg, ModelUpdate):
@@ -409,6 +417,7 @@ class HubDaemon:
         if (device in self._dp_capable) != msg.dp:
             self.store.set_dp_capable(device, msg.dp)
             (self._dp_capable.add if msg.dp else self._dp_capable.discard)(device)
+        (self._secagg_capable.add if msg.secagg else self._secagg_capable.discard)(device)
         self.known.add(device)
         was_online = device in self._online
         (self._online.add if msg.online else self._online.discard)(device)
@@ -421,8 +430,7 @@ class HubDaemon:
         elif was_online and rnd.went_offline(device, self.clock()):
             log.warning("round %d: selected device %s went offline without answering: counted as failed unless "
                         "back within %g s", rnd.id, device, rnd.offline_grace_s)
-            if rnd.should_close(self.clock()):
-                self._close_round(rnd)
+            self.maybe_close(rnd)
 
     def _handle_control(self, payload: bytes) -> None:
         try:
@@ -485,9 +493,9 @@ class HubDaemon:
         if r.params.dp is not None:
             detail += ("; its privacy charge stays in the ledger (the round was announced: devices may have trained "
                        "and sent updates)")
-        self._end_round(r, RoundStatus.CANCELLED, detail)
+        self.end_round(r, RoundStatus.CANCELLED, detail)
 
-    def _end_round(self, r: OpenRound, status: RoundStatus, detail: str) -> None:
+    def end_round(self, r: OpenRound, status: RoundStatus, detail: str) -> None:
         """Close ``r`` without aggregating (no version) with ``detail``; publish its result; a chain ends."""
         now = self.clock()
         self.store.set_round_detail(r.id, detail)
@@ -519,6 +527,11 @@ class HubDaemon:
         if not candidates:
             log.warning("no round started: no known online device")
             return None, "no_devices", "no known online device to select"
+        if self.cfg.secagg.enabled:
+            candidates &= self._secagg_capable
+            if not candidates:
+                return None, "no_devices", "no online device can take part in secure aggregation (install the " \
+                    "agent's secagg extra)"
         cur = self._current()
         if (cur.version, cur.backbone_sha256) != self._published:  # e.g. after `fedge hub rollback`
             self._publish_model(cur)
@@ -554,9 +567,23 @@ class HubDaemon:
                                len(selected), params.expected_cohort, eps_after, privacy.delta, now)
         else:
             selected = select_devices(candidates, params.fraction, params.min_devices, self.cfg.rounds.seed, rid)
+        if self.cfg.secagg.enabled:
+            try:
+                cfg = replace(self.cfg.secagg.params(), clip=auto_clip(params.dp, self.cfg.secagg.clip))
+                plan = SecAggPlan.make(self.cfg.fleet, rid, selected, os.urandom(32), cfg,
+                                       self.cfg.secagg.stage_timeout_s)
+            except ConfigError as exc:  # nothing announced: no privacy spent
+                detail = f"secure aggregation is impossible for this cohort of {len(selected)}: {exc}"
+                self._unannounced(rid, RoundStatus.FAILED_QUORUM, cur, params, now, detail)
+                return None, "secagg_impossible", detail
+            params = replace(params, secagg=plan)
         agg = self._aggregator(params, cur.backbone_sha256)
         rnd = OpenRound(rid, cur.version, cur.backbone_sha256, params, selected, now, now + params.deadline_s, agg,
                         offline_grace_s=self.cfg.rounds.offline_grace_s)
+        if params.secagg is not None:
+            rnd.secagg = SecAggCoordinator(
+                self.cfg.fleet, rid, params.secagg, selected, sum(math.prod(s) for s in agg.shapes.values()), now,
+                rnd.deadline, lambda device, frame: self._publish(self.topics.secagg_inbox(device), frame))
         # the ledger entry and the round are one transaction: a crash leaves both or neither
         self.store.open_round(rid, cur.version, cur.backbone_sha256, params.to_dict(), selected, now, rnd.deadline,
                               ledger)
@@ -570,6 +597,12 @@ class HubDaemon:
 
     def _aggregator(self, params: RoundParams, backbone: str) -> Aggregator:
         shapes = {k: s for k, (s, _) in self._spec(backbone).items()}
+        if params.secagg is not None:
+            agg = self.cfg.aggregation
+            return SecureSumAggregator(shapes, agg.proximal_lambda,
+                                       Bounds(agg.max_weight_ratio, agg.fixed_update_norm, agg.norm_multiplier,
+                                              agg.norm_ceiling),
+                                       None if params.dp is None else max(params.expected_cohort, 1.0))
         if params.dp is None:
             # the norm history is read when the round opens (or resumes): fixed for the round
             return self.strategy.aggregator(shapes, self.store.recent_update_norms(self.cfg.aggregation.norm_window))
@@ -619,8 +652,7 @@ class HubDaemon:
         self.store.add_decline(rnd.id, msg.device, str(msg.reason), msg.detail)
         rnd.declined[msg.device] = str(msg.reason)
         log.info("round %d: %s declined (%s: %s)", rnd.id, msg.device, msg.reason, msg.detail)
-        if rnd.should_close(self.clock()):
-            self._close_round(rnd)
+        self.maybe_close(rnd)
 
     def _context(self, r: OpenRound | None) -> UpdateContext:
         spec = self._spec(r.backbone_sha256) if r else {}
@@ -631,9 +663,19 @@ class HubDaemon:
             private=r is not None and r.params.dp is not None, declined=frozenset(r.declined if r else ()),
         )
 
+    def maybe_close(self, rnd: OpenRound) -> None:
+        """Close ``rnd`` if it is due (a SecAgg round: move its stages on, and close it once the sum is there)."""
+        if rnd.params.secagg is not None:
+            secagg_daemon.step(self, rnd)
+        elif rnd.should_close(self.clock()):
+            self.close_round(rnd)
+
     def _handle_update(self, topic: str, payload: bytes) -> None:
         device = self.topics.device_of(topic)
         rnd = self.round
+        if rnd is not None and rnd.params.secagg is not None:
+            self._reject(secagg_daemon.plain_update_rejection(self, device, rnd), topic)
+            return
         verdict = validate_update(device, payload, self._context(rnd))
         if isinstance(verdict, Rejection):
             self._reject(verdict, topic)
@@ -653,7 +695,7 @@ class HubDaemon:
         ack = Ack(fleet=self.cfg.fleet, round=msg.round, device=msg.device, ref_nonce=msg.nonce)
         self._publish(self.topics.ack(msg.device), encode(ack))
         if rnd.should_close(self.clock()):
-            self._close_round(rnd)
+            self.close_round(rnd)
 
     def _reject(self, v: Rejection, topic: str) -> None:
         rid = self.round.id if self.round else None
@@ -668,13 +710,15 @@ class HubDaemon:
     def _tick(self) -> None:
         now = self.clock()
         rnd = self.round
-        if rnd is not None and rnd.should_close(now):
+        if rnd is not None and rnd.params.secagg is not None:
+            secagg_daemon.step(self, rnd)
+        elif rnd is not None and rnd.should_close(now):
             try:
-                self._close_round(rnd)
+                self.close_round(rnd)
             except Exception as exc:  # a round whose deadline passed always closes: as failed, if not otherwise
                 log.exception("round %d: closing failed", rnd.id)
                 if self.round is rnd:
-                    self._end_round(rnd, RoundStatus.FAILED_QUORUM, f"closing the round failed: {exc}")
+                    self.end_round(rnd, RoundStatus.FAILED_QUORUM, f"closing the round failed: {exc}")
         self.selector.tick(now)
         every = self.cfg.schedule.every_s
         idle = self.round is None and self.selector.open is None
@@ -684,7 +728,7 @@ class HubDaemon:
                 self._set_chain(0, RoundOverrides())  # a scheduled round uses the defaults and starts no chain
                 self._start_round(RoundOverrides())
 
-    def _close_round(self, r: OpenRound) -> None:
+    def close_round(self, r: OpenRound) -> None:
         now = self.clock()
         row: VersionRow | None = None
         acc = loss = None

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Final
 
 import numpy as np
 
 from fedge.edge_agent.privacy import DpParams
 from fedge.hub.config import LimitsConfig, RoundsConfig
+from fedge.hub.secagg_round import SecAggCoordinator, SecAggPlan
 from fedge.hub.strategies import Aggregator
 from fedge.protocol.messages import RoundAnnounce, RoundOverrides
 
@@ -31,6 +32,7 @@ class RoundParams:
     lr: float
     dp: DpParams | None = None
     expected_cohort: float = 0.0
+    secagg: SecAggPlan | None = None  # a secure-aggregation round's public setup
 
     @classmethod
     def make(cls, defaults: RoundsConfig, overrides: RoundOverrides | None = None) -> RoundParams:
@@ -45,16 +47,17 @@ class RoundParams:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        if self.dp is None:
-            out.pop("dp")
+        for key in ("dp", "secagg"):
+            if out[key] is None:
+                out.pop(key)
         return out
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RoundParams:
-        dp = raw.get("dp")
+        dp, sa = raw.get("dp"), raw.get("secagg")
         return cls(int(raw["min_devices"]), float(raw["deadline_s"]), float(raw["fraction"]),
                    int(raw["local_epochs"]), float(raw["lr"]), None if dp is None else DpParams(**dp),
-                   float(raw.get("expected_cohort", 0.0)))
+                   float(raw.get("expected_cohort", 0.0)), None if sa is None else SecAggPlan.from_dict(sa))
 
 
 UNBOUNDED_OVERRIDES: Final = frozenset({"fraction", "request_id"})
@@ -117,6 +120,11 @@ class OpenRound:
     rejected: int = 0
     offline: dict[str, float] = field(default_factory=dict)  # selected, not answered, last will seen -> when
     offline_grace_s: float = 0.0  # how long a device must stay offline to count as failed
+    secagg: SecAggCoordinator | None = None  # a secure-aggregation round's stages (None after a hub restart)
+
+    def gone(self, now: float) -> set[str]:
+        """Selected devices expected no more: declined, or offline past the grace."""
+        return set(self.declined) | self.failed_offline(now)
 
     def went_offline(self, device: str, now: float) -> bool:
         """A selected device that has not answered went offline: it counts as failed once it stayed offline
@@ -132,7 +140,7 @@ class OpenRound:
 
     def announce(self, fleet: str) -> RoundAnnounce:
         dp = self.params.dp
-        return RoundAnnounce(
+        msg = RoundAnnounce(
             fleet=fleet, round=self.id, model_version=self.model_version, backbone_sha256=self.backbone_sha256,
             deadline=self.deadline, min_devices=self.params.min_devices, selected=self.selected,
             local_epochs=self.params.local_epochs, lr=self.params.lr,
@@ -143,6 +151,12 @@ class OpenRound:
             dp_min_cohort=None if dp is None else dp.min_cohort,
             proximal_lambda=self.aggregator.proximal_lambda or None,
         )
+        sa = self.params.secagg
+        if sa is None:
+            return msg
+        return replace(msg, secagg_seed=sa.seed, secagg_degree=sa.degree, secagg_threshold=sa.threshold,
+                       secagg_ring_bits=sa.ring_bits, secagg_clip=sa.clip, secagg_scale=sa.scale,
+                       secagg_stochastic=sa.stochastic)
 
     def all_answered(self, now: float) -> bool:
         """Every selected device sent an update, declined, or stayed offline (failed) without answering."""

@@ -20,6 +20,7 @@ from numpy.typing import NDArray
 
 from fedge.edge_agent.secagg import (
     KEY_BYTES,
+    SHARE_BYTES,
     RoundSetup,
     agree,
     combine_secret,
@@ -167,8 +168,8 @@ class SecAggServer:
             s.peer for s in msg.key_shares
         ) != tuple(sorted(req.dropped)):
             raise SecAggError(SecAggFailure.PROTOCOL_VIOLATION, f"{msg.sender!r} answered another request")
-        if any(len(s.share) != KEY_BYTES for s in msg.seed_shares + msg.key_shares):
-            raise SecAggError(SecAggFailure.MALFORMED, f"a share from {msg.sender!r} is not 32 bytes")
+        if any(len(s.share) != SHARE_BYTES for s in msg.seed_shares + msg.key_shares):
+            raise SecAggError(SecAggFailure.MALFORMED, f"a share from {msg.sender!r} is not {SHARE_BYTES} bytes")
         self.responses[msg.sender] = msg
 
     def _rebuild(self, owner: str, kind: str) -> bytes:

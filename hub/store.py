@@ -65,6 +65,9 @@ CREATE TABLE IF NOT EXISTS selections (
 CREATE TABLE IF NOT EXISTS selection_reports (
     round INTEGER NOT NULL, device TEXT NOT NULL, nonce TEXT NOT NULL, metrics TEXT NOT NULL, received_at REAL NOT NULL,
     UNIQUE(round, device));
+CREATE TABLE IF NOT EXISTS secagg_sums (
+    round INTEGER PRIMARY KEY, included TEXT NOT NULL, dropped TEXT NOT NULL, ring_bits INTEGER NOT NULL,
+    scale REAL NOT NULL, total BLOB NOT NULL, ts REAL NOT NULL);
 """
 
 
@@ -498,6 +501,20 @@ class Store:
         return None if row is None else self._selection(row)
 
     # rejects and control
+    def add_secagg_sum(self, rid: int, included: tuple[str, ...], dropped: tuple[str, ...], ring_bits: int,
+                       scale: float, total: bytes) -> None:
+        """What the hub learnt in a SecAgg round: the unmasked ring sum (little-endian uint64) and who is in it."""
+        self._write("INSERT OR REPLACE INTO secagg_sums(round, included, dropped, ring_bits, scale, total, ts) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (rid, json.dumps(list(included)), json.dumps(list(dropped)), ring_bits, scale, total, time.time()))
+
+    def secagg_sum(self, rid: int) -> tuple[list[str], list[str], int, float, bytes] | None:
+        """``(included, dropped before input, ring_bits, scale, ring sum bytes)`` of a SecAgg round."""
+        row = self._one("SELECT included, dropped, ring_bits, scale, total FROM secagg_sums WHERE round = ?", (rid,))
+        if row is None:
+            return None
+        return json.loads(row[0]), json.loads(row[1]), int(row[2]), float(row[3]), bytes(row[4])
+
     def add_reject(self, rid: int | None, device: str | None, reason: str, detail: str) -> None:
         self._write("INSERT INTO rejects(round, device, reason, detail, ts) VALUES (?, ?, ?, ?, ?)",
                     (rid, device, reason, detail[:500], time.time()))

@@ -307,6 +307,44 @@ class DpAggregator(Aggregator):
         return out
 
 
+class SecureSumAggregator(Aggregator):
+    """A secure-aggregation round: the hub never sees an update, only the unmasked sum of the included devices'
+    (clipped, quantised) updates, added once with :meth:`add_sum`. Every included device weighs the same (the hub
+    does not learn sample counts); the denominator is the number of inputs, or under DP the expected cohort
+    (DP-FedAvg, as :class:`DpAggregator`). The combined delta is bounded by ``norm_ceiling`` outside DP."""
+
+    name = "secure_sum"
+
+    def __init__(self, shapes: Shapes, proximal_lambda: float, bounds: Bounds, denominator: float | None = None
+                 ) -> None:
+        super().__init__(shapes, proximal_lambda, bounds)
+        self.denominator = denominator
+        self._sum: Combined | None = None
+
+    def add(self, delta: Delta, n_samples: int) -> None:
+        raise TypeError("a secure-aggregation round adds only the unmasked sum (add_sum)")
+
+    def add_sum(self, total: Delta, count: int) -> None:
+        """The unmasked sum of ``count`` devices' updates."""
+        self._check(total, max(count, 1))
+        if self._sum is not None:
+            raise ValueError("the sum was added already")
+        self._sum = {k: np.asarray(v, dtype=np.float64) for k, v in total.items()}
+        self.count = self.total_samples = int(count)
+
+    def mean_delta(self) -> Combined:
+        if self._sum is None or not self.count:
+            raise ValueError("no sum was added")
+        denom = self.denominator if self.denominator is not None else float(self.count)
+        out = {k: v / denom for k, v in self._sum.items()}
+        norm = l2_norm(out)
+        bound = self.bounds.norm_ceiling
+        if self.denominator is None and math.isfinite(norm) and norm > bound:
+            out = {k: v * (bound / norm) for k, v in out.items()}
+        self.summary = Summary(bound, 0, None, 0)
+        return out
+
+
 def make_strategy(name: str, proximal_lambda: float, bounds: Bounds | None = None,
                   trim_fraction: float = 0.2) -> Strategy:
     """The strategy named in ``[aggregation] strategy`` (``fedavg``, ``median`` or ``trimmed_mean``)."""
@@ -314,6 +352,17 @@ def make_strategy(name: str, proximal_lambda: float, bounds: Bounds | None = Non
 
 
 __all__ = [
-    "STRATEGY_NAMES", "Aggregator", "Bounds", "DpAggregator", "Head", "MedianAggregator",
-    "RobustStrategy", "Strategy", "Summary", "TrimmedMeanAggregator", "lower_median", "make_strategy",
+    "STRATEGY_NAMES",
+    "Aggregator",
+    "Bounds",
+    "DpAggregator",
+    "Head",
+    "MedianAggregator",
+    "RobustStrategy",
+    "SecureSumAggregator",
+    "Strategy",
+    "Summary",
+    "TrimmedMeanAggregator",
+    "lower_median",
+    "make_strategy",
 ]

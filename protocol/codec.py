@@ -40,6 +40,7 @@ from fedge.protocol.messages import (
     RoundOverrides,
     RoundResult,
     RoundStatus,
+    SecAggStage,
 )
 
 MAGIC: Final = b"FDG"
@@ -69,9 +70,9 @@ DTYPES: Final[dict[str, np.dtype[Any]]] = {
 _BY_TYPE: Final[dict[MessageType, type[Message]]] = {
     cls.type: cls
     for cls in (Presence, HubStatus, RoundAnnounce, ModelHead, ModelFull, ModelUpdate, Ack, Reject, RoundResult,
-                Decline)
+                Decline, SecAggStage)
 }
-_ARRAY_FIELD: Final = {"head", "files", "delta"}
+_ARRAY_FIELD: Final = {"head", "files", "delta", "stage"}
 
 
 def _dtype_name(arr: np.ndarray[Any, Any]) -> str:

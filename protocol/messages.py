@@ -41,6 +41,7 @@ class MessageType(StrEnum):
     REJECT = "reject"
     RESULT = "result"
     DECLINE = "decline"
+    SECAGG = "secagg"
 
 
 class RejectReason(StrEnum):
@@ -100,6 +101,7 @@ class Presence:
     nonce: str = field(default_factory=new_nonce)
     ts: float = field(default_factory=time.time)
     dp: bool = field(default=False, metadata=EXT)  # this agent applies announced DP (clip, noise, no data metrics)
+    secagg: bool = field(default=False, metadata=EXT)  # this agent can take part in secure-aggregation rounds
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,15 @@ class RoundAnnounce:
     # a selection round (announced on round/select only): candidate source models and their backbones, in pairs
     candidates: tuple[str, ...] = field(default=(), metadata=EXT)
     candidate_backbones: tuple[str, ...] = field(default=(), metadata=EXT)
+    # a secure-aggregation round (PROTOCOL.md, "Secure aggregation"): the public graph seed (64 hex characters),
+    # the neighbour count k, the Shamir threshold t, the ring 2^bits, the coordinate clip and quantisation scale
+    secagg_seed: str | None = field(default=None, metadata=EXT)
+    secagg_degree: int | None = field(default=None, metadata=EXT)
+    secagg_threshold: int | None = field(default=None, metadata=EXT)
+    secagg_ring_bits: int | None = field(default=None, metadata=EXT)
+    secagg_clip: float | None = field(default=None, metadata=EXT)
+    secagg_scale: float | None = field(default=None, metadata=EXT)
+    secagg_stochastic: bool = field(default=False, metadata=EXT)  # unbiased stochastic rounding, not nearest
 
 
 @dataclass(frozen=True, eq=False)
@@ -256,8 +267,23 @@ class Decline:
     ts: float = field(default_factory=time.time)
 
 
+@dataclass(frozen=True)
+class SecAggStage:
+    """One SecAgg+ stage message (PROTOCOL.md, "Secure aggregation"): ``stage["fsa"]`` is its byte encoding
+    (uint8) as ``fedge.edge_agent.secagg_wire`` writes it. On ``secagg/<device>`` ``device`` is the sender; on
+    ``device/<device>/secagg`` (from the hub, signed like every hub frame) it is the receiver."""
+
+    type: ClassVar[MessageType] = MessageType.SECAGG
+    fleet: str
+    round: int
+    device: str
+    stage: Arrays
+    nonce: str = field(default_factory=new_nonce)
+    ts: float = field(default_factory=time.time)
+
+
 Message = (Presence | HubStatus | RoundAnnounce | ModelHead | ModelFull | ModelUpdate | Ack | Reject | RoundResult
-           | Decline)
+           | Decline | SecAggStage)
 
 
 @dataclass(frozen=True)
@@ -291,5 +317,6 @@ __all__ = [
     "RoundOverrides",
     "RoundResult",
     "RoundStatus",
+    "SecAggStage",
     "new_nonce",
 ]

@@ -107,6 +107,18 @@ class Topics:
     def decline_all(self) -> str:
         return f"{self.base}/decline/+"
 
+    def secagg(self, device: str) -> str:
+        """A device's SecAgg+ stage messages to the hub (PROTOCOL.md, "Secure aggregation")."""
+        return f"{self.base}/secagg/{_check('device', device)}"
+
+    @property
+    def secagg_all(self) -> str:
+        return f"{self.base}/secagg/+"
+
+    def secagg_inbox(self, device: str) -> str:
+        """The hub's SecAgg+ stage messages to one device (inside its inbox, signed like every hub frame)."""
+        return f"{self.base}/device/{_check('device', device)}/secagg"
+
     def presence(self, device: str) -> str:
         return f"{self.base}/presence/{_check('device', device)}"
 
@@ -125,11 +137,11 @@ class Topics:
         return f"{self.base}/device/{_check('device', device)}/reject"
 
     def device_of(self, topic: str) -> str | None:
-        """The device id in an ``update/<device>``, ``presence/<device>``, ``decline/<device>`` or
-        ``select/<device>`` topic, else None."""
+        """The device id in an ``update/<device>``, ``presence/<device>``, ``decline/<device>``,
+        ``select/<device>`` or ``secagg/<device>`` topic, else None."""
         parts = topic.split("/")
         if len(parts) == 4 and parts[:2] == [ROOT, self.fleet] and parts[2] in ("update", "presence", "decline",
-                                                                                 "select"):
+                                                                                 "select", "secagg"):
             return parts[3] if valid_id(parts[3]) else None
         return None
 

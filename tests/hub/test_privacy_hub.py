@@ -31,7 +31,7 @@ def _hello(fleet: Fleet, devices: list[str] = DEVICES) -> None:
         fleet.device(d).hello()
 
 
-def test_distributed_mode_is_refused_until_secure_aggregation_exists(tmp_path: Path, artifacts: Path) -> None:
+def test_distributed_mode_is_refused_without_secure_aggregation(tmp_path: Path, artifacts: Path) -> None:
     with pytest.raises(ConfigError) as info:
         _cfg(tmp_path, artifacts, mode="distributed")
     assert info.value.field == "privacy.mode" and "secure aggregation" in str(info.value)

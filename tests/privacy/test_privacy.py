@@ -154,6 +154,8 @@ def test_device_ledger_declines_and_survives(tmp_path: Path) -> None:
     assert decline_reason(policy, DpParams("distributed", 1.0, 1.0), ledger)[0] is DeclineReason.MODE_NOT_ALLOWED  # type: ignore[index]
     # distributed is declined even by a device without a policy: its own update carries only zC/sqrt(m)
     assert decline_reason(None, DpParams("distributed", 1.0, 1.0), ledger)[0] is DeclineReason.MODE_NOT_ALLOWED  # type: ignore[index]
+    # ... unless the round is a secure-aggregation round: the hub then sees only the sum
+    assert decline_reason(None, DpParams("distributed", 1.0, 1.0), ledger, secure=True) is None
     ledger.record(1, local)
     ledger.record(2, local)
     # local mode: two unamplified Gaussian rounds, charged at z/2 (replacement adjacency)

@@ -15,9 +15,12 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from fedge.edge_agent.secagg import (
+    SHAMIR_PRIME,
+    SHARE_BYTES,
     RoundSetup,
     SecAggConfig,
     SecAggDevice,
+    _split_with,
     combine_secret,
     dequantise,
     neighbour_graph,
@@ -266,15 +269,106 @@ def test_shamir_any_threshold_subset_recovers_the_secret(secret: bytes, t: int, 
         assert combine_secret(subset[:-1]) != secret
 
 
-def test_shamir_known_vectors_and_linearity() -> None:
+def _probably_prime(n: int) -> bool:
+    """Miller-Rabin with the first 40 primes as bases (a composite passes with probability < 4^-40)."""
+    bases = [b for b in range(2, 180) if all(b % d for d in range(2, b))][:40]
+    if n < 2 or any(n % b == 0 for b in bases):
+        return n in bases
+    d, r = n - 1, 0
+    while d % 2 == 0:
+        d, r = d // 2, r + 1
+    for a in bases:
+        x = pow(a, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(r - 1):
+            x = x * x % n
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def test_shamir_field_is_the_least_prime_above_2_256() -> None:
+    assert SHAMIR_PRIME == 2**256 + 297 and _probably_prime(SHAMIR_PRIME)
+    assert not any(_probably_prime(2**256 + k) for k in range(1, 297))
+    assert SHARE_BYTES == (SHAMIR_PRIME.bit_length() + 7) // 8 == 33  # any field element, fixed width
+
+
+def _el(v: int) -> bytes:
+    return v.to_bytes(SHARE_BYTES, "big")
+
+
+def test_shamir_known_vectors_by_hand() -> None:
+    """Cost (no timing asserted): split is Horner, count * threshold multiplications mod p; combine is
+    Lagrange at 0, ~2 t^2 multiplications and t modular inverses on 257-bit ints, microseconds per secret."""
+    # f(x) = 5 + 2x + 3x^2: f(1) = 10, f(2) = 21, f(3) = 38, f(4) = 61
+    shares = _split_with(5, [2, 3], 4)
+    assert shares == [(1, _el(10)), (2, _el(21)), (3, _el(38)), (4, _el(61))]
+    for subset in ([0, 1, 2], [1, 2, 3], [3, 0, 2], [0, 1, 3]):
+        assert combine_secret([shares[i] for i in subset]) == (5).to_bytes(32, "big")
+    # reduction mod p: f(x) = (2^256 - 1) + 300x wraps at x = 1 to 2^256 + 299 - p = 2
+    top = 2**256 - 1
+    wrapped = _split_with(top, [300], 2)
+    assert wrapped == [(1, _el(2)), (2, _el(302))]
+    assert combine_secret(wrapped) == top.to_bytes(32, "big")
+    assert combine_secret([(2, _el(302)), (1, _el(2))]) == bytes([255] * 32)  # order does not matter
+    # a degree-0 polynomial: every share is the secret, left-padded to the field width
     secret = bytes(range(32))
-    assert split_secret(secret, 1, 3) == [(i, secret) for i in (1, 2, 3)]  # degree-0 polynomial
+    assert split_secret(secret, 1, 3) == [(i, b"\x00" + secret) for i in (1, 2, 3)]
+    # linearity: share-wise sums mod p are shares of the sum
     a, b = bytes([7] * 32), bytes(range(100, 132))
     sa, sb = split_secret(a, 3, 5), split_secret(b, 3, 5)
-    xor = [(i, bytes(x ^ y for x, y in zip(u, v, strict=True))) for (i, u), (_, v) in zip(sa, sb, strict=True)]
-    assert combine_secret(xor[1:4]) == bytes(x ^ y for x, y in zip(a, b, strict=True))  # GF(2^128) addition
-    with pytest.raises(SecAggError):
-        combine_secret([(1, a), (1, b)])
+    added = [
+        (i, _el((int.from_bytes(u, "big") + int.from_bytes(v, "big")) % SHAMIR_PRIME))
+        for (i, u), (_, v) in zip(sa, sb, strict=True)
+    ]
+    assert combine_secret(added[1:4]) == (int.from_bytes(a, "big") + int.from_bytes(b, "big")).to_bytes(32, "big")
+
+
+def test_shamir_rejects_malformed_shares() -> None:
+    good = _split_with(5, [2, 3], 3)
+    cases = {
+        "repeated index": [good[0], good[0], good[1]],
+        "index 0": [(0, _el(5)), good[1], good[2]],
+        "value p": [good[0], good[1], (3, _el(SHAMIR_PRIME))],
+        "32-byte share": [good[0], good[1], (3, (38).to_bytes(32, "big"))],
+        "34-byte share": [good[0], good[1], (3, (38).to_bytes(34, "big"))],
+        "no shares": [],
+        "secret >= 2^256": [(1, _el(2**256)), (2, _el(2**256))],  # consistent shares of no 32-byte secret
+    }
+    for name, shares in cases.items():
+        with pytest.raises(SecAggError) as err:
+            combine_secret(shares)
+        assert err.value.reason is SecAggFailure.MALFORMED, name
+    with pytest.raises(ValueError):
+        split_secret(bytes(32), 4, 3)
+
+
+def test_shamir_fewer_than_threshold_shares_do_not_reveal_the_secret() -> None:
+    secret = bytes(range(32))
+    guesses = [combine_secret(split_secret(secret, 3, 5)[:2]) for _ in range(200)]
+    assert secret not in guesses and len(set(guesses)) == 200  # t - 1 shares interpolate to fresh noise
+    # one share of a t = 2 sharing is uniform mod p: its top byte is 0 or 1, its next byte looks uniform
+    seconds = [split_secret(secret, 2, 2)[0][1][1] for _ in range(2000)]
+    assert stats.chisquare(np.bincount(seconds, minlength=256)).pvalue > 1e-6
+
+
+def test_server_rejects_revealed_shares_of_the_wrong_length() -> None:
+    setup = RoundSetup("round-10", ids(5), b"seed-10", SecAggConfig(degree=4, threshold=3))
+    run = start(setup)
+    requests = to_unmask(run, to_masking(run))
+    d = setup.cohort[0]
+    resp = run.devices[d].unmask(requests[d])
+    assert all(len(s.share) == SHARE_BYTES for s in resp.seed_shares)
+    short = replace(
+        resp, seed_shares=(replace(resp.seed_shares[0], share=resp.seed_shares[0].share[1:]), *resp.seed_shares[1:])
+    )
+    with pytest.raises(SecAggError) as err:
+        run.server.receive_unmask(wire(short))  # type: ignore[arg-type]
+    assert err.value.reason is SecAggFailure.MALFORMED
+    run.server.receive_unmask(resp)
 
 
 @pytest.mark.parametrize("stochastic", [False, True])

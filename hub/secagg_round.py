@@ -1,0 +1,179 @@
+"""A secure-aggregation round on the wire: stage frames in, stage frames out, stage deadlines (PROTOCOL.md,
+"Secure aggregation").
+
+The hub's :class:`SecAggCoordinator` wraps the transport-free `fedge.hub.secagg.SecAggServer` for one round.
+Each stage closes as soon as every device still expected has answered (a device that declined or stayed offline
+past the grace is expected no more), or at the stage's deadline: advertise and share ``stage_timeout_s`` after
+the previous stage closed, masked input at the round's deadline (the devices train during that stage), unmask
+``stage_timeout_s`` after the masked inputs closed. A stage that ends with fewer than the threshold fails the
+round cleanly. The coordinator never sees an individual update: only the unmasked sum.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from fedge.edge_agent.secagg import RoundSetup, SecAggConfig, dequantise
+from fedge.edge_agent.secagg_session import round_tag, stage_frame, stage_of
+from fedge.edge_agent.secagg_wire import (
+    AdvertiseKeys,
+    MaskedInput,
+    SecAggError,
+    SecAggFailure,
+    ShareKeys,
+    StageMessage,
+    UnmaskResponse,
+)
+from fedge.hub.secagg import SecAggResult, SecAggServer
+from fedge.protocol.messages import SecAggStage
+
+log = logging.getLogger("fedge.hub.secagg")
+Publish = Callable[[str, bytes], None]  # (device, frame) -> published on device/<device>/secagg
+
+
+@dataclass(frozen=True)
+class SecAggPlan:
+    """What a SecAgg round announces and stores (``RoundParams.secagg``): the public setup, resolved."""
+
+    seed: str  # 64 hex characters
+    degree: int
+    threshold: int
+    ring_bits: int
+    clip: float
+    scale: float
+    stochastic: bool
+    stage_timeout_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> SecAggPlan:
+        return cls(str(raw["seed"]), int(raw["degree"]), int(raw["threshold"]), int(raw["ring_bits"]),
+                   float(raw["clip"]), float(raw["scale"]), bool(raw["stochastic"]), float(raw["stage_timeout_s"]))
+
+    @classmethod
+    def make(cls, fleet: str, round_: int, cohort: tuple[str, ...], seed: bytes, cfg: SecAggConfig,
+             stage_timeout_s: float) -> SecAggPlan:
+        """Resolve degree and threshold for ``cohort``; ConfigError (naming the ``secagg`` field) if the setup is
+        impossible: fewer than two devices, a threshold outside (k/2, k], or a ring the cohort's sum overflows."""
+        setup = RoundSetup(round_tag(fleet, round_, seed.hex()), cohort, seed, cfg)
+        return cls(seed.hex(), setup.degree, setup.threshold, cfg.ring_bits, cfg.clip, cfg.scale, cfg.stochastic,
+                   stage_timeout_s)
+
+    def setup(self, fleet: str, round_: int, cohort: tuple[str, ...]) -> RoundSetup:
+        cfg = SecAggConfig(degree=self.degree, threshold=self.threshold, ring_bits=self.ring_bits, clip=self.clip,
+                           scale=self.scale, stochastic=self.stochastic)
+        return RoundSetup(round_tag(fleet, round_, self.seed), cohort, bytes.fromhex(self.seed), cfg)
+
+
+@dataclass(frozen=True)
+class SecureSum:
+    """The outcome of a SecAgg round: the de-quantised sum of the included devices' inputs."""
+
+    total: NDArray[np.float64]
+    result: SecAggResult
+
+
+class SecAggCoordinator:
+    """The hub's stages of one SecAgg round. ``receive`` takes a device's frame (SecAggError with a reason if
+    refused); ``step`` closes whatever stage is due, publishes the next stage's frames, and returns the
+    :class:`SecureSum` once the unmask stage closed (SecAggError ``below_threshold``/``bad_share`` if it fails)."""
+
+    def __init__(self, fleet: str, round_: int, plan: SecAggPlan, cohort: tuple[str, ...], dim: int,
+                 opened_at: float, deadline: float, publish: Publish) -> None:
+        self.fleet, self.round, self.plan = fleet, round_, plan
+        self.setup = plan.setup(fleet, round_, cohort)
+        self.server = SecAggServer(self.setup, dim)
+        self.deadline = deadline
+        self.stage_deadline = opened_at + plan.stage_timeout_s
+        self._publish = publish
+        self.counts: dict[str, int] = {}
+
+    @property
+    def stage(self) -> str:
+        return self.server.stage
+
+    def receive(self, device: str, frame: SecAggStage) -> None:
+        """Accept one stage frame from ``device`` (the topic's device): its sender must be that device."""
+        msg = stage_of(frame)
+        if getattr(msg, "sender", None) != device:
+            raise SecAggError(SecAggFailure.UNKNOWN_SENDER, f"a stage message of {getattr(msg, 'sender', '?')!r} "
+                              f"on the topic of {device!r}")
+        s = self.server
+        if isinstance(msg, AdvertiseKeys):
+            s.receive_advertise(msg)
+        elif isinstance(msg, ShareKeys):
+            s.receive_shares(msg)
+        elif isinstance(msg, MaskedInput):
+            s.receive_masked(msg)
+        elif isinstance(msg, UnmaskResponse):
+            s.receive_unmask(msg)
+        else:
+            raise SecAggError(SecAggFailure.PROTOCOL_VIOLATION, f"devices do not send {type(msg).__name__}")
+        self.counts[type(msg).__name__] = self.counts.get(type(msg).__name__, 0) + 1
+
+    def _waiting(self, gone: Collection[str]) -> set[str]:
+        s = self.server
+        stages: dict[str, tuple[Collection[str], Collection[str]]] = {
+            "advertise": (self.setup.cohort, s.adverts), "share": (s.adverts, s.shares), "mask": (s.shares, s.masked),
+            "unmask": (s.masked, s.responses)}
+        expected, arrived = stages.get(s.stage, ((), ()))
+        return set(expected) - set(arrived) - set(gone)
+
+    def _send(self, messages: dict[str, Any]) -> None:
+        for device, msg in sorted(messages.items()):
+            self._publish(device, stage_frame(self.fleet, self.round, device, msg))
+
+    def step(self, now: float, gone: Collection[str]) -> SecureSum | None:
+        """Close every stage that is due (all expected devices answered, or its deadline passed)."""
+        s = self.server
+        while s.stage in ("advertise", "share", "mask", "unmask"):
+            due = self.deadline if s.stage == "mask" else self.stage_deadline
+            if self._waiting(gone) and now < due:
+                return None
+            stage = s.stage
+            if stage == "advertise":
+                self._send(s.close_advertise())
+            elif stage == "share":
+                relays: dict[str, StageMessage] = dict(s.close_shares())
+                self._send(relays)
+            elif stage == "mask":
+                self._send(s.close_masked())
+            else:
+                result = s.finish()
+                total = dequantise(result.total, self.setup.config)
+                log.info("round %d: secure sum of %d inputs (%d dropped before their input, %d unmask answers)",
+                         self.round, len(result.included), len(result.dropped_before_input),
+                         len(result.unmask_responders))
+                return SecureSum(total, result)
+            log.info("round %d: secagg stage %s closed (%d devices), now %s", self.round, stage,
+                     {"advertise": len(s.adverts), "share": len(s.shares), "mask": len(s.masked)}[stage], s.stage)
+            self.stage_deadline = now + self.plan.stage_timeout_s
+        return None
+
+    def next_deadline(self) -> float:
+        """When the current stage closes at the latest."""
+        return self.deadline if self.server.stage == "mask" else self.stage_deadline
+
+
+def split_flat(total: NDArray[np.float64], shapes: dict[str, tuple[int, ...]]) -> dict[str, NDArray[np.float64]]:
+    """A flat vector back into the head's arrays, in sorted name order (the order devices flatten in)."""
+    out, at = {}, 0
+    for name, shape in sorted(shapes.items()):
+        size = math.prod(shape)
+        out[name] = total[at:at + size].reshape(shape)
+        at += size
+    if at != total.size:
+        raise ValueError(f"a sum of {total.size} elements for a head of {at}")
+    return out
+
+
+__all__ = ["SecAggCoordinator", "SecAggPlan", "SecureSum", "split_flat"]
