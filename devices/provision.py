@@ -95,9 +95,11 @@ def broker_acl(p: Provisioning) -> str:
     return (
         f"user {p.device_id}\n"
         f"topic write {t.update(p.device_id)}\ntopic write {t.decline(p.device_id)}\n"
+        f"topic write {t.select_report(p.device_id)}\ntopic write {t.secagg(p.device_id)}\n"
         f"topic readwrite {t.presence(p.device_id)}\n"
         f"topic read {t.announce}\ntopic read {t.model_head}\ntopic read {t.model_full}\n"
         f"topic read {t.result}\ntopic read {t.hub_status}\ntopic read {t.device_inbox(p.device_id)}\n"
+        f"topic read {t.select_announce}\ntopic read {t.candidate_all}\ntopic read {t.base}/hub/key/+\n"
     )
 
 

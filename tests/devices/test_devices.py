@@ -100,20 +100,22 @@ def test_cli_lists_profiles() -> None:
 
 
 def test_the_broker_acl_lets_the_agent_publish_on_every_topic_it_uses(tmp_path: Path) -> None:
-    """Every ``self._transport.publish(self.topics.<t>(self.device), ...)`` in the agent is writable in the ACL
+    """Every ``self._transport.publish(self.topics.<t>(self.device), ...)`` in the agent (and its selection worker)
+    is writable in the ACL
     (a topic missing there is silently dropped by mosquitto: a decline would never reach the hub)."""
     import ast
 
     from fedge.protocol.topics import Topics
 
-    source = (Path(__file__).resolve().parents[2] / "edge_agent" / "agent.py").read_text()
+    root = Path(__file__).resolve().parents[2] / "edge_agent"
     used = set()
-    for node in ast.walk(ast.parse(source)):
+    nodes = [n for f in ("agent.py", "selection.py") for n in ast.walk(ast.parse((root / f).read_text()))]
+    for node in nodes:
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "publish":
             target = node.args[0]
             assert isinstance(target, ast.Call) and isinstance(target.func, ast.Attribute), ast.unparse(node)
             used.add(target.func.attr)
-    assert used == {"presence", "update", "decline"}
+    assert used == {"presence", "update", "decline", "secagg", "select_report"}
     bundle = provision(Provisioning("pi-09", "farm", "mqtt://h:1883", "/d.npz"), get_profile("rpi5"), tmp_path)
     acl = (bundle / "broker-acl.conf").read_text().splitlines()
     writable = {line.split()[-1] for line in acl if line.startswith(("topic write ", "topic readwrite "))}

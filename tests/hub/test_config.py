@@ -56,6 +56,12 @@ def test_embedded_broker_url(tmp_path: Path, artifacts: Path) -> None:
         ('devices = ["ok", "bad id"]', "", "devices"),
         ('devices = ["a"]', "min_devices = 2\n", "rounds.min_devices"),
         ("colour = 1", "", "colour"),
+        ("", "min_devices = 1\n[secagg]\nenabled = \"yes\"\n", "secagg.enabled"),
+        ("", "min_devices = 1\n[secagg]\nring_bits = 70\n", "secagg.ring_bits"),
+        ("", "min_devices = 1\n[secagg]\ndegree = -2\n", "secagg.degree"),
+        ("", "min_devices = 1\n[secagg]\nscale = 0\n", "secagg.scale"),
+        ("", "min_devices = 1\n[secagg]\nstage_timeout_s = nan\n", "secagg.stage_timeout_s"),
+        ("", "min_devices = 1\n[secagg]\nkeys = 3\n", "secagg.keys"),
     ],
 )
 def test_invalid_fields_are_named(hub_toml: Callable[..., Path], extra: str, rounds: str, field: str) -> None:

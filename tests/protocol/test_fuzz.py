@@ -46,13 +46,14 @@ from fedge.protocol.messages import (
     RejectReason,
     RoundAnnounce,
     RoundResult,
+    SecAggStage,
 )
 from fedge.protocol.selection import decode_select_control
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TYPES = [str(t) for t in MessageType]
 CLASSES: list[type[Message]] = [Presence, HubStatus, RoundAnnounce, ModelHead, ModelFull, ModelUpdate, Ack, Reject,
-                                RoundResult, Decline]
+                                RoundResult, Decline, SecAggStage]
 FIELDS = ["fleet", "device", "online", "n_samples", "backends", "model_version", "agent_version", "dp", "round",
           "version", "parent", "backbone_sha256", "deadline", "min_devices", "selected", "local_epochs", "lr",
           "manifest", "metrics", "ref_nonce", "reason", "detail", "status", "accuracy", "loss", "devices",
@@ -112,6 +113,7 @@ def valid_message_header(draw: Any) -> tuple[dict[str, Any], bytes]:
         RoundAnnounce("f", 2, "v1", "ab" * 32, 1.0, 1, ("d",), 1, 0.1),
         Ack("f", 1, "d", "0" * 32),
         ModelFull("f", "ab" * 32, "{}", {"model.tflite": np.arange(9, dtype=np.uint8)}),
+        SecAggStage("f", 1, "d", {"fsa": np.frombuffer(b"FSA\x01\x01", dtype=np.uint8)}),
     ]))
     frame = encode(msg)
     (hlen,) = struct.unpack_from("<I", frame, 4)
@@ -295,3 +297,27 @@ def test_model_full_files_are_views_into_the_frame_not_copies() -> None:
     assert isinstance(msg, ModelFull)
     arr = msg.files["model.tflite"]
     assert not arr.flags.owndata and not arr.flags.writeable and np.array_equal(arr, blob)
+
+
+def _stage_vectors() -> list[bytes]:
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "data" / "golden" / "secagg"
+    return [p.read_bytes() for p in sorted(folder.glob("*.bin"))]
+
+
+@FUZZ
+@given(st.sampled_from(_stage_vectors()), st.integers(0, 400), st.binary(min_size=1, max_size=8),
+       st.integers(0, 40))
+def test_secagg_stage_bytes_only_ever_raise_secagg_error(genuine: bytes, at: int, patch: bytes, cut: int) -> None:
+    """A genuine stage encoding with bytes overwritten, or truncated, or extended: decoded, or `malformed`."""
+    from fedge.edge_agent.secagg_wire import SecAggError, SecAggFailure
+    from fedge.edge_agent.secagg_wire import decode as decode_stage
+
+    at = at % len(genuine)
+    for payload in (genuine[:at] + patch + genuine[at + len(patch):], genuine[: max(len(genuine) - cut, 0)],
+                    genuine + patch):
+        try:
+            decode_stage(payload)
+        except SecAggError as exc:
+            assert exc.reason is SecAggFailure.MALFORMED

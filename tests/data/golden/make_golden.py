@@ -40,11 +40,13 @@ from fedge.protocol.messages import (
     RoundAnnounce,
     RoundResult,
     RoundStatus,
+    SecAggStage,
 )
 
 HERE = Path(__file__).resolve().parent
 TS = 1795545600.25
-ARRAY_FIELDS = ("head", "files", "delta")
+ARRAY_FIELDS = ("head", "files", "delta", "stage")
+STAGE_BYTES = bytes.fromhex("465341010100")  # a stand-in body: the stage encodings have their own vectors (secagg/)
 
 
 def _nonce(i: int) -> str:
@@ -79,6 +81,8 @@ def golden_messages() -> list[Message]:
                     nonce=_nonce(10), ts=TS),
         Decline("demo", 5, "dev-02", DeclineReason.BUDGET_EXHAUSTED, "epsilon 7.9 + this round > budget 8",
                 nonce=_nonce(11), ts=TS),
+        SecAggStage("demo", 7, "dev-01", {"fsa": np.frombuffer(STAGE_BYTES, dtype=np.uint8).copy()},
+                    nonce=_nonce(15), ts=TS),
     ]
 
 
@@ -97,6 +101,11 @@ def golden_variants() -> dict[str, Message]:
                                         30.5, nonce=_nonce(14), ts=TS, detail="selected cnn-a, deployed as v5",
                                         federated={"val_n": 48.0, "val_acc_cnn-a": 0.75, "val_acc_cnn-b": 0.25},
                                         ranking=("cnn-a", "cnn-b")),
+        # a secure-aggregation round's announce (PROTOCOL.md, "Secure aggregation")
+        "secagg_announce": RoundAnnounce("demo", 7, "v5", "ab" * 32, TS + 60.0, 2, ("dev-01", "dev-02", "dev-03"), 1,
+                                         0.05, nonce=_nonce(16), ts=TS, secagg_seed="5e" * 32, secagg_degree=2,
+                                         secagg_threshold=2, secagg_ring_bits=32, secagg_clip=1.0,
+                                         secagg_scale=65536.0),
     }
 
 

@@ -1,0 +1,217 @@
+"""SecAgg rounds in the hub daemon (in-memory broker; devices are the real `DeviceSession`s on scripted
+transports): the sum is aggregated into the next head, plain updates and stray frames are refused and counted,
+devices that cannot do SecAgg are not selected, stages time out below the threshold, an impossible ring is
+refused before anything is announced, and a hub restart fails the open SecAgg round cleanly."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fedge.edge_agent.secagg_session import DeviceSession, private_input, stage_frame
+from fedge.edge_agent.secagg_wire import AdvertiseKeys
+from fedge.protocol.codec import decode, encode
+from fedge.protocol.manifest import load_head
+from fedge.protocol.messages import Presence, Reject, RejectReason, RoundAnnounce, RoundStatus, SecAggStage
+from fedge.protocol.transport import InMemoryTransport
+from tests.hub.fleet import FLEET, SHAPES, TOPICS, Fleet, hub_config, iter_hub, zero_delta
+
+DEVICES = ("d0", "d1", "d2", "d3")
+
+
+class SaDevice:
+    """A device that speaks SecAgg with the agent's own session code."""
+
+    def __init__(self, fleet: Fleet, name: str) -> None:
+        self.name = name
+        self.t = InMemoryTransport(fleet.broker)
+        self.session: DeviceSession | None = None
+        self.t.subscribe(TOPICS.secagg_inbox(name), self._on)
+
+    def hello(self, secagg: bool = True) -> None:
+        msg = Presence(FLEET, self.name, True, n_samples=10, backends=("numpy",), dp=True, secagg=secagg)
+        self.t.publish(TOPICS.presence(self.name), encode(msg), retain=True)
+
+    def join(self, ann: RoundAnnounce) -> None:
+        self.session = DeviceSession(ann, self.name)
+        self.send(self.session.start())
+
+    def _on(self, _topic: str, payload: bytes) -> None:
+        msg = decode(payload)
+        assert isinstance(msg, SecAggStage) and self.session is not None
+        self.send(self.session.on_frame(msg))
+
+    def input(self, delta: dict[str, np.ndarray]) -> np.ndarray:
+        assert self.session is not None
+        q = private_input(delta, sorted(delta), self.session.setup, None, np.random.default_rng(0))
+        self.send(self.session.set_input(q))
+        return q
+
+    def send(self, frames: list[bytes]) -> None:
+        for f in frames:
+            self.t.publish(TOPICS.secagg(self.name), f)
+
+
+def settle(fleet: Fleet) -> None:
+    for _ in range(30):  # frames answered on the hub's worker are queued behind the call that caused them
+        fleet.hub.tick()
+
+
+@pytest.fixture
+def make(tmp_path: Path, artifacts: Path) -> Iterator[Any]:
+    hubs: list[Any] = []
+
+    def start(**sections: Any) -> Fleet:
+        sections.setdefault("secagg", {"enabled": True, "stage_timeout_s": 5.0})
+        sections.setdefault("aggregation", {"proximal_lambda": 0.0})
+        gen = iter_hub(hub_config(tmp_path / "state", artifacts, **sections))
+        hubs.append(gen)
+        return next(gen)
+
+    yield start
+    for gen in hubs:
+        gen.close()
+
+
+def _devices(fleet: Fleet, names: tuple[str, ...] = DEVICES) -> dict[str, SaDevice]:
+    devs = {d: SaDevice(fleet, d) for d in names}
+    for d in devs.values():
+        d.hello()
+    return devs
+
+
+def _delta(i: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(i)
+    return {k: rng.normal(0, 0.05, s).astype(np.float32) for k, s in SHAPES.items()}
+
+
+def test_secure_sum_becomes_the_next_head(make: Any, artifacts: Path) -> None:
+    fleet = make()
+    devs = _devices(fleet)
+    ann = fleet.start_round()
+    assert ann.secagg_seed is not None and ann.selected == DEVICES and ann.secagg_threshold is not None
+    for d in devs.values():
+        d.join(ann)
+    settle(fleet)
+    qs = [devs[d].input(_delta(i)) for i, d in enumerate(DEVICES)]
+    settle(fleet)
+    assert fleet.results and fleet.results[-1].status is RoundStatus.COMPLETED, fleet.results
+    included, dropped, bits, scale, raw = fleet.hub.store.secagg_sum(1)  # type: ignore[misc]
+    assert included == list(DEVICES) and dropped == [] and bits == 32
+    total = np.frombuffer(raw, dtype="<u8")
+    assert np.array_equal(total, sum(q for q in qs) & np.uint64(2**32 - 1))  # type: ignore[operator]
+    # the new head is v0 + the mean of the deltas (quantised: within 1/scale), array names matched
+    v0 = load_head(artifacts / "head.npz")
+    new = fleet.heads[-1]
+    for k in SHAPES:
+        mean = np.mean([_delta(i)[k] for i in range(len(DEVICES))], axis=0)
+        np.testing.assert_allclose(new.head[k], v0[k] + mean, atol=2.0 / scale)
+
+
+def test_plain_updates_and_stray_frames_are_refused_and_counted(make: Any) -> None:
+    fleet = make()
+    devs = _devices(fleet)
+    ann = fleet.start_round()
+    spy = fleet.device("d0")  # the plain-update fake device of tests/hub/fleet.py, same id
+    spy.update(ann, zero_delta(SHAPES))
+    rejects = [m for m in spy.inbox if isinstance(m, Reject)]
+    assert rejects and rejects[-1].reason is RejectReason.WRONG_TYPE and "secure-aggregation" in rejects[-1].detail
+    for d in devs.values():
+        d.join(ann)
+    settle(fleet)
+    t = InMemoryTransport(fleet.broker)
+    adv = AdvertiseKeys(f"{FLEET}:{ann.round}:{ann.secagg_seed[:32]}", "d1", b"\1" * 32, b"\2" * 32, b"\3" * 32)  # type: ignore[index]
+    t.publish(TOPICS.secagg("d1"), stage_frame(FLEET, ann.round, "d1", adv))  # a second advertise, stage passed
+    t.publish(TOPICS.secagg("d2"), stage_frame(FLEET, ann.round, "d2", adv))  # d1's message on d2's topic
+    t.publish(TOPICS.secagg("d3"), stage_frame(FLEET, ann.round + 5, "d3", adv))  # another round
+    t.publish(TOPICS.secagg("d3"), b"garbage")
+    bad = SecAggStage(FLEET, ann.round, "d3", {"fsa": np.frombuffer(b"FSA\x01\x01", dtype=np.uint8)})
+    t.publish(TOPICS.secagg("d3"), encode(bad))  # truncated stage bytes
+    settle(fleet)
+    counts = fleet.hub.store.reject_counts(ann.round)
+    assert counts.get("secagg_out_of_order") == 1 and counts.get("secagg_unknown_sender") == 1
+    assert counts.get("stale_round") == 1 and counts.get("secagg_malformed") == 1
+    assert counts.get("malformed") == 1 and counts.get("wrong_type") == 1
+    for i, d in enumerate(DEVICES):  # none of it changed the round
+        devs[d].input(_delta(i))
+    settle(fleet)
+    assert fleet.results[-1].status is RoundStatus.COMPLETED
+
+
+def test_devices_without_secagg_are_not_selected(make: Any) -> None:
+    fleet = make()
+    devs = _devices(fleet, ("d0", "d1", "d2"))
+    devs["d2"].hello(secagg=False)
+    old = fleet.device("old")
+    old.hello()  # an older agent: no secagg in its presence
+    ann = fleet.start_round()
+    assert set(ann.selected) == {"d0", "d1"}
+
+
+def test_a_stage_below_the_threshold_fails_the_round_and_the_next_works(make: Any) -> None:
+    fleet = make(secagg={"enabled": True, "stage_timeout_s": 5.0, "degree": 3, "threshold": 3},
+                 rounds={"min_devices": 2})
+    devs = _devices(fleet)
+    ann = fleet.start_round()
+    devs["d0"].join(ann)
+    devs["d1"].join(ann)  # 2 advertise < t = 3
+    settle(fleet)
+    assert not fleet.results
+    fleet.advance(6.0)
+    settle(fleet)
+    res = fleet.results[-1]
+    assert res.status is RoundStatus.FAILED_QUORUM and res.model_version is None
+    assert res.detail and "below_threshold" in res.detail and "advertise" in res.detail
+    ann2 = fleet.start_round()
+    assert ann2.round == ann.round + 1
+    for d in devs.values():
+        d.join(ann2)
+    settle(fleet)
+    for i, d in enumerate(DEVICES):
+        devs[d].input(_delta(i))
+    settle(fleet)
+    assert fleet.results[-1].status is RoundStatus.COMPLETED and fleet.results[-1].round == ann2.round
+
+
+def test_a_ring_the_cohort_would_overflow_is_refused_before_announcing(make: Any) -> None:
+    fleet = make(secagg={"enabled": True, "ring_bits": 16, "scale": 65536.0})
+    _devices(fleet)
+    fleet.control(b"{}")
+    settle(fleet)
+    assert fleet.retained(TOPICS.announce) is None
+    res = fleet.results[-1]
+    assert res.status is RoundStatus.FAILED_QUORUM and res.detail and "overflow" in res.detail
+
+
+def test_a_hub_restart_fails_the_open_secagg_round_cleanly(tmp_path: Path, artifacts: Path) -> None:
+    cfg = hub_config(tmp_path / "state", artifacts, secagg={"enabled": True, "stage_timeout_s": 5.0})
+    first = iter_hub(cfg)
+    fleet = next(first)
+    devs = _devices(fleet)
+    ann = fleet.start_round()
+    for d in devs.values():
+        d.join(ann)
+    settle(fleet)
+    fleet.hub.halt()  # a crash: stage state and secrets gone
+    second = iter_hub(cfg, broker=fleet.broker)
+    fleet2 = next(second)
+    try:
+        settle(fleet2)
+        res = fleet2.results[-1]
+        assert res.round == ann.round and res.status is RoundStatus.FAILED_QUORUM
+        assert res.detail and "restarted" in res.detail
+        devs2 = {d: SaDevice(fleet2, d) for d in DEVICES}
+        ann2 = fleet2.start_round()
+        for d in devs2.values():
+            d.join(ann2)
+        settle(fleet2)
+        for i, d in enumerate(DEVICES):
+            devs2[d].input(_delta(i))
+        settle(fleet2)
+        assert fleet2.results[-1].status is RoundStatus.COMPLETED
+    finally:
+        second.close()
