@@ -181,6 +181,16 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _secagg_status(store: Any, rid: int) -> dict[str, Any]:
+    """A SecAgg round's entry: who is in the sum and who dropped before sending a masked input."""
+    row = store.secagg_sum(rid)
+    if row is None:
+        return {}
+    included, dropped, ring_bits, scale, _ = row
+    return {"secagg": {"included": included, "dropped_before_input": dropped, "ring_bits": ring_bits,
+                       "scale": scale}}
+
+
 def status_dict(config_path: str) -> dict[str, Any]:
     from fedge.hub.config import load_config
     from fedge.hub.registry import Registry
@@ -204,7 +214,7 @@ def status_dict(config_path: str) -> dict[str, Any]:
                         "n_samples": r.n_samples, "accuracy": r.accuracy, "loss": r.loss,
                         "seconds": None if r.closed_at is None else round(r.closed_at - r.opened_at, 3),
                         "detail": store.round_detail(r.id), "declined": sorted(store.declines(r.id)),
-                        "federated": store.round_metrics(r.id)}
+                        "federated": store.round_metrics(r.id), **_secagg_status(store, r.id)}
                        for r in store.rounds()],
             "declines": store.decline_counts(),
             "rejects": store.reject_counts(),

@@ -51,6 +51,8 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="the hub serves its fleet dashboard and /metrics here; the URL is printed (off loopback with "
                         "a random token)")
     p.add_argument("--hold", action="store_true", help="keep the fleet running after the last round until Ctrl-C")
+    p.add_argument("--secagg", action="store_true",
+                   help="secure aggregation: the hub learns only the sum of the devices' updates (PROTOCOL.md §9)")
     p.set_defaults(handler=_run_demo)
 
 
@@ -58,7 +60,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from fedge.demo import run_demo
 
     return run_demo(args.devices, args.rounds, args.out, as_json=args.json, seed=args.seed, http=args.http,
-                    hold=args.hold)
+                    hold=args.hold, secagg=args.secagg)
 
 
 def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -111,7 +111,7 @@ def prepare(paths: DemoPaths, devices: int, seed: int, quiet: bool) -> dict[str,
 
 
 def _hub_toml(paths: DemoPaths, fleet: str, port: int, devices: int, rounds: int,
-              http: dict[str, str] | None = None) -> dict[str, Any]:
+              http: dict[str, str] | None = None, secagg: bool = False) -> dict[str, Any]:
     return {
         "fleet": fleet, "state_dir": paths.hub_state, "artifacts": paths.artifacts,
         "eval_data": paths.data / "eval.npz",
@@ -121,6 +121,7 @@ def _hub_toml(paths: DemoPaths, fleet: str, port: int, devices: int, rounds: int
         "aggregation": {"strategy": "fedavg", "proximal_lambda": 0.01},
         "schedule": {"chain_rounds": rounds},
         **({"http": http} if http else {}),
+        **({"secagg": {"enabled": True, "stage_timeout_s": 30.0}} if secagg else {}),
     }
 
 
@@ -182,8 +183,9 @@ class DemoFleet:
     sees presence and round results. A context manager: leaving it stops every process (agents first)."""
 
     def __init__(self, paths: DemoPaths, devices: int, rounds: int, device_files: list[str],
-                 http: dict[str, str] | None = None) -> None:
+                 http: dict[str, str] | None = None, secagg: bool = False) -> None:
         self.paths, self.devices, self.rounds, self.device_files = paths, devices, rounds, device_files
+        self.secagg = secagg
         self.http = http  # the hub's [http] table (dashboard), or None
         self.fleet = "demo"
         self.port = free_port()
@@ -231,7 +233,8 @@ class DemoFleet:
         from fedge.protocol.transport_mqtt import MqttTransport
 
         hub_toml = write_toml(self.conf_dir / "hub.toml",
-                              _hub_toml(self.paths, self.fleet, self.port, self.devices, self.rounds, self.http))
+                              _hub_toml(self.paths, self.fleet, self.port, self.devices, self.rounds, self.http,
+                                        self.secagg))
         hub = self._spawn(["fedge.cli", "hub", "serve", "--config", str(hub_toml)], "hub.log")
         self.watcher = MqttTransport(BrokerConfig(url=f"mqtt://127.0.0.1:{self.port}", protocol="3.1.1"),
                                      f"fedge-demo-{os.getpid()}")
@@ -351,11 +354,11 @@ def _dashboard(listen: str) -> tuple[dict[str, str], str, tuple[str, int]]:
 
 
 def run_demo(devices: int, rounds: int, out: str, *, as_json: bool = False, seed: int = 0, http: str | None = None,
-             hold: bool = False) -> int:
+             hold: bool = False, secagg: bool = False) -> int:
     """Run the whole demo; returns 0 when the federated model ends above the source model and above chance.
 
     ``http`` (HOST:PORT): the hub serves its dashboard there (its URL is printed); ``hold``: the fleet keeps
-    running after the last round until Ctrl-C (SIGINT)."""
+    running after the last round until Ctrl-C (SIGINT); ``secagg``: every round is a secure-aggregation round."""
     if devices < 1 or rounds < 1:
         raise FedgeError("--devices and --rounds must be at least 1")
     dashboard = _dashboard(http) if http else None
@@ -371,7 +374,8 @@ def run_demo(devices: int, rounds: int, out: str, *, as_json: bool = False, seed
     def tell(text: str) -> None:  # the dashboard's lines: on stderr under --json (stdout is one JSON object)
         print(text, file=sys.stderr if as_json else sys.stdout, flush=True)
 
-    with DemoFleet(paths, devices, rounds, info["device_files"], None if dashboard is None else dashboard[0]) as fleet:
+    with DemoFleet(paths, devices, rounds, info["device_files"], None if dashboard is None else dashboard[0],
+                   secagg) as fleet:
         _say(quiet, f"[4/4] embedded broker on :{fleet.port}, hub and {devices} agent processes; {rounds} rounds")
         fleet.start_hub()
         if dashboard is not None:
