@@ -4,7 +4,8 @@ Simulated devices (``python -m bench._sim --port P --fleet F --first 0 --count 1
 each is its own paho MQTT connection that says it is online (retained presence, offline as its
 will) and answers every round announce that selects it with a small valid ``ModelUpdate`` at
 once. One process multiplexes ``count`` clients (paho network threads); it prints ``READY <n>``
-when all are connected and runs until SIGTERM or stdin closes.
+when all are connected and runs until SIGTERM or stdin closes. Another bench may run its own device class
+through :func:`sim_main` (``bench/secagg.py``: SecAgg devices) and read its figures with a ``STATS`` line on stdin.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,14 +72,18 @@ class _SimDevice:
 
     def _on_connect(self, client: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         from fedge.protocol.codec import encode
-        from fedge.protocol.messages import Presence
 
         if reason.is_failure:
             return
         client.subscribe(self.topics.announce, qos=1)
-        msg = Presence(self.fleet, self.name, online=True, n_samples=10, backends=("sim",), model_version="v0")
-        client.publish(self.topics.presence(self.name), encode(msg), qos=1, retain=True)
+        client.publish(self.topics.presence(self.name), encode(self.presence()), qos=1, retain=True)
         self.on_ready.release()
+
+    def presence(self) -> Any:
+        """The retained online presence (a subclass may announce more capabilities)."""
+        from fedge.protocol.messages import Presence
+
+        return Presence(self.fleet, self.name, online=True, n_samples=10, backends=("sim",), model_version="v0")
 
     def _on_message(self, client: Any, _u: Any, msg: Any) -> None:
         from fedge.protocol.codec import decode, encode
@@ -99,7 +104,10 @@ class _SimDevice:
         self.client.loop_stop()
 
 
-def sim_main(argv: Sequence[str] | None = None) -> int:
+def sim_main(argv: Sequence[str] | None = None, device_cls: type[_SimDevice] = _SimDevice,
+             stats: Callable[[list[Any]], dict[str, Any]] | None = None) -> int:
+    """Run the simulated devices (``device_cls``); a ``STATS`` line on stdin prints ``STATS <json of stats(devices)>``
+    (when ``stats`` is given)."""
     p = argparse.ArgumentParser(prog="python -m bench._sim", description="simulated fedge devices")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
@@ -114,13 +122,15 @@ def sim_main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
 
     def watch_stdin() -> None:
-        sys.stdin.read()  # EOF: the parent is gone or asked us to stop
-        stop.set()
+        for line in sys.stdin:
+            if line.strip() == "STATS" and stats is not None:
+                print(f"STATS {json.dumps(stats(devices))}", flush=True)
+        stop.set()  # EOF: the parent is gone or asked us to stop
 
+    devices: list[_SimDevice] = []
     threading.Thread(target=watch_stdin, daemon=True).start()
-    devices = []
     for i in range(args.first, args.first + args.count):
-        devices.append(_SimDevice(f"sim-{i:04d}", args.host, args.port, args.fleet, shapes, ready,
+        devices.append(device_cls(f"sim-{i:04d}", args.host, args.port, args.fleet, shapes, ready,
                                   np.random.default_rng(i)))
         time.sleep(0.002)  # do not hammer the broker's accept queue
     for _ in devices:

@@ -69,6 +69,13 @@ class DpParams:
         return self.noise_multiplier * self.clip if self.mode == "central" else 0.0
 
 
+def distributed_min_cohort(cohort: int, min_devices: int, dropout_allowance: float) -> int:
+    """m for a ``distributed`` round of ``cohort`` selected devices: each device's noise is split over
+    ``max(min_devices, ceil((1 - dropout_allowance) * cohort))`` devices, and a sum with fewer inputs is never
+    released. Splitting over the cohort (not only the minimum) keeps the noise in the sum near zC."""
+    return max(min_devices, math.ceil((1.0 - dropout_allowance) * cohort - 1e-9), 1)
+
+
 def l2_norm(delta: Mapping[str, NDArray[Any]]) -> float:
     """The L2 norm of an update over all of its arrays (float64 accumulation)."""
     return math.sqrt(sum(float(np.square(np.asarray(a, dtype=np.float64)).sum()) for a in delta.values()))
@@ -188,6 +195,7 @@ __all__ = [
     "DpParams",
     "add_noise",
     "clip_update",
+    "distributed_min_cohort",
     "epsilon",
     "event_for",
     "l2_norm",

@@ -111,14 +111,20 @@ def neighbour_graph(cohort: tuple[str, ...], degree: int, seed: bytes) -> dict[s
     """A random k-regular graph every party derives alike: the cohort is placed on a cycle in the order of
     ``sha256(seed, id)`` and each device is joined to its ``ceil(k/2)`` nearest on each side (a random
     Harary graph, as in SecAgg+); the complete graph when that reaches ``n - 1``."""
-    order = sorted(cohort, key=lambda d: _rank(seed, d))
+    order = cycle_order(cohort, seed)
+    return {d: _neighbours(order, i, degree) for i, d in enumerate(order)}
+
+
+def cycle_order(cohort: tuple[str, ...], seed: bytes) -> list[str]:
+    """The cohort in the order of ``sha256(seed, id)``: the cycle the neighbour graph is drawn on."""
+    return sorted(cohort, key=lambda d: _rank(seed, d))
+
+
+def _neighbours(order: list[str], i: int, degree: int) -> tuple[str, ...]:
     n, half = len(order), (degree + 1) // 2
     if 2 * half >= n - 1:
-        return {d: tuple(sorted(p for p in cohort if p != d)) for d in cohort}
-    graph: dict[str, tuple[str, ...]] = {}
-    for i, d in enumerate(order):
-        graph[d] = tuple(sorted({order[(i + j) % n] for j in range(-half, half + 1) if j}))
-    return graph
+        return tuple(sorted(p for j, p in enumerate(order) if j != i))
+    return tuple(sorted({order[(i + j) % n] for j in range(-half, half + 1) if j}))
 
 
 @dataclass(frozen=True)
@@ -153,6 +159,17 @@ class RoundSetup:
     def graph(self) -> dict[str, tuple[str, ...]]:
         """Each device's neighbours, sorted."""
         return neighbour_graph(self.cohort, self.degree, self.seed)
+
+    def neighbours(self, device: str) -> tuple[str, ...]:
+        """One device's neighbours, sorted (without building the whole graph: what a device needs)."""
+        if "graph" in self.__dict__:
+            return self.graph[device]
+        order = self._order
+        return _neighbours(order, order.index(device), self.degree)
+
+    @cached_property
+    def _order(self) -> list[str]:
+        return cycle_order(self.cohort, self.seed)
 
     @property
     def mask(self) -> np.uint64:
@@ -275,6 +292,7 @@ class SecAggDevice:
         self._seed = os.urandom(KEY_BYTES)
         self._peers: dict[str, PeerKeys] = {}
         self._held: dict[str, tuple[int, bytes, bytes]] = {}  # peer -> (index, seed share, key share)
+        self._share_keys: dict[str, bytes] = {}  # peer -> AES-GCM key of our share bundles (both directions)
         self._stage = "advertise"
 
     def _enter(self, stage: str, msg: KeysBroadcast | SharesRelay | UnmaskRequest | None) -> None:
@@ -290,7 +308,7 @@ class SecAggDevice:
 
     def _abort(self, reason: SecAggFailure, detail: str) -> None:
         self._stage = "aborted"
-        self._seed, self._held = b"", {}
+        self._seed, self._held, self._share_keys = b"", {}, {}
         raise SecAggError(reason, f"{self.me} aborts: {detail}")
 
     def advertise(self) -> AdvertiseKeys:
@@ -308,7 +326,7 @@ class SecAggDevice:
 
         self._enter("share", msg)
         names = [p.peer for p in msg.peers]
-        neighbours = set(self.setup.graph[self.me])
+        neighbours = set(self.setup.neighbours(self.me))
         if len(set(names)) != len(names) or not set(names) <= neighbours:
             self._abort(SecAggFailure.PROTOCOL_VIOLATION, "key list names non-neighbours or repeats")
         if any(len(p.enc_pk) != KEY_BYTES or len(p.mask_pk) != KEY_BYTES for p in msg.peers):
@@ -323,6 +341,7 @@ class SecAggDevice:
         sealed = []
         for peer, (idx, sb), (_, sk) in zip(order, seed_shares, key_shares, strict=True):
             key = agree(self._enc_sk, self._peers[peer].enc_pk, self.setup.round_id, "share", self.me, peer)
+            self._share_keys[peer] = key  # the same key opens what the peer sealed for us
             nonce = os.urandom(12)
             body = struct.pack(">H", idx) + sb + sk
             ct = AESGCM(key).encrypt(nonce, body, share_ad(self.setup.round_id, self.me, peer))
@@ -335,7 +354,8 @@ class SecAggDevice:
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
         peer = self._peers[item.peer]
-        key = agree(self._enc_sk, peer.enc_pk, self.setup.round_id, "share", self.me, item.peer)
+        key = self._share_keys.get(item.peer) or agree(self._enc_sk, peer.enc_pk, self.setup.round_id, "share",
+                                                       self.me, item.peer)
         try:
             ad = share_ad(self.setup.round_id, item.peer, self.me)
             body = AESGCM(key).decrypt(item.ciphertext[:12], item.ciphertext[12:], ad)
@@ -378,5 +398,5 @@ class SecAggDevice:
         seed = tuple(RevealedShare(p, self._held[p][0], self._held[p][1]) for p in sorted(surv))
         keys = tuple(RevealedShare(p, self._held[p][0], self._held[p][2]) for p in sorted(drop))
         self._stage = "done"
-        self._seed, self._held = b"", {}
+        self._seed, self._held, self._share_keys = b"", {}, {}
         return UnmaskResponse(self.setup.round_id, self.me, seed, keys)

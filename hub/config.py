@@ -310,6 +310,13 @@ class PrivacyConfig:
             example=8.0),
     )
 
+    dropout_allowance: float = field(
+        default=0.1,
+        metadata=doc(
+            "distributed mode: the share of a round's cohort that may drop out. Each device's noise is split over "
+            "m = max(min_devices, ceil((1 - this) * cohort)) devices, and a round whose sum holds fewer than m "
+            "inputs fails (no model): higher tolerates more dropouts, at more noise in the sum", example=0.2),
+    )
     amplification: bool = field(
         default=False,
         metadata=doc(
@@ -331,6 +338,9 @@ class PrivacyConfig:
         if self.delta >= 1:
             raise ConfigError("privacy.delta", f"must be in (0, 1), got {self.delta}")
         _need_num("privacy.epsilon_budget", self.epsilon_budget, minimum=0.0)
+        _need_num("privacy.dropout_allowance", self.dropout_allowance, minimum=0.0)
+        if self.dropout_allowance >= 1:
+            raise ConfigError("privacy.dropout_allowance", f"must be in [0, 1), got {self.dropout_allowance}")
 
     @property
     def enabled(self) -> bool:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from fedge.edge_agent.privacy import DpEvent, DpParams, epsilon, event_for
+from fedge.edge_agent.privacy import DpEvent, DpParams, distributed_min_cohort, epsilon, event_for
 from fedge.edge_agent.secagg_session import auto_clip
 from fedge.hub import secagg_daemon
 from fedge.hub.config import HubConfig
@@ -555,6 +555,10 @@ class HubDaemon:
                           "skipped, nothing announced, no privacy spent")
                 self._unannounced(rid, RoundStatus.FAILED_QUORUM, cur, params, now, detail)
                 return None, "cohort_too_small", detail
+            if dp.mode == "distributed":  # the noise is split over (nearly) the whole cohort, not only the minimum
+                dp = replace(dp, min_cohort=distributed_min_cohort(len(selected), params.min_devices,
+                                                                   privacy.dropout_allowance))
+                params = replace(params, dp=dp)
             eps_after = self.epsilon_spent(extra=dp)
             if privacy.epsilon_budget > 0 and eps_after > privacy.epsilon_budget:
                 detail = (f"privacy budget: epsilon would reach {eps_after:.3f} > budget {privacy.epsilon_budget:g} "

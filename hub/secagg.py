@@ -129,12 +129,14 @@ class SecAggServer:
     def close_shares(self) -> dict[str, SharesRelay]:
         """U2 is fixed; each member gets the bundles its U2 neighbours sealed for it."""
         self._close("share", "mask", len(self.shares))
-        relays: dict[str, SharesRelay] = {}
-        for v in self.shares:
-            links = self._links(v, self.shares)
-            sealed = [Sealed(u, s.ciphertext) for u in links for s in self.shares[u].shares if s.peer == v]
-            relays[v] = SharesRelay(self.setup.round_id, HUB, v, tuple(sealed))
-        return relays
+        # one pass over every bundle (O(n k)); a U2 member's bundles go exactly to its advertised neighbours
+        # (receive_shares), so v's are those of its U2 neighbours; by sender id, the graph's order
+        sealed_for: dict[str, list[Sealed]] = {v: [] for v in self.shares}
+        for u in sorted(self.shares):
+            for s in self.shares[u].shares:
+                if s.peer in sealed_for:
+                    sealed_for[s.peer].append(Sealed(u, s.ciphertext))
+        return {v: SharesRelay(self.setup.round_id, HUB, v, tuple(sealed)) for v, sealed in sealed_for.items()}
 
     # stage 2 ---------------------------------------------------------------------------------------
     def receive_masked(self, msg: MaskedInput) -> None:
@@ -172,10 +174,16 @@ class SecAggServer:
             raise SecAggError(SecAggFailure.MALFORMED, f"a share from {msg.sender!r} is not {SHARE_BYTES} bytes")
         self.responses[msg.sender] = msg
 
-    def _rebuild(self, owner: str, kind: str) -> bytes:
-        shares: list[RevealedShare] = []
+    def _revealed(self, kind: str) -> dict[str, list[RevealedShare]]:
+        """Every revealed share of ``kind`` (``seed`` or ``key``), by the peer it belongs to (one pass: O(n k))."""
+        by_owner: dict[str, list[RevealedShare]] = {}
         for resp in self.responses.values():
-            shares += [s for s in (resp.seed_shares if kind == "seed" else resp.key_shares) if s.peer == owner]
+            for s in resp.seed_shares if kind == "seed" else resp.key_shares:
+                by_owner.setdefault(s.peer, []).append(s)
+        return by_owner
+
+    def _rebuild(self, owner: str, kind: str, revealed: dict[str, list[RevealedShare]]) -> bytes:
+        shares = list(revealed.get(owner, ()))
         t = self.setup.threshold
         if len(shares) < t:
             raise SecAggError(SecAggFailure.BELOW_THRESHOLD, f"{len(shares)} {kind} shares of {owner!r} < t={t}")
@@ -192,17 +200,19 @@ class SecAggServer:
             total = np.zeros(n, dtype=np.uint64)
             for y in self.masked.values():
                 total += y
+            seeds = self._revealed("seed")
             for u in self.masked:
-                seed = self._rebuild(u, "seed")
+                seed = self._rebuild(u, "seed", seeds)
                 if seed_commitment(rid, u, seed) != self.adverts[u].seed_commit:
                     raise SecAggError(SecAggFailure.BAD_SHARE, f"seed of {u!r} does not match its commitment")
                 total -= prg(seed, n, bits)
             dropped = [u for u in self.shares if u not in self.masked]
+            keys = self._revealed("key")
             for u in dropped:
                 partners = self._links(u, self.masked)
                 if not partners:
                     continue
-                sk = X25519PrivateKey.from_private_bytes(self._rebuild(u, "key"))
+                sk = X25519PrivateKey.from_private_bytes(self._rebuild(u, "key", keys))
                 if sk.public_key().public_bytes_raw() != self.adverts[u].mask_pk:
                     raise SecAggError(SecAggFailure.BAD_SHARE, f"mask key of {u!r} does not match its public key")
                 for v in partners:

@@ -68,8 +68,8 @@ def step(hub: HubDaemon, rnd: OpenRound) -> None:
     now = hub.clock()
     try:
         out = coord.step(now, rnd.gone(now))
-    except SecAggError as exc:
-        hub.end_round(rnd, RoundStatus.FAILED_QUORUM, f"secure aggregation failed in stage {coord.stage}: {exc}")
+    except SecAggError as exc:  # a failed close leaves the server in stage "failed": name the stage that failed
+        hub.end_round(rnd, RoundStatus.FAILED_QUORUM, f"secure aggregation failed in stage {coord.closing}: {exc}")
         return
     if out is None:
         return
@@ -79,9 +79,11 @@ def step(hub: HubDaemon, rnd: OpenRound) -> None:
     agg = rnd.aggregator
     if not isinstance(agg, SecureSumAggregator):
         raise TypeError(f"round {rnd.id} is a secure-aggregation round with a {agg.name} aggregator")
-    if len(res.included) < rnd.params.min_devices:  # too few inputs: nothing registered, as a plain round
-        hub.end_round(rnd, RoundStatus.FAILED_QUORUM, f"{len(res.included)} masked inputs in the sum < min_devices "
-                      f"{rnd.params.min_devices}")
+    dp = rnd.params.dp
+    need = max(rnd.params.min_devices, dp.min_cohort if dp is not None else 0)
+    if len(res.included) < need:  # too few inputs (under distributed DP: too little noise): nothing released
+        what = "min_devices" if need == rnd.params.min_devices else "the distributed-DP cohort m"
+        hub.end_round(rnd, RoundStatus.FAILED_QUORUM, f"{len(res.included)} masked inputs in the sum < {what} {need}")
         return
     agg.add_sum(split_flat(out.total, agg.shapes), len(res.included))
     rnd.accepted = {d: "secagg" for d in res.included}

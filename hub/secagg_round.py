@@ -96,6 +96,7 @@ class SecAggCoordinator:
         self.stage_deadline = opened_at + plan.stage_timeout_s
         self._publish = publish
         self.counts: dict[str, int] = {}
+        self.closing = "advertise"  # the stage being (or last) closed: the one a failure is in
 
     @property
     def stage(self) -> str:
@@ -120,13 +121,17 @@ class SecAggCoordinator:
             raise SecAggError(SecAggFailure.PROTOCOL_VIOLATION, f"devices do not send {type(msg).__name__}")
         self.counts[type(msg).__name__] = self.counts.get(type(msg).__name__, 0) + 1
 
-    def _waiting(self, gone: Collection[str]) -> set[str]:
+    def _waiting(self, gone: Collection[str]) -> bool:
+        """Some device expected in the current stage has neither answered nor gone (O(1) while more than the gone
+        are missing: each stage's arrivals are a subset of its expected devices; called on every frame)."""
         s = self.server
         stages: dict[str, tuple[Collection[str], Collection[str]]] = {
             "advertise": (self.setup.cohort, s.adverts), "share": (s.adverts, s.shares), "mask": (s.shares, s.masked),
             "unmask": (s.masked, s.responses)}
         expected, arrived = stages.get(s.stage, ((), ()))
-        return set(expected) - set(arrived) - set(gone)
+        if len(arrived) + len(gone) < len(expected):
+            return True
+        return bool(set(expected) - set(arrived) - set(gone))
 
     def _send(self, messages: dict[str, Any]) -> None:
         for device, msg in sorted(messages.items()):
@@ -139,7 +144,7 @@ class SecAggCoordinator:
             due = self.deadline if s.stage == "mask" else self.stage_deadline
             if self._waiting(gone) and now < due:
                 return None
-            stage = s.stage
+            stage = self.closing = s.stage
             if stage == "advertise":
                 self._send(s.close_advertise())
             elif stage == "share":

@@ -256,6 +256,18 @@ def _check(name: str, hint: Any, value: Any) -> Any:
     return value
 
 
+_HINTS: dict[type[Any], dict[str, Any]] = {}
+
+
+def _hints(cls: type[Any]) -> dict[str, Any]:
+    """A message class's resolved field annotations, cached (resolving them costs more than decoding a small
+    frame)."""
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
+
+
 def decode(payload: bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Message:
     """Decode one frame; raises DecodeError (with a RejectReason) for anything malformed.
 
@@ -266,7 +278,7 @@ def decode(payload: bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Messa
         cls = _BY_TYPE[MessageType(str(header.get("type")))]
     except (ValueError, KeyError) as exc:
         raise _fail(RejectReason.WRONG_TYPE, f"unknown message type {header.get('type')!r}") from exc
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     kwargs: dict[str, Any] = {}
     for f in fields(cls):
         if f.name in _ARRAY_FIELD:

@@ -215,3 +215,25 @@ def test_a_hub_restart_fails_the_open_secagg_round_cleanly(tmp_path: Path, artif
         assert fleet2.results[-1].status is RoundStatus.COMPLETED
     finally:
         second.close()
+
+
+def test_distributed_dp_splits_noise_over_the_cohort_and_never_releases_a_thinner_sum(make: Any) -> None:
+    names = tuple(f"d{i}" for i in range(10))
+    fleet = make(privacy={"mode": "distributed", "noise_multiplier": 1.0, "clip": 1.0, "sample_rate": 1.0,
+                          "dropout_allowance": 0.1},
+                 secagg={"enabled": True, "stage_timeout_s": 5.0, "degree": 9, "threshold": 5},
+                 rounds={"min_devices": 3})
+    devs = _devices(fleet, names)
+    ann = fleet.start_round()
+    assert ann.dp_mode == "distributed" and ann.dp_min_cohort == 9  # max(3, ceil(0.9 * 10))
+    assert ann.secagg_clip is not None and ann.secagg_clip >= 1.0 + 6.0 / 3.0  # C + 6 zC/sqrt(m)
+    for d in devs.values():
+        d.join(ann)
+    settle(fleet)
+    for i, d in enumerate(names[:8]):  # 8 masked inputs < m = 9: their noise is not enough
+        devs[d].input(_delta(i))
+    fleet.advance(31.0)  # the round's deadline closes the masked-input stage; unmasking works
+    settle(fleet)
+    res = fleet.results[-1]
+    assert res.status is RoundStatus.FAILED_QUORUM and res.model_version is None
+    assert res.detail and "distributed-DP cohort m 9" in res.detail
