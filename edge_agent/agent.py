@@ -57,6 +57,8 @@ log = logging.getLogger("fedge.agent")
 _VERSION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 RETRY_S = 30.0
 """An unacknowledged update is published again (same bytes) this often, and after every reconnect and hub status."""
+INBOX_FRAME_BYTES = ANNOUNCE_FRAME_BYTES
+"""Largest frame decoded from ``device/<id>/+`` (ack, reject, SecAgg stage messages)."""
 SEND_MARGIN_S = 1.0
 """Training stops this long before the round's deadline, so that the update still arrives in time."""
 Head = dict[str, NDArray[np.float32]]
@@ -180,7 +182,8 @@ class Agent:
         t.subscribe(self.topics.model_full, self._guard(self._on_model_full, self.config.max_model_bytes), qos=1)
         t.subscribe(self.topics.model_head, self._guard(self._on_model_head, self.config.max_head_bytes), qos=1)
         t.subscribe(self.topics.announce, self._guard(self._on_announce, ANNOUNCE_FRAME_BYTES), qos=1)
-        t.subscribe(self.topics.device_inbox(self.device), self._guard(self._on_inbox, SMALL_FRAME_BYTES), qos=1)
+        # the inbox carries SecAgg stage frames too: a complete graph of a few hundred devices is tens of KB
+        t.subscribe(self.topics.device_inbox(self.device), self._guard(self._on_inbox, INBOX_FRAME_BYTES), qos=1)
         t.subscribe(self.topics.result, self._guard(self._on_result, ANNOUNCE_FRAME_BYTES), qos=1)
         t.subscribe(self.topics.hub_status, self._guard(self._on_hub_status, SMALL_FRAME_BYTES), qos=1)
         t.subscribe(self.topics.candidate_all, self._guard(self._selection.on_candidate, self.config.max_model_bytes),

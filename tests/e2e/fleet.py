@@ -123,7 +123,7 @@ class Fleet:
         for i, dev in enumerate(self.devices):
             cfg = root / "agents" / f"{dev}.toml"
             cfg.parent.mkdir(parents=True, exist_ok=True)
-            write_toml(cfg, {"device_id": dev, "fleet": FLEET, "data": data.shards[i],
+            write_toml(cfg, {"device_id": dev, "fleet": FLEET, "data": data.shards[i % len(data.shards)],
                              "state_dir": root / "agents" / dev, "backend": "auto", "seed": i,
                              "broker": self.broker_table(dev)})
             self.agents[dev] = Proc(dev, [sys.executable, "-m", "fedge.edge_agent", "run", "--config", str(cfg)],
@@ -307,6 +307,16 @@ class Fleet:
         finally:
             t.close(flush_timeout_s=1)
             self._transports.remove(t)
+
+    def hub_sql(self, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Rows of ``query`` on the hub's SQLite store, opened read-only (works while the hub runs)."""
+        import sqlite3
+
+        db = sqlite3.connect(f"file:{self.state_dir / 'hub.sqlite'}?mode=ro", uri=True, timeout=10)
+        try:
+            return db.execute(query, params).fetchall()
+        finally:
+            db.close()
 
     def hub_cli(self, *args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "fedge.cli", *args, "--config", str(self.hub_toml)],
