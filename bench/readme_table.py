@@ -3,7 +3,8 @@
 ``python bench/readme_table.py`` runs every bench with ``--json`` and rewrites the block between
 ``<!-- bench-table:start -->`` and ``<!-- bench-table:end -->`` in README.md. ``--from-json FILE`` (repeatable;
 a file holds one bench's JSON object, named by ``bench`` = its path) reuses saved runs instead. Exits non-zero
-when a bench failed to run; a missed target is shown in the table, not hidden.
+when a bench failed to run; a missed target is shown in the table, not hidden. Every bench's full JSON is saved in
+``.fedge/bench/last/<bench>.json``.
 """
 
 from __future__ import annotations
@@ -81,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         if bench not in runs:
             print(f"running {bench} ...", file=sys.stderr, flush=True)
             runs[bench] = run_bench(bench)
+    saved = ROOT / ".fedge" / "bench" / "last"  # every figure of the run, not only the table's
+    saved.mkdir(parents=True, exist_ok=True)
+    for bench, run in runs.items():
+        (saved / f"{Path(bench).stem}.json").write_text(json.dumps(run, indent=2, sort_keys=True) + "\n")
     rewrite(Path(args.readme), render(runs))
     missed = [f for r in runs.values() for f in r.get("missed", [])]
     print(f"README table written; missed targets: {', '.join(missed) or 'none'}", file=sys.stderr)
