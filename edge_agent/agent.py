@@ -27,7 +27,7 @@ from fedge.edge_agent.evaluation import head_scores, local_only_head, split_indi
 from fedge.edge_agent.features import FeatureCache
 from fedge.edge_agent.ledger import DeviceLedger, announced_dp, decline_reason
 from fedge.edge_agent.privacy import DpParams, privatize
-from fedge.edge_agent.secagg_session import DeviceSession, is_secagg, private_input
+from fedge.edge_agent.secagg_session import DeviceSession, distributed_problem, is_secagg, private_input
 from fedge.edge_agent.selection import SelectionWorker
 from fedge.edge_agent.state import AgentState, secure_tree, write_atomic
 from fedge.edge_agent.training import Prox, fit
@@ -560,7 +560,7 @@ class Agent:
         dp = self._dp_decision(msg)
         if dp is False:
             return
-        session = self._secagg_session(msg)
+        session = self._secagg_session(msg, dp)
         if session is False:
             return
         # training stops at the deadline (less a margin to send), at the device's own time limit, or once the round
@@ -719,16 +719,28 @@ class Agent:
             return False
         return dp
 
-    def _secagg_session(self, msg: RoundAnnounce) -> DeviceSession | Literal[False] | None:
+    def _secagg_session(self, msg: RoundAnnounce, dp: DpParams | None) -> DeviceSession | Literal[False] | None:
         """A secure-aggregation round's session, its advertise frame published (None: a plain round; False after
-        declining an unusable setup)."""
+        declining an unusable setup, or skipping a round this device joined before a restart)."""
         if not is_secagg(msg):
             return None
+        joined = self.config.state_dir / "secagg" / f"joined-{msg.round}"
+        if joined.exists():  # its keys and seed died with the process: joining again would break its neighbours
+            log.warning("round %d: joined before a restart; its secure-aggregation secrets are gone: not taking part",
+                        msg.round)
+            self._mark_done(msg.round)
+            return False
         try:
+            why = distributed_problem(msg, dp)
+            if why is not None:
+                raise FedgeError(why)
             session = DeviceSession(msg, self.device)
         except (FedgeError, ImportError) as exc:
             self._decline(msg, DeclineReason.MODE_NOT_ALLOWED, f"unusable secure-aggregation setup: {exc}")
             return False
+        for old in joined.parent.glob("joined-*") if joined.parent.is_dir() else ():
+            old.unlink(missing_ok=True)
+        write_atomic(joined, b"")  # before the keys leave the device
         with self._cond:
             self._secagg[msg.round] = session
         self._send_secagg(session.start())

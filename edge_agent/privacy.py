@@ -5,8 +5,9 @@ Modes (announced per round, see PROTOCOL.md "Differential privacy"):
 - ``central``: the device clips its update to L2 norm ``C``; the hub adds N(0, (zC)²) to the *sum* of the
   clipped updates (protects the released model; the hub and the broker see clipped updates).
 - ``local``: the device clips and adds N(0, (zC)²) itself (protects against the hub and the broker).
-- ``distributed``: the device adds N(0, (zC)²/m) for the round's minimum cohort ``m``, so that the sum carries
-  the full noise; private against the hub only under secure aggregation, so only a SecAgg round may announce it
+- ``distributed``: the device adds N(0, (zC)²/(m-1)) for the round's minimum cohort ``m`` (m ≥ 2), so that a
+  sum of at least m inputs carries the full noise even with any one device's share taken out (add/remove
+  adjacency); private against the hub only under secure aggregation, so only a SecAgg round may announce it
   (devices decline it otherwise), and it is accounted like ``central`` without amplification: the hub sees only
   the sum.
 
@@ -60,8 +61,8 @@ class DpParams:
         """Standard deviation of the Gaussian noise a device adds to each coordinate of its clipped update."""
         if self.mode == "local":
             return self.noise_multiplier * self.clip
-        if self.mode == "distributed":
-            return self.noise_multiplier * self.clip / math.sqrt(self.min_cohort)
+        if self.mode == "distributed":  # split over m - 1: a sum of m inputs less any one still carries (zC)^2
+            return self.noise_multiplier * self.clip / math.sqrt(max(self.min_cohort - 1, 1))
         return 0.0
 
     def hub_noise_std(self) -> float:

@@ -1,7 +1,7 @@
 """SecAgg+ (Bell et al. 2020): the shared math and the device side, as a transport-free state machine.
 
-Library only: nothing puts these stages on MQTT yet (PROTOCOL.md, "Secure aggregation"). The hub side is
-`fedge.hub.secagg`. Primitives come from libraries, imported lazily (extra ``secagg``): X25519, HKDF-SHA256
+Transport-free; `fedge.edge_agent.secagg_session` puts it on the wire (PROTOCOL.md §9). The hub side is
+`fedge.hub.secagg`. Primitives come from libraries, imported lazily (``cryptography``): X25519, HKDF-SHA256
 salted with the round id, ChaCha20 keystreams as the mask PRG and AES-GCM for the relayed shares
 (``cryptography``); Shamir sharing over the prime field GF(2^256 + 297) on Python ints, one 33-byte share
 value per 32-byte secret.
@@ -49,7 +49,7 @@ KEY_BYTES = 32
 
 @dataclass(frozen=True)
 class SecAggConfig:
-    """Secure-aggregation parameters of a round (the ``[secagg]`` section once it is wired)."""
+    """Secure-aggregation parameters of a round (the hub's ``[secagg]`` section, announced as ``secagg_*``)."""
 
     degree: int = field(default=0, metadata=doc("neighbours k per device; 0 = 2*ceil(log2 n)", example=8))
     threshold: int = field(default=0, metadata=doc("Shamir threshold t (k/2 < t <= k); 0 = k//2 + 1", example=5))
@@ -196,6 +196,20 @@ def agree(private: Any, peer_public: bytes, round_id: str, label: str, me: str, 
     except ValueError as exc:  # wrong size, or a low-order point (all-zero shared secret)
         raise SecAggError(SecAggFailure.MALFORMED, f"bad public key of {peer!r}: {exc}") from exc
     return kdf(shared, round_id, label, me, peer)
+
+
+_PROBE = bytes([9]) + bytes(31)  # a fixed, valid X25519 private scalar: only used to test public keys
+
+
+def usable_public_key(raw: bytes) -> bool:
+    """A 32-byte X25519 public key whose agreement with a fixed scalar is not all zeros (not a low-order point)."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+    try:
+        X25519PrivateKey.from_private_bytes(_PROBE).exchange(X25519PublicKey.from_public_bytes(raw))
+    except ValueError:
+        return False
+    return True
 
 
 def prg(seed: bytes, length: int, ring_bits: int) -> NDArray[np.uint64]:
@@ -353,9 +367,7 @@ class SecAggDevice:
         from cryptography.exceptions import InvalidTag
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-        peer = self._peers[item.peer]
-        key = self._share_keys.get(item.peer) or agree(self._enc_sk, peer.enc_pk, self.setup.round_id, "share",
-                                                       self.me, item.peer)
+        key = self._share_keys[item.peer]  # derived when we sealed our bundle for this peer
         try:
             ad = share_ad(self.setup.round_id, item.peer, self.me)
             body = AESGCM(key).decrypt(item.ciphertext[:12], item.ciphertext[12:], ad)

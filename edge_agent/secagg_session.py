@@ -9,6 +9,7 @@ are there. Secrets live only in this object: an agent restarted mid-round has dr
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import threading
@@ -88,14 +89,29 @@ def stage_of(frame: SecAggStage) -> StageMessage:
 def private_input(delta: Mapping[str, NDArray[Any]], names: list[str], setup: RoundSetup, dp: DpParams | None,
                   rng: np.random.Generator) -> NDArray[np.uint64]:
     """The ring vector a device masks: its update flattened in ``names`` order; under ``distributed`` DP first
-    clipped to L2 norm C and given the device's share of the noise N(0, (zC)²/m) (the sum over at least m devices
-    carries N(0, (zC)²)); then clipped per coordinate and quantised (``RoundSetup.config``)."""
+    clipped to L2 norm C and given the device's share of the noise N(0, (zC)²/(m-1)) (a sum of at least m devices
+    less any one carries N(0, (zC)²)); then clipped per coordinate and quantised (``RoundSetup.config``)."""
     arrays = dict(delta)
     if dp is not None:
         clipped, _ = clip_update(arrays, dp.clip)
         arrays = dict(add_noise(clipped, dp.device_noise_std(), rng))
     flat = np.concatenate([np.asarray(arrays[k], dtype=np.float64).ravel() for k in names])
     return quantise(flat, setup.config, rng)
+
+
+def distributed_problem(msg: RoundAnnounce, dp: DpParams | None) -> str | None:
+    """Why a device must not add its noise share as announced (None: it may): m larger than the cohort (each
+    share would be tiny), or a coordinate clip or quantisation step that would cut or drown the noise."""
+    if dp is None or dp.mode != "distributed":
+        return None
+    if not 2 <= dp.min_cohort <= len(msg.selected):
+        return f"dp_min_cohort {dp.min_cohort} is not in 2..{len(msg.selected)} (the cohort)"
+    std = dp.device_noise_std()
+    if (msg.secagg_clip or 0.0) < auto_clip(dp, 0.0) * (1 - 1e-9):
+        return f"secagg_clip {msg.secagg_clip} is below C + 6 noise standard deviations ({auto_clip(dp, 0.0):.4g})"
+    if std * (msg.secagg_scale or 0.0) < 4.0:
+        return f"the quantisation step 1/{msg.secagg_scale} is not far below the noise std {std:.3g}"
+    return None
 
 
 def auto_clip(dp: DpParams | None, clip: float) -> float:
@@ -126,6 +142,7 @@ class DeviceSession:
         self.failure: SecAggError | None = None
         self.masked_sent = False
         self.finished = False
+        self._seen: set[bytes] = set()  # stage messages handled: an MQTT redelivery is ignored, not an abort
 
     def _frame(self, msg: StageMessage) -> list[bytes]:
         return [stage_frame(self.fleet, self.round, self.device, msg)]
@@ -144,7 +161,13 @@ class DeviceSession:
             if self.failure is not None or self.finished:
                 return []
             try:
+                raw = frame.stage.get(STAGE_KEY)
+                digest = hashlib.sha256(b"" if raw is None else raw.tobytes()).digest()
+                if digest in self._seen:
+                    log.info("round %d: a secagg stage message again (redelivered): ignored", self.round)
+                    return []
                 msg = stage_of(frame)
+                self._seen.add(digest)
                 if isinstance(msg, KeysBroadcast):
                     return self._frame(self._dev.share_keys(msg))
                 if isinstance(msg, SharesRelay):
@@ -179,8 +202,8 @@ class DeviceSession:
         return out
 
     def _fail(self, exc: SecAggError) -> list[bytes]:
-        if exc.reason in (SecAggFailure.MALFORMED, SecAggFailure.WRONG_ROUND, SecAggFailure.UNKNOWN_SENDER):
-            log.warning("round %d: secagg frame refused: %s", self.round, exc)  # not the hub's doing: keep going
+        if exc.reason is SecAggFailure.WRONG_ROUND:  # a stale frame of another round (hub frames are signed)
+            log.warning("round %d: secagg frame refused: %s", self.round, exc)
             return []
         self.failure = exc
         log.error("round %d: secure aggregation aborted on this device: %s", self.round, exc)
@@ -192,5 +215,5 @@ def ring_size(head: Mapping[str, NDArray[Any]]) -> int:
     return sum(int(math.prod(np.shape(v))) for v in head.values())
 
 
-__all__ = ["STAGE_KEY", "DeviceSession", "auto_clip", "is_secagg", "private_input", "ring_size", "round_tag",
-           "setup_of", "stage_frame", "stage_of"]
+__all__ = ["STAGE_KEY", "DeviceSession", "auto_clip", "distributed_problem", "is_secagg", "private_input",
+           "ring_size", "round_tag", "setup_of", "stage_frame", "stage_of"]

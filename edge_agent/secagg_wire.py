@@ -1,4 +1,4 @@
-"""SecAgg+ stage messages and their explicit byte encodings (library only: not on the MQTT wire yet).
+"""SecAgg+ stage messages and their explicit byte encodings (inside ``secagg`` frames: PROTOCOL.md §9).
 
 Every message carries the round id and its sender; hub-to-device messages also name the receiver.
 Encoding (no pickle): ``b"FSA" | version u8 | kind u8`` then the fields in declaration order:
@@ -176,6 +176,10 @@ _KINDS: dict[int, type[Any]] = {
 _NESTED: dict[str, type[Any]] = {"P": PeerKeys, "C": Sealed, "R": RevealedShare}
 
 
+_MIN_ITEM_BYTES: dict[str, int] = {"S": 2, "P": 2 + 4 + 4, "C": 2 + 4, "R": 2 + 4 + 4}
+"""The fewest bytes one item of a tuple field can take (its empty strings and byte strings)."""
+
+
 def ring_width(ring_bits: int) -> int:
     """Bytes per ring element on the wire: 4 up to 32 bits, else 8."""
     return 4 if ring_bits <= 32 else 8
@@ -234,7 +238,7 @@ class _Reader:
         if code == "i":
             return self.u(">I")
         count = self.u(">I")
-        if count > len(self.data):
+        if count * _MIN_ITEM_BYTES[code] > len(self.data) - self.pos:  # every item takes at least this many bytes
             raise SecAggError(SecAggFailure.MALFORMED, f"count {count} exceeds the payload")
         if code == "S":
             return tuple(self.get("s") for _ in range(count))

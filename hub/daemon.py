@@ -587,7 +587,8 @@ class HubDaemon:
         if params.secagg is not None:
             rnd.secagg = SecAggCoordinator(
                 self.cfg.fleet, rid, params.secagg, selected, sum(math.prod(s) for s in agg.shapes.values()), now,
-                rnd.deadline, lambda device, frame: self._publish(self.topics.secagg_inbox(device), frame))
+                rnd.deadline, lambda device, frame: self._publish(self.topics.secagg_inbox(device), frame),
+                min_inputs=secagg_daemon.min_inputs(params))
         # the ledger entry and the round are one transaction: a crash leaves both or neither
         self.store.open_round(rid, cur.version, cur.backbone_sha256, params.to_dict(), selected, now, rnd.deadline,
                               ledger)

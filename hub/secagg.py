@@ -1,5 +1,5 @@
 """SecAgg+ server side: a transport-free state machine that collects stage messages, decides the survivors,
-relays sealed shares it cannot read, and reconstructs only the sum (library only: not wired to MQTT yet).
+relays sealed shares it cannot read, and reconstructs only the sum (on the wire: `fedge.hub.secagg_round`).
 
 Survivor sets: U1 advertised keys, U2 sent its shares, U3 sent its masked input, U4 answered the unmask
 request. The sum covers exactly U3. For each u in U3 its self-mask seed is rebuilt from t seed shares;
@@ -27,6 +27,7 @@ from fedge.edge_agent.secagg import (
     pair_sign,
     prg,
     seed_commitment,
+    usable_public_key,
 )
 from fedge.edge_agent.secagg_wire import (
     HUB,
@@ -61,8 +62,11 @@ class SecAggResult:
 class SecAggServer:
     """The hub's side of one SecAgg+ round over ``dim`` ring elements."""
 
-    def __init__(self, setup: RoundSetup, dim: int) -> None:
+    def __init__(self, setup: RoundSetup, dim: int, min_inputs: int = 0) -> None:
         self.setup, self.dim = setup, dim
+        # a round that cannot end with this many masked inputs fails before anything is unmasked (quorum, and the
+        # distributed-DP cohort m: a sum with fewer inputs carries too little noise to be seen even by the hub)
+        self.min_inputs = min_inputs
         self.stage = "advertise"
         self.adverts: dict[str, AdvertiseKeys] = {}
         self.shares: dict[str, ShareKeys] = {}
@@ -92,6 +96,10 @@ class SecAggServer:
             self.stage = "failed"
             detail = f"{arrived} devices finished {stage} < t={self.setup.threshold}"
             raise SecAggError(SecAggFailure.BELOW_THRESHOLD, detail)
+        if stage != "unmask" and arrived < self.min_inputs:
+            self.stage = "failed"
+            detail = f"{arrived} devices finished {stage} < the {self.min_inputs} inputs the sum needs"
+            raise SecAggError(SecAggFailure.BELOW_THRESHOLD, detail)
         self.stage = nxt
 
     def _links(self, u: str, within: Collection[str]) -> list[str]:
@@ -104,6 +112,9 @@ class SecAggServer:
         self._dup(self.adverts, msg)
         if any(len(b) != KEY_BYTES for b in (msg.enc_pk, msg.mask_pk, msg.seed_commit)):
             raise SecAggError(SecAggFailure.MALFORMED, f"keys of {msg.sender!r} are not 32 bytes")
+        for pk in (msg.enc_pk, msg.mask_pk):  # a low-order point would make every neighbour's agreement fail
+            if not usable_public_key(pk):
+                raise SecAggError(SecAggFailure.MALFORMED, f"a public key of {msg.sender!r} is a low-order point")
         self.adverts[msg.sender] = msg
 
     def close_advertise(self) -> dict[str, KeysBroadcast]:

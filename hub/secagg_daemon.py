@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fedge.edge_agent.secagg_wire import SecAggError
-from fedge.hub.secagg_round import split_flat
+from fedge.hub.secagg_round import SecAggCoordinator, SecureSum, split_flat
 from fedge.hub.strategies import SecureSumAggregator
 from fedge.hub.validate import Rejection
 from fedge.protocol.codec import decode
@@ -23,7 +23,7 @@ from fedge.protocol.messages import RejectReason, RoundStatus, SecAggStage
 
 if TYPE_CHECKING:
     from fedge.hub.daemon import HubDaemon
-    from fedge.hub.rounds import OpenRound
+    from fedge.hub.rounds import OpenRound, RoundParams
 
 log = logging.getLogger("fedge.hub.secagg")
 
@@ -39,8 +39,11 @@ def handle_frame(hub: HubDaemon, topic: str, payload: bytes) -> None:
     the round's coordinator; then the stages move on if they can."""
     device = hub.topics.device_of(topic)
     rnd = hub.round
+    limit = hub.cfg.rounds.max_update_bytes
+    if rnd is not None and rnd.secagg is not None:  # no decoding of more than this round's stages can need
+        limit = min(limit, rnd.secagg.max_frame_bytes)
     try:
-        msg = decode(payload, max_bytes=hub.cfg.rounds.max_update_bytes)
+        msg = decode(payload, max_bytes=limit)
     except DecodeError as exc:
         return _refuse(hub, device, topic, str(exc.reason), exc.detail)
     if not isinstance(msg, SecAggStage):
@@ -73,18 +76,32 @@ def step(hub: HubDaemon, rnd: OpenRound) -> None:
         return
     if out is None:
         return
+    try:
+        _close(hub, rnd, coord, out)
+    except Exception as exc:  # the server is done: without this the round would stay open for ever
+        log.exception("round %d: closing the secure-aggregation round failed", rnd.id)
+        if hub.round is rnd:
+            hub.end_round(rnd, RoundStatus.FAILED_QUORUM, f"closing the secure-aggregation round failed: {exc}")
+
+
+def min_inputs(params: RoundParams) -> int:
+    """The fewest masked inputs a SecAgg round's sum may hold: min_devices, and under distributed DP the m its
+    noise is split over. The stages fail before unmasking when fewer can arrive."""
+    return max(params.min_devices, params.dp.min_cohort if params.dp is not None else 0)
+
+
+def _close(hub: HubDaemon, rnd: OpenRound, coord: SecAggCoordinator, out: SecureSum) -> None:
     res = out.result
+    need = min_inputs(rnd.params)
+    if len(res.included) < need:  # the stages refuse this before unmasking; a second line of defence
+        hub.end_round(rnd, RoundStatus.FAILED_QUORUM, f"{len(res.included)} masked inputs in the sum < {need}")
+        return
+    silent = tuple(d for d in res.included if d not in res.unmask_responders)
     hub.store.add_secagg_sum(rnd.id, res.included, res.dropped_before_input, coord.setup.config.ring_bits,
-                             coord.setup.config.scale, np.asarray(res.total, dtype="<u8").tobytes())
+                             coord.setup.config.scale, np.asarray(res.total, dtype="<u8").tobytes(), silent)
     agg = rnd.aggregator
     if not isinstance(agg, SecureSumAggregator):
         raise TypeError(f"round {rnd.id} is a secure-aggregation round with a {agg.name} aggregator")
-    dp = rnd.params.dp
-    need = max(rnd.params.min_devices, dp.min_cohort if dp is not None else 0)
-    if len(res.included) < need:  # too few inputs (under distributed DP: too little noise): nothing released
-        what = "min_devices" if need == rnd.params.min_devices else "the distributed-DP cohort m"
-        hub.end_round(rnd, RoundStatus.FAILED_QUORUM, f"{len(res.included)} masked inputs in the sum < {what} {need}")
-        return
     agg.add_sum(split_flat(out.total, agg.shapes), len(res.included))
     rnd.accepted = {d: "secagg" for d in res.included}
     hub.close_round(rnd)
@@ -96,4 +113,4 @@ def plain_update_rejection(hub: HubDaemon, device: str | None, rnd: OpenRound) -
                      f"secagg/<device>, never a plain update", rnd.id, device)
 
 
-__all__ = ["handle_frame", "plain_update_rejection", "step"]
+__all__ = ["handle_frame", "min_inputs", "plain_update_rejection", "step"]

@@ -88,14 +88,15 @@ class SecAggCoordinator:
     :class:`SecureSum` once the unmask stage closed (SecAggError ``below_threshold``/``bad_share`` if it fails)."""
 
     def __init__(self, fleet: str, round_: int, plan: SecAggPlan, cohort: tuple[str, ...], dim: int,
-                 opened_at: float, deadline: float, publish: Publish) -> None:
+                 opened_at: float, deadline: float, publish: Publish, *, min_inputs: int = 0) -> None:
         self.fleet, self.round, self.plan = fleet, round_, plan
         self.setup = plan.setup(fleet, round_, cohort)
-        self.server = SecAggServer(self.setup, dim)
+        self.server = SecAggServer(self.setup, dim, min_inputs)
+        # the largest stage frame a device can honestly send: its masked input, or its sealed shares
+        self.max_frame_bytes = 8 * dim + 256 * (self.setup.degree + 4) + 4096
         self.deadline = deadline
         self.stage_deadline = opened_at + plan.stage_timeout_s
         self._publish = publish
-        self.counts: dict[str, int] = {}
         self.closing = "advertise"  # the stage being (or last) closed: the one a failure is in
 
     @property
@@ -119,7 +120,6 @@ class SecAggCoordinator:
             s.receive_unmask(msg)
         else:
             raise SecAggError(SecAggFailure.PROTOCOL_VIOLATION, f"devices do not send {type(msg).__name__}")
-        self.counts[type(msg).__name__] = self.counts.get(type(msg).__name__, 0) + 1
 
     def _waiting(self, gone: Collection[str]) -> bool:
         """Some device expected in the current stage has neither answered nor gone (O(1) while more than the gone
@@ -141,7 +141,9 @@ class SecAggCoordinator:
         """Close every stage that is due (all expected devices answered, or its deadline passed)."""
         s = self.server
         while s.stage in ("advertise", "share", "mask", "unmask"):
-            due = self.deadline if s.stage == "mask" else self.stage_deadline
+            # devices train during the masked-input stage: it lasts until the round's deadline, and never less than a
+            # stage timeout (late key stages must not leave it no time at all)
+            due = max(self.deadline, self.stage_deadline) if s.stage == "mask" else self.stage_deadline
             if self._waiting(gone) and now < due:
                 return None
             stage = self.closing = s.stage
@@ -163,10 +165,6 @@ class SecAggCoordinator:
                      {"advertise": len(s.adverts), "share": len(s.shares), "mask": len(s.masked)}[stage], s.stage)
             self.stage_deadline = now + self.plan.stage_timeout_s
         return None
-
-    def next_deadline(self) -> float:
-        """When the current stage closes at the latest."""
-        return self.deadline if self.server.stage == "mask" else self.stage_deadline
 
 
 def split_flat(total: NDArray[np.float64], shapes: dict[str, tuple[int, ...]]) -> dict[str, NDArray[np.float64]]:

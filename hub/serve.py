@@ -187,8 +187,8 @@ def _secagg_status(store: Any, rid: int) -> dict[str, Any]:
     if row is None:
         return {}
     included, dropped, ring_bits, scale, _ = row
-    return {"secagg": {"included": included, "dropped_before_input": dropped, "ring_bits": ring_bits,
-                       "scale": scale}}
+    return {"secagg": {"included": included, "dropped_before_input": dropped,
+                       "dropped_after_input": store.secagg_silent(rid), "ring_bits": ring_bits, "scale": scale}}
 
 
 def status_dict(config_path: str) -> dict[str, Any]:

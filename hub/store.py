@@ -67,7 +67,7 @@ CREATE TABLE IF NOT EXISTS selection_reports (
     UNIQUE(round, device));
 CREATE TABLE IF NOT EXISTS secagg_sums (
     round INTEGER PRIMARY KEY, included TEXT NOT NULL, dropped TEXT NOT NULL, ring_bits INTEGER NOT NULL,
-    scale REAL NOT NULL, total BLOB NOT NULL, ts REAL NOT NULL);
+    scale REAL NOT NULL, total BLOB NOT NULL, ts REAL NOT NULL, silent TEXT NOT NULL DEFAULT '[]');
 """
 
 
@@ -502,11 +502,18 @@ class Store:
 
     # rejects and control
     def add_secagg_sum(self, rid: int, included: tuple[str, ...], dropped: tuple[str, ...], ring_bits: int,
-                       scale: float, total: bytes) -> None:
-        """What the hub learnt in a SecAgg round: the unmasked ring sum (little-endian uint64) and who is in it."""
-        self._write("INSERT OR REPLACE INTO secagg_sums(round, included, dropped, ring_bits, scale, total, ts) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (rid, json.dumps(list(included)), json.dumps(list(dropped)), ring_bits, scale, total, time.time()))
+                       scale: float, total: bytes, silent: tuple[str, ...] = ()) -> None:
+        """What the hub learnt in a SecAgg round: the unmasked ring sum (little-endian uint64), who is in it, who
+        dropped before sending a masked input, and who is in it but did not answer the unmask request."""
+        self._write("INSERT OR REPLACE INTO secagg_sums(round, included, dropped, ring_bits, scale, total, ts, silent) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (rid, json.dumps(list(included)), json.dumps(list(dropped)), ring_bits, scale, total, time.time(),
+                     json.dumps(list(silent))))
+
+    def secagg_silent(self, rid: int) -> list[str]:
+        """Devices in a SecAgg round's sum that dropped after their masked input (their self-mask was rebuilt)."""
+        row = self._one("SELECT silent FROM secagg_sums WHERE round = ?", (rid,))
+        return [] if row is None else list(json.loads(row[0]))
 
     def secagg_sum(self, rid: int) -> tuple[list[str], list[str], int, float, bytes] | None:
         """``(included, dropped before input, ring_bits, scale, ring sum bytes)`` of a SecAgg round."""

@@ -311,7 +311,8 @@ class SecureSumAggregator(Aggregator):
     """A secure-aggregation round: the hub never sees an update, only the unmasked sum of the included devices'
     (clipped, quantised) updates, added once with :meth:`add_sum`. Every included device weighs the same (the hub
     does not learn sample counts); the denominator is the number of inputs, or under DP the expected cohort
-    (DP-FedAvg, as :class:`DpAggregator`). The combined delta is bounded by ``norm_ceiling`` outside DP."""
+    (DP-FedAvg, as :class:`DpAggregator`). The combined delta is bounded by ``norm_ceiling``: a hostile device
+    can put any ring value in its input, and only the mean can be bounded."""
 
     name = "secure_sum"
 
@@ -338,10 +339,9 @@ class SecureSumAggregator(Aggregator):
         denom = self.denominator if self.denominator is not None else float(self.count)
         out = {k: v / denom for k, v in self._sum.items()}
         norm = l2_norm(out)
-        bound = self.bounds.norm_ceiling
-        if self.denominator is None and math.isfinite(norm) and norm > bound:
+        bound = self.bounds.norm_ceiling  # one hostile input can move the sum anywhere in the ring: bound the
+        if math.isfinite(norm) and norm > bound:  # mean (post-processing: free under DP too)
             out = {k: v * (bound / norm) for k, v in out.items()}
-        self.summary = Summary(bound, 0, None, 0)
         return out
 
 

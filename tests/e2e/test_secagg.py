@@ -419,10 +419,10 @@ def test_distributed_dp_under_secure_aggregation(make_fleet: Callable[..., Fleet
     assert ann.dp_mode == "distributed" and ann.dp_min_cohort == m and ann.secagg_seed
     bits = _assert_exact_sum(fleet, 1, fleet.devices)
     cfg = SecAggConfig(ring_bits=bits, clip=ann.secagg_clip or 1.0, scale=ann.secagg_scale or 65536.0)
-    sigma = z * clip / math.sqrt(m)
+    sigma = z * clip / math.sqrt(m - 1)  # split over m - 1: the sum less any one device still holds (zC)^2
     for dev in fleet.devices:
-        # clipped update (norm <= C: ~C/sqrt(d) per coordinate) + N(0, (zC)^2/m) per coordinate; the sample std of
-        # d = 2410 coordinates is within 1.5 % of sigma (1 s.d.), and 1/sqrt(4) would be 12 % off
+        # clipped update (norm <= C: ~C/sqrt(d) per coordinate) + N(0, (zC)^2/(m-1)) per coordinate; the sample std
+        # of d = 2410 coordinates is within 1.5 % of sigma (1 s.d.), and 1/sqrt(5) would be 11 % off
         x = dequantise(_kept(fleet, dev, 1), cfg)
         assert 0.93 * sigma < float(x.std()) < 1.07 * sigma, (dev, float(x.std()), sigma)
         assert abs(float(x.mean())) < 6 * sigma / math.sqrt(x.size) + clip / math.sqrt(x.size)

@@ -30,6 +30,7 @@ class SaDevice:
         self.name = name
         self.t = InMemoryTransport(fleet.broker)
         self.session: DeviceSession | None = None
+        self.mute = False  # ignores the hub's frames (a device that went quiet)
         self.t.subscribe(TOPICS.secagg_inbox(name), self._on)
 
     def hello(self, secagg: bool = True) -> None:
@@ -43,6 +44,8 @@ class SaDevice:
     def _on(self, _topic: str, payload: bytes) -> None:
         msg = decode(payload)
         assert isinstance(msg, SecAggStage) and self.session is not None
+        if self.mute:
+            return
         self.send(self.session.on_frame(msg))
 
     def input(self, delta: dict[str, np.ndarray]) -> np.ndarray:
@@ -226,7 +229,7 @@ def test_distributed_dp_splits_noise_over_the_cohort_and_never_releases_a_thinne
     devs = _devices(fleet, names)
     ann = fleet.start_round()
     assert ann.dp_mode == "distributed" and ann.dp_min_cohort == 9  # max(3, ceil(0.9 * 10))
-    assert ann.secagg_clip is not None and ann.secagg_clip >= 1.0 + 6.0 / 3.0  # C + 6 zC/sqrt(m)
+    assert ann.secagg_clip is not None and ann.secagg_clip >= 1.0 + 6.0 / 8 ** 0.5  # C + 6 zC/sqrt(m - 1)
     for d in devs.values():
         d.join(ann)
     settle(fleet)
@@ -236,4 +239,57 @@ def test_distributed_dp_splits_noise_over_the_cohort_and_never_releases_a_thinne
     settle(fleet)
     res = fleet.results[-1]
     assert res.status is RoundStatus.FAILED_QUORUM and res.model_version is None
-    assert res.detail and "distributed-DP cohort m 9" in res.detail
+    assert res.detail and "8 devices finished mask < the 9 inputs the sum needs" in res.detail
+    # refused before anything was unmasked: no unmask request went out, the hub holds no sum of the 8
+    assert fleet.hub.store.secagg_sum(ann.round) is None
+    assert not any(d.session is not None and d.session.finished for d in devs.values())
+
+
+def test_late_key_stages_still_leave_the_masked_inputs_a_stage_timeout(make: Any) -> None:
+    fleet = make(secagg={"enabled": True, "stage_timeout_s": 35.0, "degree": 3, "threshold": 2},
+                 rounds={"min_devices": 2, "deadline_s": 30})
+    devs = _devices(fleet)
+    ann = fleet.start_round()
+    devs["d3"].mute = True  # advertises, never shares: the share stage waits its whole timeout
+    for d in devs.values():
+        d.join(ann)
+    settle(fleet)
+    fleet.advance(36.0)  # the share stage closes after the round's 30 s deadline
+    settle(fleet)
+    assert not fleet.results, "the masked-input stage must not close with the share stage"
+    for i, d in enumerate(DEVICES[:3]):
+        devs[d].input(_delta(i))
+    settle(fleet)
+    assert fleet.results[-1].status is RoundStatus.COMPLETED
+
+
+def test_a_failure_while_closing_ends_the_round_instead_of_leaving_it_open(make: Any) -> None:
+    fleet = make()
+    devs = _devices(fleet)
+    ann = fleet.start_round()
+    for d in devs.values():
+        d.join(ann)
+    settle(fleet)
+    real = fleet.hub.registry.write_head
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        fleet.hub.registry.write_head = real  # type: ignore[method-assign]
+        raise OSError("disk full")
+
+    fleet.hub.registry.write_head = broken  # type: ignore[method-assign]
+    for i, d in enumerate(DEVICES):
+        devs[d].input(_delta(i))
+    settle(fleet)
+    res = fleet.results[-1]
+    assert res.status is RoundStatus.FAILED_QUORUM and res.detail and "disk full" in res.detail
+    assert fleet.hub.round is None
+
+
+def test_stage_frames_larger_than_the_round_can_need_are_refused_unread(make: Any) -> None:
+    fleet = make()
+    _devices(fleet)
+    ann = fleet.start_round()
+    big = SecAggStage(FLEET, ann.round, "d0", {"fsa": np.zeros(1 << 20, dtype=np.uint8)})  # 1 MiB < max_update_bytes
+    InMemoryTransport(fleet.broker).publish(TOPICS.secagg("d0"), encode(big))
+    settle(fleet)
+    assert fleet.hub.store.reject_counts(ann.round).get("too_large") == 1

@@ -53,7 +53,7 @@ def test_every_clipped_update_is_within_c(scale: float, clip: float, seed: int) 
 @pytest.mark.parametrize(("mode", "z", "clip", "m", "std"), [
     ("local", 1.0, 2.0, 1, 2.0),
     ("local", 0.5, 1.0, 1, 0.5),
-    ("distributed", 1.0, 2.0, 16, 0.5),   # zC / sqrt(m)
+    ("distributed", 1.0, 2.0, 17, 0.5),   # zC / sqrt(m - 1)
     ("central", 1.0, 2.0, 1, 0.0),        # the hub adds it, not the device
 ])
 def test_device_noise_has_the_announced_scale(mode: str, z: float, clip: float, m: int, std: float) -> None:
