@@ -20,7 +20,7 @@
     delta = 1e-5
     min_noise_multiplier = 0.5    # declines rounds announcing less noise (z) than this
     max_clip = 10.0               # declines rounds announcing a larger clip norm (C); 0 = no ceiling
-    modes = ["central", "local"]  # DP modes it accepts
+    modes = ["central", "local", "distributed"]  # DP modes it accepts (distributed: SecAgg rounds only)
 
     [eligibility]                 # optional: train only when these hold (unknown conditions never block)
     require_power = true          # on external power
@@ -77,8 +77,9 @@ class DevicePrivacy:
         metadata=doc('the largest clip norm (C) it accepts (0 = no ceiling)', example=1.0),
     )
     modes: tuple[str, ...] = field(
-        default=("central", "local"),
-        metadata=doc('the DP modes it takes part in (central trusts the hub to add the noise)', example=['local']),
+        default=("central", "local", "distributed"),
+        metadata=doc('the DP modes it takes part in (central trusts the hub to add the noise; distributed is '
+                     'accepted in secure-aggregation rounds only)', example=['local']),
     )
 
 
@@ -104,7 +105,7 @@ def _privacy(table: Any) -> DevicePrivacy | None:
     delta = num("delta", 1e-5, positive=True)
     if delta >= 1:
         raise ConfigError("privacy.delta", f"must be in (0, 1), got {delta}")
-    modes = table.get("modes", ["central", "local"])
+    modes = table.get("modes", ["central", "local", "distributed"])
     if not isinstance(modes, list) or not modes or any(m not in _DP_MODES for m in modes):
         raise ConfigError("privacy.modes", f"must be a non-empty list of {', '.join(_DP_MODES)}, got {modes!r}")
     return DevicePrivacy(num("epsilon_budget", None, positive=True), delta,

@@ -71,10 +71,10 @@ class DpParams:
 
 
 def distributed_min_cohort(cohort: int, min_devices: int, dropout_allowance: float) -> int:
-    """m for a ``distributed`` round of ``cohort`` selected devices: each device's noise is split over
-    ``max(min_devices, ceil((1 - dropout_allowance) * cohort))`` devices, and a sum with fewer inputs is never
-    released. Splitting over the cohort (not only the minimum) keeps the noise in the sum near zC."""
-    return max(min_devices, math.ceil((1.0 - dropout_allowance) * cohort - 1e-9), 1)
+    """m for a ``distributed`` round of ``cohort`` selected devices: ``max(min_devices, ceil((1 - dropout_allowance)
+    * cohort), 2)``. Each device adds N(0, (zC)²/(m-1)), and a sum with fewer than m inputs is never unmasked.
+    Splitting over the cohort (not only the minimum) keeps the noise in the sum near zC."""
+    return max(min_devices, math.ceil((1.0 - dropout_allowance) * cohort - 1e-9), 2)
 
 
 def l2_norm(delta: Mapping[str, NDArray[Any]]) -> float:

@@ -384,16 +384,16 @@ class SecAggSection:
     """``[secagg]``: secure aggregation (SecAgg+ over the broker; PROTOCOL.md, "Secure aggregation")."""
 
     enabled: bool = field(default=False, metadata=doc(
-        "every round is a secure-aggregation round: the hub learns only the sum of the devices' updates (devices "
-        "need the agent's secagg extra)", example=True))
+        "every round is a secure-aggregation round: the hub learns only the sum of the devices' updates (agents "
+        "take part with their agent extra: cryptography)", example=True))
     degree: int = field(default=0, metadata=doc(
         "neighbours k each device masks with; 0 = 2*ceil(log2 n) for a cohort of n", example=8))
     threshold: int = field(default=0, metadata=doc(
         "Shamir threshold t (k/2 < t <= k): a stage needs t survivors; 0 = k//2 + 1", example=5))
     ring_bits: int = field(default=32, metadata=doc("the sum is computed modulo 2**ring_bits (8..62)", example=32))
     clip: float = field(default=1.0, metadata=doc(
-        "each coordinate of an update is clipped to [-clip, clip] before quantisation (under distributed DP at "
-        "least C + 6 noise standard deviations)", example=1.0))
+        "each coordinate of an update is clipped to [-clip, clip] before quantisation (under distributed DP the hub "
+        "announces at least C + 6 noise standard deviations by itself)", example=1.0))
     scale: float = field(default=65536.0, metadata=doc("quantisation: q = round(x * scale)", example=65536.0))
     stochastic: bool = field(default=False, metadata=doc("unbiased stochastic rounding instead of nearest",
                                                          example=True))
@@ -413,7 +413,11 @@ class SecAggSection:
         _need_num("secagg.clip", self.clip, positive=True)
         _need_num("secagg.scale", self.scale, positive=True)
         _need_num("secagg.stage_timeout_s", self.stage_timeout_s, positive=True)
-        self.params()  # ring_bits range and the rest, named
+        cfg = self.params()  # ring_bits range and the rest, named
+        if self.degree and self.threshold and not self.degree / 2 < self.threshold <= self.degree:
+            raise ConfigError("secagg.threshold", f"{self.threshold} must satisfy degree/2 < threshold <= degree "
+                              f"({self.degree})")
+        cfg.check_capacity(2)  # the smallest cohort: a ring that two devices overflow fits nobody
 
     def params(self) -> SecAggConfig:
         """The library's parameters (ConfigError naming the field if they are unusable)."""

@@ -138,7 +138,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
         check_signing_key(cfg)
         print(f"{args.config}: ok (fleet {cfg.fleet!r}, broker {cfg.broker.config.url}"
-              f"{' embedded' if cfg.broker.embedded else ''}, privacy {cfg.privacy.mode}, state in {cfg.state_dir}"
+              f"{' embedded' if cfg.broker.embedded else ''}, privacy {cfg.privacy.mode}, secure aggregation "
+              f"{'on' if cfg.secagg.enabled else 'off'}, state in {cfg.state_dir}"
               f"{', dashboard on ' + cfg.http.listen if cfg.http.enabled else ''})")
         return 0
     os.umask(0o077)  # everything the hub writes is private to its user (hub.sqlite, models, rounds.jsonl)

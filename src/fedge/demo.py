@@ -324,8 +324,9 @@ def build_report(info: dict[str, Any], devices: int, src_acc: float, results: li
 
 def _print_summary(report: dict[str, Any]) -> None:
     final = report["final_accuracy"]
+    how = " (secure aggregation: the hub saw only sums)" if report.get("secure_aggregation") else ""
     print(f"\nsource-only accuracy {report['source_accuracy']:.3f} → federated "
-          f"{'-' if final is None else f'{final:.3f}'} (chance {report['chance_accuracy']:.3f})")
+          f"{'-' if final is None else f'{final:.3f}'} (chance {report['chance_accuracy']:.3f}){how}")
     if not report["passed"]:
         why = "source model" if not report["beats_source"] else f"chance + {CHANCE_MARGIN}"
         print(f"FAILED: the federated model did not beat the {why}")
@@ -391,6 +392,7 @@ def run_demo(devices: int, rounds: int, out: str, *, as_json: bool = False, seed
         _say(quiet, f"{'src':>5}  {'-':>7}  {src_acc:8.3f}  {'-':>7}")
         results = fleet.run_rounds(show)
         report = build_report(info, devices, src_acc, results, paths)
+        report["secure_aggregation"] = secagg
         paths.report.write_text(json.dumps(report, indent=2) + "\n")
         _plot(report, paths.plot)
         if as_json:

@@ -62,6 +62,8 @@ def test_embedded_broker_url(tmp_path: Path, artifacts: Path) -> None:
         ("", "min_devices = 1\n[secagg]\nscale = 0\n", "secagg.scale"),
         ("", "min_devices = 1\n[secagg]\nstage_timeout_s = nan\n", "secagg.stage_timeout_s"),
         ("", "min_devices = 1\n[secagg]\nkeys = 3\n", "secagg.keys"),
+        ("", "min_devices = 1\n[secagg]\ndegree = 4\nthreshold = 2\n", "secagg.threshold"),
+        ("", "min_devices = 1\n[secagg]\nring_bits = 8\n", "secagg.scale"),
     ],
 )
 def test_invalid_fields_are_named(hub_toml: Callable[..., Path], extra: str, rounds: str, field: str) -> None:

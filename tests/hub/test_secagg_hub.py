@@ -181,7 +181,7 @@ def test_a_stage_below_the_threshold_fails_the_round_and_the_next_works(make: An
 
 
 def test_a_ring_the_cohort_would_overflow_is_refused_before_announcing(make: Any) -> None:
-    fleet = make(secagg={"enabled": True, "ring_bits": 16, "scale": 65536.0})
+    fleet = make(secagg={"enabled": True, "ring_bits": 16, "scale": 10000.0})  # fits 2 devices, not 4
     _devices(fleet)
     fleet.control(b"{}")
     settle(fleet)

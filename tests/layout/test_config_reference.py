@@ -30,7 +30,7 @@ def test_the_reference_is_up_to_date() -> None:
 
 def test_every_hub_key_the_loader_accepts_is_documented() -> None:
     doc = _keys(hub_config.reference_sections())
-    tables = {"broker", "rounds", "limits", "aggregation", "schedule", "privacy", "http", "store"}
+    tables = {"broker", "rounds", "limits", "aggregation", "schedule", "privacy", "http", "store", "secagg"}
     assert doc[None] == set(hub_config._TOP) - tables
     assert doc["broker"] == {f.name for f in fields(BrokerConfig)} | {"embedded_host", "embedded_port"}
     for name, cls in (("rounds", hub_config.RoundsConfig), ("limits", hub_config.LimitsConfig),
