@@ -471,7 +471,7 @@ def bench_dp(rounds: int) -> dict[str, Any]:
                epsilon_spent_distributed=round(epsilon(spent, DP_DELTA), 4), distributed_rounds_skipped=skipped,
                distributed_mean_cohort=round(statistics.mean(cohorts), 1),
                distributed_noise_std_in_sum_over_zc=round(
-                   statistics.mean(math.sqrt(c / m) for c, m in zip(cohorts, ms, strict=True)), 3),
+                   statistics.mean(math.sqrt(c / (m - 1)) for c, m in zip(cohorts, ms, strict=True)), 3),
                distributed_coordinate_clip=round(cfg.clip, 4), distributed_scale=cfg.scale,
                distributed_ring_bits=cfg.ring_bits, distributed_s=round(time.perf_counter() - t0, 2),
                source_accuracy=round(fleet.source_accuracy, 4))
