@@ -44,7 +44,7 @@ from fedge.protocol.configdoc import Section, doc, keys_of, starter_toml
 from fedge.protocol.errors import ConfigError
 from fedge.protocol.mqtt_config import BrokerConfig
 from fedge.protocol.tomlfile import read_toml
-from fedge.protocol.topics import valid_id
+from fedge.protocol.topics import RESERVED_IDS, valid_id
 
 AGENT_SESSION_EXPIRY_S = 86400  # default: the broker keeps an offline agent's session (and queue) one day
 
@@ -256,6 +256,9 @@ def config_from_mapping(table: Mapping[str, Any], base_dir: Path) -> AgentConfig
     if unknown:
         raise ConfigError(unknown[0], f"unknown field; allowed: {', '.join(sorted(_KNOWN))}")
     device_id = _str(table, "device_id")
+    if device_id in RESERVED_IDS:
+        raise ConfigError("device_id", f"{device_id!r} is reserved (the hub's and the operator's broker accounts, "
+                          "and the hub's name in secure aggregation)")
     if not valid_id(device_id):
         raise ConfigError("device_id", f"{device_id!r} must be 1-64 characters of [A-Za-z0-9_-]")
     fleet = _str(table, "fleet")

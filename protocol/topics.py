@@ -10,6 +10,10 @@ from fedge.protocol.errors import ConfigError
 
 ROOT: Final = "fedge"
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+RESERVED_IDS: Final = frozenset({"fedge-hub", "fedge-operator", "hub"})
+"""Names that are never a device: the broker accounts of the hub and the operator (``fedge fleet init``; the ACL's
+``%u`` device patterns match them too) and the hub's sender name in SecAgg stage messages. The hub treats a
+device topic under one of them as having no device."""
 
 
 def valid_id(value: str) -> bool:
@@ -142,7 +146,7 @@ class Topics:
         parts = topic.split("/")
         if len(parts) == 4 and parts[:2] == [ROOT, self.fleet] and parts[2] in ("update", "presence", "decline",
                                                                                  "select", "secagg"):
-            return parts[3] if valid_id(parts[3]) else None
+            return parts[3] if valid_id(parts[3]) and parts[3] not in RESERVED_IDS else None
         return None
 
 
@@ -157,4 +161,4 @@ def topic_matches(filter_: str, topic: str) -> bool:
     return len(fparts) == len(tparts)
 
 
-__all__ = ["ROOT", "Topics", "topic_matches", "valid_id"]
+__all__ = ["RESERVED_IDS", "ROOT", "Topics", "topic_matches", "valid_id"]

@@ -51,6 +51,8 @@ def test_defaults_for_optional_fields(tmp_path: Path) -> None:
     [
         ('device_id = "dev-1"\n', "", "device_id"),
         ('device_id = "dev-1"', 'device_id = "dev/1"', "device_id"),
+        ('device_id = "dev-1"', 'device_id = "fedge-operator"', "device_id"),
+        ('device_id = "dev-1"', 'device_id = "hub"', "device_id"),
         ('fleet = "demo"', 'fleet = ""', "fleet"),
         ('data = "shards/dev-1.npz"\n', "", "data"),
         ('data = "shards/dev-1.npz"', "data = 3", "data"),

@@ -293,3 +293,20 @@ def test_stage_frames_larger_than_the_round_can_need_are_refused_unread(make: An
     InMemoryTransport(fleet.broker).publish(TOPICS.secagg("d0"), encode(big))
     settle(fleet)
     assert fleet.hub.store.reject_counts(ann.round).get("too_large") == 1
+
+
+def test_the_operator_and_hub_accounts_are_never_devices(make: Any) -> None:
+    """The broker ACL's %u device patterns match every account: the operator could publish presence and updates
+    under its own name. The hub treats those topics as having no device (tests/devices checks the names)."""
+    from fedge.devices.fleet import RESERVED_USERS
+    from fedge.protocol.topics import RESERVED_IDS
+
+    assert RESERVED_USERS <= RESERVED_IDS
+    fleet = make(secagg={"enabled": False})
+    _devices(fleet, ("d0", "d1"))
+    for name in sorted(RESERVED_IDS):
+        fake = SaDevice(fleet, name)
+        fake.hello()
+    ann = fleet.start_round()
+    assert set(ann.selected) == {"d0", "d1"}
+    assert not set(fleet.hub.known) & RESERVED_IDS
