@@ -477,6 +477,12 @@ class HubDaemon:
             self._reply(_request_id_of(payload), None, str(exc.reason), exc.detail)
             return
         rnd = self.round
+        sel = self.selector.open
+        if rnd is None and sel is not None and req.round in (None, sel.id):  # a selection or evaluation round
+            detail = self.selector.cancel(sel, req.reason)
+            self.store.add_control("cancelled", f"selection round {sel.id}")
+            self._reply(req.request_id, sel.id, "cancelled", detail)
+            return
         if rnd is None or (req.round is not None and req.round != rnd.id):
             detail = "no round is open" if rnd is None else f"round {req.round} is not open (round {rnd.id} is)"
             self.store.add_control("no_open_round", f"cancel: {detail}")
@@ -807,6 +813,10 @@ class HubDaemon:
             self.selector.start_gate(r, row, federated)  # the chain goes on once it closes
             return
         self.continue_chain()
+
+    def end_chain(self) -> None:
+        """No more rounds of the current ``chain_rounds`` chain."""
+        self._set_chain(0, RoundOverrides())
 
     def continue_chain(self) -> None:
         """Start the next round of a ``chain_rounds`` chain, if one is left."""

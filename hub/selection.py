@@ -326,8 +326,15 @@ class Selector:
             self.close(self.open)
 
     # -- closing ---------------------------------------------------------------------------------
-    def close(self, sel: OpenSelection) -> None:
-        """Rank, record, deploy the winner as a new version over its backbone, publish the result."""
+    def cancel(self, sel: OpenSelection, reason: str) -> str:
+        """Close ``sel`` as ``cancelled`` (nothing deployed, a chain ends); returns the recorded detail."""
+        detail = f"cancelled by the operator: {reason or 'no reason given'}"
+        self.close(sel, cancelled=detail)
+        return detail
+
+    def close(self, sel: OpenSelection, *, cancelled: str | None = None) -> None:
+        """Rank, record, deploy the winner as a new version over its backbone, publish the result (``cancelled``:
+        record that detail instead, deploy nothing)."""
         hub = self.hub
         now = hub.clock()
         ranking = rank(list(sel.candidates), sel.reports.values(), hub.cfg.aggregation.max_weight_ratio)
@@ -336,7 +343,9 @@ class Selector:
         winner: str | None = None
         deployed: VersionRow | None = None  # an evaluation round's validated version (already registered)
         quorum = False
-        if sel.gate is not None:
+        if cancelled is not None:
+            detail = cancelled
+        elif sel.gate is not None:
             quorum, detail, deployed = self._close_gate(sel, sel.gate)
             winner = None if deployed is None else deployed.version
         elif len(sel.reports) < sel.params.min_devices or not ranking or ranking[0].val_n == 0:
@@ -351,7 +360,8 @@ class Selector:
                 head = load_head(hub.registry.backbone_dir(sha))
                 row = hub.registry.write_head(head, parent=cur.version, round_id=sel.id, backbone_sha256=sha)
                 detail = f"selected {winner}, deployed as {row.version}; ranking: {table}"
-        status = RoundStatus.COMPLETED if winner is not None or quorum else RoundStatus.FAILED_QUORUM
+        status = (RoundStatus.CANCELLED if cancelled is not None else
+                  RoundStatus.COMPLETED if winner is not None or quorum else RoundStatus.FAILED_QUORUM)
         self.store.close_selection(sel.id, str(status), now,
                                    [c.as_dict() for c in ranking], winner, detail, row)
         self.open = None
@@ -384,7 +394,9 @@ class Selector:
         hub.rounds_jsonl({"round": sel.id, "status": str(status), "selection": [c.as_dict() for c in ranking],
                           "winner": winner, "model_version": result.model_version, "devices": len(sel.reports),
                           **({} if sel.gate is None else {"gate": sel.gate})})
-        if sel.gate is not None:
+        if cancelled is not None:
+            hub.end_chain()
+        elif sel.gate is not None:
             hub.continue_chain()
 
 

@@ -260,3 +260,27 @@ def test_the_federated_gate_deploys_only_a_version_the_devices_validate(
         assert nxt.round == ann.round + 1 and nxt.model_version == ("v1" if deployed else "v0")
     finally:
         fleet.hub.stop()
+
+
+def test_a_selection_round_can_be_cancelled(tmp_path: Path, artifacts: Path) -> None:
+    from fedge.protocol.control import CancelRequest, encode_cancel
+
+    fleet = Fleet(hub_config(tmp_path / "state", artifacts))
+    fleet.hub.start()
+    try:
+        _register(fleet, tmp_path)
+        for d in ("a", "b"):
+            fleet.device(d).hello()
+        replies = _select(fleet, {"min_devices": 2, "deadline_s": 3000})
+        rid = int(replies[0]["round"])  # type: ignore[call-overload]
+        _report(fleet, "a", rid, {"val_n": 10.0, "val_acc_good": 0.8, "val_acc_poor": 0.2})
+        InMemoryTransport(fleet.broker).publish(TOPICS.control_round_cancel,
+                                                encode_cancel(CancelRequest("wrong candidates", request_id="s1")))
+        res = fleet.results[-1]
+        assert res.round == rid and res.status is RoundStatus.CANCELLED and res.model_version is None
+        assert res.detail and "wrong candidates" in res.detail
+        assert replies[-1]["request_id"] == "s1" and replies[-1]["reason"] == "cancelled"
+        assert fleet.hub.selector.open is None and TOPICS.select_announce not in fleet.broker.retained
+        assert fleet.hub.registry.current().version == "v0"  # type: ignore[union-attr]
+    finally:
+        fleet.hub.stop()
