@@ -360,6 +360,8 @@ class HubDaemon:
             self._publish(rotation_topic(self.cfg.fleet, seq), payload, retain=True)
         self._status(online=True)
         self._publish_model(self._current(), force=force)
+        if force:  # a broker that lost its retained messages lost the open selection round's too
+            self.selector.republish()
         if self.round is not None:
             self._publish(self.topics.announce, encode(self.round.announce(self.cfg.fleet)), retain=True)
         else:

@@ -131,13 +131,15 @@ class Selector:
         return self.hub.store
 
     def resume(self) -> None:
-        """Re-open a selection round the store says is open (its reports included); its deadline still holds."""
+        """Re-open a selection round the store says is open (its reports included); its deadline still holds,
+        within today's ``[limits] max_deadline_s``."""
         for row in self.store.selections():
             if row.status == "open":
                 cur = self.store.version(row.model_version)
                 sel = OpenSelection(row.round, row.model_version, "" if cur is None else cur.backbone_sha256,
                                     row.candidates, row.selected, RoundParams.from_dict(row.params), row.opened_at,
-                                    row.deadline, gate=row.params.get("gate"))
+                                    min(row.deadline, row.opened_at + self.hub.cfg.limits.max_deadline_s),
+                                    gate=row.params.get("gate"))
                 for device, (nonce, metrics) in self.store.selection_reports(row.round).items():
                     sel.reports[device], sel.nonces[device] = metrics, nonce
                 sel.declined.update(self.store.declines(row.round))
@@ -198,13 +200,27 @@ class Selector:
                             now + params.deadline_s)
         self.store.open_selection(rid, cur.version, cands, selected, params.to_dict(), now, sel.deadline)
         self.open = sel
-        for name, sha in cands.items():  # one model in memory at a time
-            full = hub.registry.model_full(hub.cfg.fleet, sha)
-            hub._publish(hub.topics.candidate(name), encode(full), retain=True)
-        hub._publish(hub.topics.select_announce, encode(sel.announce(hub.cfg.fleet)), retain=True)
+        self.republish()
         log.info("selection round %d open: candidates %s, %d selected %s, quorum %d, deadline %.0f s", rid,
                  list(cands), len(selected), list(selected), params.min_devices, params.deadline_s)
         return rid, "started", ""
+
+    def republish(self) -> None:
+        """Publish the open selection round's candidates and announce (retained): when it opens, and again after
+        a reconnect (a broker restarted without persistence lost them)."""
+        sel, hub = self.open, self.hub
+        if sel is None:
+            return
+        if sel.gate is not None:  # an evaluation round: the version under test, as a head over a known backbone
+            row = self.store.version(str(sel.gate["version"]))
+            if row is not None:
+                hub._publish(hub.topics.candidate(row.version), encode(hub.registry.model_head(hub.cfg.fleet, row)),
+                             retain=True)
+        else:
+            for name, sha in sel.candidates.items():  # one model in memory at a time
+                full = hub.registry.model_full(hub.cfg.fleet, sha)
+                hub._publish(hub.topics.candidate(name), encode(full), retain=True)
+        hub._publish(hub.topics.select_announce, encode(sel.announce(hub.cfg.fleet)), retain=True)
 
     # -- the federated deploy gate: an evaluation round ---------------------------------------------
     def gate_detail(self, r: OpenRound, row: VersionRow, federated: Mapping[str, float]) -> str | None:
@@ -231,9 +247,7 @@ class Selector:
         self.store.open_selection(rid, cur.version, sel.candidates, sel.selected, {**params.to_dict(), "gate": gate},
                                   now, sel.deadline)
         self.open = sel
-        hub._publish(hub.topics.candidate(row.version), encode(hub.registry.model_head(hub.cfg.fleet, row)),
-                     retain=True)
-        hub._publish(hub.topics.select_announce, encode(sel.announce(hub.cfg.fleet)), retain=True)
+        self.republish()
         log.info("evaluation round %d open: %s validated by %s", rid, row.version, list(sel.selected))
 
     def _close_gate(self, sel: OpenSelection, gate: dict[str, Any]) -> tuple[bool, str, VersionRow | None]:

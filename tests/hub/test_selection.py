@@ -284,3 +284,25 @@ def test_a_selection_round_can_be_cancelled(tmp_path: Path, artifacts: Path) -> 
         assert fleet.hub.registry.current().version == "v0"  # type: ignore[union-attr]
     finally:
         fleet.hub.stop()
+
+
+def test_an_open_selection_round_is_published_again_after_a_reconnect(tmp_path: Path, artifacts: Path) -> None:
+    """A broker restarted without persistence lost every retained message: the hub publishes the selection round's
+    announce and candidates again on reconnect, as it does a plain round's."""
+    fleet = Fleet(hub_config(tmp_path / "state", artifacts))
+    fleet.hub.start()
+    try:
+        _register(fleet, tmp_path)
+        for d in ("a", "b"):
+            fleet.device(d).hello()
+        _select(fleet, {"min_devices": 2, "deadline_s": 3000})
+        kept = {t for t in fleet.broker.retained if "/model/candidate/" in t or t == TOPICS.select_announce}
+        assert len(kept) == 3
+        for topic in kept:  # the broker forgot them
+            del fleet.broker.retained[topic]
+        fleet.hub.on_connect()
+        fleet.hub.on_connect()  # the second connect is a reconnect
+        fleet.advance(0)
+        assert kept <= set(fleet.broker.retained)
+    finally:
+        fleet.hub.stop()
