@@ -34,7 +34,7 @@ from typing import Any, Final
 
 from fedge.protocol.errors import ConfigError
 from fedge.protocol.tomlfile import dumps_toml, read_toml
-from fedge.protocol.topics import Topics, valid_id
+from fedge.protocol.topics import RESERVED_IDS, Topics, valid_id
 
 HUB_USER: Final = "fedge-hub"
 OPERATOR_USER: Final = "fedge-operator"
@@ -337,8 +337,9 @@ def add_device(fleet_dir: str | Path, device_id: str, password: str) -> FleetDir
     cover it). The broker picks it up on its next start or SIGHUP."""
     d = FleetDir.at(fleet_dir)
     d.read()
-    if device_id in RESERVED_USERS:
-        raise ConfigError("device_id", f"{device_id!r} is the name of the fleet's hub or operator account")
+    if device_id in RESERVED_IDS:
+        raise ConfigError("device_id", f"{device_id!r} is reserved: the fleet's hub or operator account, or the "
+                          "hub's name in secure aggregation")
     if not valid_id(device_id):
         raise ConfigError("device_id", f"{device_id!r} must be 1-64 characters of [A-Za-z0-9_-]")
     set_password(d.passwd, device_id, password)

@@ -20,12 +20,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fedge.devices.fleet import RESERVED_USERS, FleetDir, add_device
+from fedge.devices.fleet import FleetDir, add_device
 from fedge.devices.installer import bundle_wheel, index_pin, install_script, systemd_unit, termux_boot
 from fedge.devices.profiles import DeviceProfile
 from fedge.protocol.errors import ConfigError
 from fedge.protocol.tomlfile import dumps_toml
-from fedge.protocol.topics import Topics, valid_id
+from fedge.protocol.topics import RESERVED_IDS, Topics, valid_id
 
 # one path component: no whitespace, quotes or shell metacharacters, not starting with "-"
 _COMPONENT = re.compile(r"[A-Za-z0-9_.+][A-Za-z0-9_.+-]*")
@@ -122,8 +122,9 @@ def provision(p: Provisioning, profile: DeviceProfile, out_dir: Path, *, passwor
         name = fleet.read()["fleet"]
         if name != p.fleet:
             raise ConfigError("fleet", f"{fleet.root} is the folder of fleet {name!r}, not {p.fleet!r}")
-        if p.device_id in RESERVED_USERS:
-            raise ConfigError("device_id", f"{p.device_id!r} is the name of the fleet's hub or operator account")
+    if p.device_id in RESERVED_IDS:  # with or without a fleet folder: the hub never takes it for a device
+        raise ConfigError("device_id", f"{p.device_id!r} is reserved: the fleet's hub or operator account, or the "
+                          "hub's name in secure aggregation")
     bundle = out_dir / p.device_id
     bundle.mkdir(parents=True, exist_ok=True)
     bundle.chmod(0o700)

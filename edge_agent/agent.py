@@ -726,9 +726,8 @@ class Agent:
             return None
         joined = self.config.state_dir / "secagg" / f"joined-{msg.round}"
         if joined.exists():  # its keys and seed died with the process: joining again would break its neighbours
-            log.warning("round %d: joined before a restart; its secure-aggregation secrets are gone: not taking part",
-                        msg.round)
-            self._mark_done(msg.round)
+            self._decline(msg, DeclineReason.NOT_ELIGIBLE, "restarted after joining this secure-aggregation round: "
+                          "its keys are gone")  # the hub stops waiting for it
             return False
         try:
             why = distributed_problem(msg, dp)

@@ -71,7 +71,7 @@ from fedge.protocol.configdoc import Section, doc, keys_of, starter_toml
 from fedge.protocol.errors import ConfigError
 from fedge.protocol.mqtt_config import BrokerConfig
 from fedge.protocol.tomlfile import read_toml
-from fedge.protocol.topics import valid_id
+from fedge.protocol.topics import RESERVED_IDS, valid_id
 
 STRATEGIES: Final = ("fedavg", "median", "trimmed_mean")
 EMBEDDED: Final = "embedded"
@@ -416,7 +416,7 @@ class SecAggSection:
         cfg = self.params()  # ring_bits range and the rest, named
         if self.degree and self.threshold and not self.degree / 2 < self.threshold <= self.degree:
             raise ConfigError("secagg.threshold", f"{self.threshold} must satisfy degree/2 < threshold <= degree "
-                              f"({self.degree})")
+                              f"({self.degree}; a cohort larger than degree + 1 rounds an odd degree up to even)")
         cfg.check_capacity(2)  # the smallest cohort: a ring that two devices overflow fits nobody
 
     def params(self) -> SecAggConfig:
@@ -554,6 +554,9 @@ class HubConfig:
             for d in self.devices:
                 if not isinstance(d, str) or not valid_id(d):
                     raise ConfigError("devices", f"{d!r} must be 1-64 characters of [A-Za-z0-9_-]")
+                if d in RESERVED_IDS:
+                    raise ConfigError("devices", f"{d!r} is reserved (the hub's and operator's accounts, the hub's "
+                                      "name in secure aggregation): never a device")
         for name in ("min_devices", "deadline_s", "local_epochs", "lr"):
             why = self.limits.excess(name, getattr(self.rounds, name))
             if why is not None:

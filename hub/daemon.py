@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from fedge.edge_agent.privacy import DpEvent, DpParams, distributed_min_cohort, epsilon, event_for
-from fedge.edge_agent.secagg_session import auto_clip
+from fedge.edge_agent.secagg_session import auto_clip, distributed_problem
 from fedge.hub import secagg_daemon
 from fedge.hub.config import HubConfig
 from fedge.hub.evaluate import EvalFn, Evaluator
@@ -54,6 +54,7 @@ from fedge.protocol.messages import (
     Presence,
     Reject,
     RejectReason,
+    RoundAnnounce,
     RoundOverrides,
     RoundResult,
     RoundStatus,
@@ -360,8 +361,7 @@ class HubDaemon:
             self._publish(rotation_topic(self.cfg.fleet, seq), payload, retain=True)
         self._status(online=True)
         self._publish_model(self._current(), force=force)
-        if force:  # a broker that lost its retained messages lost the open selection round's too
-            self.selector.republish()
+        self.selector.republish()  # a resumed or open selection round (a broker may have lost it, or never had it)
         if self.round is not None:
             self._publish(self.topics.announce, encode(self.round.announce(self.cfg.fleet)), retain=True)
         else:
@@ -584,6 +584,11 @@ class HubDaemon:
                 cfg = replace(self.cfg.secagg.params(), clip=auto_clip(params.dp, self.cfg.secagg.clip))
                 plan = SecAggPlan.make(self.cfg.fleet, rid, selected, os.urandom(32), cfg,
                                        self.cfg.secagg.stage_timeout_s)
+                why = distributed_problem(replace(RoundAnnounce(
+                    self.cfg.fleet, rid, cur.version, cur.backbone_sha256, now, params.min_devices, selected, 1, 1.0),
+                    secagg_clip=plan.clip, secagg_scale=plan.scale), params.dp)
+                if why is not None:  # every device would decline it: refuse it here, before it costs privacy
+                    raise ConfigError("secagg.scale", why)
             except ConfigError as exc:  # nothing announced: no privacy spent
                 detail = f"secure aggregation is impossible for this cohort of {len(selected)}: {exc}"
                 self._unannounced(rid, RoundStatus.FAILED_QUORUM, cur, params, now, detail)

@@ -170,6 +170,13 @@ class Store:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA secure_delete=ON")  # a dropped payload is overwritten, not just unlinked
         self._db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Columns added to tables that an older hub.sqlite already has (CREATE TABLE IF NOT EXISTS keeps them)."""
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(secagg_sums)")}
+        if "silent" not in have:
+            self._db.execute("ALTER TABLE secagg_sums ADD COLUMN silent TEXT NOT NULL DEFAULT '[]'")
 
     def close(self) -> None:
         with self._lock:

@@ -16,7 +16,7 @@ from fedge.edge_agent.secagg_session import stage_of
 from fedge.edge_agent.secagg_wire import AdvertiseKeys
 from fedge.protocol.codec import decode
 from fedge.protocol.manifest import Manifest
-from fedge.protocol.messages import RoundAnnounce, SecAggStage
+from fedge.protocol.messages import Decline, DeclineReason, RoundAnnounce, SecAggStage
 from fedge.protocol.transport import InMemoryTransport
 from tests.agent_loop import test_agent_loop as loop
 from tests.agent_loop.test_agent_loop import DEV, FLEET, Hub, T, announce, model_full, model_head
@@ -85,9 +85,12 @@ def test_an_agent_restarted_mid_round_does_not_join_it_again(
     marker.parent.mkdir(parents=True)
     marker.write_bytes(b"")
     seen = advertised(hub)
+    declines: list[Decline] = []
+    hub.broker.subscribe(T.decline(DEV), lambda _t, p: declines.append(decode(p)))  # type: ignore[arg-type]
     agent = start(config, hub, artifacts_dir, manifest, 7)
     try:
         assert agent.wait_round_done(7, 60)
         assert seen == []
+        assert [(d.round, d.reason) for d in declines] == [(7, DeclineReason.NOT_ELIGIBLE)]  # the hub stops waiting
     finally:
         agent.stop()

@@ -64,6 +64,7 @@ def test_embedded_broker_url(tmp_path: Path, artifacts: Path) -> None:
         ("", "min_devices = 1\n[secagg]\nkeys = 3\n", "secagg.keys"),
         ("", "min_devices = 1\n[secagg]\ndegree = 4\nthreshold = 2\n", "secagg.threshold"),
         ("", "min_devices = 1\n[secagg]\nring_bits = 8\n", "secagg.scale"),
+        ('devices = ["a", "hub"]', "min_devices = 1\n", "devices"),
     ],
 )
 def test_invalid_fields_are_named(hub_toml: Callable[..., Path], extra: str, rounds: str, field: str) -> None:

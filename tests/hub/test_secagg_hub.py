@@ -310,3 +310,34 @@ def test_the_operator_and_hub_accounts_are_never_devices(make: Any) -> None:
     ann = fleet.start_round()
     assert set(ann.selected) == {"d0", "d1"}
     assert not set(fleet.hub.known) & RESERVED_IDS
+
+
+def test_a_store_from_before_the_silent_column_is_migrated(tmp_path: Path) -> None:
+    import sqlite3
+
+    from fedge.hub.store import Store
+
+    db = tmp_path / "hub.sqlite"
+    with sqlite3.connect(db) as con:  # the table as the first SecAgg release created it
+        con.execute("CREATE TABLE secagg_sums (round INTEGER PRIMARY KEY, included TEXT NOT NULL, dropped TEXT NOT "
+                    "NULL, ring_bits INTEGER NOT NULL, scale REAL NOT NULL, total BLOB NOT NULL, ts REAL NOT NULL)")
+        con.execute("INSERT INTO secagg_sums VALUES (1, '[\"a\"]', '[]', 32, 65536.0, x'00', 0)")
+    store = Store(db)
+    try:
+        assert store.secagg_silent(1) == []
+        store.add_secagg_sum(2, ("a", "b"), (), 32, 65536.0, b"\0" * 8, ("b",))
+        assert store.secagg_silent(2) == ["b"]
+    finally:
+        store.close()
+
+
+def test_a_distributed_round_every_device_would_decline_is_refused_unannounced(make: Any) -> None:
+    fleet = make(privacy={"mode": "distributed", "noise_multiplier": 0.5, "clip": 0.001, "sample_rate": 1.0},
+                 secagg={"enabled": True, "stage_timeout_s": 5.0, "scale": 1024.0}, rounds={"min_devices": 2})
+    _devices(fleet)
+    fleet.control(b"{}")
+    settle(fleet)
+    assert fleet.retained(TOPICS.announce) is None
+    res = fleet.results[-1]
+    assert res.status is RoundStatus.FAILED_QUORUM and res.detail and "quantisation step" in res.detail
+    assert fleet.hub.store.ledger() == [], "refused before it was announced: no privacy spent"

@@ -306,3 +306,23 @@ def test_an_open_selection_round_is_published_again_after_a_reconnect(tmp_path: 
         assert kept <= set(fleet.broker.retained)
     finally:
         fleet.hub.stop()
+
+
+def test_a_resumed_selection_round_is_published_by_the_restarted_hub(tmp_path: Path, artifacts: Path) -> None:
+    """A hub restarted with a fresh broker (the embedded one keeps nothing) publishes the open selection round."""
+    cfg = hub_config(tmp_path / "state", artifacts)
+    fleet = Fleet(cfg)
+    fleet.hub.start()
+    _register(fleet, tmp_path)
+    for d in ("a", "b"):
+        fleet.device(d).hello()
+    _select(fleet, {"min_devices": 2, "deadline_s": 3000})
+    fleet.hub.stop()
+    again = Fleet(cfg)  # a new in-memory broker: nothing retained
+    again.hub.start()
+    try:
+        again.advance(0)
+        assert TOPICS.select_announce in again.broker.retained
+        assert sum("/model/candidate/" in t for t in again.broker.retained) == 2
+    finally:
+        again.hub.stop()
