@@ -603,6 +603,8 @@ class Agent:
         delta: dict[str, NDArray[np.generic]] = {
             k: (trained[k] - global_head[k]).astype(np.float32) for k in global_head
         }
+        if not all(np.isfinite(v).all() for v in delta.values()):  # plain and SecAgg rounds alike
+            raise FedgeError(f"round {msg.round}: training diverged (the update is not finite)")
         metrics = {
             "loss_before": float(loss_before), "loss_after": float(loss_after),
             "acc_before": float(acc_before), "acc_after": float(acc_after),
@@ -627,8 +629,6 @@ class Agent:
             heads = {"source": w0, "global": global_head, "trained": trained, "personal": personal,
                      "local_only": local}
             metrics.update(head_scores(trainer, heads, feats_all[val_idx], y_all[val_idx]))
-        if not all(np.isfinite(v).all() for v in delta.values()):
-            raise FedgeError(f"round {msg.round}: training diverged (the update is not finite)")
         if dp is not None:  # clip + the device's share of the noise; nothing about the local data in the clear
             private, norm = privatize(delta, dp, np.random.default_rng())  # OS entropy: unpredictable noise
             delta = dict(private)
@@ -730,7 +730,7 @@ class Agent:
                           "its keys are gone")  # the hub stops waiting for it
             return False
         try:
-            why = distributed_problem(msg, dp)
+            why = distributed_problem(dp, len(msg.selected), msg.secagg_clip, msg.secagg_scale)
             if why is not None:
                 raise FedgeError(why)
             session = DeviceSession(msg, self.device)
@@ -755,8 +755,6 @@ class Agent:
                       dp: DpParams | None, personal: dict[str, NDArray[np.float32]]) -> None:
         """Quantise (under distributed DP: clip and add this device's share of the noise first) and hand the
         update to the session; the round counts as completed here (the personal head is kept)."""
-        if not all(np.isfinite(v).all() for v in delta.values()):
-            raise FedgeError(f"round {msg.round}: training diverged (the update is not finite)")
         q = private_input(delta, sorted(delta), session.setup, dp, np.random.default_rng())  # OS entropy
         with self._cond:
             if msg.round <= self.state.last_completed_round:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -99,18 +98,19 @@ def private_input(delta: Mapping[str, NDArray[Any]], names: list[str], setup: Ro
     return quantise(flat, setup.config, rng)
 
 
-def distributed_problem(msg: RoundAnnounce, dp: DpParams | None) -> str | None:
-    """Why a device must not add its noise share as announced (None: it may): m larger than the cohort (each
-    share would be tiny), or a coordinate clip or quantisation step that would cut or drown the noise."""
+def distributed_problem(dp: DpParams | None, cohort: int, clip: float | None, scale: float | None) -> str | None:
+    """Why a device must not add its noise share as announced for a cohort of ``cohort`` with coordinate clip
+    ``clip`` and quantisation ``scale`` (None: it may): m larger than the cohort (each share would be tiny), or a
+    clip or quantisation step that would cut or drown the noise. The hub asks the same before announcing."""
     if dp is None or dp.mode != "distributed":
         return None
-    if not 2 <= dp.min_cohort <= len(msg.selected):
-        return f"dp_min_cohort {dp.min_cohort} is not in 2..{len(msg.selected)} (the cohort)"
+    if not 2 <= dp.min_cohort <= cohort:
+        return f"dp_min_cohort {dp.min_cohort} is not in 2..{cohort} (the cohort)"
     std = dp.device_noise_std()
-    if (msg.secagg_clip or 0.0) < auto_clip(dp, 0.0) * (1 - 1e-9):
-        return f"secagg_clip {msg.secagg_clip} is below C + 6 noise standard deviations ({auto_clip(dp, 0.0):.4g})"
-    if std * (msg.secagg_scale or 0.0) < 4.0:
-        return f"the quantisation step 1/{msg.secagg_scale} is not far below the noise std {std:.3g}"
+    if (clip or 0.0) < auto_clip(dp, 0.0) * (1 - 1e-9):
+        return f"secagg_clip {clip} is below C + 6 noise standard deviations ({auto_clip(dp, 0.0):.4g})"
+    if std * (scale or 0.0) < 4.0:
+        return f"the quantisation step 1/{scale} is not far below the noise std {std:.3g}"
     return None
 
 
@@ -210,10 +210,5 @@ class DeviceSession:
         return []
 
 
-def ring_size(head: Mapping[str, NDArray[Any]]) -> int:
-    """How many ring elements a head's update is."""
-    return sum(int(math.prod(np.shape(v))) for v in head.values())
-
-
 __all__ = ["STAGE_KEY", "DeviceSession", "auto_clip", "distributed_problem", "is_secagg", "private_input",
-           "ring_size", "round_tag", "setup_of", "stage_frame", "stage_of"]
+           "round_tag", "setup_of", "stage_frame", "stage_of"]

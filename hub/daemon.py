@@ -54,7 +54,6 @@ from fedge.protocol.messages import (
     Presence,
     Reject,
     RejectReason,
-    RoundAnnounce,
     RoundOverrides,
     RoundResult,
     RoundStatus,
@@ -154,10 +153,8 @@ class HubDaemon:
         self.clock = clock
         self.tick_s = tick_s
         agg = cfg.aggregation
-        self.strategy: Strategy = make_strategy(
-            agg.strategy, agg.proximal_lambda,
-            Bounds(agg.max_weight_ratio, agg.fixed_update_norm, agg.norm_multiplier, agg.norm_ceiling),
-            agg.trim_fraction)
+        self.bounds = Bounds(agg.max_weight_ratio, agg.fixed_update_norm, agg.norm_multiplier, agg.norm_ceiling)
+        self.strategy: Strategy = make_strategy(agg.strategy, agg.proximal_lambda, self.bounds, agg.trim_fraction)
         self.evaluator: EvalFn = evaluator if evaluator is not None else Evaluator(cfg.eval_data)
         self.store = Store(cfg.state_dir / "hub.sqlite", keep_update_payloads=cfg.store.keep_update_payloads)
         self.registry = Registry(self.store, cfg.state_dir)
@@ -584,9 +581,7 @@ class HubDaemon:
                 cfg = replace(self.cfg.secagg.params(), clip=auto_clip(params.dp, self.cfg.secagg.clip))
                 plan = SecAggPlan.make(self.cfg.fleet, rid, selected, os.urandom(32), cfg,
                                        self.cfg.secagg.stage_timeout_s)
-                why = distributed_problem(replace(RoundAnnounce(
-                    self.cfg.fleet, rid, cur.version, cur.backbone_sha256, now, params.min_devices, selected, 1, 1.0),
-                    secagg_clip=plan.clip, secagg_scale=plan.scale), params.dp)
+                why = distributed_problem(params.dp, len(selected), plan.clip, plan.scale)
                 if why is not None:  # every device would decline it: refuse it here, before it costs privacy
                     raise ConfigError("secagg.scale", why)
             except ConfigError as exc:  # nothing announced: no privacy spent
@@ -616,10 +611,7 @@ class HubDaemon:
     def _aggregator(self, params: RoundParams, backbone: str) -> Aggregator:
         shapes = {k: s for k, (s, _) in self._spec(backbone).items()}
         if params.secagg is not None:
-            agg = self.cfg.aggregation
-            return SecureSumAggregator(shapes, agg.proximal_lambda,
-                                       Bounds(agg.max_weight_ratio, agg.fixed_update_norm, agg.norm_multiplier,
-                                              agg.norm_ceiling),
+            return SecureSumAggregator(shapes, self.cfg.aggregation.proximal_lambda, self.bounds,
                                        None if params.dp is None else max(params.expected_cohort, 1.0))
         if params.dp is None:
             # the norm history is read when the round opens (or resumes): fixed for the round

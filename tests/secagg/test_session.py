@@ -84,10 +84,12 @@ def test_the_hub_refuses_low_order_public_keys_at_advertise() -> None:
 ])
 def test_distributed_dp_announces_the_device_cannot_honour_are_refused(over: dict[str, object], why: str) -> None:
     dp = DpParams("distributed", 1.0, 1.0, 1.0, min_cohort=3)
-    assert distributed_problem(announce(secagg_clip=auto_clip(dp, 1.0)), dp) is None
+    ok = announce(secagg_clip=auto_clip(dp, 1.0))
+    assert distributed_problem(dp, len(ok.selected), ok.secagg_clip, ok.secagg_scale) is None
     m = over.pop("dp_min_cohort", 3)
     bad = DpParams("distributed", 1.0, 1.0, 1.0, min_cohort=m)  # type: ignore[arg-type]
-    problem = distributed_problem(announce(**{"secagg_clip": auto_clip(dp, 1.0), "dp_min_cohort": m, **over}), bad)
+    msg = announce(**{"secagg_clip": auto_clip(dp, 1.0), "dp_min_cohort": m, **over})
+    problem = distributed_problem(bad, len(msg.selected), msg.secagg_clip, msg.secagg_scale)
     assert problem is not None and why in problem
 
 
