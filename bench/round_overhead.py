@@ -257,7 +257,7 @@ def bench_simulated(work: Path, url: str, port: int, artifacts: Path, n: int, pr
 
 
 def bench_aggregation(updates: int = 1000, params: int = 100_000, distinct: int = 50) -> dict[str, Any]:
-    from fedge.hub.strategies import Aggregator
+    from fedge.core.strategies import Aggregator
     from fedge.hub.validate import Accept, UpdateContext, validate_update
     from fedge.protocol.codec import encode
 

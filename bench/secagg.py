@@ -116,11 +116,11 @@ class SecAggSimDevice(_SimDevice):
             t[2] += len(frames)
 
     def _on_message(self, client: Any, _u: Any, msg: Any) -> None:
-        from fedge.edge_agent.secagg import quantise
-        from fedge.edge_agent.secagg_session import DeviceSession, is_secagg, stage_of
-        from fedge.edge_agent.secagg_wire import KeysBroadcast, SharesRelay
+        from fedge.core.secagg import quantise
+        from fedge.core.secagg_session import DeviceSession, is_secagg, stage_of
         from fedge.protocol.codec import decode
         from fedge.protocol.messages import RoundAnnounce, SecAggStage
+        from fedge.protocol.secagg_wire import KeysBroadcast, SharesRelay
 
         if not msg.payload:
             return
@@ -310,8 +310,8 @@ def bench_scenario(work: Path, url: str, port: int, artifacts: Path, shapes: str
 def profile_hub(n: int, dim: int, top: int = 10, profiled: bool = True) -> dict[str, Any]:
     """One n-device round in process: the hub's seconds per stage (with ``profiled``, under cProfile, and its top
     functions by own time), the devices' uncontended CPU per stage, and whether the unmasked sum is exact."""
-    from fedge.edge_agent.secagg import SecAggConfig, quantise
-    from fedge.edge_agent.secagg_session import DeviceSession
+    from fedge.core.secagg import SecAggConfig, quantise
+    from fedge.core.secagg_session import DeviceSession
     from fedge.hub.secagg_round import SecAggCoordinator, SecAggPlan, SecureSum
     from fedge.protocol.codec import decode
     from fedge.protocol.messages import RoundAnnounce, SecAggStage
@@ -391,8 +391,7 @@ def profile_hub(n: int, dim: int, top: int = 10, profiled: bool = True) -> dict[
 # -- distributed DP vs central DP at equal epsilon -------------------------------------------------------------------
 def bench_dp(rounds: int) -> dict[str, Any]:
     from bench.privacy_utility import LOCAL_EPOCHS, LR, PROXIMAL_LAMBDA, SEED, _final, _settings
-    from fedge.demo import DemoPaths, prepare
-    from fedge.edge_agent.privacy import (
+    from fedge.core.privacy import (
         DpEvent,
         DpParams,
         distributed_min_cohort,
@@ -400,12 +399,13 @@ def bench_dp(rounds: int) -> dict[str, Any]:
         event_for,
         noise_for_epsilon,
     )
-    from fedge.edge_agent.secagg import RoundSetup, SecAggConfig, dequantise
-    from fedge.edge_agent.secagg_session import auto_clip, private_input
-    from fedge.edge_agent.training import fit
+    from fedge.core.secagg import RoundSetup, SecAggConfig, dequantise
+    from fedge.core.secagg_session import auto_clip, private_input
+    from fedge.core.strategies import Bounds, SecureSumAggregator
+    from fedge.core.training import fit
+    from fedge.demo import DemoPaths, prepare
     from fedge.hub.rounds import poisson_select
     from fedge.hub.secagg_round import split_flat
-    from fedge.hub.strategies import Bounds, SecureSumAggregator
     from fedge.simulate import device_noise_rng, load_fleet, resolve_dp, run_rounds, train_rng
 
     out: dict[str, Any] = {"dp_rounds": rounds, "dp_epsilon": DP_EPS, "dp_min_devices": MIN_COHORT,

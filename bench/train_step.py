@@ -38,10 +38,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench._targets import TRAIN_STEP, finish  # noqa: E402
-from fedge.edge_agent.features import FeatureCache  # noqa: E402
-from fedge.edge_agent.trainers.litert import LiteRTTrainer  # noqa: E402
-from fedge.edge_agent.training import fit  # noqa: E402
+from fedge.core.training import fit  # noqa: E402
 from fedge.protocol.manifest import load_head, load_manifest  # noqa: E402
+from fedge.runtime.features import FeatureCache  # noqa: E402
+from fedge.runtime.trainers.litert import LiteRTTrainer  # noqa: E402
 
 LR = 0.05
 REPEATS = 5
@@ -60,9 +60,9 @@ def peak_mb():
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 import numpy as np
-from fedge.edge_agent.data import load_local
-from fedge.edge_agent.trainers import open_trainer
-from fedge.edge_agent.training import fit
+from fedge.runtime.data import load_local
+from fedge.runtime.trainers import open_trainer
+from fedge.core.training import fit
 t0 = time.perf_counter()
 trainer = open_trainer(sys.argv[1], "litert")
 data = load_local(sys.argv[2])

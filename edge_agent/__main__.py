@@ -65,7 +65,7 @@ def _predict(config_path: str, data: str, out: str | None) -> int:
 
 def _check(config_path: str) -> int:
     from fedge.edge_agent.config import load_config
-    from fedge.edge_agent.data import load_local
+    from fedge.runtime.data import load_local
 
     cfg = load_config(config_path)
     if cfg.hub_public_key is not None:

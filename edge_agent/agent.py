@@ -19,21 +19,20 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
+from fedge.core.evaluation import head_scores, local_only_head, split_indices
+from fedge.core.privacy import DpParams, privatize
+from fedge.core.secagg_session import DeviceSession, distributed_problem, is_secagg, private_input
+from fedge.core.training import Prox, fit
 from fedge.edge_agent.artifacts import artifacts_dir, install_model_full, is_installed, prune_backbones
 from fedge.edge_agent.config import AgentConfig
-from fedge.edge_agent.data import LocalData, load_local
 from fedge.edge_agent.eligibility import not_eligible
-from fedge.edge_agent.evaluation import head_scores, local_only_head, split_indices
-from fedge.edge_agent.features import FeatureCache
 from fedge.edge_agent.ledger import DeviceLedger, announced_dp, decline_reason
-from fedge.edge_agent.privacy import DpParams, privatize
-from fedge.edge_agent.secagg_session import DeviceSession, distributed_problem, is_secagg, private_input
 from fedge.edge_agent.selection import SelectionWorker
-from fedge.edge_agent.state import AgentState, secure_tree, write_atomic
-from fedge.edge_agent.training import Prox, fit
+from fedge.edge_agent.state import AgentState
 from fedge.edge_agent.trust import HubTrust
 from fedge.protocol.codec import ANNOUNCE_FRAME_BYTES, SMALL_FRAME_BYTES, decode, encode
 from fedge.protocol.errors import ArtifactError, DataError, DecodeError, FedgeError
+from fedge.protocol.fsio import secure_tree, write_atomic
 from fedge.protocol.manifest import load_head, load_manifest
 from fedge.protocol.messages import (
     Ack,
@@ -52,6 +51,8 @@ from fedge.protocol.messages import (
 from fedge.protocol.signing import rotation_filter
 from fedge.protocol.topics import Topics
 from fedge.protocol.transport import Transport
+from fedge.runtime.data import LocalData, load_local
+from fedge.runtime.features import FeatureCache
 
 log = logging.getLogger("fedge.agent")
 _VERSION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
@@ -134,7 +135,7 @@ class Agent:
 
     def start(self, connect_timeout_s: float = 10.0) -> None:
         """Load local data (DataError if bad), connect, subscribe and announce presence."""
-        from fedge.edge_agent.trainers import available_backends
+        from fedge.runtime.trainers import available_backends
 
         self._data = load_local(self.config.data)
         self._backends = tuple(available_backends())
@@ -511,7 +512,7 @@ class Agent:
                         self._started.discard(msg.round)  # a redelivered announce may retry
 
     def _trainer_for(self, backbone_sha256: str) -> Any:
-        from fedge.edge_agent.trainers import open_trainer
+        from fedge.runtime.trainers import open_trainer
 
         folder = artifacts_dir(self.artifacts_root, backbone_sha256)  # the verified install in use
         if self._trainer is None or self._trainer[0] != backbone_sha256 or self._trainer_dir != folder:
@@ -537,7 +538,7 @@ class Agent:
         return x
 
     def _run_round(self, msg: RoundAnnounce) -> None:
-        from fedge.edge_agent.training import evaluate
+        from fedge.core.training import evaluate
 
         with self._cond:
             reason = self._skip_reason_late(msg)

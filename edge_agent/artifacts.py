@@ -5,7 +5,7 @@ Installs are named by what was verified, never by the id a message claims: each 
 ``manifest.json`` (which pins every file's sha256 and size): ``<root>/<sha[:16]>/<manifest sha256[:32]>/``, and
 a ``current`` file naming the install in use. Installation checks every file's sha256 and size against the
 manifest carried in the message (and that the manifest names the same backbone), refuses ONNX models that
-reference external data (edge_agent/onnx_check.py), writes into a temporary folder, verifies it again from
+reference external data (src/fedge/runtime/onnx_check.py), writes into a temporary folder, verifies it again from
 disk, renames it into place, then points ``current`` at it: a half-written install is never visible. An
 install already present is only pointed at again, so every backbone is written once; a different verified copy
 under the same id (e.g. the hub's genuine model after a forged one) replaces it, and the features and
@@ -28,11 +28,11 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from fedge.edge_agent.onnx_check import check_onnx_files
-from fedge.edge_agent.state import PRIVATE_FILE, fsync_dir, private_dir, write_atomic
 from fedge.protocol.errors import ArtifactError
+from fedge.protocol.fsio import PRIVATE_FILE, fsync_dir, private_dir, write_atomic
 from fedge.protocol.manifest import MANIFEST_FILE, Manifest, verify_artifacts
 from fedge.protocol.messages import ModelFull
+from fedge.runtime.onnx_check import check_onnx_files
 
 log = logging.getLogger("fedge.agent")
 _HEX16 = frozenset("0123456789abcdef")

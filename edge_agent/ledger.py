@@ -18,9 +18,9 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fedge.core.privacy import DpParams, epsilon, event_for
 from fedge.edge_agent.config import DevicePrivacy
-from fedge.edge_agent.privacy import DpParams, epsilon, event_for
-from fedge.edge_agent.state import write_atomic
+from fedge.protocol.fsio import write_atomic
 from fedge.protocol.messages import DeclineReason, RoundAnnounce
 
 log = logging.getLogger("fedge.agent")

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
+from fedge.core.losses import log_softmax
 from fedge.edge_agent.artifacts import artifacts_dir
 from fedge.edge_agent.config import AgentConfig
-from fedge.edge_agent.losses import log_softmax
 from fedge.edge_agent.state import AgentState
 from fedge.protocol.errors import ArtifactError, DataError
 from fedge.protocol.manifest import load_head, load_manifest
@@ -68,7 +68,7 @@ def choose_head(config: AgentConfig, backbone: str, spec: dict[str, tuple[int, .
 def predict(config: AgentConfig, data: Path, backend: str | None = None) -> tuple[str, NDArray[np.int64],
                                                                                    NDArray[np.float64]]:
     """``(head used, predicted class, its probability)`` for every row of ``data``."""
-    from fedge.edge_agent.trainers import open_trainer
+    from fedge.runtime.trainers import open_trainer
 
     state = AgentState.load(config.state_dir / "state.json")
     backbone = state.versions.get(state.model_version or "")

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
+from fedge.core.evaluation import split_indices
+from fedge.core.losses import Score
+from fedge.core.trainer import Trainer
+from fedge.core.training import evaluate, fit
 from fedge.edge_agent.artifacts import artifacts_dir, install_model_full, is_installed
 from fedge.edge_agent.eligibility import not_eligible
-from fedge.edge_agent.evaluation import split_indices
-from fedge.edge_agent.losses import Score
-from fedge.edge_agent.trainers.base import Trainer
-from fedge.edge_agent.training import evaluate, fit
 from fedge.protocol.codec import encode
 from fedge.protocol.errors import ArtifactError, DataError, FedgeError
 from fedge.protocol.manifest import load_head, save_head

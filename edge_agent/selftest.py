@@ -54,9 +54,9 @@ def _peak_rss_mb() -> float:
 
 
 def _run(args: argparse.Namespace, report: dict[str, Any]) -> bool:
-    from fedge.edge_agent.trainers import available_backends, open_trainer
-    from fedge.edge_agent.training import evaluate
+    from fedge.core.training import evaluate
     from fedge.protocol.manifest import verify_artifacts
+    from fedge.runtime.trainers import available_backends, open_trainer
 
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
@@ -71,7 +71,7 @@ def _run(args: argparse.Namespace, report: dict[str, Any]) -> bool:
     report["backend"] = trainer.name
     b = trainer.batch_size
     if args.data:
-        from fedge.edge_agent.data import load_local
+        from fedge.runtime.data import load_local
 
         data = load_local(args.data, input_shape=manifest.input.shape)
         x, y = data.x[: MAX_SAMPLES_IN_BATCHES * b], data.y[: MAX_SAMPLES_IN_BATCHES * b]

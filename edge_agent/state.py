@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import stat
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedge.protocol.manifest import fsync_dir
+from fedge.protocol.fsio import PRIVATE_DIR, PRIVATE_FILE, fsync_dir, private_dir, secure_tree, write_atomic
 
 log = logging.getLogger("fedge.agent")
 
@@ -30,54 +27,6 @@ MAX_VERSIONS = 2
 """Heads kept on disk: the current one and the previous one (older ones are pruned)."""
 MAX_BACKBONES = 2
 """Backbones kept installed besides those of the kept heads: the newest and the one before it."""
-PRIVATE_DIR = 0o700
-PRIVATE_FILE = 0o600
-
-
-
-
-def private_dir(folder: Path) -> Path:
-    """Create ``folder`` if needed, and every missing parent, all 0700; make ``folder`` 0700."""
-    missing = [folder, *(p for p in folder.parents if not p.exists())]
-    for d in reversed(missing):
-        d.mkdir(mode=PRIVATE_DIR, exist_ok=True)
-    os.chmod(folder, PRIVATE_DIR)
-    return folder
-
-
-def secure_tree(root: Path) -> None:
-    """Make ``root`` and everything below it private: folders 0700, files 0600 (symbolic links are left alone;
-    an entry that cannot be changed, e.g. owned by another user, is logged)."""
-    private_dir(root)
-    for folder, dirs, files in os.walk(root):
-        for name in (*dirs, *files):
-            path = os.path.join(folder, name)
-            try:
-                mode = os.lstat(path).st_mode
-                if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
-                    want = PRIVATE_DIR if stat.S_ISDIR(mode) else PRIVATE_FILE
-                    if stat.S_IMODE(mode) != want:
-                        os.chmod(path, want)
-            except OSError as exc:
-                log.warning("cannot make %s private: %s", path, exc)
-
-
-def write_atomic(path: Path, data: bytes | memoryview) -> None:
-    """Write a private file (0600) durably: a temporary file in the same folder, fsync, rename over ``path``,
-    fsync the folder. A crash leaves the old file or the new one."""
-    if not path.parent.is_dir():
-        private_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # mode 0600
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 @dataclass

@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 from typing import Any, Final
 
-from fedge.edge_agent.state import write_atomic
+from fedge.protocol.fsio import write_atomic
 from fedge.protocol.messages import ModelHead, RoundAnnounce, RoundResult
 from fedge.protocol.signing import (
     SignatureError,

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 def ort_training_available() -> bool:
     """True when ``onnxruntime.training`` (onnxruntime-training-cpu) can be imported without torch."""
     try:
-        from fedge.edge_agent.trainers.ort_shim import import_training
+        from fedge.runtime.trainers.ort_shim import import_training
 
         import_training("artifacts")
     except (ImportError, ArtifactError):

@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from fedge.edge_agent.trainers.ort_shim import import_training
 from fedge.export.onnx_builder import full_graph, head_graph
 from fedge.export.zoo import SplitModel
+from fedge.runtime.trainers.ort_shim import import_training
 
 __all__ = ["ORT_FILES", "write_ort_artifacts"]
 

@@ -158,8 +158,8 @@ def pretrain_report(
 
 def _user_data(path: Path) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any], NDArray[Any], int, str]:
     """The user's source data: images ``[N, 28, 28(, 1)]`` go to the CNN, anything else is flattened for the MLP."""
-    from fedge.edge_agent.data import load_local
-    from fedge.edge_agent.evaluation import split_indices
+    from fedge.core.evaluation import split_indices
+    from fedge.runtime.data import load_local
 
     local = load_local(path)
     x = np.asarray(local.x, dtype=np.float32)

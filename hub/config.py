@@ -65,7 +65,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final
 
-from fedge.edge_agent.secagg import SecAggConfig
+from fedge.core.secagg import SecAggConfig
 from fedge.hub.dashboard.listen import MIN_TOKEN_CHARS, is_loopback, parse_listen, valid_token
 from fedge.protocol.configdoc import Section, doc, keys_of, starter_toml
 from fedge.protocol.errors import ConfigError

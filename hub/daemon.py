@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from fedge.edge_agent.privacy import DpEvent, DpParams, distributed_min_cohort, epsilon, event_for
-from fedge.edge_agent.secagg_session import auto_clip, distributed_problem
+from fedge.core.privacy import DpEvent, DpParams, distributed_min_cohort, epsilon, event_for
+from fedge.core.secagg_session import auto_clip, distributed_problem
+from fedge.core.strategies import Aggregator, Bounds, DpAggregator, SecureSumAggregator, Strategy, make_strategy
 from fedge.hub import secagg_daemon
 from fedge.hub.config import HubConfig
 from fedge.hub.evaluate import EvalFn, Evaluator
@@ -31,7 +32,6 @@ from fedge.hub.rounds import OpenRound, RoundParams, over_limits, poisson_select
 from fedge.hub.secagg_round import SecAggCoordinator, SecAggPlan
 from fedge.hub.selection import Selector
 from fedge.hub.store import LedgerRow, Store, VersionRow
-from fedge.hub.strategies import Aggregator, Bounds, DpAggregator, SecureSumAggregator, Strategy, make_strategy
 from fedge.hub.validate import Accept, Rejection, UpdateContext, validate_update
 from fedge.hub.watchdog import hub_watchdog
 from fedge.protocol.codec import (

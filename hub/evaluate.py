@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from fedge.edge_agent.losses import Score, score
+from fedge.core.losses import Score, score
 
 log = logging.getLogger("fedge.hub.evaluate")
 
@@ -35,9 +35,9 @@ class Evaluator:
                  head: Mapping[str, NDArray[np.float32]]) -> Score | None:
         if self.eval_data is None:
             return None
-        from fedge.edge_agent.data import load_local
-        from fedge.edge_agent.trainers import open_trainer
         from fedge.protocol.manifest import load_manifest
+        from fedge.runtime.data import load_local
+        from fedge.runtime.trainers import open_trainer
 
         trainer = self._trainers.get(backbone_sha256)
         if trainer is None:

@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from fedge.edge_agent.state import PRIVATE_FILE, fsync_dir, private_dir, secure_tree
 from fedge.hub.store import Store, VersionRow
 from fedge.protocol.errors import ArtifactError
+from fedge.protocol.fsio import PRIVATE_FILE, fsync_dir, private_dir, secure_tree
 from fedge.protocol.manifest import MANIFEST_FILE, Manifest, head_order, load_head, save_head, verify_artifacts
 from fedge.protocol.messages import ModelFull, ModelHead
 

@@ -13,10 +13,10 @@ from typing import Any, Final
 
 import numpy as np
 
-from fedge.edge_agent.privacy import DpParams
+from fedge.core.privacy import DpParams
+from fedge.core.strategies import Aggregator
 from fedge.hub.config import LimitsConfig, RoundsConfig
 from fedge.hub.secagg_round import SecAggCoordinator, SecAggPlan
-from fedge.hub.strategies import Aggregator
 from fedge.protocol.messages import RoundAnnounce, RoundOverrides
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from fedge.edge_agent.secagg import (
+from fedge.core.secagg import (
     KEY_BYTES,
     SHARE_BYTES,
     RoundSetup,
@@ -29,7 +29,7 @@ from fedge.edge_agent.secagg import (
     seed_commitment,
     usable_public_key,
 )
-from fedge.edge_agent.secagg_wire import (
+from fedge.protocol.secagg_wire import (
     HUB,
     AdvertiseKeys,
     KeysBroadcast,

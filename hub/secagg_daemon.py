@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedge.edge_agent.secagg_wire import SecAggError
+from fedge.core.strategies import SecureSumAggregator
 from fedge.hub.secagg_round import SecAggCoordinator, SecureSum, split_flat
-from fedge.hub.strategies import SecureSumAggregator
 from fedge.hub.validate import Rejection
 from fedge.protocol.codec import decode
 from fedge.protocol.errors import DecodeError
 from fedge.protocol.messages import RejectReason, RoundStatus, SecAggStage
+from fedge.protocol.secagg_wire import SecAggError
 
 if TYPE_CHECKING:
     from fedge.hub.daemon import HubDaemon

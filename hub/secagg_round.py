@@ -20,9 +20,11 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from fedge.edge_agent.secagg import RoundSetup, SecAggConfig, dequantise
-from fedge.edge_agent.secagg_session import round_tag, stage_frame, stage_of
-from fedge.edge_agent.secagg_wire import (
+from fedge.core.secagg import RoundSetup, SecAggConfig, dequantise
+from fedge.core.secagg_session import round_tag, stage_frame, stage_of
+from fedge.hub.secagg import SecAggResult, SecAggServer
+from fedge.protocol.messages import SecAggStage
+from fedge.protocol.secagg_wire import (
     AdvertiseKeys,
     MaskedInput,
     SecAggError,
@@ -31,8 +33,6 @@ from fedge.edge_agent.secagg_wire import (
     StageMessage,
     UnmaskResponse,
 )
-from fedge.hub.secagg import SecAggResult, SecAggServer
-from fedge.protocol.messages import SecAggStage
 
 log = logging.getLogger("fedge.hub.secagg")
 Publish = Callable[[str, bytes], None]  # (device, frame) -> published on device/<device>/secagg

@@ -17,9 +17,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from fedge.core.strategies import lower_median
 from fedge.hub.rounds import OpenRound, RoundParams, over_limits, select_devices
 from fedge.hub.store import SelectionRow, Store, VersionRow
-from fedge.hub.strategies import lower_median
 from fedge.protocol.codec import decode, encode
 from fedge.protocol.errors import DecodeError
 from fedge.protocol.manifest import load_head

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedge.edge_agent.state import PRIVATE_FILE, private_dir
+from fedge.protocol.fsio import PRIVATE_FILE, private_dir
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

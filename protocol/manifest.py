@@ -20,6 +20,7 @@ from numpy.typing import NDArray
 
 from fedge.protocol.codec import loads_strict
 from fedge.protocol.errors import ArtifactError
+from fedge.protocol.fsio import fsync_dir
 
 __all__ = [
     "FORMAT",
@@ -304,12 +305,3 @@ def save_head(path: str | Path, head: Mapping[str, NDArray[Any]], *, mode: int |
         os.fsync(fh.fileno())
     tmp.replace(target)
     fsync_dir(target.parent)
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename or a new entry in ``folder`` durable."""
-    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

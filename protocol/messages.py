@@ -270,7 +270,7 @@ class Decline:
 @dataclass(frozen=True)
 class SecAggStage:
     """One SecAgg+ stage message (PROTOCOL.md, "Secure aggregation"): ``stage["fsa"]`` is its byte encoding
-    (uint8) as ``fedge.edge_agent.secagg_wire`` writes it. On ``secagg/<device>`` ``device`` is the sender; on
+    (uint8) as ``fedge.protocol.secagg_wire`` writes it. On ``secagg/<device>`` ``device`` is the sender; on
     ``device/<device>/secagg`` (from the hub, signed like every hub frame) it is the receiver."""
 
     type: ClassVar[MessageType] = MessageType.SECAGG

@@ -136,10 +136,10 @@ def _agent_toml(paths: DemoPaths, fleet: str, port: int, i: int, data_file: str)
 
 def source_accuracy(paths: DemoPaths) -> float:
     """Accuracy of the source-only model (exported head, no federated training) on the eval set."""
-    from fedge.edge_agent.data import load_local
-    from fedge.edge_agent.trainers import open_trainer
-    from fedge.edge_agent.training import evaluate
+    from fedge.core.training import evaluate
     from fedge.protocol.manifest import load_head
+    from fedge.runtime.data import load_local
+    from fedge.runtime.trainers import open_trainer
 
     trainer = open_trainer(paths.artifacts, backend="auto")
     eval_data = load_local(paths.data / "eval.npz")

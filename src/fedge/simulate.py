@@ -39,17 +39,17 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from fedge.core.evaluation import split_indices
+from fedge.core.losses import score
+from fedge.core.privacy import DpEvent, DpParams, epsilon, event_for, l2_norm, noise_for_epsilon, privatize
+from fedge.core.trainer import Trainer
+from fedge.core.training import Prox, fit
 from fedge.demo import DemoPaths, build_report, prepare
-from fedge.edge_agent.evaluation import split_indices
-from fedge.edge_agent.losses import score
-from fedge.edge_agent.privacy import DpEvent, DpParams, epsilon, event_for, l2_norm, noise_for_epsilon, privatize
-from fedge.edge_agent.trainers.base import Trainer
-from fedge.edge_agent.trainers.numpy_head import head_forward
-from fedge.edge_agent.training import Prox, fit
 from fedge.hub.daemon import federated_scores
 from fedge.hub.evaluate import Evaluator
 from fedge.protocol.errors import ConfigError, FedgeError
 from fedge.protocol.messages import RoundResult, RoundStatus
+from fedge.runtime.trainers.numpy_head import head_forward
 
 __all__ = [
     "DEFAULT_OUT",
@@ -267,7 +267,7 @@ def _device_data(paths: DemoPaths, devices: int, seed: int, quiet: bool
     ``demo.prepare`` gives every device at least 10 samples; past that (more than 1,200 devices on
     Fashion-MNIST's 12,000 held-back images) the shards are made here with the same recipe, the pool split evenly
     (``size_per_device`` = pool // devices, at least 1)."""
-    from fedge.edge_agent.data import load_local
+    from fedge.runtime.data import load_local
 
     try:
         info = prepare(paths, devices, seed, quiet)
@@ -324,8 +324,8 @@ def fleet_from_shards(paths: DemoPaths, info: dict[str, Any], shards: list[Shard
     """A fleet over any task: exported artifacts in ``paths.artifacts``, the hub's held-out set in
     ``paths.data / "eval.npz"``, one ``(x, y)`` shard per device (``keys``: their data sha256, by default of
     the arrays). ``info`` needs ``dataset``, ``model`` and ``num_classes`` (the report's)."""
-    from fedge.edge_agent.trainers import open_trainer
     from fedge.protocol.manifest import load_head, load_manifest
+    from fedge.runtime.trainers import open_trainer
 
     t1 = time.perf_counter()
     trainer = open_trainer(paths.artifacts, backend)
@@ -524,8 +524,8 @@ def run_rounds(fleet: SimFleet, settings: SimSettings, *, start: Head | None = N
     """``settings.rounds`` rounds over ``fleet``, as the agents and the hub run them, from the deployed head
     ``start`` (default the source head w0; scored on the eval set as the deployed version the gate compares with;
     the proximal pull is toward w0 either way)."""
+    from fedge.core.strategies import Aggregator, DpAggregator, make_strategy
     from fedge.hub.rounds import poisson_select, select_devices
-    from fedge.hub.strategies import Aggregator, DpAggregator, make_strategy
 
     if settings.devices != fleet.devices:
         raise ConfigError("devices", f"the fleet has {fleet.devices} devices, the settings {settings.devices}")

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
+from fedge.core.evaluation import split_indices
+from fedge.core.training import evaluate, fit
 from fedge.demo import DemoPaths
-from fedge.edge_agent.evaluation import split_indices
 from fedge.edge_agent.selection import report_metrics, score_candidate
-from fedge.edge_agent.training import evaluate, fit
 from fedge.hub.selection import CandidateScore, rank
 from fedge.protocol.errors import ConfigError
 
@@ -75,9 +75,9 @@ def simulate_selection(candidates: Mapping[str, Path], shards: Sequence[Shard], 
                        seed: int = 0, backend: str = "auto") -> SelectionSim:
     """Run a selection round over ``shards`` (one per device; ``keys``: their data sha256, which fixes each
     device's validation split) among ``candidates`` (name -> exported artifacts folder)."""
-    from fedge.edge_agent.data import load_local
-    from fedge.edge_agent.trainers import open_trainer
     from fedge.protocol.manifest import load_head, load_manifest
+    from fedge.runtime.data import load_local
+    from fedge.runtime.trainers import open_trainer
 
     if len(candidates) < 1:
         raise ConfigError("candidate", "selection needs at least one candidate")

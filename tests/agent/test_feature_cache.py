@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from fedge.edge_agent.features import FeatureCache
-from fedge.edge_agent.trainers import Trainer, open_trainer
 from fedge.protocol.manifest import load_manifest
+from fedge.runtime.features import FeatureCache
+from fedge.runtime.trainers import Trainer, open_trainer
 
 DATA = "ab" * 32
 BB1 = "cd" * 32

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedge.edge_agent.trainers.numpy_head import NumpyTrainer
-from fedge.edge_agent.training import fit
+from fedge.core.training import fit
+from fedge.runtime.trainers.numpy_head import NumpyTrainer
 
 F, C, N, B = 5, 3, 100, 8  # 13 batches per epoch
 

@@ -16,16 +16,16 @@ from pathlib import Path
 
 import numpy as np
 
-from fedge.edge_agent.trainers import available_backends, open_trainer
 from fedge.protocol.manifest import load_manifest
+from fedge.runtime.trainers import available_backends, open_trainer
 
 HEAVY = ("tensorflow", "torch", "onnx", "keras")
 
 PROBE = """
 import sys, json
 import numpy as np
-import fedge.edge_agent.training, fedge.edge_agent.features, fedge.edge_agent.selftest, fedge.edge_agent.data
-from fedge.edge_agent.trainers import open_trainer, available_backends
+import fedge.core.training, fedge.runtime.features, fedge.edge_agent.selftest, fedge.runtime.data
+from fedge.runtime.trainers import open_trainer, available_backends
 for b in available_backends():
     t = open_trainer(sys.argv[1], b)
     f = t.features(np.zeros((2, *json.loads(sys.argv[2])), np.float32))

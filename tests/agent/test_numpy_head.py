@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from fedge.edge_agent.losses import softmax_xent
-from fedge.edge_agent.trainers.numpy_head import NumpyTrainer, head_forward, head_loss_and_grads
-from fedge.edge_agent.training import evaluate, fit
+from fedge.core.losses import softmax_xent
+from fedge.core.training import evaluate, fit
 from fedge.protocol.errors import ArtifactError
+from fedge.runtime.trainers.numpy_head import NumpyTrainer, head_forward, head_loss_and_grads
 
 F = 6
 

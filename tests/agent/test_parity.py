@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from fedge.edge_agent.trainers import available_backends, open_trainer
 from fedge.protocol.manifest import load_manifest
+from fedge.runtime.trainers import available_backends, open_trainer
 
 BACKENDS = available_backends()
 STEPS = 20

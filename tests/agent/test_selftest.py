@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedge.edge_agent.trainers import available_backends
 from fedge.protocol.manifest import load_manifest
+from fedge.runtime.trainers import available_backends
 
 KEYS = {"ok", "backend", "steps", "loss_first", "loss_last", "ms_per_step", "peak_rss_mb"}
 

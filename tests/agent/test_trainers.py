@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedge.edge_agent.trainers import Trainer, available_backends, open_trainer
-from fedge.edge_agent.trainers.litert import LiteRTTrainer
-from fedge.edge_agent.training import evaluate, fit
+from fedge.core.training import evaluate, fit
 from fedge.protocol.errors import ArtifactError, ConfigError
 from fedge.protocol.manifest import load_head, load_manifest
+from fedge.runtime.trainers import Trainer, available_backends, open_trainer
+from fedge.runtime.trainers.litert import LiteRTTrainer
 
 BACKENDS = available_backends()
 
@@ -76,7 +76,7 @@ def test_litert_features_pad_without_leaking_between_rows(artifacts_dir: Path) -
 
 @pytest.mark.full_env
 def test_litert_features_match_backbone_onnx(artifacts_dir: Path) -> None:
-    from fedge.edge_agent.trainers.backbone import OnnxBackbone
+    from fedge.runtime.trainers.backbone import OnnxBackbone
 
     m = load_manifest(artifacts_dir)
     x = np.random.default_rng(4).random((50, *m.input.shape), dtype=np.float32)
@@ -106,7 +106,7 @@ def test_requested_backend_not_installed_says_how_to_install(
     code = (
         "import sys\n"
         f"sys.modules[{hidden!r}] = None; sys.modules['tflite_runtime'] = None\n"
-        "from fedge.edge_agent.trainers import open_trainer, available_backends\n"
+        "from fedge.runtime.trainers import open_trainer, available_backends\n"
         "from fedge.protocol.errors import ConfigError\n"
         f"assert {backend!r} not in available_backends(), available_backends()\n"
         "try:\n"
@@ -124,7 +124,7 @@ def test_requested_backend_not_installed_says_how_to_install(
 def test_proximal_pull_is_the_same_on_every_trainer_and_does_what_it_says(artifacts_dir: Path) -> None:
     """fit(..., prox=Prox(anchor, mu)): the same heads on every installed trainer (parity), mu = 0 is plain SGD,
     and a strong pull keeps the head near its anchor."""
-    from fedge.edge_agent.training import Prox
+    from fedge.core.training import Prox
 
     rng = np.random.default_rng(5)
     head0 = load_head(artifacts_dir)

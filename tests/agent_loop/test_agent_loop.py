@@ -346,7 +346,7 @@ def test_predict_uses_the_personalised_head(
     agent: Agent, hub: Hub, artifacts_dir: Path, manifest: Manifest, config: AgentConfig, data_file: Path
 ) -> None:
     from fedge.edge_agent.predict import predict
-    from fedge.edge_agent.trainers import open_trainer
+    from fedge.runtime.trainers import open_trainer
 
     hub.send(T.model_full, model_full(artifacts_dir, manifest), retain=True)
     hub.send(T.model_head, model_head(artifacts_dir, manifest), retain=True)

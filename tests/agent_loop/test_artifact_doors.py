@@ -14,10 +14,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fedge.edge_agent.artifacts import artifacts_dir as installed_dir
 from fedge.edge_agent.artifacts import install_model_full, is_installed
-from fedge.edge_agent.onnx_check import onnx_external_data
 from fedge.protocol.errors import ArtifactError
 from fedge.protocol.manifest import Manifest
 from fedge.protocol.messages import ModelFull
+from fedge.runtime.onnx_check import onnx_external_data
 from tests.agent_loop.test_agent_loop import FLEET, model_full
 
 

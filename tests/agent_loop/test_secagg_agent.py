@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from fedge.core.secagg_session import stage_of
 from fedge.edge_agent.agent import Agent
 from fedge.edge_agent.config import AgentConfig
-from fedge.edge_agent.secagg_session import stage_of
-from fedge.edge_agent.secagg_wire import AdvertiseKeys
 from fedge.protocol.codec import decode
 from fedge.protocol.manifest import Manifest
 from fedge.protocol.messages import Decline, DeclineReason, RoundAnnounce, SecAggStage
+from fedge.protocol.secagg_wire import AdvertiseKeys
 from fedge.protocol.transport import InMemoryTransport
 from tests.agent_loop import test_agent_loop as loop
 from tests.agent_loop.test_agent_loop import DEV, FLEET, Hub, T, announce, model_full, model_head

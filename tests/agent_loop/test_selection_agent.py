@@ -93,12 +93,12 @@ def test_an_evaluation_round_scores_the_published_head_as_is(
         tmp_path: Path, artifacts_dir: Path, manifest: Manifest) -> None:
     """The federated deploy gate: ``local_epochs`` 0 and a ``model_head`` on the candidate topic: the device scores
     that head on its validation split without training it."""
-    from fedge.edge_agent.data import load_local
-    from fedge.edge_agent.evaluation import split_indices
-    from fedge.edge_agent.trainers import open_trainer
-    from fedge.edge_agent.training import evaluate
+    from fedge.core.evaluation import split_indices
+    from fedge.core.training import evaluate
     from fedge.protocol.manifest import load_head
     from fedge.protocol.messages import ModelHead
+    from fedge.runtime.data import load_local
+    from fedge.runtime.trainers import open_trainer
 
     hub = Hub()
     reports = _sent(hub, T.select_report_all)

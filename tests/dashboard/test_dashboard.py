@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fedge.edge_agent.losses import Score
+from fedge.core.losses import Score
 from fedge.hub.config import HttpConfig, HubConfig, config_from_mapping
 from fedge.hub.dashboard.listen import is_loopback, parse_listen
 from fedge.hub.dashboard.metrics import DURATION_BUCKETS

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedge.edge_agent.data import load_local
 from fedge.protocol.errors import DataError
+from fedge.runtime.data import load_local
 
 
 def _npz(path: Path, **arrays: object) -> Path:

@@ -21,8 +21,8 @@ from fedge.datasets.partition import (
 )
 from fedge.datasets.shifts import Shift
 from fedge.datasets.source import Dataset, load_source
-from fedge.edge_agent.data import load_local
 from fedge.protocol.errors import ConfigError
+from fedge.runtime.data import load_local
 
 
 def _labels(n: int, classes: int, seed: int) -> np.ndarray:

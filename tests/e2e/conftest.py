@@ -40,9 +40,9 @@ def fleet_data(tmp_path_factory: pytest.TempPathFactory) -> FleetData:
 @pytest.fixture(scope="session")
 def v0_accuracy(fleet_data: FleetData) -> float:
     """Accuracy of the exported (source) head on the eval set, computed agent-side, independent of the hub."""
-    from fedge.edge_agent.data import load_local
-    from fedge.edge_agent.trainers import open_trainer
     from fedge.protocol.manifest import load_head
+    from fedge.runtime.data import load_local
+    from fedge.runtime.trainers import open_trainer
 
     trainer = open_trainer(fleet_data.artifacts, backend="auto")
     trainer.set_head(load_head(fleet_data.artifacts))

@@ -114,7 +114,7 @@ def test_ditto_personal_heads_federated_metrics_and_predict(
             assert any(not np.array_equal(personal[k], other[k]) for k in personal), (d, g.name)
 
     # predict on the device: argmax of the personal head's logits over the backbone's features
-    from fedge.edge_agent.trainers import open_trainer
+    from fedge.runtime.trainers import open_trainer
 
     manifest = load_manifest(fleet_data.artifacts)
     trainer = open_trainer(fleet_data.artifacts, backend="auto")

@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import pytest
 
-from fedge.edge_agent.privacy import DpEvent, epsilon
+from fedge.core.privacy import DpEvent, epsilon
 from fedge.protocol.codec import decode
 from fedge.protocol.messages import ModelUpdate, Presence, RoundStatus
 from tests.e2e.fleet import Fleet

@@ -23,18 +23,18 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from fedge.edge_agent.privacy import DpEvent, distributed_min_cohort, epsilon
-from fedge.edge_agent.secagg import SecAggConfig, dequantise
-from fedge.edge_agent.secagg_session import STAGE_KEY, stage_of
-from fedge.edge_agent.secagg_wire import (
+from fedge.core.privacy import DpEvent, distributed_min_cohort, epsilon
+from fedge.core.secagg import SecAggConfig, dequantise
+from fedge.core.secagg_session import STAGE_KEY, stage_of
+from fedge.protocol.codec import decode, encode
+from fedge.protocol.messages import RoundStatus, SecAggStage
+from fedge.protocol.secagg_wire import (
     AdvertiseKeys,
     MaskedInput,
     ShareKeys,
     StageMessage,
     UnmaskResponse,
 )
-from fedge.protocol.codec import decode, encode
-from fedge.protocol.messages import RoundStatus, SecAggStage
 from fedge.protocol.transport_mqtt import MqttTransport
 from tests.e2e.fleet import FLEET, Fleet, FleetData
 from tests.helpers import Mosquitto, wait_until

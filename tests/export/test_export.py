@@ -210,7 +210,7 @@ def test_litert_set_head_changes_inference(cnn28_export: Exported) -> None:
 
 
 def _ort_training(d: Path, lr: float) -> tuple[Any, Any, Any]:
-    from fedge.edge_agent.trainers.ort_shim import import_training
+    from fedge.runtime.trainers.ort_shim import import_training
 
     api = import_training("api")
     state = api.CheckpointState.load_checkpoint(str(d / "checkpoint"))

@@ -105,7 +105,7 @@ def _ort(path: Path, name: str, x: F32) -> F32:
 
 
 def _ort_full_first_loss(d: Path, x: F32, y: NDArray[np.int64]) -> float:
-    from fedge.edge_agent.trainers.ort_shim import import_training
+    from fedge.runtime.trainers.ort_shim import import_training
 
     api = import_training("api")
     state = api.CheckpointState.load_checkpoint(str(d / "checkpoint"))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedge.edge_agent.losses import Score
+from fedge.core.losses import Score
 from fedge.protocol.messages import ModelHead, RoundStatus
 from tests.hub.fleet import SHAPES, TOPICS, Fleet, hub_config, zero_delta
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedge.edge_agent.privacy import DpEvent, epsilon, l2_norm
+from fedge.core.privacy import DpEvent, epsilon, l2_norm
 from fedge.hub.config import HubConfig
 from fedge.protocol.codec import encode
 from fedge.protocol.errors import ConfigError

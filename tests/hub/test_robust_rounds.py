@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedge.edge_agent.losses import Score
-from fedge.edge_agent.privacy import l2_norm
+from fedge.core.losses import Score
+from fedge.core.privacy import l2_norm
 from fedge.protocol.messages import ModelHead, RoundStatus
 from tests.hub.fleet import SHAPES, TOPICS, Fleet, hub_config, run_hub, zero_delta
 

@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedge.edge_agent.secagg_session import DeviceSession, private_input, stage_frame
-from fedge.edge_agent.secagg_wire import AdvertiseKeys
+from fedge.core.secagg_session import DeviceSession, private_input, stage_frame
 from fedge.protocol.codec import decode, encode
 from fedge.protocol.manifest import load_head
 from fedge.protocol.messages import Presence, Reject, RejectReason, RoundAnnounce, RoundStatus, SecAggStage
+from fedge.protocol.secagg_wire import AdvertiseKeys
 from fedge.protocol.transport import InMemoryTransport
 from tests.hub.fleet import FLEET, SHAPES, TOPICS, Fleet, hub_config, iter_hub, zero_delta
 

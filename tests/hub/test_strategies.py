@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedge.hub.strategies import Aggregator, Bounds, lower_median, make_strategy
+from fedge.core.strategies import Aggregator, Bounds, lower_median, make_strategy
 
 SHAPES = {"h0_kernel": (3, 2), "h0_bias": (2,)}
 LOOSE = Bounds(max_weight_ratio=1e12, max_update_norm=1e300, norm_ceiling=1e300)  # plain FedAvg: no bound bites

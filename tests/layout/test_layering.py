@@ -17,6 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # package -> folder in the repository (the setuptools package-dir mapping in pyproject.toml)
 FOLDERS: dict[str, Path] = {
     "fedge.protocol": ROOT / "protocol",
+    "fedge.core": ROOT / "src" / "fedge" / "core",
+    "fedge.runtime": ROOT / "src" / "fedge" / "runtime",
     "fedge.datasets": ROOT / "src" / "fedge" / "datasets",
     "fedge.edge_agent": ROOT / "edge_agent",
     "fedge.export": ROOT / "export",
@@ -28,17 +30,27 @@ FOLDERS: dict[str, Path] = {
 # The allowed graph (ARCHITECTURE.md): who may import whom, besides itself.
 ALLOWED: dict[str, set[str]] = {
     "fedge.protocol": set(),
+    "fedge.core": {"fedge.protocol"},
+    "fedge.runtime": {"fedge.protocol", "fedge.core"},
     "fedge.datasets": {"fedge.protocol"},
-    "fedge.edge_agent": {"fedge.protocol"},
-    "fedge.export": {"fedge.protocol", "fedge.datasets", "fedge.edge_agent"},
-    "fedge.hub": {"fedge.protocol", "fedge.datasets", "fedge.edge_agent"},
+    "fedge.edge_agent": {"fedge.protocol", "fedge.core", "fedge.runtime"},
+    "fedge.export": {"fedge.protocol", "fedge.core", "fedge.runtime", "fedge.datasets"},
+    "fedge.hub": {"fedge.protocol", "fedge.core", "fedge.runtime", "fedge.datasets"},
     "fedge.devices": {"fedge.protocol"},
-    "fedge": {"fedge.protocol", "fedge.datasets", "fedge.edge_agent", "fedge.export", "fedge.hub", "fedge.devices"},
+    "fedge": {
+        "fedge.protocol", "fedge.core", "fedge.runtime", "fedge.datasets", "fedge.edge_agent", "fedge.export",
+        "fedge.hub", "fedge.devices",
+    },
 }
 
 # Third-party packages a package must never import, even lazily.
 FORBIDDEN_THIRD_PARTY: dict[str, set[str]] = {
     "fedge.protocol": {"tensorflow", "keras", "torch", "onnx", "sklearn", "matplotlib", "amqtt", "ai_edge_litert"},
+    "fedge.core": {
+        "tensorflow", "keras", "torch", "onnx", "onnxruntime", "sklearn", "matplotlib", "amqtt", "ai_edge_litert",
+        "tflite_runtime", "paho", "sqlite3", "socket",
+    },
+    "fedge.runtime": {"tensorflow", "keras", "torch", "onnx", "sklearn", "matplotlib", "amqtt", "paho"},
     "fedge.edge_agent": {"tensorflow", "keras", "torch", "onnx", "sklearn", "matplotlib", "amqtt"},
     "fedge.devices": {"tensorflow", "keras", "torch", "onnx", "amqtt"},
 }

@@ -1,4 +1,4 @@
-"""Clipping, noise, accounting, sampling and the device's own ledger (fedge.edge_agent.privacy / ledger)."""
+"""Clipping, noise, accounting, sampling and the device's own ledger (fedge.core.privacy / ledger)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,7 @@ from dp_accounting.rdp import rdp_privacy_accountant
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedge.edge_agent.config import DevicePrivacy
-from fedge.edge_agent.ledger import DeviceLedger, decline_reason
-from fedge.edge_agent.privacy import (
+from fedge.core.privacy import (
     DpEvent,
     DpParams,
     clip_update,
@@ -24,8 +22,10 @@ from fedge.edge_agent.privacy import (
     noise_for_epsilon,
     privatize,
 )
+from fedge.core.strategies import DpAggregator
+from fedge.edge_agent.config import DevicePrivacy
+from fedge.edge_agent.ledger import DeviceLedger, decline_reason
 from fedge.hub.rounds import poisson_select
-from fedge.hub.strategies import DpAggregator
 from fedge.protocol.messages import DeclineReason
 
 SHAPES = {"w": (300, 100), "b": (100,)}

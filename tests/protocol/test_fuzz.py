@@ -311,8 +311,8 @@ def _stage_vectors() -> list[bytes]:
        st.integers(0, 40))
 def test_secagg_stage_bytes_only_ever_raise_secagg_error(genuine: bytes, at: int, patch: bytes, cut: int) -> None:
     """A genuine stage encoding with bytes overwritten, or truncated, or extended: decoded, or `malformed`."""
-    from fedge.edge_agent.secagg_wire import SecAggError, SecAggFailure
-    from fedge.edge_agent.secagg_wire import decode as decode_stage
+    from fedge.protocol.secagg_wire import SecAggError, SecAggFailure
+    from fedge.protocol.secagg_wire import decode as decode_stage
 
     at = at % len(genuine)
     for payload in (genuine[:at] + patch + genuine[at + len(patch):], genuine[: max(len(genuine) - cut, 0)],

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from fedge.edge_agent.secagg import (
+from fedge.core.secagg import (
     SHAMIR_PRIME,
     combine_secret,
     kdf,
@@ -19,7 +19,7 @@ from fedge.edge_agent.secagg import (
     seed_commitment,
     share_ad,
 )
-from fedge.edge_agent.secagg_wire import _KINDS, decode, encode
+from fedge.protocol.secagg_wire import _KINDS, decode, encode
 
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden" / "secagg"
 KINDS = sorted(c.__name__ for c in _KINDS.values())

@@ -1,4 +1,4 @@
-"""SecAgg+ library (fedge.edge_agent.secagg, fedge.hub.secagg): exact sums with dropouts, the one-share rule,
+"""SecAgg+ library (fedge.core.secagg, fedge.hub.secagg): exact sums with dropouts, the one-share rule,
 authenticated relayed shares, replay rejection, uniform-looking masked inputs, Shamir and quantisation.
 
 Every stage message passes through its byte encoding, as it will on the wire."""
@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from fedge.edge_agent.secagg import (
+from fedge.core.secagg import (
     SHAMIR_PRIME,
     SHARE_BYTES,
     RoundSetup,
@@ -27,7 +27,9 @@ from fedge.edge_agent.secagg import (
     quantise,
     split_secret,
 )
-from fedge.edge_agent.secagg_wire import (
+from fedge.hub.secagg import SecAggResult, SecAggServer
+from fedge.protocol.errors import ConfigError
+from fedge.protocol.secagg_wire import (
     HUB,
     MaskedInput,
     Sealed,
@@ -39,8 +41,6 @@ from fedge.edge_agent.secagg_wire import (
     decode,
     encode,
 )
-from fedge.hub.secagg import SecAggResult, SecAggServer
-from fedge.protocol.errors import ConfigError
 
 DIM = 512
 

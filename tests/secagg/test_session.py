@@ -1,4 +1,4 @@
-"""The device's SecAgg session on the wire (edge_agent/secagg_session.py) and the hub's first checks: redelivered
+"""The device's SecAgg session on the wire (src/fedge/core/secagg_session.py) and the hub's first checks: redelivered
 frames are ignored, a hub frame that breaks the protocol aborts, low-order keys are refused at advertise,
 distributed-DP announces the device cannot honour are refused, and hostile counts do not make decoding work."""
 
@@ -9,13 +9,13 @@ import struct
 import numpy as np
 import pytest
 
-from fedge.edge_agent.privacy import DpParams
-from fedge.edge_agent.secagg import RoundSetup, SecAggConfig, usable_public_key
-from fedge.edge_agent.secagg_session import DeviceSession, auto_clip, distributed_problem, stage_frame
-from fedge.edge_agent.secagg_wire import AdvertiseKeys, KeysBroadcast, PeerKeys, SecAggError, SecAggFailure, decode
+from fedge.core.privacy import DpParams
+from fedge.core.secagg import RoundSetup, SecAggConfig, usable_public_key
+from fedge.core.secagg_session import DeviceSession, auto_clip, distributed_problem, stage_frame
 from fedge.hub.secagg import SecAggServer
 from fedge.protocol.codec import decode as decode_frame
 from fedge.protocol.messages import RoundAnnounce, SecAggStage
+from fedge.protocol.secagg_wire import AdvertiseKeys, KeysBroadcast, PeerKeys, SecAggError, SecAggFailure, decode
 
 COHORT = ("a", "b", "c", "d")
 

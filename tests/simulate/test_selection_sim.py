@@ -50,10 +50,10 @@ def test_selection_picks_the_candidate_with_the_best_reference_score(task) -> No
 
 
 def test_the_fleet_scores_are_the_agents_score_candidate(task) -> None:  # type: ignore[no-untyped-def]
-    from fedge.edge_agent.evaluation import split_indices
+    from fedge.core.evaluation import split_indices
     from fedge.edge_agent.selection import score_candidate
-    from fedge.edge_agent.trainers import open_trainer
     from fedge.protocol.manifest import load_head
+    from fedge.runtime.trainers import open_trainer
 
     cands, shards, keys, ev = task
     sim = simulate_selection({"good": cands["good"]}, shards, keys, ev, epochs=2, lr=0.05, seed=4, backend="numpy")

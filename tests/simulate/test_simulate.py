@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 
 from fedge.cli import main
+from fedge.core.privacy import DpEvent, DpParams, epsilon, event_for, noise_for_epsilon
+from fedge.core.training import Prox, fit
 from fedge.demo import DemoPaths, source_accuracy
-from fedge.edge_agent.data import load_local
-from fedge.edge_agent.privacy import DpEvent, DpParams, epsilon, event_for, noise_for_epsilon
-from fedge.edge_agent.trainers import open_trainer
-from fedge.edge_agent.training import Prox, fit
 from fedge.hub.rounds import poisson_select, select_devices
 from fedge.protocol.errors import ConfigError
+from fedge.runtime.data import load_local
+from fedge.runtime.trainers import open_trainer
 from fedge.simulate import (
     SimFleet,
     SimSettings,
@@ -275,7 +275,7 @@ def _dist(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
 def test_split_and_local_only_are_the_agents(fleet: SimFleet, work: DemoPaths) -> None:
     """The split is ``split_indices`` keyed on the shard file's sha256 (as the agent splits it); the local-only head
     is w0 fitted on the train split alone, computed once per device and then reused."""
-    from fedge.edge_agent.evaluation import split_indices
+    from fedge.core.evaluation import split_indices
     from fedge.simulate import local_only_rng
 
     # (the key is the shard file's sha256: checked in test_features_and_a_device_update, before the CLI tests
@@ -303,7 +303,7 @@ def test_split_and_local_only_are_the_agents(fleet: SimFleet, work: DemoPaths) -
 def test_federated_scores_are_the_weighted_mean_of_the_agents_head_scores(fleet: SimFleet, work: DemoPaths) -> None:
     """3 devices, 1 round, finetune: each device's val_* recomputed with the agent's ``head_scores`` (set_head +
     evaluate on the real trainer) and averaged by hand, weighted by val_n."""
-    from fedge.edge_agent.evaluation import head_scores, split_indices
+    from fedge.core.evaluation import head_scores, split_indices
     from fedge.simulate import local_only_rng
 
     run = run_rounds(fleet, _transfer(rounds=1, fraction=3 / DEVICES))

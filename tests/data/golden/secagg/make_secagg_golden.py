@@ -17,7 +17,7 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from fedge.edge_agent.secagg import (
+from fedge.core.secagg import (
     _split_with,
     kdf,
     neighbour_graph,
@@ -25,7 +25,7 @@ from fedge.edge_agent.secagg import (
     seed_commitment,
     share_ad,
 )
-from fedge.edge_agent.secagg_wire import (
+from fedge.protocol.secagg_wire import (
     _KINDS,
     _NESTED,
     AdvertiseKeys,

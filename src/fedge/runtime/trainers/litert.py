@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from fedge.edge_agent.trainers._litert import LiteRTModel
-from fedge.edge_agent.trainers.base import check_head, pad_rows
-from fedge.edge_agent.trainers.numpy_head import head_forward
+from fedge.core.trainer import check_head, pad_rows
+from fedge.runtime.trainers._litert import LiteRTModel
+from fedge.runtime.trainers.numpy_head import head_forward
 
 __all__ = ["LiteRTTrainer"]
 

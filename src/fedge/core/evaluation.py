@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from fedge.edge_agent.trainers.base import Trainer
-from fedge.edge_agent.training import evaluate, fit
+from fedge.core.trainer import Trainer
+from fedge.core.training import evaluate, fit
 from fedge.protocol.manifest import load_head, save_head
 
 log = logging.getLogger("fedge.agent")

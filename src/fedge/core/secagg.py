@@ -1,6 +1,6 @@
 """SecAgg+ (Bell et al. 2020): the shared math and the device side, as a transport-free state machine.
 
-Transport-free; `fedge.edge_agent.secagg_session` puts it on the wire (PROTOCOL.md §9). The hub side is
+Transport-free; `fedge.core.secagg_session` puts it on the wire (PROTOCOL.md §9). The hub side is
 `fedge.hub.secagg`. Primitives come from libraries, imported lazily (``cryptography``): X25519, HKDF-SHA256
 salted with the round id, ChaCha20 keystreams as the mask PRG and AES-GCM for the relayed shares
 (``cryptography``); Shamir sharing over the prime field GF(2^256 + 297) on Python ints, one 33-byte share
@@ -26,7 +26,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from fedge.edge_agent.secagg_wire import (
+from fedge.protocol.configdoc import doc
+from fedge.protocol.errors import ConfigError
+from fedge.protocol.secagg_wire import (
     HUB,
     AdvertiseKeys,
     KeysBroadcast,
@@ -41,8 +43,6 @@ from fedge.edge_agent.secagg_wire import (
     UnmaskRequest,
     UnmaskResponse,
 )
-from fedge.protocol.configdoc import doc
-from fedge.protocol.errors import ConfigError
 
 KEY_BYTES = 32
 

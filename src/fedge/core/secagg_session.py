@@ -19,9 +19,12 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from fedge.edge_agent.privacy import DpParams, add_noise, clip_update
-from fedge.edge_agent.secagg import RoundSetup, SecAggConfig, SecAggDevice, quantise
-from fedge.edge_agent.secagg_wire import (
+from fedge.core.privacy import DpParams, add_noise, clip_update
+from fedge.core.secagg import RoundSetup, SecAggConfig, SecAggDevice, quantise
+from fedge.protocol.codec import encode as encode_frame
+from fedge.protocol.errors import ConfigError
+from fedge.protocol.messages import RoundAnnounce, SecAggStage
+from fedge.protocol.secagg_wire import (
     KeysBroadcast,
     SecAggError,
     SecAggFailure,
@@ -31,9 +34,6 @@ from fedge.edge_agent.secagg_wire import (
     decode,
     encode,
 )
-from fedge.protocol.codec import encode as encode_frame
-from fedge.protocol.errors import ConfigError
-from fedge.protocol.messages import RoundAnnounce, SecAggStage
 
 log = logging.getLogger("fedge.agent.secagg")
 STAGE_KEY = "fsa"

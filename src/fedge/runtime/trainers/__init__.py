@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedge.edge_agent.trainers.base import BACKENDS, Trainer
+from fedge.core.trainer import BACKENDS, Trainer
 from fedge.protocol.errors import ArtifactError, ConfigError, FedgeError
 
 __all__ = ["BACKENDS", "Trainer", "available_backends", "open_trainer"]
@@ -23,9 +23,9 @@ _INSTALL = {
 
 def available_backends() -> list[str]:
     """Installed back-ends, in auto order (checked without importing the runtimes)."""
-    from fedge.edge_agent.trainers._litert import litert_available
-    from fedge.edge_agent.trainers.backbone import onnxruntime_available
-    from fedge.edge_agent.trainers.ort_shim import ort_training_available
+    from fedge.runtime.trainers._litert import litert_available
+    from fedge.runtime.trainers.backbone import onnxruntime_available
+    from fedge.runtime.trainers.ort_shim import ort_training_available
 
     out: list[str] = []
     if litert_available():
@@ -39,14 +39,14 @@ def available_backends() -> list[str]:
 
 def _open(artifacts_dir: Path, backend: str) -> Trainer:
     if backend == "litert":
-        from fedge.edge_agent.trainers.litert import LiteRTTrainer
+        from fedge.runtime.trainers.litert import LiteRTTrainer
 
         return LiteRTTrainer.open(artifacts_dir)
     if backend == "ort":
-        from fedge.edge_agent.trainers.ort import OrtTrainer
+        from fedge.runtime.trainers.ort import OrtTrainer
 
         return OrtTrainer.open(artifacts_dir)
-    from fedge.edge_agent.trainers.numpy_head import NumpyTrainer
+    from fedge.runtime.trainers.numpy_head import NumpyTrainer
 
     return NumpyTrainer.open(artifacts_dir)
 

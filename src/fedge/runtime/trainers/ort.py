@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from fedge.edge_agent.trainers.backbone import OnnxBackbone
-from fedge.edge_agent.trainers.base import check_head
-from fedge.edge_agent.trainers.numpy_head import head_forward
-from fedge.edge_agent.trainers.ort_shim import import_onnxruntime, training_api
+from fedge.core.trainer import check_head
 from fedge.protocol.errors import ArtifactError
+from fedge.runtime.trainers.backbone import OnnxBackbone
+from fedge.runtime.trainers.numpy_head import head_forward
+from fedge.runtime.trainers.ort_shim import import_onnxruntime, training_api
 
 __all__ = ["OrtTrainer"]
 

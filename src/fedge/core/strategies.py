@@ -36,7 +36,7 @@ from typing import Final, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from fedge.edge_agent.privacy import DpParams, clip_update, l2_norm
+from fedge.core.privacy import DpParams, clip_update, l2_norm
 
 Head = dict[str, NDArray[np.float32]]
 Shapes = Mapping[str, tuple[int, ...]]

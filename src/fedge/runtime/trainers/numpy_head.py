@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from fedge.edge_agent.losses import softmax_xent
-from fedge.edge_agent.trainers.base import check_head
+from fedge.core.losses import softmax_xent
+from fedge.core.trainer import check_head
 from fedge.protocol.errors import ArtifactError
 
 __all__ = ["NumpyTrainer", "head_forward", "head_loss_and_grads"]
@@ -91,8 +91,8 @@ class NumpyTrainer:
     @classmethod
     def open(cls, artifacts_dir: str | Path) -> NumpyTrainer:
         """Open from an artifacts directory (head from ``head.npz``)."""
-        from fedge.edge_agent.trainers.backbone import open_backbone
         from fedge.protocol.manifest import load_head, load_manifest
+        from fedge.runtime.trainers.backbone import open_backbone
 
         m = load_manifest(artifacts_dir)
         spec = [(p.name, tuple(p.shape)) for p in m.head]

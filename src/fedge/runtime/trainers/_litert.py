@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from fedge.edge_agent.trainers.base import pad_rows
+from fedge.core.trainer import pad_rows
 from fedge.protocol.errors import ArtifactError, ConfigError
 
 __all__ = ["FixedShapeRunner", "LiteRTModel", "litert_available"]

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from fedge.edge_agent.losses import Score, ScoreSum
-from fedge.edge_agent.trainers.base import Trainer
+from fedge.core.losses import Score, ScoreSum
+from fedge.core.trainer import Trainer
 
 __all__ = ["FitResult", "Prox", "evaluate", "fit"]
 

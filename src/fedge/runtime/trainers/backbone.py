@@ -30,7 +30,7 @@ class OnnxBackbone:
     """``backbone.onnx`` in an ``onnxruntime.InferenceSession``; runs in chunks of 256 rows."""
 
     def __init__(self, path: str | Path) -> None:
-        from fedge.edge_agent.trainers.ort_shim import import_onnxruntime
+        from fedge.runtime.trainers.ort_shim import import_onnxruntime
 
         ort = import_onnxruntime()
         path = Path(path)
@@ -58,7 +58,7 @@ def open_backbone(artifacts_dir: str | Path) -> Callable[[F32], F32]:
     d = Path(artifacts_dir)
     if onnxruntime_available() and (d / "backbone.onnx").is_file():
         return OnnxBackbone(d / "backbone.onnx")
-    from fedge.edge_agent.trainers._litert import LiteRTModel, litert_available
+    from fedge.runtime.trainers._litert import LiteRTModel, litert_available
 
     if not litert_available():
         raise ConfigError("backend", "numpy needs onnxruntime or ai-edge-litert to compute backbone features")

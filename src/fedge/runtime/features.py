@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from fedge.edge_agent.trainers.base import Trainer
+from fedge.core.trainer import Trainer
 
 log = logging.getLogger("fedge.agent")
 
