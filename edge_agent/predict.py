@@ -22,8 +22,7 @@ from fedge.edge_agent.config import AgentConfig
 from fedge.edge_agent.state import AgentState
 from fedge.protocol.errors import ArtifactError, DataError
 from fedge.protocol.manifest import load_head, load_manifest
-
-Head = dict[str, NDArray[np.float32]]
+from fedge.protocol.types import Head
 
 
 def _inputs(path: Path, shape: tuple[int, ...]) -> NDArray[np.float32]:
