@@ -1,4 +1,5 @@
-# Two commands for a fresh machine: `make demo` (the main job) and `make test` (set up + every test).
+# Two commands for a fresh machine: `make demo` (the main job) and `make test` (set up + every test);
+# `make test-fast` is the developers' lane (unit and in-process tests only).
 PYTHON ?= python3
 VENV := .venv
 AGENT_VENV := .venv-agent
@@ -7,12 +8,16 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEVICES ?= 5
 ROUNDS ?= 5
 
-.PHONY: demo test setup system-deps agent-venv lint unit agent-env-tests agent-wheels bench bench-readme clean
+.PHONY: demo test test-fast setup system-deps agent-venv lint unit agent-env-tests agent-wheels bench bench-readme clean
 
 demo: setup
 	$(BIN)/fedge demo --devices $(DEVICES) --rounds $(ROUNDS) --out demo-out
 
 test: setup agent-venv lint unit agent-env-tests agent-wheels
+
+# Unit and in-process tests: no mosquitto, no hub/agent/demo processes, no soak (markers: tests/lanes.py).
+test-fast: setup
+	$(BIN)/pytest -q -m "not e2e and not slow"
 
 # Debian packages: mosquitto (real broker for the tests), Fashion-MNIST (offline data set) and headless Chromium
 # with its driver (the dashboard's browser test; Debian's build: nothing downloads a browser).
