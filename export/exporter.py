@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from fedge.export.onnx_builder import backbone_graph, full_graph
+from fedge.export.tfenv import import_tensorflow
 from fedge.export.zoo import ZOO, SplitModel, build_zoo_model, init_weights, split_model
 from fedge.protocol.errors import ArtifactError, ConfigError
 from fedge.protocol.manifest import (
@@ -62,6 +63,7 @@ def load_keras_model(
     path = Path(text)
     if not path.is_file():
         raise ConfigError("model", f"{text!r} is neither a zoo model ({', '.join(ZOO)}) nor a model file")
+    import_tensorflow()
     import keras
 
     try:

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from fedge.export.tfenv import import_tensorflow
 from fedge.export.zoo import BackboneLayer, SplitModel
 
 __all__ = ["SIGNATURES", "build_module", "convert", "export_tflite"]
@@ -34,6 +35,7 @@ def _act(tf: Any, x: Any, act: str) -> Any:
 
 def build_module(split: SplitModel, batch: int = 32) -> Any:
     """The ``tf.Module`` with concrete signature functions (a dict in ``module.signatures_``)."""
+    import_tensorflow()
     import tensorflow as tf
 
     head_names = list(split.head)
@@ -162,6 +164,7 @@ def _layer(tf: Any, layer: BackboneLayer, ws: list[Any], x: Any, batch: int) -> 
 
 def convert(module: Any) -> bytes:
     """SavedModel round trip, then TFLite with resource variables and built-in ops only."""
+    import_tensorflow()
     import tensorflow as tf
 
     with tempfile.TemporaryDirectory(prefix="fedge-savedmodel-") as tmp:

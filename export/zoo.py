@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from fedge.export.tfenv import import_tensorflow
 from fedge.protocol.errors import ConfigError
 
 __all__ = [
@@ -54,6 +55,7 @@ _WEIGHT_NAMES = {"affine": ("shift", "scale", "offset")}
 
 def cnn28(num_classes: int = 10) -> Any:
     """Conv(16)-pool-Conv(32)-pool-flatten-Dense(64) backbone; head Dense(32, relu) -> Dense(C)."""
+    import_tensorflow()
     import keras
 
     return keras.Sequential(
@@ -74,6 +76,7 @@ def cnn28(num_classes: int = 10) -> Any:
 
 def mlp(input_dim: int, num_classes: int = 10) -> Any:
     """Dense(64, relu) -> Dense(32, relu) backbone; head Dense(C)."""
+    import_tensorflow()
     import keras
 
     return keras.Sequential(
