@@ -122,8 +122,11 @@ def test_head_files_are_fsynced_before_the_commit_that_names_them(
     commit = events.index(("commit", row.version))
     synced = {path for kind, path in events[:commit] if kind == "fsync"}
     folder = state_dir.resolve() / "models" / row.version
-    # the head's bytes (written as head.npz.tmp, then renamed), the rename (its folder), the folder's entry
-    assert {str(folder / "head.npz.tmp"), str(folder), str(folder.parent)} <= synced, events
+    # the head's bytes (written to a temporary .head.npz.*.tmp beside it, then renamed), the rename (its folder),
+    # the folder's entry
+    temps = {p for p in synced if Path(p).parent == folder and Path(p).name.startswith(".head.npz.")
+             and p.endswith(".tmp")}
+    assert len(temps) == 1 and {str(folder), str(folder.parent)} <= synced, events
     backbones = state_dir.resolve() / "backbones"
     copied = {Path(p).relative_to(backbones).parts[1:] for p in synced if p.startswith(f"{backbones}/")}
     final = {p.relative_to(backbones).parts[1:] for p in backbones.rglob("*")}
