@@ -18,6 +18,7 @@ import numpy as np
 
 from fedge.edge_agent.artifacts import artifacts_dir, install_model_full, is_installed, prune_backbones
 from fedge.edge_agent.config import AgentConfig
+from fedge.edge_agent.ledger import DeviceLedger
 from fedge.edge_agent.outbox import Outbox
 from fedge.edge_agent.selection import SelectionWorker
 from fedge.edge_agent.state import AgentState
@@ -41,6 +42,7 @@ from fedge.protocol.signing import rotation_filter
 from fedge.protocol.topics import Topics
 from fedge.protocol.transport import Transport
 from fedge.runtime.data import LocalData, load_local
+from fedge.runtime.features import FeatureCache
 
 log = logging.getLogger("fedge.agent")
 _VERSION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
@@ -107,11 +109,11 @@ class Agent:
         return self._data
 
     @property
-    def feature_cache(self) -> Any:
+    def feature_cache(self) -> FeatureCache:
         return self.worker.feature_cache
 
     @property
-    def ledger(self) -> Any:
+    def ledger(self) -> DeviceLedger:
         return self.worker.ledger
 
     def start(self, connect_timeout_s: float = 10.0) -> None:
@@ -231,9 +233,10 @@ class Agent:
         log.info("agent %s stopped", self.device)
 
     def wait_round_done(self, round_: int, timeout: float) -> bool:
-        """Block until ``round_`` is completed (its update published) or ``timeout`` seconds pass."""
+        """Block until ``round_`` is answered (its update, report or decline published) or ``timeout`` seconds
+        pass."""
         with self._cond:
-            return self._cond.wait_for(lambda: self.state.last_completed_round >= round_, timeout)
+            return self._cond.wait_for(lambda: self.worker.done_round >= round_, timeout)
 
     # ----------------------------------------------------------------- handlers
     def _guard(self, handler: Callable[[Any], None], max_bytes: int) -> Callable[[str, bytes], None]:

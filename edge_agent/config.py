@@ -148,15 +148,17 @@ class AgentConfig:
                      example=0.25),
     )
     local_only_epochs: int = field(
-        default=10,
-        metadata=doc("epochs of the local-only baseline head (trained from the source head on this device alone, "
-                     "once per backbone)"),
+        default=20,
+        metadata=doc("epochs budget of the device's own heads: the local-only baseline (the source head trained on "
+                     "this device alone, once per backbone) and, with personalization = auto, the fine-tuned global "
+                     "head; both early-stopped by cross-validation inside the training rows", example=30),
     )
     personalization: str = field(
-        default="finetune",
-        metadata=doc("how the device's own head is made: finetune (the global head fine-tuned on local data, as "
-                     "sent) or ditto (a separate personal head pulled toward the global head by ditto_mu)",
-                     example="ditto"),
+        default="auto",
+        metadata=doc("how the device's own head is made: auto (the best of the global head, the global head "
+                     "fine-tuned and the local-only head, chosen by cross-validation on the device's training rows), "
+                     "finetune (the global head fine-tuned on local data, as sent) or ditto (a separate personal "
+                     "head pulled toward the global head by ditto_mu)", example="finetune"),
     )
     ditto_mu: float = field(
         default=0.1,
@@ -284,8 +286,8 @@ def config_from_mapping(table: Mapping[str, Any], base_dir: Path) -> AgentConfig
         seed=_int(table, "seed", 0, 0),
         session_expiry_s=_int(table, "session_expiry_s", AGENT_SESSION_EXPIRY_S, 0),
         validation_fraction=_fraction(table, "validation_fraction", 0.2),
-        local_only_epochs=_int(table, "local_only_epochs", 10, 1),
-        personalization=_choice(table, "personalization", "finetune", ("finetune", "ditto")),
+        local_only_epochs=_int(table, "local_only_epochs", 20, 1),
+        personalization=_choice(table, "personalization", "auto", ("auto", "finetune", "ditto")),
         ditto_mu=_fraction(table, "ditto_mu", 0.1, upper=None),
         max_epochs=_int(table, "max_epochs", 50, 1),
         max_round_s=_positive(table, "max_round_s", 900.0),

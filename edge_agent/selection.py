@@ -59,6 +59,7 @@ class DevicePort(Protocol):
     def inputs(self, backbone_sha256: str) -> F32: ...
     def stopper(self, msg: RoundAnnounce) -> Callable[[], bool]: ...
     def publish(self, topic: str, payload: bytes) -> None: ...
+    def mark_done(self, round_id: int) -> None: ...
 
 
 class SelectionWorker:
@@ -188,10 +189,10 @@ class SelectionWorker:
         with self._cond:
             if msg.round <= agent.state.last_completed_round:
                 return
-            agent.state.last_completed_round = msg.round
-            agent.state.save()
-            self._cond.notify_all()
-        agent.publish(agent.topics.select_report(agent.device), encode(report))  # no lock held while publishing
+        # published before the round is marked done (no lock held while publishing): a crash in between sends the
+        # report again (the hub counts a device's report once), never loses it; it carries no DP charge
+        agent.publish(agent.topics.select_report(agent.device), encode(report))
+        agent.mark_done(msg.round)
         log.info("selection round %d: report %s sent", msg.round, report.nonce[:8])
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedge.core import device as core
+from fedge.core.personal import Choice
 from fedge.core.privacy import DpParams
 from fedge.core.secagg_session import DeviceSession, distributed_problem, is_secagg, private_input
 from fedge.core.trainer import Trainer
@@ -84,6 +85,7 @@ class RoundWorker:
         self.jobs: queue.Queue[RoundAnnounce | None] = queue.Queue()
         self.started: set[int] = set()  # rounds queued, running or done in this process
         self.closed_round = 0  # the highest round the hub's result says is closed
+        self.done_round = state.last_completed_round  # the highest round answered on the wire (update, decline...)
         self.secagg: dict[int, DeviceSession] = {}  # secure-aggregation rounds in progress (secrets in memory only)
         self._trainer: tuple[str, Path, Trainer] | None = None  # (backbone, the install it was opened on, trainer)
         self._thread: threading.Thread | None = None
@@ -192,6 +194,12 @@ class RoundWorker:
         with self.cond:
             self.state.last_completed_round = max(self.state.last_completed_round, round_id)
             self.state.save()
+        self.answered(round_id)
+
+    def answered(self, round_id: int) -> None:
+        """``round_id`` has been answered on the wire (its update, report, masked input or decline published)."""
+        with self.cond:
+            self.done_round = max(self.done_round, round_id)
             self.cond.notify_all()
 
     # -- a federated round ------------------------------------------------------------------------------------
@@ -232,7 +240,9 @@ class RoundWorker:
             self.decline(msg, outcome.reason, f"{outcome.detail} ({self.config.max_round_s:g} s)")
             return
         if outcome.local_only is not None:
-            save_npz(self._local_only_path(msg), dict(outcome.local_only))
+            c = outcome.local_only
+            save_npz(self._local_only_path(msg), {**c.head, "__epochs": np.asarray(c.epochs),
+                                                  "__cv": np.asarray([c.cv_accuracy, c.cv_loss])})
         fit, m = outcome.fit, outcome.metrics
         if fit.stopped:
             log.warning("round %d: training stopped after %d steps (deadline or max_round_s)", msg.round, fit.steps)
@@ -264,7 +274,23 @@ class RoundWorker:
             raise FedgeError(f"head of model {msg.model_version} does not fit the backbone's head layout")
         w0 = load_head(artifacts_dir(self.artifacts_root, msg.backbone_sha256))  # the backbone's source head
         return core.RoundHeads(global_head, w0, self._optional_head(self.personal_head_path, "personal head"),
-                               self._optional_head(self._local_only_path(msg), "local-only head"))
+                               self._local_only(self._local_only_path(msg), expected))
+
+    @staticmethod
+    def _local_only(path: Path, like: Head) -> Choice | None:
+        """The cached local-only baseline (None: none, unreadable or of another head layout: recomputed)."""
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                head = {k: np.asarray(z[k], dtype=np.float32) for k in like}
+                epochs, cv = int(z["__epochs"]), z["__cv"]
+            if any(head[k].shape != np.shape(v) for k, v in like.items()):
+                return None
+            return Choice("local", head, epochs, float(cv[0]), float(cv[1]))
+        except (OSError, KeyError, ValueError) as exc:
+            log.warning("local-only head %s unreadable (%s): recomputed", path, exc)
+            return None
 
     @staticmethod
     def _optional_head(path: Path, what: str) -> Head | None:
@@ -292,8 +318,8 @@ class RoundWorker:
                 save_npz(self.personal_head_path, dict(personal))
             self.state.last_completed_round = round_id
             self.state.save()
-            self.cond.notify_all()
         self.publish(self.topics.update(self.device), payload)
+        self.answered(round_id)
         return True
 
     # -- secure aggregation -----------------------------------------------------------------------------------
@@ -349,5 +375,5 @@ class RoundWorker:
             save_npz(self.personal_head_path, dict(personal))
             self.state.last_completed_round = msg.round
             self.state.save()
-            self.cond.notify_all()
         self._send_secagg(session.set_input(q))
+        self.answered(msg.round)

@@ -14,6 +14,7 @@ from numpy.typing import NDArray
 
 from fedge.core.losses import Score
 from fedge.core.rounds import OpenRound
+from fedge.core.strategy import FleetView
 from fedge.hub.config import HubConfig
 from fedge.hub.registry import Registry
 from fedge.hub.store import Store, VersionRow
@@ -59,8 +60,8 @@ class HubPort(Protocol):
         """Devices a round may select now: the allow-list, or the devices online."""
         ...
 
-    def fleet_view(self) -> Any:
-        """The candidates and their capabilities (a :class:`fedge.core.strategy.FleetView`)."""
+    def fleet_view(self) -> FleetView:
+        """The candidates and their capabilities."""
         ...
 
     def current(self) -> VersionRow:

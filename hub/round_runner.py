@@ -74,7 +74,7 @@ class RoundRunner:
         history = self.hub.store.recent_update_norms(self.hub.cfg.aggregation.norm_window)
         return self.strategy.aggregator(params, shapes, history, self.rng)
 
-    def start(self, overrides: RoundOverrides) -> tuple[int | None, str, str]:
+    def start(self, overrides: RoundOverrides) -> tuple[int | None, ReplyReason, str]:
         """Open a round: ``(round id, "started", "")``, or ``(None, reason, detail)`` when none was opened."""
         hub = self.hub
         fleet = hub.fleet_view()
@@ -309,8 +309,8 @@ class RoundRunner:
         if row is None:
             return outcome.detail
         if outcome.held_back is not None:
-            return (f"{row.version} kept as a candidate, not deployed: {outcome.held_back} (fedge hub rollback --to "
-                    f"{row.version} deploys it anyway)")
+            return (f"{row.version} kept as a candidate, not deployed: {outcome.held_back} ({r.model_version}; "
+                    f"fedge hub rollback --to {row.version} deploys it anyway)")
         if outcome.federated_gate:
             return (f"{row.version} kept as a candidate until the round's devices validate it (evaluation round "
                     f"{self.hub.store.next_round_id()}; deployed {r.model_version} scored "

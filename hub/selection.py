@@ -22,7 +22,7 @@ from fedge.core.selection import CandidateScore, gate_verdict, rank, report_prob
 from fedge.hub.port import HubPort
 from fedge.hub.store import SelectionRow, Store, VersionRow
 from fedge.protocol.codec import decode, encode
-from fedge.protocol.control import request_id_of
+from fedge.protocol.control import ReplyReason, request_id_of
 from fedge.protocol.errors import DecodeError
 from fedge.protocol.manifest import load_head
 from fedge.protocol.messages import (
@@ -119,25 +119,26 @@ class Selector:
         """Open a selection round: ``(round id, "started", "")`` or ``(None, reason, detail)``."""
         hub = self.hub
         if hub.cfg.privacy.enabled:
-            return None, "dp_not_supported", ("selection rounds report validation scores in the clear, which a "
-                                              "fleet under [privacy] does not allow (PROTOCOL.md, Selection rounds)")
+            return None, ReplyReason.DP_NOT_SUPPORTED, (
+                "selection rounds report validation scores in the clear, which a fleet under [privacy] does not allow "
+                "(PROTOCOL.md, Selection rounds)")
         busy = hub.busy_round()
         if busy is not None:
-            return None, "round_open", f"round {busy} is open"
+            return None, ReplyReason.ROUND_OPEN, f"round {busy} is open"
         excess = over_limits(req.overrides, hub.cfg.limits)
         if excess is not None:
-            return None, "over_limits", excess
+            return None, ReplyReason.OVER_LIMITS, excess
         registered = self.store.candidates()
         names = req.candidates or tuple(registered)
         unknown = [n for n in names if n not in registered]
         if unknown:
-            return None, "unknown_candidate", (f"not registered: {', '.join(unknown)} (known: "
+            return None, ReplyReason.UNKNOWN_CANDIDATE, (f"not registered: {', '.join(unknown)} (known: "
                                                f"{', '.join(registered) or 'none'}; fedge hub models add)")
         if not names:
-            return None, "no_candidates", "no candidate models registered (fedge hub models add NAME DIR)"
+            return None, ReplyReason.NO_CANDIDATES, "no candidate models registered (fedge hub models add NAME DIR)"
         devices = hub.candidates()
         if not devices:
-            return None, "no_devices", "no known online device to select"
+            return None, ReplyReason.NO_DEVICES, "no known online device to select"
         cur = hub.current()
         rid = self.store.next_round_id()
         params = RoundParams.make(hub.cfg.rounds, req.overrides)
@@ -151,7 +152,7 @@ class Selector:
         self.republish()
         log.info("selection round %d open: candidates %s, %d selected %s, quorum %d, deadline %.0f s", rid,
                  list(cands), len(selected), list(selected), params.min_devices, params.deadline_s)
-        return rid, "started", ""
+        return rid, ReplyReason.STARTED, ""
 
     def republish(self) -> None:
         """Publish the open selection round's candidates and announce (retained): when it opens, and again after

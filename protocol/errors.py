@@ -11,6 +11,7 @@
     ├── SignatureError   a signed frame or key rotation fails verification (``.reason``)
     ├── SecAggError      a SecAgg stage message was refused, or a party aborted (``.reason``: SecAggFailure)
     ├── PrivacyError     DP parameters are invalid or unreachable (also a ValueError)
+    ├── TrainingDiverged a device's training produced a non-finite update
     └── HubStateError    the hub's own state broke an invariant (never caused by a message's content)
 
 Foreign errors are translated at the boundary with ``raise ... from exc``.
@@ -93,6 +94,10 @@ class PrivacyError(FedgeError, ValueError):
     """DP parameters are invalid (out of range) or a privacy target cannot be reached."""
 
 
+class TrainingDiverged(FedgeError):
+    """Local training produced a non-finite head or update (the device declines the round)."""
+
+
 class HubStateError(FedgeError):
     """The hub's own state broke an invariant (an empty registry, a corrupt stored update); never caused by a
     message's content."""
@@ -100,5 +105,5 @@ class HubStateError(FedgeError):
 
 __all__ = [
     "ArtifactError", "ConfigError", "DataError", "DecodeError", "FedgeError", "HubStateError", "PrivacyError",
-    "SecAggError", "SecAggFailure", "SignatureError", "TransportError",
+    "SecAggError", "SecAggFailure", "SignatureError", "TrainingDiverged", "TransportError",
 ]

@@ -89,9 +89,13 @@ def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--proximal-lambda", type=float, default=0.01)
     p.add_argument("--validation-fraction", type=float, default=0.2,
                    help="share of each device's data held out for federated evaluation (the agent's default; 0: none)")
-    p.add_argument("--local-only-epochs", type=int, default=10, help="epochs of each device's local-only baseline")
-    p.add_argument("--personalization", default="finetune", choices=["finetune", "ditto"],
-                   help="each device's own head: the fine-tuned global head, or a ditto head pulled toward it")
+    p.add_argument("--local-only-epochs", type=int, default=20,
+                   help="epochs budget of each device's local-only baseline and personal head (early-stopped)")
+    p.add_argument("--personalization", default="auto", choices=["auto", "finetune", "ditto"],
+                   help="each device's own head: auto (the best of global, fine-tuned and local-only by "
+                        "cross-validation on its training rows), the fine-tuned global head, or a ditto head")
+    p.add_argument("--samples-per-device", type=int, default=None,
+                   help="cap every device at this many training rows (stratified, seeded): the small-data regime")
     p.add_argument("--ditto-mu", type=float, default=0.1, help="ditto: strength of the pull toward the global head")
     gate = p.add_mutually_exclusive_group()
     gate.add_argument("--deploy-tolerance", type=float, default=0.05,
@@ -114,6 +118,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
         amplification=args.amplification, validation_fraction=args.validation_fraction,
         local_only_epochs=args.local_only_epochs, personalization=args.personalization, ditto_mu=args.ditto_mu,
         deploy_tolerance=None if args.no_deploy_gate else args.deploy_tolerance,
+        samples_per_device=args.samples_per_device,
     )
     from fedge.simulate_selection import parse_candidates
 

@@ -94,7 +94,10 @@ def build_sim_report(fleet: SimFleet, settings: SimSettings, run: SimRun) -> dic
         ditto_mu=settings.ditto_mu if settings.personalization == "ditto" else None,
         deploy_gate=settings.deploy_tolerance is not None, deploy_tolerance=settings.deploy_tolerance,
         deployed_accuracy=_r(deployed_acc),
-        final_federated={k[len("val_acc_"):]: v for k, v in run.final.items() if k.startswith("val_acc_")},
+        # per device, on its held-out validation rows: medians over devices and the worst device of each head
+        final_federated={**{k[len("median_"):]: v for k, v in run.final.items() if k.startswith("median_")},
+                         **{k: v for k, v in run.final.items() if k.startswith("worst_")}},
+        final_federated_mean={k[len("val_acc_"):]: v for k, v in run.final.items() if k.startswith("val_acc_")},
         final_val_n=int(run.final.get("val_n", 0)),
         prepare_seconds=round(fleet.prepare_seconds, 3), features_seconds=round(fleet.features_seconds, 3),
         rounds_seconds=round(run.seconds, 3),
@@ -125,8 +128,11 @@ def _print_table(report: dict[str, Any], run: SimRun) -> None:
         print(_table_row(res, made))
     if run.final:
         fin = report["final_federated"]
-        print(f"{'final':>5}  {'-':>7}  {report['deployed_accuracy']:8.3f}  {'-':>8}  "
-              + "  ".join(_cell(fin.get(h)) for h in ("source", "local_only", "global", "personal")))
+        print(f"{'med':>5}  {'-':>7}  {report['deployed_accuracy']:8.3f}  {'-':>8}  "
+              + "  ".join(_cell(fin.get(h)) for h in ("source", "local_only", "global", "personal"))
+              + "   (final heads: median over devices)")
+        print(f"{'worst':>5}  {'-':>7}  {'-':>8}  {'-':>8}  "
+              + "  ".join(_cell(fin.get(f"worst_{h}")) for h in ("source", "local_only", "global", "personal")))
     final = report["final_accuracy"]
     dp = report["dp"]
     amplified = " (amplified by sampling)" if dp is not None and dp["amplification"] else ""
@@ -157,7 +163,9 @@ def run_simulate(settings: SimSettings, out: str | Path, *, as_json: bool = Fals
 
         selection, fleet = select_and_load(paths, settings, candidates, backend=backend, quiet=as_json)
     else:
-        fleet = load_fleet(paths, settings.devices, settings.seed, backend=backend, quiet=as_json)
+        fleet = load_fleet(paths, settings.devices, settings.seed, backend=backend, quiet=as_json,
+                           samples_per_device=settings.samples_per_device,
+                           validation_fraction=settings.validation_fraction)
     run = run_rounds(fleet, settings)
     report = build_sim_report(fleet, settings, run)
     if selection is not None:
@@ -180,7 +188,7 @@ def settings_from_args(devices: int, rounds: int, seed: int, *, dp_mode: str, no
                        local_epochs: int, lr: float, proximal_lambda: float, fraction: float,
                        amplification: bool = False, validation_fraction: float = 0.0, local_only_epochs: int = 10,
                        personalization: str = "finetune", ditto_mu: float = 0.1,
-                       deploy_tolerance: float | None = None) -> SimSettings:
+                       deploy_tolerance: float | None = None, samples_per_device: int | None = None) -> SimSettings:
     """The settings of ``fedge simulate``'s command line (the noise multiplier resolved from ``--epsilon``)."""
     if amplification and dp_mode != "central":
         raise ConfigError("amplification", "applies to --dp-mode central only")
@@ -190,4 +198,5 @@ def settings_from_args(devices: int, rounds: int, seed: int, *, dp_mode: str, no
                        proximal_lambda=proximal_lambda, fraction=fraction, dp=dp, delta=delta,
                        target_epsilon=target_epsilon if dp is not None else None, amplification=amplification,
                        validation_fraction=validation_fraction, local_only_epochs=local_only_epochs,
-                       personalization=personalization, ditto_mu=ditto_mu, deploy_tolerance=deploy_tolerance)
+                       personalization=personalization, ditto_mu=ditto_mu, deploy_tolerance=deploy_tolerance,
+                       samples_per_device=samples_per_device)

@@ -43,13 +43,14 @@ __all__ = [
     "local_only_rng",
     "resolve_dp",
     "small_shards",
+    "stratified_cap",
     "train_rng",
 ]
 
 FLEET = "sim"
 # Seed-sequence tags of the simulator's own streams (the devices' training streams are the round core's)
 _DEVICE_SEED, _DEVICE_NOISE, _HUB_NOISE = 0x5EED_0001, 0x5EED_0002, 0x5EED_0003
-PERSONALIZATIONS = ("finetune", "ditto")
+PERSONALIZATIONS = ("auto", "finetune", "ditto")
 
 
 def device_seed(seed: int, device: int) -> int:
@@ -90,9 +91,10 @@ class SimSettings:
     ``amplification`` is the hub's ``[privacy] amplification``: count central rounds as Poisson-subsampled).
 
     Transfer quality (defaults keep a plain run as before; the command line uses the agent's and hub's defaults):
-    ``validation_fraction`` (agent 0.2; 0 = no split, no federated evaluation), ``local_only_epochs`` (agent 10),
-    ``personalization`` ``finetune`` | ``ditto`` with ``ditto_mu`` (agent 0.1), ``deploy_tolerance`` (hub 0.05;
-    None = no deploy gate)."""
+    ``validation_fraction`` (agent 0.2; 0 = no split, no federated evaluation), ``local_only_epochs`` (agent 20:
+    the epochs budget of the local-only and personal heads), ``personalization`` ``auto`` | ``finetune`` |
+    ``ditto`` with ``ditto_mu`` (agent 0.1), ``deploy_tolerance`` (hub 0.05; None = no deploy gate);
+    ``samples_per_device`` caps every device's training rows (None: the whole shard)."""
 
     devices: int
     rounds: int
@@ -110,6 +112,7 @@ class SimSettings:
     personalization: str = "finetune"
     ditto_mu: float = 0.1
     deploy_tolerance: float | None = None
+    samples_per_device: int | None = None
 
     def __post_init__(self) -> None:
         if self.devices < 1:
@@ -133,7 +136,9 @@ class SimSettings:
         if self.local_only_epochs < 1:
             raise ConfigError("local_only_epochs", f"must be >= 1, got {self.local_only_epochs}")
         if self.personalization not in PERSONALIZATIONS:
-            raise ConfigError("personalization", f"must be finetune or ditto, got {self.personalization!r}")
+            raise ConfigError("personalization", f"must be auto, finetune or ditto, got {self.personalization!r}")
+        if self.samples_per_device is not None and self.samples_per_device < 1:
+            raise ConfigError("samples_per_device", f"must be >= 1, got {self.samples_per_device}")
         if not (math.isfinite(self.ditto_mu) and self.ditto_mu >= 0):
             raise ConfigError("ditto_mu", f"must be a number >= 0, got {self.ditto_mu}")
         if self.deploy_tolerance is not None and not (math.isfinite(self.deploy_tolerance)
@@ -283,14 +288,40 @@ def small_shards(devices: int, seed: int) -> list[tuple[NDArray[np.float32], NDA
     return [(s.x, s.y) for s in shards]
 
 
-def load_fleet(paths: DemoPaths, devices: int, seed: int = 0, *, backend: str = "auto", quiet: bool = True
-               ) -> SimFleet:
+def stratified_cap(x: NDArray[Any], y: NDArray[Any], rows: int, rng: np.random.Generator
+                   ) -> tuple[NDArray[Any], NDArray[Any]]:
+    """At most ``rows`` rows of ``(x, y)``, each label keeping its share (largest remainders), drawn with ``rng``;
+    the rows keep their original order."""
+    n = len(y)
+    if rows >= n:
+        return x, y
+    labels, counts = np.unique(y, return_counts=True)
+    quota = counts * rows / n
+    take = np.floor(quota).astype(int)
+    for i in np.argsort(-(quota - take), kind="stable")[: rows - int(take.sum())]:
+        take[i] += 1
+    keep = np.concatenate([rng.choice(np.flatnonzero(y == c), size=k, replace=False)
+                           for c, k in zip(labels, take, strict=True) if k])
+    keep.sort()
+    return x[keep], y[keep]
+
+
+def load_fleet(paths: DemoPaths, devices: int, seed: int = 0, *, backend: str = "auto", quiet: bool = True,
+               samples_per_device: int | None = None, validation_fraction: float = 0.0) -> SimFleet:
     """Prepare the demo task in ``paths`` (reusing its source model and artifacts) and cache every device's
-    backbone features, computed in one batch by the trainer that then trains all the devices."""
+    backbone features. ``samples_per_device``: cap every device at that many training rows (stratified, seeded),
+    plus the rows its ``validation_fraction`` holds out."""
     if devices < 1:
         raise ConfigError("devices", f"must be >= 1, got {devices}")
     t0 = time.perf_counter()
     info, shards, keys = device_data(paths, devices, seed, quiet)
+    if samples_per_device is not None:
+        if samples_per_device < 1:
+            raise ConfigError("samples_per_device", f"must be >= 1, got {samples_per_device}")
+        rows = samples_per_device + round(samples_per_device * validation_fraction / (1 - validation_fraction))
+        shards = [stratified_cap(x, y, rows, np.random.default_rng([seed, 0x5EED_0007, i]))
+                  for i, (x, y) in enumerate(shards)]
+        keys = [content_key(x, y) for x, y in shards]
     return fleet_from_shards(paths, info, shards, keys, backend=backend, prepare_seconds=time.perf_counter() - t0)
 
 

@@ -20,6 +20,7 @@ from fedge.core import device as core
 from fedge.core.aggregators import Bounds, recent_norms, record_norms
 from fedge.core.evaluation import head_scores
 from fedge.core.hub_round import close_round, federated_scores
+from fedge.core.personal import Choice
 from fedge.core.privacy import DpEvent, DpParams, epsilon, event_for
 from fedge.core.rounds import OpenRound, RoundParams
 from fedge.core.strategy import (
@@ -32,6 +33,7 @@ from fedge.core.strategy import (
     Strategy,
     build_strategy,
 )
+from fedge.protocol.errors import TrainingDiverged
 from fedge.protocol.messages import RoundResult, RoundStatus
 from fedge.protocol.types import Head, Metrics
 from fedge.simulate_fleet import FLEET, SimFleet, SimSettings, device_noise_rng, device_seed, hub_noise_rng
@@ -83,10 +85,10 @@ def policies(fleet: SimFleet, settings: SimSettings) -> list[core.DevicePolicy]:
                               settings.ditto_mu) for i in range(fleet.devices)]
 
 
-def _local_only_cache(fleet: SimFleet, settings: SimSettings) -> list[Head | None]:
-    """The devices' local-only heads, once per fleet and settings (filled as devices compute them)."""
+def _local_only_cache(fleet: SimFleet, settings: SimSettings) -> list[Choice | None]:
+    """The devices' local-only baselines, once per fleet and settings (filled as devices compute them)."""
     key = ("local_only", settings.validation_fraction, settings.local_only_epochs, settings.lr, settings.seed)
-    cached: list[Head | None] = fleet.cache.setdefault(key, [None] * fleet.devices)
+    cached: list[Choice | None] = fleet.cache.setdefault(key, [None] * fleet.devices)
     return cached
 
 
@@ -147,7 +149,7 @@ def run_rounds(fleet: SimFleet, settings: SimSettings, *, start: Head | None = N
             heads = core.RoundHeads(global_head, fleet.w0, personal[i], local_only[i])
             try:
                 out = core.train(msg, fleet.trainer, data, heads, pols[i], private=plan.params.dp is not None)
-            except ValueError:  # training diverged: the agent declines (trainer_error)
+            except TrainingDiverged:  # the agent declines (trainer_error)
                 declined.append(name)
                 continue
             if not isinstance(out, core.Trained):
@@ -179,7 +181,7 @@ def run_rounds(fleet: SimFleet, settings: SimSettings, *, start: Head | None = N
         norms_per_round.append(statistics.median(norms) if norms else None)
     final = _final(fleet, settings, global_head, personal, local_only, pols) if settings.dp is None else {}
     return SimRun(results, norms_per_round, global_head, time.perf_counter() - t_start, deployed, personal,
-                  list(local_only), final, versions)
+                  [None if c is None else c.head for c in local_only], final, versions)
 
 
 def _result(rid: int, status: RoundStatus, closing: object, devices: tuple[str, ...], n_samples: int,
@@ -196,7 +198,7 @@ def _result(rid: int, status: RoundStatus, closing: object, devices: tuple[str, 
 
 
 def _final(fleet: SimFleet, settings: SimSettings, head: Head, personal: list[Head | None],
-           local_only: list[Head | None], pols: list[core.DevicePolicy]) -> dict[str, float]:
+           local_only: list[Choice | None], pols: list[core.DevicePolicy]) -> dict[str, float]:
     """Federated scores of the deployed ``head`` and each device's last personal head (the deployed head where a
     device never trained) on every device's validation data; local-only heads computed where a device has none."""
     if settings.validation_fraction <= 0:
@@ -209,9 +211,15 @@ def _final(fleet: SimFleet, settings: SimSettings, head: Head, personal: list[He
         if local_only[i] is None:
             local_only[i] = core.local_only_head(fleet.trainer, fleet.w0, fleet.feats[i][tr], fleet.labels[i][tr],
                                                  settings.local_only_epochs, settings.lr, pols[i].seed)
-        own = personal[i]
+        own, local = personal[i], local_only[i]
         heads = {"source": fleet.w0, "global": head, "personal": head if own is None else own,
-                 "local_only": local_only[i]}
+                 "local_only": None if local is None else local.head}
         rows.append(head_scores(fleet.trainer, {k: v for k, v in heads.items() if v is not None},
                                 fleet.feats[i][va], fleet.labels[i][va]))
-    return federated_scores(rows)
+    out = federated_scores(rows)  # validation-size-weighted means (val_acc_*, val_loss_*, val_n)
+    for key in sorted({k for r in rows for k in r if k.startswith("val_acc_")}):
+        values = [r[key] for r in rows if key in r]
+        name = key[len("val_acc_"):]
+        out[f"median_{name}"] = round(float(np.median(values)), 6)  # per-device medians and the worst device
+        out[f"worst_{name}"] = round(float(np.min(values)), 6)
+    return out

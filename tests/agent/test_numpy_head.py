@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 
 import numpy as np
 import pytest
@@ -140,7 +141,7 @@ def test_fit_learns_a_separable_problem_and_counts_steps() -> None:
     y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 0.5).astype(np.int64)
     t = make_trainer()
     loss0, _ = evaluate(t, x, y)
-    res = fit(t, x, y, epochs=30, lr=0.3, rng=np.random.default_rng(0))
+    res = fit(t, x, y, epochs=30, lr=0.3, rng=np.random.default_rng(0), clock=time.perf_counter)
     assert res.steps == 30 * 7  # 50 rows in batches of 8: 6 full + 1 short per epoch
     assert len(res.epoch_losses) == 30 and res.epoch_losses[-1] < res.epoch_losses[0]
     loss1, acc1 = evaluate(t, x, y)

@@ -105,6 +105,7 @@ def config(tmp_path: Path, data_file: Path) -> AgentConfig:
     table: dict[str, Any] = {
         "device_id": DEV, "fleet": FLEET, "data": str(data_file), "state_dir": "state",
         "backend": "auto", "seed": 3, "broker": {"url": "mqtt://127.0.0.1:1"},
+        "personalization": "finetune",  # the personal head is exactly global + the update (checked below)
     }
     return config_from_mapping(table, tmp_path)
 

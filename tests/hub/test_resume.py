@@ -64,3 +64,48 @@ def test_restart_after_deadline_closes_at_once(tmp_path: Path, artifacts: Path) 
     assert second.hub.store.round(rnd.round).status == "completed"  # type: ignore[union-attr]
     assert TOPICS.announce not in second.broker.retained
     second.hub.stop()
+
+
+def test_a_resumed_round_keeps_the_privacy_it_was_announced_with(tmp_path: Path, artifacts: Path) -> None:
+    """The hub's configuration changed while it was down: an open round resumes with the DP (or none) it was
+    announced and charged with, never with today's settings (review finding: a DP round must not close without its
+    noise, and a plain round must not stop the hub from starting)."""
+    from dataclasses import replace
+
+    from fedge.core.aggregators import Aggregator, DpAggregator
+
+    private = {"mode": "central", "noise_multiplier": 1.0, "clip": 1.0, "sample_rate": 1.0}
+    cfg_dp = hub_config(tmp_path / "dp", artifacts, rounds={"min_devices": 1}, privacy=private)
+    first = Fleet(cfg_dp)
+    first.hub.start()
+    first.device("a").hello()
+    first.device("z").hello()  # selected too, never answers: the round stays open
+    rnd = first.start_round()
+    assert set(rnd.selected) == {"a", "z"}
+    first.device("a").update(rnd, zero_delta(SHAPES, 0.1), n=1, metrics={})
+    first.hub.halt()
+    plain = replace(cfg_dp, privacy=hub_config(tmp_path / "x", artifacts).privacy)  # privacy turned off
+    second = Fleet(plain, broker=first.broker)
+    second.hub.start()
+    resumed = second.hub.round
+    assert resumed is not None and isinstance(resumed.aggregator, DpAggregator)
+    second.advance(60)
+    assert second.hub.store.recent_update_norms(5) == []  # a DP round's norms never join the history
+    second.hub.stop()
+
+    cfg_plain = hub_config(tmp_path / "plain", artifacts, rounds={"min_devices": 1})
+    third = Fleet(cfg_plain)
+    third.hub.start()
+    third.device("b").hello()
+    third.device("z").hello()
+    rnd = third.start_round()
+    third.device("b").update(rnd, zero_delta(SHAPES, 0.1), n=5)
+    third.hub.halt()
+    turned_on = hub_config(tmp_path / "plain", artifacts, rounds={"min_devices": 1}, privacy=private)
+    fourth = Fleet(turned_on, broker=third.broker)
+    fourth.hub.start()  # the plain round resumes as a plain round
+    resumed = fourth.hub.round
+    assert resumed is not None and type(resumed.aggregator) is Aggregator and resumed.aggregator.count == 1
+    fourth.advance(60)
+    assert fourth.hub.store.round(rnd.round).status == "completed"  # type: ignore[union-attr]
+    fourth.hub.stop()

@@ -275,9 +275,11 @@ def _dist(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
 
 def test_split_and_local_only_are_the_agents(fleet: SimFleet, work: DemoPaths) -> None:
     """The split is ``split_indices`` keyed on the shard file's sha256 (as the agent splits it); the local-only head
-    is w0 fitted on the train split alone, computed once per device and then reused."""
+    is w0 fitted on the train split alone (early-stopped by cross-validation inside it: ``local_baseline``, the
+    agent's), computed once per device and then reused."""
     from fedge.core.evaluation import split_indices
-    from fedge.simulate import local_only_rng
+    from fedge.core.personal import local_baseline
+    from fedge.simulate import device_seed
 
     # (the key is the shard file's sha256: checked in test_features_and_a_device_update, before the CLI tests
     # rewrite the shards with other seeds)
@@ -287,11 +289,11 @@ def test_split_and_local_only_are_the_agents(fleet: SimFleet, work: DemoPaths) -
 
     run = run_rounds(fleet, _transfer(rounds=2, local_epochs=1))
     trainer = open_trainer(work.artifacts, fleet.trainer.name)
-    trainer.set_head(fleet.w0)
-    fit(trainer, fleet.feats[3][tr], fleet.labels[3][tr], 10, 0.05, local_only_rng(0, 3))
+    local = local_baseline(trainer, fleet.w0, fleet.feats[3][tr], fleet.labels[3][tr], 10, 0.05, device_seed(0, 3))
+    assert 1 <= local.epochs <= 10
     own = run.local_only[3]
     assert own is not None
-    for k, v in trainer.get_head().items():
+    for k, v in local.head.items():
         np.testing.assert_allclose(own[k], v, rtol=1e-6, atol=1e-7)
     # once: every round scores the same local-only heads, and another run reuses them
     first, second = (r.federated for r in run.results)
@@ -305,7 +307,8 @@ def test_federated_scores_are_the_weighted_mean_of_the_agents_head_scores(fleet:
     """3 devices, 1 round, finetune: each device's val_* recomputed with the agent's ``head_scores`` (set_head +
     evaluate on the real trainer) and averaged by hand, weighted by val_n."""
     from fedge.core.evaluation import head_scores, split_indices
-    from fedge.simulate import local_only_rng
+    from fedge.core.personal import local_baseline
+    from fedge.simulate import device_seed
 
     run = run_rounds(fleet, _transfer(rounds=1, fraction=3 / DEVICES))
     res = run.results[0]
@@ -319,9 +322,7 @@ def test_federated_scores_are_the_weighted_mean_of_the_agents_head_scores(fleet:
         trainer.set_head(fleet.w0)  # the default settings announce lambda 0.01: the device pulls toward w0
         fit(trainer, f, y, 2, 0.05, train_rng(0, i, 1), prox=Prox(fleet.w0, 0.01))
         trained = trainer.get_head()
-        trainer.set_head(fleet.w0)
-        fit(trainer, f, y, 10, 0.05, local_only_rng(0, i))
-        local = trainer.get_head()
+        local = local_baseline(trainer, fleet.w0, f, y, 10, 0.05, device_seed(0, i)).head
         heads = {"source": fleet.w0, "global": fleet.w0, "trained": trained, "personal": trained, "local_only": local}
         rows.append(head_scores(trainer, heads, fleet.feats[i][va], fleet.labels[i][va]))
     n = np.array([r["val_n"] for r in rows])
@@ -403,6 +404,8 @@ def test_transfer_run_is_deterministic(work: DemoPaths, capsys: pytest.CaptureFi
     assert first["personalization"] == "ditto" and first["ditto_mu"] == 0.5
     for entry in first["rounds"]:
         assert {"fed_source", "fed_local_only", "fed_global", "fed_personal", "deployed"} <= set(entry)
-    assert set(first["final_federated"]) == {"source", "local_only", "global", "personal"}
+    heads = {"source", "local_only", "global", "personal"}  # medians over devices, and the worst device of each
+    assert set(first["final_federated"]) == heads | {f"worst_{h}" for h in heads}
+    assert set(first["final_federated_mean"]) == heads
     _, other = _cli_json(capsys, [*args, "--seed", "6"])
     assert other["final_federated"] != first["final_federated"]

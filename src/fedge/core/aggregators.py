@@ -240,20 +240,20 @@ class DpAggregator(Aggregator):
     mode the hub re-clips each update to C and adds N(0, (zC)²) to the sum before dividing.
 
     Streaming: only float64 running sums are kept (constant memory), and no per-update norm is recorded (it
-    would describe a device's data). ``rng`` draws the central noise; by default it is seeded from the operating
-    system (unpredictable).
+    would describe a device's data). ``rng`` draws the central noise (the hub passes one seeded by the operating
+    system: unpredictable).
     """
 
     name = "dp_fedavg"
 
     def __init__(self, shapes: Shapes, proximal_lambda: float, params: DpParams, expected_cohort: float,
-                 rng: np.random.Generator | None = None) -> None:
+                 rng: np.random.Generator) -> None:
         super().__init__(shapes, proximal_lambda)
         if not expected_cohort > 0:
             raise ValueError(f"expected cohort must be > 0, got {expected_cohort}")
         self.params = params
         self.expected_cohort = float(expected_cohort)
-        self._rng = rng if rng is not None else np.random.default_rng()
+        self._rng = rng
         self._sums = {name: np.zeros(shape, dtype=np.float64) for name, shape in self.shapes.items()}
         # central: the hub's own guarantee needs every update within C. Otherwise updates carry the devices'
         # noise: clip at C plus a bound that honest noise exceeds with negligible probability (post-processing,

@@ -25,9 +25,11 @@ from typing import Protocol
 import numpy as np
 
 from fedge.core.evaluation import HEADS, head_scores, split_indices
+from fedge.core.personal import Choice, choose, local_baseline
 from fedge.core.privacy import DpParams, privatize
 from fedge.core.trainer import Trainer
 from fedge.core.training import FitResult, Prox, evaluate, fit
+from fedge.protocol.errors import TrainingDiverged
 from fedge.protocol.messages import DeclineReason, RoundAnnounce
 from fedge.protocol.types import F32, I64, Head, HeadLike, Metrics
 
@@ -57,6 +59,7 @@ SEND_MARGIN_S = 1.0
 
 
 class Personalization(StrEnum):
+    AUTO = "auto"          # the best of global, fine-tuned and local-only, by cross-validation (core/personal.py)
     FINETUNE = "finetune"  # the personal head is the head trained from the global one this round
     DITTO = "ditto"        # a separate personal head, pulled toward the global head by ditto_mu
 
@@ -69,8 +72,8 @@ class DevicePolicy:
     seed: int = 0
     max_epochs: int = 50
     validation_fraction: float = 0.2
-    local_only_epochs: int = 10
-    personalization: Personalization = Personalization.FINETUNE
+    local_only_epochs: int = 20
+    personalization: Personalization = Personalization.AUTO
     ditto_mu: float = 0.1
 
 
@@ -119,12 +122,12 @@ class DeviceData:
 @dataclass(frozen=True)
 class RoundHeads:
     """The heads a round starts from: the global head announced, the backbone's source head w0, the device's
-    previous personal head (ditto) and its cached local-only head (None: computed when needed)."""
+    previous personal head (ditto) and its cached local-only baseline (None: computed when needed)."""
 
     global_head: HeadLike
     w0: HeadLike
     personal: HeadLike | None = None
-    local_only: HeadLike | None = None
+    local_only: Choice | None = None
 
 
 def train_rng(seed: int, round_id: int) -> np.random.Generator:
@@ -201,18 +204,17 @@ def _copy_head(trainer: Trainer) -> Head:
     return {k: np.asarray(v, dtype=np.float32) for k, v in trainer.get_head().items()}
 
 
-def local_only_head(trainer: Trainer, w0: HeadLike, feats: F32, y: I64, epochs: int, lr: float, seed: int) -> Head:
-    """The head this device would have on its own: w0 fine-tuned on its training split for ``epochs``."""
-    trainer.set_head(w0)
-    fit(trainer, feats, y, epochs, lr, local_only_rng(seed))
-    return _copy_head(trainer)
+def local_only_head(trainer: Trainer, w0: HeadLike, feats: F32, y: I64, epochs: int, lr: float, seed: int) -> Choice:
+    """The head this device would have on its own: w0 trained on its training split, early-stopped by
+    cross-validation within at most ``epochs`` (the same budget and stopping as the personalised path)."""
+    return local_baseline(trainer, w0, feats, y, epochs, lr, seed)
 
 
 @dataclass(frozen=True)
 class Trained:
     """A device's finished training in one round: the head it trained and its delta from the global head, its
-    personal head (kept on the device), the sample count and metrics it reports, the fit, and the local-only head
-    when this round computed it (for the caller's cache)."""
+    personal head (kept on the device) and which candidate it is, the sample count and metrics it reports, the fit,
+    and the local-only baseline when this round computed it (for the caller's cache)."""
 
     round: int
     delta: Head
@@ -221,7 +223,8 @@ class Trained:
     n_samples: int
     metrics: Metrics
     fit: FitResult
-    local_only: Head | None = None
+    local_only: Choice | None = None
+    personal_kind: str = "finetune"
 
     def update(self, dp: DpParams | None, rng: np.random.Generator) -> tuple[Head, int, Metrics, float]:
         """What leaves the device: ``(delta, n_samples, metrics, norm before clipping)``. Under DP the delta is
@@ -234,12 +237,10 @@ class Trained:
         return dict(private), 1, {}, norm
 
 
-def _personal(trainer: Trainer, trained: Head, heads: RoundHeads, feats: F32, y: I64, msg: RoundAnnounce,
-              policy: DevicePolicy, stop: Callable[[], bool] | None) -> Head:
-    """``finetune``: the head trained from the global one. ``ditto``: the previous personal head (or the global
-    one) trained further with a pull ``mu * ||v - w_global||^2`` toward the new global head."""
-    if policy.personalization != Personalization.DITTO:
-        return trained
+def _ditto(trainer: Trainer, heads: RoundHeads, feats: F32, y: I64, msg: RoundAnnounce, policy: DevicePolicy,
+           stop: Callable[[], bool] | None) -> Head:
+    """The previous personal head (or the global one) trained further with a pull ``mu * ||v - w_global||^2``
+    toward the new global head."""
     start = heads.global_head
     prev = heads.personal
     if prev is not None and {k: v.shape for k, v in prev.items()} == {k: v.shape for k, v in start.items()}:
@@ -256,7 +257,7 @@ def train(msg: RoundAnnounce, trainer: Trainer, data: DeviceData, heads: RoundHe
     """Fine-tune the announced global head on the training split. ``stop`` is asked before every batch (the
     deadline, the device's own time limit, or the round closed; ``closed`` says which). ``private``: a DP round
     (no federated evaluation: the scores would describe the local data); ``clock`` times the fit (metrics).
-    ValueError when training diverged."""
+    TrainingDiverged when training diverged."""
     y_all = data.y
     train_idx, val_idx = data.split(policy.validation_fraction)
     feats, y = data.feats[train_idx], y_all[train_idx]  # the validation rows never train
@@ -275,7 +276,7 @@ def train(msg: RoundAnnounce, trainer: Trainer, data: DeviceData, heads: RoundHe
     delta = {k: (trained[k] - np.asarray(heads.global_head[k], dtype=np.float32)).astype(np.float32)
              for k in heads.global_head}
     if not all(np.isfinite(v).all() for v in delta.values()):
-        raise ValueError(f"round {msg.round}: training diverged (the update is not finite)")
+        raise TrainingDiverged(f"round {msg.round}: training diverged (the update is not finite)")
     metrics: Metrics = {
         "loss_before": float(before.loss), "loss_after": float(after.loss),
         "acc_before": float(before.accuracy), "acc_after": float(after.accuracy),
@@ -284,14 +285,22 @@ def train(msg: RoundAnnounce, trainer: Trainer, data: DeviceData, heads: RoundHe
     }
     if result.stopped:  # the deadline or the device's time limit came first: the update covers fewer steps
         metrics["stopped_early"] = 1.0
-    personal = _personal(trainer, trained, heads, feats, y, msg, policy, stop)
-    computed: Head | None = None
-    if not private and len(val_idx):  # federated evaluation (never under DP: it describes the local data)
-        local = heads.local_only
-        if local is None:
-            local = computed = local_only_head(trainer, heads.w0, feats, y, policy.local_only_epochs, msg.lr,
-                                               policy.seed)
+    evaluating = not private and len(val_idx) > 0  # federated evaluation (never under DP: it describes local data)
+    local, computed = heads.local_only, None
+    if local is None and (evaluating or policy.personalization == Personalization.AUTO):
+        local = computed = local_only_head(trainer, heads.w0, feats, y, policy.local_only_epochs, msg.lr, policy.seed)
+    kind = str(policy.personalization)
+    if policy.personalization == Personalization.DITTO:
+        personal = _ditto(trainer, heads, feats, y, msg, policy, stop)
+    elif policy.personalization == Personalization.AUTO and local is not None:
+        choice = choose(trainer, heads.global_head, local, feats, y, policy.local_only_epochs, msg.lr,
+                        policy.seed + msg.round)
+        personal, kind = choice.head, choice.name
+        metrics[f"personal_{choice.name}"] = 1.0  # which candidate this device keeps (a one-hot: numbers only)
+    else:
+        personal, kind = trained, Personalization.FINETUNE
+    if evaluating and local is not None:
         scored = {"source": heads.w0, "global": heads.global_head, "trained": trained, "personal": personal,
-                  "local_only": local}
+                  "local_only": local.head}
         metrics.update(head_scores(trainer, scored, data.feats[val_idx], y_all[val_idx]))
-    return Trained(msg.round, delta, trained, personal, len(y), metrics, result, computed)
+    return Trained(msg.round, delta, trained, personal, len(y), metrics, result, computed, str(kind))

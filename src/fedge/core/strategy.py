@@ -1,7 +1,8 @@
 """A Strategy owns a round's decisions: whom to select, how updates combine, and whether a version deploys.
 
 ``configure`` (a fleet view and the round's parameters -> a :class:`Plan` or a :class:`Refusal`), ``aggregator``
-(the round's running aggregate), ``held_out_gate`` and ``federated_gate`` (the deploy gates). The base strategy is
+(the round's running aggregate, chosen by the round's own parameters), ``gates`` and ``federated_gate`` (the deploy
+gates). The base strategy is
 :class:`Robust` (sample-weighted FedAvg, or a coordinate-wise median / trimmed mean, every update norm-bounded, with
 the proximal pull toward w0). Privacy and secure aggregation are **wrappers**, not branches: :class:`Private`
 (central, local or distributed DP: Poisson cohorts, the budget, the DP-FedAvg aggregate) and :class:`Secure`
@@ -170,6 +171,14 @@ class Robust:
 
     def aggregator(self, params: RoundParams, shapes: Shapes, history: Sequence[float],
                    rng: np.random.Generator) -> Aggregator:
+        """The round's aggregate, as its parameters say (not as today's configuration says: a round resumed after
+        a restart keeps the DP or SecAgg it was announced with). A SecAgg round adds one secure sum; a DP round is
+        DP-FedAvg; any other round is the configured robust aggregate."""
+        if params.secagg is not None:
+            denominator = None if params.dp is None else max(params.expected_cohort, 1.0)
+            return SecureSumAggregator(shapes, self.proximal_lambda, self.bounds, denominator)
+        if params.dp is not None:
+            return DpAggregator(shapes, self.proximal_lambda, params.dp, max(params.expected_cohort, 1.0), rng=rng)
         if self.name == "median":
             return MedianAggregator(shapes, self.proximal_lambda, self.bounds, history)
         if self.name == "trimmed_mean":
@@ -177,10 +186,10 @@ class Robust:
         return Aggregator(shapes, self.proximal_lambda, self.bounds, history)
 
     def federated_gate(self, params: RoundParams) -> bool:
-        return self.gates.federated
+        return self.gates.federated and params.dp is None  # under DP the devices' scores would describe their data
 
     def keeps_norms(self, params: RoundParams) -> bool:
-        return True
+        return params.dp is None and params.secagg is None  # a DP round's norms would describe the devices' data
 
 
 @dataclass(frozen=True)
@@ -244,15 +253,13 @@ class Private:
 
     def aggregator(self, params: RoundParams, shapes: Shapes, history: Sequence[float],
                    rng: np.random.Generator) -> Aggregator:
-        if params.dp is None:
-            raise ValueError("a private strategy's round has no DP parameters")
-        return DpAggregator(shapes, self.proximal_lambda, params.dp, max(params.expected_cohort, 1.0), rng=rng)
+        return self.inner.aggregator(params, shapes, history, rng)  # DP-FedAvg: params.dp, set by configure
 
     def federated_gate(self, params: RoundParams) -> bool:
-        return False
+        return self.inner.federated_gate(params)
 
     def keeps_norms(self, params: RoundParams) -> bool:
-        return False
+        return self.inner.keeps_norms(params)
 
 
 @dataclass(frozen=True)
@@ -264,7 +271,6 @@ class Secure:
     inner: Strategy
     config: SecAggConfig
     stage_timeout_s: float
-    bounds: Bounds = field(default_factory=Bounds)
 
     @property
     def name(self) -> str:
@@ -279,8 +285,6 @@ class Secure:
         return self.inner.gates
 
     def configure(self, fleet: FleetView, params: RoundParams, ctx: PlanContext) -> Plan | Refusal:
-        if not fleet.candidates:
-            return self.inner.configure(fleet, params, ctx)
         capable = fleet.restricted(fleet.secagg_capable)
         if not capable.candidates:
             return Refusal(ReplyReason.NO_DEVICES, "no online device can take part in secure aggregation (install "
@@ -301,14 +305,13 @@ class Secure:
 
     def aggregator(self, params: RoundParams, shapes: Shapes, history: Sequence[float],
                    rng: np.random.Generator) -> Aggregator:
-        denominator = None if params.dp is None else max(params.expected_cohort, 1.0)
-        return SecureSumAggregator(shapes, self.proximal_lambda, self.bounds, denominator)
+        return self.inner.aggregator(params, shapes, history, rng)  # the secure sum: params.secagg, set by configure
 
     def federated_gate(self, params: RoundParams) -> bool:
         return self.inner.federated_gate(params)
 
     def keeps_norms(self, params: RoundParams) -> bool:
-        return False
+        return self.inner.keeps_norms(params)
 
 
 def build_strategy(base: Robust, privacy: PrivacySettings | None = None, secagg: SecAggConfig | None = None,
@@ -318,7 +321,7 @@ def build_strategy(base: Robust, privacy: PrivacySettings | None = None, secagg:
     if privacy is not None:
         strategy = Private(strategy, privacy)
     if secagg is not None:
-        strategy = Secure(strategy, secagg, stage_timeout_s, base.bounds)
+        strategy = Secure(strategy, secagg, stage_timeout_s)
     return strategy
 
 
