@@ -13,7 +13,10 @@ from numpy.typing import NDArray
 from fedge.core.trainer import pad_rows
 from fedge.protocol.errors import ArtifactError, ConfigError
 
-__all__ = ["FixedShapeRunner", "LiteRTModel", "litert_available"]
+__all__ = ["BACKBONE_TFLITE", "FixedShapeRunner", "LiteRTModel", "litert_available"]
+
+#: The quantised features-only backbone of a ``--quantize`` export (``model.tflite`` then has no ``features``).
+BACKBONE_TFLITE = "backbone.tflite"
 
 _MODULES = ("ai_edge_litert.interpreter", "tflite_runtime.interpreter")
 

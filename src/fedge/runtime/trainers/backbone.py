@@ -58,10 +58,13 @@ def open_backbone(artifacts_dir: str | Path) -> Callable[[F32], F32]:
     d = Path(artifacts_dir)
     if onnxruntime_available() and (d / "backbone.onnx").is_file():
         return OnnxBackbone(d / "backbone.onnx")
-    from fedge.runtime.trainers._litert import LiteRTModel, litert_available
+    from fedge.runtime.trainers._litert import BACKBONE_TFLITE, LiteRTModel, litert_available
 
     if not litert_available():
         raise ConfigError("backend", "numpy needs onnxruntime or ai-edge-litert to compute backbone features")
-    model = LiteRTModel(d / "model.tflite")
+    if not (d / "model.tflite").is_file():
+        raise ConfigError("backend", f"{d} has no model.tflite (an ONNX backbone): the NumPy trainer needs "
+                          "onnxruntime for backbone.onnx: pip install onnxruntime")
+    model = LiteRTModel(d / (BACKBONE_TFLITE if (d / BACKBONE_TFLITE).is_file() else "model.tflite"))
     batch = model.batch_size()
     return lambda x: model.features(x, batch)
