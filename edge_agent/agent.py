@@ -51,7 +51,7 @@ from fedge.protocol.messages import (
 from fedge.protocol.signing import rotation_filter
 from fedge.protocol.topics import Topics
 from fedge.protocol.transport import Transport
-from fedge.runtime.data import LocalData, load_local
+from fedge.runtime.data import LocalData, conform, load_local
 from fedge.runtime.features import FeatureCache
 
 log = logging.getLogger("fedge.agent")
@@ -530,12 +530,7 @@ class Agent:
         if bad.size:
             raise DataError(f"{self.data.path}: label {int(bad[0])} is outside [0, {manifest.num_classes}) "
                             f"({bad.size} of {y.size} labels; the model has {manifest.num_classes} classes)")
-        x = np.asarray(self.data.x, dtype=np.float32)
-        if x.shape[1:] != shape:
-            if int(np.prod(x.shape[1:])) != int(np.prod(shape)):
-                raise DataError(f"local data {self.data.path} has samples of shape {x.shape[1:]}, model wants {shape}")
-            x = x.reshape((x.shape[0], *shape))
-        return x
+        return conform(self.data, shape, manifest.input.layout)  # images: decoded at the model's size
 
     def _run_round(self, msg: RoundAnnounce) -> None:
         from fedge.core.training import evaluate

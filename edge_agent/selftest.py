@@ -29,7 +29,8 @@ MAX_SAMPLES_IN_BATCHES = 4
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedge-agent selftest", description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--artifacts", required=True, help="the exported artifacts directory")
-    p.add_argument("--data", help="local data file (.npz with x and y, or .csv); default: a random batch")
+    p.add_argument("--data", help="local data: .npz with x and y, .csv (label last), an image folder (one "
+                   "sub-folder per class) or a .csv of file,label; default: a random batch")
     p.add_argument("--backend", default="auto", choices=["auto", "litert", "ort", "numpy"])
     p.add_argument("--steps", type=int, default=20, help="training steps to run (default 20)")
     p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default 0.05)")
@@ -73,7 +74,7 @@ def _run(args: argparse.Namespace, report: dict[str, Any]) -> bool:
     if args.data:
         from fedge.runtime.data import load_local
 
-        data = load_local(args.data, input_shape=manifest.input.shape)
+        data = load_local(args.data, input_shape=manifest.input.shape, layout=manifest.input.layout)
         x, y = data.x[: MAX_SAMPLES_IN_BATCHES * b], data.y[: MAX_SAMPLES_IN_BATCHES * b]
         report["data"] = str(data.path)
     else:

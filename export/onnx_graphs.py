@@ -46,10 +46,29 @@ def keras_backbone_onnx(split: Split) -> Any:
                           "--head-start before the layer it names, or replace that layer") from exc
     finally:
         quiet.setLevel(level)
+    _freeze_captured_constants(proto, fn.get_concrete_function())
     if proto.ir_version > MAX_IR_VERSION:
         proto.ir_version = IR_VERSION
     proto.producer_name = "fedge (tf2onnx)"
     return proto
+
+
+def _freeze_captured_constants(proto: Any, concrete: Any) -> None:
+    """Constants a layer captured as eager tensors (e.g. an adapted Normalization's mean) come out of tf2onnx as
+    graph inputs: make them initializers with the captured values."""
+    from onnx import numpy_helper
+
+    captured = {}
+    for value, placeholder in zip(concrete.captured_inputs, concrete.graph.internal_captures, strict=True):
+        if value.dtype.name != "resource":
+            captured[placeholder.name] = np.asarray(value.numpy())
+    extra = [i for i in proto.graph.input if i.name != "x"]
+    for inp in extra:
+        if inp.name not in captured:
+            raise ConfigError("model", f"tf2onnx left an input {inp.name!r} in the backbone graph that is not a "
+                              "captured constant: replace the layer that creates it")
+        proto.graph.initializer.append(numpy_helper.from_array(captured[inp.name], inp.name))
+        proto.graph.input.remove(inp)
 
 
 def _init(inits: list[Any], name: str, arr: np.ndarray[Any, Any]) -> str:

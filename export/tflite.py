@@ -133,19 +133,28 @@ def _offending_ops(message: str) -> list[str]:
     return sorted(set(ops))
 
 
+def _offending_layers(message: str, split: Split) -> list[str]:
+    """Backbone layers named in the converter's op locations (``.../<layer>_1/<Op>@...``)."""
+    if split.keras_backbone is None:
+        return []
+    parts = set(re.findall(r"/([A-Za-z0-9_.-]+?)(?:_\d+)?/[A-Z]\w*@", message))
+    return [layer.name for layer in split.keras_backbone.layers
+            if layer.name in parts and type(layer).__name__ != "InputLayer"]
+
+
 def _conversion_error(exc: Exception, split: Split, what: str) -> ConfigError:
     """Name the ops (and the backbone layers they come from) the LiteRT converter refused."""
     text = str(exc)
     ops = _offending_ops(text)
-    layers = []
-    if split.keras_backbone is not None:
-        layers = [layer.name for layer in split.keras_backbone.layers if re.search(rf"\b{re.escape(layer.name)}\b",
-                                                                                 text)]
-    where = f" in layer(s) {', '.join(repr(n) for n in layers)}" if layers else ""
-    found = f"op(s) {', '.join(ops)}{where}" if ops else f"the backbone{where}"
-    first_line = text.strip().splitlines()[0][:300] if text.strip() else type(exc).__name__
-    return ConfigError("model", f"LiteRT cannot convert {found} to {what} with built-in ops: move --head-start "
-                       f"before it, or replace the layer with built-in-op layers ({first_line})")
+    layers = _offending_layers(text, split)
+    where = f" in layer {', '.join(repr(n) for n in layers)}" if layers else ""
+    if ops:
+        found = f"op {', '.join(ops)}{where}"
+    else:
+        found = f"the backbone{where} ({text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__})"
+    return ConfigError("model", f"LiteRT cannot convert {found} to {what} with built-in ops: replace that layer "
+                       "with one LiteRT converts with built-in ops, or move --head-start so that the layer is not in "
+                       "the backbone")
 
 
 def _convert(m: Any, signatures: dict[str, Signature], split: Split, what: str,
