@@ -32,14 +32,15 @@ QUANTIZE_MODES: tuple[str, ...] = ("int8", "dynamic")
 Signature = tuple[Callable[..., Any], list[Any]]
 
 
-def _module(split: Split, with_head: bool) -> Any:
+def _module(split: Split, with_head: bool, with_backbone: bool = True) -> Any:
     import tensorflow as tf
 
     class FedgeModule(tf.Module):  # type: ignore[misc]
         def __init__(self) -> None:
             super().__init__(name="fedge")
-            self.backbone_model = split.keras_backbone
-            self.backbone_vars = [w.value for w in split.keras_backbone.weights] if split.keras_backbone else []
+            keras_backbone = split.keras_backbone if with_backbone else None
+            self.backbone_model = keras_backbone
+            self.backbone_vars = [w.value for w in keras_backbone.weights] if keras_backbone is not None else []
             names = list(split.head) if with_head else []
             self.head_names = names
             self.head_vars = [tf.Variable(split.head[n], name=n) for n in names]
@@ -179,7 +180,7 @@ def _convert(m: Any, signatures: dict[str, Signature], split: Split, what: str,
 
 def convert_model(split: Split, batch: int, with_features: bool = True) -> bytes:
     """``model.tflite``: ``features`` (when ``with_features``), ``train_head``, ``get_head``, ``set_head``."""
-    m = _module(split, with_head=True)
+    m = _module(split, with_head=True, with_backbone=with_features)
     signatures = {"train_head": train_head_signature(m, split, batch), **_head_io_signatures(m, split)}
     if with_features:
         signatures["features"] = _features_signature(m, split, batch)

@@ -47,7 +47,7 @@ def load_local(path: str | Path, input_shape: Sequence[int] | None = None, layou
     channels last (:func:`conform` re-decodes them for a model).
     """
     p = Path(path)
-    if p.is_dir():
+    if p.is_dir() and p.suffix.lower() not in SUFFIXES:
         return _load_images(p, None, input_shape, layout)
     suffix = p.suffix.lower()
     if suffix not in SUFFIXES:
