@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -172,7 +173,9 @@ def _convert(m: Any, signatures: dict[str, Signature], split: Split, what: str,
         if configure is not None:
             configure(converter)
         try:
-            data: bytes = converter.convert()
+            with warnings.catch_warnings():  # the int8 calibrator runs TF's own (deprecated) tf.lite.Interpreter
+                warnings.filterwarnings("ignore", message=r"(?s).*tf\.lite\.Interpreter is deprecated")
+                data: bytes = converter.convert()
         except Exception as exc:  # ConverterError, ValueError, ...: all mean "this graph does not convert"
             raise _conversion_error(exc, split, what) from exc
     return data
