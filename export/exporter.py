@@ -109,7 +109,7 @@ def load_calibration(path: str | Path, input_shape: tuple[int, ...]) -> NDArray[
             x = np.asarray(z["x"], dtype=np.float32)
     except (OSError, ValueError) as exc:
         raise ConfigError("calibration", f"cannot read {str(p)!r}: {exc}") from exc
-    if tuple(x.shape[1:]) != input_shape and tuple(x.shape[1:]) + (1,) == input_shape:
+    if tuple(x.shape[1:]) != input_shape and (*tuple(x.shape[1:]), 1) == input_shape:
         x = x[..., None]
     if tuple(x.shape[1:]) != input_shape or len(x) == 0:
         raise ConfigError("calibration", f"{str(p)!r}: x is {list(x.shape)}, the model takes [N, "

@@ -12,6 +12,7 @@ extractor and a fresh head.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,7 +110,8 @@ def _head(layers: list[Any], features: Any) -> tuple[dict[str, F32], tuple[str, 
         first = dense[0]
         raise ConfigError("head_start", f"head/backbone shape mismatch: head layer {first.name!r} "
                           f"({type(first).__name__}) takes a flat feature vector [None, F], the backbone outputs "
-                          f"{feat_shape}: end the backbone with GlobalAveragePooling2D or Flatten, or move --head-start")
+                          f"{feat_shape}: end the backbone with GlobalAveragePooling2D or Flatten, or move "
+                          "--head-start")
     head: dict[str, F32] = {}
     acts: list[str] = []
     for i, layer in enumerate(dense):
@@ -164,7 +166,7 @@ def fresh_head(feature_dim: int, num_classes: int, hidden: int, rng: np.random.G
     """A new head: Glorot-uniform kernels and zero biases; ``hidden`` > 0 adds one ReLU layer of that width."""
     widths = [feature_dim, *([hidden] if hidden > 0 else []), num_classes]
     head: dict[str, F32] = {}
-    for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
         limit = np.sqrt(6.0 / (fan_in + fan_out))
         head[f"h{i}_kernel"] = rng.uniform(-limit, limit, (fan_in, fan_out)).astype(np.float32)
         head[f"h{i}_bias"] = np.zeros(fan_out, dtype=np.float32)

@@ -59,7 +59,7 @@ def test_image_folder_is_decoded_at_the_model_size_and_trains(mobilenet_export: 
     _write_images(tmp_path / "photos", {"cat": 5, "dog": 4, "owl": 3}, (40, 30))
     data = load_local(tmp_path / "photos", (96, 96, 3), "NHWC")
     assert data.x.shape == (12, 96, 96, 3) and data.x.dtype == np.float32
-    assert 0.0 <= float(data.x.min()) and float(data.x.max()) <= 1.0 and float(data.x.std()) > 0.1
+    assert float(data.x.min()) >= 0.0 and float(data.x.max()) <= 1.0 and float(data.x.std()) > 0.1
     assert data.y.tolist() == [0] * 5 + [1] * 4 + [2] * 3  # sorted class names
     code, rep, err = run_selftest("--artifacts", str(d), "--data", str(tmp_path / "photos"), "--steps", "10")
     assert code == 0, err

@@ -139,7 +139,7 @@ def test_tflite_signatures_have_the_documented_names_and_shapes(cnn28_export: Ex
 
 
 def _head_logits(head: dict[str, F32], f: F32) -> F32:
-    acts, pre = _np_forward(head, f)
+    _acts, pre = _np_forward(head, f)
     return pre[-1].astype(np.float32)
 
 
