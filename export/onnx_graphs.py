@@ -31,7 +31,7 @@ def keras_backbone_onnx(split: Split) -> Any:
     backbone = split.keras_backbone
     spec = [tf.TensorSpec([None, *split.input_shape], tf.float32, name="x")]
 
-    @tf.function(input_signature=spec)  # type: ignore[misc]
+    @tf.function(input_signature=spec)  # type: ignore[untyped-decorator]
     def fn(x: Any) -> Any:
         return {"features": backbone(x, training=False)}
 

@@ -39,8 +39,8 @@ def _module(split: Split, with_head: bool, with_backbone: bool = True) -> Any:
     class FedgeModule(tf.Module):  # type: ignore[misc]
         def __init__(self) -> None:
             super().__init__(name="fedge")
-            keras_backbone = split.keras_backbone if with_backbone else None
-            self.backbone_model = keras_backbone
+            keras_backbone: Any = split.keras_backbone if with_backbone else None
+            self.backbone_model: Any = keras_backbone
             self.backbone_vars = [w.value for w in keras_backbone.weights] if keras_backbone is not None else []
             names = list(split.head) if with_head else []
             self.head_names = names

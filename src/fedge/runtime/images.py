@@ -46,7 +46,7 @@ def _folder_entries(root: Path) -> list[tuple[Path, int]]:
     if not classes:
         raise DataError(f"{root}: an image folder needs one sub-folder per class (none found)")
     numeric = all(d.name.isdigit() for d in classes)
-    entries = []
+    entries: list[tuple[Path, int]] = []
     for index, d in enumerate(classes):
         label = int(d.name) if numeric else index
         entries += [(p, label) for p in sorted(d.iterdir()) if _is_image(p)]
@@ -56,7 +56,7 @@ def _folder_entries(root: Path) -> list[tuple[Path, int]]:
 
 
 def _csv_entries(csv_path: Path, raw: bytes) -> list[tuple[Path, int]]:
-    entries = []
+    entries: list[tuple[Path, int]] = []
     for lineno, line in enumerate(raw.decode("utf-8-sig").splitlines(), start=1):
         fields = [f.strip() for f in line.split(",")]
         if not line.strip() or (not entries and len(fields) == 2 and not fields[1].lstrip("-").isdigit()):
