@@ -99,7 +99,14 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"pre-trained {r.model} on {r.dataset} for {args.epochs} epoch(s) in {r.seconds:.1f} s: "
               f"test accuracy {r.test_accuracy:.3f}; saved {keras_path}")
         model = str(keras_path)
-    print("verifying every artifact against the source (max abs difference):")
+    shown: list[str] = []
+
+    def report(line: str) -> None:
+        if not shown:
+            print("verifying every artifact against the source (max abs difference):")
+        shown.append(line)
+        print(line, flush=True)
+
     result = export(
         model,
         out,
@@ -113,7 +120,7 @@ def run_export(args: argparse.Namespace) -> int:
         hidden=args.hidden,
         quantize=args.quantize,
         calibration=args.calibration,
-        report=lambda line: print(line, flush=True),
+        report=report,
     )
     for note in result.notes:
         print(f"note: {note}")
