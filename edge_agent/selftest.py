@@ -88,8 +88,9 @@ def _run(args: argparse.Namespace, report: dict[str, Any]) -> bool:
     t0 = time.perf_counter()
     feats = trainer.features(x)
     report["features_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
-    if feats.shape != (x.shape[0], manifest.feature_dim):
-        raise RuntimeError(f"backbone features have shape {feats.shape}, expected {(x.shape[0], manifest.feature_dim)}")
+    if feats.shape != (x.shape[0], *manifest.features_shape):
+        raise RuntimeError(f"backbone features have shape {feats.shape}, expected "
+                           f"{(x.shape[0], *manifest.features_shape)}")
     loss_first = evaluate(trainer, feats, y).loss
     starts = list(range(0, x.shape[0], b))
     t0 = time.perf_counter()

@@ -160,11 +160,13 @@ def _role(name: str, quantize: str | None) -> str:
 
 def _write_manifest(split: Split, d: Path, train_batch: int, written: dict[str, Path],
                     digest_parts: list[NDArray[Any]], quantize: str | None) -> None:
-    files = {name: FileEntry(sha256_file(p), p.stat().st_size, _role(name, quantize)) for name, p in written.items()}
+    files = {name: FileEntry(sha256_file(p), p.stat().st_size, _role(name, quantize))
+             for name, p in written.items()}
     manifest = Manifest(
         model=split.name,
         input=InputSpec("x", split.input_shape, "float32", split.layout),
         feature_dim=split.feature_dim,
+        feature_shape=split.features if len(split.features) > 1 else (),
         num_classes=split.num_classes,
         train_batch=train_batch,
         head=tuple(HeadParam(n, tuple(int(s) for s in a.shape), "float32") for n, a in split.head.items()),

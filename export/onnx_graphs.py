@@ -79,23 +79,44 @@ def _init(inits: list[Any], name: str, arr: np.ndarray[Any, Any]) -> str:
 
 
 def head_graph(split: Split) -> Any:
-    """``features [N, F] -> logits [N, C]`` (the base of ``ort/head``)."""
+    """``features [N, *features] -> logits [N, C]`` (the base of ``ort/head``).
+
+    A conv head takes NHWC features: they are transposed to NCHW, each HWIO kernel ``h{i}_kernel`` is transposed
+    to OIHW inside the graph (so the trainable initializer keeps the manifest's layout), stride-1 SAME
+    convolutions with ReLU, then GlobalAveragePool and Flatten before the dense layers.
+    """
     from onnx import TensorProto, checker, helper
 
     nodes: list[Any] = []
     inits: list[Any] = []
     f = "features"
     n = len(split.head_activations)
+    if split.conv_head:
+        nodes.append(helper.make_node("Transpose", [f], ["features_nchw"], name="Transpose_in", perm=[0, 3, 1, 2]))
+        f = "features_nchw"
+    spatial = split.conv_head
     for i, act in enumerate(split.head_activations):
-        w = _init(inits, f"h{i}_kernel", split.head[f"h{i}_kernel"])
+        kernel = split.head[f"h{i}_kernel"]
+        w = _init(inits, f"h{i}_kernel", kernel)
         b = _init(inits, f"h{i}_bias", split.head[f"h{i}_bias"])
-        y = "logits" if i == n - 1 else f"h{i}_dense"
-        nodes.append(helper.make_node("Gemm", [f, w, b], [y], name=f"Gemm_h{i}"))
+        y = "logits" if i == n - 1 else f"h{i}_out"
+        if kernel.ndim == 4:
+            kh, kw = int(kernel.shape[0]), int(kernel.shape[1])
+            pt, pl = (kh - 1) // 2, (kw - 1) // 2
+            nodes.append(helper.make_node("Transpose", [w], [f"h{i}_oihw"], name=f"Transpose_h{i}", perm=[3, 2, 0, 1]))
+            nodes.append(helper.make_node("Conv", [f, f"h{i}_oihw", b], [y], name=f"Conv_h{i}", kernel_shape=[kh, kw],
+                                          pads=[pt, pl, kh - 1 - pt, kw - 1 - pl], strides=[1, 1]))
+        else:
+            if spatial:
+                nodes.append(helper.make_node("GlobalAveragePool", [f], ["pooled"], name="GlobalAveragePool_head"))
+                nodes.append(helper.make_node("Flatten", ["pooled"], ["pooled_flat"], name="Flatten_head", axis=1))
+                f, spatial = "pooled_flat", False
+            nodes.append(helper.make_node("Gemm", [f, w, b], [y], name=f"Gemm_h{i}"))
         if act == "relu":
             nodes.append(helper.make_node("Relu", [y], [f"h{i}_relu"], name=f"Relu_h{i}"))
             y = f"h{i}_relu"
         f = y
-    inputs = [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", split.feature_dim])]
+    inputs = [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", *split.features])]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", split.num_classes])]
     graph = helper.make_graph(nodes, f"{split.name}_head", inputs, outputs, initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="fedge")

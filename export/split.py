@@ -1,9 +1,10 @@
 """Split a source model into a frozen backbone and a trainable dense head (:class:`Split`).
 
 Keras (:func:`split_keras`): any single-input, single-output Sequential, Functional or nested model. The head
-is the chain of layers from ``head_start`` (a top-level layer name) to the output: Dense layers, ReLU between
-them, the last one linear (a final softmax is dropped: the head outputs logits); Dropout and the other
-inference-time identities are skipped. The backbone is everything before the cut, whatever its layers: a
+is the chain of layers from ``head_start`` (a top-level layer name) to the output: optionally the last
+convolution block (Conv2D layers with stride 1 and SAME padding, then GlobalAveragePooling2D), then Dense
+layers; ReLU between layers, the last one linear (a final softmax is dropped: the head outputs logits); Dropout
+and the other inference-time identities are skipped. The backbone is everything before the cut, whatever its layers: a
 Keras sub-model from the input to the head's input, converted as a whole by tf2onnx and the LiteRT converter.
 
 ONNX (:func:`fedge.export.onnx_source.split_onnx`) builds the same :class:`Split` around an ONNX feature
@@ -49,10 +50,19 @@ class Split:
     backbone_weights: tuple[F32, ...]
     keras_backbone: Any = None
     onnx_backbone: Any = None
+    feature_shape: tuple[int, ...] = ()  # the cut tensor per sample: (F,), or (H, W, C) before a conv head
+
+    @property
+    def features(self) -> tuple[int, ...]:
+        return self.feature_shape or (int(self.head["h0_kernel"].shape[0]),)
 
     @property
     def feature_dim(self) -> int:
-        return int(self.head["h0_kernel"].shape[0])
+        return int(np.prod(self.features))
+
+    @property
+    def conv_head(self) -> bool:
+        return self.head["h0_kernel"].ndim == 4
 
     @property
     def num_classes(self) -> int:
@@ -96,27 +106,61 @@ def _dense_weights(layer: Any) -> tuple[F32, F32]:
     return ws[0], ws[1]
 
 
-def _head(layers: list[Any], features: Any) -> tuple[dict[str, F32], tuple[str, ...]]:
-    dense = [layer for layer in layers if type(layer).__name__ not in IDENTITY_LAYERS]
-    feat_shape = _dims(features.shape)
-    if not dense:
-        raise ConfigError("head_start", "the head has no Dense layer")
-    for layer in dense:
-        kind = type(layer).__name__
+def _check_conv(layer: Any) -> None:
+    cfg = layer.get_config()
+    bad = []
+    if tuple(cfg.get("strides", (1, 1))) != (1, 1) or tuple(cfg.get("dilation_rate", (1, 1))) != (1, 1):
+        bad.append("strides and dilation must be 1")
+    if cfg.get("padding") != "same":
+        bad.append("padding must be 'same'")
+    if cfg.get("groups", 1) != 1 or cfg.get("data_format", "channels_last") != "channels_last":
+        bad.append("only ungrouped channels_last convolutions")
+    if bad:
+        raise ConfigError("head_start", f"head layer {layer.name!r} (Conv2D): {'; '.join(bad)} in a trainable "
+                          "head; move --head-start after it (it then belongs to the frozen backbone)")
+
+
+def _head_kinds(layers: list[Any]) -> list[Any]:
+    """The head's layers without inference-time identities, checked to be Conv2D* [GlobalAveragePooling2D] Dense+."""
+    kept = [layer for layer in layers if type(layer).__name__ not in IDENTITY_LAYERS]
+    kinds = [type(layer).__name__ for layer in kept]
+    n_conv = 0
+    while n_conv < len(kinds) and kinds[n_conv] == "Conv2D":
+        n_conv += 1
+    rest = kinds[n_conv:]
+    if n_conv and rest[:1] == ["GlobalAveragePooling2D"] and not kept[n_conv].get_config().get("keepdims", False):
+        rest = rest[1:]
+    elif n_conv:
+        raise ConfigError("head_start", f"head layer {kept[n_conv - 1].name!r} (Conv2D) must be followed by "
+                          "GlobalAveragePooling2D (then Dense layers) in a trainable head")
+    for layer, kind in zip(kept[len(kinds) - len(rest):], rest, strict=True):
         if kind != "Dense":
-            raise ConfigError("head_start", f"head layer {layer.name!r} is {kind}, not Dense: devices train dense "
-                              "heads; move --head-start after it (it then belongs to the frozen backbone)")
-    if len(feat_shape) != 2:
-        first = dense[0]
+            raise ConfigError("head_start", f"head layer {layer.name!r} is {kind}, not Dense: a trainable head is "
+                              "[Conv2D(padding='same', strides=1)...] [GlobalAveragePooling2D] Dense...; move "
+                              "--head-start after it (it then belongs to the frozen backbone)")
+    if not rest:
+        raise ConfigError("head_start", "the head has no Dense layer")
+    for layer in kept[:n_conv]:
+        _check_conv(layer)
+    return [layer for layer in kept if type(layer).__name__ != "GlobalAveragePooling2D"]
+
+
+def _head(layers: list[Any], features: Any) -> tuple[dict[str, F32], tuple[str, ...]]:
+    params = _head_kinds(layers)
+    feat_shape = _dims(features.shape)
+    first = params[0]
+    want = 4 if type(first).__name__ == "Conv2D" else 2
+    if len(feat_shape) != want:
+        takes = "an image tensor [None, H, W, C]" if want == 4 else "a flat feature vector [None, F]"
         raise ConfigError("head_start", f"head/backbone shape mismatch: head layer {first.name!r} "
-                          f"({type(first).__name__}) takes a flat feature vector [None, F], the backbone outputs "
+                          f"({type(first).__name__}) takes {takes}, the backbone outputs "
                           f"{feat_shape}: end the backbone with GlobalAveragePooling2D or Flatten, or move "
                           "--head-start")
     head: dict[str, F32] = {}
     acts: list[str] = []
-    for i, layer in enumerate(dense):
+    for i, layer in enumerate(params):
         act = layer.activation.__name__
-        last = i == len(dense) - 1
+        last = i == len(params) - 1
         if last and act not in ("linear", "softmax"):
             raise ConfigError("head_start", f"last head layer {layer.name!r} must be linear (or softmax), not {act}")
         if not last and act != "relu":
@@ -141,10 +185,11 @@ def split_keras(model: Any, head_start: str | None = None, name: str | None = No
         raise ConfigError("head_start", f"{start!r} is the input layer: the backbone would be empty")
     layers, features = _head_chain(model, start)
     head, acts = _head(layers, features)
-    feat_dim = _dims(features.shape)[1]
-    if feat_dim != head["h0_kernel"].shape[0]:
-        raise ConfigError("head_start", f"head/backbone shape mismatch: the backbone outputs [None, {feat_dim}], "
-                          f"head layer {start!r} takes [None, {head['h0_kernel'].shape[0]}]")
+    feat_shape = tuple(int(d) for d in _dims(features.shape)[1:] if d is not None)
+    if feat_shape[-1] != head["h0_kernel"].shape[-2]:
+        raise ConfigError("head_start", f"head/backbone shape mismatch: the backbone outputs [None, "
+                          f"{', '.join(map(str, feat_shape))}], head layer {start!r} takes "
+                          f"{head['h0_kernel'].shape[-2]} channels/features")
     backbone = keras.Model(model.inputs[0], features, name=f"{model.name}_backbone")
     input_shape = tuple(int(d) for d in model.inputs[0].shape[1:])
     if any(d <= 0 for d in input_shape):
@@ -158,6 +203,7 @@ def split_keras(model: Any, head_start: str | None = None, name: str | None = No
         head_activations=acts,
         backbone_weights=weights,
         keras_backbone=backbone,
+        feature_shape=feat_shape,
     )
 
 

@@ -23,14 +23,13 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedge.export.split import Split
+from fedge.export.tflite_head import Signature, train_head_signature
 from fedge.protocol.errors import ConfigError
 
-__all__ = ["HEAD_SIGNATURES", "QUANTIZE_MODES", "convert_backbone", "convert_model", "train_head_signature"]
+__all__ = ["HEAD_SIGNATURES", "QUANTIZE_MODES", "convert_backbone", "convert_model"]
 
 HEAD_SIGNATURES: tuple[str, ...] = ("train_head", "get_head", "set_head")
 QUANTIZE_MODES: tuple[str, ...] = ("int8", "dynamic")
-
-Signature = tuple[Callable[..., Any], list[Any]]
 
 
 def _module(split: Split, with_head: bool, with_backbone: bool = True) -> Any:
@@ -50,51 +49,6 @@ def _module(split: Split, with_head: bool, with_backbone: bool = True) -> Any:
             return self.backbone_model(x, training=False)
 
     return FedgeModule()
-
-
-def _act(tf: Any, x: Any, act: str) -> Any:
-    return tf.nn.relu(x) if act == "relu" else x
-
-
-def train_head_signature(m: Any, split: Split, batch: int) -> Signature:
-    """``train_head(f [B,F], y int32 [B], mask f32 [B], lr f32 []) -> {loss}``: one masked SGD step of the head.
-
-    The loss is returned before the update. The backward pass is written out in closed form (dense layers,
-    ReLU between them): ``ReluGrad`` and ``sparse_softmax_cross_entropy_with_logits`` are not built-in ops.
-    Kept in this one function so that another formulation of head training is a local change.
-    """
-    import tensorflow as tf
-
-    acts_spec = split.head_activations
-    n_layers = len(acts_spec)
-
-    def train_head(f: Any, y: Any, mask: Any, lr: Any) -> Any:
-        acts, pre = [f], []
-        for i, act in enumerate(acts_spec):
-            z = tf.matmul(acts[-1], m.head_vars[2 * i]) + m.head_vars[2 * i + 1]
-            pre.append(z)
-            acts.append(_act(tf, z, act))
-        logits = pre[-1]
-        denom = tf.maximum(tf.reduce_sum(mask), 1.0)
-        onehot = tf.one_hot(y, split.num_classes, dtype=tf.float32)
-        logp = tf.nn.log_softmax(logits)
-        loss = tf.reduce_sum(mask * -tf.reduce_sum(onehot * logp, axis=1)) / denom
-        dz = (tf.exp(logp) - onehot) * tf.reshape(mask / denom, [batch, 1])
-        grads: list[Any] = [None] * len(m.head_vars)
-        for i in reversed(range(n_layers)):
-            grads[2 * i] = tf.matmul(acts[i], dz, transpose_a=True)
-            grads[2 * i + 1] = tf.reduce_sum(dz, axis=0)
-            if i > 0:
-                dz = tf.matmul(dz, m.head_vars[2 * i], transpose_b=True) * tf.cast(pre[i - 1] > 0, tf.float32)
-        for v, g in zip(m.head_vars, grads, strict=True):
-            v.assign_sub(lr * g)
-        return {"loss": loss}
-
-    specs = [tf.TensorSpec([batch, split.feature_dim], tf.float32, name="f"),
-             tf.TensorSpec([batch], tf.int32, name="y"),
-             tf.TensorSpec([batch], tf.float32, name="mask"),
-             tf.TensorSpec([], tf.float32, name="lr")]
-    return train_head, specs
 
 
 def _head_io_signatures(m: Any, split: Split) -> dict[str, Signature]:

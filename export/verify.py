@@ -84,6 +84,11 @@ def reference_features(split: Split, x: F32) -> F32:
 
 
 def _head64(head: dict[str, F32], acts: tuple[str, ...], f: F32) -> NDArray[np.float64]:
+    """The head's logits in float64 (a conv head: the NumPy head's float32 forward pass)."""
+    if any(v.ndim == 4 for v in head.values()):
+        from fedge.runtime.trainers.numpy_head import head_forward
+
+        return head_forward(head, f).astype(np.float64)
     a = np.asarray(f, dtype=np.float64)
     for i, act in enumerate(acts):
         a = a @ head[f"h{i}_kernel"].astype(np.float64) + head[f"h{i}_bias"]

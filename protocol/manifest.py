@@ -92,6 +92,12 @@ class Manifest:
     files: Mapping[str, FileEntry] = field(default_factory=dict)
     created: str = ""
     format: int = FORMAT
+    feature_shape: tuple[int, ...] = ()  # set when the features are not a vector: [H, W, C] before a conv head
+
+    @property
+    def features_shape(self) -> tuple[int, ...]:
+        """Per-sample shape of the backbone features (what the head takes; the feature cache stores)."""
+        return self.feature_shape or (self.feature_dim,)
 
     @property
     def head_spec(self) -> list[tuple[str, tuple[int, ...]]]:
@@ -105,6 +111,7 @@ class Manifest:
             "input": {"name": self.input.name, "shape": list(self.input.shape), "dtype": self.input.dtype,
                       **({"layout": self.input.layout} if self.input.layout else {})},
             "feature_dim": self.feature_dim,
+            **({"feature_shape": list(self.feature_shape)} if self.feature_shape else {}),
             "num_classes": self.num_classes,
             "train_batch": self.train_batch,
             "head": [{"name": p.name, "shape": list(p.shape), "dtype": p.dtype} for p in self.head],
@@ -176,6 +183,7 @@ class Manifest:
             model=_get(raw, "model", str, "model"),
             input=input_spec,
             feature_dim=_int(raw, "feature_dim", "feature_dim"),
+            feature_shape=_shape(raw, "feature_shape", "feature_shape") if "feature_shape" in raw else (),
             num_classes=_int(raw, "num_classes", "num_classes"),
             train_batch=_int(raw, "train_batch", "train_batch"),
             head=tuple(head),

@@ -116,6 +116,6 @@ class LiteRTModel:
             out = run(**{in_name: pad_rows(part, batch)})["features"]
             chunks.append(np.array(out[: part.shape[0]], dtype=np.float32))
         if not chunks:
-            width = int(self.runner("features").get_output_details()["features"]["shape"][-1])
-            return np.zeros((0, width), dtype=np.float32)
+            shape = [int(d) for d in self.runner("features").get_output_details()["features"]["shape"][1:]]
+            return np.zeros((0, *shape), dtype=np.float32)
         return np.concatenate(chunks, axis=0)
