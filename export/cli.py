@@ -122,7 +122,5 @@ def run_export(args: argparse.Namespace) -> int:
         calibration=args.calibration,
         report=report,
     )
-    for note in result.notes:
-        print(f"note: {note}")
     print(_summary(result.manifest, out, time.perf_counter() - start))
     return 0
