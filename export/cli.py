@@ -32,8 +32,9 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="export a model to the artifacts folder (model.tflite, backbone.onnx, ort/head, head.npz, manifest.json)",
         description=(
             "--model is a .keras file (any Keras model LiteRT converts with built-in ops; the layers from "
-            "--head-start on are the trainable dense head, everything before is the frozen backbone) or a zoo "
-            "name. A zoo name is pre-trained first on --dataset (a few seconds) unless --untrained is given. "
+            "--head-start on are the trainable head: dense layers, or the last conv block and dense layers; "
+            "everything before is the frozen backbone) or a zoo name. A zoo name is pre-trained first on "
+            "--dataset (a few seconds) unless --untrained is given. "
             "--backbone takes an ONNX feature extractor instead (e.g. from torch.onnx.export, NCHW) and adds a "
             "fresh head of --num-classes. Every export is verified against the source before it is written."
         ),
