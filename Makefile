@@ -1,4 +1,5 @@
-# Two commands for a fresh machine: `make demo` (the main job) and `make test` (set up + every test).
+# Two commands for a fresh machine: `make demo` (the main job) and `make test` (set up + every test);
+# `make test-fast` is the developers' lane (unit and in-process tests only).
 PYTHON ?= python3
 VENV := .venv
 AGENT_VENV := .venv-agent
@@ -7,12 +8,16 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEVICES ?= 5
 ROUNDS ?= 5
 
-.PHONY: demo test setup system-deps agent-venv lint unit agent-env-tests agent-wheels bench bench-readme clean
+.PHONY: demo test test-fast setup system-deps agent-venv lint unit agent-env-tests agent-wheels bench bench-readme clean
 
 demo: setup
 	$(BIN)/fedge demo --devices $(DEVICES) --rounds $(ROUNDS) --out demo-out
 
 test: setup agent-venv lint unit agent-env-tests agent-wheels
+
+# Unit and in-process tests: no mosquitto, no hub/agent/demo processes, no soak (markers: tests/lanes.py).
+test-fast: setup
+	$(BIN)/pytest -q -m "not e2e and not slow"
 
 # Debian packages: mosquitto (real broker for the tests), Fashion-MNIST (offline data set) and headless Chromium
 # with its driver (the dashboard's browser test; Debian's build: nothing downloads a browser).
@@ -30,18 +35,22 @@ PKG_FILES := $(shell find src protocol edge_agent export hub devices -type f -no
 # One import namespace (fedge.*) mapped onto the repository folders; a strict editable install is a
 # link tree of the real files (see ARCHITECTURE.md, "Layout and namespace").
 EDITABLE := --config-settings editable_mode=strict
+# setuptools ends every strict editable build with an "Editable installation." notice (an InformationOnly
+# warning, emitted whatever the configuration: setuptools/command/editable_wheel.py) that pip relays at WARNING
+# level; this Python warnings filter drops that one notice in the build backend, nothing else.
+NO_EDITABLE_NOTICE := PYTHONWARNINGS="ignore:Editable installation"
 
 setup: system-deps $(VENV)/.linked
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[agent,agent-ort,hub,export,secagg,dev]' $(EDITABLE)
+	$(NO_EDITABLE_NOTICE) $(BIN)/pip install -q -e '.[agent,agent-ort,hub,export,secagg,dev]' $(EDITABLE)
 	$(BIN)/pip check
 	touch $@
 
 $(VENV)/.linked: $(VENV)/.installed $(PKG_FILES)
-	$(BIN)/pip install -q --no-deps -e . $(EDITABLE)
+	$(NO_EDITABLE_NOTICE) $(BIN)/pip install -q --no-deps -e . $(EDITABLE)
 	touch $@
 
 # A second environment with only what a device installs: no TensorFlow, torch or onnx.
@@ -50,11 +59,11 @@ agent-venv: $(AGENT_VENV)/.linked
 $(AGENT_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(AGENT_VENV)
 	$(AGENT_VENV)/bin/pip install -q --upgrade pip
-	$(AGENT_VENV)/bin/pip install -q -e '.[agent]' 'pytest>=8' 'hypothesis>=6.100' $(EDITABLE)
+	$(NO_EDITABLE_NOTICE) $(AGENT_VENV)/bin/pip install -q -e '.[agent]' 'pytest>=8' 'hypothesis>=6.100' $(EDITABLE)
 	touch $@
 
 $(AGENT_VENV)/.linked: $(AGENT_VENV)/.installed $(PKG_FILES)
-	$(AGENT_VENV)/bin/pip install -q --no-deps -e . $(EDITABLE)
+	$(NO_EDITABLE_NOTICE) $(AGENT_VENV)/bin/pip install -q --no-deps -e . $(EDITABLE)
 	touch $@
 
 lint: setup

@@ -257,8 +257,8 @@ def bench_simulated(work: Path, url: str, port: int, artifacts: Path, n: int, pr
 
 
 def bench_aggregation(updates: int = 1000, params: int = 100_000, distinct: int = 50) -> dict[str, Any]:
-    from fedge.core.strategies import Aggregator
-    from fedge.hub.validate import Accept, UpdateContext, validate_update
+    from fedge.core.aggregators import Aggregator
+    from fedge.core.validate import Accept, UpdateContext, validate_update
     from fedge.protocol.codec import encode
 
     rng = np.random.default_rng(0)

@@ -311,8 +311,8 @@ def profile_hub(n: int, dim: int, top: int = 10, profiled: bool = True) -> dict[
     """One n-device round in process: the hub's seconds per stage (with ``profiled``, under cProfile, and its top
     functions by own time), the devices' uncontended CPU per stage, and whether the unmasked sum is exact."""
     from fedge.core.secagg import SecAggConfig, quantise
+    from fedge.core.secagg_round import SecAggCoordinator, SecAggPlan, SecureSum
     from fedge.core.secagg_session import DeviceSession
-    from fedge.hub.secagg_round import SecAggCoordinator, SecAggPlan, SecureSum
     from fedge.protocol.codec import decode
     from fedge.protocol.messages import RoundAnnounce, SecAggStage
 
@@ -391,6 +391,7 @@ def profile_hub(n: int, dim: int, top: int = 10, profiled: bool = True) -> dict[
 # -- distributed DP vs central DP at equal epsilon -------------------------------------------------------------------
 def bench_dp(rounds: int) -> dict[str, Any]:
     from bench.privacy_utility import LOCAL_EPOCHS, LR, PROXIMAL_LAMBDA, SEED, _final, _settings
+    from fedge.core.aggregators import Bounds, SecureSumAggregator
     from fedge.core.privacy import (
         DpEvent,
         DpParams,
@@ -399,13 +400,12 @@ def bench_dp(rounds: int) -> dict[str, Any]:
         event_for,
         noise_for_epsilon,
     )
+    from fedge.core.rounds import poisson_select
     from fedge.core.secagg import RoundSetup, SecAggConfig, dequantise
+    from fedge.core.secagg_round import split_flat
     from fedge.core.secagg_session import auto_clip, private_input
-    from fedge.core.strategies import Bounds, SecureSumAggregator
     from fedge.core.training import fit
     from fedge.demo import DemoPaths, prepare
-    from fedge.hub.rounds import poisson_select
-    from fedge.hub.secagg_round import split_flat
     from fedge.simulate import device_noise_rng, load_fleet, resolve_dp, run_rounds, train_rng
 
     out: dict[str, Any] = {"dp_rounds": rounds, "dp_epsilon": DP_EPS, "dp_min_devices": MIN_COHORT,

@@ -191,17 +191,17 @@ def candidates(work: Path, source: Path, model: str, num_classes: int, input_dim
 
 def selection_figures(work: Path) -> dict[str, Any]:
     """``selection_correct`` over both tasks (see the module docstring) and each task's per-seed outcome."""
-    from fedge.simulate import _device_data, _small_shards, content_key
+    from fedge.simulate_fleet import content_key, device_data, small_shards
     from fedge.simulate_selection import simulate_selection
 
     out: dict[str, Any] = {"selection_seeds": SELECTION_SEEDS, "selection_epochs": SELECTION_EPOCHS}
     t0 = time.perf_counter()
     paths = fmnist_paths(work)
-    _device_data(paths, DEVICES, SEED, True)  # the source model, artifacts and eval set (pre-trains on first use)
+    device_data(paths, DEVICES, SEED, True)  # the source model, artifacts and eval set (pre-trains on first use)
     tab_paths = tabular_task(work, SEED)[0]
     tasks = {
         "a": (paths, candidates(work / "fmnist-candidates", paths.artifacts, "cnn28", 10),
-              lambda seed: _small_shards(DEVICES, seed)),
+              lambda seed: small_shards(DEVICES, seed)),
         "b": (tab_paths, candidates(work / "tabular-candidates", tab_paths.artifacts, "mlp", TAB_CLASSES,
                                     TAB_FEATURES), lambda seed: tabular_task(work, seed)[2]),
     }

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from fedge.protocol.errors import ConfigError
+from fedge.protocol.fsio import write_atomic
 from fedge.protocol.tomlfile import dumps_toml, read_toml
 from fedge.protocol.topics import RESERVED_IDS, Topics, valid_id
 
@@ -81,17 +82,8 @@ class FleetDir:
 
 
 def write_private(path: Path, data: str | bytes, mode: int = 0o600) -> None:
-    """Write ``data`` to ``path`` with ``mode`` from the first byte (a temporary file renamed into place)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), mode)
-            fh.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write ``data`` to ``path`` with ``mode`` from the first byte, durably and atomically."""
+    write_atomic(path, data.encode() if isinstance(data, str) else data, mode)
 
 
 # -- password file ------------------------------------------------------------------------------------------

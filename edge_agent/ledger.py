@@ -7,8 +7,8 @@ An entry is written before the update is published, so a crash can over-count, n
 
 What the device can enforce depends on the mode: in ``local`` mode it adds the noise itself, so its epsilon
 holds whatever the hub does. In ``central`` mode the noise is the hub's: the device's ledger then counts the
-z the hub announced, and the guarantee rests on the hub keeping its word. ``distributed`` is declined until
-secure aggregation exists.
+z the hub announced, and the guarantee rests on the hub keeping its word. ``distributed`` is accepted only in
+secure-aggregation rounds.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fedge.core.device import Declined, dp_decline
 from fedge.core.privacy import DpParams, epsilon, event_for
 from fedge.edge_agent.config import DevicePrivacy
 from fedge.protocol.fsio import write_atomic
-from fedge.protocol.messages import DeclineReason, RoundAnnounce
 
 log = logging.getLogger("fedge.agent")
 
@@ -33,17 +33,6 @@ class LedgerEntry:
     noise_multiplier: float
     clip: float
     noise_std: float  # the standard deviation the device itself added (0 in central mode)
-
-
-def announced_dp(msg: RoundAnnounce) -> DpParams | None:
-    """The DP parameters a round announces; None for a non-private round. Raises ValueError when they are
-    incomplete or out of range (the device then declines)."""
-    if msg.dp_mode is None:
-        return None
-    if msg.dp_noise_multiplier is None or msg.dp_clip is None:
-        raise ValueError(f"DP mode {msg.dp_mode!r} announced without noise multiplier and clip")
-    return DpParams(msg.dp_mode, msg.dp_noise_multiplier, msg.dp_clip, msg.dp_sample_rate or 1.0,
-                    msg.dp_min_cohort or 1)
 
 
 class DeviceLedger:
@@ -76,29 +65,11 @@ class DeviceLedger:
 
 
 def decline_reason(policy: DevicePrivacy | None, dp: DpParams | None, ledger: DeviceLedger, *,
-                   secure: bool = False) -> tuple[DeclineReason, str] | None:
-    """Why this device must not take part in a round announcing ``dp`` (None: it may); ``secure``: the round is a
-    secure-aggregation round."""
-    if dp is not None and dp.mode == "distributed" and not secure:  # every device, policy or not: PROTOCOL.md
-        return (DeclineReason.MODE_NOT_ALLOWED, "distributed DP outside a secure-aggregation round: the hub would "
-                "see this device's update with only 1/sqrt(m) of the noise")
-    if policy is None:
-        return None
-    if dp is None:
-        return DeclineReason.DP_REQUIRED, "this device takes part in differentially private rounds only"
-    if dp.mode not in policy.modes:
-        return DeclineReason.MODE_NOT_ALLOWED, f"mode {dp.mode!r} is not one of {', '.join(policy.modes)}"
-    if dp.noise_multiplier < policy.min_noise_multiplier:
-        return (DeclineReason.NOISE_BELOW_FLOOR,
-                f"noise multiplier {dp.noise_multiplier:g} < this device's floor {policy.min_noise_multiplier:g}")
-    if policy.max_clip > 0 and dp.clip > policy.max_clip:
-        return DeclineReason.CLIP_ABOVE_CEILING, f"clip {dp.clip:g} > this device's ceiling {policy.max_clip:g}"
-    spent, after = ledger.epsilon(policy.delta), ledger.epsilon(policy.delta, dp)
-    if after > policy.epsilon_budget:
-        return (DeclineReason.BUDGET_EXHAUSTED,
-                f"epsilon would reach {after:.3f} > budget {policy.epsilon_budget:g} ({spent:.3f} spent, "
-                f"delta {policy.delta:g})")
-    return None
+                   secure: bool = False) -> Declined | None:
+    """Why this device must not take part in a round announcing ``dp`` (None: it may), by the round core's rule
+    (:func:`fedge.core.device.dp_decline`) on this ledger; ``secure``: a secure-aggregation round."""
+    delta = policy.delta if policy is not None else 1e-5
+    return dp_decline(policy, dp, lambda extra: ledger.epsilon(delta, extra), secure=secure)
 
 
-__all__ = ["DeviceLedger", "LedgerEntry", "announced_dp", "decline_reason"]
+__all__ = ["DeviceLedger", "LedgerEntry", "decline_reason"]

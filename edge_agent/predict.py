@@ -23,9 +23,8 @@ from fedge.edge_agent.config import AgentConfig
 from fedge.edge_agent.state import AgentState
 from fedge.protocol.errors import ArtifactError, DataError
 from fedge.protocol.manifest import load_head, load_manifest
+from fedge.protocol.types import Head
 from fedge.runtime.images import is_image_csv
-
-Head = dict[str, NDArray[np.float32]]
 
 
 def _images(path: Path) -> bool:

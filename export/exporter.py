@@ -23,6 +23,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedge.export.split import Split, split_keras
+from fedge.export.tfenv import import_tensorflow
 from fedge.export.verify import Check, sample_inputs, verify_export
 from fedge.export.zoo import ZOO, build_zoo_model, init_weights
 from fedge.protocol.errors import ArtifactError, ConfigError
@@ -90,6 +91,7 @@ def load_keras_model(
     path = Path(text)
     if not path.is_file():
         raise ConfigError("model", f"{text!r} is neither a zoo model ({', '.join(ZOO)}) nor a model file")
+    import_tensorflow()
     import keras
 
     try:

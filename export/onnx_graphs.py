@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from fedge.export.split import Split
+from fedge.export.tfenv import import_tensorflow
 from fedge.protocol.errors import ConfigError
 
 __all__ = ["IR_VERSION", "MAX_IR_VERSION", "OPSET", "head_graph", "keras_backbone_onnx"]
@@ -25,6 +26,7 @@ MAX_IR_VERSION = 10
 
 def keras_backbone_onnx(split: Split) -> Any:
     """The Keras backbone of ``split`` as an ONNX ``ModelProto`` (``x [N, *in] -> features [N, F]``)."""
+    import_tensorflow()
     import tensorflow as tf
     import tf2onnx
 

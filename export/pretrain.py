@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from fedge.export.tfenv import import_tensorflow
 from fedge.export.zoo import ZOO, build_zoo_model, init_weights
 from fedge.protocol.errors import ConfigError
 
@@ -58,6 +59,7 @@ def _train(
     epochs: int,
     progress: bool = False,
 ) -> Any:
+    import_tensorflow()
     import keras
     from tqdm import tqdm
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from fedge.export.tfenv import import_tensorflow
 from fedge.export.zoo import default_head_start
 from fedge.protocol.errors import ConfigError
 
@@ -172,6 +173,7 @@ def _head(layers: list[Any], features: Any) -> tuple[dict[str, F32], tuple[str, 
 
 def split_keras(model: Any, head_start: str | None = None, name: str | None = None) -> Split:
     """Split a Keras model at the top-level layer ``head_start`` (default :func:`default_head_start`)."""
+    import_tensorflow()
     import keras
 
     if len(model.inputs) != 1 or len(model.outputs) != 1:

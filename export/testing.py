@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from fedge.export.tfenv import import_tensorflow
 from fedge.protocol.manifest import Manifest
 
 __all__ = ["export_mobilenet", "export_small", "mobilenet_v2"]
@@ -47,6 +48,7 @@ def export_small(
 def mobilenet_v2(num_classes: int = 5, size: int = 96, seed: int = 0) -> Any:
     """The transfer-learning tutorial's model: ``MobileNetV2(alpha=0.35, weights=None, include_top=False,
     pooling="avg")`` on ``[size, size, 3]`` plus a ``Dense(num_classes)`` head named ``head0``."""
+    import_tensorflow()
     import keras
 
     keras.utils.set_random_seed(seed)

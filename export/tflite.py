@@ -23,6 +23,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedge.export.split import Split
+from fedge.export.tfenv import import_tensorflow
 from fedge.export.tflite_head import Signature, train_head_signature
 from fedge.protocol.errors import ConfigError
 
@@ -33,6 +34,7 @@ QUANTIZE_MODES: tuple[str, ...] = ("int8", "dynamic")
 
 
 def _module(split: Split, with_head: bool, with_backbone: bool = True) -> Any:
+    import_tensorflow()
     import tensorflow as tf
 
     class FedgeModule(tf.Module):  # type: ignore[misc]
@@ -53,6 +55,7 @@ def _module(split: Split, with_head: bool, with_backbone: bool = True) -> Any:
 
 def _head_io_signatures(m: Any, split: Split) -> dict[str, Signature]:
     """``get_head() -> {h0_kernel, ...}`` and ``set_head(h0_kernel=..., ...) -> {ok}``."""
+    import_tensorflow()
     import tensorflow as tf
 
     names = m.head_names
@@ -76,6 +79,7 @@ def _head_io_signatures(m: Any, split: Split) -> dict[str, Signature]:
 
 
 def _features_signature(m: Any, split: Split, batch: int) -> Signature:
+    import_tensorflow()
     import tensorflow as tf
 
     def features(x: Any) -> Any:
@@ -115,6 +119,7 @@ def _conversion_error(exc: Exception, split: Split, what: str) -> ConfigError:
 
 def _convert(m: Any, signatures: dict[str, Signature], split: Split, what: str,
              configure: Callable[[Any], None] | None = None) -> bytes:
+    import_tensorflow()
     import tensorflow as tf
 
     concrete = {key: tf.function(fn, input_signature=sig).get_concrete_function()
@@ -155,6 +160,7 @@ def _calibration_batches(x: NDArray[np.float32], batch: int, limit: int = 256) -
 
 def convert_backbone(split: Split, batch: int, mode: str, calibration: NDArray[np.float32] | None) -> bytes:
     """``backbone.tflite``: the ``features`` signature alone, quantised (``mode``: int8 or dynamic)."""
+    import_tensorflow()
     import tensorflow as tf
 
     if mode not in QUANTIZE_MODES:

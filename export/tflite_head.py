@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fedge.export.split import Split
+from fedge.export.tfenv import import_tensorflow
 
 __all__ = ["Signature", "train_head_signature"]
 
@@ -50,6 +51,7 @@ def _conv_grads(tf: Any, a: Any, w: Any, dz: Any, shape: tuple[int, ...], need_i
 
 def train_head_signature(m: Any, split: Split, batch: int) -> Signature:
     """``train_head(f [B, *features], y int32 [B], mask f32 [B], lr f32 []) -> {loss}``."""
+    import_tensorflow()
     import tensorflow as tf
 
     acts_spec = split.head_activations

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from fedge.export.tfenv import import_tensorflow
 from fedge.protocol.errors import ConfigError
 
 __all__ = ["ZOO", "build_zoo_model", "cnn28", "default_head_start", "init_weights", "mlp"]
@@ -18,6 +19,7 @@ ZOO: tuple[str, ...] = ("cnn28", "mlp")
 
 def cnn28(num_classes: int = 10) -> Any:
     """Conv(16)-pool-Conv(32)-pool-flatten-Dense(64) backbone; head Dense(32, relu) -> Dense(C)."""
+    import_tensorflow()
     import keras
 
     return keras.Sequential(
@@ -38,6 +40,7 @@ def cnn28(num_classes: int = 10) -> Any:
 
 def mlp(input_dim: int, num_classes: int = 10) -> Any:
     """Dense(64, relu) -> Dense(32, relu) backbone; head Dense(C)."""
+    import_tensorflow()
     import keras
 
     return keras.Sequential(

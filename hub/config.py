@@ -86,17 +86,15 @@ def _is_num(value: object) -> bool:
 
 
 def _need_int(field: str, value: object, minimum: int) -> None:
-    if not _is_int(value):
+    if not isinstance(value, int) or isinstance(value, bool):
         raise ConfigError(field, f"must be an integer, got {value!r}")
-    assert isinstance(value, int)
     if value < minimum:
         raise ConfigError(field, f"must be >= {minimum}, got {value}")
 
 
 def _need_num(field: str, value: object, *, positive: bool = False, minimum: float | None = None) -> None:
-    if not _is_num(value):
+    if not isinstance(value, int | float) or not _is_num(value):
         raise ConfigError(field, f"must be a finite number, got {value!r}")
-    assert isinstance(value, int | float)
     if positive and value <= 0:
         raise ConfigError(field, f"must be > 0, got {value}")
     if minimum is not None and value < minimum:
@@ -607,7 +605,8 @@ def config_from_mapping(table: Mapping[str, Any], base_dir: Path) -> HubConfig:
         raise ConfigError("devices", f"must be a list of device ids, got {devices!r}")
     state_dir = _path(table, "state_dir", base_dir, "hub-state")
     artifacts = _path(table, "artifacts", base_dir)
-    assert state_dir is not None and artifacts is not None
+    if state_dir is None or artifacts is None:
+        raise ConfigError("state_dir" if state_dir is None else "artifacts", "is required")
     return HubConfig(
         fleet=table["fleet"],
         state_dir=state_dir,

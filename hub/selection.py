@@ -13,14 +13,16 @@ describe the devices' data and are not accounted.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from fedge.core.strategies import lower_median
-from fedge.hub.rounds import OpenRound, RoundParams, over_limits, select_devices
+from fedge.core.rounds import OpenRound, RoundParams, over_limits, select_devices
+from fedge.core.selection import CandidateScore, gate_verdict, rank, report_problem
+from fedge.hub.port import HubPort
 from fedge.hub.store import SelectionRow, Store, VersionRow
 from fedge.protocol.codec import decode, encode
+from fedge.protocol.control import request_id_of
 from fedge.protocol.errors import DecodeError
 from fedge.protocol.manifest import load_head
 from fedge.protocol.messages import (
@@ -34,61 +36,9 @@ from fedge.protocol.messages import (
 )
 from fedge.protocol.selection import SelectRequest, acc_key, decode_select_control, loss_key
 
-if TYPE_CHECKING:
-    from fedge.hub.daemon import HubDaemon
-
 log = logging.getLogger("fedge.hub")
 
 MAX_REPORT_BYTES = 1 << 16
-
-
-@dataclass(frozen=True)
-class CandidateScore:
-    """A candidate's federated validation score: accuracy weighted by the reporting devices' ``val_n`` (a device
-    that did not score it counts as 0), loss over the devices that did; ``val_n`` the rows that scored it."""
-
-    name: str
-    accuracy: float
-    loss: float | None
-    val_n: int
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "accuracy": self.accuracy, "loss": self.loss, "val_n": self.val_n}
-
-
-def rank(candidates: Sequence[str], reports: Iterable[Mapping[str, float]],
-         max_weight_ratio: float = 4.0) -> list[CandidateScore]:
-    """Candidates best first: by weighted accuracy, then lower loss, then name (deterministic).
-
-    A report weighs its ``val_n``, capped at ``max_weight_ratio`` x the lower median ``val_n`` of the reports
-    (as FedAvg caps sample counts): ``val_n`` is self-declared, and one device must not decide the ranking."""
-    rows = [r for r in reports if r.get("val_n", 0) > 0]
-    cap = max_weight_ratio * lower_median([float(r["val_n"]) for r in rows]) if rows else 0.0
-    weight = [min(float(r["val_n"]), cap) for r in rows]
-    total = sum(weight)
-    out = []
-    for name in candidates:
-        scored = [(r, w) for r, w in zip(rows, weight, strict=True) if acc_key(name) in r]
-        n = sum(r["val_n"] for r, _ in scored)
-        acc = sum(r[acc_key(name)] * w for r, w in scored) / total if total else 0.0
-        with_loss = [(r, w) for r, w in scored if loss_key(name) in r]
-        wl = sum(w for _, w in with_loss)
-        loss = sum(r[loss_key(name)] * w for r, w in with_loss) / wl if wl else None
-        out.append(CandidateScore(name, round(acc, 6), None if loss is None else round(loss, 6), int(n)))
-    return sorted(out, key=lambda c: (-c.accuracy, float("inf") if c.loss is None else c.loss, c.name))
-
-
-def report_problem(metrics: Mapping[str, float], candidates: Iterable[str]) -> str | None:
-    """Why a report's metrics are unusable (None when fine): ``val_n`` >= 1, accuracies in [0, 1], losses >= 0."""
-    if metrics.get("val_n", 0) < 1:
-        return "val_n must be >= 1"
-    for name in candidates:
-        acc, loss = metrics.get(acc_key(name)), metrics.get(loss_key(name))
-        if acc is not None and not 0.0 <= acc <= 1.0:
-            return f"{acc_key(name)} = {acc} is not in [0, 1]"
-        if loss is not None and loss < 0:
-            return f"{loss_key(name)} = {loss} is negative"
-    return None
 
 
 @dataclass
@@ -122,7 +72,7 @@ class OpenSelection:
 class Selector:
     """The hub's selection rounds; every method runs on the daemon's worker thread."""
 
-    def __init__(self, hub: HubDaemon) -> None:
+    def __init__(self, hub: HubPort) -> None:
         self.hub = hub
         self.open: OpenSelection | None = None
 
@@ -149,23 +99,21 @@ class Selector:
     # -- control ---------------------------------------------------------------------------------
     def handle_control(self, payload: bytes) -> None:
         """``control/round/select``: start a selection round, or say why not (on control/round/reply)."""
-        from fedge.hub.daemon import _request_id_of  # here: daemon.py imports this module
-
         try:
             req = decode_select_control(payload)
         except DecodeError as exc:
-            self._refuse(_request_id_of(payload), str(exc.reason), exc.detail)
+            self._refuse(request_id_of(payload), str(exc.reason), exc.detail)
             return
         rid, reason, detail = self.start(req)
         if rid is None:
             self._refuse(req.overrides.request_id, reason, detail)
         else:
-            self.hub._reply(req.overrides.request_id, rid, reason, detail)
+            self.hub.reply(req.overrides.request_id, rid, reason, detail)
 
     def _refuse(self, request_id: str | None, reason: str, detail: str) -> None:
         self.store.add_control(reason, f"select: {detail}")
         log.warning("selection round refused (%s): %s", reason, detail)
-        self.hub._reply(request_id, None, reason, detail)
+        self.hub.reply(request_id, None, reason, detail)
 
     def start(self, req: SelectRequest) -> tuple[int | None, str, str]:
         """Open a selection round: ``(round id, "started", "")`` or ``(None, reason, detail)``."""
@@ -173,7 +121,7 @@ class Selector:
         if hub.cfg.privacy.enabled:
             return None, "dp_not_supported", ("selection rounds report validation scores in the clear, which a "
                                               "fleet under [privacy] does not allow (PROTOCOL.md, Selection rounds)")
-        busy = hub.round.id if hub.round is not None else self.open.id if self.open is not None else None
+        busy = hub.busy_round()
         if busy is not None:
             return None, "round_open", f"round {busy} is open"
         excess = over_limits(req.overrides, hub.cfg.limits)
@@ -187,10 +135,10 @@ class Selector:
                                                f"{', '.join(registered) or 'none'}; fedge hub models add)")
         if not names:
             return None, "no_candidates", "no candidate models registered (fedge hub models add NAME DIR)"
-        devices = hub._candidates()
+        devices = hub.candidates()
         if not devices:
             return None, "no_devices", "no known online device to select"
-        cur = hub._current()
+        cur = hub.current()
         rid = self.store.next_round_id()
         params = RoundParams.make(hub.cfg.rounds, req.overrides)
         selected = select_devices(devices, params.fraction, params.min_devices, hub.cfg.rounds.seed, rid)
@@ -214,25 +162,15 @@ class Selector:
         if sel.gate is not None:  # an evaluation round: the version under test, as a head over a known backbone
             row = self.store.version(str(sel.gate["version"]))
             if row is not None:
-                hub._publish(hub.topics.candidate(row.version), encode(hub.registry.model_head(hub.cfg.fleet, row)),
+                hub.publish(hub.topics.candidate(row.version), encode(hub.registry.model_head(hub.cfg.fleet, row)),
                              retain=True)
         else:
             for name, sha in sel.candidates.items():  # one model in memory at a time
                 full = hub.registry.model_full(hub.cfg.fleet, sha)
-                hub._publish(hub.topics.candidate(name), encode(full), retain=True)
-        hub._publish(hub.topics.select_announce, encode(sel.announce(hub.cfg.fleet)), retain=True)
+                hub.publish(hub.topics.candidate(name), encode(full), retain=True)
+        hub.publish(hub.topics.select_announce, encode(sel.announce(hub.cfg.fleet)), retain=True)
 
     # -- the federated deploy gate: an evaluation round ---------------------------------------------
-    def gate_detail(self, r: OpenRound, row: VersionRow, federated: Mapping[str, float]) -> str | None:
-        """With ``[aggregation] federated_gate``, why ``row`` is held back until its evaluation round (None: no
-        gate for this round: off, a DP round, or no federated score of the deployed head to compare with)."""
-        if not self.hub.cfg.aggregation.federated_gate or r.params.dp is not None or not r.accepted:
-            return None
-        if "val_acc_global" not in federated:
-            return None
-        return (f"{row.version} kept as a candidate until the round's devices validate it (evaluation round "
-                f"{self.store.next_round_id()}; deployed {r.model_version} scored {federated['val_acc_global']:.4f})")
-
     def start_gate(self, r: OpenRound, row: VersionRow, federated: Mapping[str, float]) -> None:
         """Open the evaluation round of ``row``: the round's contributors score its head on their validation split
         as is (``local_epochs`` 0), the head published on ``model/candidate/<version>``."""
@@ -241,7 +179,7 @@ class Selector:
         now = hub.clock()
         params = replace(r.params, local_epochs=0, min_devices=min(r.params.min_devices, len(r.accepted)))
         gate = {"version": row.version, "baseline": federated["val_acc_global"], "source_round": r.id}
-        cur = hub._current()
+        cur = hub.current()
         sel = OpenSelection(rid, cur.version, cur.backbone_sha256, {row.version: row.backbone_sha256},
                             tuple(sorted(r.accepted)), params, now, now + params.deadline_s, gate=gate)
         self.store.open_selection(rid, cur.version, sel.candidates, sel.selected, {**params.to_dict(), "gate": gate},
@@ -253,20 +191,12 @@ class Selector:
     def _close_gate(self, sel: OpenSelection, gate: dict[str, Any]) -> tuple[bool, str, VersionRow | None]:
         """Deploy the validated version when it is not worse than the deployed head by more than the tolerance:
         ``(quorum reached, detail, the deployed row or None)``."""
-        hub = self.hub
-        version, baseline = str(gate["version"]), float(gate["baseline"])
-        (score,) = rank([version], sel.reports.values(), hub.cfg.aggregation.max_weight_ratio)
-        tol = hub.cfg.aggregation.deploy_tolerance
-        if len(sel.reports) < sel.params.min_devices or score.val_n == 0:
-            return False, (f"{version} stays a candidate: {len(sel.reports)} validation reports, quorum "
-                          f"{sel.params.min_devices}"), None
-        if score.accuracy < baseline - tol:
-            return True, (f"{version} kept as a candidate, not deployed: federated validation accuracy "
-                          f"{score.accuracy:.4f} is below the deployed head's {baseline:.4f} by more than {tol:g} "
-                          f"(fedge hub rollback --to {version} deploys it anyway)"), None
-        row = hub.registry.make_current(version)  # the held-back candidate, the newest version
-        return True, (f"{version} deployed: federated validation accuracy {score.accuracy:.4f} (deployed head "
-                         f"{baseline:.4f}, tolerance {tol:g})"), row
+        agg = self.hub.cfg.aggregation
+        version = str(gate["version"])
+        verdict = gate_verdict(version, float(gate["baseline"]), sel.reports.values(), sel.params.min_devices,
+                               agg.deploy_tolerance, agg.max_weight_ratio)
+        row = self.hub.registry.make_current(version) if verdict.deploy else None  # the held-back candidate
+        return verdict.quorum, verdict.detail, row
 
     # -- reports and declines ----------------------------------------------------------------------
     def handle_report(self, topic: str, payload: bytes) -> None:
@@ -319,7 +249,7 @@ class Selector:
         if device is not None:
             rej = Reject(fleet=self.hub.cfg.fleet, round=rid, device=device, reason=reason, detail=detail,
                          ref_nonce=nonce)
-            self.hub._publish(self.hub.topics.reject(device), encode(rej))
+            self.hub.publish(self.hub.topics.reject(device), encode(rej))
 
     def handle_decline(self, msg: Decline) -> bool:
         """Take a decline of the open selection round (True), or leave it to the federated round (False)."""
@@ -340,6 +270,14 @@ class Selector:
             self.close(self.open)
 
     # -- closing ---------------------------------------------------------------------------------
+    def cancel_open(self, round_id: int | None, reason: str) -> tuple[int, str] | None:
+        """Cancel the open selection or evaluation round (only if it is ``round_id``, unless None):
+        ``(its id, the recorded detail)``, or None when there is no such round."""
+        sel = self.open
+        if sel is None or round_id not in (None, sel.id):
+            return None
+        return sel.id, self.cancel(sel, reason)
+
     def cancel(self, sel: OpenSelection, reason: str) -> str:
         """Close ``sel`` as ``cancelled`` (nothing deployed, a chain ends); returns the recorded detail."""
         detail = f"cancelled by the operator: {reason or 'no reason given'}"
@@ -367,7 +305,7 @@ class Selector:
         else:
             winner = ranking[0].name
             sha = sel.candidates[winner]
-            cur = hub._current()
+            cur = hub.current()
             if sha == cur.backbone_sha256:
                 detail = f"selected {winner} (already deployed as {cur.version}); ranking: {table}"
             else:
@@ -381,12 +319,12 @@ class Selector:
         self.open = None
         log.info("selection round %d %s: %s", sel.id, status, detail)
         if row is not None:
-            hub._score_version(row)
-            hub._publish_model(row)
+            hub.score_version(row)
+            hub.publish_model(row)
             scored = self.store.version(row.version)
             row = scored if scored is not None else row
         elif deployed is not None:
-            hub._publish_model(deployed)
+            hub.publish_model(deployed)
             row = deployed
         total = sum(int(m.get("val_n", 0)) for m in sel.reports.values())
         federated: dict[str, float] = {"val_n": float(total)} if total else {}
@@ -401,10 +339,10 @@ class Selector:
             rejected=sum(self.store.reject_counts(sel.id).values()), seconds=now - sel.opened_at, detail=detail,
             declined=tuple(sorted(sel.declined)), federated=federated,
             ranking=tuple(c.name for c in ranking) if winner and sel.gate is None else ())
-        hub._publish(hub.topics.result, encode(result), retain=True)
-        hub._publish(hub.topics.select_announce, b"", retain=True)
+        hub.publish(hub.topics.result, encode(result), retain=True)
+        hub.publish(hub.topics.select_announce, b"", retain=True)
         for name in sel.candidates:
-            hub._publish(hub.topics.candidate(name), b"", retain=True)
+            hub.publish(hub.topics.candidate(name), b"", retain=True)
         hub.rounds_jsonl({"round": sel.id, "status": str(status), "selection": [c.as_dict() for c in ranking],
                           "winner": winner, "model_version": result.model_version, "devices": len(sel.reports),
                           **({} if sel.gate is None else {"gate": sel.gate})})

@@ -12,7 +12,8 @@ from fedge.protocol.errors import ConfigError
 def add_subcommands(hub: argparse._SubParsersAction[argparse.ArgumentParser],
                     rnd: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``hub models ...`` under ``hub``'s sub-commands, ``round select`` under ``round``'s."""
-    from fedge.hub.serve import _add_broker_args, run_round_start
+    from fedge.hub.operator import add_broker_args
+    from fedge.hub.round_cli import run_round_start
 
     models = hub.add_parser("models", help="candidate source models for selection rounds")
     msub = models.add_subparsers(dest="models_command", required=True)
@@ -29,7 +30,7 @@ def add_subcommands(hub: argparse._SubParsersAction[argparse.ArgumentParser],
     p = rnd.add_parser("select", help="ask the hub for a selection round: devices score every candidate, the hub "
                                       "deploys the best as the new source model")
     p.add_argument("--fleet", required=True)
-    _add_broker_args(p)
+    add_broker_args(p)
     p.add_argument("--candidates", help="comma-separated candidate names (default: every registered candidate)")
     p.add_argument("--min-devices", type=int)
     p.add_argument("--deadline-s", type=float)

@@ -8,12 +8,12 @@ import logging
 import os
 import signal
 import threading
-import time
 from dataclasses import asdict
 from typing import Any
 
+from fedge.hub.operator import add_broker_args
+from fedge.hub.round_cli import run_round_cancel, run_round_start
 from fedge.protocol.errors import ConfigError, FedgeError
-from fedge.protocol.mqtt_config import BrokerConfig
 
 log = logging.getLogger("fedge.hub")
 
@@ -53,7 +53,7 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     rsub = rnd.add_subparsers(dest="round_command", required=True)
     p = rsub.add_parser("start", help="ask the hub to start a round (ignored while one is open)")
     p.add_argument("--fleet", required=True)
-    _add_broker_args(p)
+    add_broker_args(p)
     p.add_argument("--min-devices", type=int)
     p.add_argument("--deadline-s", type=float)
     p.add_argument("--fraction", type=float)
@@ -66,7 +66,7 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.set_defaults(handler=run_round_start)
     p = rsub.add_parser("cancel", help="close the open round now, as cancelled (no new model from it)")
     p.add_argument("--fleet", required=True)
-    _add_broker_args(p)
+    add_broker_args(p)
     p.add_argument("--reason", default="", help="why (kept in the round's result detail)")
     p.add_argument("--round", type=int, help="cancel only if this round is the open one")
     p.add_argument("--reply-timeout", type=float, default=15.0, help="seconds to wait for the hub's reply")
@@ -75,31 +75,6 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     from fedge.hub.selection_cli import add_subcommands as add_selection_subcommands
 
     add_selection_subcommands(hsub, rsub)  # hub models add|list, round select
-
-
-def _add_broker_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--broker", help="mqtt://host:port (no login, no TLS options)")
-    g.add_argument("--broker-config", metavar="FILE",
-                   help="a TOML file with a [broker] table (url, username, password, ca_file, ...; paths relative to "
-                        "the file), e.g. the operator.toml of fedge fleet init")
-
-
-def control_broker(args: argparse.Namespace) -> BrokerConfig:
-    """The BrokerConfig of a control command: ``--broker URL`` or the ``[broker]`` table of ``--broker-config``."""
-    from pathlib import Path
-
-    from fedge.protocol.tomlfile import read_toml
-
-    path = getattr(args, "broker_config", None)
-    if path is None:
-        return BrokerConfig(url=args.broker)
-    table = read_toml(path, "broker_config").get("broker")
-    if not isinstance(table, dict):
-        raise ConfigError("broker", f"{path} has no [broker] table")
-    base = Path(path).resolve().parent
-    files = {k: str(base / v) for k in ("ca_file", "cert_file", "key_file") if isinstance(v := table.get(k), str)}
-    return BrokerConfig.from_mapping({**table, **files})
 
 
 def run_init(args: argparse.Namespace) -> int:
@@ -234,8 +209,8 @@ def run_status(args: argparse.Namespace) -> int:
 
 def privacy_dict(config_path: str, fleet: str | None = None) -> dict[str, Any]:
     """The privacy ledger of a hub's store, with its budget (reads the store; works while the hub runs)."""
+    from fedge.core.privacy import ledger_epsilon
     from fedge.hub.config import load_config
-    from fedge.hub.daemon import ledger_epsilon
     from fedge.hub.store import Store
 
     cfg = load_config(config_path)
@@ -295,148 +270,3 @@ def run_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_round_start(args: argparse.Namespace) -> int:
-    """Ask the hub for a round; print its id (and with --wait its result). Exit 0 on success, 1 when the hub
-    refused or the round did not complete, 2 on usage or connection errors and when the hub does not answer."""
-    import queue
-    import uuid
-
-    from fedge.protocol.codec import decode, encode_control
-    from fedge.protocol.messages import RoundOverrides, RoundResult, RoundStatus
-    from fedge.protocol.topics import Topics
-    from fedge.protocol.transport_mqtt import MqttTransport
-
-    topics = Topics(args.fleet)  # an invalid fleet id is a ConfigError before connecting
-    request_id = uuid.uuid4().hex[:16]
-    overrides = RoundOverrides(min_devices=args.min_devices, deadline_s=args.deadline_s, fraction=args.fraction,
-                               local_epochs=args.local_epochs, lr=args.lr, request_id=request_id)
-    replies: queue.Queue[dict[str, Any]] = queue.Queue()
-    results: queue.Queue[RoundResult] = queue.Queue()
-
-    def on_reply(_topic: str, payload: bytes) -> None:
-        try:
-            body = json.loads(payload)
-        except ValueError:
-            return
-        if isinstance(body, dict) and body.get("request_id") == request_id:
-            replies.put(body)
-
-    def on_result(_topic: str, payload: bytes) -> None:
-        try:
-            msg = decode(payload) if payload else None
-        except FedgeError:
-            return
-        if isinstance(msg, RoundResult):
-            results.put(msg)
-
-    transport = MqttTransport(control_broker(args), f"fedge-ctl-{os.getpid()}-{request_id[:6]}",
-                              session_expiry_s=0)
-    transport.subscribe(topics.control_round_reply, on_reply)
-    transport.subscribe(topics.result, on_result)
-    transport.connect()
-    try:
-        if getattr(args, "select", False):  # fedge round select: the same exchange on control/round/select
-            from fedge.protocol.selection import SelectRequest, encode_select_control
-
-            names = tuple(c for c in (args.candidates or "").split(",") if c)
-            transport.publish(topics.control_round_select, encode_select_control(SelectRequest(names, overrides)))
-        else:
-            transport.publish(topics.control_round_start, encode_control(overrides))
-        try:
-            reply = replies.get(timeout=args.reply_timeout)
-        except queue.Empty:
-            raise FedgeError(f"no reply from the hub of fleet {args.fleet!r} within {args.reply_timeout:g} s "
-                             "(is `fedge hub serve` running on this broker?)") from None
-        out: dict[str, Any] = {"fleet": args.fleet, **{k: reply.get(k) for k in ("accepted", "round", "reason",
-                                                                                  "detail")}}
-        if not reply.get("accepted"):
-            _print_start(out, args.json)
-            return 1
-        rid = int(reply["round"])
-        if not args.wait:
-            _print_start(out, args.json)
-            return 0
-        if not args.json:
-            print(f"round {rid} started; waiting for its result", flush=True)
-        deadline = time.monotonic() + args.timeout
-        while True:
-            try:
-                res = results.get(timeout=max(deadline - time.monotonic(), 0.001))
-            except queue.Empty:
-                raise FedgeError(f"round {rid}: no result within {args.timeout:g} s") from None
-            if res.round == rid:
-                break
-    finally:
-        transport.close()
-    result = {"fleet": args.fleet, "round": rid, "status": str(res.status), "model_version": res.model_version,
-              "accuracy": res.accuracy, "loss": res.loss, "devices": list(res.devices), "declined": list(res.declined),
-              "rejected": res.rejected, "seconds": round(res.seconds, 3), "epsilon": res.epsilon,
-              "detail": res.detail, "federated": res.federated, "ranking": list(res.ranking),
-              "deployed": res.model_version is not None
-              and not (res.detail or "").startswith(f"{res.model_version} kept")}
-    if args.json:
-        print(json.dumps(result))
-    else:
-        acc = "-" if res.accuracy is None else f"{res.accuracy:.4f}"
-        who = (f"{len(res.devices)} devices, {len(res.declined)} declined" if res.epsilon is None
-               else f"DP round (contributors withheld), epsilon {res.epsilon:.3f}")
-        print(f"round {rid} {res.status}: {who}, {res.rejected} rejected, accuracy {acc}, "
-              f"model {res.model_version or '-'}, {res.seconds:.2f} s" + (f" ({res.detail})" if res.detail else ""))
-    return 0 if res.status is RoundStatus.COMPLETED else 1
-
-
-def run_round_cancel(args: argparse.Namespace) -> int:
-    """Ask the hub to cancel the open round; exit 0 when it did, 1 when it refused (no such open round), 2 when it
-    does not answer."""
-    import queue
-    import uuid
-
-    from fedge.protocol.control import CancelRequest, encode_cancel
-    from fedge.protocol.topics import Topics
-    from fedge.protocol.transport_mqtt import MqttTransport
-
-    topics = Topics(args.fleet)
-    request_id = uuid.uuid4().hex[:16]
-    body = encode_cancel(CancelRequest(args.reason, args.round, request_id))
-    replies: queue.Queue[dict[str, Any]] = queue.Queue()
-
-    def on_reply(_topic: str, payload: bytes) -> None:
-        try:
-            reply = json.loads(payload)
-        except ValueError:
-            return
-        if isinstance(reply, dict) and reply.get("request_id") == request_id:
-            replies.put(reply)
-
-    transport = MqttTransport(control_broker(args), f"fedge-ctl-{os.getpid()}-{request_id[:6]}",
-                              session_expiry_s=0)
-    transport.subscribe(topics.control_round_reply, on_reply)
-    transport.connect()
-    try:
-        transport.publish(topics.control_round_cancel, body)
-        try:
-            reply = replies.get(timeout=args.reply_timeout)
-        except queue.Empty:
-            raise FedgeError(f"no reply from the hub of fleet {args.fleet!r} within {args.reply_timeout:g} s "
-                             "(is `fedge hub serve` running on this broker?)") from None
-    finally:
-        transport.close()
-    out = {"fleet": args.fleet, **{k: reply.get(k) for k in ("accepted", "round", "reason", "detail")}}
-    if args.json:
-        print(json.dumps(out))
-    elif out["accepted"]:
-        print(f"round {out['round']} cancelled (fleet {out['fleet']!r}): {out['detail']}")
-    else:
-        print(f"cancel refused by the hub of fleet {out['fleet']!r}: {out['reason']}"
-              + (f" ({out['detail']})" if out["detail"] else ""))
-    return 0 if out["accepted"] else 1
-
-
-def _print_start(out: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(out))
-    elif out["accepted"]:
-        print(f"round {out['round']} started (fleet {out['fleet']!r})")
-    else:
-        print(f"round start refused by the hub of fleet {out['fleet']!r}: {out['reason']}"
-              + (f" ({out['detail']})" if out["detail"] else ""))

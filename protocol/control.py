@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Final
 
 from fedge.protocol.codec import MAX_CONTROL_BYTES, loads_strict
 from fedge.protocol.errors import DecodeError
 from fedge.protocol.messages import RejectReason
 
-__all__ = ["MAX_CANCEL_REASON", "CancelRequest", "decode_cancel", "encode_cancel"]
+__all__ = ["MAX_CANCEL_REASON", "CancelRequest", "ReplyReason", "decode_cancel", "encode_cancel", "request_id_of"]
 
 MAX_CANCEL_REASON: Final = 500
 """Characters of the operator's reason kept (it is stored, logged and published in the result's detail)."""
@@ -68,3 +69,35 @@ def encode_cancel(req: CancelRequest) -> bytes:
     if req.request_id is not None:
         body["request_id"] = req.request_id
     return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
+
+
+class ReplyReason(StrEnum):
+    """The ``reason`` of a ``control/round/reply`` (PROTOCOL.md §5): why a control request was or was not acted on.
+    Decoding failures reply with the decoder's reason (``malformed``, ``too_large``)."""
+
+    STARTED = "started"
+    CANCELLED = "cancelled"
+    ROUND_OPEN = "round_open"
+    NO_DEVICES = "no_devices"
+    NO_OPEN_ROUND = "no_open_round"
+    OVER_LIMITS = "over_limits"
+    REFUSED_BUDGET = "refused_budget"
+    COHORT_TOO_SMALL = "cohort_too_small"
+    SECAGG_IMPOSSIBLE = "secagg_impossible"
+    NO_CANDIDATES = "no_candidates"
+    UNKNOWN_CANDIDATE = "unknown_candidate"
+    DP_NOT_SUPPORTED = "dp_not_supported"
+    MALFORMED = "malformed"
+    TOO_LARGE = "too_large"
+
+
+def request_id_of(payload: bytes) -> str | None:
+    """The ``request_id`` of a control payload that failed to decode, when one can be read (for the reply)."""
+    if len(payload) > MAX_CONTROL_BYTES:  # refused unread: no parsing of whatever size the broker allows
+        return None
+    try:
+        obj = loads_strict(payload.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return None
+    rid = obj.get("request_id") if isinstance(obj, dict) else None
+    return rid if isinstance(rid, str) and _REQUEST_ID.match(rid) else None

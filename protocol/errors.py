@@ -7,12 +7,18 @@
     ├── DecodeError      a wire message is malformed (``.reason`` says why, for the Reject)
     ├── DataError        a local data file is missing or malformed (names the file)
     ├── ArtifactError    a model artifact is missing, or its hash does not match
-    └── TransportError   the broker cannot be reached or refused us
+    ├── TransportError   the broker cannot be reached or refused us
+    ├── SignatureError   a signed frame or key rotation fails verification (``.reason``)
+    ├── SecAggError      a SecAgg stage message was refused, or a party aborted (``.reason``: SecAggFailure)
+    ├── PrivacyError     DP parameters are invalid or unreachable (also a ValueError)
+    └── HubStateError    the hub's own state broke an invariant (never caused by a message's content)
 
 Foreign errors are translated at the boundary with ``raise ... from exc``.
 """
 
 from __future__ import annotations
+
+from enum import StrEnum
 
 
 class FedgeError(Exception):
@@ -49,4 +55,50 @@ class TransportError(FedgeError):
     """The message transport failed (broker unreachable, refused, ...)."""
 
 
-__all__ = ["ArtifactError", "ConfigError", "DataError", "DecodeError", "FedgeError", "TransportError"]
+class SignatureError(FedgeError):
+    """A frame or key rotation that fails verification; ``reason`` is a short code (``unsigned``,
+    ``unknown_key``, ``bad_signature``, ``malformed``)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class SecAggFailure(StrEnum):
+    """Why a SecAgg stage message was rejected or why a party aborted the round."""
+
+    MALFORMED = "malformed"                    # the payload does not decode, or a field has the wrong size
+    WRONG_ROUND = "wrong_round"                # the message belongs to another round (a replay)
+    UNKNOWN_SENDER = "unknown_sender"          # the sender is not in the cohort, or not in this stage
+    DUPLICATE = "duplicate"                    # a second message of the same stage from the same sender
+    OUT_OF_ORDER = "out_of_order"              # the stage is closed, or not open yet
+    BAD_CIPHERTEXT = "bad_ciphertext"          # an encrypted share failed authentication (tampered or replayed)
+    PROTOCOL_VIOLATION = "protocol_violation"  # the other side broke the protocol (e.g. asked for both shares)
+    BELOW_THRESHOLD = "below_threshold"        # too few survivors to go on or to reconstruct
+    BAD_SHARE = "bad_share"                    # a reconstructed secret does not match its commitment
+    ABORTED = "aborted"                        # this device aborted the round earlier
+
+
+class SecAggError(FedgeError):
+    """A SecAgg message was rejected, or a party aborted the round; ``reason`` is a `SecAggFailure`."""
+
+    def __init__(self, reason: SecAggFailure, detail: str) -> None:
+        super().__init__(f"secagg {reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class PrivacyError(FedgeError, ValueError):
+    """DP parameters are invalid (out of range) or a privacy target cannot be reached."""
+
+
+class HubStateError(FedgeError):
+    """The hub's own state broke an invariant (an empty registry, a corrupt stored update); never caused by a
+    message's content."""
+
+
+__all__ = [
+    "ArtifactError", "ConfigError", "DataError", "DecodeError", "FedgeError", "HubStateError", "PrivacyError",
+    "SecAggError", "SecAggFailure", "SignatureError", "TransportError",
+]

@@ -7,18 +7,25 @@ the folder: a crash leaves the old file or the new one, never a torn one. Folder
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
-__all__ = ["PRIVATE_DIR", "PRIVATE_FILE", "fsync_dir", "private_dir", "secure_tree", "write_atomic"]
+__all__ = [
+    "PRIVATE_DIR", "PRIVATE_FILE", "PUBLIC_FILE", "atomic_writer", "fsync_dir", "private_dir", "secure_tree",
+    "write_atomic",
+]
 
 log = logging.getLogger("fedge.fsio")
 
 PRIVATE_DIR = 0o700
 PRIVATE_FILE = 0o600
+PUBLIC_FILE = 0o644
 
 
 
@@ -49,15 +56,20 @@ def secure_tree(root: Path) -> None:
                 log.warning("cannot make %s private: %s", path, exc)
 
 
-def write_atomic(path: Path, data: bytes | memoryview) -> None:
-    """Write a private file (0600) durably: a temporary file in the same folder, fsync, rename over ``path``,
-    fsync the folder. A crash leaves the old file or the new one."""
+@contextlib.contextmanager
+def atomic_writer(path: Path, mode: int = PRIVATE_FILE) -> Iterator[BinaryIO]:
+    """A file handle whose content replaces ``path`` durably when the block ends without an exception: written to
+    a temporary file in the same folder (created ``mode``, 0600 by default), fsynced, renamed over ``path``, the
+    folder fsynced. A crash leaves the old file or the new one; an exception leaves the old file and no temporary
+    one. Missing parent folders are created private (0700)."""
     if not path.parent.is_dir():
         private_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # mode 0600
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            if mode != PRIVATE_FILE:
+                os.fchmod(fh.fileno(), mode)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -65,6 +77,12 @@ def write_atomic(path: Path, data: bytes | memoryview) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def write_atomic(path: Path, data: bytes | memoryview, mode: int = PRIVATE_FILE) -> None:
+    """Write ``data`` to ``path`` durably and atomically (:func:`atomic_writer`); the file is 0600 by default."""
+    with atomic_writer(path, mode) as fh:
+        fh.write(data)
 
 
 def fsync_dir(folder: Path) -> None:

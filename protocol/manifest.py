@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from numpy.typing import NDArray
 
 from fedge.protocol.codec import loads_strict
 from fedge.protocol.errors import ArtifactError
-from fedge.protocol.fsio import fsync_dir
+from fedge.protocol.fsio import PUBLIC_FILE, atomic_writer
 
 __all__ = [
     "FORMAT",
@@ -309,19 +308,9 @@ def load_head(path: str | Path) -> dict[str, NDArray[np.float32]]:
     return out
 
 
-def save_head(path: str | Path, head: Mapping[str, NDArray[Any]], *, mode: int | None = None) -> None:
-    """Write ``head`` as an uncompressed ``.npz`` (float32, head order); no pickle. Durable when it returns: the
-    file is written beside the target, fsynced, renamed over it, and the folder fsynced. ``mode`` (e.g. 0o600)
-    sets the file's permissions; without it the umask decides."""
+def save_head(path: str | Path, head: Mapping[str, NDArray[Any]], *, mode: int = PUBLIC_FILE) -> None:
+    """Write ``head`` as an uncompressed ``.npz`` (float32, head order); no pickle. Durable and atomic when it
+    returns (:func:`fedge.protocol.fsio.atomic_writer`); ``mode`` sets the file's permissions (0644 by default)."""
     arrays = {name: np.ascontiguousarray(np.asarray(head[name], dtype=np.float32)) for name in head_order(head)}
-    target = Path(path)
-    tmp = target.with_name(target.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666 if mode is None else mode)
-    with os.fdopen(fd, "wb") as fh:
-        if mode is not None:
-            os.fchmod(fh.fileno(), mode)  # a leftover temporary file keeps its old mode otherwise
+    with atomic_writer(Path(path), mode) as fh:
         np.savez(fh, allow_pickle=False, **arrays)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(target)
-    fsync_dir(target.parent)

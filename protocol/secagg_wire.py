@@ -10,41 +10,16 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, fields
-from enum import StrEnum
 from typing import Any, ClassVar
 
 import numpy as np
 from numpy.typing import NDArray
 
-from fedge.protocol.errors import FedgeError
+from fedge.protocol.errors import SecAggError, SecAggFailure
 
 HUB = "hub"  # the sender name of hub-to-device stage messages
 _MAGIC = b"FSA"
 _VERSION = 1
-
-
-class SecAggFailure(StrEnum):
-    """Why a SecAgg stage message was rejected or why a party aborted the round."""
-
-    MALFORMED = "malformed"                    # the payload does not decode, or a field has the wrong size
-    WRONG_ROUND = "wrong_round"                # the message belongs to another round (a replay)
-    UNKNOWN_SENDER = "unknown_sender"          # the sender is not in the cohort, or not in this stage
-    DUPLICATE = "duplicate"                    # a second message of the same stage from the same sender
-    OUT_OF_ORDER = "out_of_order"              # the stage is closed, or not open yet
-    BAD_CIPHERTEXT = "bad_ciphertext"          # an encrypted share failed authentication (tampered or replayed)
-    PROTOCOL_VIOLATION = "protocol_violation"  # the other side broke the protocol (e.g. asked for both shares)
-    BELOW_THRESHOLD = "below_threshold"        # too few survivors to go on or to reconstruct
-    BAD_SHARE = "bad_share"                    # a reconstructed secret does not match its commitment
-    ABORTED = "aborted"                        # this device aborted the round earlier
-
-
-class SecAggError(FedgeError):
-    """A SecAgg message was rejected, or a party aborted the round; ``reason`` is a `SecAggFailure`."""
-
-    def __init__(self, reason: SecAggFailure, detail: str) -> None:
-        super().__init__(f"secagg {reason.value}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from fedge.protocol.codec import MAGIC, PREFIX_LEN, SIG_FIELD, SIGNATURE_BYTES, frame_header
-from fedge.protocol.errors import FedgeError
+from fedge.protocol.errors import FedgeError, SignatureError
 from fedge.protocol.topics import Topics
 
 DOMAIN: Final = b"fedge-signature-v1\0"
@@ -68,16 +68,6 @@ def rotations_up_to(files: list[tuple[int, bytes]], key: str) -> list[tuple[int,
         if isinstance(body, dict) and body.get("new_key") == key:
             return files[: i + 1]
     return []
-
-
-class SignatureError(FedgeError):
-    """A frame or key rotation that fails verification; ``reason`` is a short code (``unsigned``,
-    ``unknown_key``, ``bad_signature``, ``malformed``)."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 def _lp(data: bytes) -> bytes:

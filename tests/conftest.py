@@ -1,4 +1,5 @@
-"""Shared fixtures: brokers. Keep this file to broker fixtures and generic helpers (see tests/helpers.py).
+"""Shared fixtures: brokers. Keep this file to broker fixtures, generic helpers (see tests/helpers.py) and the
+test-lane hooks (the rules are in tests/lanes.py: which tests are ``e2e`` and leave ``make test-fast``).
 
 Other test modules import the helpers as ``from tests.helpers import free_port, wait_until``: the
 repository root is put on ``sys.path`` here (``tests`` is a namespace package, no ``__init__.py``).
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,31 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+from tests import lanes  # noqa: E402
 from tests.helpers import Mosquitto, free_port  # noqa: E402
+
+pytest_plugins = ["pytester"]  # tests/layout/test_lanes.py plants tests and collects them
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    lanes.install_guard()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    lanes.classify(items)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, object, object]:
+    with lanes.running(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
+    result = yield
+    lanes.check(item)
+    return result
 
 
 @pytest.fixture
@@ -45,7 +70,7 @@ def embedded_broker() -> Iterator[Any]:
         broker.stop()
 
 
-@pytest.fixture(params=["mosquitto", "embedded"])
+@pytest.fixture(params=[pytest.param("mosquitto", marks=pytest.mark.e2e), "embedded"])
 def broker(request: pytest.FixtureRequest) -> Any:
     """Parametrized over both brokers for integration tests; ``broker.kind`` says which one runs."""
     return request.getfixturevalue("mosquitto" if request.param == "mosquitto" else "embedded_broker")

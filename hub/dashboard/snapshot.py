@@ -148,7 +148,7 @@ class FleetReader:
             if self._eps_cache is not None and self._eps_cache[0] == key:
                 return self._eps_cache[1]
         try:
-            from fedge.hub.daemon import ledger_epsilon
+            from fedge.core.privacy import ledger_epsilon
 
             eps = float(ledger_epsilon(ledger, self.privacy.delta))
         except Exception:  # no accountant installed: each row keeps the fleet's epsilon after it
@@ -159,7 +159,7 @@ class FleetReader:
 
     @staticmethod
     def _device_scores(conn: sqlite3.Connection) -> dict[int, dict[str, float]]:
-        from fedge.hub.daemon import federated_scores
+        from fedge.core.hub_round import federated_scores
 
         per_round: dict[int, list[dict[str, float]]] = defaultdict(list)
         for rid, metrics in conn.execute("SELECT round, metrics FROM updates WHERE metrics LIKE '%val_acc_%'"):

@@ -184,6 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:  # third-party noise (TensorFlow/absl C++ logs, oneDNN notices) only with -v
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         logging.getLogger("absl").setLevel(logging.ERROR)
+    else:  # 0 also lets native start-up notices through (fedge.runtime.native_log)
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0")
     # the demo prints its own progress: fedge's INFO logs only with -v there
     quiet_command = args.command in ("demo", "simulate", "round")
     configure_logging(logging.DEBUG if args.verbose else logging.WARNING if quiet_command else logging.INFO)

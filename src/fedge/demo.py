@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fedge.hub.mosquitto import free_port
-from fedge.protocol.codec import decode, encode_control
+from fedge.protocol.codec import decode
 from fedge.protocol.errors import FedgeError
 from fedge.protocol.messages import RoundOverrides, RoundResult
 from fedge.protocol.tomlfile import write_toml
@@ -197,6 +197,7 @@ class DemoFleet:
         self.results: dict[int, RoundResult] = {}
         self.cond = threading.Condition()
         self.watcher: Any = None
+        self.operator: Any = None
 
     def __enter__(self) -> DemoFleet:
         import shutil
@@ -228,6 +229,7 @@ class DemoFleet:
 
     def start_hub(self, timeout_s: float = 60.0) -> None:
         """Start the hub process and connect the watcher to its embedded broker."""
+        from fedge.hub.operator import Operator
         from fedge.protocol.mqtt_config import BrokerConfig
         from fedge.protocol.topics import Topics
         from fedge.protocol.transport_mqtt import MqttTransport
@@ -247,9 +249,8 @@ class DemoFleet:
                 if time.monotonic() > deadline or hub.poll() is not None:
                     raise FedgeError(f"the hub did not start its broker; see {self.logs / 'hub.log'}") from None
                 time.sleep(0.3)
-        topics = Topics(self.fleet)
-        self.watcher.subscribe(topics.presence_all, self._on_presence)
-        self.watcher.subscribe(topics.result, self._on_result)
+        self.watcher.subscribe(Topics(self.fleet).presence_all, self._on_presence)
+        self.operator = Operator(self.watcher, self.fleet, on_result=self._on_result)
 
     def _on_presence(self, _topic: str, payload: bytes) -> None:
         if not payload:
@@ -260,12 +261,10 @@ class DemoFleet:
             (self.online.add if getattr(msg, "online", False) else self.online.discard)(device)
             self.cond.notify_all()
 
-    def _on_result(self, _topic: str, payload: bytes) -> None:
-        msg = decode(payload) if payload else None
-        if isinstance(msg, RoundResult):
-            with self.cond:
-                self.results[msg.round] = msg
-                self.cond.notify_all()
+    def _on_result(self, msg: RoundResult) -> None:
+        with self.cond:
+            self.results[msg.round] = msg
+            self.cond.notify_all()
 
     def start_agents(self, timeout_s: float = 120.0) -> None:
         """Start one agent process per device file and wait until all of them are online."""
@@ -280,9 +279,9 @@ class DemoFleet:
     def run_rounds(self, on_result: Callable[[RoundResult], None], timeout_per_round_s: float = 300.0
                    ) -> list[RoundResult]:
         """Start the chain of rounds from the control topic; call ``on_result`` as each round closes."""
-        from fedge.protocol.topics import Topics
-
-        self.watcher.publish(Topics(self.fleet).control_round_start, encode_control(RoundOverrides()))
+        reply = self.operator.start(RoundOverrides())
+        if not reply["accepted"]:
+            raise FedgeError(f"the hub refused the rounds: {reply['reason']} ({reply['detail']})")
         shown = 0
         t_end = time.monotonic() + timeout_per_round_s * self.rounds
         while shown < self.rounds:

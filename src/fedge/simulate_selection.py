@@ -19,14 +19,13 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedge.core.evaluation import split_indices
+from fedge.core.selection import CandidateScore, rank, report_metrics, score_candidate
 from fedge.core.training import evaluate, fit
 from fedge.demo import DemoPaths
-from fedge.edge_agent.selection import report_metrics, score_candidate
-from fedge.hub.selection import CandidateScore, rank
 from fedge.protocol.errors import ConfigError
 
 if TYPE_CHECKING:
-    from fedge.simulate import SimFleet, SimSettings
+    from fedge.simulate_fleet import SimFleet, SimSettings
 
 _SELECT = 0x5EED_0006  # seed-sequence tag of the selection fine-tunes (see fedge.simulate)
 
@@ -122,10 +121,10 @@ def select_and_load(paths: DemoPaths, settings: SimSettings, candidates: Mapping
     own source model (``source``) and ``candidates`` (fine-tune ``settings.local_epochs`` at ``settings.lr``,
     validation split ``settings.validation_fraction`` or the agent's 0.2), then load the fleet over the winner's
     artifacts: the rounds start from the winner's w0, as the hub deploys it."""
-    from fedge.simulate import _device_data, fleet_from_shards
+    from fedge.simulate_fleet import device_data, fleet_from_shards
 
     t0 = time.perf_counter()
-    info, shards, keys = _device_data(paths, settings.devices, settings.seed, quiet)
+    info, shards, keys = device_data(paths, settings.devices, settings.seed, quiet)
     pool = {"source": paths.artifacts, **{k: Path(v).resolve() for k, v in candidates.items() if k != "source"}}
     sim = simulate_selection(pool, shards, keys, paths.data / "eval.npz",
                              validation_fraction=settings.validation_fraction or 0.2, epochs=settings.local_epochs,

@@ -243,7 +243,7 @@ def test_announce_waits_for_the_announced_head_version(
     assert agent.wait_round_done(2, 60)
     (upd,) = hub.updates()
     assert upd.model_version == "v2"
-    with np.load(agent.personal_head_path, allow_pickle=False) as z:
+    with np.load(agent.worker.personal_head_path, allow_pickle=False) as z:
         for name, arr in shifted.items():
             np.testing.assert_allclose(z[name], np.asarray(arr, np.float32) + np.asarray(upd.delta[name], np.float32),
                                        rtol=0, atol=1e-6)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from fedge.protocol.codec import decode
 from fedge.protocol.messages import Presence
@@ -58,6 +59,7 @@ def test_agent_modules_import_without_heavy_frameworks() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+@pytest.mark.e2e  # runs `fedge-agent run` as a process (tests/lanes.py)
 def test_bad_data_file_exits_nonzero_naming_the_file(tmp_path: Path) -> None:
     (tmp_path / "data.npz").write_bytes(b"not a zip")
     proc = _agent("run", "--config", str(_config(tmp_path, "mqtt://127.0.0.1:1")))
@@ -66,6 +68,7 @@ def test_bad_data_file_exits_nonzero_naming_the_file(tmp_path: Path) -> None:
     assert "data.npz" in out and "error" in out
 
 
+@pytest.mark.e2e  # runs `fedge-agent run` as a process (tests/lanes.py)
 def test_bad_config_exits_nonzero_naming_the_field(tmp_path: Path) -> None:
     cfg = _config(tmp_path, "mqtt://127.0.0.1:1")
     cfg.write_text(cfg.read_text().replace('backend = "numpy"', 'backend = "cuda"'))

@@ -79,7 +79,7 @@ def test_the_state_directory_is_private(config: AgentConfig, broker: InMemoryBro
     send_full(broker, "bb1")
     send_head(broker, "v1", "bb1")
     update = ModelUpdate(FLEET, 1, "d1", "v1", 4, {"h0_kernel": np.ones((4, 2), np.float32)})
-    agent._publish_update(1, encode(update), None, {"h0_kernel": np.ones((4, 2), np.float32)})
+    agent.worker._publish_update(1, encode(update), None, {"h0_kernel": np.ones((4, 2), np.float32)})
     got = modes(state)
     assert any(p.startswith("artifacts/") and p.endswith("model.tflite") for p in got), got
     assert "heads/v1.npz" in got and "personal_head.npz" in got, got

@@ -32,7 +32,7 @@ from fedge.protocol.messages import (
 )
 from tests.e2e.fleet import FLEET, Fleet
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 N_MESSAGES = 10_000
 N_AGENTS = 3

@@ -13,7 +13,6 @@ import numpy as np
 
 from fedge.hub.config import HubConfig, config_from_mapping
 from fedge.hub.daemon import HubDaemon
-from fedge.hub.evaluate import EvalFn
 from fedge.protocol.codec import decode, encode, encode_control
 from fedge.protocol.manifest import save_head
 from fedge.protocol.messages import (
@@ -27,6 +26,7 @@ from fedge.protocol.messages import (
 )
 from fedge.protocol.topics import Topics
 from fedge.protocol.transport import InMemoryBroker, InMemoryTransport
+from fedge.runtime.evaluate import EvalFn
 
 FLEET = "f1"
 TOPICS = Topics(FLEET)

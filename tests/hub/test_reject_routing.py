@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedge.hub.validate import Rejection, UpdateContext, validate_update
+from fedge.core.validate import Rejection, UpdateContext, validate_update
 from fedge.protocol.codec import encode
 from fedge.protocol.messages import ModelUpdate, Reject, RejectReason, RoundAnnounce
 from tests.hub.fleet import FLEET, SHAPES, hub_config, run_hub, zero_delta

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from fedge.core.rounds import UNBOUNDED_OVERRIDES
 from fedge.hub.config import LimitsConfig
-from fedge.hub.rounds import UNBOUNDED_OVERRIDES
 from fedge.protocol.codec import decode
 from fedge.protocol.control import CancelRequest, encode_cancel
 from fedge.protocol.errors import ConfigError

@@ -8,7 +8,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedge.core.strategies import Aggregator, Bounds, lower_median, make_strategy
+from fedge.core.aggregators import Aggregator, Bounds, lower_median
+from fedge.core.rounds import RoundParams
+from fedge.core.strategy import Robust
+
+RNG = np.random.default_rng(0)
+PARAMS = RoundParams(min_devices=1, deadline_s=60.0, fraction=1.0, local_epochs=1, lr=0.1)
+
+
+def _robust(name: str, lam: float, bounds: Bounds | None = None, trim_fraction: float = 0.2) -> Robust:
+    return Robust(name, lam, bounds if bounds is not None else Bounds(), trim_fraction)
 
 SHAPES = {"h0_kernel": (3, 2), "h0_bias": (2,)}
 LOOSE = Bounds(max_weight_ratio=1e12, max_update_norm=1e300, norm_ceiling=1e300)  # plain FedAvg: no bound bites
@@ -23,7 +32,7 @@ updates_st = st.lists(st.tuples(st.integers(0, 2**31 - 1), st.integers(1, 1000))
 
 def _run(lam: float, updates: list[tuple[dict[str, np.ndarray], int]], g: dict[str, np.ndarray],
          w0: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    agg = make_strategy("fedavg", lam, LOOSE).aggregator(SHAPES)
+    agg = _robust("fedavg", lam, LOOSE).aggregator(PARAMS, SHAPES, (), RNG)
     for delta, n in updates:
         agg.add(delta, n)
     return agg.result(g, w0)
@@ -97,11 +106,11 @@ def test_invalid_inputs_raise() -> None:
     with pytest.raises(ValueError, match="names"):
         agg.add({"h0_kernel": np.zeros((3, 2), np.float32)}, 1)
     with pytest.raises(ValueError):
-        make_strategy("fedavg", -1.0)
+        _robust("fedavg", -1.0)
     with pytest.raises(ValueError, match="unknown"):
-        make_strategy("krum", 0.0)
+        _robust("krum", 0.0)
     with pytest.raises(ValueError, match="trim_fraction"):
-        make_strategy("trimmed_mean", 0.0, trim_fraction=0.5)
+        _robust("trimmed_mean", 0.0, trim_fraction=0.5)
     with pytest.raises(ValueError, match="max_weight_ratio"):
         Bounds(max_weight_ratio=0.5)
 
@@ -121,8 +130,8 @@ def test_lower_median_ignores_the_larger_of_two() -> None:
 
 def test_weight_is_capped_at_a_multiple_of_the_median_count() -> None:
     g = _const(0.0)
-    agg = make_strategy("fedavg", 0.0, Bounds(max_weight_ratio=2.0, max_update_norm=1e9, norm_ceiling=1e9)
-                        ).aggregator(SHAPES)
+    agg = _robust("fedavg", 0.0, Bounds(max_weight_ratio=2.0, max_update_norm=1e9, norm_ceiling=1e9)
+                        ).aggregator(PARAMS, SHAPES, (), RNG)
     for value, n in [(1.0, 10), (1.0, 10), (1.0, 10), (-1.0, 10**9)]:
         agg.add(_const(value), n)
     out = agg.result(g, g)
@@ -133,7 +142,7 @@ def test_weight_is_capped_at_a_multiple_of_the_median_count() -> None:
 
 def test_updates_above_the_norm_bound_are_clipped_not_dropped() -> None:
     g = _const(0.0)
-    agg = make_strategy("fedavg", 0.0, Bounds(max_update_norm=1.0)).aggregator(SHAPES)
+    agg = _robust("fedavg", 0.0, Bounds(max_update_norm=1.0)).aggregator(PARAMS, SHAPES, (), RNG)
     agg.add(_const(10.0), 5)  # norm 10 sqrt(DIM): clipped to 1
     agg.add(_const(0.0), 5)
     out = agg.result(g, g)
@@ -157,7 +166,7 @@ def test_auto_bound_is_a_multiple_of_the_lower_median_norm_capped_by_the_ceiling
 def test_no_strategy_moves_the_head_further_than_the_bound(name: str) -> None:
     rng = np.random.default_rng(5)
     g = _head(rng)
-    agg = make_strategy(name, 0.0, Bounds(max_update_norm=0.5)).aggregator(SHAPES)
+    agg = _robust(name, 0.0, Bounds(max_update_norm=0.5)).aggregator(PARAMS, SHAPES, (), RNG)
     for _ in range(5):
         agg.add({k: v * 100 for k, v in _head(rng).items()}, int(rng.integers(1, 10**9)))
     out = agg.result(g, g)
@@ -169,14 +178,14 @@ def test_median_and_trimmed_mean_ignore_a_minority_of_outliers() -> None:
     g = _const(0.0)
     loose = Bounds(max_update_norm=1e9, norm_ceiling=1e9)
     values = [1.0, 2.0, 3.0, 4.0, 1000.0]
-    med = make_strategy("median", 0.0, loose).aggregator(SHAPES)
-    trim = make_strategy("trimmed_mean", 0.0, loose, trim_fraction=0.2).aggregator(SHAPES)
+    med = _robust("median", 0.0, loose).aggregator(PARAMS, SHAPES, (), RNG)
+    trim = _robust("trimmed_mean", 0.0, loose, trim_fraction=0.2).aggregator(PARAMS, SHAPES, (), RNG)
     for v in values:
         med.add(_const(v), 1)
         trim.add(_const(v), 10**6 if v == 1000.0 else 1)  # sample counts play no part
     np.testing.assert_allclose(med.result(g, g)["h0_kernel"], 3.0)
     np.testing.assert_allclose(trim.result(g, g)["h0_kernel"], 3.0)  # mean of 2, 3, 4
-    untrimmed = make_strategy("trimmed_mean", 0.0, loose, trim_fraction=0.1).aggregator(SHAPES)
+    untrimmed = _robust("trimmed_mean", 0.0, loose, trim_fraction=0.1).aggregator(PARAMS, SHAPES, (), RNG)
     for v in values:  # floor(0.1 x 5) = 0: nothing trimmed
         untrimmed.add(_const(v), 1)
     np.testing.assert_allclose(untrimmed.result(g, g)["h0_kernel"], sum(values) / 5, rtol=1e-6)
@@ -186,7 +195,7 @@ def test_median_and_trimmed_mean_ignore_a_minority_of_outliers() -> None:
 def test_robust_strategies_keep_the_proximal_pull(name: str) -> None:
     rng = np.random.default_rng(9)
     g, w0 = _head(rng), _head(rng)
-    agg = make_strategy(name, 0.5, Bounds(max_update_norm=1e9, norm_ceiling=1e9)).aggregator(SHAPES)
+    agg = _robust(name, 0.5, Bounds(max_update_norm=1e9, norm_ceiling=1e9)).aggregator(PARAMS, SHAPES, (), RNG)
     for _ in range(3):
         agg.add(_const(1.0), 1)
     out = agg.result(g, w0)
@@ -197,7 +206,7 @@ def test_robust_strategies_keep_the_proximal_pull(name: str) -> None:
 def test_an_aggregate_beyond_float32_is_returned_as_inf_without_a_warning() -> None:
     big = float(np.finfo(np.float32).max)
     g = _const(big)
-    agg = make_strategy("fedavg", 0.0, Bounds(max_update_norm=1e300, norm_ceiling=1e300)).aggregator(SHAPES)
+    agg = _robust("fedavg", 0.0, Bounds(max_update_norm=1e300, norm_ceiling=1e300)).aggregator(PARAMS, SHAPES, (), RNG)
     agg.add(_const(big), 1)
     agg.add(_const(big), 1)
     out = agg.result(g, g)  # finite deltas, finite head: the sum does not fit float32 (the hub refuses it)

@@ -48,7 +48,7 @@ FORBIDDEN_THIRD_PARTY: dict[str, set[str]] = {
     "fedge.protocol": {"tensorflow", "keras", "torch", "onnx", "sklearn", "matplotlib", "amqtt", "ai_edge_litert"},
     "fedge.core": {
         "tensorflow", "keras", "torch", "onnx", "onnxruntime", "sklearn", "matplotlib", "amqtt", "ai_edge_litert",
-        "tflite_runtime", "paho", "sqlite3", "socket",
+        "tflite_runtime", "paho", "sqlite3", "socket", "time",
     },
     "fedge.runtime": {"tensorflow", "keras", "torch", "onnx", "sklearn", "matplotlib", "amqtt", "paho"},
     "fedge.edge_agent": {"tensorflow", "keras", "torch", "onnx", "sklearn", "matplotlib", "amqtt"},
@@ -164,3 +164,85 @@ def test_relative_imports_are_resolved(tmp_path: Path) -> None:
     found = [t for _, t in imports_of("fedge.protocol.m", planted)]
     assert "fedge.hub" in found and "fedge.protocol" in found
     assert violations("fedge.protocol", [("fedge.protocol.m", planted)]) != []
+
+
+def module_graph(modules: list[tuple[str, Path]]) -> dict[str, set[str]]:
+    """Module -> the fedge modules it imports (lazy and TYPE_CHECKING imports included; ``from pkg import mod``
+    counts as importing ``pkg.mod`` when that is a module)."""
+    names = {m for m, _ in modules}
+    graph: dict[str, set[str]] = {}
+    for module, path in modules:
+        out = set()
+        targets = [t for _line, t in imports_of(module, path)]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                targets += [f"{node.module}.{alias.name}" for alias in node.names]
+        for target in targets:
+            while target and target not in names:
+                target = target.rpartition(".")[0]
+            if target and target != module:
+                out.add(target)
+        graph[module] = out
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def _all_modules() -> list[tuple[str, Path]]:
+    return [m for pkg in ALLOWED for m in modules_of(pkg)]
+
+
+def test_no_module_imports_itself_through_others() -> None:
+    """No import cycle between fedge modules, lazy imports included (a cycle closed inside a function is still a
+    cycle: the two modules cannot be understood or tested apart)."""
+    assert cycles(module_graph(_all_modules())) == []
+
+
+def test_the_cycle_check_can_fail(tmp_path: Path) -> None:
+    a, b, c = tmp_path / "a.py", tmp_path / "b.py", tmp_path / "c.py"
+    a.write_text("from fedge.hub import b\n")
+    b.write_text("def f():\n    import fedge.hub.a\n")  # lazily: still a cycle
+    c.write_text("from fedge.hub.a import x\n")
+    graph = module_graph([("fedge.hub.a", a), ("fedge.hub.b", b), ("fedge.hub.c", c)])
+    assert cycles(graph) == [["fedge.hub.a", "fedge.hub.b"]]
+
+
+def test_the_hub_and_the_agent_never_import_each_other() -> None:
+    graph = module_graph(_all_modules())
+    crossing = sorted((m, t) for m, ts in graph.items() for t in ts
+                      if (package_of(m), package_of(t)) in {("fedge.hub", "fedge.edge_agent"),
+                                                            ("fedge.edge_agent", "fedge.hub")})
+    assert crossing == []

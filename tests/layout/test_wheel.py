@@ -37,7 +37,7 @@ def test_wheel_holds_only_the_fedge_namespace(wheel: Path) -> None:
     assert {r for r in roots if not r.endswith(".dist-info")} == {"fedge"}
     for must in ("fedge/hub/daemon.py", "fedge/edge_agent/agent.py", "fedge/protocol/codec.py", "fedge/cli.py",
                  "fedge/datasets/partition.py", "fedge/devices/profiles/rpi5.toml",
-                 "fedge/devices/templates/fedge-agent.service", "fedge/py.typed"):
+                 "fedge/devices/templates/fedge-agent.service", "fedge/hub/dashboard/static/app.js", "fedge/py.typed"):
         assert must in names, must
 
 

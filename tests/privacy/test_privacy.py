@@ -12,6 +12,7 @@ from dp_accounting.rdp import rdp_privacy_accountant
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedge.core.aggregators import DpAggregator
 from fedge.core.privacy import (
     DpEvent,
     DpParams,
@@ -22,10 +23,9 @@ from fedge.core.privacy import (
     noise_for_epsilon,
     privatize,
 )
-from fedge.core.strategies import DpAggregator
+from fedge.core.rounds import poisson_select
 from fedge.edge_agent.config import DevicePrivacy
 from fedge.edge_agent.ledger import DeviceLedger, decline_reason
-from fedge.hub.rounds import poisson_select
 from fedge.protocol.messages import DeclineReason
 
 SHAPES = {"w": (300, 100), "b": (100,)}
@@ -147,13 +147,13 @@ def test_device_ledger_declines_and_survives(tmp_path: Path) -> None:
     ledger = DeviceLedger(tmp_path / "privacy.json")
     local = DpParams("local", 2.0, 1.0, 0.1)
     assert decline_reason(policy, local, ledger) is None
-    assert decline_reason(policy, None, ledger)[0] is DeclineReason.DP_REQUIRED  # type: ignore[index]
+    assert decline_reason(policy, None, ledger).reason is DeclineReason.DP_REQUIRED  # type: ignore[union-attr]
     assert decline_reason(None, None, ledger) is None  # a device without [privacy] takes any round
-    assert decline_reason(policy, DpParams("local", 0.5, 1.0), ledger)[0] is DeclineReason.NOISE_BELOW_FLOOR  # type: ignore[index]
-    assert decline_reason(policy, DpParams("local", 1.0, 5.0), ledger)[0] is DeclineReason.CLIP_ABOVE_CEILING  # type: ignore[index]
-    assert decline_reason(policy, DpParams("distributed", 1.0, 1.0), ledger)[0] is DeclineReason.MODE_NOT_ALLOWED  # type: ignore[index]
+    assert decline_reason(policy, DpParams("local", 0.5, 1.0), ledger).reason is DeclineReason.NOISE_BELOW_FLOOR  # type: ignore[union-attr]
+    assert decline_reason(policy, DpParams("local", 1.0, 5.0), ledger).reason is DeclineReason.CLIP_ABOVE_CEILING  # type: ignore[union-attr]
+    assert decline_reason(policy, DpParams("distributed", 1.0, 1.0), ledger).reason is DeclineReason.MODE_NOT_ALLOWED  # type: ignore[union-attr]
     # distributed is declined even by a device without a policy: its own update carries only zC/sqrt(m)
-    assert decline_reason(None, DpParams("distributed", 1.0, 1.0), ledger)[0] is DeclineReason.MODE_NOT_ALLOWED  # type: ignore[index]
+    assert decline_reason(None, DpParams("distributed", 1.0, 1.0), ledger).reason is DeclineReason.MODE_NOT_ALLOWED  # type: ignore[union-attr]
     # ... unless the round is a secure-aggregation round: the hub then sees only the sum
     assert decline_reason(None, DpParams("distributed", 1.0, 1.0), ledger, secure=True) is None
     ledger.record(1, local)
@@ -166,8 +166,8 @@ def test_device_ledger_declines_and_survives(tmp_path: Path) -> None:
     while decline_reason(policy, local, reopened) is None:
         reopened.record(n + 1, local)
         n += 1
-    reason, detail = decline_reason(policy, local, reopened)  # type: ignore[misc]
-    assert reason is DeclineReason.BUDGET_EXHAUSTED and "budget 20" in detail
+    refused = decline_reason(policy, local, reopened)
+    assert refused is not None and refused.reason is DeclineReason.BUDGET_EXHAUSTED and "budget 20" in refused.detail
     assert reopened.epsilon(1e-5) <= 20.0 < reopened.epsilon(1e-5, local)
     (tmp_path / "privacy.json").write_text("{not json")
     with pytest.raises(ValueError, match="refusing to reset"):

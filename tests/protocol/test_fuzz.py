@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fedge.core.validate import Accept, Redelivery, Rejection, UpdateContext, validate_update
 from fedge.edge_agent.artifacts import check_model_full
-from fedge.hub.validate import Accept, Redelivery, Rejection, UpdateContext, validate_update
 from fedge.protocol.codec import (
     MAX_ARRAYS,
     MAX_CONTROL_BYTES,
@@ -311,7 +311,7 @@ def _stage_vectors() -> list[bytes]:
        st.integers(0, 40))
 def test_secagg_stage_bytes_only_ever_raise_secagg_error(genuine: bytes, at: int, patch: bytes, cut: int) -> None:
     """A genuine stage encoding with bytes overwritten, or truncated, or extended: decoded, or `malformed`."""
-    from fedge.protocol.secagg_wire import SecAggError, SecAggFailure
+    from fedge.protocol.errors import SecAggError, SecAggFailure
     from fedge.protocol.secagg_wire import decode as decode_stage
 
     at = at % len(genuine)

@@ -95,7 +95,8 @@ def test_retained_message_reaches_late_subscriber_and_empty_payload_clears_it(
 
 
 # Only the combinations that exist: amqtt (the embedded broker) speaks no MQTT 5, so there is no such case.
-@pytest.mark.parametrize(("broker_kind", "protocol"), [("mosquitto", "5"), ("mosquitto", "3.1.1"),
+@pytest.mark.parametrize(("broker_kind", "protocol"), [pytest.param("mosquitto", "5", marks=pytest.mark.e2e),
+                                                       pytest.param("mosquitto", "3.1.1", marks=pytest.mark.e2e),
                                                        ("embedded_broker", "3.1.1")])
 def test_persistent_session_gets_qos1_messages_sent_while_away(
     request: pytest.FixtureRequest, clients: list[MqttTransport], broker_kind: str, protocol: str

@@ -1,4 +1,4 @@
-"""SecAgg+ library (fedge.core.secagg, fedge.hub.secagg): exact sums with dropouts, the one-share rule,
+"""SecAgg+ library (fedge.core.secagg, fedge.core.secagg_server): exact sums with dropouts, the one-share rule,
 authenticated relayed shares, replay rejection, uniform-looking masked inputs, Shamir and quantisation.
 
 Every stage message passes through its byte encoding, as it will on the wire."""
@@ -27,14 +27,12 @@ from fedge.core.secagg import (
     quantise,
     split_secret,
 )
-from fedge.hub.secagg import SecAggResult, SecAggServer
-from fedge.protocol.errors import ConfigError
+from fedge.core.secagg_server import SecAggResult, SecAggServer
+from fedge.protocol.errors import ConfigError, SecAggError, SecAggFailure
 from fedge.protocol.secagg_wire import (
     HUB,
     MaskedInput,
     Sealed,
-    SecAggError,
-    SecAggFailure,
     SharesRelay,
     StageMessage,
     UnmaskRequest,

@@ -11,11 +11,12 @@ import pytest
 
 from fedge.core.privacy import DpParams
 from fedge.core.secagg import RoundSetup, SecAggConfig, usable_public_key
+from fedge.core.secagg_server import SecAggServer
 from fedge.core.secagg_session import DeviceSession, auto_clip, distributed_problem, stage_frame
-from fedge.hub.secagg import SecAggServer
 from fedge.protocol.codec import decode as decode_frame
+from fedge.protocol.errors import SecAggError, SecAggFailure
 from fedge.protocol.messages import RoundAnnounce, SecAggStage
-from fedge.protocol.secagg_wire import AdvertiseKeys, KeysBroadcast, PeerKeys, SecAggError, SecAggFailure, decode
+from fedge.protocol.secagg_wire import AdvertiseKeys, KeysBroadcast, PeerKeys, decode
 
 COHORT = ("a", "b", "c", "d")
 

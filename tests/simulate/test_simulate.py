@@ -15,9 +15,9 @@ import pytest
 
 from fedge.cli import main
 from fedge.core.privacy import DpEvent, DpParams, epsilon, event_for, noise_for_epsilon
+from fedge.core.rounds import poisson_select, select_devices
 from fedge.core.training import Prox, fit
 from fedge.demo import DemoPaths, source_accuracy
-from fedge.hub.rounds import poisson_select, select_devices
 from fedge.protocol.errors import ConfigError
 from fedge.runtime.data import load_local
 from fedge.runtime.trainers import open_trainer
@@ -104,8 +104,9 @@ def test_features_and_a_device_update_are_the_agents(fleet: SimFleet, work: Demo
         (picked,) = select_devices(fleet.names, 1 / DEVICES, 1, 0, 1)
         assert run.results[0].devices == (picked,)
         i = fleet.names.index(picked)
-        trainer.set_head(fleet.w0)
-        fit(trainer, fleet.feats[i], fleet.labels[i], 2, 0.05, train_rng(0, i, 1))
+        trainer.set_head(fleet.w0)  # the announce carries lambda: the device pulls toward w0 while training too
+        fit(trainer, fleet.feats[i], fleet.labels[i], 2, 0.05, train_rng(0, i, 1),
+            prox=Prox(fleet.w0, lam) if lam else None)
         trained = trainer.get_head()
         for k, w0 in fleet.w0.items():
             expected = (trained[k].astype(np.float64) + 2 * lam * w0) / (1 + 2 * lam)
@@ -128,7 +129,7 @@ def test_central_dp_is_dp_fedavg_over_clipped_updates(fleet: SimFleet) -> None:
     for name in cohort:
         i = fleet.names.index(name)
         trainer.set_head(fleet.w0)
-        fit(trainer, fleet.feats[i], fleet.labels[i], 2, 0.05, train_rng(0, i, 1))
+        fit(trainer, fleet.feats[i], fleet.labels[i], 2, 0.05, train_rng(0, i, 1), prox=Prox(fleet.w0, lam))
         trained = trainer.get_head()
         delta = {k: trained[k].astype(np.float64) - fleet.w0[k] for k in fleet.w0}
         norm = math.sqrt(sum(float((d**2).sum()) for d in delta.values()))
@@ -315,8 +316,8 @@ def test_federated_scores_are_the_weighted_mean_of_the_agents_head_scores(fleet:
         i = fleet.names.index(name)
         tr, va = split_indices(len(fleet.labels[i]), VAL, fleet.keys[i])
         f, y = fleet.feats[i][tr], fleet.labels[i][tr]
-        trainer.set_head(fleet.w0)
-        fit(trainer, f, y, 2, 0.05, train_rng(0, i, 1))
+        trainer.set_head(fleet.w0)  # the default settings announce lambda 0.01: the device pulls toward w0
+        fit(trainer, f, y, 2, 0.05, train_rng(0, i, 1), prox=Prox(fleet.w0, 0.01))
         trained = trainer.get_head()
         trainer.set_head(fleet.w0)
         fit(trainer, f, y, 10, 0.05, local_only_rng(0, i))

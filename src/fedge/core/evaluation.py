@@ -9,20 +9,15 @@ describe the local data (PROTOCOL.md).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
 
 from fedge.core.trainer import Trainer
-from fedge.core.training import evaluate, fit
-from fedge.protocol.manifest import load_head, save_head
+from fedge.core.training import evaluate
+from fedge.protocol.types import HeadLike
 
-log = logging.getLogger("fedge.agent")
-
-Head = Mapping[str, NDArray[np.float32]]
 HEADS = ("source", "global", "trained", "personal", "local_only")
 
 
@@ -34,24 +29,7 @@ def split_indices(n: int, fraction: float, key: str) -> tuple[NDArray[np.int64],
     return np.sort(order[n_val:]).astype(np.int64), np.sort(order[:n_val]).astype(np.int64)
 
 
-def local_only_head(trainer: Trainer, w0: Head, feats: NDArray[np.float32], y: NDArray[np.int64], epochs: int,
-                    lr: float, seed: int, cache: Path) -> dict[str, NDArray[np.float32]]:
-    """The head this device would have on its own: w0 fine-tuned on its training split for ``epochs``; computed
-    once and kept in ``cache`` (keyed by the caller on backbone and data)."""
-    if cache.is_file():
-        try:
-            return load_head(cache)
-        except Exception as exc:  # a damaged cache is recomputed
-            log.warning("local-only head %s unreadable (%s): recomputing", cache, exc)
-    trainer.set_head(w0)
-    fit(trainer, feats, y, epochs, lr, np.random.default_rng([seed, 1_000_003]))
-    head = {k: np.asarray(v, dtype=np.float32) for k, v in trainer.get_head().items()}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    save_head(cache, head)
-    return head
-
-
-def head_scores(trainer: Trainer, heads: Mapping[str, Head], feats: NDArray[np.float32],
+def head_scores(trainer: Trainer, heads: Mapping[str, HeadLike], feats: NDArray[np.float32],
                 y: NDArray[np.int64]) -> dict[str, float]:
     """``val_acc_<name>`` and ``val_loss_<name>`` of every head on ``(feats, y)``, plus ``val_n``. Leaves the
     trainer holding the last head scored."""
@@ -64,4 +42,4 @@ def head_scores(trainer: Trainer, heads: Mapping[str, Head], feats: NDArray[np.f
     return out
 
 
-__all__ = ["HEADS", "head_scores", "local_only_head", "split_indices"]
+__all__ = ["HEADS", "head_scores", "split_indices"]

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import numpy as np
 from numpy.typing import NDArray
 
-F32 = NDArray[np.float32]
+from fedge.protocol.types import F32
 
 
 class Score(NamedTuple):

@@ -23,15 +23,17 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
+from fedge.protocol.errors import PrivacyError
+from fedge.protocol.types import F32
+
 MODES: Final = ("off", "central", "local", "distributed")
 DP_MODES: Final = ("central", "local", "distributed")
 
-F32 = NDArray[np.float32]
 
 
 @dataclass(frozen=True)
@@ -47,15 +49,15 @@ class DpParams:
 
     def __post_init__(self) -> None:
         if self.mode not in DP_MODES:
-            raise ValueError(f"DP mode must be one of {', '.join(DP_MODES)}, got {self.mode!r}")
+            raise PrivacyError(f"DP mode must be one of {', '.join(DP_MODES)}, got {self.mode!r}")
         if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
-            raise ValueError(f"noise multiplier must be a finite number >= 0, got {self.noise_multiplier}")
+            raise PrivacyError(f"noise multiplier must be a finite number >= 0, got {self.noise_multiplier}")
         if not (math.isfinite(self.clip) and self.clip > 0):
-            raise ValueError(f"clip norm must be a finite number > 0, got {self.clip}")
+            raise PrivacyError(f"clip norm must be a finite number > 0, got {self.clip}")
         if not 0 < self.sample_rate <= 1:
-            raise ValueError(f"sample rate must be in (0, 1], got {self.sample_rate}")
+            raise PrivacyError(f"sample rate must be in (0, 1], got {self.sample_rate}")
         if self.min_cohort < 1:
-            raise ValueError(f"min cohort must be >= 1, got {self.min_cohort}")
+            raise PrivacyError(f"min cohort must be >= 1, got {self.min_cohort}")
 
     def device_noise_std(self) -> float:
         """Standard deviation of the Gaussian noise a device adds to each coordinate of its clipped update."""
@@ -173,7 +175,7 @@ def noise_for_epsilon(target_epsilon: float, delta: float, rounds: int, sample_r
     """The smallest noise multiplier z (to ``tolerance``) with which ``rounds`` identical rounds spend at most
     ``target_epsilon`` at ``delta`` (bisection on :func:`epsilon`)."""
     if target_epsilon <= 0 or rounds < 1:
-        raise ValueError("target epsilon must be > 0 and rounds >= 1")
+        raise PrivacyError("target epsilon must be > 0 and rounds >= 1")
 
     def eps(z: float) -> float:
         return epsilon([DpEvent(z, sample_rate, amplified and sample_rate < 1)] * rounds, delta)
@@ -182,7 +184,7 @@ def noise_for_epsilon(target_epsilon: float, delta: float, rounds: int, sample_r
     while eps(hi) > target_epsilon:
         lo, hi = hi, hi * 2
         if hi > 1e4:
-            raise ValueError(f"no noise multiplier reaches epsilon {target_epsilon}")
+            raise PrivacyError(f"no noise multiplier reaches epsilon {target_epsilon}")
     while hi - lo > tolerance:
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if eps(mid) <= target_epsilon else (mid, hi)
@@ -192,6 +194,7 @@ def noise_for_epsilon(target_epsilon: float, delta: float, rounds: int, sample_r
 __all__ = [
     "DP_MODES",
     "MODES",
+    "Charge",
     "DpEvent",
     "DpParams",
     "add_noise",
@@ -200,6 +203,33 @@ __all__ = [
     "epsilon",
     "event_for",
     "l2_norm",
+    "ledger_epsilon",
     "noise_for_epsilon",
     "privatize",
 ]
+
+
+class Charge(Protocol):
+    """One DP round as a ledger records it."""
+
+    @property
+    def mode(self) -> str: ...
+    @property
+    def noise_multiplier(self) -> float: ...
+    @property
+    def clip(self) -> float: ...
+    @property
+    def sample_rate(self) -> float: ...
+    @property
+    def amplified(self) -> bool: ...
+
+
+def ledger_epsilon(rows: Iterable[Charge], delta: float, extra: DpParams | None = None, *,
+                   amplification: bool = False) -> float:
+    """Epsilon at ``delta`` of every ledger row (each with the amplification it was recorded with) plus ``extra``
+    (with the configured ``amplification``), by the RDP accountant."""
+    events = [event_for(DpParams(r.mode, r.noise_multiplier, r.clip, r.sample_rate), trust_sampling=r.amplified)
+              for r in rows]
+    if extra is not None:
+        events.append(event_for(extra, trust_sampling=amplification))
+    return epsilon(events, delta)

@@ -1,7 +1,7 @@
 """SecAgg+ (Bell et al. 2020): the shared math and the device side, as a transport-free state machine.
 
 Transport-free; `fedge.core.secagg_session` puts it on the wire (PROTOCOL.md §9). The hub side is
-`fedge.hub.secagg`. Primitives come from libraries, imported lazily (``cryptography``): X25519, HKDF-SHA256
+`fedge.core.secagg_server`. Primitives come from libraries, imported lazily (``cryptography``): X25519, HKDF-SHA256
 salted with the round id, ChaCha20 keystreams as the mask PRG and AES-GCM for the relayed shares
 (``cryptography``); Shamir sharing over the prime field GF(2^256 + 297) on Python ints, one 33-byte share
 value per 32-byte secret.
@@ -27,7 +27,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedge.protocol.configdoc import doc
-from fedge.protocol.errors import ConfigError
+from fedge.protocol.errors import ConfigError, SecAggError, SecAggFailure
 from fedge.protocol.secagg_wire import (
     HUB,
     AdvertiseKeys,
@@ -36,8 +36,6 @@ from fedge.protocol.secagg_wire import (
     PeerKeys,
     RevealedShare,
     Sealed,
-    SecAggError,
-    SecAggFailure,
     ShareKeys,
     SharesRelay,
     UnmaskRequest,

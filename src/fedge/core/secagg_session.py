@@ -22,12 +22,10 @@ from numpy.typing import NDArray
 from fedge.core.privacy import DpParams, add_noise, clip_update
 from fedge.core.secagg import RoundSetup, SecAggConfig, SecAggDevice, quantise
 from fedge.protocol.codec import encode as encode_frame
-from fedge.protocol.errors import ConfigError
+from fedge.protocol.errors import ConfigError, SecAggError, SecAggFailure
 from fedge.protocol.messages import RoundAnnounce, SecAggStage
 from fedge.protocol.secagg_wire import (
     KeysBroadcast,
-    SecAggError,
-    SecAggFailure,
     SharesRelay,
     StageMessage,
     UnmaskRequest,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -60,13 +59,15 @@ def fit(
     rng: np.random.Generator,
     prox: Prox | None = None,
     stop: Callable[[], bool] | None = None,
+    clock: Callable[[], float] | None = None,
 ) -> FitResult:
     """``epochs`` passes of SGD in batches of ``trainer.batch_size``, reshuffled with ``rng`` each epoch, with an
     optional proximal pull after every step.
 
     The last batch of an epoch may be short (the trainer pads and masks it). ``stop`` is asked before every batch
     (so also between epochs): once it returns True training ends there, with ``stopped`` set (the agent stops at
-    the round's deadline, at its own time limit, or when the round closed).
+    the round's deadline, at its own time limit, or when the round closed). ``clock`` (seconds) times the fit for
+    ``FitResult.seconds`` (0 without one: the round core reads no clock of its own).
     """
     feats = np.asarray(feats, dtype=np.float32)
     labels: NDArray[np.int64] = np.asarray(y, dtype=np.int64)
@@ -80,7 +81,7 @@ def fit(
     first = last = float("nan")
     epoch_losses: list[float] = []
     stopped = False
-    t0 = time.perf_counter()
+    t0 = clock() if clock is not None else 0.0
     for _ in range(epochs):
         if stop is not None and stop():
             stopped = True
@@ -107,7 +108,8 @@ def fit(
         epoch_losses.append(total / seen)
         if stopped:
             break
-    return FitResult(steps, first, last, time.perf_counter() - t0, tuple(epoch_losses), stopped)
+    seconds = clock() - t0 if clock is not None else 0.0
+    return FitResult(steps, first, last, seconds, tuple(epoch_losses), stopped)
 
 
 def evaluate(trainer: Trainer, feats: NDArray[np.float32], y: NDArray[np.integer]) -> Score:

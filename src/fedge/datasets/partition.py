@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from numpy.typing import NDArray
 from fedge.datasets.shifts import Shift
 from fedge.datasets.source import Dataset, load_source
 from fedge.protocol.errors import ConfigError
+from fedge.protocol.fsio import PUBLIC_FILE, atomic_writer
 
 __all__ = [
     "DeviceShard",
@@ -191,13 +191,11 @@ def make_device_shards(
 
 
 def write_npz(path: str | Path, x: NDArray[Any], y: NDArray[Any]) -> Path:
-    """Write ``x`` (float32) and ``y`` (int64) to ``path`` atomically (temp file + rename)."""
+    """Write ``x`` (float32) and ``y`` (int64) to ``path`` durably and atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
+    with atomic_writer(path, PUBLIC_FILE) as fh:
         np.savez(fh, x=np.asarray(x, dtype=np.float32), y=np.asarray(y, dtype=np.int64))
-    os.replace(tmp, path)
     return path
 
 

@@ -15,10 +15,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedge.protocol.errors import ConfigError
+from fedge.protocol.types import F32
 
 __all__ = ["Shift", "contrast", "gaussian_noise", "invert", "rotate"]
 
-F32 = NDArray[np.float32]
 
 
 def _as_f32(x: NDArray[Any]) -> F32:

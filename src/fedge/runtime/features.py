@@ -1,7 +1,7 @@
 """Cache of backbone features, keyed on (local data sha256, backbone sha256): in memory and on disk.
 
 Entries live at ``root/<backbone_sha256[:16]>/<data_sha256[:16]>.npy``; they are written
-atomically (temporary file + ``os.replace``), off the round's critical path in a writer thread, and a file
+atomically (``fsio.atomic_writer``), off the round's critical path in a writer thread, and a file
 that cannot be read back as ``float32 [N, F]`` (``[N, H, W, C]``: the cut before a conv head) with the right
 ``N`` is recomputed and overwritten. The last entry used is also kept in memory, so a long-running agent reads
 the disk only after a restart.
@@ -10,8 +10,6 @@ the disk only after a restart.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import threading
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedge.core.trainer import Trainer
+from fedge.protocol.fsio import atomic_writer
 
 log = logging.getLogger("fedge.agent")
 
@@ -61,17 +60,8 @@ class FeatureCache:
         return arr
 
     def _store(self, path: Path, feats: NDArray[np.float32]) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.save(fh, feats, allow_pickle=False)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_writer(path) as fh:
+            np.save(fh, feats, allow_pickle=False)
 
     def get(
         self, trainer: Trainer, x: NDArray[np.float32], data_sha256: str, backbone_sha256: str

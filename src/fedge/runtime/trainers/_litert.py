@@ -12,6 +12,7 @@ from numpy.typing import NDArray
 
 from fedge.core.trainer import pad_rows
 from fedge.protocol.errors import ArtifactError, ConfigError
+from fedge.runtime.native_log import native_notices_hidden
 
 __all__ = ["BACKBONE_TFLITE", "FixedShapeRunner", "LiteRTModel", "litert_available"]
 
@@ -53,8 +54,12 @@ class FixedShapeRunner:
 
     def __call__(self, **inputs: NDArray[Any]) -> dict[str, NDArray[Any]]:
         if not (self._fast and self._primed):
-            out: dict[str, NDArray[Any]] = self._runner(**inputs)
-            self._primed = True
+            if self._primed:
+                out: dict[str, NDArray[Any]] = self._runner(**inputs)
+            else:  # the first call allocates the tensors: LiteRT logs its XNNPACK delegate notice then
+                with native_notices_hidden():
+                    out = self._runner(**inputs)
+                self._primed = True
             return out
         r = self._runner
         wrapper, graph = r._interpreter_wrapper, r._subgraph_index

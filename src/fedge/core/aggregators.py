@@ -1,6 +1,6 @@
-"""Aggregation: a round's updates become the next global head, pulled toward the source head w0.
+"""Aggregators: a round's updates become the next global head, pulled toward the source head w0.
 
-Strategies (``[aggregation] strategy``):
+The robust aggregators (``[aggregation] strategy``; chosen by :mod:`fedge.core.strategy`):
 
 - ``fedavg``: the weighted mean ``Σ w_k Δ_k / Σ w_k`` with ``w_k = min(n_k, max_weight_ratio · m)``, ``m`` the
   lower median of the cohort's sample counts: a device claiming 10^9 samples weighs at most
@@ -29,18 +29,16 @@ devices × the ``cnn28`` head (2,410 parameters) ≈ 10 MB. Combining works one 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Final
 
 import numpy as np
 from numpy.typing import NDArray
 
 from fedge.core.privacy import DpParams, clip_update, l2_norm
+from fedge.protocol.types import Delta, Head, Shapes
 
-Head = dict[str, NDArray[np.float32]]
-Shapes = Mapping[str, tuple[int, ...]]
-Delta = Mapping[str, NDArray[np.generic]]
 Combined = dict[str, NDArray[np.float64]]
 
 STRATEGY_NAMES: Final = ("fedavg", "median", "trimmed_mean")
@@ -90,6 +88,18 @@ class Bounds:
     def weight_cap(self, counts: Sequence[int]) -> float:
         """The largest weight one update may have: ``max_weight_ratio ×`` the lower median sample count."""
         return self.max_weight_ratio * lower_median([float(c) for c in counts])
+
+
+def recent_norms(recorded: Sequence[tuple[int, Sequence[float]]], rounds: int) -> list[float]:
+    """The accepted updates' norms of the last ``rounds`` recorded rounds (the "auto" bound's history)."""
+    return [float(n) for _rid, norms in list(recorded)[-rounds:] if rounds > 0 for n in norms]
+
+
+def record_norms(recorded: Sequence[tuple[int, Sequence[float]]], rid: int, norms: Sequence[float], keep: int
+                 ) -> list[tuple[int, list[float]]]:
+    """``recorded`` with round ``rid``'s norms (rounded to 9 digits, as stored) added, keeping the last ``keep``."""
+    out = [(r, list(n)) for r, n in recorded if r != rid] + [(rid, [round(float(n), 9) for n in norms])]
+    return out[-keep:] if keep > 0 else []
 
 
 @dataclass(frozen=True)
@@ -224,40 +234,6 @@ class TrimmedMeanAggregator(MedianAggregator):
         return out, None, 0
 
 
-class Strategy(Protocol):
-    """How a round's updates become the next global head."""
-
-    @property
-    def name(self) -> str: ...
-
-    def aggregator(self, shapes: Shapes, history: Sequence[float] = ()) -> Aggregator: ...
-
-
-@dataclass(frozen=True)
-class RobustStrategy:
-    """``fedavg``, ``median`` or ``trimmed_mean`` under :class:`Bounds`, with a proximal pull toward w0."""
-
-    name: str = "fedavg"
-    proximal_lambda: float = 0.0
-    bounds: Bounds = Bounds()
-    trim_fraction: float = 0.2
-
-    def __post_init__(self) -> None:
-        if self.name not in STRATEGY_NAMES:
-            raise ValueError(f"unknown aggregation strategy {self.name!r}")
-        if not self.proximal_lambda >= 0:
-            raise ValueError(f"proximal_lambda must be >= 0, got {self.proximal_lambda}")
-        if not 0 <= self.trim_fraction < 0.5:
-            raise ValueError(f"trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
-
-    def aggregator(self, shapes: Shapes, history: Sequence[float] = ()) -> Aggregator:
-        if self.name == "median":
-            return MedianAggregator(shapes, self.proximal_lambda, self.bounds, history)
-        if self.name == "trimmed_mean":
-            return TrimmedMeanAggregator(shapes, self.proximal_lambda, self.bounds, history, self.trim_fraction)
-        return Aggregator(shapes, self.proximal_lambda, self.bounds, history)
-
-
 class DpAggregator(Aggregator):
     """The DP-FedAvg estimator: every update weighs the same (its sample count is not used, nor sent), the
     sum is divided by a fixed denominator (the expected cohort q·N, not the realised one), and in ``central``
@@ -345,24 +321,16 @@ class SecureSumAggregator(Aggregator):
         return out
 
 
-def make_strategy(name: str, proximal_lambda: float, bounds: Bounds | None = None,
-                  trim_fraction: float = 0.2) -> Strategy:
-    """The strategy named in ``[aggregation] strategy`` (``fedavg``, ``median`` or ``trimmed_mean``)."""
-    return RobustStrategy(name, proximal_lambda, bounds if bounds is not None else Bounds(), trim_fraction)
-
-
 __all__ = [
     "STRATEGY_NAMES",
     "Aggregator",
     "Bounds",
     "DpAggregator",
-    "Head",
     "MedianAggregator",
-    "RobustStrategy",
     "SecureSumAggregator",
-    "Strategy",
     "Summary",
     "TrimmedMeanAggregator",
     "lower_median",
-    "make_strategy",
+    "recent_norms",
+    "record_norms",
 ]

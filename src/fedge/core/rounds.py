@@ -9,15 +9,35 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import numpy as np
 
+from fedge.core.aggregators import Aggregator
 from fedge.core.privacy import DpParams
-from fedge.core.strategies import Aggregator
-from fedge.hub.config import LimitsConfig, RoundsConfig
-from fedge.hub.secagg_round import SecAggCoordinator, SecAggPlan
+from fedge.core.secagg_round import SecAggCoordinator, SecAggPlan
 from fedge.protocol.messages import RoundAnnounce, RoundOverrides
+
+
+class RoundDefaults(Protocol):
+    """The configured defaults of a round (``[rounds]`` of hub.toml)."""
+
+    @property
+    def min_devices(self) -> int: ...
+    @property
+    def deadline_s(self) -> float: ...
+    @property
+    def fraction(self) -> float: ...
+    @property
+    def local_epochs(self) -> int: ...
+    @property
+    def lr(self) -> float: ...
+
+
+class Limits(Protocol):
+    """The operator's ceilings on round overrides (``[limits]`` of hub.toml)."""
+
+    def excess(self, name: str, value: Any) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -35,7 +55,7 @@ class RoundParams:
     secagg: SecAggPlan | None = None  # a secure-aggregation round's public setup
 
     @classmethod
-    def make(cls, defaults: RoundsConfig, overrides: RoundOverrides | None = None) -> RoundParams:
+    def make(cls, defaults: RoundDefaults, overrides: RoundOverrides | None = None) -> RoundParams:
         o = overrides or RoundOverrides()
         return cls(
             min_devices=o.min_devices if o.min_devices is not None else defaults.min_devices,
@@ -65,7 +85,7 @@ UNBOUNDED_OVERRIDES: Final = frozenset({"fraction", "request_id"})
 not a round parameter. Every other field needs a ``limits.max_<field>`` (tests check that)."""
 
 
-def over_limits(overrides: RoundOverrides, limits: LimitsConfig) -> str | None:
+def over_limits(overrides: RoundOverrides, limits: Limits) -> str | None:
     """Why a control request asks for more than ``[limits]`` allows ("; "-joined), or None if it is within them."""
     problems = []
     for f in fields(overrides):
@@ -169,4 +189,7 @@ class OpenRound:
         return len(self.accepted) >= self.params.min_devices
 
 
-__all__ = ["UNBOUNDED_OVERRIDES", "OpenRound", "RoundParams", "over_limits", "poisson_select", "select_devices"]
+__all__ = [
+    "UNBOUNDED_OVERRIDES", "Limits", "OpenRound", "RoundDefaults", "RoundParams", "over_limits", "poisson_select",
+    "select_devices",
+]

@@ -1,5 +1,5 @@
 """SecAgg+ server side: a transport-free state machine that collects stage messages, decides the survivors,
-relays sealed shares it cannot read, and reconstructs only the sum (on the wire: `fedge.hub.secagg_round`).
+relays sealed shares it cannot read, and reconstructs only the sum (on the wire: `fedge.core.secagg_round`).
 
 Survivor sets: U1 advertised keys, U2 sent its shares, U3 sent its masked input, U4 answered the unmask
 request. The sum covers exactly U3. For each u in U3 its self-mask seed is rebuilt from t seed shares;
@@ -29,6 +29,7 @@ from fedge.core.secagg import (
     seed_commitment,
     usable_public_key,
 )
+from fedge.protocol.errors import SecAggError, SecAggFailure
 from fedge.protocol.secagg_wire import (
     HUB,
     AdvertiseKeys,
@@ -37,15 +38,13 @@ from fedge.protocol.secagg_wire import (
     PeerKeys,
     RevealedShare,
     Sealed,
-    SecAggError,
-    SecAggFailure,
     ShareKeys,
     SharesRelay,
     UnmaskRequest,
     UnmaskResponse,
 )
 
-log = logging.getLogger("fedge.hub.secagg")
+log = logging.getLogger("fedge.core.secagg_server")
 _FromDevice = AdvertiseKeys | ShareKeys | MaskedInput | UnmaskResponse
 
 

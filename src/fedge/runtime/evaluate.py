@@ -1,6 +1,6 @@
 """Score a head on the hub's held-out data: backbone features once per backbone, then heads are cheap.
 
-The trainer (``edge_agent.trainers.open_trainer``) runs the backbone and the head forward; the
+The trainer (``fedge.runtime.trainers.open_trainer``) runs the backbone and the head forward; the
 features of the eval set are computed once per backbone sha256 and kept in memory.
 """
 
@@ -15,8 +15,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedge.core.losses import Score, score
+from fedge.protocol.errors import ArtifactError
 
-log = logging.getLogger("fedge.hub.evaluate")
+log = logging.getLogger("fedge.runtime.evaluate")
 
 EvalFn = Callable[[Path, str, Mapping[str, NDArray[np.float32]]], Score | None]
 
@@ -48,7 +49,8 @@ class Evaluator:
             self._trainers = {backbone_sha256: trainer}
             self._y = data.y
             log.info("eval features for backbone %s: %s", backbone_sha256[:16], self._features[backbone_sha256].shape)
-        assert self._y is not None
+        if self._y is None:
+            raise ArtifactError(f"no labels loaded from {self.eval_data}")
         trainer.set_head(dict(head))
         return score(trainer.logits(self._features[backbone_sha256]), self._y)
 

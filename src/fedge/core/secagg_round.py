@@ -1,7 +1,7 @@
 """A secure-aggregation round on the wire: stage frames in, stage frames out, stage deadlines (PROTOCOL.md,
 "Secure aggregation").
 
-The hub's :class:`SecAggCoordinator` wraps the transport-free `fedge.hub.secagg.SecAggServer` for one round.
+The hub's :class:`SecAggCoordinator` wraps the transport-free `fedge.core.secagg_server.SecAggServer` for one round.
 Each stage closes as soon as every device still expected has answered (a device that declined or stayed offline
 past the grace is expected no more), or at the stage's deadline: advertise and share ``stage_timeout_s`` after
 the previous stage closed, masked input at the round's deadline (the devices train during that stage), unmask
@@ -21,20 +21,19 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedge.core.secagg import RoundSetup, SecAggConfig, dequantise
+from fedge.core.secagg_server import SecAggResult, SecAggServer
 from fedge.core.secagg_session import round_tag, stage_frame, stage_of
-from fedge.hub.secagg import SecAggResult, SecAggServer
+from fedge.protocol.errors import SecAggError, SecAggFailure
 from fedge.protocol.messages import SecAggStage
 from fedge.protocol.secagg_wire import (
     AdvertiseKeys,
     MaskedInput,
-    SecAggError,
-    SecAggFailure,
     ShareKeys,
     StageMessage,
     UnmaskResponse,
 )
 
-log = logging.getLogger("fedge.hub.secagg")
+log = logging.getLogger("fedge.core.secagg_server")
 Publish = Callable[[str, bytes], None]  # (device, frame) -> published on device/<device>/secagg
 
 

@@ -1,0 +1,90 @@
+"""The hub's SQLite connection: schema, migrations, the one lock, and the one transaction helper.
+
+:class:`Database` is the base of :class:`~fedge.hub.store.Store`; the tables are grouped in mixins over it
+(:class:`~fedge.hub.store_fleet.FleetTables`: selection, secure sums, rejects, control, devices).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from fedge.hub.store_rows import VersionRow
+from fedge.hub.store_schema import SCHEMA
+from fedge.protocol.fsio import PRIVATE_FILE, private_dir
+
+__all__ = ["Database"]
+
+
+class Database:
+    """One SQLite connection (WAL, ``synchronous=FULL``), guarded by a lock shared by the daemon's threads."""
+
+    def __init__(self, path: Path, *, keep_update_payloads: bool = False) -> None:
+        private_dir(path.parent)
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE))  # SQLite gives -wal/-shm the file's mode
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            if os.path.exists(f"{path}{suffix}"):
+                os.chmod(f"{path}{suffix}", PRIVATE_FILE)
+        self.path = path
+        self.keep_update_payloads = keep_update_payloads
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA secure_delete=ON")  # a dropped payload is overwritten, not just unlinked
+        self._db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Columns added to tables that an older hub.sqlite already has (CREATE TABLE IF NOT EXISTS keeps them)."""
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(secagg_sums)")}
+        if "silent" not in have:
+            self._db.execute("ALTER TABLE secagg_sums ADD COLUMN silent TEXT NOT NULL DEFAULT '[]'")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _one(self, sql: str, args: tuple[Any, ...] = ()) -> Any:
+        with self._lock:
+            return self._db.execute(sql, args).fetchone()
+
+    def _all(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE ... COMMIT; ROLLBACK on any exception), under the store's lock:
+        every statement in the block is committed together or not at all."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def _write(self, sql: str, args: tuple[Any, ...] = ()) -> None:
+        with self.transaction() as db:
+            db.execute(sql, args)
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._one("SELECT value FROM meta WHERE key = ?", (key,))
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._write("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    (key, value))
+
+    def _insert_version(self, row: VersionRow) -> None:
+        """INSERT one version row (inside the caller's transaction)."""
+        self._db.execute("INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         (row.version, row.idx, row.sha256, row.parent, row.round, row.backbone_sha256,
+                          row.accuracy, row.loss, row.created_at))
