@@ -19,6 +19,7 @@ def _tflite_bytes(d: Path) -> int:
     return sum(e.size for name, e in load_manifest(d).files.items() if name.endswith(".tflite"))
 
 
+@pytest.mark.slow  # a MobileNetV2 export (~30 s): make test, not the fast lane
 def test_mobilenet_export_trains_on_the_device(mobilenet_export: tuple[Path, str]) -> None:
     d, _ = mobilenet_export
     m = load_manifest(d)
@@ -29,6 +30,7 @@ def test_mobilenet_export_trains_on_the_device(mobilenet_export: tuple[Path, str
     assert rep["peak_rss_mb"] < 300
 
 
+@pytest.mark.slow  # a MobileNetV2 export (~30 s): make test, not the fast lane
 def test_int8_mobilenet_is_at_most_40_percent_and_trains(mobilenet_export: tuple[Path, str],
                                                          mobilenet_int8_export: tuple[Path, str]) -> None:
     d, _ = mobilenet_int8_export
@@ -53,6 +55,7 @@ def _write_images(root: Path, classes: dict[str, int], size: tuple[int, int], mo
             Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(root / name / f"{i}.png")
 
 
+@pytest.mark.slow  # a MobileNetV2 export (~30 s): make test, not the fast lane
 def test_image_folder_is_decoded_at_the_model_size_and_trains(mobilenet_export: tuple[Path, str],
                                                               tmp_path: Path) -> None:
     d, _ = mobilenet_export

@@ -24,6 +24,7 @@ def _cli(*argv: str) -> int:
     return main(list(argv))
 
 
+@pytest.mark.slow  # a MobileNetV2 export (~30 s): make test, not the fast lane
 def test_mobilenet_export_prints_the_verification_of_every_artifact(mobilenet_export: tuple[Path, str]) -> None:
     d, printed = mobilenet_export
     lines = [line for line in printed.splitlines() if "features" in line and "logits" in line]
