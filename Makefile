@@ -74,11 +74,16 @@ unit: setup
 	$(BIN)/pytest -q
 
 # The agent's tests in the agent-only venv, against artifacts exported in the full one.
+# A Keras MobileNetV2 (float and int8) too: the device trains a real backbone without TensorFlow.
 agent-env-tests: setup agent-venv
-	rm -rf build/agent-artifacts
+	rm -rf build/agent-artifacts build/agent-mobilenet build/agent-mobilenet-int8
 	$(BIN)/python -c "from fedge.export.testing import export_small; export_small('build/agent-artifacts')"
-	FEDGE_AGENT_ENV=1 FEDGE_ARTIFACTS=$(CURDIR)/build/agent-artifacts $(AGENT_VENV)/bin/pytest -q -p no:cacheprovider \
-		tests/agent -m "not full_env"
+	$(BIN)/python -c "from fedge.export.testing import export_mobilenet as e; e('build/agent-mobilenet'); \
+		e('build/agent-mobilenet-int8', quantize='int8')"
+	FEDGE_AGENT_ENV=1 FEDGE_ARTIFACTS=$(CURDIR)/build/agent-artifacts \
+		FEDGE_MOBILENET_ARTIFACTS=$(CURDIR)/build/agent-mobilenet \
+		FEDGE_MOBILENET_INT8_ARTIFACTS=$(CURDIR)/build/agent-mobilenet-int8 \
+		$(AGENT_VENV)/bin/pytest -q -p no:cacheprovider tests/agent -m "not full_env"
 
 # fedge[agent] must install from wheels alone on a Raspberry Pi (aarch64, Python 3.11): no compiler there.
 agent-wheels: setup

@@ -14,6 +14,7 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+NEEDED = ("ai_edge_litert", "numpy", "pillow")  # the runtime, the arrays, image decoding (image-folder data)
 TAGS = ["manylinux_2_36_aarch64", "manylinux_2_34_aarch64", "manylinux_2_28_aarch64", "manylinux_2_27_aarch64",
         "manylinux_2_17_aarch64", "manylinux2014_aarch64", "linux_aarch64"]
 
@@ -37,6 +38,10 @@ def main() -> int:
             return 1
         wheels = sorted(p.name for p in Path(tmp).iterdir())
         size = sum(p.stat().st_size for p in Path(tmp).iterdir()) / 1e6
+    for needed in NEEDED:  # must come as wheels, not be silently dropped by a marker
+        if not any(w.lower().startswith(needed + "-") and w.endswith(".whl") for w in wheels):
+            print(f"fedge[agent] on aarch64 / Python 3.11: no {needed} wheel among {wheels}", file=sys.stderr)
+            return 1
     print(f"fedge[agent] on aarch64 / Python 3.11: {len(wheels)} wheels, {size:.0f} MB, no builds")
     for name in wheels:
         print(f"  {name}")

@@ -36,6 +36,16 @@ TRAIN_STEP = (
            "3 rounds × 5 epochs, 2,000 samples: feature cache vs features computed once per round"),
     Target("feature_cache_speedup", ">=", 8, "same, vs features recomputed every epoch"),
     Target("agent_peak_rss_mb", "<=", 150, "LiteRT agent process fine-tuning the cnn28 head (no TensorFlow)"),
+    Target("mobilenet_feature_ms_per_image", "<=", 50,
+           "Keras MobileNetV2 (α 0.35, 96×96×3) backbone features, LiteRT, one thread, batch 32: ms per image"),
+    Target("mobilenet_head_step_ms_max", "<=", 1,
+           "MobileNetV2 head (1280 → 5) train step, batch 32: the slowest of the LiteRT, ORT and NumPy trainers (ms)"),
+    Target("mobilenet_agent_peak_rss_mb", "<=", 150,
+           "LiteRT agent process: MobileNetV2 features of 128 images, then 5 epochs of head fine-tuning"),
+    Target("mobilenet_int8_size_ratio", "<=", 0.4,
+           "MobileNetV2 export with `--quantize int8`: .tflite bytes over the float export's"),
+    Target("int8_top1_drop_pts", "<=", 1,
+           "cnn28 pre-trained on Fashion-MNIST: top-1 points lost by the int8 backbone on the 10,000 test images"),
 )
 
 ROUND_OVERHEAD = (

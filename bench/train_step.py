@@ -13,8 +13,10 @@ Prints (with ``--json``) ONE JSON object:
 * ``agent_peak_rss_mb``: a separate process that imports only the agent (no TensorFlow), opens
   the LiteRT trainer and fine-tunes the head on the 2,000 samples; its peak RSS. Target <= 150.
 
-plus the raw timings. Artifacts are exported to a temporary directory (TensorFlow is needed
-in this process, never in the RSS subprocess).
+plus the MobileNetV2 and int8 figures of ``bench/_mobilenet.py`` (``mobilenet_feature_ms_per_image`` <= 50,
+``mobilenet_head_step_ms_max`` <= 1, ``mobilenet_agent_peak_rss_mb`` <= 150, ``mobilenet_int8_size_ratio``
+<= 0.4, ``int8_top1_drop_pts`` <= 1) and the raw timings. Artifacts are exported to a temporary directory
+(TensorFlow is needed in this process, never in the RSS subprocesses).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench._mobilenet import int8_top1_drop, run_mobilenet  # noqa: E402
 from bench._targets import TRAIN_STEP, finish  # noqa: E402
 from fedge.core.training import fit  # noqa: E402
 from fedge.protocol.manifest import load_head, load_manifest  # noqa: E402
@@ -262,6 +265,10 @@ def run(samples: int, rounds: int, epochs: int) -> dict[str, Any]:
             agent_loss_last=child["loss_last"],
             agent_total_s=round(child["seconds"], 3),
         )
+
+        # 4. a real backbone (MobileNetV2) float and int8, and what int8 costs in accuracy on the demo's cnn28
+        out.update(run_mobilenet(tmp, RSS_CHILD))
+        out.update(int8_top1_drop(tmp))
     return out
 
 

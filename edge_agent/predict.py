@@ -2,8 +2,9 @@
 
 The personalised head is the head the device last trained from the global model (``personal_head.npz``, kept
 on the device, never sent); when it does not fit the installed model, the global head the device holds is used,
-then the source head. Input: ``.npz`` with ``x`` (``y`` ignored) or ``.csv`` of feature rows (a trailing label
-column, as in training files, is dropped when the width says so).
+then the source head. Input: ``.npz`` with ``x`` (``y`` ignored), ``.csv`` of feature rows (a trailing label
+column, as in training files, is dropped when the width says so), or images (a folder of class sub-folders, or
+a ``.csv`` of ``file,label``; labels ignored).
 """
 
 from __future__ import annotations
@@ -23,10 +24,24 @@ from fedge.edge_agent.state import AgentState
 from fedge.protocol.errors import ArtifactError, DataError
 from fedge.protocol.manifest import load_head, load_manifest
 from fedge.protocol.types import Head
+from fedge.runtime.images import is_image_csv
 
 
-def _inputs(path: Path, shape: tuple[int, ...]) -> NDArray[np.float32]:
+def _images(path: Path) -> bool:
+    if path.is_dir():
+        return True
+    try:
+        return path.suffix.lower() == ".csv" and is_image_csv(path.read_bytes())
+    except OSError:
+        return False  # reported below, with the other read errors
+
+
+def _inputs(path: Path, shape: tuple[int, ...], layout: str = "") -> NDArray[np.float32]:
     width = int(np.prod(shape))
+    if _images(path):
+        from fedge.runtime.data import load_local
+
+        return load_local(path, shape, layout).x  # images: decoded at the model's input size
     try:
         if path.suffix.lower() == ".npz":
             with np.load(path, allow_pickle=False) as z:
@@ -78,7 +93,7 @@ def predict(config: AgentConfig, data: Path, backend: str | None = None) -> tupl
     trainer = open_trainer(folder, backend=backend or config.backend)
     which, head = choose_head(config, backbone, {p.name: p.shape for p in manifest.head})
     trainer.set_head(head)
-    logp = log_softmax(trainer.logits(trainer.features(_inputs(data, manifest.input.shape))))
+    logp = log_softmax(trainer.logits(trainer.features(_inputs(data, manifest.input.shape, manifest.input.layout))))
     return which, logp.argmax(axis=1).astype(np.int64), np.exp(logp.max(axis=1))
 
 

@@ -29,7 +29,8 @@ MAX_SAMPLES_IN_BATCHES = 4
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedge-agent selftest", description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--artifacts", required=True, help="the exported artifacts directory")
-    p.add_argument("--data", help="local data file (.npz with x and y, or .csv); default: a random batch")
+    p.add_argument("--data", help="local data: .npz with x and y, .csv (label last), an image folder (one "
+                   "sub-folder per class) or a .csv of file,label; default: a random batch")
     p.add_argument("--backend", default="auto", choices=["auto", "litert", "ort", "numpy"])
     p.add_argument("--steps", type=int, default=20, help="training steps to run (default 20)")
     p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default 0.05)")
@@ -73,7 +74,7 @@ def _run(args: argparse.Namespace, report: dict[str, Any]) -> bool:
     if args.data:
         from fedge.runtime.data import load_local
 
-        data = load_local(args.data, input_shape=manifest.input.shape)
+        data = load_local(args.data, input_shape=manifest.input.shape, layout=manifest.input.layout)
         x, y = data.x[: MAX_SAMPLES_IN_BATCHES * b], data.y[: MAX_SAMPLES_IN_BATCHES * b]
         report["data"] = str(data.path)
     else:
@@ -87,8 +88,9 @@ def _run(args: argparse.Namespace, report: dict[str, Any]) -> bool:
     t0 = time.perf_counter()
     feats = trainer.features(x)
     report["features_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
-    if feats.shape != (x.shape[0], manifest.feature_dim):
-        raise RuntimeError(f"backbone features have shape {feats.shape}, expected {(x.shape[0], manifest.feature_dim)}")
+    if feats.shape != (x.shape[0], *manifest.features_shape):
+        raise RuntimeError(f"backbone features have shape {feats.shape}, expected "
+                           f"{(x.shape[0], *manifest.features_shape)}")
     loss_first = evaluate(trainer, feats, y).loss
     starts = list(range(0, x.shape[0], b))
     t0 = time.perf_counter()

@@ -36,7 +36,7 @@ from fedge.protocol.manifest import load_head, load_manifest
 from fedge.protocol.messages import Decline, DeclineReason, ModelUpdate, RoundAnnounce, SecAggStage
 from fedge.protocol.topics import Topics
 from fedge.protocol.types import F32, Head
-from fedge.runtime.data import LocalData
+from fedge.runtime.data import LocalData, conform
 from fedge.runtime.features import FeatureCache
 
 log = logging.getLogger("fedge.agent")
@@ -159,12 +159,7 @@ class RoundWorker:
         if bad.size:
             raise DataError(f"{data.path}: label {int(bad[0])} is outside [0, {manifest.num_classes}) "
                             f"({bad.size} of {y.size} labels; the model has {manifest.num_classes} classes)")
-        x = np.asarray(data.x, dtype=np.float32)
-        if x.shape[1:] != shape:
-            if int(np.prod(x.shape[1:])) != int(np.prod(shape)):
-                raise DataError(f"local data {data.path} has samples of shape {x.shape[1:]}, model wants {shape}")
-            x = x.reshape((x.shape[0], *shape))
-        return x
+        return conform(data, shape, manifest.input.layout)  # images: decoded at the model's size
 
     def device_data(self, trainer: Trainer, backbone_sha256: str) -> core.DeviceData:
         data = self._data()

@@ -29,20 +29,29 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     e = sub.add_parser(
         "export",
-        help="export a model to the artifacts folder (model.tflite, backbone.onnx, model.onnx, ort/, manifest.json)",
+        help="export a model to the artifacts folder (model.tflite, backbone.onnx, ort/head, head.npz, manifest.json)",
         description=(
-            "--model is a .keras file (e.g. from `fedge pretrain`) or a zoo name. A zoo name is pre-trained "
-            "first on --dataset (a few seconds) unless --untrained is given (fresh random weights)."
+            "--model is a .keras file (any Keras model LiteRT converts with built-in ops; the layers from "
+            "--head-start on are the trainable head: dense layers, or the last conv block and dense layers; "
+            "everything before is the frozen backbone) or a zoo name. A zoo name is pre-trained first on "
+            "--dataset (a few seconds) unless --untrained is given. "
+            "--backbone takes an ONNX feature extractor instead (e.g. from torch.onnx.export, NCHW) and adds a "
+            "fresh head of --num-classes. Every export is verified against the source before it is written."
         ),
     )
     e.add_argument("--model", default="auto", help="path to a .keras file, or auto|cnn28|mlp")
+    e.add_argument("--backbone", help="an ONNX feature extractor (input [N, ...], output [N, F]) instead of --model")
+    e.add_argument("--hidden", type=int, default=0, help="with --backbone: a hidden ReLU head layer of this width")
+    e.add_argument("--quantize", choices=("int8", "dynamic"),
+                   help="ship the backbone as a quantised features-only backbone.tflite (int8 needs --calibration)")
+    e.add_argument("--calibration", help="int8 calibration data: .npz with x (also the verification samples)")
     e.add_argument("--out", required=True, help="artifacts folder")
     e.add_argument("--head-start", default=None, help="first head layer (default: head0, else the last layer)")
     e.add_argument("--train-batch", type=int, default=32, help="fixed batch size of the TFLite train signatures")
     e.add_argument("--untrained", action="store_true", help="zoo model with fresh seeded weights, no pre-training")
     e.add_argument("--dataset", default="auto", choices=_DATASETS, help="pre-training data for a zoo name")
     e.add_argument("--epochs", type=int, default=2, help="pre-training epochs for a zoo name")
-    e.add_argument("--num-classes", type=int, default=10, help="classes of an --untrained zoo model")
+    e.add_argument("--num-classes", type=int, default=10, help="classes of an --untrained zoo model or a --backbone")
     e.add_argument("--input-dim", type=int, default=64, help="input size of an --untrained mlp")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--no-ort", action="store_true", help="skip the ort/ training artifacts")
@@ -68,19 +77,19 @@ def _summary(m: Manifest, out: Path, seconds: float) -> str:
         f"  head {', '.join(f'{p.name}{list(p.shape)}' for p in m.head)}  ({' -> '.join(m.head_activations)})",
         f"  backbone sha256 {m.backbone_sha256[:16]}...",
     ]
-    lines += [f"  {name:32s} {entry.size:>10,d} B" for name, entry in sorted(m.files.items())]
+    lines += [f"  {name:32s} {entry.size:>10,d} B  {entry.role}" for name, entry in sorted(m.files.items())]
     return "\n".join(lines)
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from fedge.export.exporter import export_model
+    from fedge.export.exporter import export
     from fedge.export.pretrain import pretrain_report
     from fedge.export.zoo import ZOO
 
     start = time.perf_counter()
     out = Path(args.out)
     model: str = args.model
-    is_zoo = (model in ZOO or model == "auto") and not Path(model).exists()
+    is_zoo = (model in ZOO or model == "auto") and not Path(model).exists() and args.backbone is None
     if is_zoo and args.untrained:
         if model == "auto":
             model = "cnn28"
@@ -91,7 +100,15 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"pre-trained {r.model} on {r.dataset} for {args.epochs} epoch(s) in {r.seconds:.1f} s: "
               f"test accuracy {r.test_accuracy:.3f}; saved {keras_path}")
         model = str(keras_path)
-    manifest = export_model(
+    shown: list[str] = []
+
+    def report(line: str) -> None:
+        if not shown:
+            print("verifying every artifact against the source (max abs difference):")
+        shown.append(line)
+        print(line, flush=True)
+
+    result = export(
         model,
         out,
         args.head_start,
@@ -100,6 +117,11 @@ def run_export(args: argparse.Namespace) -> int:
         input_dim=args.input_dim,
         seed=args.seed,
         with_ort=False if args.no_ort else None,
+        backbone=args.backbone,
+        hidden=args.hidden,
+        quantize=args.quantize,
+        calibration=args.calibration,
+        report=report,
     )
-    print(_summary(manifest, out, time.perf_counter() - start))
+    print(_summary(result.manifest, out, time.perf_counter() - start))
     return 0

@@ -1,110 +1,67 @@
-"""The on-device training model (``model.tflite``) built from a :class:`SplitModel`.
+"""The on-device LiteRT models built from a :class:`~fedge.export.split.Split`.
 
-A ``tf.Module`` holds the weights as explicitly created ``tf.Variable`` objects (Keras 3 layers
-inside a ``tf.Module`` are not tracked), with the signatures of ARCHITECTURE.md:
-``train``, ``train_head``, ``infer``, ``features``, ``get_head``, ``set_head``. The batch size is
-fixed (a dynamic batch makes the gradient emit a Flex op) and the loss is the hand-written masked
-mean cross-entropy (``sparse_softmax_cross_entropy_with_logits`` is Flex too). ``train`` and
-``train_head`` update the head only: the backbone is frozen (its digest names the version).
-Converted with built-in ops only.
+``model.tflite``: a ``tf.Module`` that *calls* the Keras backbone (its variables listed explicitly: Keras 3
+layers inside a ``tf.Module`` are not tracked otherwise) and holds the head as ``tf.Variable`` objects, with
+the signatures devices use: ``features`` (unless the backbone ships as its own quantised file), ``train_head``,
+``get_head``, ``set_head``. The batch size is fixed (a dynamic batch makes a gradient emit a Flex op). Built-in
+ops only: Flex (SELECT_TF_OPS) models run in no Python runtime.
+
+``backbone.tflite`` (``--quantize``): the frozen backbone alone, ``features`` only, post-training quantised
+(``int8``: full-integer with a representative data set, float32 in and out; ``dynamic``: dynamic-range
+weights). Quantising every signature of one model together fails, hence the separate file.
 """
 
 from __future__ import annotations
 
+import re
 import tempfile
-from pathlib import Path
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
+from numpy.typing import NDArray
+
+from fedge.export.split import Split
 from fedge.export.tfenv import import_tensorflow
-from fedge.export.zoo import BackboneLayer, SplitModel
+from fedge.export.tflite_head import Signature, train_head_signature
+from fedge.protocol.errors import ConfigError
 
-__all__ = ["SIGNATURES", "build_module", "convert", "export_tflite"]
+__all__ = ["HEAD_SIGNATURES", "QUANTIZE_MODES", "convert_backbone", "convert_model"]
 
-SIGNATURES: tuple[str, ...] = ("train", "train_head", "infer", "features", "get_head", "set_head")
-
-
-def _act(tf: Any, x: Any, act: str) -> Any:
-    if act == "relu":
-        return tf.nn.relu(x)
-    if act == "tanh":
-        return tf.tanh(x)
-    if act == "sigmoid":
-        return tf.sigmoid(x)
-    return x
+HEAD_SIGNATURES: tuple[str, ...] = ("train_head", "get_head", "set_head")
+QUANTIZE_MODES: tuple[str, ...] = ("int8", "dynamic")
 
 
-def build_module(split: SplitModel, batch: int = 32) -> Any:
-    """The ``tf.Module`` with concrete signature functions (a dict in ``module.signatures_``)."""
+def _module(split: Split, with_head: bool, with_backbone: bool = True) -> Any:
     import_tensorflow()
     import tensorflow as tf
 
-    head_names = list(split.head)
-    n_layers = len(split.head_activations)
-    in_shape = [batch, *split.input_shape]
-    feat = split.feature_dim
-
-    class TrainModule(tf.Module):  # type: ignore[misc]
+    class FedgeModule(tf.Module):  # type: ignore[misc]
         def __init__(self) -> None:
             super().__init__(name="fedge")
-            self.backbone_vars = [
-                [tf.Variable(w, trainable=False, name=f"{layer.name}_{j}") for j, w in enumerate(layer.weights)]
-                for layer in split.backbone
-            ]
-            self.head_vars = [tf.Variable(split.head[n], name=n) for n in head_names]
+            keras_backbone: Any = split.keras_backbone if with_backbone else None
+            self.backbone_model: Any = keras_backbone
+            self.backbone_vars = [w.value for w in keras_backbone.weights] if keras_backbone is not None else []
+            names = list(split.head) if with_head else []
+            self.head_names = names
+            self.head_vars = [tf.Variable(split.head[n], name=n) for n in names]
 
-        def backbone(self, x: Any) -> Any:
-            for layer, ws in zip(split.backbone, self.backbone_vars, strict=True):
-                x = _layer(tf, layer, ws, x, batch)
-            return x
+        def features(self, x: Any) -> Any:
+            return self.backbone_model(x, training=False)
 
-        def head(self, f: Any) -> Any:
-            for i, act in enumerate(split.head_activations):
-                f = _act(tf, tf.matmul(f, self.head_vars[2 * i]) + self.head_vars[2 * i + 1], act)
-            return f
+    return FedgeModule()
 
-        def _step(self, f: Any, y: Any, mask: Any, lr: Any) -> Any:
-            """Loss before the update; closed-form backward (ReluGrad is not a built-in op)."""
-            acts, pre = [f], []
-            for i, act in enumerate(split.head_activations):
-                z = tf.matmul(acts[-1], self.head_vars[2 * i]) + self.head_vars[2 * i + 1]
-                pre.append(z)
-                acts.append(_act(tf, z, act))
-            logits = pre[-1]
-            denom = tf.maximum(tf.reduce_sum(mask), 1.0)
-            onehot = tf.one_hot(y, split.num_classes, dtype=tf.float32)
-            logp = tf.nn.log_softmax(logits)
-            loss = tf.reduce_sum(mask * -tf.reduce_sum(onehot * logp, axis=1)) / denom
-            dz = (tf.exp(logp) - onehot) * tf.reshape(mask / denom, [batch, 1])
-            grads: list[Any] = [None] * len(self.head_vars)
-            for i in reversed(range(n_layers)):
-                grads[2 * i] = tf.matmul(acts[i], dz, transpose_a=True)
-                grads[2 * i + 1] = tf.reduce_sum(dz, axis=0)
-                if i > 0:
-                    dz = tf.matmul(dz, self.head_vars[2 * i], transpose_b=True) * tf.cast(pre[i - 1] > 0, tf.float32)
-            for v, g in zip(self.head_vars, grads, strict=True):
-                v.assign_sub(lr * g)
-            return loss
 
-    m = TrainModule()
-    x_spec = tf.TensorSpec(in_shape, tf.float32, name="x")
-    y_spec = tf.TensorSpec([batch], tf.int32, name="y")
-    mask_spec = tf.TensorSpec([batch], tf.float32, name="mask")
-    lr_spec = tf.TensorSpec([], tf.float32, name="lr")
+def _head_io_signatures(m: Any, split: Split) -> dict[str, Signature]:
+    """``get_head() -> {h0_kernel, ...}`` and ``set_head(h0_kernel=..., ...) -> {ok}``."""
+    import_tensorflow()
+    import tensorflow as tf
 
-    def train(x: Any, y: Any, mask: Any, lr: Any) -> Any:
-        return {"loss": m._step(m.backbone(x), y, mask, lr)}
-
-    def train_head(f: Any, y: Any, mask: Any, lr: Any) -> Any:
-        return {"loss": m._step(f, y, mask, lr)}
-
-    def infer(x: Any) -> Any:
-        return {"logits": m.head(m.backbone(x))}
-
-    def features(x: Any) -> Any:
-        return {"features": m.backbone(x)}
+    names = m.head_names
 
     def get_head() -> Any:
-        return {n: tf.identity(v) for n, v in zip(head_names, m.head_vars, strict=True)}
+        return {n: tf.identity(v) for n, v in zip(names, m.head_vars, strict=True)}
 
     def _set(*values: Any) -> Any:
         for v, new in zip(m.head_vars, values, strict=True):
@@ -112,71 +69,112 @@ def build_module(split: SplitModel, batch: int = 32) -> Any:
         return {"ok": tf.constant(1.0, tf.float32)}
 
     # set_head needs one keyword argument per head parameter: generate a function with those names.
-    if not all(n.replace("_", "").isalnum() for n in head_names):
-        raise ValueError(f"bad head parameter names {head_names}")
-    args = ", ".join(head_names)
+    if not all(re.fullmatch(r"h\d+_(kernel|bias)", n) for n in names):
+        raise ValueError(f"bad head parameter names {names}")
+    args = ", ".join(names)
     scope: dict[str, Any] = {"_set": _set}
     exec(f"def set_head({args}):\n    return _set({args})\n", scope)
-    set_specs = [tf.TensorSpec(split.head[n].shape, tf.float32, name=n) for n in head_names]
-
-    f_spec = tf.TensorSpec([batch, feat], tf.float32, name="f")
-    specs: dict[str, tuple[Any, list[Any]]] = {
-        "train": (train, [x_spec, y_spec, mask_spec, lr_spec]),
-        "train_head": (train_head, [f_spec, y_spec, mask_spec, lr_spec]),
-        "infer": (infer, [x_spec]),
-        "features": (features, [x_spec]),
-        "get_head": (get_head, []),
-        "set_head": (scope["set_head"], set_specs),
-    }
-    m.signatures_ = {
-        key: tf.function(fn, input_signature=sig).get_concrete_function() for key, (fn, sig) in specs.items()
-    }
-    return m
+    set_specs = [tf.TensorSpec(split.head[n].shape, tf.float32, name=n) for n in names]
+    return {"get_head": (get_head, []), "set_head": (scope["set_head"], set_specs)}
 
 
-def _layer(tf: Any, layer: BackboneLayer, ws: list[Any], x: Any, batch: int) -> Any:
-    pad = layer.padding.upper()
-    if layer.kind == "conv2d":
-        y = tf.nn.conv2d(x, ws[0], strides=[1, *layer.strides, 1], padding=pad) + ws[1]
-        return _act(tf, y, layer.activation)
-    if layer.kind == "maxpool":
-        return tf.nn.max_pool2d(x, list(layer.pool), list(layer.strides), pad)
-    if layer.kind == "avgpool":
-        return tf.nn.avg_pool2d(x, list(layer.pool), list(layer.strides), pad)
-    if layer.kind in ("globalavg", "globalmax"):
-        reduce = tf.reduce_mean if layer.kind == "globalavg" else tf.reduce_max
-        return reduce(x, axis=[1, 2], keepdims=len(layer.target_shape) == 3)
-    if layer.kind == "flatten":
-        n = 1
-        for d in x.shape[1:]:
-            n *= int(d)
-        return tf.reshape(x, [batch, n])
-    if layer.kind == "reshape":
-        return tf.reshape(x, [batch, *layer.target_shape])
-    if layer.kind == "dense":
-        return _act(tf, tf.matmul(x, ws[0]) + ws[1], layer.activation)
-    if layer.kind == "activation":
-        return _act(tf, x, layer.activation)
-    if layer.kind == "affine":  # Normalization, Rescaling, BatchNormalization (folded)
-        return (x - ws[0]) * ws[1] + ws[2]
-    raise ValueError(f"unknown backbone layer kind {layer.kind!r}")
-
-
-def convert(module: Any) -> bytes:
-    """SavedModel round trip, then TFLite with resource variables and built-in ops only."""
+def _features_signature(m: Any, split: Split, batch: int) -> Signature:
     import_tensorflow()
     import tensorflow as tf
 
+    def features(x: Any) -> Any:
+        return {"features": m.features(x)}
+
+    return features, [tf.TensorSpec([batch, *split.input_shape], tf.float32, name="x")]
+
+
+def _offending_ops(message: str) -> list[str]:
+    ops = re.findall(r"\btf\.([A-Z]\w*)", message) + re.findall(r"\bFlex(\w+)", message)
+    return sorted(set(ops))
+
+
+def _offending_layers(message: str, split: Split) -> list[str]:
+    """Backbone layers named in the converter's op locations (``.../<layer>_1/<Op>@...``)."""
+    if split.keras_backbone is None:
+        return []
+    parts = set(re.findall(r"/([A-Za-z0-9_.-]+?)(?:_\d+)?/[A-Z]\w*@", message))
+    return [layer.name for layer in split.keras_backbone.layers
+            if layer.name in parts and type(layer).__name__ != "InputLayer"]
+
+
+def _conversion_error(exc: Exception, split: Split, what: str) -> ConfigError:
+    """Name the ops (and the backbone layers they come from) the LiteRT converter refused."""
+    text = str(exc)
+    ops = _offending_ops(text)
+    layers = _offending_layers(text, split)
+    where = f" in layer {', '.join(repr(n) for n in layers)}" if layers else ""
+    if ops:
+        found = f"op {', '.join(ops)}{where}"
+    else:
+        found = f"the backbone{where} ({text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__})"
+    return ConfigError("model", f"LiteRT cannot convert {found} to {what} with built-in ops: replace that layer "
+                       "with one LiteRT converts with built-in ops, or move --head-start so that the layer is not in "
+                       "the backbone")
+
+
+def _convert(m: Any, signatures: dict[str, Signature], split: Split, what: str,
+             configure: Callable[[Any], None] | None = None) -> bytes:
+    import_tensorflow()
+    import tensorflow as tf
+
+    concrete = {key: tf.function(fn, input_signature=sig).get_concrete_function()
+                for key, (fn, sig) in signatures.items()}
     with tempfile.TemporaryDirectory(prefix="fedge-savedmodel-") as tmp:
-        tf.saved_model.save(module, tmp, signatures=module.signatures_)
-        converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=list(SIGNATURES))
+        tf.saved_model.save(m, tmp, signatures=concrete)
+        converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=list(signatures))
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
         converter.experimental_enable_resource_variables = True
-        data: bytes = converter.convert()
+        if configure is not None:
+            configure(converter)
+        try:
+            with warnings.catch_warnings():  # the int8 calibrator runs TF's own (deprecated) tf.lite.Interpreter
+                warnings.filterwarnings("ignore", message=r"(?s).*tf\.lite\.Interpreter is deprecated")
+                data: bytes = converter.convert()
+        except Exception as exc:  # ConverterError, ValueError, ...: all mean "this graph does not convert"
+            raise _conversion_error(exc, split, what) from exc
     return data
 
 
-def export_tflite(split: SplitModel, path: str | Path, batch: int = 32) -> Path:
-    out = Path(path)
-    out.write_bytes(convert(build_module(split, batch)))
-    return out
+def convert_model(split: Split, batch: int, with_features: bool = True) -> bytes:
+    """``model.tflite``: ``features`` (when ``with_features``), ``train_head``, ``get_head``, ``set_head``."""
+    m = _module(split, with_head=True, with_backbone=with_features)
+    signatures = {"train_head": train_head_signature(m, split, batch), **_head_io_signatures(m, split)}
+    if with_features:
+        signatures["features"] = _features_signature(m, split, batch)
+    return _convert(m, signatures, split, "model.tflite")
+
+
+def _calibration_batches(x: NDArray[np.float32], batch: int, limit: int = 256) -> Iterator[dict[str, Any]]:
+    rows = x[:limit]
+    for s in range(0, len(rows), batch):
+        part = rows[s : s + batch]
+        if len(part) < batch:  # repeat rows to fill the fixed batch (zero rows would skew the ranges)
+            part = np.resize(part, (batch, *part.shape[1:]))
+        yield {"x": np.ascontiguousarray(part, dtype=np.float32)}
+
+
+def convert_backbone(split: Split, batch: int, mode: str, calibration: NDArray[np.float32] | None) -> bytes:
+    """``backbone.tflite``: the ``features`` signature alone, quantised (``mode``: int8 or dynamic)."""
+    import_tensorflow()
+    import tensorflow as tf
+
+    if mode not in QUANTIZE_MODES:
+        raise ConfigError("quantize", f"unknown mode {mode!r} (choose {', '.join(QUANTIZE_MODES)})")
+    if mode == "int8" and (calibration is None or len(calibration) == 0):
+        raise ConfigError("calibration", "--quantize int8 needs --calibration data.npz (an array 'x' of inputs)")
+    m = _module(split, with_head=False)
+
+    def configure(converter: Any) -> None:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if mode == "int8" and calibration is not None:
+            rows = calibration
+            converter.representative_dataset = lambda: _calibration_batches(rows, batch)
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+
+    return _convert(m, {"features": _features_signature(m, split, batch)}, split, f"an {mode} backbone.tflite",
+                    configure)

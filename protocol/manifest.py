@@ -42,6 +42,7 @@ __all__ = [
 FORMAT = 1
 MANIFEST_FILE = "manifest.json"
 HEAD_FILE = "head.npz"
+LAYOUTS = ("", "NHWC", "NCHW")
 _HEAD_NAME = re.compile(r"^h(\d+)_(kernel|bias)$")
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 
@@ -57,17 +58,22 @@ class HeadParam:
 
 @dataclass(frozen=True)
 class InputSpec:
-    """The model input: name, per-example shape (no batch dimension), dtype."""
+    """The model input: name, per-example shape (no batch dimension), dtype; ``layout`` ``NHWC``/``NCHW`` for
+    images (``""``: not an image model, or an older manifest: channels last)."""
 
     name: str
     shape: tuple[int, ...]
     dtype: str = "float32"
+    layout: str = ""
 
 
 @dataclass(frozen=True)
 class FileEntry:
+    """One artifact file: sha256, size and what it is for (``role``; empty in older manifests)."""
+
     sha256: str
     size: int
+    role: str = ""
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,12 @@ class Manifest:
     files: Mapping[str, FileEntry] = field(default_factory=dict)
     created: str = ""
     format: int = FORMAT
+    feature_shape: tuple[int, ...] = ()  # set when the features are not a vector: [H, W, C] before a conv head
+
+    @property
+    def features_shape(self) -> tuple[int, ...]:
+        """Per-sample shape of the backbone features (what the head takes; the feature cache stores)."""
+        return self.feature_shape or (self.feature_dim,)
 
     @property
     def head_spec(self) -> list[tuple[str, tuple[int, ...]]]:
@@ -95,14 +107,17 @@ class Manifest:
         return {
             "format": self.format,
             "model": self.model,
-            "input": {"name": self.input.name, "shape": list(self.input.shape), "dtype": self.input.dtype},
+            "input": {"name": self.input.name, "shape": list(self.input.shape), "dtype": self.input.dtype,
+                      **({"layout": self.input.layout} if self.input.layout else {})},
             "feature_dim": self.feature_dim,
+            **({"feature_shape": list(self.feature_shape)} if self.feature_shape else {}),
             "num_classes": self.num_classes,
             "train_batch": self.train_batch,
             "head": [{"name": p.name, "shape": list(p.shape), "dtype": p.dtype} for p in self.head],
             "head_activations": list(self.head_activations),
             "backbone_sha256": self.backbone_sha256,
-            "files": {k: {"sha256": v.sha256, "size": v.size} for k, v in sorted(self.files.items())},
+            "files": {k: {"sha256": v.sha256, "size": v.size, **({"role": v.role} if v.role else {})}
+                      for k, v in sorted(self.files.items())},
             "created": self.created,
         }
 
@@ -129,7 +144,10 @@ class Manifest:
             name=_get(inp, "name", str, "input.name"),
             shape=_shape(inp, "shape", "input.shape"),
             dtype=_get(inp, "dtype", str, "input.dtype"),
+            layout=_get(inp, "layout", str, "input.layout") if "layout" in inp else "",
         )
+        if input_spec.layout not in LAYOUTS:
+            raise ArtifactError(f"manifest field 'input.layout': {input_spec.layout!r} is not one of NHWC, NCHW")
         head_raw = _get(raw, "head", list, "head")
         if not head_raw:
             raise ArtifactError("manifest field 'head': empty")
@@ -158,11 +176,13 @@ class Manifest:
             sha = _get(entry, "sha256", str, f"{where}.sha256")
             if not _HEX.match(sha):
                 raise ArtifactError(f"manifest field {where}.sha256: not a lowercase sha256 hex digest")
-            files[name] = FileEntry(sha, _int(entry, "size", f"{where}.size"))
+            role = _get(entry, "role", str, f"{where}.role") if "role" in entry else ""
+            files[name] = FileEntry(sha, _int(entry, "size", f"{where}.size"), role)
         return cls(
             model=_get(raw, "model", str, "model"),
             input=input_spec,
             feature_dim=_int(raw, "feature_dim", "feature_dim"),
+            feature_shape=_shape(raw, "feature_shape", "feature_shape") if "feature_shape" in raw else (),
             num_classes=_int(raw, "num_classes", "num_classes"),
             train_batch=_int(raw, "train_batch", "train_batch"),
             head=tuple(head),

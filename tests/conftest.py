@@ -90,3 +90,33 @@ def artifacts_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("artifacts") / "cnn28"
     export_small(d, model="cnn28")
     return d
+
+
+def _mobilenet(tmp_path_factory: pytest.TempPathFactory, env: str, quantize: str | None) -> tuple[Path, str]:
+    """A Keras MobileNetV2 (alpha 0.35, 96x96x3, weights=None, Dense head) exported through ``fedge export``
+    (its printed verification returned too), or ``$env`` (CI's agent-only venv: exported in the full one)."""
+    given = os.environ.get(env)
+    if given:
+        d = Path(given)
+        assert (d / "manifest.json").is_file(), f"{env}={given} has no manifest.json"
+        return d, ""
+    import contextlib
+    import io
+
+    from fedge.export.testing import export_mobilenet
+
+    d = tmp_path_factory.mktemp("mobilenet") / (quantize or "float")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        export_mobilenet(d, quantize=quantize, report=print)
+    return d, printed.getvalue()
+
+
+@pytest.fixture(scope="session")
+def mobilenet_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    return _mobilenet(tmp_path_factory, "FEDGE_MOBILENET_ARTIFACTS", None)
+
+
+@pytest.fixture(scope="session")
+def mobilenet_int8_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    return _mobilenet(tmp_path_factory, "FEDGE_MOBILENET_INT8_ARTIFACTS", "int8")

@@ -88,7 +88,7 @@ def prepare(paths: DemoPaths, devices: int, seed: int, quiet: bool) -> dict[str,
     try:
         verify_artifacts(paths.artifacts)
     except FedgeError:
-        _say(quiet, "[2/4] exporting: model.tflite, backbone.onnx, model.onnx, ort/, manifest.json")
+        _say(quiet, "[2/4] exporting: model.tflite, backbone.onnx, ort/head, head.npz, manifest.json")
         export_model(str(paths.source_model), paths.artifacts)
     base = Shift(rotation_deg=BASE_ROTATION, contrast=BASE_CONTRAST, noise_sigma=0.0)
     if data.x_train.ndim != 4:  # feature vectors: no image shift

@@ -174,3 +174,47 @@ def test_head_forward_matches_reference() -> None:
     f = rng.normal(size=(5, F)).astype(np.float32)
     a = np.maximum(f @ head["h0_kernel"] + head["h0_bias"], 0) @ head["h1_kernel"] + head["h1_bias"]
     np.testing.assert_allclose(head_forward(head, f), a, rtol=1e-6)
+
+
+def _conv_head_loss64(head: dict[str, NDArray[np.float64]], f: NDArray[np.float32], y: NDArray[np.int64]) -> float:
+    """An independent float64 reference of a conv head: einsum over sliding windows, mean pool, dense."""
+    a = f.astype(np.float64)
+    n = len(head) // 2
+    for i in range(n):
+        w, b = head[f"h{i}_kernel"], head[f"h{i}_bias"]
+        if w.ndim == 4:
+            kh, kw = w.shape[:2]
+            pt, pl = (kh - 1) // 2, (kw - 1) // 2
+            ap = np.pad(a, ((0, 0), (pt, kh - 1 - pt), (pl, kw - 1 - pl), (0, 0)))
+            z = np.einsum("nhwcij,ijco->nhwo", np.lib.stride_tricks.sliding_window_view(ap, (kh, kw), axis=(1, 2)),
+                          w) + b
+        else:
+            a = a.mean(axis=(1, 2)) if a.ndim == 4 else a
+            z = a @ w + b
+        a = np.maximum(z, 0) if i < n - 1 else z
+    z = a - a.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-logp[np.arange(len(y)), y].mean())
+
+
+def test_conv_head_gradients_match_central_differences_of_a_float64_reference() -> None:
+    rng = np.random.default_rng(0)
+    head = {"h0_kernel": rng.normal(0, 0.3, (3, 2, 4, 5)), "h0_bias": rng.normal(0, 0.1, 5),  # an even kernel side
+            "h1_kernel": rng.normal(0, 0.3, (1, 1, 5, 6)), "h1_bias": rng.normal(0, 0.1, 6),
+            "h2_kernel": rng.normal(0, 0.3, (6, 3)), "h2_bias": rng.normal(0, 0.1, 3)}
+    head32 = {k: v.astype(np.float32) for k, v in head.items()}
+    f = rng.normal(size=(4, 5, 5, 4)).astype(np.float32)
+    y = np.array([0, 1, 2, 1])
+    loss, grads = head_loss_and_grads(head32, f, y, np.ones(4, np.float32))
+    ref64 = {k: v.astype(np.float64) for k, v in head32.items()}
+    assert loss == pytest.approx(_conv_head_loss64(ref64, f, y), rel=1e-5)
+    np.testing.assert_allclose(head_forward(head32, f).shape, (4, 3))
+    for name, g in grads.items():
+        num = np.zeros(g.shape)
+        for idx in np.ndindex(g.shape):
+            plus, minus = dict(ref64), dict(ref64)
+            plus[name], minus[name] = ref64[name].copy(), ref64[name].copy()
+            plus[name][idx] += 1e-5
+            minus[name][idx] -= 1e-5
+            num[idx] = (_conv_head_loss64(plus, f, y) - _conv_head_loss64(minus, f, y)) / 2e-5
+        np.testing.assert_allclose(g, num, atol=1e-6, err_msg=name)

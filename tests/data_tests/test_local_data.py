@@ -107,7 +107,9 @@ def _bad_cases(tmp: Path) -> list[tuple[Path, str, list[int] | None]]:
     add(tmp / "nancsv.csv", "non-finite")
     (tmp / "latin.csv").write_bytes(b"\xff\xfe1,2,0\n")
     add(tmp / "latin.csv", "not UTF-8")
-    add(tmp, "unknown file type")  # a directory without a data suffix
+    add(tmp, "no image files")  # a directory without a data suffix is an image folder: this one has no images
+    (tmp / "notes.txt").write_text("x")
+    add(tmp / "notes.txt", "unknown file type")
     (tmp / "dir.npz").mkdir()
     add(tmp / "dir.npz", "is a directory")
     return cases

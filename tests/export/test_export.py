@@ -82,12 +82,14 @@ def test_manifest_verifies_and_lists_every_written_file(cnn28_export: Exported) 
     m = verify_artifacts(cnn28_export.dir)
     on_disk = {p.relative_to(cnn28_export.dir).as_posix() for p in cnn28_export.dir.rglob("*") if p.is_file()}
     assert set(m.files) == on_disk - {"manifest.json"}
-    for required in ("model.tflite", "backbone.onnx", "model.onnx", "head.npz", "ort/head/checkpoint",
-                     "ort/head/training_model.onnx", "ort/head/eval_model.onnx", "ort/head/optimizer_model.onnx",
-                     "ort/full/checkpoint", "ort/full/training_model.onnx", "ort/full/optimizer_model.onnx"):
-        assert required in m.files
-    assert (m.model, m.input.name, m.input.shape, m.feature_dim, m.num_classes, m.train_batch) == (
-        "cnn28", "x", (28, 28, 1), 64, 10, 32)
+    assert set(m.files) == {"model.tflite", "backbone.onnx", "head.npz", "ort/head/checkpoint",
+                            "ort/head/training_model.onnx", "ort/head/eval_model.onnx", "ort/head/optimizer_model.onnx"}
+    # only what devices use: no full-model inference/training files
+    assert not {"model.onnx", "ort/full/checkpoint"} & set(m.files)
+    assert all(entry.role for entry in m.files.values())
+    assert "LiteRT" in m.files["model.tflite"].role and "features" in m.files["backbone.onnx"].role
+    assert (m.model, m.input.name, m.input.shape, m.input.layout, m.feature_dim, m.num_classes, m.train_batch) == (
+        "cnn28", "x", (28, 28, 1), "NHWC", 64, 10, 32)
     assert m.head_spec == [("h0_kernel", (64, 32)), ("h0_bias", (32,)), ("h1_kernel", (32, 10)), ("h1_bias", (10,))]
     assert m.head_activations == ("relu", "linear")
     assert m.created.endswith("Z")
@@ -119,17 +121,13 @@ def test_tflite_signatures_have_the_documented_names_and_shapes(cnn28_export: Ex
     sigs = it.get_signature_list()
     heads = ["h0_bias", "h0_kernel", "h1_bias", "h1_kernel"]
     assert {k: (sorted(v["inputs"]), sorted(v["outputs"])) for k, v in sigs.items()} == {
-        "train": (["lr", "mask", "x", "y"], ["loss"]),
         "train_head": (["f", "lr", "mask", "y"], ["loss"]),
-        "infer": (["x"], ["logits"]),
         "features": (["x"], ["features"]),
         "get_head": ([], heads),
         "set_head": (heads, ["ok"]),
     }
     x, y, mask, lr = _images(B, 1), np.zeros(B, np.int32), np.ones(B, np.float32), np.float32(0.0)
-    assert it.get_signature_runner("infer")(x=x)["logits"].shape == (B, 10)
     assert it.get_signature_runner("features")(x=x)["features"].shape == (B, 64)
-    assert it.get_signature_runner("train")(x=x, y=y, mask=mask, lr=lr)["loss"].shape == ()
     f = np.zeros((B, 64), np.float32)
     assert it.get_signature_runner("train_head")(f=f, y=y, mask=mask, lr=lr)["loss"].dtype == np.float32
     got = it.get_signature_runner("get_head")()
@@ -137,21 +135,28 @@ def test_tflite_signatures_have_the_documented_names_and_shapes(cnn28_export: Ex
                                                     "h1_bias": (10,)}
     assert float(it.get_signature_runner("set_head")(**got)["ok"]) == 1.0
     with pytest.raises(RuntimeError):  # the batch is fixed
-        it.get_signature_runner("infer")(x=_images(B + 1, 1))
+        it.get_signature_runner("features")(x=_images(B + 1, 1))
 
 
-def test_litert_infer_equals_keras_logits(cnn28_export: Exported) -> None:
+def _head_logits(head: dict[str, F32], f: F32) -> F32:
+    _acts, pre = _np_forward(head, f)
+    return pre[-1].astype(np.float32)
+
+
+def test_litert_features_and_head_equal_keras_logits(cnn28_export: Exported) -> None:
     x = _images(B, 2)
-    got = _interpreter(cnn28_export.dir).get_signature_runner("infer")(x=x)["logits"]
-    np.testing.assert_allclose(got, np.asarray(cnn28_export.keras_model(x)), atol=1e-4)
+    it = _interpreter(cnn28_export.dir)
+    feats = it.get_signature_runner("features")(x=x)["features"]
+    head = {k: np.asarray(v) for k, v in it.get_signature_runner("get_head")().items()}
+    np.testing.assert_allclose(_head_logits(head, feats), np.asarray(cnn28_export.keras_model(x)), atol=1e-4)
 
 
-def test_onnx_model_and_backbone_equal_keras(cnn28_export: Exported) -> None:
+def test_onnx_backbone_and_head_equal_keras(cnn28_export: Exported) -> None:
     x = _images(5, 3)  # dynamic batch
-    logits = _ort(cnn28_export.dir / "model.onnx").run(["logits"], {"x": x})[0]
     feats = _ort(cnn28_export.dir / "backbone.onnx").run(["features"], {"x": x})[0]
-    np.testing.assert_allclose(logits, np.asarray(cnn28_export.keras_model(x)), atol=1e-4)
     np.testing.assert_allclose(feats, _keras_features(cnn28_export.keras_model, x), atol=1e-4)
+    logits = _head_logits(load_head(cnn28_export.dir), feats)
+    np.testing.assert_allclose(logits, np.asarray(cnn28_export.keras_model(x)), atol=1e-4)
 
 
 def test_litert_features_equal_backbone_onnx(cnn28_export: Exported) -> None:
@@ -183,27 +188,30 @@ def test_litert_train_head_equals_numpy_sgd_for_20_steps(cnn28_export: Exported)
     assert not np.allclose(final["h1_kernel"], load_head(cnn28_export.dir)["h1_kernel"])
 
 
-def test_litert_train_on_images_decreases_the_loss_and_matches_train_head(cnn28_export: Exported) -> None:
+def test_litert_train_head_on_image_features_decreases_the_loss_and_freezes_the_backbone(
+        cnn28_export: Exported) -> None:
     x, y = _images(B, 6), (np.arange(B) % 10).astype(np.int32)
     mask, lr = np.ones(B, np.float32), np.float32(0.5)
-    a, b = _interpreter(cnn28_export.dir), _interpreter(cnn28_export.dir)
-    f = b.get_signature_runner("features")(x=x)["features"]
-    losses_x = [float(a.get_signature_runner("train")(x=x, y=y, mask=mask, lr=lr)["loss"]) for _ in range(10)]
-    losses_f = [float(b.get_signature_runner("train_head")(f=f, y=y, mask=mask, lr=lr)["loss"]) for _ in range(10)]
-    assert all(later < earlier for earlier, later in itertools.pairwise(losses_x))
-    np.testing.assert_allclose(losses_x, losses_f, rtol=1e-4)
+    it = _interpreter(cnn28_export.dir)
+    f = it.get_signature_runner("features")(x=x)["features"]
+    losses = [float(it.get_signature_runner("train_head")(f=f, y=y, mask=mask, lr=lr)["loss"]) for _ in range(10)]
+    assert all(later < earlier for earlier, later in itertools.pairwise(losses))
     # the backbone is frozen: features are unchanged by training
-    np.testing.assert_allclose(a.get_signature_runner("features")(x=x)["features"], f, atol=1e-6)
+    np.testing.assert_allclose(it.get_signature_runner("features")(x=x)["features"], f, atol=1e-6)
 
 
-def test_litert_set_head_changes_inference(cnn28_export: Exported) -> None:
+def test_litert_set_head_changes_the_model(cnn28_export: Exported) -> None:
     it = _interpreter(cnn28_export.dir)
     head = {k: np.zeros_like(v) for k, v in load_head(cnn28_export.dir).items()}
     head["h1_bias"] = np.arange(10, dtype=np.float32)
     it.get_signature_runner("set_head")(**head)
-    logits = it.get_signature_runner("infer")(x=_images(B, 8))["logits"]
-    np.testing.assert_allclose(logits, np.tile(np.arange(10, dtype=np.float32), (B, 1)))
     np.testing.assert_array_equal(it.get_signature_runner("get_head")()["h1_bias"], head["h1_bias"])
+    # logits are the bias alone now: the loss of label 9 is -log_softmax(arange(10))[9]
+    f = it.get_signature_runner("features")(x=_images(B, 8))["features"]
+    loss = float(it.get_signature_runner("train_head")(f=f, y=np.full(B, 9, np.int32), mask=np.ones(B, np.float32),
+                                                       lr=np.float32(0.0))["loss"])
+    z = np.arange(10.0)
+    assert loss == pytest.approx(float(np.log(np.exp(z).sum()) - 9.0), rel=1e-5)
 
 
 # ---- ONNX Runtime training ------------------------------------------------------------------------
@@ -236,22 +244,4 @@ def test_ort_head_artifacts_train_like_numpy(cnn28_export: Exported) -> None:
         module.lazy_reset_grad()
         want = _np_sgd_step(ref, f, y, np.ones(20, np.float32), 0.05)
         assert losses[-1] == pytest.approx(want, rel=1e-4)
-    assert losses[-1] < losses[0]
-
-
-def test_ort_full_artifacts_train_only_the_head(cnn28_export: Exported) -> None:
-    state, module, opt = _ort_training(cnn28_export.dir / "ort" / "full", 0.1)
-    params = dict(state.parameters)
-    assert {"h0_kernel", "h0_bias", "h1_kernel", "h1_bias"} <= set(params)
-    frozen = [n for n in params if not n.startswith("h")]
-    assert frozen and all(not params[n].requires_grad for n in frozen)
-    assert all(params[n].requires_grad for n in ("h0_kernel", "h1_bias"))
-    assert module.input_names() == ["x", "labels"]
-    x, y = _images(16, 10), (np.arange(16) % 10).astype(np.int64)
-    module.train()
-    losses = []
-    for _ in range(5):
-        losses.append(float(module(x, y)))
-        opt.step()
-        module.lazy_reset_grad()
     assert losses[-1] < losses[0]

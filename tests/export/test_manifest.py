@@ -34,12 +34,12 @@ def test_a_flipped_byte_makes_verify_name_the_file(copy: Path, name: str) -> Non
 
 
 def test_a_missing_or_resized_file_is_named(copy: Path) -> None:
-    (copy / "ort" / "full" / "eval_model.onnx").unlink()
-    with pytest.raises(ArtifactError, match=r"'ort/full/eval_model\.onnx' is missing"):
+    (copy / "ort" / "head" / "eval_model.onnx").unlink()
+    with pytest.raises(ArtifactError, match=r"'ort/head/eval_model\.onnx' is missing"):
         verify_artifacts(copy)
-    with open(copy / "model.onnx", "ab") as fh:
+    with open(copy / "backbone.onnx", "ab") as fh:
         fh.write(b"\0")
-    with pytest.raises(ArtifactError, match=r"'model\.onnx': .* bytes"):
+    with pytest.raises(ArtifactError, match=r"'backbone\.onnx': .* bytes"):
         verify_artifacts(copy)
 
 
@@ -69,6 +69,8 @@ def _mutated(copy: Path, change: Any) -> None:
         (lambda r: r["files"]["model.tflite"].pop("size"), "files['model.tflite'].size"),
         (lambda r: r["files"].update({"../evil": {"sha256": "0" * 64, "size": 1}}), "files"),
         (lambda r: r.update(train_batch=True), "train_batch"),
+        (lambda r: r["input"].update(layout="CHWN"), "input.layout"),
+        (lambda r: r["files"]["model.tflite"].update(role=3), "files['model.tflite'].role"),
     ],
 )
 def test_invalid_manifest_fields_are_named(copy: Path, change: Any, field: str) -> None:

@@ -22,6 +22,23 @@ def _ort_run(path: Path, x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     return out
 
 
+def _logits(art: Path, x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """backbone.onnx features through the head of head.npz (ReLU between layers)."""
+    from fedge.runtime.trainers.numpy_head import head_forward
+
+    return head_forward(load_head(art), _ort_run(art / "backbone.onnx", x))
+
+
+def _litert_logits(art: Path, x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    from ai_edge_litert.interpreter import Interpreter
+
+    from fedge.runtime.trainers.numpy_head import head_forward
+
+    it = Interpreter(model_path=str(art / "model.tflite"))
+    head = {k: np.asarray(v) for k, v in it.get_signature_runner("get_head")().items()}
+    return head_forward(head, it.get_signature_runner("features")(x=x)["features"])
+
+
 def _parser() -> argparse.ArgumentParser:
     from fedge.export.cli import add_subcommands
 
@@ -42,10 +59,10 @@ def test_export_small_mlp_runs_under_litert_and_onnx(tmp_path: Path) -> None:
     verify_artifacts(tmp_path / "mlp")
     x = np.random.default_rng(0).random((16, 64), dtype=np.float32)
     it = Interpreter(model_path=str(tmp_path / "mlp" / "model.tflite"))
-    np.testing.assert_allclose(it.get_signature_runner("infer")(x=x)["logits"],
-                               _ort_run(tmp_path / "mlp" / "model.onnx", x), atol=1e-4)
+    np.testing.assert_allclose(_litert_logits(tmp_path / "mlp", x), _logits(tmp_path / "mlp", x), atol=1e-4)
     y, mask = np.zeros(16, np.int32), np.ones(16, np.float32)
-    losses = [float(it.get_signature_runner("train")(x=x, y=y, mask=mask, lr=np.float32(0.5))["loss"])
+    f = it.get_signature_runner("features")(x=x)["features"]
+    losses = [float(it.get_signature_runner("train_head")(f=f, y=y, mask=mask, lr=np.float32(0.5))["loss"])
               for _ in range(3)]
     assert losses[2] < losses[0]
 
@@ -79,6 +96,7 @@ def test_keras_file_with_head_start_via_cli(tmp_path: Path, capsys: pytest.Captu
     assert args.handler(args) == 0
     printed = capsys.readouterr().out
     assert "exported custom" in printed and "model.tflite" in printed
+    assert "verifying every artifact" in printed and "features" in printed and "ok" in printed
 
     m = verify_artifacts(tmp_path / "art")
     assert (m.feature_dim, m.num_classes, m.train_batch) == (24, 5, 8)
@@ -87,11 +105,8 @@ def test_keras_file_with_head_start_via_cli(tmp_path: Path, capsys: pytest.Captu
     np.testing.assert_array_equal(load_head(tmp_path / "art")["h1_kernel"], model.get_layer("hB").get_weights()[0])
     x = np.random.default_rng(2).random((8, 28, 28, 1), dtype=np.float32)
     want = np.asarray(model(x, training=False))
-    np.testing.assert_allclose(_ort_run(tmp_path / "art" / "model.onnx", x), want, atol=1e-4)
-    from ai_edge_litert.interpreter import Interpreter
-
-    it = Interpreter(model_path=str(tmp_path / "art" / "model.tflite"))
-    np.testing.assert_allclose(it.get_signature_runner("infer")(x=x)["logits"], want, atol=1e-4)
+    np.testing.assert_allclose(_logits(tmp_path / "art", x), want, atol=1e-4)
+    np.testing.assert_allclose(_litert_logits(tmp_path / "art", x), want, atol=1e-4)
 
 
 def test_cli_untrained_zoo_export_prints_a_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -106,21 +121,28 @@ def test_cli_untrained_zoo_export_prints_a_summary(tmp_path: Path, capsys: pytes
 def test_split_errors_name_the_problem() -> None:
     import keras
 
-    from fedge.export.zoo import cnn28, split_model
+    from fedge.export.split import split_keras
+    from fedge.export.zoo import cnn28
 
     with pytest.raises(ConfigError, match=r"head_start.*no layer named 'nope'"):
-        split_model(cnn28(10), "nope")
+        split_keras(cnn28(10), "nope")
     with pytest.raises(ConfigError, match=r"head_start.*'flatten' is Flatten, not Dense"):
-        split_model(cnn28(10), "flatten")
+        split_keras(cnn28(10), "flatten")
     inp = keras.Input((6,))
-    a, b = keras.layers.Dense(4)(inp), keras.layers.Dense(4)(inp)
-    branchy = keras.Model(inp, keras.layers.Dense(2, name="out")(keras.layers.Add()([a, b])))
-    with pytest.raises(ConfigError, match=r"not a plain chain"):
-        split_model(branchy, "out")
+    a, b = keras.layers.Dense(4, name="a")(inp), keras.layers.Dense(4, name="b")(inp)
+    branchy = keras.Model(inp, keras.layers.Dense(2, name="out")(keras.layers.Add(name="add")([a, b])))
+    assert split_keras(branchy, "out").feature_dim == 4  # a branching backbone is fine
+    with pytest.raises(ConfigError, match=r"'add'.*must be a chain"):
+        split_keras(branchy, "a")  # ... a branching head is not
     inp = keras.Input((6,))
     sig = keras.Model(inp, keras.layers.Dense(2, activation="sigmoid", name="out")(keras.layers.Dense(4)(inp)))
     with pytest.raises(ConfigError, match=r"must be linear"):
-        split_model(sig, "out")
+        split_keras(sig, "out")
+    inp = keras.Input((8, 8, 3))
+    conv = keras.layers.Conv2D(4, 3, name="conv")(inp)
+    unflat = keras.Model(inp, keras.layers.Dense(2, name="out")(conv))
+    with pytest.raises(ConfigError, match=r"head/backbone shape mismatch.*\[None, F\].*\[None, 6, 6, 4\]"):
+        split_keras(unflat, "out")
 
 
 def test_unknown_model_is_a_config_error(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """The ``Trainer`` protocol every on-device back-end implements, and small shared helpers.
 
-A trainer owns a frozen backbone (``features``) and a trainable MLP head. Heads are
-ordered mappings ``h{i}_kernel``/``h{i}_bias`` of float32 arrays (see ARCHITECTURE.md).
+A trainer owns a frozen backbone (``features``) and a trainable head (dense layers, optionally after the last
+convolution block). Heads are ordered mappings ``h{i}_kernel``/``h{i}_bias`` of float32 arrays (see
+ARCHITECTURE.md).
 The loss is the masked mean softmax cross-entropy and the optimiser plain SGD everywhere.
 """
 
@@ -28,7 +29,7 @@ class Trainer(Protocol):
     batch_size: int
 
     def features(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
-        """Backbone features ``[N, F]`` for any ``N`` (batches internally)."""
+        """Backbone features ``[N, F]`` (``[N, H, W, C]`` before a conv head) for any ``N`` (batches internally)."""
         ...
 
     def get_head(self) -> dict[str, NDArray[np.float32]]:

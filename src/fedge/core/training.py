@@ -32,8 +32,8 @@ class FitResult:
 
 
 def _check(feats: NDArray[np.float32], y: NDArray[np.integer]) -> None:
-    if feats.ndim != 2:
-        raise ValueError(f"features must be [N, F], got shape {feats.shape}")
+    if feats.ndim not in (2, 4):
+        raise ValueError(f"features must be [N, F] (or [N, H, W, C] before a conv head), got shape {feats.shape}")
     if y.shape != (feats.shape[0],):
         raise ValueError(f"labels must be [{feats.shape[0]}], got shape {y.shape}")
     if feats.shape[0] == 0:

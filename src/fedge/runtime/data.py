@@ -1,6 +1,7 @@
-"""A device's local training data: ``.npz`` (arrays ``x`` and ``y``) or ``.csv`` (label last).
+"""A device's local training data: ``.npz`` (arrays ``x`` and ``y``), ``.csv`` (label last), or images (a folder
+with one sub-folder per class, or a ``.csv`` of ``file,label``; :mod:`fedge.runtime.images`, Pillow).
 
-NumPy only. Every problem raises ``DataError`` naming the file and what is wrong.
+NumPy only (Pillow for images). Every problem raises ``DataError`` naming the file and what is wrong.
 ``LocalData.sha256`` is the hash of the file's bytes (the feature-cache key).
 """
 
@@ -20,7 +21,7 @@ from numpy.typing import NDArray
 
 from fedge.protocol.errors import DataError
 
-__all__ = ["SUFFIXES", "LocalData", "load_local"]
+__all__ = ["SUFFIXES", "LocalData", "conform", "load_local"]
 
 SUFFIXES = (".npz", ".csv")
 
@@ -31,21 +32,26 @@ class LocalData:
     y: NDArray[np.int64]
     sha256: str
     path: Path
+    images: tuple[Path, ...] = ()  # image data: the files, re-decoded at the model's input size by conform()
 
     def __len__(self) -> int:
         return len(self.y)
 
 
-def load_local(path: str | Path, input_shape: Sequence[int] | None = None) -> LocalData:
+def load_local(path: str | Path, input_shape: Sequence[int] | None = None, layout: str = "") -> LocalData:
     """Load and validate ``path``; with ``input_shape`` the per-sample shape must match.
 
     ``[N, 28, 28]`` is accepted for an input shape ``[28, 28, 1]`` (the channel axis is added), and
-    flat rows ``[N, 784]`` (as a CSV gives) are reshaped row-major when the sizes agree.
+    flat rows ``[N, 784]`` (as a CSV gives) are reshaped row-major when the sizes agree. Images are decoded
+    at ``input_shape`` in ``layout`` (``NHWC`` or ``NCHW``); without it at the first image's size, RGB,
+    channels last (:func:`conform` re-decodes them for a model).
     """
     p = Path(path)
+    if p.is_dir() and p.suffix.lower() not in SUFFIXES:
+        return _load_images(p, None, input_shape, layout)
     suffix = p.suffix.lower()
     if suffix not in SUFFIXES:
-        raise DataError(f"{p}: unknown file type {p.suffix or '(none)'!r}; expected .npz or .csv")
+        raise DataError(f"{p}: unknown file type {p.suffix or '(none)'!r}; expected .npz, .csv or an image folder")
     try:
         raw = p.read_bytes()
     except FileNotFoundError as exc:
@@ -54,10 +60,37 @@ def load_local(path: str | Path, input_shape: Sequence[int] | None = None) -> Lo
         raise DataError(f"{p}: is a directory, not a data file") from exc
     except OSError as exc:
         raise DataError(f"{p}: cannot read: {exc}") from exc
+    from fedge.runtime.images import is_image_csv
+
+    if suffix == ".csv" and is_image_csv(raw):
+        return _load_images(p, raw, input_shape, layout)
     digest = hashlib.sha256(raw).hexdigest()
     x_raw, y_raw = _read_npz(p, raw) if suffix == ".npz" else _read_csv(p, raw)
     x, y = _validate(p, x_raw, y_raw, input_shape)
     return LocalData(x=x, y=y, sha256=digest, path=p)
+
+
+def _load_images(p: Path, raw: bytes | None, shape: Sequence[int] | None, layout: str) -> LocalData:
+    from fedge.runtime.images import decode_images, list_images
+
+    files, y, digest = list_images(p, raw)
+    x = decode_images(files, shape, layout)
+    return LocalData(x=x, y=y, sha256=digest, path=p, images=tuple(files))
+
+
+def conform(data: LocalData, shape: Sequence[int], layout: str = "") -> NDArray[np.float32]:
+    """``data.x`` as ``[N, *shape]`` for a model: images re-decoded at its size and layout, flat rows reshaped."""
+    want = tuple(int(d) for d in shape)
+    x = data.x
+    if data.images and tuple(x.shape[1:]) != want:
+        from fedge.runtime.images import decode_images
+
+        return decode_images(data.images, want, layout)
+    if tuple(x.shape[1:]) != want:
+        if int(np.prod(x.shape[1:])) != int(np.prod(want)):
+            raise DataError(f"local data {data.path} has samples of shape {x.shape[1:]}, model wants {want}")
+        x = x.reshape((x.shape[0], *want))
+    return np.asarray(x, dtype=np.float32)
 
 
 def _read_npz(p: Path, raw: bytes) -> tuple[NDArray[Any], NDArray[Any]]:

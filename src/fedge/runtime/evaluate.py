@@ -44,7 +44,7 @@ class Evaluator:
         if trainer is None:
             trainer = open_trainer(artifacts_dir, self.backend)
             manifest = load_manifest(artifacts_dir)
-            data = load_local(self.eval_data, manifest.input.shape)
+            data = load_local(self.eval_data, manifest.input.shape, manifest.input.layout)
             self._features = {backbone_sha256: trainer.features(data.x)}
             self._trainers = {backbone_sha256: trainer}
             self._y = data.y

@@ -2,8 +2,9 @@
 
 Entries live at ``root/<backbone_sha256[:16]>/<data_sha256[:16]>.npy``; they are written
 atomically (``fsio.atomic_writer``), off the round's critical path in a writer thread, and a file
-that cannot be read back as ``float32 [N, F]`` with the right ``N`` is recomputed and overwritten. The last
-entry used is also kept in memory, so a long-running agent reads the disk only after a restart.
+that cannot be read back as ``float32 [N, F]`` (``[N, H, W, C]``: the cut before a conv head) with the right
+``N`` is recomputed and overwritten. The last entry used is also kept in memory, so a long-running agent reads
+the disk only after a restart.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class FeatureCache:
             arr = np.load(path, allow_pickle=False)
         except (OSError, ValueError, EOFError):
             return None
-        if not isinstance(arr, np.ndarray) or arr.dtype != np.float32 or arr.ndim != 2 or arr.shape[0] != rows:
+        if not isinstance(arr, np.ndarray) or arr.dtype != np.float32 or arr.ndim not in (2, 4) or arr.shape[0] != rows:
             return None
         if not np.isfinite(arr).all():
             return None

@@ -14,7 +14,10 @@ from fedge.core.trainer import pad_rows
 from fedge.protocol.errors import ArtifactError, ConfigError
 from fedge.runtime.native_log import native_notices_hidden
 
-__all__ = ["FixedShapeRunner", "LiteRTModel", "litert_available"]
+__all__ = ["BACKBONE_TFLITE", "FixedShapeRunner", "LiteRTModel", "litert_available"]
+
+#: The quantised features-only backbone of a ``--quantize`` export (``model.tflite`` then has no ``features``).
+BACKBONE_TFLITE = "backbone.tflite"
 
 _MODULES = ("ai_edge_litert.interpreter", "tflite_runtime.interpreter")
 
@@ -118,6 +121,6 @@ class LiteRTModel:
             out = run(**{in_name: pad_rows(part, batch)})["features"]
             chunks.append(np.array(out[: part.shape[0]], dtype=np.float32))
         if not chunks:
-            width = int(self.runner("features").get_output_details()["features"]["shape"][-1])
-            return np.zeros((0, width), dtype=np.float32)
+            shape = [int(d) for d in self.runner("features").get_output_details()["features"]["shape"][1:]]
+            return np.zeros((0, *shape), dtype=np.float32)
         return np.concatenate(chunks, axis=0)

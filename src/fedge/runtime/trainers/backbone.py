@@ -43,12 +43,12 @@ class OnnxBackbone:
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ArtifactError(f"{path}: cannot load: {exc}") from exc
         self._in = self._sess.get_inputs()[0].name
-        self._width = int(self._sess.get_outputs()[0].shape[-1])
+        self._shape = [int(d) for d in self._sess.get_outputs()[0].shape[1:]]
 
     def __call__(self, x: F32) -> F32:
         x = np.asarray(x, dtype=np.float32)
         if x.shape[0] == 0:
-            return np.zeros((0, self._width), dtype=np.float32)
+            return np.zeros((0, *self._shape), dtype=np.float32)
         outs = [self._sess.run(None, {self._in: x[s : s + CHUNK]})[0] for s in range(0, x.shape[0], CHUNK)]
         return np.ascontiguousarray(np.concatenate(outs, axis=0), dtype=np.float32)
 
@@ -58,10 +58,14 @@ def open_backbone(artifacts_dir: str | Path) -> Callable[[F32], F32]:
     d = Path(artifacts_dir)
     if onnxruntime_available() and (d / "backbone.onnx").is_file():
         return OnnxBackbone(d / "backbone.onnx")
-    from fedge.runtime.trainers._litert import LiteRTModel, litert_available
+    from fedge.runtime.trainers._litert import BACKBONE_TFLITE, LiteRTModel, litert_available
 
     if not litert_available():
         raise ConfigError("backend", "numpy needs onnxruntime or ai-edge-litert to compute backbone features")
-    model = LiteRTModel(d / "model.tflite")
+    path = d / BACKBONE_TFLITE if (d / BACKBONE_TFLITE).is_file() else d / "model.tflite"
+    if not path.is_file():
+        raise ConfigError("backend", f"{d} has no model.tflite (an ONNX backbone): the NumPy trainer needs "
+                          "onnxruntime for backbone.onnx: pip install onnxruntime")
+    model = LiteRTModel(path)
     batch = model.batch_size()
     return lambda x: model.features(x, batch)

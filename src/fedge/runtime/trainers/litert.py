@@ -1,4 +1,5 @@
-"""LiteRT trainer: the ``train_head``/``features``/``get_head``/``set_head`` signatures of ``model.tflite``.
+"""LiteRT trainer: the ``train_head``/``features``/``get_head``/``set_head`` signatures of ``model.tflite``
+(features from ``backbone.tflite`` instead when the export ships a quantised backbone).
 
 ``train_head`` has a fixed batch B: a short batch is zero-padded and masked. Logits are
 the NumPy head forward pass on the head read back with ``get_head`` (cached until the next
@@ -14,7 +15,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedge.core.trainer import check_head, pad_rows
-from fedge.runtime.trainers._litert import LiteRTModel
+from fedge.runtime.trainers._litert import BACKBONE_TFLITE, LiteRTModel
 from fedge.runtime.trainers.numpy_head import head_forward
 
 __all__ = ["LiteRTTrainer"]
@@ -32,8 +33,10 @@ class LiteRTTrainer:
 
     name = "litert"
 
-    def __init__(self, model: LiteRTModel, spec: Sequence[tuple[str, tuple[int, ...]]], batch_size: int) -> None:
+    def __init__(self, model: LiteRTModel, spec: Sequence[tuple[str, tuple[int, ...]]], batch_size: int,
+                 backbone: LiteRTModel | None = None) -> None:
         self._m = model
+        self._backbone = backbone or model  # a quantised export keeps its features in backbone.tflite
         self._spec = list(spec)
         self.batch_size = batch_size
         self._train = model.runner("train_head")
@@ -46,12 +49,14 @@ class LiteRTTrainer:
     def open(cls, artifacts_dir: str | Path, num_threads: int | None = None) -> LiteRTTrainer:
         from fedge.protocol.manifest import load_manifest
 
-        m = load_manifest(artifacts_dir)
-        model = LiteRTModel(Path(artifacts_dir) / "model.tflite", num_threads=num_threads)
-        return cls(model, [(p.name, tuple(p.shape)) for p in m.head], m.train_batch)
+        d = Path(artifacts_dir)
+        m = load_manifest(d)
+        model = LiteRTModel(d / "model.tflite", num_threads=num_threads)
+        backbone = LiteRTModel(d / BACKBONE_TFLITE, num_threads=num_threads) if BACKBONE_TFLITE in m.files else None
+        return cls(model, [(p.name, tuple(p.shape)) for p in m.head], m.train_batch, backbone)
 
     def features(self, x: F32) -> F32:
-        return self._m.features(x, self.batch_size)
+        return self._backbone.features(x, self.batch_size)
 
     def get_head(self) -> dict[str, F32]:
         if self._head is None:
