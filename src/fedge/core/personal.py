@@ -51,9 +51,15 @@ class Choice:
     cv_loss: float
 
 
+CV_ROWS = 512
+"""Cross-validation looks at most this many training rows (a seeded sample): enough to choose, and it keeps the
+choice cheap on devices with much data (the chosen head is then refitted on every row)."""
+
+
 def folds(n: int, k: int, seed: int) -> list[tuple[I64, I64]]:
-    """``k`` (train, held) splits of ``n`` rows: a seeded permutation cut into ``k`` nearly equal parts."""
-    order = np.random.default_rng([seed, 0xF01D]).permutation(n)
+    """``k`` (train, held) splits of ``n`` rows (of at most ``CV_ROWS`` of them, sampled): a seeded permutation cut
+    into ``k`` nearly equal parts."""
+    order = np.random.default_rng([seed, 0xF01D]).permutation(n)[:CV_ROWS]
     parts = np.array_split(order, k)
     out = []
     for i, held in enumerate(parts):
@@ -62,20 +68,41 @@ def folds(n: int, k: int, seed: int) -> list[tuple[I64, I64]]:
     return out
 
 
+PATIENCE = 3
+"""Cross-validation stops once the pooled held-fold score has not improved for this many epochs."""
+
+
 def cv_curve(trainer: Trainer, start: HeadLike, feats: F32, y: I64, splits: Sequence[tuple[I64, I64]],
-             max_epochs: int, lr: float, seed: int) -> Curve:
-    """The cross-validated learning curve of training ``start`` on ``(feats, y)``: for every split, train on its
-    train rows one epoch at a time and score on its held rows after each epoch (pooled over the splits)."""
-    sums = [ScoreSum() for _ in range(max_epochs + 1)]
-    for i, (tr, held) in enumerate(splits):
-        trainer.set_head(start)
-        rng = np.random.default_rng([seed, 0xC0DE, i])
-        sums[0].add(trainer.logits(feats[held]), y[held])
-        for e in range(1, max_epochs + 1):
-            fit(trainer, feats[tr], y[tr], 1, lr, rng)
-            sums[e].add(trainer.logits(feats[held]), y[held])
-    scores = [s.score() for s in sums]
+             max_epochs: int, lr: float, seed: int, patience: int = PATIENCE) -> Curve:
+    """The cross-validated learning curve of training ``start`` on ``(feats, y)``: every split trains on its train
+    rows one epoch at a time, in lockstep, and is scored on its held rows after each epoch (pooled over the
+    splits). The curve ends early once the pooled score has not improved for ``patience`` epochs."""
+    heads: list[HeadLike] = [start] * len(splits)
+    rngs = [np.random.default_rng([seed, 0xC0DE, i]) for i in range(len(splits))]
+    first = ScoreSum()
+    for _, held in splits:
+        first.add(_logits(trainer, start, feats[held]), y[held])
+    scores = [first.score()]
+    best, since = (scores[0].accuracy, -scores[0].loss), 0
+    for _ in range(max_epochs):
+        total = ScoreSum()
+        for i, (tr, held) in enumerate(splits):
+            trainer.set_head(heads[i])
+            fit(trainer, feats[tr], y[tr], 1, lr, rngs[i])
+            heads[i] = trainer.get_head()
+            total.add(trainer.logits(feats[held]), y[held])
+        s = total.score()
+        scores.append(s)
+        key = (s.accuracy, -s.loss)
+        best, since = (key, 0) if key > best else (best, since + 1)
+        if since >= patience:
+            break
     return Curve(tuple(float(s.accuracy) for s in scores), tuple(float(s.loss) for s in scores))
+
+
+def _logits(trainer: Trainer, head: HeadLike, f: F32) -> F32:
+    trainer.set_head(head)
+    return trainer.logits(f)
 
 
 def best_epoch(curve: Curve, first: int = 0) -> int:
