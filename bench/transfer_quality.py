@@ -271,7 +271,7 @@ def regime_figures(work: Path) -> dict[str, Any]:
         t0 = time.perf_counter()
         st = settings_from_args(devices, rounds, REGIME_SEED, dp_mode="off", noise_multiplier=None,
                                 target_epsilon=None, clip=1.0, sample_rate=0.1, delta=1e-5, local_epochs=2, lr=0.05,
-                                proximal_lambda=0.01, fraction=1.0, validation_fraction=0.2, local_only_epochs=20,
+                                proximal_lambda=0.0, fraction=1.0, validation_fraction=0.2, local_only_epochs=20,
                                 personalization="auto", deploy_tolerance=0.05, samples_per_device=spd)
         fleet = load_fleet(paths, devices, REGIME_SEED, samples_per_device=spd, validation_fraction=0.2)
         res = run_rounds(fleet, st)

@@ -118,7 +118,7 @@ def _hub_toml(paths: DemoPaths, fleet: str, port: int, devices: int, rounds: int
         "broker": {"url": "embedded", "embedded_host": "127.0.0.1", "embedded_port": port},
         "rounds": {"min_devices": max(1, devices - 1), "deadline_s": 120, "fraction": 1.0, "local_epochs": 2,
                    "lr": 0.05, "seed": 0},
-        "aggregation": {"strategy": "fedavg", "proximal_lambda": 0.01},
+        "aggregation": {"strategy": "fedavg", "proximal_lambda": 0.0},
         "schedule": {"chain_rounds": rounds},
         **({"http": http} if http else {}),
         **({"secagg": {"enabled": True, "stage_timeout_s": 30.0}} if secagg else {}),

@@ -73,3 +73,25 @@ def test_rounds_that_do_not_improve_the_model_raise_an_alert(tmp_path: Path, art
         assert fleet.results[-1].deployed is True and not fleet.hub.store.get_meta("alert")  # progress clears it
     finally:
         fleet.hub.stop()
+
+
+def test_every_fleet_has_a_gate_by_default_and_check_says_when_it_does_not(tmp_path: Path, artifacts: Path) -> None:
+    """Issue 20: without held-out data at the hub the federated gate is on by default; with it, the held-out gate
+    scores every version; ``--check`` warns about configurations that deploy unscored versions."""
+    from fedge.hub.config import config_from_mapping
+    from fedge.hub.daemon import gate_warnings, strategy_for
+
+    def cfg(**over: object) -> object:
+        table: dict[str, object] = {"fleet": "f1", "state_dir": str(tmp_path / "s"), "artifacts": str(artifacts),
+                                    "broker": {"url": "mqtt://127.0.0.1:1883"}, **over}
+        return config_from_mapping(table, tmp_path)
+
+    eval_file = tmp_path / "eval.npz"
+    eval_file.write_bytes(b"")
+    bare, scored = cfg(), cfg(eval_data=str(eval_file))
+    assert strategy_for(bare).gates.federated is True and gate_warnings(bare) == []  # type: ignore[arg-type]
+    assert strategy_for(scored).gates.federated is False and gate_warnings(scored) == []  # type: ignore[arg-type]
+    off = cfg(aggregation={"federated_gate": False})
+    assert any("deployed unscored" in w for w in gate_warnings(off))  # type: ignore[arg-type]
+    private = cfg(privacy={"mode": "central"})
+    assert any("under [privacy]" in w for w in gate_warnings(private))  # type: ignore[arg-type]

@@ -316,8 +316,8 @@ def train(msg: RoundAnnounce, trainer: Trainer, data: DeviceData, heads: RoundHe
     if policy.personalization == Personalization.DITTO:
         personal = _ditto(trainer, heads, feats, y, msg, policy, stop)
     elif policy.personalization == Personalization.AUTO and local is not None:
-        choice = choose(trainer, heads.global_head, local, feats, y, policy.local_only_epochs, msg.lr,
-                        policy.seed + msg.round)
+        choice = choose(trainer, heads.global_head, local, feats, y, policy.local_only_epochs, msg.lr, policy.seed,
+                        msg.round)
         personal, kind = choice.head, choice.name
         metrics[f"personal_{choice.name}"] = 1.0  # which candidate this device keeps (a one-hot: numbers only)
     else:
