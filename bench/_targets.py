@@ -97,10 +97,18 @@ SECAGG = (
            "is printed beside it)"),
 )
 
+COMPRESSION = (
+    Target("bytes_ratio", ">=", 3.5,
+           "one device's update frame (the demo task, metrics included): float32 bytes over int4 bytes"),
+    Target("accuracy_drop_pts", "<=", 0.5,
+           "the demo's 5 rounds (simulated, same seed): final deployed held-out accuracy, float32 minus int4 updates "
+           "(points)"),
+)
+
 BENCHES: dict[str, tuple[Target, ...]] = {"bench/train_step.py": TRAIN_STEP, "bench/round_overhead.py": ROUND_OVERHEAD,
                                           "bench/privacy_utility.py": PRIVACY_UTILITY,
                                           "bench/transfer_quality.py": TRANSFER_QUALITY,
-                                          "bench/secagg.py": SECAGG}
+                                          "bench/secagg.py": SECAGG, "bench/compression.py": COMPRESSION}
 
 
 def check(figures: Mapping[str, Any], targets: tuple[Target, ...]) -> dict[str, Any]:

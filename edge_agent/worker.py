@@ -19,6 +19,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedge.core import device as core
+from fedge.core.compress import compress
 from fedge.core.personal import Choice
 from fedge.core.privacy import DpParams
 from fedge.core.secagg_session import DeviceSession, distributed_problem, is_secagg, private_input
@@ -253,10 +254,22 @@ class RoundWorker:
         if dp is not None:
             log.info("round %d: %s DP, update norm %.4f clipped to %.4g, noise std %.4g", msg.round, dp.mode, norm,
                      dp.clip, dp.device_noise_std())
-        update = ModelUpdate(self.config.fleet, msg.round, self.device, msg.model_version, n_samples, dict(delta),
-                             metrics)
+        sent: dict[str, NDArray[Any]] = dict(delta)
+        if msg.compression is not None:  # after the DP noise: compression is post-processing
+            sent = self._compress(msg, delta)
+        update = ModelUpdate(self.config.fleet, msg.round, self.device, msg.model_version, n_samples, sent, metrics)
         if self._publish_update(msg.round, encode(update), dp, outcome.personal):
             log.info("%s; update %s published", summary, update.nonce[:8])
+
+    def _compress(self, msg: RoundAnnounce, delta: Head) -> dict[str, NDArray[Any]]:
+        """The announced compression of ``delta``, with what earlier compressions lost added back (error feedback,
+        kept per backbone in ``state_dir/residual-<backbone>.npz``)."""
+        mode = msg.compression or ""
+        path = self.config.state_dir / f"residual-{msg.backbone_sha256[:16]}.npz"
+        residual = self._optional_head(path, "compression residual")
+        arrays, left = compress(delta, mode, np.random.default_rng(), residual)  # OS entropy: unbiased rounding
+        save_npz(path, dict(left))
+        return dict(arrays)
 
     def _local_only_path(self, msg: RoundAnnounce) -> Path:
         return (self.config.state_dir / "local_only" /

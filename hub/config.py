@@ -138,8 +138,16 @@ class RoundsConfig:
             'a selected device whose last will (offline) arrived counts as failed once it stays offline this long '
             '(a broker restart makes every device look offline for a moment)', example=30),
     )
+    compression: str = field(
+        default="off",
+        metadata=doc('compressed updates: off, int8 (a byte per value) or int4 (half a byte per value); devices '
+                     'round stochastically and carry what rounding lost into their next update (error feedback). '
+                     'Not with [secagg] (secure aggregation quantises into its own ring)', example="int4"),
+    )
 
     def __post_init__(self) -> None:
+        if self.compression not in ("off", "int8", "int4"):
+            raise ConfigError("rounds.compression", f"must be off, int8 or int4, got {self.compression!r}")
         _need_int("rounds.min_devices", self.min_devices, 1)
         _need_num("rounds.offline_grace_s", self.offline_grace_s, minimum=0.0)
         _need_num("rounds.deadline_s", self.deadline_s, positive=True)
@@ -542,6 +550,9 @@ class HubConfig:
     secagg: SecAggSection = SecAggSection()
 
     def __post_init__(self) -> None:
+        if self.rounds.compression != "off" and self.secagg.enabled:
+            raise ConfigError("rounds.compression", "secure aggregation quantises updates into its own ring: "
+                              "compressed updates cannot be masked; use one or the other")
         if self.privacy.mode == "distributed" and not self.secagg.enabled:
             raise ConfigError("privacy.mode", "distributed DP is private against the hub only under secure "
                               "aggregation: set [secagg] enabled = true, or use central or local")

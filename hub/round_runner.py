@@ -16,6 +16,7 @@ from dataclasses import replace
 import numpy as np
 
 from fedge.core.aggregators import Aggregator
+from fedge.core.compress import decompress
 from fedge.core.hub_round import Closing, close_round, finite_or_none, min_inputs
 from fedge.core.privacy import DpParams, ledger_epsilon
 from fedge.core.rounds import OpenRound, RoundParams, over_limits
@@ -139,7 +140,10 @@ class RoundRunner:
             msg = decode(stored.payload, max_bytes=max(len(stored.payload), 1))
             if not isinstance(msg, ModelUpdate):
                 raise HubStateError(f"round {row.id}: the stored update of {stored.device} is a {msg.type}")
-            agg.add(msg.delta, msg.n_samples)
+            delta = msg.delta
+            if params.compression is not None:  # stored as received: decoded again, as when it was accepted
+                delta = dict(decompress(delta, agg.shapes, params.compression))
+            agg.add(delta, msg.n_samples)
             rnd.accepted[stored.device] = stored.nonce
             rnd.n_samples += stored.n_samples
         self.round = rnd
@@ -166,6 +170,7 @@ class RoundRunner:
             accepted=dict(r.accepted) if r else {}, head_spec=spec,
             max_update_bytes=self.hub.cfg.rounds.max_update_bytes,
             private=r is not None and r.params.dp is not None, declined=frozenset(r.declined if r else ()),
+            compression=r.params.compression if r else None,
         )
 
     def handle_update(self, device: str | None, topic: str, payload: bytes, known: frozenset[str]) -> None:

@@ -153,6 +153,8 @@ class RoundAnnounce:
     secagg_clip: float | None = field(default=None, metadata=EXT)
     secagg_scale: float | None = field(default=None, metadata=EXT)
     secagg_stochastic: bool = field(default=False, metadata=EXT)  # unbiased stochastic rounding, not nearest
+    # compressed updates (PROTOCOL.md, "Compressed updates"): "int8" or "int4"; absent = float32 deltas
+    compression: str | None = field(default=None, metadata=EXT)
 
 
 @dataclass(frozen=True, eq=False)

@@ -95,6 +95,8 @@ def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--personalization", default="auto", choices=["auto", "finetune", "ditto"],
                    help="each device's own head: auto (the best of global, fine-tuned and local-only by "
                         "cross-validation on its training rows), the fine-tuned global head, or a ditto head")
+    p.add_argument("--compression", default=None, choices=["int8", "int4"],
+                   help="compressed updates (stochastic rounding, error feedback), as the hub's [rounds] compression")
     p.add_argument("--samples-per-device", type=int, default=None,
                    help="cap every device at this many training rows (stratified, seeded): the small-data regime")
     p.add_argument("--ditto-mu", type=float, default=0.1, help="ditto: strength of the pull toward the global head")
@@ -119,7 +121,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
         amplification=args.amplification, validation_fraction=args.validation_fraction,
         local_only_epochs=args.local_only_epochs, personalization=args.personalization, ditto_mu=args.ditto_mu,
         deploy_tolerance=None if args.no_deploy_gate else args.deploy_tolerance,
-        samples_per_device=args.samples_per_device,
+        samples_per_device=args.samples_per_device, compression=args.compression,
     )
     from fedge.simulate_selection import parse_candidates
 

@@ -188,7 +188,8 @@ def settings_from_args(devices: int, rounds: int, seed: int, *, dp_mode: str, no
                        local_epochs: int, lr: float, proximal_lambda: float, fraction: float,
                        amplification: bool = False, validation_fraction: float = 0.0, local_only_epochs: int = 10,
                        personalization: str = "finetune", ditto_mu: float = 0.1,
-                       deploy_tolerance: float | None = None, samples_per_device: int | None = None) -> SimSettings:
+                       deploy_tolerance: float | None = None, samples_per_device: int | None = None,
+                       compression: str | None = None) -> SimSettings:
     """The settings of ``fedge simulate``'s command line (the noise multiplier resolved from ``--epsilon``)."""
     if amplification and dp_mode != "central":
         raise ConfigError("amplification", "applies to --dp-mode central only")
@@ -199,4 +200,4 @@ def settings_from_args(devices: int, rounds: int, seed: int, *, dp_mode: str, no
                        target_epsilon=target_epsilon if dp is not None else None, amplification=amplification,
                        validation_fraction=validation_fraction, local_only_epochs=local_only_epochs,
                        personalization=personalization, ditto_mu=ditto_mu, deploy_tolerance=deploy_tolerance,
-                       samples_per_device=samples_per_device)
+                       samples_per_device=samples_per_device, compression=compression)

@@ -113,6 +113,7 @@ class SimSettings:
     ditto_mu: float = 0.1
     deploy_tolerance: float | None = None
     samples_per_device: int | None = None
+    compression: str | None = None
 
     def __post_init__(self) -> None:
         if self.devices < 1:
@@ -137,6 +138,8 @@ class SimSettings:
             raise ConfigError("local_only_epochs", f"must be >= 1, got {self.local_only_epochs}")
         if self.personalization not in PERSONALIZATIONS:
             raise ConfigError("personalization", f"must be auto, finetune or ditto, got {self.personalization!r}")
+        if self.compression not in (None, "int8", "int4"):
+            raise ConfigError("compression", f"must be int8 or int4, got {self.compression!r}")
         if self.samples_per_device is not None and self.samples_per_device < 1:
             raise ConfigError("samples_per_device", f"must be >= 1, got {self.samples_per_device}")
         if not (math.isfinite(self.ditto_mu) and self.ditto_mu >= 0):

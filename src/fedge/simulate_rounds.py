@@ -18,6 +18,7 @@ import numpy as np
 
 from fedge.core import device as core
 from fedge.core.aggregators import Bounds, recent_norms, record_norms
+from fedge.core.compress import compress, decompress
 from fedge.core.evaluation import head_scores
 from fedge.core.hub_round import close_round, federated_scores
 from fedge.core.personal import Choice
@@ -43,6 +44,7 @@ __all__ = ["NORM_WINDOW", "SimRun", "policies", "run_rounds", "strategy_of"]
 NORM_WINDOW = 5
 """Rounds of update norms the "auto" norm bound remembers (the hub's ``[aggregation] norm_window`` default)."""
 DEADLINE_S = 60.0
+_ROUNDING = 0x5EED_0008  # seed-sequence tag of the devices' stochastic rounding (compressed updates)
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,7 @@ def run_rounds(fleet: SimFleet, settings: SimSettings, *, start: Head | None = N
     pols = policies(fleet, settings)
     local_only = _local_only_cache(fleet, settings)
     personal: list[Head | None] = [None] * fleet.devices
+    residuals: list[Head | None] = [None] * fleet.devices  # compression's error feedback, per device
     spent: list[DpEvent] = []  # the ledger: one event per announced DP round
     history: list[tuple[int, list[float]]] = []
     global_head: Head = {k: np.asarray(v, dtype=np.float32).copy() for k, v in (start or fleet.w0).items()}
@@ -129,7 +132,8 @@ def run_rounds(fleet: SimFleet, settings: SimSettings, *, start: Head | None = N
 
     for rid in range(1, settings.rounds + 1):
         t0 = time.perf_counter()
-        params = RoundParams(1, DEADLINE_S, settings.fraction, settings.local_epochs, settings.lr)
+        params = RoundParams(1, DEADLINE_S, settings.fraction, settings.local_epochs, settings.lr,
+                             compression=settings.compression)
         ctx = PlanContext(FLEET, rid, np.random.default_rng([settings.seed, rid, 1]), bytes, eps)
         plan = strategy.configure(view, params, ctx)
         if isinstance(plan, Refusal):  # e.g. an empty Poisson cohort: not announced, spends nothing
@@ -165,6 +169,10 @@ def run_rounds(fleet: SimFleet, settings: SimSettings, *, start: Head | None = N
                 local_only[i] = out.local_only
             personal[i] = out.personal
             delta, n, m, norm = out.update(plan.params.dp, device_noise_rng(settings.seed, i, rid))
+            if settings.compression is not None:  # what the wire carries, and what the hub decodes from it
+                rounding = np.random.default_rng([settings.seed, _ROUNDING, i, rid])
+                codes, residuals[i] = compress(delta, settings.compression, rounding, residuals[i])
+                delta = decompress(codes, shapes, settings.compression)
             agg.add(delta, n)
             r.accepted[name] = "sim"
             r.n_samples += n

@@ -421,3 +421,29 @@ def test_two_agents_cannot_share_a_state_dir(config: AgentConfig, hub: Hub) -> N
     third = Agent(config, transport=InMemoryTransport(hub.broker))  # released on stop
     third.start()
     third.stop()
+
+
+def test_a_compressed_round_sends_codes_the_hub_decodes_and_keeps_the_residual(
+    agent: Agent, hub: Hub, artifacts_dir: Path, manifest: Manifest, config: AgentConfig
+) -> None:
+    """Issue 22: a round announcing ``compression = int4`` gets half a byte per value and the arrays' scales; the
+    codes decode (as the hub decodes them) to within one step of the float update, and what rounding lost is kept
+    for the next round (error feedback)."""
+    from dataclasses import replace
+
+    from fedge.core.compress import SCALES, decompress
+
+    hub.send(T.model_full, model_full(artifacts_dir, manifest), retain=True)
+    hub.send(T.model_head, model_head(artifacts_dir, manifest), retain=True)
+    agent.start()
+    hub.send(T.announce, replace(announce(manifest, 1), compression="int4"), retain=True)
+    assert agent.wait_round_done(1, 60)
+    (upd,) = hub.updates()
+    head = load_head(artifacts_dir)
+    assert set(upd.delta) == {*head, SCALES}
+    for name, arr in head.items():
+        assert upd.delta[name].dtype == np.uint8 and upd.delta[name].size == (arr.size + 1) // 2
+    delta = decompress(upd.delta, {k: v.shape for k, v in head.items()}, "int4")
+    assert any(np.abs(d).max() > 0 for d in delta.values())
+    residuals = list(config.state_dir.glob("residual-*.npz"))
+    assert len(residuals) == 1  # the error feedback, for the next compressed round over this backbone

@@ -269,3 +269,41 @@ def test_rollback_is_published_at_next_round(fleet: Fleet) -> None:
     assert isinstance(head, ModelHead) and head.version == "v2"
     v0 = fleet.hub.registry.load_head("v0")
     assert all(np.array_equal(head.head[k], v0[k]) for k in v0), "v2 is v0's head"
+
+
+def test_a_compressed_round_decodes_codes_aggregates_them_and_refuses_floats(tmp_path: Path, artifacts: Path) -> None:
+    """Issue 22: with ``[rounds] compression = "int4"`` the announce says so; an update's codes are decoded to float32
+    before validation and aggregation (the new head is what the decoded deltas make); a float update, or hostile
+    codes, are refused as malformed; the hub resumes a compressed round from its stored frames."""
+    from fedge.core.compress import compress, decompress
+    from fedge.protocol.messages import Reject
+    from tests.hub.fleet import SHAPES, hub_config, zero_delta
+
+    cfg = hub_config(tmp_path / "state", artifacts, rounds={"min_devices": 2, "compression": "int4"})
+    first = Fleet(cfg)
+    first.hub.start()
+    for d in "abc":
+        first.device(d).hello()
+    rnd = first.start_round()
+    assert rnd.compression == "int4"
+    rng = np.random.default_rng(0)
+    deltas = {d: {k: rng.normal(size=s).astype(np.float32) * 0.01 for k, s in SHAPES.items()} for d in "ab"}
+    codes = {d: compress(deltas[d], "int4", np.random.default_rng(1))[0] for d in "ab"}
+    first.device("c").update(rnd, zero_delta(SHAPES, 0.1))  # float32: refused in a compressed round
+    rej = first.device("c").inbox[-1]
+    assert isinstance(rej, Reject) and rej.reason == "malformed" and "int4" in rej.detail
+    first.device("a").update(rnd, codes["a"], n=10)
+    first.hub.halt()  # crash with a's codes stored: they are decoded again at resume
+    second = Fleet(cfg, broker=first.broker)
+    second.clock.t = first.clock.t + 1
+    second.hub.start()
+    second.device("b").update(rnd, codes["b"], n=30)
+    second.advance(60)
+    head = second.retained(TOPICS.model_head)
+    assert isinstance(head, ModelHead) and head.version == "v1"
+    v0 = second.hub.registry.load_head("v0")
+    for k in SHAPES:
+        sent = {d: decompress(codes[d], SHAPES, "int4")[k] for d in "ab"}
+        expected = v0[k] + (10 * sent["a"].astype(np.float64) + 30 * sent["b"]) / 40
+        np.testing.assert_allclose(head.head[k], expected, rtol=1e-5, atol=1e-7)
+    second.hub.stop()

@@ -25,6 +25,7 @@ from typing import Protocol
 
 import numpy as np
 
+from fedge.core.compress import MODES as COMPRESSIONS
 from fedge.core.evaluation import HEADS, head_scores, split_indices
 from fedge.core.personal import Choice, choose, local_baseline
 from fedge.core.privacy import DpParams, privatize
@@ -188,6 +189,9 @@ def admit(msg: RoundAnnounce, policy: DevicePolicy, *, ineligible: str | None, p
           epsilon_of: Callable[[DpParams | None], float], secure: bool) -> DpParams | Declined | None:
     """The round's DP parameters (None: not private) if this device takes part, else why not. ``ineligible``: the
     unmet training condition (power, battery, link, load; None: eligible)."""
+    if msg.compression is not None and (secure or msg.compression not in COMPRESSIONS):
+        return Declined(DeclineReason.MODE_NOT_ALLOWED, f"compression {msg.compression!r} cannot be applied here"
+                        + (" (a secure-aggregation round)" if secure else f" (known: {', '.join(COMPRESSIONS)})"))
     if msg.local_epochs > policy.max_epochs:
         return Declined(DeclineReason.OVER_LIMITS, f"{msg.local_epochs} local epochs announced; this device trains "
                         f"at most {policy.max_epochs}")

@@ -7,8 +7,9 @@ local head, and which of the three to keep are decided by k-fold cross-validatio
 the candidate and epoch count with the best held-fold accuracy (ties: lower loss, then fewer epochs, then the
 simpler candidate: global, fine-tuned, local), unless that is not better than the local head by at least one
 standard error of the held-fold accuracy: then the local head (training alone is the baseline a device must never
-lose to, and a difference within the estimate's noise is no evidence). The chosen head is then refitted on all training rows. The device's
-validation split never takes part, so the federated evaluation that scores these heads on it stays honest.
+lose to, and a difference within the estimate's noise is no evidence). The chosen head is then refitted on all
+training rows. The device's validation split never takes part, so the federated evaluation that scores these heads
+on it stays honest.
 
 The local-only baseline the device reports is this same early-stopped local head: it gets the same epochs budget
 and the same early stopping as the personalised path.

@@ -32,6 +32,8 @@ class RoundDefaults(Protocol):
     def local_epochs(self) -> int: ...
     @property
     def lr(self) -> float: ...
+    @property
+    def compression(self) -> str: ...
 
 
 class Limits(Protocol):
@@ -53,6 +55,7 @@ class RoundParams:
     dp: DpParams | None = None
     expected_cohort: float = 0.0
     secagg: SecAggPlan | None = None  # a secure-aggregation round's public setup
+    compression: str | None = None  # compressed updates ("int8" | "int4"; core/compress.py)
 
     @classmethod
     def make(cls, defaults: RoundDefaults, overrides: RoundOverrides | None = None) -> RoundParams:
@@ -63,11 +66,12 @@ class RoundParams:
             fraction=float(o.fraction if o.fraction is not None else defaults.fraction),
             local_epochs=o.local_epochs if o.local_epochs is not None else defaults.local_epochs,
             lr=float(o.lr if o.lr is not None else defaults.lr),
+            compression=None if defaults.compression == "off" else defaults.compression,
         )
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        for key in ("dp", "secagg"):
+        for key in ("dp", "secagg", "compression"):
             if out[key] is None:
                 out.pop(key)
         return out
@@ -77,7 +81,8 @@ class RoundParams:
         dp, sa = raw.get("dp"), raw.get("secagg")
         return cls(int(raw["min_devices"]), float(raw["deadline_s"]), float(raw["fraction"]),
                    int(raw["local_epochs"]), float(raw["lr"]), None if dp is None else DpParams(**dp),
-                   float(raw.get("expected_cohort", 0.0)), None if sa is None else SecAggPlan.from_dict(sa))
+                   float(raw.get("expected_cohort", 0.0)), None if sa is None else SecAggPlan.from_dict(sa),
+                   raw.get("compression"))
 
 
 UNBOUNDED_OVERRIDES: Final = frozenset({"fraction", "request_id"})
@@ -169,7 +174,7 @@ class OpenRound:
             dp_clip=None if dp is None else dp.clip,
             dp_sample_rate=None if dp is None else dp.sample_rate,
             dp_min_cohort=None if dp is None else dp.min_cohort,
-            proximal_lambda=self.aggregator.proximal_lambda or None,
+            proximal_lambda=self.aggregator.proximal_lambda or None, compression=self.params.compression,
         )
         sa = self.params.secagg
         if sa is None:

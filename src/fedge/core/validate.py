@@ -9,11 +9,12 @@ values, sample count. Every rejection is addressed to the topic's device, whatev
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final
 
 import numpy as np
 
+from fedge.core.compress import decompress
 from fedge.protocol.codec import decode
 from fedge.protocol.errors import DecodeError
 from fedge.protocol.messages import ModelUpdate, RejectReason
@@ -37,6 +38,7 @@ class UpdateContext:
     max_samples: int = MAX_SAMPLES
     private: bool = False  # the open round is a DP round
     declined: frozenset[str] = frozenset()  # devices that declined the open round
+    compression: str | None = None  # the open round's compressed updates (core/compress.py), decoded first
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,12 @@ def validate_update(topic_device: str | None, payload: bytes, ctx: UpdateContext
         if ctx.accepted[msg.device] == msg.nonce:
             return Redelivery(msg)
         problem = RejectReason.DUPLICATE, f"device {msg.device!r} already has an update in round {msg.round}"
+    if problem is None and ctx.compression is not None:  # decode the codes back to float32 deltas first
+        try:
+            shapes = {name: shape for name, (shape, _) in ctx.head_spec.items()}
+            msg = replace(msg, delta=dict(decompress(msg.delta, shapes, ctx.compression)))
+        except ValueError as exc:
+            problem = RejectReason.MALFORMED, f"{ctx.compression} update: {exc}"[:300]
     if problem is None:
         problem = check_delta(msg, ctx)
     if problem is not None:  # answered to the topic's device: the body's device may be anyone's name
