@@ -1,0 +1,77 @@
+"""Buffered asynchronous aggregation (FedBuff, Nguyen et al. 2022), without I/O.
+
+Devices train whenever they can, each on the latest version it holds; the hub folds every update into a buffer,
+scaled by how stale it is, and makes a new version once ``k`` updates are in. An update trained on version ``b``
+that arrives when the hub is at version ``v`` has staleness ``v - b`` and counts ``1 / sqrt(1 + staleness)``
+(FedBuff's polynomial weighting). Each update is norm-bounded and sample-weighted like a FedAvg round (the same
+:class:`~fedge.core.aggregators.Aggregator`, so a buffered version has the same bounds and proximal pull as a
+round's); updates older than ``max_staleness`` versions are refused by the hub (``stale_round``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedge.core.aggregators import Aggregator, Bounds
+from fedge.protocol.types import Delta, Head, HeadLike, Shapes
+
+__all__ = ["Buffer", "BufferSettings", "staleness_weight"]
+
+
+def staleness_weight(staleness: int) -> float:
+    """FedBuff's polynomial staleness weight: ``1 / sqrt(1 + staleness)`` (1 for a fresh update)."""
+    if staleness < 0:
+        raise ValueError(f"staleness must be >= 0, got {staleness}")
+    return 1.0 / math.sqrt(1.0 + staleness)
+
+
+@dataclass(frozen=True)
+class BufferSettings:
+    """``k`` updates make a version; an update may be at most ``max_staleness`` versions old."""
+
+    k: int = 10
+    max_staleness: int = 10
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.max_staleness < 0:
+            raise ValueError(f"max_staleness must be >= 0, got {self.max_staleness}")
+
+
+class Buffer:
+    """The updates of the version being built: ``add`` until :attr:`full`, then :meth:`result`."""
+
+    def __init__(self, shapes: Shapes, settings: BufferSettings, proximal_lambda: float = 0.0,
+                 bounds: Bounds | None = None, history: Sequence[float] = ()) -> None:
+        self.settings = settings
+        self._agg = Aggregator(shapes, proximal_lambda, bounds, history)
+        self.staleness: list[int] = []
+
+    @property
+    def count(self) -> int:
+        return self._agg.count
+
+    @property
+    def full(self) -> bool:
+        return self._agg.count >= self.settings.k
+
+    @property
+    def norms(self) -> list[float]:
+        return self._agg.norms
+
+    def add(self, delta: Delta, n_samples: int, staleness: int) -> None:
+        """Fold one update in, scaled by its staleness weight (ValueError if it is too stale)."""
+        if staleness > self.settings.max_staleness:
+            raise ValueError(f"an update {staleness} versions old; at most {self.settings.max_staleness}")
+        w = staleness_weight(staleness)
+        self._agg.add({k: np.asarray(v, dtype=np.float32) * np.float32(w) for k, v in delta.items()}, n_samples)
+        self.staleness.append(staleness)
+
+    def result(self, global_head: HeadLike, w0: HeadLike) -> Head:
+        """The next version from the buffered updates (bounded, sample-weighted, pulled toward ``w0``)."""
+        return self._agg.result(global_head, w0)

@@ -1,0 +1,203 @@
+"""Synchronous rounds against buffered asynchronous aggregation, on a fleet whose devices come and go.
+
+Simulated time, real training: every device's update is the round core's (:func:`fedge.core.device.train`) on its
+real data, from the version it started on. Devices are online a share of the time (alternating exponential online
+and offline spells), and each training job takes a heavy-tailed time (a per-device speed times a log-normal draw);
+a device that goes offline before its job ends loses it. Both modes see the same availability and job times.
+
+* **Synchronous** (what a round does): pick ``k`` of the devices online now, wait until each has finished or gone
+  offline (or the deadline), aggregate (FedAvg, bounded), start the next round. Stragglers set the pace.
+* **Buffered** (:mod:`fedge.core.buffered`): every online device trains on the latest version it can get; the hub
+  folds each finished update into a buffer with its staleness weight and makes a new version every ``k`` updates.
+
+Each new version is scored on the hub's held-out data; :func:`time_to_target` reads when a run first reached an
+accuracy.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedge.core import device as core
+from fedge.core.aggregators import Aggregator, Bounds
+from fedge.core.buffered import Buffer, BufferSettings
+from fedge.protocol.messages import RoundAnnounce
+from fedge.protocol.types import Head
+from fedge.simulate_fleet import SimFleet, device_seed
+
+__all__ = ["AsyncSettings", "Availability", "Trace", "run_buffered", "run_sync", "time_to_target"]
+
+
+@dataclass(frozen=True)
+class AsyncSettings:
+    """``online_share`` of the time each device is online (spells of mean ``online_mean`` time units);
+    training jobs take ``speed × lognormal(0, job_sigma)`` (speed ``lognormal(0, speed_sigma)`` per device);
+    ``k`` devices per synchronous round and updates per buffered version; ``deadline`` caps a round;
+    ``rounds`` synchronous rounds set the time budget both modes get."""
+
+    online_share: float = 0.3
+    online_mean: float = 10.0
+    job_sigma: float = 1.0
+    speed_sigma: float = 0.5
+    k: int = 10
+    max_staleness: int = 20
+    deadline: float = 60.0
+    rounds: int = 20
+    local_epochs: int = 2
+    lr: float = 0.05
+    seed: int = 0
+
+
+class Availability:
+    """When each device is online: alternating exponential spells, the first state drawn with ``online_share``."""
+
+    def __init__(self, devices: int, settings: AsyncSettings, horizon: float) -> None:
+        rng = np.random.default_rng([settings.seed, 0xA5A1])
+        off_mean = settings.online_mean * (1 - settings.online_share) / settings.online_share
+        self.spells: list[list[tuple[float, float]]] = []
+        for _ in range(devices):
+            t, online, spells = 0.0, rng.random() < settings.online_share, []
+            while t < horizon:
+                length = rng.exponential(settings.online_mean if online else off_mean)
+                if online:
+                    spells.append((t, t + length))
+                t += length
+                online = not online
+            self.spells.append(spells)
+
+    def online_until(self, device: int, t: float) -> float | None:
+        """The end of the online spell ``device`` is in at ``t`` (None: offline at ``t``)."""
+        for start, end in self.spells[device]:
+            if start <= t < end:
+                return end
+        return None
+
+    def next_online(self, device: int, t: float) -> float | None:
+        """When ``device`` next comes online after ``t`` (None: never within the horizon)."""
+        return next((start for start, _ in self.spells[device] if start > t), None)
+
+
+@dataclass
+class Trace:
+    """A run: (simulated time, held-out accuracy) after each new version, and the updates it used."""
+
+    points: list[tuple[float, float]] = field(default_factory=list)
+    updates: int = 0
+    lost_jobs: int = 0
+    end: float = 0.0
+
+
+def _jobs(devices: int, settings: AsyncSettings) -> tuple[np.ndarray, np.random.Generator]:
+    rng = np.random.default_rng([settings.seed, 0xA5A2])
+    return rng.lognormal(0.0, settings.speed_sigma, devices), np.random.default_rng([settings.seed, 0xA5A3])
+
+
+def _update(fleet: SimFleet, i: int, head: Head, version: int, settings: AsyncSettings) -> tuple[Head, int] | None:
+    msg = RoundAnnounce("async", version + 1, f"v{version}", fleet.backbone_sha256, 1e18, 1, (fleet.names[i],),
+                        settings.local_epochs, settings.lr)
+    policy = core.DevicePolicy(device_seed(settings.seed, i), validation_fraction=0.0,
+                               personalization=core.Personalization.FINETUNE)
+    out = core.train(msg, fleet.trainer, core.DeviceData(fleet.feats[i], fleet.labels[i], fleet.keys[i]),
+                     core.RoundHeads(head, fleet.w0), policy, private=False)
+    if not isinstance(out, core.Trained):
+        return None
+    return out.delta, out.n_samples
+
+
+def _accuracy(fleet: SimFleet, head: Head) -> float:
+    return fleet.score(head)[1]
+
+
+def run_sync(fleet: SimFleet, settings: AsyncSettings, availability: Availability) -> Trace:
+    """``settings.rounds`` synchronous rounds; a round ends when its last device finished or went offline."""
+    speed, draws = _jobs(fleet.devices, settings)
+    rng = np.random.default_rng([settings.seed, 0xA5A4])
+    shapes = {k: tuple(v.shape) for k, v in fleet.w0.items()}
+    head, t, trace = dict(fleet.w0), 0.0, Trace()
+    trace.points.append((0.0, _accuracy(fleet, head)))
+    for r in range(settings.rounds):
+        online = [i for i in range(fleet.devices) if availability.online_until(i, t) is not None]
+        while not online:  # nobody to ask: wait for the next device to come online
+            t = min((x for i in range(fleet.devices) if (x := availability.next_online(i, t)) is not None),
+                    default=math.inf)
+            if not math.isfinite(t):
+                trace.end = t
+                return trace
+            online = [i for i in range(fleet.devices) if availability.online_until(i, t) is not None]
+        cohort = sorted(rng.choice(online, size=min(settings.k, len(online)), replace=False).tolist())
+        agg = Aggregator(shapes, 0.0, Bounds())
+        close = t
+        for i in cohort:
+            finish = t + speed[i] * draws.lognormal(0.0, settings.job_sigma)
+            until = availability.online_until(i, t) or t
+            if finish <= min(until, t + settings.deadline):
+                update = _update(fleet, i, head, r, settings)
+                if update is not None:
+                    agg.add(*update)
+                    trace.updates += 1
+                close = max(close, finish)
+            else:  # offline before it finished (or past the deadline): the round waits until it knows
+                trace.lost_jobs += 1
+                close = max(close, min(until, t + settings.deadline))
+        t = close
+        if agg.count:
+            head = agg.result(head, fleet.w0)
+            trace.points.append((t, _accuracy(fleet, head)))
+    trace.end = t
+    return trace
+
+
+def run_buffered(fleet: SimFleet, settings: AsyncSettings, availability: Availability, horizon: float) -> Trace:
+    """Buffered aggregation until ``horizon``: every online device trains on the latest version; ``k`` updates
+    make a version."""
+    speed, draws = _jobs(fleet.devices, settings)
+    shapes = {k: tuple(v.shape) for k, v in fleet.w0.items()}
+    versions: list[Head] = [dict(fleet.w0)]
+    buf = Buffer(shapes, BufferSettings(settings.k, settings.max_staleness), 0.0, Bounds())
+    trace = Trace()
+    trace.points.append((0.0, _accuracy(fleet, versions[0])))
+    events: list[tuple[float, int, int, int]] = []  # (time, kind 0 = start / 1 = finish, device, base version)
+
+    def start(i: int, t: float) -> None:
+        when = t if availability.online_until(i, t) is not None else availability.next_online(i, t)
+        if when is not None and when < horizon:
+            heapq.heappush(events, (when, 0, i, -1))
+
+    for i in range(fleet.devices):
+        start(i, 0.0)
+    while events:
+        t, kind, i, base = heapq.heappop(events)
+        if t >= horizon:
+            break
+        if kind == 0:  # a device takes the latest version and trains
+            v = len(versions) - 1
+            finish = t + speed[i] * draws.lognormal(0.0, settings.job_sigma)
+            until = availability.online_until(i, t) or t
+            if finish <= until:
+                heapq.heappush(events, (finish, 1, i, v))
+            else:
+                trace.lost_jobs += 1
+                start(i, until)  # back when it comes online again
+            continue
+        staleness = len(versions) - 1 - base
+        if staleness <= settings.max_staleness:
+            update = _update(fleet, i, versions[base], base, settings)
+            if update is not None:
+                buf.add(*update, staleness=staleness)
+                trace.updates += 1
+        if buf.full:
+            versions.append(buf.result(versions[-1], fleet.w0))
+            buf = Buffer(shapes, BufferSettings(settings.k, settings.max_staleness), 0.0, Bounds())
+            trace.points.append((t, _accuracy(fleet, versions[-1])))
+        start(i, t)
+    trace.end = horizon
+    return trace
+
+
+def time_to_target(trace: Trace, target: float) -> float:
+    """The first simulated time at which ``trace`` reached ``target`` accuracy (inf: never)."""
+    return next((t for t, acc in trace.points if acc >= target), math.inf)
