@@ -7,7 +7,8 @@
     ├── DecodeError      a wire message is malformed (``.reason`` says why, for the Reject)
     ├── DataError        a local data file is missing or malformed (names the file)
     ├── ArtifactError    a model artifact is missing, or its hash does not match
-    └── TransportError   the broker cannot be reached or refused us
+    ├── TransportError   the broker cannot be reached or refused us
+    └── TrainerCrash     a training back-end died (a native crash), hung, or computes wrong results
 
 Foreign errors are translated at the boundary with ``raise ... from exc``.
 """
@@ -49,4 +50,15 @@ class TransportError(FedgeError):
     """The message transport failed (broker unreachable, refused, ...)."""
 
 
-__all__ = ["ArtifactError", "ConfigError", "DataError", "DecodeError", "FedgeError", "TransportError"]
+class TrainerCrash(FedgeError):
+    """A training back-end is unusable: its worker process died (a segfault in a native runtime), did not answer
+    in time, or its results disagree with the NumPy reference. ``backend`` names it; ``reason`` says what happened
+    in a few words (no local data in it: it is sent to the hub in a decline and in the device's presence)."""
+
+    def __init__(self, backend: str, reason: str) -> None:
+        super().__init__(f"{backend} back-end unusable: {reason}")
+        self.backend = backend
+        self.reason = reason
+
+
+__all__ = ["ArtifactError", "ConfigError", "DataError", "DecodeError", "FedgeError", "TrainerCrash", "TransportError"]
