@@ -24,6 +24,7 @@ from fedge.core.privacy import DpParams, privatize
 from fedge.core.secagg_session import DeviceSession, distributed_problem, is_secagg, private_input
 from fedge.core.training import Prox, fit
 from fedge.edge_agent.artifacts import artifacts_dir, install_model_full, is_installed, prune_backbones
+from fedge.edge_agent.backends import BackendHealth
 from fedge.edge_agent.config import AgentConfig
 from fedge.edge_agent.eligibility import not_eligible
 from fedge.edge_agent.ledger import DeviceLedger, announced_dp, decline_reason
@@ -31,7 +32,7 @@ from fedge.edge_agent.selection import SelectionWorker
 from fedge.edge_agent.state import AgentState
 from fedge.edge_agent.trust import HubTrust
 from fedge.protocol.codec import ANNOUNCE_FRAME_BYTES, SMALL_FRAME_BYTES, decode, encode
-from fedge.protocol.errors import ArtifactError, DataError, DecodeError, FedgeError
+from fedge.protocol.errors import ArtifactError, DataError, DecodeError, FedgeError, TrainerCrash
 from fedge.protocol.fsio import secure_tree, write_atomic
 from fedge.protocol.manifest import load_head, load_manifest
 from fedge.protocol.messages import (
@@ -105,6 +106,8 @@ class Agent:
         self.ledger = DeviceLedger(root / "privacy.json")
         self.personal_head_path = root / "personal_head.npz"
         self.state = AgentState.load(root / "state.json")
+        # which back-ends work here: probed in child processes per installed model (edge_agent/backends.py)
+        self.health = BackendHealth(root / "backends.json", config.backend, on_change=self._backends_changed)
         # signatures, forward-only rounds and versions (edge_agent/trust.py)
         self.trust = HubTrust(root, self.topics, config.hub_public_key, self.state.last_completed_round)
         self._held: dict[str, tuple[Callable[[str, bytes], None], bytes]] = {}  # refused for an unknown key
@@ -147,6 +150,7 @@ class Agent:
         self._load_outbox()
         self._worker = threading.Thread(target=self._work, name=f"fedge-agent-{self.device}", daemon=True)
         self._worker.start()
+        self._probe_held_model()
         transport = self._transport
         mqtt = None
         if transport is None:
@@ -217,6 +221,7 @@ class Agent:
             # a DP device does not say how much data it holds
             n_samples=len(self._data.y) if self._data is not None and self.config.privacy is None else None,
             backends=self._backends,
+            backend_faults={name: why[:200] for name, why in self.health.faults().items()},
             model_version=self.state.model_version,
             agent_version=agent_version(),
             dp=True,
@@ -248,6 +253,8 @@ class Agent:
             if self._worker.is_alive():
                 log.warning("training still running after %.0f s; leaving it", timeout_s)
         self.feature_cache.flush()
+        if self._worker is None or not self._worker.is_alive():
+            self._close_trainer()  # its worker process goes with the agent
         try:
             self.publish_presence(online=False)
         except FedgeError as exc:
@@ -305,6 +312,7 @@ class Agent:
                 self.state.add_backbone(msg.backbone_sha256)
                 self.state.save()
                 self._prune_backbones()
+            self.health.ensure_async(path)  # new artifacts: which back-ends work with them
         self._check_pending()
 
     def _on_model_head(self, msg: Any) -> None:
@@ -502,25 +510,61 @@ class Agent:
             except Exception as exc:
                 log.exception("round %d failed on this device", msg.round)
                 # say so, so the hub stops waiting for this device (and do not retry the round)
-                # the reason only: the error text can describe the local data (its path, labels, size)
+                # the reason only: the error text can describe the local data (its path, labels, size); a crashed
+                # back-end's reason does not (which back-end, which signal, which call) and is sent
                 reason = DeclineReason.DATA_ERROR if isinstance(exc, DataError) else DeclineReason.TRAINER_ERROR
+                detail = "see the device's log"
+                if isinstance(exc, TrainerCrash):
+                    self._trainer_crashed(exc)
+                    detail = str(exc)[:500]
                 try:
-                    self._decline(msg, reason, "see the device's log")
+                    self._decline(msg, reason, detail)
                 except Exception:
                     log.exception("could not decline round %d", msg.round)
                     with self._cond:
                         self._started.discard(msg.round)  # a redelivered announce may retry
 
     def _trainer_for(self, backbone_sha256: str) -> Any:
-        from fedge.runtime.trainers import open_trainer
+        """The trainer for ``backbone_sha256``: the back-end ``self.health`` chooses (probed in child processes),
+        run in a worker process (``IsolatedTrainer``), so that a native crash raises ``TrainerCrash`` here."""
+        from fedge.runtime.trainers.isolated import IsolatedTrainer
 
         folder = artifacts_dir(self.artifacts_root, backbone_sha256)  # the verified install in use
-        if self._trainer is None or self._trainer[0] != backbone_sha256 or self._trainer_dir != folder:
-            self._trainer = None
+        backend = self.health.choose(folder)  # TrainerCrash when no back-end works here
+        held = self._trainer
+        if held is None or held[0] != backbone_sha256 or self._trainer_dir != folder or held[1].name != backend \
+                or not held[1].alive:
+            self._close_trainer()
             self._trainer_dir = folder
-            self._trainer = (backbone_sha256, open_trainer(folder, backend=self.config.backend))
-            log.info("opened %s trainer for backbone %s", self._trainer[1].name, backbone_sha256[:16])
-        return self._trainer[1]
+            trainer = IsolatedTrainer(folder, backend)
+            self._trainer = (backbone_sha256, trainer)
+            log.info("opened %s trainer for backbone %s (worker pid %d)", backend, backbone_sha256[:16], trainer.pid)
+            return trainer
+        return held[1]
+
+    def _close_trainer(self) -> None:
+        held, self._trainer = self._trainer, None
+        if held is not None:
+            held[1].close()
+
+    def _trainer_crashed(self, exc: TrainerCrash) -> None:
+        """A back-end crashed, hung or failed during a round: mark it unusable (``auto`` moves on to the next) and
+        drop its worker."""
+        held = self._trainer
+        if held is not None and held[1].name == exc.backend and not held[1].alive:
+            self.health.mark(exc.backend, exc.reason)
+            self._close_trainer()
+
+    def _probe_held_model(self) -> None:
+        """At start: probe the back-ends over the held model's artifacts in the background (when installed)."""
+        sha = self.state.versions.get(self.state.model_version or "")
+        if sha is None or not is_installed(self.artifacts_root, sha):
+            return
+        self.health.ensure_async(artifacts_dir(self.artifacts_root, sha))
+
+    def _backends_changed(self) -> None:
+        if self._subscribed and not self._stopped:
+            self.publish_presence(online=True)  # the hub and the dashboard see which back-ends are unusable
 
     def _inputs(self, backbone_sha256: str) -> NDArray[np.float32]:
         manifest = load_manifest(artifacts_dir(self.artifacts_root, backbone_sha256))
