@@ -181,5 +181,5 @@ def provision(p: Provisioning, profile: DeviceProfile, out_dir: Path, *, passwor
     return bundle
 
 
-__all__ = ["SELFTEST", "Provisioning", "agent_toml", "broker_acl", "bundle_artifacts", "check_install_dir", "check_user",
-           "provision", "write_private"]
+__all__ = ["SELFTEST", "Provisioning", "agent_toml", "broker_acl", "bundle_artifacts", "check_install_dir",
+           "check_user", "provision", "write_private"]
