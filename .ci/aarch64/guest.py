@@ -9,7 +9,12 @@ Reads the run's payload disk (``/payload``: the fedge wheel, the agent tests, ex
 3. ``fedge-agent selftest --backend B`` for every back-end, each in its own process (a crash is a result);
    ``fedge-agent selftest --probe`` (the agent's own probe of every installed back-end);
 4. the LiteRT reproducer (``repro_litert.py run``): which signature call crashes, with which runner;
-5. ``fedge-agent run`` against the hub on the host (10.0.2.2) until it completed the lane's rounds.
+5. provisioning: ``fedge devices flash`` of an ``rpi4`` bundle (made on the host by ``fedge devices provision
+   --artifacts``) onto this machine, through flash's own SSH command sequence run locally (``ssh``/``scp`` become
+   ``sh -c``/``cp``: the guest has no SSH server): the bundle's ``install.sh`` makes a venv, installs
+   ``fedge[agent]`` from aarch64 wheels only (offline: ``PIP_FIND_LINKS``), runs ``fedge-agent selftest --probe``
+   and starts the ``fedge-agent`` service, which is checked and stopped;
+6. ``fedge-agent run`` against the hub on the host (10.0.2.2) until it completed the lane's rounds.
 
 Standard library only until fedge is installed.
 """
@@ -131,6 +136,50 @@ def repro(res: dict[str, Any]) -> None:
     res["litert_repro"] = last_json(done.stdout) or {"error": exit_reason(done.returncode)}
 
 
+def provision(res: dict[str, Any]) -> None:
+    bundles = sorted((PAYLOAD / "bundles").glob("*/bundle.json"))
+    if not bundles:
+        return
+    from fedge.devices.flash import flash
+
+    t0 = time.monotonic()
+    shim = Path("/usr/local/bin/sudo")  # flash runs "sudo sh install.sh"; the guest is root and has no sudo
+    shim.write_text('#!/bin/sh\nexec "$@"\n')
+    shim.chmod(0o755)
+    env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(PAYLOAD / "aarch64-wheels"),
+           "PIP_NO_COMPILE": "1"}
+    transcript: list[str] = []
+
+    def on_device(cmd: list[str] | tuple[str, ...], capture: bool) -> tuple[int, str]:
+        """flash's ssh/scp, run on this machine: ``ssh -- host CMD`` is ``sh -c CMD``, ``scp`` a copy."""
+        if cmd[0] == "scp":
+            files, dest = list(cmd[cmd.index("--") + 1 : -1]), cmd[-1].split(":", 1)[1]
+            done = subprocess.run(["cp", "-r", "--", *files, dest], capture_output=True, text=True, check=False)
+        else:
+            done = subprocess.run(["sh", "-c", cmd[-1]], capture_output=True, text=True, check=False, env=env,
+                                  timeout=2400)
+        transcript.append(f"$ {' '.join(cmd)}\nexit {done.returncode}\n{done.stdout}{done.stderr}")
+        return done.returncode, done.stdout
+
+    out: dict[str, Any] = {}
+    try:
+        flash(bundles[0].parent, "root@fedge-pi", run=on_device)
+        out["flash"] = "ok"
+    except Exception as exc:  # a failed install (or self-test) is the result
+        out["flash"] = f"{type(exc).__name__}: {exc}"
+    (OUT / "provision.log").write_text("\n".join(transcript))
+    reports = [last_json(t) for t in transcript if '"probe"' in t]
+    out["selftest"] = reports[-1].get("probe") if reports else None
+    out["only_binary"] = "--only-binary=:all:" in (bundles[0].parent / "install.sh").read_text()
+    time.sleep(5)
+    active = subprocess.run(["systemctl", "is-active", "fedge-agent.service"], capture_output=True, text=True,
+                            check=False)
+    out["service"] = active.stdout.strip()
+    subprocess.run(["systemctl", "stop", "fedge-agent.service"], check=False, capture_output=True)
+    out["seconds"] = round(time.monotonic() - t0, 1)
+    res["provision"] = out
+
+
 def completed_rounds() -> int:
     try:
         return int(json.loads((AGENT_STATE / "state.json").read_text())["last_completed_round"])
@@ -160,6 +209,12 @@ def agent_rounds(res: dict[str, Any]) -> None:
     backends = AGENT_STATE / "backends.json"
     if backends.exists():
         res["agent"]["backends"] = json.loads(backends.read_text()).get("verdicts")
+    trained: dict[str, str] = {}
+    for line in (OUT / "agent.log").read_text(errors="replace").splitlines():
+        words = line.split("round ", 1)[-1].split(" ")  # "round 2: litert, 6 steps in ..."
+        if " steps in " in line and len(words) > 1 and words[0].endswith(":"):
+            trained[words[0].rstrip(":")] = words[1].rstrip(",")
+    res["agent"]["trained_with"] = trained
 
 
 def set_clock() -> float | None:
@@ -185,7 +240,7 @@ def main() -> int:
                            "clock_skew_s": skew}
     say(f"{res['machine']}, Python {res['python']}, kernel {res['kernel']}, up {res['uptime_at_start_s']:.0f} s")
     steps = (("install", install), ("agent_env_tests", agent_tests), ("selftests", selftests),
-             ("repro", repro), ("rounds", agent_rounds))
+             ("repro", repro), ("provision", provision), ("rounds", agent_rounds))
     for name, step in steps:
         say(f"{name} ...")
         try:

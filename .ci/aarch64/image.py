@@ -74,6 +74,7 @@ class Image:
     initrd: Path
     base: Path
     venv: Path
+    wheels: Path  # the aarch64 wheels the venv was made from
     built: tuple[str, ...]  # the layers built now (empty: all from the cache)
     seconds: float
 
@@ -259,7 +260,7 @@ def ensure_image(cache: Path, log: Path) -> Image:
     vkey = _digest(bkey, *(w.name for w in wheels))
     venv, built_venv = _layer(cache, f"venv-{vkey}", lambda d: _build_venv(base, wheels, d, log), log)
     built = tuple(name for name, b in (("base", built_base), ("wheels", built_wheels), ("venv", built_venv)) if b)
-    return Image(base / "vmlinuz", base / "initrd.img", base / "base.img", venv / "venv.img", built,
+    return Image(base / "vmlinuz", base / "initrd.img", base / "base.img", venv / "venv.img", wdir, built,
                  time.monotonic() - t0)
 
 

@@ -42,7 +42,7 @@ def log(text: str) -> None:
     print(f"[test-aarch64 {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
-def payload(run: Path, broker_port: int) -> tuple[Path, Any]:
+def payload(run: Path, broker_port: int, wheels: Path) -> tuple[Path, Any]:
     """The payload folder (see the module docstring) and the e2e FleetData of the host side."""
     from fedge.datasets.partition import make_device_shards, make_eval_set, write_partitions
     from fedge.datasets.shifts import Shift
@@ -70,6 +70,13 @@ def payload(run: Path, broker_port: int) -> tuple[Path, Any]:
     subprocess.run([sys.executable, str(HERE / "repro_litert.py"), "build", str(pay / "repro")], check=True,
                    capture_output=True)
     (pay / "rounds").write_text("2\n")
+    provision = [sys.executable, "-m", "fedge.cli", "devices", "provision", "--profile", "rpi4",
+                 "--device-id", "pi-prov", "--fleet", "lane-provision", "--broker", f"mqtt://10.0.2.2:{broker_port}",
+                 "--data", "/payload/data.npz", "--install-dir", "/opt/fedge-prov",
+                 "--wheel", str(next((pay / "wheels").glob("fedge-*.whl"))), "--artifacts", str(pay / "artifacts"),
+                 "--out", str(pay / "bundles")]
+    subprocess.run(provision, check=True, capture_output=True)
+    shutil.copytree(wheels, pay / "aarch64-wheels")
     (pay / "results").mkdir()
     write_toml(pay / "agent.toml", {
         "device_id": DEVICE, "fleet": "e2e", "data": "/payload/data.npz", "state_dir": "/var/lib/fedge-agent",
@@ -143,13 +150,16 @@ def summarise(out: dict[str, Any], guest: dict[str, Any]) -> dict[str, Any]:
     for b in ("numpy", "litert", "ort"):
         st = selftest.get(b, {}).get("status", "not run")
         pr = probe.get(b, "not installed" if "not installed" in st else "not probed")
+        st = st.removeprefix("ConfigError: config field 'backend': ")
         backends[b] = "ok" if st == "ok" and pr == "ok" else (st if st != "ok" else f"probe: {pr}")
     tests = guest.get("agent_env_tests", {})
+    prov = guest.get("provision", {})
     checks = {
         "guest ran": bool(guest) and not guest.get("errors"),
         "pip check": guest.get("pip_check") == "ok",
         "agent-env tests": tests.get("exit") == 0 and not tests.get("failures") and not tests.get("errors"),
         "numpy trains": backends["numpy"] == "ok",
+        "provisioned": prov.get("flash") == "ok" and prov.get("service") == "active" and prov.get("only_binary"),
         "litert trains": backends["litert"] == "ok",
         "plain round": out["rounds"].get("plain", {}).get("contributed") is True,
         "dp round": out["rounds"].get("dp", {}).get("contributed") is True,
@@ -159,7 +169,8 @@ def summarise(out: dict[str, Any], guest: dict[str, Any]) -> dict[str, Any]:
     keys = ("machine", "python", "kernel", "cpus", "clock_skew_s")
     return {"ok": not failed, "failed": failed, "backends": backends, "rounds": out["rounds"],
             "agent_env_tests": {k: tests.get(k) for k in ("tests", "failures", "errors", "skipped", "seconds")},
-            "selftest": selftest, "probe": probe, "litert_repro": guest.get("litert_repro"),
+            "selftest": selftest, "probe": probe, "litert_repro": guest.get("litert_repro"), "provision": prov,
+            "agent": guest.get("agent"),
             "guest": {k: guest.get(k) for k in keys}, "image": out["image"],
             "timings": {**out["timings"], **guest.get("timings", {})}, "logs": str(out["run"])}
 
@@ -182,7 +193,7 @@ def main(argv: list[str]) -> int:
 
     t1 = time.monotonic()
     with Mosquitto(args.run_dir / "mosquitto") as broker:
-        pay, data = payload(args.run_dir, broker.port)
+        pay, data = payload(args.run_dir, broker.port, img.wheels)
         pay_img = args.run_dir / "payload.img"
         subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "fedge-payload", "-d", str(pay), str(pay_img),
                         f"{image._size_mb(pay) + 256}M"], check=True)
