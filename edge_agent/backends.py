@@ -122,8 +122,11 @@ class BackendHealth:
             if not v.ok:
                 raise TrainerCrash(self.configured, v.reason or "unusable")
             return self.configured
-        for name, v in verdicts.items():
-            if v.ok:
+        from fedge.runtime.trainers import available_backends
+
+        for name in available_backends():  # auto order (the stored verdicts are in name order)
+            v = verdicts.get(name)
+            if v is not None and v.ok:
                 return name
         why = "; ".join(f"{n}: {v.reason}" for n, v in verdicts.items()) or "no back-end installed"
         raise TrainerCrash("auto", f"no back-end works ({why})")
