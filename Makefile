@@ -82,12 +82,12 @@ agent-wheels: setup
 test-aarch64: setup aarch64-deps
 	$(SUDO) $(BIN)/python .ci/aarch64/lane.py
 
-# What the lane needs on the host: QEMU (system and user mode, with binfmt_misc), debootstrap, e2fsprogs.
+# What the lane needs on the host: QEMU (system and user mode, with binfmt_misc; qemu-img), debootstrap, e2fsprogs.
 aarch64-deps:
 	@if ! command -v qemu-system-aarch64 >/dev/null 2>&1 || ! command -v debootstrap >/dev/null 2>&1 \
 		|| [ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]; then \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
-			qemu-system-arm qemu-user-static binfmt-support debootstrap e2fsprogs; \
+			qemu-system-arm qemu-utils qemu-user-static binfmt-support debootstrap e2fsprogs; \
 	fi
 
 bench: setup

@@ -550,9 +550,10 @@ class Agent:
     def _trainer_crashed(self, exc: TrainerCrash) -> None:
         """A back-end crashed, hung or failed during a round: mark it unusable (``auto`` moves on to the next) and
         drop its worker."""
-        held = self._trainer
-        if held is not None and held[1].name == exc.backend and not held[1].alive:
+        if exc.backend in self._backends and exc.backend not in self.health.faults():  # not "auto", not yet known
             self.health.mark(exc.backend, exc.reason)
+        held = self._trainer
+        if held is not None and held[1].name == exc.backend:
             self._close_trainer()
 
     def _probe_held_model(self) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -234,10 +235,13 @@ def main() -> int:
     OUT.mkdir(exist_ok=True)
     t0 = time.monotonic()
     skew = set_clock()
+    # the system disk is larger than the image's file system (a qcow2 overlay): grow into it, as a Pi image does
+    grow = subprocess.run(["resize2fs", "/dev/vda"], capture_output=True, text=True, check=False)
     res: dict[str, Any] = {"machine": platform.machine(), "python": platform.python_version(),
                            "kernel": platform.release(), "cpus": os.cpu_count(), "timings": {},
                            "uptime_at_start_s": float(Path("/proc/uptime").read_text().split()[0]),
-                           "clock_skew_s": skew}
+                           "clock_skew_s": skew, "root_grown": grow.returncode == 0,
+                           "root_free_mb": shutil.disk_usage("/").free // 2**20}
     say(f"{res['machine']}, Python {res['python']}, kernel {res['kernel']}, up {res['uptime_at_start_s']:.0f} s")
     steps = (("install", install), ("agent_env_tests", agent_tests), ("selftests", selftests),
              ("repro", repro), ("provision", provision), ("rounds", agent_rounds))

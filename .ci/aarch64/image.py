@@ -109,7 +109,7 @@ def _size_mb(folder: Path) -> int:
 
 def check_host() -> list[str]:
     """What the host lacks to build and boot the guest (empty: nothing)."""
-    missing = [tool for tool in ("debootstrap", "qemu-system-aarch64", "mkfs.ext4", "debugfs")
+    missing = [tool for tool in ("debootstrap", "qemu-system-aarch64", "qemu-img", "mkfs.ext4", "debugfs")
                if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists()]
     if not Path("/proc/sys/fs/binfmt_misc/qemu-aarch64").exists():
         missing.append("binfmt_misc entry qemu-aarch64 (apt-get install qemu-user-static binfmt-support)")

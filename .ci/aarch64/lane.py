@@ -5,7 +5,8 @@
    one device's data, ``agent.toml`` (broker ``mqtt://10.0.2.2:PORT``: the host as seen from the guest), the
    LiteRT reproducer and :mod:`guest` (what the guest runs at boot).
 3. mosquitto and a hub process on the host (the e2e suite's ``Fleet``), then the guest boots headless
-   (``-M virt -cpu cortex-a72 -smp 2 -m 2048``, system and venv disks copy-on-write so the cache stays clean).
+   (``-M virt -cpu cortex-a72 -smp 2 -m 2048``; the system disk a 4 GB qcow2 overlay of the cached image, the venv
+   disk ``snapshot=on``: the cache is never written).
    The guest installs fedge, runs the agent-environment tests, ``fedge-agent selftest`` per back-end and
    ``--probe``, the reproducer, then ``fedge-agent run``; the host runs one plain round, restarts the hub with
    ``[privacy]`` (local DP) and runs one DP round; the guest stops its agent and powers off.
@@ -35,6 +36,7 @@ import image  # noqa: E402
 
 DEVICE = "pi-00"
 SAMPLES = 240
+ROOT_DISK_GB = 4
 QEMU = ["qemu-system-aarch64", "-M", "virt", "-cpu", "cortex-a72", "-smp", "2", "-m", "2048"]
 
 
@@ -85,9 +87,14 @@ def payload(run: Path, broker_port: int, wheels: Path) -> tuple[Path, Any]:
 
 
 def boot(img: image.Image, pay_img: Path, console: Path) -> subprocess.Popen[bytes]:
+    # the system disk: a copy-on-write overlay of the cached image, larger than it (the guest grows its file system
+    # into it, as a Pi image does at first boot); the cache is never written
+    root = console.parent / "root.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(img.base), "-F", "raw", str(root),
+                    f"{ROOT_DISK_GB}G"], check=True)
     cmd = [*QEMU, "-kernel", str(img.kernel), "-initrd", str(img.initrd),
            "-append", f"root=/dev/vda rw console=ttyAMA0 net.ifnames=0 fedge.epoch={time.time():.0f}",
-           "-drive", f"if=none,id=root,file={img.base},format=raw,snapshot=on",
+           "-drive", f"if=none,id=root,file={root},format=qcow2",
            "-device", "virtio-blk-pci,drive=root",
            "-drive", f"if=none,id=venv,file={img.venv},format=raw,snapshot=on",
            "-device", "virtio-blk-pci,drive=venv",
@@ -215,6 +222,7 @@ def main(argv: list[str]) -> int:
                 vm.kill()
                 vm.wait()
             fleet.close()
+    (args.run_dir / "root.qcow2").unlink(missing_ok=True)  # the guest's writes to its system disk
     results = args.run_dir / "results"
     subprocess.run(["debugfs", "-R", f"rdump /results {args.run_dir}", str(pay_img)], check=False,
                    capture_output=True)

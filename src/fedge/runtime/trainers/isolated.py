@@ -2,10 +2,11 @@
 
 ``IsolatedTrainer(artifacts_dir, backend)`` starts ``python -m fedge.runtime.trainers.worker`` and forwards every
 Trainer call to it over a socket pair. A native crash of the runtime (a segfault), an exit, or no answer within
-``timeout_s`` kills the worker and raises :class:`~fedge.protocol.errors.TrainerCrash` naming the back-end, the
-signal and the call; the trainer is then closed and every later call raises the same error. Exceptions the
-back-end raises on purpose (``ArtifactError``, ``ValueError``, ...) come back as the same types. The worker's
-stderr (LiteRT's messages, the Python stack ``faulthandler`` prints on a crash) goes to the ``fedge.trainer`` log.
+``timeout_s`` (``open_timeout_s`` while the worker starts) kills the worker and raises
+:class:`~fedge.protocol.errors.TrainerCrash` naming the back-end, the signal and the call; the trainer is then
+closed and every later call raises the same error. Exceptions the back-end raises on purpose (``ArtifactError``,
+``ValueError``, ...) come back as the same types. The worker's stderr (LiteRT's messages, the Python stack
+``faulthandler`` prints on a crash) goes to the ``fedge.trainer`` log.
 """
 
 from __future__ import annotations
@@ -28,12 +29,15 @@ from numpy.typing import NDArray
 
 from fedge.protocol.errors import ArtifactError, ConfigError, DataError, FedgeError, TrainerCrash
 
-__all__ = ["DEFAULT_TIMEOUT_S", "IsolatedTrainer"]
+__all__ = ["DEFAULT_TIMEOUT_S", "OPEN_TIMEOUT_S", "IsolatedTrainer"]
 
 log = logging.getLogger("fedge.trainer")
 F32 = NDArray[np.float32]
 DEFAULT_TIMEOUT_S = 120.0
 """Longest wait for one call (features go in chunks of :data:`FEATURE_ROWS` rows, so this bounds a chunk)."""
+OPEN_TIMEOUT_S = 300.0
+"""Longest wait for the worker to start and open the back-end (a fresh interpreter importing the runtime: seconds on
+a Pi, tens of seconds under emulation)."""
 FEATURE_ROWS = 1024
 _ERRORS: dict[str, type[Exception]] = {
     "ArtifactError": ArtifactError, "DataError": DataError, "ValueError": ValueError, "TypeError": TypeError,
@@ -55,7 +59,7 @@ class IsolatedTrainer:
     """The Trainer of ``backend`` over ``artifacts_dir``, run in a worker process (see the module docstring)."""
 
     def __init__(self, artifacts_dir: str | Path, backend: str, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 env: Mapping[str, str] | None = None) -> None:
+                 open_timeout_s: float = OPEN_TIMEOUT_S, env: Mapping[str, str] | None = None) -> None:
         self.name = backend
         self.timeout_s = timeout_s
         self._crash: TrainerCrash | None = None
@@ -74,7 +78,7 @@ class IsolatedTrainer:
         self._reader = threading.Thread(target=self._read_stderr, args=(self._proc.stderr,), daemon=True,
                                         name=f"fedge-trainer-{backend}-stderr")
         self._reader.start()
-        info = self._call("open", str(artifacts_dir), backend)
+        info = self._call("open", str(artifacts_dir), backend, timeout_s=open_timeout_s)
         self.batch_size = int(info["batch_size"])
         if info["name"] != backend:
             self.close()
@@ -142,23 +146,24 @@ class IsolatedTrainer:
                 log.debug("%s worker: %s", self.name, line)
         stream.close()
 
-    def _call(self, method: str, *args: Any) -> Any:
+    def _call(self, method: str, *args: Any, timeout_s: float | None = None) -> Any:
+        wait_s = self.timeout_s if timeout_s is None else timeout_s
         with self._lock:
             if self._crash is not None:
                 raise self._crash
+            answer = None
             try:
                 self._conn.send((method, args))
-                if not self._conn.poll(self.timeout_s):
-                    raise TimeoutError
-                answer = self._conn.recv()
-            except TimeoutError:
-                self._fail(method, f"did not answer {method} within {self.timeout_s:g} s (killed)")
-            except (EOFError, OSError):
+                if self._conn.poll(wait_s):
+                    answer = self._conn.recv()
+            except (EOFError, OSError):  # the worker went away: how?
                 try:
                     code: int | None = self._proc.wait(timeout=5)
                 except subprocess.TimeoutExpired:
                     code = None
                 self._fail(method, f"{_describe(code)} in {method}")
+            if answer is None:
+                self._fail(method, f"did not answer {method} within {wait_s:g} s (killed)")
         if answer[0] == "ok":
             return answer[1]
         _, kind, message, field, problem = answer
