@@ -77,8 +77,8 @@ agent-wheels: setup
 	$(BIN)/python .ci/agent_wheels.py
 
 # The agent on an emulated Raspberry Pi (arm64 Debian 12 under qemu-system-aarch64): see .ci/aarch64/lane.py and
-# docs/AARCH64.md. The guest image is built once (about 15 min) and cached in ~/.cache/fedge/aarch64 (or
-# $$FEDGE_AARCH64_CACHE), keyed by its inputs; a run with the image cached takes about 10 min. Not part of `make test`.
+# docs/AARCH64.md. The guest image is built once (about 19 min) and cached in ~/.cache/fedge/aarch64 (or
+# $$FEDGE_AARCH64_CACHE), keyed by its inputs; a run with the image cached takes about 11 min. Not part of `make test`.
 test-aarch64: setup aarch64-deps
 	$(SUDO) $(BIN)/python .ci/aarch64/lane.py
 

@@ -173,6 +173,9 @@ def summarise(out: dict[str, Any], guest: dict[str, Any]) -> dict[str, Any]:
         "agent stayed up": guest.get("agent", {}).get("alive_until_stopped") is True,
     }
     failed = [k for k, ok in checks.items() if not ok]
+    trained = guest.get("agent", {}).get("trained_with", {})
+    for r in out["rounds"].values():  # a DP update carries no metrics: the agent's log says what trained it
+        r["backend"] = r["backend"] or trained.get(str(r["round"]))
     keys = ("machine", "python", "kernel", "cpus", "clock_skew_s")
     return {"ok": not failed, "failed": failed, "backends": backends, "rounds": out["rounds"],
             "agent_env_tests": {k: tests.get(k) for k in ("tests", "failures", "errors", "skipped", "seconds")},
