@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedge.protocol.errors import ConfigError, TrainerCrash
+from fedge.protocol.errors import ArtifactError, ConfigError, TrainerCrash
 from fedge.protocol.manifest import load_head, load_manifest
 from fedge.runtime.trainers import available_backends, open_trainer
 from fedge.runtime.trainers.isolated import IsolatedTrainer
@@ -75,13 +75,31 @@ def test_a_hung_back_end_is_killed_after_the_timeout(artifacts_dir: Path) -> Non
     iso.close()
 
 
-def test_a_back_end_that_is_not_installed_is_a_config_error(artifacts_dir: Path) -> None:
+def test_errors_opening_the_back_end_keep_their_type_and_stop_the_worker(artifacts_dir: Path, tmp_path: Path) -> None:
     missing = [b for b in ("litert", "ort", "numpy") if b not in available_backends()]
-    if not missing:
-        missing = ["nonesuch"]
-    with pytest.raises(ConfigError) as err:
-        IsolatedTrainer(artifacts_dir, missing[0])
+    with pytest.raises(ConfigError) as err:  # not installed here (or not a back-end at all)
+        IsolatedTrainer(artifacts_dir, (missing or ["nonesuch"])[0])
     assert err.value.field == "backend"
+    with pytest.raises(ArtifactError):  # no artifacts there
+        IsolatedTrainer(tmp_path, available_backends()[0])
+    assert not [c for c in child_cmdlines() if "fedge.runtime.trainers.worker" in c], "no worker left behind"
+
+
+def child_cmdlines() -> list[str]:
+    """Command lines of this process's children (from /proc)."""
+    import os
+
+    out = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            if ppid == os.getpid():
+                with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                    out.append(fh.read().replace(b"\0", b" ").decode())
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
 
 
 def test_the_probe_passes_each_installed_back_end_and_fails_a_broken_one_with_its_reason(artifacts_dir: Path) -> None:

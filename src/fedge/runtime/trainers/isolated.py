@@ -78,7 +78,11 @@ class IsolatedTrainer:
         self._reader = threading.Thread(target=self._read_stderr, args=(self._proc.stderr,), daemon=True,
                                         name=f"fedge-trainer-{backend}-stderr")
         self._reader.start()
-        info = self._call("open", str(artifacts_dir), backend, timeout_s=open_timeout_s)
+        try:
+            info = self._call("open", str(artifacts_dir), backend, timeout_s=open_timeout_s)
+        except Exception:
+            self.close()  # the back-end could not open the artifacts: its worker goes now
+            raise
         self.batch_size = int(info["batch_size"])
         if info["name"] != backend:
             self.close()
