@@ -213,7 +213,7 @@ def main(argv: list[str]) -> int:
         vm = None
         try:
             fleet.start_hub()
-            log("booting the guest (console: build/aarch64-lane/console.log)")
+            log(f"booting the guest (console: {args.run_dir / 'console.log'})")
             vm = boot(img, pay_img, args.run_dir / "console.log")
             rounds(fleet, vm, out)
             try:
