@@ -8,7 +8,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEVICES ?= 5
 ROUNDS ?= 5
 
-.PHONY: demo test test-fast setup system-deps agent-venv lint unit agent-env-tests agent-wheels bench bench-readme clean
+.PHONY: demo test test-fast setup system-deps agent-venv lint unit agent-env-tests agent-wheels bench bench-readme clean \
+	test-aarch64 aarch64-deps
 
 demo: setup
 	$(BIN)/fedge demo --devices $(DEVICES) --rounds $(ROUNDS) --out demo-out
@@ -88,6 +89,20 @@ agent-env-tests: setup agent-venv
 # fedge[agent] must install from wheels alone on a Raspberry Pi (aarch64, Python 3.11): no compiler there.
 agent-wheels: setup
 	$(BIN)/python .ci/agent_wheels.py
+
+# The agent on an emulated Raspberry Pi (arm64 Debian 12 under qemu-system-aarch64): see .ci/aarch64/lane.py and
+# docs/AARCH64.md. The guest image is built once (about 19 min) and cached in ~/.cache/fedge/aarch64 (or
+# $$FEDGE_AARCH64_CACHE), keyed by its inputs; a run with the image cached takes about 11 min. Not part of `make test`.
+test-aarch64: setup aarch64-deps
+	$(SUDO) $(BIN)/python .ci/aarch64/lane.py
+
+# What the lane needs on the host: QEMU (system and user mode, with binfmt_misc; qemu-img), debootstrap, e2fsprogs.
+aarch64-deps:
+	@if ! command -v qemu-system-aarch64 >/dev/null 2>&1 || ! command -v debootstrap >/dev/null 2>&1 \
+		|| [ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]; then \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+			qemu-system-arm qemu-utils qemu-user-static binfmt-support debootstrap e2fsprogs; \
+	fi
 
 bench: setup
 	$(BIN)/python bench/train_step.py

@@ -12,6 +12,9 @@ Prints (with ``--json``) ONE JSON object:
 * ``feature_cache_speedup``: the same against recomputing the features every epoch. Target >= 8.
 * ``agent_peak_rss_mb``: a separate process that imports only the agent (no TensorFlow), opens
   the LiteRT trainer and fine-tunes the head on the 2,000 samples; its peak RSS. Target <= 150.
+* ``isolated_train_head_ms``, ``fit_isolated_s`` vs ``fit_in_process_s`` (no targets): the agent trains through a
+  worker process (``IsolatedTrainer``) so that a native crash cannot take it down; what that costs per step and
+  for one round's local fit (2,000 samples, 5 epochs).
 
 plus the MobileNetV2 and int8 figures of ``bench/_mobilenet.py`` (``mobilenet_feature_ms_per_image`` <= 50,
 ``mobilenet_head_step_ms_max`` <= 1, ``mobilenet_agent_peak_rss_mb`` <= 150, ``mobilenet_int8_size_ratio``
@@ -41,6 +44,7 @@ if str(ROOT) not in sys.path:
 
 from bench._mobilenet import int8_top1_drop, run_mobilenet  # noqa: E402
 from bench._targets import TRAIN_STEP, finish  # noqa: E402
+from fedge.core.trainer import Trainer  # noqa: E402
 from fedge.core.training import fit  # noqa: E402
 from fedge.protocol.manifest import load_head, load_manifest  # noqa: E402
 from fedge.runtime.features import FeatureCache  # noqa: E402
@@ -91,7 +95,7 @@ def local_data(n: int, rng: np.random.Generator) -> tuple[NDArray[np.float32], N
         return rng.random((n, 28, 28, 1), dtype=np.float32), rng.integers(0, 10, n), "random"
 
 
-def time_litert_step(trainer: LiteRTTrainer, f: NDArray[np.float32], y: NDArray[np.int64], n: int) -> float:
+def time_litert_step(trainer: Trainer, f: NDArray[np.float32], y: NDArray[np.int64], n: int) -> float:
     for _ in range(50):
         trainer.train_step(f, y, LR)
     t0 = time.perf_counter()
@@ -241,7 +245,24 @@ def run(samples: int, rounds: int, epochs: int) -> dict[str, Any]:
             feature_cache_vs_per_round=round(per_round / with_cache, 2),
         )
 
-        # 3. peak RSS of an agent-only process fine-tuning the head on the same samples
+        # 3. what the agent pays for training in a worker process (IsolatedTrainer: a crash there cannot take the
+        # agent down): the same step through the worker, and one round's local fit on the same samples
+        from fedge.runtime.trainers.isolated import IsolatedTrainer
+
+        feats = trainer.features(x)
+        with IsolatedTrainer(art, "litert") as iso:
+            iso.set_head(head0)
+            iso_s = min(time_litert_step(iso, f, yb, 1000) for _ in range(REPEATS))
+            fits = {}
+            for name, tr in (("in_process", trainer), ("isolated", iso)):
+                tr.set_head(head0)
+                t0 = time.perf_counter()
+                fit(tr, feats, y, epochs, LR, np.random.default_rng(0))
+                fits[name] = time.perf_counter() - t0
+        out.update(isolated_train_head_ms=round(iso_s * 1e3, 4), fit_in_process_s=round(fits["in_process"], 4),
+                   fit_isolated_s=round(fits["isolated"], 4))
+
+        # 4. peak RSS of an agent-only process fine-tuning the head on the same samples
         data_file = tmp / "local.npz"
         np.savez(data_file, x=x, y=y)
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))

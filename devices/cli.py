@@ -33,6 +33,8 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     prov.add_argument("--user", default="fedge", help="the system user the agent runs as (created if missing)")
     prov.add_argument("--wheel", help="bundle this fedge wheel, or build one from this source folder "
                                       "(pip wheel --no-deps); default: the installer pins this fedge's version")
+    prov.add_argument("--artifacts", help="the fleet's exported model (fedge export): bundled, and the installer "
+                      "self-tests the device with it (fedge-agent selftest --probe) before it starts the agent")
     prov.add_argument("--out", default="bundles")
     prov.set_defaults(handler=_provision)
     fl = dsub.add_parser("flash", help="copy a bundle to user@host over SSH and install it (or into a mounted root)")
@@ -59,7 +61,9 @@ def _provision(args: argparse.Namespace) -> int:
     existed = fleet_dir is not None and args.device_id in password_entries(FleetDir.at(fleet_dir).passwd)
     p = Provisioning(args.device_id, args.fleet, broker, args.data, args.install_dir, args.user)
     wheel = None if args.wheel is None else Path(args.wheel)
-    bundle = provision(p, get_profile(args.profile), Path(args.out), wheel=wheel, fleet_dir=fleet_dir)
+    artifacts = None if args.artifacts is None else Path(args.artifacts)
+    bundle = provision(p, get_profile(args.profile), Path(args.out), wheel=wheel, fleet_dir=fleet_dir,
+                       artifacts=artifacts)
     print(bundle)
     if fleet_dir is not None:
         what = ("already had an account: its password is REPLACED (older bundles of it are locked out)" if existed

@@ -23,7 +23,7 @@ from typing import Any, Final, Protocol
 
 from fedge.devices.installer import render_firstboot
 from fedge.devices.profiles import SERVICES
-from fedge.devices.provision import check_install_dir, check_user, write_private
+from fedge.devices.provision import SELFTEST, check_install_dir, check_user, write_private
 from fedge.protocol.errors import ConfigError
 
 STAGE: Final = "/var/lib/fedge-bundle"
@@ -72,9 +72,12 @@ TRUST_FILES = ("ca.crt", "hub-signing.pub")  # public files agent.toml names rel
 
 
 def _payload(bundle: Path, meta: dict[str, Any]) -> list[Path]:
-    """The bundle files the device needs (not the operator's credentials.txt and broker-acl.conf)."""
+    """The bundle files the device needs (not the operator's credentials.txt and broker-acl.conf), and the
+    ``selftest`` folder (the model the installer self-tests with) when there is one."""
     names = ["agent.toml", "install.sh", "bundle.json", _SERVICE_FILES[meta["service"]]]
     names += [n for n in TRUST_FILES if (bundle / n).is_file()]  # a --fleet-dir bundle: the fleet CA, the hub key
+    if meta.get("selftest") and (bundle / SELFTEST / "manifest.json").is_file():
+        names.append(SELFTEST)
     return [bundle / n for n in names + ([meta["wheel"]] if meta["wheel"] else [])]
 
 
@@ -83,7 +86,7 @@ def ssh_commands(bundle: Path, meta: dict[str, Any], target: str, remote: str) -
     q = shlex.quote(remote)
     sudo = "sudo " if meta["service"] == "systemd" else ""
     return (
-        ["scp", "-q", "--", *map(str, _payload(bundle, meta)), f"{target}:{remote}/"],
+        ["scp", "-q", "-r", "--", *map(str, _payload(bundle, meta)), f"{target}:{remote}/"],
         ["ssh", "--", target, f"{sudo}sh {shlex.quote(remote + '/install.sh')}; rc=$?; rm -rf -- {q}; exit $rc"],
         ["ssh", "--", target, f"rm -rf -- {q}"],
     )
@@ -138,7 +141,10 @@ def _flash_root(bundle: Path, meta: dict[str, Any], root: Path, dry_run: bool) -
     stage.mkdir(mode=0o700, parents=True)
     stage.chmod(0o700)
     for f in staged:
-        shutil.copy2(f, stage / f.name)
+        if f.is_dir():
+            shutil.copytree(f, stage / f.name)
+        else:
+            shutil.copy2(f, stage / f.name)
     wants.parent.mkdir(parents=True, exist_ok=True)
     unit.write_text(render_firstboot(STAGE), encoding="utf-8")
     if wants.is_symlink() or wants.exists():

@@ -104,12 +104,17 @@ def _service_install(service: str) -> str:
     return 'mkdir -p ~/.termux/boot\ninstall -m 755 -- "$here/termux-boot.sh" ~/.termux/boot/fedge-agent'
 
 
-def install_script(install_dir: str, user: str, extras: tuple[str, ...], service: str, pin: Pin) -> str:
-    """``install.sh``: every value a shell-quoted assignment at the top."""
+def install_script(install_dir: str, user: str, extras: tuple[str, ...], service: str, pin: Pin, *,
+                   backend: str = "auto", wheels_only: bool = False) -> str:
+    """``install.sh``: every value a shell-quoted assignment at the top. ``wheels_only``: pip installs wheels only
+    (``--only-binary=:all:``: nothing is compiled on the device; a dependency without a wheel for its platform fails
+    the install instead). The self-test (``fedge-agent selftest --probe --backend BACKEND``) runs before the service
+    is installed when the bundle holds the fleet's model (``selftest/``)."""
     q = shlex.quote
     return _template("install.sh").format(
         install_dir=q(install_dir), user=q(user), extras=q(",".join(extras)), version=q(pin.version),
-        wheel=q(pin.wheel), wheel_sha256=q(pin.wheel_sha256), service_install=_service_install(service),
+        wheel=q(pin.wheel), wheel_sha256=q(pin.wheel_sha256), backend=q(backend),
+        pip_options="--only-binary=:all: " if wheels_only else "", service_install=_service_install(service),
     )
 
 

@@ -39,6 +39,12 @@ class DeviceProfile:
     max_epochs: int | None = None
     max_round_s: float | None = None
 
+    @property
+    def wheels_only(self) -> bool:
+        """Install from wheels only (no compiler on the device): Linux devices with a systemd service, whose
+        dependencies all have manylinux wheels for x86_64 and aarch64 (Termux on Android has none and builds)."""
+        return self.service == "systemd"
+
     def __post_init__(self) -> None:
         if self.arch not in ("aarch64", "x86_64", "armv7l"):
             raise ConfigError("arch", f"{self.arch!r} is not one of aarch64, x86_64, armv7l")

@@ -3,7 +3,9 @@
 A bundle folder (mode 0700: it holds the device's broker password) has ``agent.toml`` (with the device's MQTT
 credentials), ``install.sh``, the service file for the profile (systemd unit or Termux:Boot script),
 ``bundle.json`` (what ``fedge devices flash`` needs: install folder, user, service, the pinned fedge), the
-fedge wheel when one is bundled and, for the broker operator, ``broker-acl.conf`` (what this device may
+fedge wheel when one is bundled, ``selftest/`` (the fleet's exported model, checked against its manifest: the
+installer runs ``fedge-agent selftest --probe`` on it before it starts the agent) when one is given and, for the
+broker operator, ``broker-acl.conf`` (what this device may
 publish) and ``credentials.txt``. Provisioned into a fleet folder (``fedge fleet init``), it also has the fleet's
 ``ca.crt`` (``ca_file`` of agent.toml) and the hub's public key ``hub-signing.pub``, and the device gets an
 account in the fleet's password file. Flashing is in ``fedge.devices.flash``.
@@ -103,6 +105,24 @@ def broker_acl(p: Provisioning) -> str:
     )
 
 
+SELFTEST = "selftest"
+"""The bundle's folder holding the fleet's model for the installer's self-test."""
+
+
+def bundle_artifacts(source: Path, dest: Path) -> None:
+    """Copy an exported model (the manifest and every file it lists, each checked against its sha256) to ``dest``."""
+    from fedge.protocol.manifest import verify_artifacts
+
+    manifest = verify_artifacts(source)
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for name in ["manifest.json", *manifest.files]:
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source / name, dest / name)
+    verify_artifacts(dest)
+
+
 def write_private(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` readable by its owner only (never briefly world-readable)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -112,11 +132,13 @@ def write_private(path: Path, text: str) -> None:
 
 
 def provision(p: Provisioning, profile: DeviceProfile, out_dir: Path, *, password: str | None = None,
-              wheel: Path | None = None, fleet_dir: Path | None = None) -> Path:
+              wheel: Path | None = None, fleet_dir: Path | None = None, artifacts: Path | None = None) -> Path:
     """Write the device's bundle into ``out_dir/<device_id>/`` and return that folder. ``wheel``: a fedge wheel,
     or a source folder to build one from, bundled and pinned by its sha256; without it the installer pins the
     provisioning fedge's version from the package index. ``fleet_dir`` (``fedge fleet init``): the device gets an
-    account in its password file, and the bundle the fleet's CA certificate and the hub's public key."""
+    account in its password file, and the bundle the fleet's CA certificate and the hub's public key. ``artifacts``:
+    an exported model (``fedge export``) the installer self-tests the device with (``ArtifactError`` when a file
+    does not match its manifest)."""
     fleet = None if fleet_dir is None else FleetDir.at(fleet_dir)
     if fleet is not None:
         name = fleet.read()["fleet"]
@@ -129,6 +151,8 @@ def provision(p: Provisioning, profile: DeviceProfile, out_dir: Path, *, passwor
     bundle.mkdir(parents=True, exist_ok=True)
     bundle.chmod(0o700)
     pin = index_pin() if wheel is None else bundle_wheel(wheel, bundle)
+    if artifacts is not None:
+        bundle_artifacts(artifacts, bundle / SELFTEST)
     pw = password or secrets.token_urlsafe(24)
     if profile.service == "systemd":
         service_name = "fedge-agent.service"
@@ -138,7 +162,8 @@ def provision(p: Provisioning, profile: DeviceProfile, out_dir: Path, *, passwor
         service = termux_boot(p.install_dir)
     (bundle / service_name).write_text(service, encoding="utf-8")
     (bundle / "install.sh").write_text(
-        install_script(p.install_dir, p.user, profile.extras, profile.service, pin), encoding="utf-8")
+        install_script(p.install_dir, p.user, profile.extras, profile.service, pin, backend=profile.backend,
+                       wheels_only=profile.wheels_only), encoding="utf-8")
     (bundle / "install.sh").chmod(0o755)
     if fleet is not None:
         for src in (fleet.ca_cert, fleet.signing_pub):
@@ -148,11 +173,13 @@ def provision(p: Provisioning, profile: DeviceProfile, out_dir: Path, *, passwor
     (bundle / "broker-acl.conf").write_text(broker_acl(p), encoding="utf-8")
     write_private(bundle / "credentials.txt", f"{p.device_id}:{pw}\n")
     meta: dict[str, Any] = {"device_id": p.device_id, "install_dir": p.install_dir, "user": p.user,
-                            "service": profile.service, "service_file": service_name, **asdict(pin)}
+                            "service": profile.service, "service_file": service_name, **asdict(pin),
+                            "selftest": artifacts is not None}
     (bundle / "bundle.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     if fleet is not None:  # last: no account without a complete bundle
         add_device(fleet.root, p.device_id, pw)
     return bundle
 
 
-__all__ = ["Provisioning", "agent_toml", "broker_acl", "check_install_dir", "check_user", "provision", "write_private"]
+__all__ = ["SELFTEST", "Provisioning", "agent_toml", "broker_acl", "bundle_artifacts", "check_install_dir",
+           "check_user", "provision", "write_private"]

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from fedge.edge_agent.artifacts import artifacts_dir, install_model_full, is_installed, prune_backbones
+from fedge.edge_agent.backends import BackendHealth
 from fedge.edge_agent.config import AgentConfig
 from fedge.edge_agent.ledger import DeviceLedger
 from fedge.edge_agent.outbox import Outbox
@@ -82,6 +83,8 @@ class Agent:
         self.artifacts_root = root / "artifacts"
         self.heads_dir = root / "heads"
         self.state = AgentState.load(root / "state.json")
+        # which back-ends work here: probed in child processes per installed model (edge_agent/backends.py)
+        self.health = BackendHealth(root / "backends.json", config.backend, on_change=self._backends_changed)
         # signatures, forward-only rounds and versions (edge_agent/trust.py)
         self.trust = HubTrust(root, self.topics, config.hub_public_key, self.state.last_completed_round)
         self._held: dict[str, tuple[Callable[[str, bytes], None], bytes]] = {}  # refused for an unknown key
@@ -93,7 +96,7 @@ class Agent:
         self._pending: dict[int, RoundAnnounce] = {}
         self.outbox = Outbox(root / "outbox")
         self.worker = RoundWorker(config, self.state, self._cond, self.outbox, self._publish, lambda: self.data,
-                                  lambda: self._republish_unacked("no ack yet"), self._run_selection)
+                                  lambda: self._republish_unacked("no ack yet"), self._run_selection, self.health)
         self._selection = SelectionWorker(self.worker, self._cond)  # source-model selection rounds
         self._subscribed = False
         self._stopped = False
@@ -128,7 +131,9 @@ class Agent:
         for d in (self.artifacts_root, self.heads_dir, self.config.state_dir / "features"):
             d.mkdir(mode=0o700, exist_ok=True)
         self.outbox.load()
+        self.worker.installed = self._backends
         self.worker.start()
+        self._probe_held_model()
         transport = self._transport
         mqtt = None
         if transport is None:
@@ -197,6 +202,7 @@ class Agent:
             # a DP device does not say how much data it holds
             n_samples=len(self._data.y) if self._data is not None and self.config.privacy is None else None,
             backends=self._backends, model_version=self.state.model_version, agent_version=agent_version(),
+            backend_faults={name: why[:200] for name, why in self.health.faults().items()},
             dp=True, secagg=_SECAGG,
         )
         self._transport.publish(self.topics.presence(self.device), encode(msg), qos=1, retain=True)
@@ -278,6 +284,7 @@ class Agent:
                 self.state.add_backbone(msg.backbone_sha256)
                 self.state.save()
                 self._prune_backbones()
+            self.health.ensure_async(path)  # new artifacts: which back-ends work with them
         self._check_pending()
 
     def _on_model_head(self, msg: Any) -> None:
@@ -363,6 +370,17 @@ class Agent:
                 del self.worker.secagg[rnd]  # its secrets go with it
         for rnd in self.outbox.settle_up_to(msg.round):
             log.info("round %d closed (%s) before our update was acknowledged: not sent again", rnd, msg.status)
+
+    def _probe_held_model(self) -> None:
+        """At start: probe the back-ends over the held model's artifacts in the background (when installed)."""
+        sha = self.state.versions.get(self.state.model_version or "")
+        if sha is None or not is_installed(self.artifacts_root, sha):
+            return
+        self.health.ensure_async(artifacts_dir(self.artifacts_root, sha))
+
+    def _backends_changed(self) -> None:
+        if self._subscribed and not self._stopped:
+            self.publish_presence(online=True)  # the hub and the dashboard see which back-ends are unusable
 
     def _on_hub_status(self, msg: Any) -> None:
         if isinstance(msg, HubStatus) and msg.online:  # the hub (re)subscribed before it said so

@@ -135,7 +135,8 @@ class AgentConfig:
     backend: str = field(
         default="auto",
         metadata=doc(
-            'trainer: auto (LiteRT, then ONNX Runtime training, then NumPy), litert, ort or numpy', example='litert'),
+            'trainer: auto (the first that works here, each probed in a child process: LiteRT, then ONNX Runtime '
+            'training, then NumPy), litert, ort or numpy', example='litert'),
     )
     seed: int = field(default=0, metadata=doc('seed of the local shuffling (the DP noise is never seeded)'))
     session_expiry_s: int = field(

@@ -6,6 +6,11 @@ backbone features compute, and ``--steps`` SGD steps lower the loss on that data
 Output keys: ``ok``, ``backend``, ``steps``, ``loss_first``/``loss_last`` (mean loss on the
 self-test samples before/after training), ``ms_per_step``, ``peak_rss_mb`` and a few more;
 on failure ``ok`` is false, ``error`` says why and the exit code is 1.
+
+``--probe`` instead checks every installed back-end the way the agent does before it trains: each in its own
+process (a segfault or a hang there is a result, not the end of the self-test), compared with the NumPy reference.
+``probe`` maps each back-end to its verdict; ``backend`` is the one ``--backend`` would train with (``auto``: the
+first that works); exit code 1 when there is none.
 """
 
 from __future__ import annotations
@@ -34,7 +39,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=["auto", "litert", "ort", "numpy"])
     p.add_argument("--steps", type=int, default=20, help="training steps to run (default 20)")
     p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default 0.05)")
+    p.add_argument("--probe", action="store_true",
+                   help="probe every installed back-end in its own process (crash, hang, disagreement with the NumPy "
+                        "reference) and report each")
     return p
+
+
+def _probe(args: argparse.Namespace, report: dict[str, Any]) -> bool:
+    from fedge.protocol.manifest import verify_artifacts
+    from fedge.runtime.trainers import available_backends
+    from fedge.runtime.trainers.probe import probe_backend
+
+    manifest = verify_artifacts(args.artifacts)
+    report["model"] = manifest.model
+    verdicts = {b: probe_backend(args.artifacts, b) for b in available_backends()}
+    report["probe"] = {b: ("ok" if v.ok else v.reason) for b, v in verdicts.items()}
+    report["probe_seconds"] = {b: round(v.seconds, 2) for b, v in verdicts.items()}
+    usable = [b for b, v in verdicts.items() if v.ok and args.backend in ("auto", b)]
+    report["backend"] = usable[0] if usable else None
+    if not usable:
+        raise RuntimeError(f"no usable back-end for --backend {args.backend}: {report['probe']}")
+    return True
 
 
 def _peak_rss_mb() -> float:
@@ -120,7 +145,7 @@ def selftest_main(argv: Sequence[str]) -> int:
     report: dict[str, Any] = {"ok": False, "backend": None, "artifacts": args.artifacts}
     code = 0
     try:
-        report["ok"] = _run(args, report)
+        report["ok"] = (_probe if args.probe else _run)(args, report)
     except Exception as exc:  # the self-test reports every failure instead of a traceback
         report["error"] = f"{type(exc).__name__}: {exc}"
         print(f"fedge-agent selftest: FAILED: {report['error']}", file=sys.stderr)

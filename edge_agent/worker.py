@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -25,13 +25,14 @@ from fedge.core.privacy import DpParams
 from fedge.core.secagg_session import DeviceSession, distributed_problem, is_secagg, private_input
 from fedge.core.trainer import Trainer
 from fedge.edge_agent.artifacts import artifacts_dir
+from fedge.edge_agent.backends import BackendHealth
 from fedge.edge_agent.config import AgentConfig
 from fedge.edge_agent.eligibility import not_eligible
 from fedge.edge_agent.ledger import DeviceLedger
 from fedge.edge_agent.outbox import Outbox
 from fedge.edge_agent.state import AgentState
 from fedge.protocol.codec import encode
-from fedge.protocol.errors import ArtifactError, DataError, FedgeError
+from fedge.protocol.errors import ArtifactError, DataError, FedgeError, TrainerCrash
 from fedge.protocol.fsio import write_atomic
 from fedge.protocol.manifest import load_head, load_manifest
 from fedge.protocol.messages import Decline, DeclineReason, ModelUpdate, RoundAnnounce, SecAggStage
@@ -39,6 +40,9 @@ from fedge.protocol.topics import Topics
 from fedge.protocol.types import F32, Head
 from fedge.runtime.data import LocalData, conform
 from fedge.runtime.features import FeatureCache
+
+if TYPE_CHECKING:
+    from fedge.runtime.trainers.isolated import IsolatedTrainer
 
 log = logging.getLogger("fedge.agent")
 
@@ -65,7 +69,7 @@ class RoundWorker:
 
     def __init__(self, config: AgentConfig, state: AgentState, cond: threading.Condition, outbox: Outbox,
                  publish: Callable[[str, bytes], None], data: Callable[[], LocalData], on_idle: Callable[[], None],
-                 run_selection: Callable[[RoundAnnounce], None]) -> None:
+                 run_selection: Callable[[RoundAnnounce], None], health: BackendHealth) -> None:
         self.config = config
         self.device = config.device_id
         self.topics = Topics(config.fleet)
@@ -76,6 +80,8 @@ class RoundWorker:
         self._data = data
         self._on_idle = on_idle
         self._run_selection = run_selection
+        self.health = health  # which back-ends work here (probed in child processes: edge_agent/backends.py)
+        self.installed: tuple[str, ...] = ()  # the back-ends installed on this device (set at start)
         root = config.state_dir
         self.artifacts_root = root / "artifacts"
         self.heads_dir = root / "heads"
@@ -88,7 +94,7 @@ class RoundWorker:
         self.closed_round = 0  # the highest round the hub's result says is closed
         self.done_round = state.last_completed_round  # the highest round answered on the wire (update, decline...)
         self.secagg: dict[int, DeviceSession] = {}  # secure-aggregation rounds in progress (secrets in memory only)
-        self._trainer: tuple[str, Path, Trainer] | None = None  # (backbone, the install it was opened on, trainer)
+        self._trainer: tuple[str, Path, IsolatedTrainer] | None = None  # (backbone, its install, trainer)
         self._thread: threading.Thread | None = None
 
     # -- the thread -------------------------------------------------------------------------------------------
@@ -103,6 +109,8 @@ class RoundWorker:
             if self._thread.is_alive():
                 log.warning("training still running after %.0f s; leaving it", timeout_s)
         self.feature_cache.flush()
+        if self._thread is None or not self._thread.is_alive():
+            self._close_trainer()  # its worker process goes with the agent
 
     @property
     def data(self) -> LocalData:
@@ -129,10 +137,15 @@ class RoundWorker:
             except Exception as exc:
                 log.exception("round %d failed on this device", msg.round)
                 # say so, so the hub stops waiting for this device (and do not retry the round)
-                # the reason only: the error text can describe the local data (its path, labels, size)
+                # the reason only: the error text can describe the local data (its path, labels, size); a crashed
+                # back-end's reason does not (which back-end, which signal, which call) and is sent
                 reason = DeclineReason.DATA_ERROR if isinstance(exc, DataError) else DeclineReason.TRAINER_ERROR
+                detail = "see the device's log"
+                if isinstance(exc, TrainerCrash):
+                    self._trainer_crashed(exc)
+                    detail = str(exc)[:500]
                 try:
-                    self.decline(msg, reason, "see the device's log")
+                    self.decline(msg, reason, detail)
                 except Exception:
                     log.exception("could not decline round %d", msg.round)
                     with self.cond:
@@ -140,15 +153,35 @@ class RoundWorker:
 
     # -- what rounds need (also the selection worker's interface) ---------------------------------------------
     def trainer_for(self, backbone_sha256: str) -> Trainer:
-        from fedge.runtime.trainers import open_trainer
+        """The trainer for ``backbone_sha256``: the back-end ``self.health`` chooses (probed in child processes),
+        run in a worker process (``IsolatedTrainer``), so that a native crash raises ``TrainerCrash`` here."""
+        from fedge.runtime.trainers.isolated import IsolatedTrainer
 
         folder = artifacts_dir(self.artifacts_root, backbone_sha256)  # the verified install in use
-        if self._trainer is None or self._trainer[0] != backbone_sha256 or self._trainer[1] != folder:
-            self._trainer = None
-            trainer = open_trainer(folder, backend=self.config.backend)
+        backend = self.health.choose(folder)  # TrainerCrash when no back-end works here
+        held = self._trainer
+        if (held is None or held[0] != backbone_sha256 or held[1] != folder or held[2].name != backend
+                or not held[2].alive):
+            self._close_trainer()
+            trainer = IsolatedTrainer(folder, backend)
             self._trainer = (backbone_sha256, folder, trainer)
-            log.info("opened %s trainer for backbone %s", trainer.name, backbone_sha256[:16])
-        return self._trainer[2]
+            log.info("opened %s trainer for backbone %s (worker pid %d)", backend, backbone_sha256[:16], trainer.pid)
+            return trainer
+        return held[2]
+
+    def _close_trainer(self) -> None:
+        held, self._trainer = self._trainer, None
+        if held is not None:
+            held[2].close()
+
+    def _trainer_crashed(self, exc: TrainerCrash) -> None:
+        """A back-end crashed, hung or failed during a round: mark it unusable (``auto`` moves on to the next) and
+        drop its worker."""
+        if exc.backend in self.installed and exc.backend not in self.health.faults():  # not "auto", not yet known
+            self.health.mark(exc.backend, exc.reason)
+        held = self._trainer
+        if held is not None and held[2].name == exc.backend:
+            self._close_trainer()
 
     def inputs(self, backbone_sha256: str) -> F32:
         """The local data as the backbone's input (DataError when labels or shapes do not fit the model)."""

@@ -246,6 +246,9 @@ def _check(name: str, hint: Any, value: Any) -> Any:
     elif origin is tuple:
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
         value = tuple(value) if ok else value
+    elif origin is dict and typing.get_args(hint)[1] is str:
+        ok = isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+        value = dict(value) if ok else value
     elif origin is dict:
         ok = isinstance(value, dict) and all(_finite_number(v) for v in value.values())
         value = {str(k): float(v) for k, v in value.items()} if ok else value

@@ -12,6 +12,7 @@
     ├── SecAggError      a SecAgg stage message was refused, or a party aborted (``.reason``: SecAggFailure)
     ├── PrivacyError     DP parameters are invalid or unreachable (also a ValueError)
     ├── TrainingDiverged a device's training produced a non-finite update
+    ├── TrainerCrash     a training back-end died (a native crash), hung, or computes wrong results
     └── HubStateError    the hub's own state broke an invariant (never caused by a message's content)
 
 Foreign errors are translated at the boundary with ``raise ... from exc``.
@@ -98,6 +99,17 @@ class TrainingDiverged(FedgeError):
     """Local training produced a non-finite head or update (the device declines the round)."""
 
 
+class TrainerCrash(FedgeError):
+    """A training back-end is unusable: its worker process died (a segfault in a native runtime), did not answer
+    in time, or its results disagree with the NumPy reference. ``backend`` names it; ``reason`` says what happened
+    in a few words (no local data in it: it is sent to the hub in a decline and in the device's presence)."""
+
+    def __init__(self, backend: str, reason: str) -> None:
+        super().__init__(f"{backend} back-end unusable: {reason}")
+        self.backend = backend
+        self.reason = reason
+
+
 class HubStateError(FedgeError):
     """The hub's own state broke an invariant (an empty registry, a corrupt stored update); never caused by a
     message's content."""
@@ -105,5 +117,5 @@ class HubStateError(FedgeError):
 
 __all__ = [
     "ArtifactError", "ConfigError", "DataError", "DecodeError", "FedgeError", "HubStateError", "PrivacyError",
-    "SecAggError", "SecAggFailure", "SignatureError", "TrainingDiverged", "TransportError",
+    "SecAggError", "SecAggFailure", "SignatureError", "TrainerCrash", "TrainingDiverged", "TransportError",
 ]

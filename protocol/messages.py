@@ -102,6 +102,8 @@ class Presence:
     ts: float = field(default_factory=time.time)
     dp: bool = field(default=False, metadata=EXT)  # this agent applies announced DP (clip, noise, no data metrics)
     secagg: bool = field(default=False, metadata=EXT)  # this agent can take part in secure-aggregation rounds
+    # installed back-ends this device found unusable (probe or a crash in a round) -> why, e.g. "crashed with SIGSEGV"
+    backend_faults: dict[str, str] = field(default_factory=dict, metadata=EXT)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ extras={extras}
 version={version}
 wheel={wheel}
 wheel_sha256={wheel_sha256}
+backend={backend}
 
 here=$(cd -- "$(dirname -- "$0")" && pwd)
 work=$(mktemp -d)
@@ -41,11 +42,22 @@ elif [ ! -f "$install_dir/agent.toml" ]; then
   exit 1
 fi
 python3 -m venv -- "$install_dir/venv"
-TMPDIR="$work" "$install_dir/venv/bin/pip" install --quiet --no-cache-dir -- "$requirement"
+TMPDIR="$work" "$install_dir/venv/bin/pip" install --quiet --no-cache-dir {pip_options}-- "$requirement"
 installed=$("$install_dir/venv/bin/python" -c 'from importlib.metadata import version; print(version("fedge"))')
 if [ "$installed" != "$version" ]; then
   echo "install.sh: installed fedge $installed, the bundle pins $version" >&2
   exit 1
 fi
 "$install_dir/venv/bin/fedge-agent" version
+# the self-test before the service starts: every installed back-end probed here (each in its own process) with the
+# model the fleet runs, compared with the NumPy reference; the configured back-end must work
+if [ -f "$here/selftest/manifest.json" ]; then
+  if ! "$install_dir/venv/bin/fedge-agent" selftest --probe --backend "$backend" --artifacts "$here/selftest"; then
+    echo "install.sh: the self-test failed on this device (above): fedge is installed, the agent is not started" >&2
+    exit 1
+  fi
+else
+  echo "install.sh: no model in this bundle (provision with --artifacts): no self-test; the agent probes its" \
+    "back-ends when its first model arrives" >&2
+fi
 {service_install}

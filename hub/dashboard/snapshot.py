@@ -7,8 +7,8 @@ the daemon writes, and nothing here can write. Update payloads are never read (o
 
     {"fleet", "generated_at", "store": true,       # false until the hub has created its store
      "current_version", "open_round",
-     "devices": [{"device", "online", "last_seen", "n_samples", "backends", "trainer", "model_version",
-                  "agent_version", "rounds", "last_round", "declines", "rejects"}],
+     "devices": [{"device", "online", "last_seen", "n_samples", "backends", "backend_faults", "trainer",
+                  "model_version", "agent_version", "rounds", "last_round", "declines", "last_decline", "rejects"}],
      "rounds": [{"id", "status", "model_version", "new_version", "cohort", "devices", "declined", "rejected",
                  "n_samples", "accuracy", "loss", "seconds", "opened_at", "closed_at", "detail", "epsilon"}],
      "chart": {"source_accuracy", "series": [{"key", "name", "points": [[round, accuracy], ...]}]},
@@ -55,7 +55,8 @@ def connect_ro(db: Path) -> sqlite3.Connection:
 
 @dataclass
 class PresenceBook:
-    """What the devices' retained presences say that the store does not keep (model version, agent version).
+    """What the devices' retained presences say that the store does not keep (model version, agent version, the
+    back-ends a device found unusable and why).
 
     Fed by a subscription on the hub's own transport (``on_presence``); thread-safe; read-only on the wire.
     """
@@ -76,7 +77,8 @@ class PresenceBook:
         if Topics(self.fleet).device_of(topic) != msg.device:
             return
         with self._lock:
-            self._seen[msg.device] = {"model_version": msg.model_version, "agent_version": msg.agent_version or None}
+            self._seen[msg.device] = {"model_version": msg.model_version, "agent_version": msg.agent_version or None,
+                                      "backend_faults": dict(msg.backend_faults)}
 
     def get(self, device: str) -> dict[str, Any]:
         with self._lock:
@@ -218,6 +220,8 @@ class FleetReader:
             if used:
                 trainer[str(dev)] = used[0]
         declines = self._counts(conn, "SELECT device, COUNT(*) FROM declines GROUP BY device")
+        last_decline = {str(d): {"round": int(r), "reason": str(why), "detail": str(detail)} for d, r, why, detail, _ts
+                        in conn.execute("SELECT device, round, reason, detail, MAX(ts) FROM declines GROUP BY device")}
         rejects = self._counts(conn, "SELECT device, COUNT(*) FROM rejects WHERE device IS NOT NULL GROUP BY device")
         out = []
         for dev, online, n, backends, last_seen in conn.execute(
@@ -226,10 +230,12 @@ class FleetReader:
             n_rounds, last_round = contributed.get(dev, (0, None))
             out.append({
                 "device": dev, "online": bool(online), "last_seen": last_seen, "n_samples": n,
-                "backends": json.loads(backends), "trainer": trainer.get(dev),
+                "backends": json.loads(backends), "backend_faults": seen.get("backend_faults", {}),
+                "trainer": trainer.get(dev),
                 "model_version": seen.get("model_version"), "agent_version": seen.get("agent_version"),
                 "rounds": n_rounds, "last_round": last_round,
-                "declines": declines.get(dev, 0), "rejects": rejects.get(dev, 0),
+                "declines": declines.get(dev, 0), "last_decline": last_decline.get(dev),
+                "rejects": rejects.get(dev, 0),
             })
         return out
 

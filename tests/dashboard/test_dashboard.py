@@ -281,6 +281,20 @@ def test_presence_adds_each_devices_model_version(cfg: HubConfig) -> None:
     assert book.get("a") == {}
 
 
+def test_a_devices_unusable_back_ends_and_its_last_decline_are_shown(cfg: HubConfig) -> None:
+    """The reason a device gave for an unusable back-end (its presence) and for its last decline (the store)."""
+    book = PresenceBook(FLEET)
+    why = "crashed with SIGSEGV in train_step"
+    book.on_presence(TOPICS.presence("c"), encode(Presence(fleet=FLEET, device="c", online=True,
+                                                           backends=("litert", "numpy"),
+                                                           backend_faults={"litert": why})))
+    devices = {d["device"]: d for d in FleetReader(cfg.state_dir / "hub.sqlite", fleet=FLEET,
+                                                   presence=book).snapshot()["devices"]}
+    assert devices["c"]["backend_faults"] == {"litert": why} and devices["a"]["backend_faults"] == {}
+    assert devices["c"]["last_decline"] == {"round": 1, "reason": "data_error", "detail": ""}
+    assert devices["a"]["last_decline"] is None
+
+
 def test_stop_releases_the_port(reader: FleetReader) -> None:
     srv = DashboardServer(reader)
     srv.start()

@@ -230,3 +230,65 @@ def test_cli_refuses_hostile_values_with_a_config_error(tmp_path: Path) -> None:
     lines = run.stdout.splitlines()
     assert run.returncode == 0 and len(lines) == 3, run.stdout
     assert all(" -- " in line and line.index(" -- ") < line.index("pi@h") for line in lines), run.stdout
+
+
+def test_an_aarch64_bundle_installs_wheels_only_and_self_tests_before_starting(tmp_path: Path,
+                                                                                artifacts_dir: Path) -> None:
+    """rpi4 (aarch64): pip may only install wheels (no ONNX Runtime training: it has none for aarch64), and the
+    installer runs the probe self-test on the bundled model with the profile's back-end before the service."""
+    p = Provisioning("pi-07", "farm", "mqtt://h:1883", "/d.npz")
+    profile = get_profile("rpi4")
+    bundle = provision(p, profile, tmp_path / "bundles", password=PASSWORD, artifacts=artifacts_dir)
+    script = (bundle / "install.sh").read_text()
+    assert '--only-binary=:all: -- "$requirement"' in script and "extras=agent\n" in script
+    assert f"backend={profile.backend}\n" in script
+    selftest = script.index('selftest --probe --backend "$backend" --artifacts "$here/selftest"')
+    assert selftest < script.index("systemctl enable --now"), "the self-test runs before the agent starts"
+    assert subprocess.run(["sh", "-n", str(bundle / "install.sh")], check=False).returncode == 0
+    assert json.loads((bundle / "bundle.json").read_text())["selftest"] is True
+    from fedge.protocol.manifest import verify_artifacts
+
+    assert verify_artifacts(bundle / "selftest").backbone_sha256 == verify_artifacts(artifacts_dir).backbone_sha256
+    _, copy, _ = flash(bundle, "pi@10.0.0.9", run=FakeSsh())
+    assert "-r" in copy[:copy.index("--")] and str(bundle / "selftest") in copy
+    root = tmp_path / "rootfs"
+    root.mkdir()
+    flash(bundle, str(root))
+    assert (root / STAGE.lstrip("/") / "selftest" / "model.tflite").is_file()
+
+
+def test_a_tampered_model_is_not_bundled(tmp_path: Path, artifacts_dir: Path) -> None:
+    import shutil
+
+    from fedge.protocol.errors import ArtifactError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(artifacts_dir, bad)
+    (bad / "model.tflite").write_bytes((bad / "model.tflite").read_bytes()[:-1] + b"\0")
+    p = Provisioning("pi-07", "farm", "mqtt://h:1883", "/d.npz")
+    with pytest.raises(ArtifactError):
+        provision(p, get_profile("rpi4"), tmp_path / "bundles", password=PASSWORD, artifacts=bad)
+
+
+def test_the_installer_self_test_fails_the_install_when_the_back_end_does_not_work(tmp_path: Path,
+                                                                                   artifacts_dir: Path) -> None:
+    """The self-test step of install.sh, run for real with this checkout's fedge-agent: a LiteRT that crashes in
+    training (a real SIGSEGV in the probe's worker) fails it with the reason; a working one passes."""
+    script = (Path(__file__).resolve().parents[2] / "devices" / "templates" / "install.sh").read_text()
+    start = script.index("if [ -f \"$here/selftest/manifest.json\" ]")
+    end = script.index("{service_install}")
+    venv = tmp_path / "fedge" / "venv" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "fedge-agent").symlink_to(Path(sys.executable).parent / "fedge-agent")
+    (tmp_path / "selftest").symlink_to(artifacts_dir)
+    step = tmp_path / "step.sh"
+    step.write_text(f"set -eu\nhere={shlex.quote(str(tmp_path))}\ninstall_dir={shlex.quote(str(tmp_path / 'fedge'))}"
+                    f"\nbackend=litert\n{script[start:end]}echo INSTALLED\n")
+    ok = subprocess.run(["sh", str(step)], capture_output=True, text=True, check=False)
+    assert ok.returncode == 0 and "INSTALLED" in ok.stdout, ok.stderr
+    assert json.loads(ok.stdout.splitlines()[0])["probe"]["litert"] == "ok"
+    crash = subprocess.run(["sh", str(step)], capture_output=True, text=True, check=False,
+                           env={**os.environ, "FEDGE_WORKER_FAULT": "litert:segv:train_step"})
+    assert crash.returncode == 1 and "INSTALLED" not in crash.stdout
+    assert json.loads(crash.stdout.splitlines()[0])["probe"]["litert"] == "crashed with SIGSEGV in train_step"
+    assert "the self-test failed on this device" in crash.stderr

@@ -55,9 +55,10 @@ class Proc:
     args: list[str]
     log: Path
     popen: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)  # on top of this process's environment
 
     def start(self) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "3", **self.env}
         with self.log.open("ab") as fh:
             fh.write(f"\n==== start {time.strftime('%H:%M:%S')} {' '.join(self.args)}\n".encode())
             fh.flush()

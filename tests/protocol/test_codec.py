@@ -61,7 +61,8 @@ def common() -> dict[str, Any]:
 
 messages = st.one_of(
     st.builds(Presence, ids, ids, st.booleans(), n_samples=_opt(ints), backends=st.lists(text).map(tuple),
-              model_version=_opt(text), agent_version=text, **common()),
+              model_version=_opt(text), agent_version=text,
+              backend_faults=st.dictionaries(text, text, max_size=3), **common()),
     st.builds(HubStatus, ids, st.booleans(), round=_opt(ints), model_version=_opt(text), **common()),
     st.builds(RoundAnnounce, ids, ints, text, text, finite, ints, st.lists(ids).map(tuple), ints, finite,
               **common()),
@@ -201,6 +202,16 @@ def test_nan_or_infinite_metrics_are_malformed() -> None:
     assert reason(reframe(frame, set_("metrics", {"loss": "1"}))) == RejectReason.MALFORMED
     with pytest.raises(ValueError):  # and nobody can encode one
         encode(replace(upd, metrics={"loss": float("nan")}))
+
+
+def test_presence_backend_faults_are_optional_strings() -> None:
+    plain = Presence("f", "d", True, backends=("litert", "numpy"), nonce="0" * 32, ts=1.0)
+    assert b"backend_faults" not in encode(plain), "left out when empty: older hubs and the golden frames"
+    faulty = replace(plain, backend_faults={"litert": "crashed with SIGSEGV in train_step"})
+    got = decode(encode(faulty))
+    assert isinstance(got, Presence) and got.backend_faults == {"litert": "crashed with SIGSEGV in train_step"}
+    for bad in ({"litert": 1.0}, ["litert"], "litert", {"litert": None}):
+        assert reason(reframe(encode(faulty), set_("backend_faults", bad))) == RejectReason.MALFORMED
 
 
 def test_unknown_header_fields_are_ignored_and_decode_as_checks_the_type() -> None:

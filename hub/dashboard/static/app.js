@@ -82,6 +82,20 @@
     document.getElementById("summary").replaceChildren(...cards);
   }
 
+  // installed back-ends; one the device found unusable (probe or a crash in a round) is marked, its reason shown
+  function backendsCell(d) {
+    const faults = d.backend_faults || {};
+    const names = (d.backends || []).map((b) => (faults[b] ? b + " (unusable: " + faults[b] + ")" : b));
+    return td(names.join(", ") || dash, Object.keys(faults).length ? "backends faulty" : "backends");
+  }
+
+  function declinesCell(d) {
+    const last = d.last_decline;
+    const cell = td(num(d.declines), "num declines");
+    if (last) cell.title = "last: round " + last.round + ", " + last.reason + (last.detail ? " (" + last.detail + ")" : "");
+    return cell;
+  }
+
   function renderDevices(s) {
     const rows = s.devices.map((d) => el("tr", { "data-device": d.device }, [
       td(d.device, "device"),
@@ -90,9 +104,9 @@
         title: d.last_seen ? new Date(d.last_seen * 1000).toISOString() : "" }),
       td(d.model_version || dash, "model"),
       td(d.trainer || dash, "trainer"),
-      td((d.backends || []).join(", ") || dash, "backends"),
+      backendsCell(d),
       td(num(d.n_samples), "num"), td(num(d.rounds), "num"), td(num(d.last_round), "num"),
-      td(num(d.declines), "num"), td(num(d.rejects), "num"),
+      declinesCell(d), td(num(d.rejects), "num"),
     ]));
     document.getElementById("device-count").textContent = "(" + s.devices.length + ")";
     fill(document.querySelector("#devices tbody"), rows, 11, "no device has said hello yet");

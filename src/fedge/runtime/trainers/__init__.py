@@ -12,13 +12,23 @@ from pathlib import Path
 from fedge.core.trainer import BACKENDS, Trainer
 from fedge.protocol.errors import ArtifactError, ConfigError, FedgeError
 
-__all__ = ["BACKENDS", "Trainer", "available_backends", "open_trainer"]
+__all__ = ["BACKENDS", "Trainer", "available_backends", "install_hint", "open_trainer"]
 
 _INSTALL = {
     "litert": "pip install ai-edge-litert (or tflite-runtime)",
     "ort": "pip install onnxruntime-training-cpu==1.19.2",
     "numpy": "pip install onnxruntime or ai-edge-litert (the NumPy head needs a backbone runtime)",
 }
+
+
+def install_hint(backend: str) -> str:
+    """How to install ``backend`` here (ONNX Runtime training has wheels for x86_64, macOS and Windows only)."""
+    import platform
+
+    if backend == "ort" and platform.machine().lower() not in ("x86_64", "amd64"):
+        return (f"onnxruntime-training-cpu (deprecated upstream, last release 1.19.2) has no wheels for "
+                f"{platform.machine()}: use litert or numpy")
+    return _INSTALL[backend]
 
 
 def available_backends() -> list[str]:
@@ -59,7 +69,7 @@ def open_trainer(artifacts_dir: str | Path, backend: str = "auto") -> Trainer:
     have = available_backends()
     if backend != "auto":
         if backend not in have:
-            raise ConfigError("backend", f"{backend} is not installed on this device: {_INSTALL[backend]}")
+            raise ConfigError("backend", f"{backend} is not installed on this device: {install_hint(backend)}")
         return _open(d, backend)
     if not have:
         raise ConfigError("backend", "no training runtime installed: pip install ai-edge-litert")

@@ -38,11 +38,17 @@ def _interpreter_class() -> Any:
 class FixedShapeRunner:
     """A signature runner for inputs whose shapes never change (fedge's signatures have a fixed batch).
 
-    LiteRT's ``SignatureRunner.__call__`` resizes every input and re-plans the subgraph's memory on every call,
-    which costs about as much as the head's training step itself. The first call goes through it (resize,
-    allocate); later calls only copy the inputs in, invoke and read the outputs. A wrong shape still raises
-    (``SetTensor`` checks it). Runners without the internals used here (another LiteRT release) are always
-    called the ordinary way.
+    LiteRT's ``SignatureRunner.__call__`` resizes every input to the shape of the value given and re-plans the
+    subgraph's memory on every call. This runner never resizes: the first call allocates the subgraph's tensors
+    at the shapes the model declares, and every call only copies the inputs in, invokes and reads the outputs.
+    A wrong shape still raises (``SetTensor`` checks it).
+
+    Never resizing is also what makes training work on aarch64: ai-edge-litert 2.3.0's aarch64 build crashes
+    (SIGSEGV) when an input is resized to rank 0, as ``SignatureRunner.__call__`` does for the scalar ``lr`` of
+    ``train_head``: its ``InterpreterWrapper::ResizeInputTensor`` builds ``std::vector<int>(0)`` with machine code
+    that writes the first element and then ``memset``s ``4 * n - 4`` bytes without checking ``n > 0`` (the x86_64
+    build of the same release checks it). See docs/AARCH64.md. Runners without the internals used here (another
+    LiteRT release) are called the ordinary way.
     """
 
     _INTERNALS = ("_interpreter_wrapper", "_inputs", "_outputs", "_subgraph_index")
@@ -50,21 +56,25 @@ class FixedShapeRunner:
     def __init__(self, runner: Any) -> None:
         self._runner = runner
         self._fast = all(hasattr(runner, a) for a in self._INTERNALS)
-        self._primed = False
+        self._allocated = False
 
     def __call__(self, **inputs: NDArray[Any]) -> dict[str, NDArray[Any]]:
-        if not (self._fast and self._primed):
-            if self._primed:
+        if not self._fast:
+            if self._allocated:
                 out: dict[str, NDArray[Any]] = self._runner(**inputs)
             else:  # the first call allocates the tensors: LiteRT logs its XNNPACK delegate notice then
                 with native_notices_hidden():
                     out = self._runner(**inputs)
-                self._primed = True
+                self._allocated = True
             return out
         r = self._runner
         wrapper, graph = r._interpreter_wrapper, r._subgraph_index
         if inputs.keys() != r._inputs.keys():
             raise ValueError(f"inputs {sorted(inputs)} do not match the signature's {sorted(r._inputs)}")
+        if not self._allocated:
+            with native_notices_hidden():  # LiteRT logs its XNNPACK delegate notice here
+                wrapper.AllocateTensors(graph)  # at the declared shapes: no ResizeInputTensor (class docstring)
+            self._allocated = True
         for name, value in inputs.items():
             wrapper.SetTensor(r._inputs[name], value, graph)
         wrapper.Invoke(graph)
