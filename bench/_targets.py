@@ -77,6 +77,12 @@ TRANSFER_QUALITY = (
     Target("selection_correct", ">=", 0.9,
            "both tasks, 5 seeds, 3 candidates (source, fresh, zero-feature poor): share of seeds in which selection "
            "picked the candidate with the best fine-tuned held-out accuracy (the lower task)"),
+    Target("spd40_personal_minus_local_only_points", ">=", 3,
+           "demo task, 20 devices x 40 samples, 10 rounds, CLI defaults: median personal minus median local-only "
+           "accuracy on the devices' held-out rows (points)"),
+    Target("spd40_personal_minus_global_points", ">=", 3, "same: median personal minus median global (points)"),
+    Target("demo_personal_minus_local_only_points", ">=", -0.5,
+           "the demo's setting (5 devices, 5 rounds, all their data): median personal minus median local-only"),
 )
 
 SECAGG = (

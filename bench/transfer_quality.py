@@ -254,6 +254,45 @@ def task_figures(tag: str, fleet: SimFleet, run: SimRun) -> dict[str, Any]:
     }
 
 
+# Regimes (issue 20): the demo task with every CLI default (fedge simulate: personalization auto, local-only
+# early-stopped within 20 epochs, deploy tolerance 0.05, validation 0.2), seed 3: (devices, rounds, samples/device)
+REGIMES = {"spd40": (20, 10, 40), "spd400": (20, 10, 400), "demo": (5, 5, None)}
+REGIME_SEED = 3
+
+
+def regime_figures(work: Path) -> dict[str, Any]:
+    """Per regime: personalised minus local-only and minus global, as the medians over devices of each head's
+    accuracy (``fedge simulate``'s ``final_federated``), and per device (median and worst device)."""
+    from fedge.simulate import settings_from_args
+
+    out: dict[str, Any] = {}
+    paths = fmnist_paths(work)
+    for tag, (devices, rounds, spd) in REGIMES.items():
+        t0 = time.perf_counter()
+        st = settings_from_args(devices, rounds, REGIME_SEED, dp_mode="off", noise_multiplier=None,
+                                target_epsilon=None, clip=1.0, sample_rate=0.1, delta=1e-5, local_epochs=2, lr=0.05,
+                                proximal_lambda=0.0, fraction=1.0, validation_fraction=0.2, local_only_epochs=20,
+                                personalization="auto", deploy_tolerance=0.05, samples_per_device=spd)
+        fleet = load_fleet(paths, devices, REGIME_SEED, samples_per_device=spd, validation_fraction=0.2)
+        res = run_rounds(fleet, st)
+        fin, rows = res.final, res.final_by_device
+        d_loc = [r["val_acc_personal"] - r["val_acc_local_only"] for r in rows]
+        d_glo = [r["val_acc_personal"] - r["val_acc_global"] for r in rows]
+        out.update({
+            f"{tag}_personal": fin["median_personal"], f"{tag}_local_only": fin["median_local_only"],
+            f"{tag}_global": fin["median_global"], f"{tag}_source": fin["median_source"],
+            f"{tag}_personal_minus_local_only_points": _pts(fin["median_personal"] - fin["median_local_only"]),
+            f"{tag}_personal_minus_global_points": _pts(fin["median_personal"] - fin["median_global"]),
+            f"{tag}_device_personal_minus_local_only_median_points": _pts(float(np.median(d_loc))),
+            f"{tag}_device_personal_minus_local_only_worst_points": _pts(min(d_loc)),
+            f"{tag}_device_personal_minus_global_median_points": _pts(float(np.median(d_glo))),
+            f"{tag}_device_personal_minus_global_worst_points": _pts(min(d_glo)),
+            f"{tag}_val_rows_per_device": round(float(np.mean([r["val_n"] for r in rows])), 1),
+            f"{tag}_s": round(time.perf_counter() - t0, 2),
+        })
+    return out
+
+
 def run(work: Path) -> dict[str, Any]:
     out: dict[str, Any] = {
         "devices": DEVICES, "rounds": ROUNDS, "local_epochs": LOCAL_EPOCHS, "lr": LR,
@@ -294,6 +333,7 @@ def run(work: Path) -> dict[str, Any]:
     out[f"b_personalized_{other}"] = round(alt_b["val_acc_personal"], 4)
     out["global_minus_source_min_points"] = min(gaps)
     out.update(selection_figures(work))
+    out.update(regime_figures(work))
 
     # 1,000 devices x 5 rounds of task (a), the same code paths: shards + features + rounds
     t0 = time.perf_counter()
@@ -313,10 +353,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="work folder: source models, artifacts, device data (reused between runs)")
     p.add_argument("--selection-only", action="store_true",
                    help="measure only selection_correct (the other targets then read as missed)")
+    p.add_argument("--regimes-only", action="store_true",
+                   help="measure only the personalisation regimes (40 and 400 samples per device, the demo's)")
     args = p.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     work = Path(args.work).resolve()
-    figures = selection_figures(work) if args.selection_only else run(work)
+    figures = (selection_figures(work) if args.selection_only else regime_figures(work) if args.regimes_only
+               else run(work))
     return finish({"bench": "bench/transfer_quality.py", **figures}, TRANSFER_QUALITY, args.json)
 
 

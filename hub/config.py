@@ -238,12 +238,12 @@ class AggregationConfig:
         default=0.05,
         metadata=doc("accuracy points (as a fraction) a new version may lose against the deployed one", example=0.0),
     )
-    federated_gate: bool = field(
-        default=False,
-        metadata=doc("after each non-DP round, the round's devices score the new version on their validation data (an "
-                     "evaluation round, PROTOCOL.md); it is deployed only if that federated accuracy is not below the "
-                     "deployed head's (as the same devices scored it in the round) by more than deploy_tolerance",
-                     example=True),
+    federated_gate: bool | str = field(
+        default="auto",
+        metadata=doc('after each non-DP round, the round\'s devices score the new version and the deployed head on '
+                     'their validation data (an evaluation round, PROTOCOL.md); it is deployed only if its federated '
+                     'accuracy is not below the deployed head\'s by more than deploy_tolerance. "auto" (the default): '
+                     'on when the hub has no eval_data, so that every fleet has a gate', example=True),
     )
 
     def __post_init__(self) -> None:
@@ -260,8 +260,9 @@ class AggregationConfig:
         if not isinstance(self.deploy_gate, bool):
             raise ConfigError("aggregation.deploy_gate", f"must be true or false, got {self.deploy_gate!r}")
         _need_num("aggregation.deploy_tolerance", self.deploy_tolerance, minimum=0.0)
-        if not isinstance(self.federated_gate, bool):
-            raise ConfigError("aggregation.federated_gate", f"must be true or false, got {self.federated_gate!r}")
+        if not isinstance(self.federated_gate, bool) and self.federated_gate != "auto":
+            raise ConfigError("aggregation.federated_gate", f'must be true, false or "auto", got '
+                              f'{self.federated_gate!r}')
         if self.max_update_norm != "auto":
             if not _is_num(self.max_update_norm) or float(self.max_update_norm) <= 0:
                 raise ConfigError("aggregation.max_update_norm",

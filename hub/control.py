@@ -24,6 +24,7 @@ __all__ = ["handle_cancel", "handle_start"]
 class _Rounds(Protocol):
     round: OpenRound | None
 
+    def queue(self, overrides: RoundOverrides) -> None: ...
     def start(self, overrides: RoundOverrides) -> tuple[int | None, str, str]: ...
     def set_chain(self, left: int, overrides: RoundOverrides) -> None: ...
     def cancel(self, r: OpenRound, reason: str) -> None: ...
@@ -53,6 +54,14 @@ def handle_start(hub: ControlHost, payload: bytes) -> None:
         hub.reply(request_id_of(payload), None, str(exc.reason), exc.detail)
         return
     busy = hub.busy_round()
+    gating = hub.rounds.round is None and getattr(hub.selector.open, "gate", None) is not None
+    if busy is not None and gating and over_limits(overrides, hub.cfg.limits) is None:
+        # a deploy gate's evaluation round is open (the hub's own, not the operator's): the start waits for it
+        hub.rounds.queue(overrides)
+        detail = f"queued behind evaluation round {busy} (the devices are validating a new version); it opens next"
+        store.add_control(ReplyReason.QUEUED, detail)
+        hub.reply(overrides.request_id, busy + 1, ReplyReason.QUEUED, detail)
+        return
     if busy is not None:
         kind = "selection round" if hub.rounds.round is None else "round"
         detail = f"{kind} {busy} is open"

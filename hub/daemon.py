@@ -48,20 +48,40 @@ log = logging.getLogger("fedge.hub")
 
 _Event = tuple[Callable[[], None], threading.Event | None]
 
-__all__ = ["HubDaemon", "HubStateError", "check_signing_key", "strategy_for"]
+__all__ = ["HubDaemon", "HubStateError", "check_signing_key", "gate_warnings", "strategy_for"]
 
 
 def strategy_for(cfg: HubConfig) -> Strategy:
     """The hub's strategy: ``[aggregation]``'s robust base, wrapped for ``[privacy]`` and ``[secagg]``."""
     agg, p = cfg.aggregation, cfg.privacy
     bounds = Bounds(agg.max_weight_ratio, agg.fixed_update_norm, agg.norm_multiplier, agg.norm_ceiling)
+    federated = cfg.eval_data is None if agg.federated_gate == "auto" else bool(agg.federated_gate)
     base = Robust(agg.strategy, agg.proximal_lambda, bounds, agg.trim_fraction, cfg.rounds.seed,
-                  GateSettings(agg.deploy_gate, agg.deploy_tolerance, agg.federated_gate))
+                  GateSettings(agg.deploy_gate, agg.deploy_tolerance, federated))
     privacy = None if not p.enabled else PrivacySettings(
         p.mode, p.noise_multiplier, p.clip, p.sample_rate, p.epsilon_budget, p.delta, p.dropout_allowance,
         p.amplification)
     secagg = cfg.secagg.params() if cfg.secagg.enabled else None
     return build_strategy(base, privacy, secagg, cfg.secagg.stage_timeout_s)
+
+
+def gate_warnings(cfg: HubConfig) -> list[str]:
+    """What ``fedge hub serve --check`` warns about the deploy gates: configurations that deploy versions nobody
+    scored."""
+    agg = cfg.aggregation
+    federated = cfg.eval_data is None if agg.federated_gate == "auto" else bool(agg.federated_gate)
+    out = []
+    if cfg.eval_data is None and cfg.privacy.enabled:
+        out.append("no eval_data under [privacy]: devices send no scores in DP rounds, so every new version is "
+                   "deployed unscored (set eval_data to a held-out file of the devices' domain)")
+    elif cfg.eval_data is None and not federated:
+        out.append("no eval_data and federated_gate = false: every new version is deployed unscored (set eval_data, "
+                   "or federated_gate = \"auto\")")
+    elif cfg.eval_data is not None and not agg.deploy_gate and not federated:
+        out.append("deploy_gate = false and no federated gate: every new version is deployed whatever its score")
+    if cfg.privacy.enabled and agg.federated_gate is True:
+        out.append("federated_gate = true has no effect under [privacy] (devices send no scores in DP rounds)")
+    return out
 
 
 def _signer(cfg: HubConfig) -> HubSigner | None:

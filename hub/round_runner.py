@@ -274,10 +274,13 @@ class RoundRunner:
             hub.store.set_round_detail(r.id, detail)
         if outcome.federated:
             hub.store.set_round_metrics(r.id, outcome.federated)
+        self._watch_progress(r, outcome)
         rejected = sum(hub.store.reject_counts(r.id).values())
         devices = tuple(sorted(r.accepted))
+        gating = outcome.federated_gate and row is not None and self.open_gate is not None
         hub.store.close_round(r.id, str(outcome.status), now, outcome.accuracy, outcome.loss, devices, r.n_samples,
-                              rejected, row, make_current=outcome.deploy)
+                              rejected, row, make_current=outcome.deploy,
+                              gate_round=hub.store.next_round_id() if gating else None)
         self.round = None
         if self.strategy.keeps_norms(r.params) and r.aggregator.norms:  # the "auto" norm bound's history
             hub.store.add_update_norms(r.id, r.aggregator.norms, hub.cfg.aggregation.norm_window)
@@ -300,10 +303,33 @@ class RoundRunner:
         hub.publish(hub.topics.result, result, retain=True)
         hub.publish(hub.topics.announce, b"", retain=True)
         hub.publish_status()
-        if outcome.federated_gate and row is not None and self.open_gate is not None:
+        if gating and row is not None and self.open_gate is not None:
             self.open_gate(r, row, outcome.federated)  # the chain goes on once the evaluation round closes
             return
         self.continue_chain()
+
+    STALL_ROUNDS = 3
+    """This many rounds in a row without progress raise the hub's alert (log, ``fedge hub status``, dashboard)."""
+
+    def _watch_progress(self, r: OpenRound, outcome: Closing) -> None:
+        """Count rounds in a row that did not improve the fleet's model: no version, a version held back, or a version
+        scoring below the source model (v0) on the hub's held-out data; at STALL_ROUNDS, say so (meta ``alert``)."""
+        store = self.hub.store
+        source = store.first_version_of(r.backbone_sha256)
+        below_source = (outcome.accuracy is not None and source is not None and source.accuracy is not None
+                        and outcome.accuracy < source.accuracy)
+        stalled = outcome.head is None or outcome.held_back is not None or below_source
+        streak = int(store.get_meta("stall_streak") or 0) + 1 if stalled else 0
+        store.set_meta("stall_streak", str(streak))
+        if streak >= self.STALL_ROUNDS:
+            why = ("below the source model on held-out data" if below_source else
+                   "kept back by the deploy gate" if outcome.held_back is not None else "no new version")
+            alert = (f"{streak} rounds in a row did not improve the deployed model (round {r.id}: {why}); check the "
+                     "devices' data, the learning rate and the source model")
+            store.set_meta("alert", alert)
+            log.warning("%s", alert)
+        elif streak == 0 and store.get_meta("alert"):
+            store.set_meta("alert", "")
 
     def _detail(self, r: OpenRound, outcome: Closing, row: VersionRow | None) -> str | None:
         if row is None:
@@ -350,6 +376,7 @@ class RoundRunner:
             raise HubStateError(f"round {rid} is not a closed round of this hub")
         ledger = store.ledger_row(rid)
         private = ledger is not None or RoundParams.from_dict(row.params).dp is not None
+        outcome = store.round_outcome(rid)
         # a DP round's result names nobody and counts no samples (the store keeps them for the operator)
         return RoundResult(
             fleet=self.hub.cfg.fleet, round=rid, status=RoundStatus(row.status), model_version=row.new_version,
@@ -360,6 +387,7 @@ class RoundRunner:
             declined=() if private else tuple(sorted(store.declines(rid))),
             epsilon=None if ledger is None else finite_or_none(ledger.epsilon),
             federated={k: v for k, v in store.round_metrics(rid).items() if math.isfinite(v)},
+            deployed=None if outcome is None else outcome[0], gate_round=None if outcome is None else outcome[1],
         )
 
     # -- chains ---------------------------------------------------------------------------------------------
@@ -372,7 +400,20 @@ class RoundRunner:
     def end_chain(self) -> None:
         self.set_chain(0, RoundOverrides())
 
+    def queue(self, overrides: RoundOverrides) -> None:
+        """An operator's start that arrived while a deploy gate's evaluation round was open: it opens next (before
+        what is left of a chain, which it replaces as any operator start does)."""
+        self.hub.store.set_meta("queued_start", encode_control(overrides).decode())
+
     def continue_chain(self) -> None:
+        queued = self.hub.store.get_meta("queued_start")
+        if queued:
+            self.hub.store.set_meta("queued_start", "")
+            overrides = decode_control(queued.encode())
+            self.set_chain(max(self.hub.cfg.schedule.chain_rounds - 1, 0), overrides)
+            if self.start(overrides)[0] is None:
+                self.end_chain()
+            return
         if self._chain_left > 0:
             self.set_chain(self._chain_left - 1, self._chain_overrides)
             if self.start(self._chain_overrides)[0] is None:  # nobody to ask: the chain ends here

@@ -160,11 +160,12 @@ class Selector:
         sel, hub = self.open, self.hub
         if sel is None:
             return
-        if sel.gate is not None:  # an evaluation round: the version under test, as a head over a known backbone
-            row = self.store.version(str(sel.gate["version"]))
-            if row is not None:
-                hub.publish(hub.topics.candidate(row.version), encode(hub.registry.model_head(hub.cfg.fleet, row)),
-                             retain=True)
+        if sel.gate is not None:  # an evaluation round: the heads it compares, over a backbone the devices hold
+            for name in sel.candidates:
+                row = self.store.version(name)
+                if row is not None:
+                    hub.publish(hub.topics.candidate(row.version),
+                                encode(hub.registry.model_head(hub.cfg.fleet, row)), retain=True)
         else:
             for name, sha in sel.candidates.items():  # one model in memory at a time
                 full = hub.registry.model_full(hub.cfg.fleet, sha)
@@ -173,15 +174,18 @@ class Selector:
 
     # -- the federated deploy gate: an evaluation round ---------------------------------------------
     def start_gate(self, r: OpenRound, row: VersionRow, federated: Mapping[str, float]) -> None:
-        """Open the evaluation round of ``row``: the round's contributors score its head on their validation split
-        as is (``local_epochs`` 0), the head published on ``model/candidate/<version>``."""
+        """Open the evaluation round of ``row``: the round's contributors score its head *and the deployed head* on
+        their validation split as is (``local_epochs`` 0; both heads published on ``model/candidate/<version>``), so
+        the two are compared on the same rows with the same weights."""
         hub = self.hub
         rid = self.store.next_round_id()
         now = hub.clock()
         params = replace(r.params, local_epochs=0, min_devices=min(r.params.min_devices, len(r.accepted)))
-        gate = {"version": row.version, "baseline": federated["val_acc_global"], "source_round": r.id}
         cur = hub.current()
-        sel = OpenSelection(rid, cur.version, cur.backbone_sha256, {row.version: row.backbone_sha256},
+        gate = {"version": row.version, "deployed": cur.version, "baseline": federated["val_acc_global"],
+                "source_round": r.id}
+        compared = {row.version: row.backbone_sha256, cur.version: cur.backbone_sha256}
+        sel = OpenSelection(rid, cur.version, cur.backbone_sha256, compared,
                             tuple(sorted(r.accepted)), params, now, now + params.deadline_s, gate=gate)
         self.store.open_selection(rid, cur.version, sel.candidates, sel.selected, {**params.to_dict(), "gate": gate},
                                   now, sel.deadline)
@@ -194,7 +198,7 @@ class Selector:
         ``(quorum reached, detail, the deployed row or None)``."""
         agg = self.hub.cfg.aggregation
         version = str(gate["version"])
-        verdict = gate_verdict(version, float(gate["baseline"]), sel.reports.values(), sel.params.min_devices,
+        verdict = gate_verdict(version, str(gate.get("deployed", "")), sel.reports.values(), sel.params.min_devices,
                                agg.deploy_tolerance, agg.max_weight_ratio)
         row = self.hub.registry.make_current(version) if verdict.deploy else None  # the held-back candidate
         return verdict.quorum, verdict.detail, row
@@ -301,6 +305,9 @@ class Selector:
         elif sel.gate is not None:
             quorum, detail, deployed = self._close_gate(sel, sel.gate)
             winner = None if deployed is None else deployed.version
+            source = sel.gate.get("source_round")
+            if isinstance(source, int):
+                self.store.set_round_deployed(source, deployed is not None)
         elif len(sel.reports) < sel.params.min_devices or not ranking or ranking[0].val_n == 0:
             detail = f"selection failed: {len(sel.reports)} reports, quorum {sel.params.min_devices}"
         else:
@@ -339,7 +346,8 @@ class Selector:
             devices=tuple(sorted(sel.reports)), n_samples=total,
             rejected=sum(self.store.reject_counts(sel.id).values()), seconds=now - sel.opened_at, detail=detail,
             declined=tuple(sorted(sel.declined)), federated=federated,
-            ranking=tuple(c.name for c in ranking) if winner and sel.gate is None else ())
+            ranking=tuple(c.name for c in ranking) if winner and sel.gate is None else (),
+            deployed=None if row is None else True)
         hub.publish(hub.topics.result, encode(result), retain=True)
         hub.publish(hub.topics.select_announce, b"", retain=True)
         for name in sel.candidates:
@@ -349,8 +357,8 @@ class Selector:
                           **({} if sel.gate is None else {"gate": sel.gate})})
         if cancelled is not None:
             hub.end_chain()
-        elif sel.gate is not None:
-            hub.continue_chain()
+        if sel.gate is not None:
+            hub.continue_chain()  # a chain goes on (unless cancelled), and an operator's queued start opens
 
 
 def selection_status(store: Store) -> dict[str, Any]:

@@ -109,9 +109,11 @@ def run_serve(args: argparse.Namespace) -> int:
                               "run fedge export first")
         if cfg.eval_data is not None and not cfg.eval_data.is_file():
             raise ConfigError("eval_data", f"{cfg.eval_data}: file not found")
-        from fedge.hub.daemon import check_signing_key
+        from fedge.hub.daemon import check_signing_key, gate_warnings
 
         check_signing_key(cfg)
+        for warning in gate_warnings(cfg):
+            print(f"{args.config}: warning: {warning}")
         print(f"{args.config}: ok (fleet {cfg.fleet!r}, broker {cfg.broker.config.url}"
               f"{' embedded' if cfg.broker.embedded else ''}, privacy {cfg.privacy.mode}, secure aggregation "
               f"{'on' if cfg.secagg.enabled else 'off'}, state in {cfg.state_dir}"
@@ -180,10 +182,20 @@ def status_dict(config_path: str) -> dict[str, Any]:
     store = Store(db)
     try:
         cur = Registry(store, cfg.state_dir).current()
+        gated = {str(s.params["gate"]["version"]): s for s in store.selections() if "gate" in s.params}
+
+        def federated_accuracy(version: str) -> float | None:  # its devices' validation score in its gate round
+            s = gated.get(version)
+            scores = {c.get("name"): c.get("accuracy") for c in (s.ranking or [])} if s is not None else {}
+            acc = scores.get(version)
+            return float(acc) if isinstance(acc, int | float) else None
+
         return {
             "fleet": cfg.fleet,
             "current_version": None if cur is None else cur.version,
+            "alert": store.get_meta("alert") or None,
             "versions": [{"version": v.version, "parent": v.parent, "round": v.round, "accuracy": v.accuracy,
+                          "federated_accuracy": federated_accuracy(v.version),
                           "backbone_sha256": v.backbone_sha256} for v in store.versions()],
             "rounds": [{"id": r.id, "status": r.status, "model_version": r.model_version,
                         "new_version": r.new_version, "selected": list(r.selected), "devices": list(r.devices),

@@ -107,11 +107,14 @@ class Store(FleetTables):
 
     def close_round(self, rid: int, status: str, closed_at: float, accuracy: float | None, loss: float | None,
                     devices: tuple[str, ...], n_samples: int, rejected: int, version: VersionRow | None,
-                    make_current: bool = True) -> None:
+                    make_current: bool = True, gate_round: int | None = None) -> None:
         """Close a round and (if it produced one) record its new version, as current unless ``make_current`` is
-        False (a candidate the deploy gate held back), in ONE transaction."""
+        False (a candidate a deploy gate held back; ``gate_round``: the evaluation round that decides it), in ONE
+        transaction."""
         with self.transaction():
             if version is not None:
+                self._db.execute("INSERT OR REPLACE INTO round_outcomes VALUES (?, ?, ?)",
+                                 (rid, int(make_current), gate_round))
                 self._insert_version(version)
                 if make_current:
                     self._db.execute("INSERT INTO meta(key, value) VALUES ('current_version', ?) "
@@ -127,6 +130,15 @@ class Store(FleetTables):
         if not self.keep_update_payloads:  # the old pages out of the WAL too (best effort: a reader may hold it)
             with self._lock:
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def round_outcome(self, rid: int) -> tuple[bool, int | None] | None:
+        """``(deployed when it closed, the evaluation round deciding it)`` of a round that registered a version."""
+        row = self._one("SELECT deployed, gate_round FROM round_outcomes WHERE round = ?", (rid,))
+        return None if row is None else (bool(row[0]), None if row[1] is None else int(row[1]))
+
+    def set_round_deployed(self, rid: int, deployed: bool) -> None:
+        """Record that an evaluation round decided round ``rid``'s version (``deployed`` or kept)."""
+        self._write("UPDATE round_outcomes SET deployed = ? WHERE round = ?", (int(deployed), rid))
 
     def _drop_closed_payloads(self) -> None:
         """Empty the raw frames of every update of a closed round (nonces, sample counts and metrics stay: the

@@ -33,6 +33,7 @@ CREATE TABLE IF NOT EXISTS declines (
     UNIQUE(round, device));
 CREATE TABLE IF NOT EXISTS round_details (round INTEGER PRIMARY KEY, detail TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS round_metrics (round INTEGER PRIMARY KEY, metrics TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS round_outcomes (round INTEGER PRIMARY KEY, deployed INTEGER NOT NULL, gate_round INTEGER);
 CREATE TABLE IF NOT EXISTS candidates (
     name TEXT PRIMARY KEY, backbone_sha256 TEXT NOT NULL, added_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS selections (

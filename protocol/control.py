@@ -76,6 +76,7 @@ class ReplyReason(StrEnum):
     Decoding failures reply with the decoder's reason (``malformed``, ``too_large``)."""
 
     STARTED = "started"
+    QUEUED = "queued"  # accepted: opens (as ``round``) when the deploy gate's evaluation round closes
     CANCELLED = "cancelled"
     ROUND_OPEN = "round_open"
     NO_DEVICES = "no_devices"

@@ -251,6 +251,10 @@ class RoundResult:
     federated: dict[str, float] = field(default_factory=dict, metadata=EXT)
     # a selection round: the candidate source models, best first (their scores are in ``federated``)
     ranking: tuple[str, ...] = field(default=(), metadata=EXT)
+    # a round that registered ``model_version``: whether it is deployed now (False: kept as a candidate)
+    deployed: bool | None = field(default=None, metadata=EXT)
+    # the evaluation round whose devices decide ``model_version`` (the federated deploy gate), when there is one
+    gate_round: int | None = field(default=None, metadata=EXT)
 
 
 @dataclass(frozen=True)

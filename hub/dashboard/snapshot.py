@@ -174,7 +174,7 @@ class FleetReader:
         out: dict[str, Any] = {
             "fleet": self.fleet, "generated_at": self.clock(), "store": False, "current_version": None,
             "open_round": None, "devices": [], "rounds": [], "chart": {"source_accuracy": None, "series": []},
-            "rejects": {}, "declines": {}, "privacy": None,
+            "rejects": {}, "declines": {}, "privacy": None, "alert": None,
         }
         with self._conn() as conn:
             if conn is None or "rounds" not in self._tables(conn):
@@ -182,6 +182,8 @@ class FleetReader:
             out["store"] = True
             row = conn.execute("SELECT value FROM meta WHERE key = 'current_version'").fetchone()
             out["current_version"] = None if row is None else str(row[0])
+            alert = conn.execute("SELECT value FROM meta WHERE key = 'alert'").fetchone()
+            out["alert"] = str(alert[0]) if alert is not None and alert[0] else None
             out["devices"] = self._devices(conn)
             ledger = self._ledger(conn)
             out["rounds"] = self._rounds(conn, ledger)

@@ -86,7 +86,8 @@ def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--fraction", type=float, default=1.0, help="share of the devices selected per round (no DP)")
     p.add_argument("--local-epochs", type=int, default=2)
     p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--proximal-lambda", type=float, default=0.01)
+    p.add_argument("--proximal-lambda", type=float, default=0.0,
+                   help="lambda of the pull toward the source head (the hub default 0: measured, see README)")
     p.add_argument("--validation-fraction", type=float, default=0.2,
                    help="share of each device's data held out for federated evaluation (the agent's default; 0: none)")
     p.add_argument("--local-only-epochs", type=int, default=20,

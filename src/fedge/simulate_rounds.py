@@ -52,7 +52,8 @@ class SimRun:
     version was deployed (the deploy gate), the final deployed global head, the devices' personal and local-only
     heads (None where a device has none), the federated scores of the final heads on every device's validation
     data (``final``: source, global = the deployed head, personal, local_only; empty without evaluation), the
-    rounds' wall time, and each round's new version (None where a round registered none; deployed or held back).
+    rounds' wall time, each round's new version (None where a round registered none; deployed or held back), and the
+    version each round announced (the deployed one: ``sim-0`` is the start, ``sim-k`` round k's version).
     """
 
     results: list[RoundResult]
@@ -64,6 +65,8 @@ class SimRun:
     local_only: list[Head | None] = field(default_factory=list)
     final: dict[str, float] = field(default_factory=dict)
     versions: list[Head | None] = field(default_factory=list)
+    announced: list[str] = field(default_factory=list)
+    final_by_device: list[dict[str, float]] = field(default_factory=list)
 
 
 def strategy_of(settings: SimSettings) -> Strategy:
@@ -115,6 +118,8 @@ def run_rounds(fleet: SimFleet, settings: SimSettings, *, start: Head | None = N
     results: list[RoundResult] = []
     deployed: list[bool] = []
     versions: list[Head | None] = []
+    announced: list[str] = []
+    deployed_name = "sim-0"
     norms_per_round: list[float | None] = []
     t_start = time.perf_counter()
 
@@ -138,7 +143,8 @@ def run_rounds(fleet: SimFleet, settings: SimSettings, *, start: Head | None = N
             spent.append(event_for(plan.charge.params, trust_sampling=settings.amplification))
         agg = strategy.aggregator(plan.params, shapes, recent_norms(history, NORM_WINDOW), hub_noise_rng(settings.seed,
                                                                                                           rid))
-        r = OpenRound(rid, f"sim-{rid - 1}", fleet.backbone_sha256, plan.params, plan.selected, 0.0, DEADLINE_S, agg)
+        r = OpenRound(rid, deployed_name, fleet.backbone_sha256, plan.params, plan.selected, 0.0, DEADLINE_S, agg)
+        announced.append(deployed_name)
         msg = r.announce(FLEET)
         metrics: list[Metrics] = []
         norms: list[float] = []
@@ -172,16 +178,17 @@ def run_rounds(fleet: SimFleet, settings: SimSettings, *, start: Head | None = N
         if closing.head is not None and closing.held_back is not None:
             detail = f"sim-{rid} kept as a candidate, not deployed: {closing.held_back}"
         if closing.deploy and closing.head is not None:
-            global_head = closing.head
+            global_head, deployed_name = closing.head, f"sim-{rid}"
             deployed_acc = closing.accuracy if closing.accuracy is not None else deployed_acc
         results.append(_result(rid, closing.status, closing, tuple(r.accepted), r.n_samples, tuple(declined), t0,
                                detail, spent, settings, closing.federated))
         deployed.append(closing.deploy)
         versions.append(closing.head)
         norms_per_round.append(statistics.median(norms) if norms else None)
-    final = _final(fleet, settings, global_head, personal, local_only, pols) if settings.dp is None else {}
+    rows = _final_rows(fleet, settings, global_head, personal, local_only, pols) if settings.dp is None else []
+    final = _summarise(rows)
     return SimRun(results, norms_per_round, global_head, time.perf_counter() - t_start, deployed, personal,
-                  [None if c is None else c.head for c in local_only], final, versions)
+                  [None if c is None else c.head for c in local_only], final, versions, announced, rows)
 
 
 def _result(rid: int, status: RoundStatus, closing: object, devices: tuple[str, ...], n_samples: int,
@@ -197,12 +204,13 @@ def _result(rid: int, status: RoundStatus, closing: object, devices: tuple[str, 
         federated=federated)
 
 
-def _final(fleet: SimFleet, settings: SimSettings, head: Head, personal: list[Head | None],
-           local_only: list[Choice | None], pols: list[core.DevicePolicy]) -> dict[str, float]:
-    """Federated scores of the deployed ``head`` and each device's last personal head (the deployed head where a
-    device never trained) on every device's validation data; local-only heads computed where a device has none."""
+def _final_rows(fleet: SimFleet, settings: SimSettings, head: Head, personal: list[Head | None],
+                local_only: list[Choice | None], pols: list[core.DevicePolicy]) -> list[dict[str, float]]:
+    """Each device's scores (``val_acc_*``, ``val_loss_*``, ``val_n``) of the deployed ``head``, its last personal
+    head (the deployed head where it never trained), the source head and its local-only head on its validation rows;
+    local-only heads computed where a device has none."""
     if settings.validation_fraction <= 0:
-        return {}
+        return []
     rows = []
     for i in range(fleet.devices):
         tr, va = fleet.split(i, settings.validation_fraction)
@@ -216,10 +224,16 @@ def _final(fleet: SimFleet, settings: SimSettings, head: Head, personal: list[He
                  "local_only": None if local is None else local.head}
         rows.append(head_scores(fleet.trainer, {k: v for k, v in heads.items() if v is not None},
                                 fleet.feats[i][va], fleet.labels[i][va]))
-    out = federated_scores(rows)  # validation-size-weighted means (val_acc_*, val_loss_*, val_n)
+    return rows
+
+
+def _summarise(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Validation-size-weighted means (``val_acc_*``, ``val_loss_*``, ``val_n``), per-device medians (``median_*``)
+    and the worst device (``worst_*``) of every head's accuracy."""
+    out = federated_scores(rows)
     for key in sorted({k for r in rows for k in r if k.startswith("val_acc_")}):
         values = [r[key] for r in rows if key in r]
         name = key[len("val_acc_"):]
-        out[f"median_{name}"] = round(float(np.median(values)), 6)  # per-device medians and the worst device
+        out[f"median_{name}"] = round(float(np.median(values)), 6)
         out[f"worst_{name}"] = round(float(np.min(values)), 6)
     return out

@@ -11,9 +11,9 @@ import pytest
 
 from fedge.hub.registry import Registry
 from fedge.hub.selection import rank, selection_status
-from fedge.protocol.codec import decode, encode
+from fedge.protocol.codec import decode, encode, encode_control
 from fedge.protocol.errors import DecodeError
-from fedge.protocol.messages import ModelFull, ModelUpdate, Reject, RoundAnnounce, RoundStatus
+from fedge.protocol.messages import ModelFull, ModelUpdate, Reject, RoundAnnounce, RoundOverrides, RoundStatus
 from fedge.protocol.selection import SelectRequest, decode_select_control, encode_select_control
 from fedge.protocol.transport import InMemoryTransport
 from tests.hub.fleet import FLEET, TOPICS, Fleet, hub_config, make_artifacts
@@ -71,6 +71,12 @@ def _register(fleet: Fleet, tmp_path: Path) -> dict[str, str]:
         fleet.hub.store.add_candidate(name, sha)
         out[name] = sha
     return out
+
+
+def _replies(fleet: Fleet) -> list[dict[str, object]]:
+    replies: list[dict[str, object]] = []
+    InMemoryTransport(fleet.broker).subscribe(TOPICS.control_round_reply, lambda _t, p: replies.append(json.loads(p)))
+    return replies
 
 
 def _select(fleet: Fleet, body: dict[str, object]) -> list[dict[str, object]]:
@@ -221,9 +227,20 @@ def test_decoding_the_selection_announce_keeps_plain_announces_byte_identical() 
     assert isinstance(back, RoundAnnounce) and back.candidates == ("x",)
 
 
-@pytest.mark.parametrize("validated,deployed", [(0.58, True), (0.40, False)])
+# (per device: validation rows, deployed head's accuracy, candidate's accuracy), whether the candidate deploys
+GATE_CASES = [
+    ([(10.0, 0.6, 0.58), (10.0, 0.6, 0.58)], True),  # within the tolerance
+    ([(10.0, 0.6, 0.40), (10.0, 0.6, 0.40)], False),  # worse by more than the tolerance
+    ([(1000.0, 0.7, 0.7), (10.0, 0.3, 0.3)], True),  # a tie, with one device claiming 100x the rows (capped)
+]
+
+
+@pytest.mark.parametrize("devices,deployed", GATE_CASES)
 def test_the_federated_gate_deploys_only_a_version_the_devices_validate(
-        tmp_path: Path, artifacts: Path, validated: float, deployed: bool) -> None:
+        tmp_path: Path, artifacts: Path, devices: list[tuple[float, float, float]], deployed: bool) -> None:
+    """The evaluation round scores the candidate and the deployed head on the same rows with the same (capped)
+    weights, so a tie deploys (issue 20: the old gate compared the candidate's capped-weight score with the
+    deployed head's uncapped score from the round, and refused the tie in the third case)."""
     from fedge.protocol.messages import ModelHead
     from tests.hub.fleet import SHAPES, zero_delta
 
@@ -235,8 +252,10 @@ def test_the_federated_gate_deploys_only_a_version_the_devices_validate(
         for d in ("a", "b"):
             fleet.device(d).hello()
         rnd = fleet.start_round()
-        for d in rnd.selected:  # the devices score the head they received (v0) at 0.6 on their validation data
-            fleet.device(d).update(rnd, zero_delta(SHAPES, 0.01), metrics={"val_n": 10.0, "val_acc_global": 0.6})
+        scores = dict(zip(sorted(rnd.selected), devices, strict=True))
+        for d in rnd.selected:  # the devices score the head they received (v0) on their validation data
+            n, acc0, _ = scores[d]
+            fleet.device(d).update(rnd, zero_delta(SHAPES, 0.01), metrics={"val_n": n, "val_acc_global": acc0})
         first = fleet.results[-1]
         assert first.round == rnd.round and first.model_version == "v1"
         assert first.detail is not None and first.detail.startswith("v1 kept as a candidate until"), first.detail
@@ -244,17 +263,21 @@ def test_the_federated_gate_deploys_only_a_version_the_devices_validate(
         assert fleet.retained(TOPICS.announce) is None, "the chain waits for the evaluation round"
         ann = fleet.retained(TOPICS.select_announce)
         assert isinstance(ann, RoundAnnounce) and ann.round == rnd.round + 1
-        assert (ann.candidates, ann.local_epochs, ann.selected) == (("v1",), 0, rnd.selected)
-        head = fleet.retained(TOPICS.candidate("v1"))
-        assert isinstance(head, ModelHead) and head.version == "v1"
+        assert (ann.candidates, ann.local_epochs, ann.selected) == (("v1", "v0"), 0, rnd.selected)
+        for version in ("v1", "v0"):
+            head = fleet.retained(TOPICS.candidate(version))
+            assert isinstance(head, ModelHead) and head.version == version
         for d in rnd.selected:
-            _report(fleet, d, ann.round, {"val_n": 10.0, "val_acc_v1": validated, "val_loss_v1": 1.0})
+            n, acc0, acc1 = scores[d]
+            _report(fleet, d, ann.round, {"val_n": n, "val_acc_v1": acc1, "val_loss_v1": 1.0, "val_acc_v0": acc0,
+                                          "val_loss_v0": 1.0})
         gate = fleet.results[-1]
         assert gate.round == ann.round and gate.status is RoundStatus.COMPLETED, gate
         assert (gate.model_version == "v1") is deployed, gate
         assert fleet.hub.registry.current().version == ("v1" if deployed else "v0")  # type: ignore[union-attr]
         assert (fleet.heads[-1].version == "v1") is deployed
         assert fleet.retained(TOPICS.candidate("v1")) is None and fleet.retained(TOPICS.select_announce) is None
+        assert fleet.retained(TOPICS.candidate("v0")) is None
         # the chain goes on from whatever is deployed now
         nxt = fleet.announce()
         assert nxt.round == ann.round + 1 and nxt.model_version == ("v1" if deployed else "v0")
@@ -326,3 +349,35 @@ def test_a_resumed_selection_round_is_published_by_the_restarted_hub(tmp_path: P
         assert sum("/model/candidate/" in t for t in again.broker.retained) == 2
     finally:
         again.hub.stop()
+
+
+def test_a_start_during_the_gates_evaluation_round_is_queued_not_refused(tmp_path: Path, artifacts: Path) -> None:
+    """Issue 20: an operator's round start while the deploy gate's evaluation round runs is answered ``queued`` (with
+    the id it will have) and opens when the evaluation round closes, instead of "selection round N is open"."""
+    from tests.hub.fleet import SHAPES, zero_delta
+
+    cfg = hub_config(tmp_path / "state", artifacts, aggregation={"federated_gate": True})
+    fleet = Fleet(cfg)
+    replies = _replies(fleet)
+    fleet.hub.start()
+    try:
+        for d in ("a", "b"):
+            fleet.device(d).hello()
+        rnd = fleet.start_round()
+        for d in rnd.selected:
+            fleet.device(d).update(rnd, zero_delta(SHAPES, 0.01), metrics={"val_n": 10.0, "val_acc_global": 0.6})
+        ann = fleet.retained(TOPICS.select_announce)
+        assert isinstance(ann, RoundAnnounce) and ann.round == rnd.round + 1
+        first = fleet.results[-1]
+        assert first.deployed is False and first.gate_round == ann.round  # the result says who decides
+        fleet.control(encode_control(RoundOverrides(request_id="op1")))
+        assert replies[-1]["reason"] == "queued" and replies[-1]["accepted"] and replies[-1]["round"] == ann.round + 1
+        assert fleet.retained(TOPICS.announce) is None  # not yet: the evaluation round is open
+        for d in rnd.selected:
+            _report(fleet, d, ann.round, {"val_n": 10.0, "val_acc_v1": 0.6, "val_loss_v1": 1.0, "val_acc_v0": 0.6,
+                                          "val_loss_v0": 1.0})
+        assert fleet.results[-1].round == ann.round and fleet.results[-1].model_version == "v1"
+        nxt = fleet.announce()  # the queued start opened at once, over the version the devices validated
+        assert nxt.round == ann.round + 1 and nxt.model_version == "v1"
+    finally:
+        fleet.hub.stop()

@@ -74,6 +74,11 @@
       const budget = s.privacy.epsilon_budget ? " / " + fixed(s.privacy.epsilon_budget, 2) : "";
       cards.push(card("ε spent", fixed(s.privacy.epsilon_spent, 3) + budget, "card-epsilon"));
     }
+    if (s.alert) {
+      const alert = card("alert", s.alert, "card-alert");
+      alert.className = "card alert";
+      cards.push(alert);
+    }
     document.getElementById("summary").replaceChildren(...cards);
   }
 

@@ -17,6 +17,7 @@ seeded by the operating system).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -251,6 +252,18 @@ def _ditto(trainer: Trainer, heads: RoundHeads, feats: F32, y: I64, msg: RoundAn
     return _copy_head(trainer)
 
 
+MAX_BACKOFFS = 6
+"""A device halves a learning rate that makes its training diverge at most this many times, then declines."""
+
+
+def _diverged(loss_before: float, loss_after: float, delta: HeadLike) -> bool:
+    """Training on the device's own rows made its loss on them worse (by more than a proximal pull or a partial
+    last batch explains), or produced a non-finite update: the learning rate is too large for this data."""
+    if not all(np.isfinite(v).all() for v in delta.values()) or not math.isfinite(loss_after):
+        return True
+    return math.isfinite(loss_before) and loss_after > 1.1 * loss_before + 0.01
+
+
 def train(msg: RoundAnnounce, trainer: Trainer, data: DeviceData, heads: RoundHeads, policy: DevicePolicy, *,
           private: bool, stop: Callable[[], bool] | None = None, closed: Callable[[], bool] | None = None,
           clock: Callable[[], float] | None = None) -> Trained | Declined | Closed:
@@ -264,19 +277,27 @@ def train(msg: RoundAnnounce, trainer: Trainer, data: DeviceData, heads: RoundHe
     trainer.set_head(heads.global_head)
     before = evaluate(trainer, feats, y)
     pull = Prox(heads.w0, msg.proximal_lambda) if msg.proximal_lambda else None
-    result = fit(trainer, feats, y, msg.local_epochs, msg.lr, train_rng(policy.seed, msg.round), prox=pull, stop=stop,
-                 clock=clock)
-    is_closed = closed is not None and closed()
-    if result.stopped and (is_closed or result.steps == 0):
-        if is_closed:
-            return Closed()
-        return Declined(DeclineReason.OVER_LIMITS, "no time left to train before the deadline or the device's limit")
-    after = evaluate(trainer, feats, y)
-    trained = _copy_head(trainer)
-    delta = {k: (trained[k] - np.asarray(heads.global_head[k], dtype=np.float32)).astype(np.float32)
-             for k in heads.global_head}
-    if not all(np.isfinite(v).all() for v in delta.values()):
-        raise TrainingDiverged(f"round {msg.round}: training diverged (the update is not finite)")
+    lr, backoffs = msg.lr, 0
+    while True:
+        result = fit(trainer, feats, y, msg.local_epochs, lr, train_rng(policy.seed, msg.round), prox=pull,
+                     stop=stop, clock=clock)
+        is_closed = closed is not None and closed()
+        if result.stopped and (is_closed or result.steps == 0):
+            if is_closed:
+                return Closed()
+            return Declined(DeclineReason.OVER_LIMITS, "no time left to train before the deadline or the device's "
+                            "limit")
+        after = evaluate(trainer, feats, y)
+        trained = _copy_head(trainer)
+        delta = {k: (trained[k] - np.asarray(heads.global_head[k], dtype=np.float32)).astype(np.float32)
+                 for k in heads.global_head}
+        if not _diverged(before.loss, after.loss, delta):
+            break
+        if backoffs == MAX_BACKOFFS:  # published garbage would cost the fleet more than one missing update
+            raise TrainingDiverged(f"round {msg.round}: training diverged at learning rates down to {lr:g} (loss "
+                                   f"{before.loss:.4g} -> {after.loss:.4g})")
+        backoffs, lr = backoffs + 1, lr / 2  # the announced rate is too large for this device's data: back off
+        trainer.set_head(heads.global_head)
     metrics: Metrics = {
         "loss_before": float(before.loss), "loss_after": float(after.loss),
         "acc_before": float(before.accuracy), "acc_after": float(after.accuracy),
@@ -285,6 +306,8 @@ def train(msg: RoundAnnounce, trainer: Trainer, data: DeviceData, heads: RoundHe
     }
     if result.stopped:  # the deadline or the device's time limit came first: the update covers fewer steps
         metrics["stopped_early"] = 1.0
+    if backoffs:  # the learning rate was halved this many times before training stopped diverging
+        metrics["lr_backoffs"] = float(backoffs)
     evaluating = not private and len(val_idx) > 0  # federated evaluation (never under DP: it describes local data)
     local, computed = heads.local_only, None
     if local is None and (evaluating or policy.personalization == Personalization.AUTO):
@@ -293,8 +316,8 @@ def train(msg: RoundAnnounce, trainer: Trainer, data: DeviceData, heads: RoundHe
     if policy.personalization == Personalization.DITTO:
         personal = _ditto(trainer, heads, feats, y, msg, policy, stop)
     elif policy.personalization == Personalization.AUTO and local is not None:
-        choice = choose(trainer, heads.global_head, local, feats, y, policy.local_only_epochs, msg.lr,
-                        policy.seed + msg.round)
+        choice = choose(trainer, heads.global_head, local, feats, y, policy.local_only_epochs, msg.lr, policy.seed,
+                        msg.round)
         personal, kind = choice.head, choice.name
         metrics[f"personal_{choice.name}"] = 1.0  # which candidate this device keeps (a one-hot: numbers only)
     else:

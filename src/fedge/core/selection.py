@@ -109,18 +109,20 @@ class GateVerdict:
     detail: str
 
 
-def gate_verdict(version: str, baseline: float, reports: Iterable[Mapping[str, float]], min_devices: int,
+def gate_verdict(version: str, deployed: str, reports: Iterable[Mapping[str, float]], min_devices: int,
                  tolerance: float, max_weight_ratio: float = 4.0) -> GateVerdict:
-    """Whether ``version`` deploys after its evaluation round: its federated validation accuracy (ranked as a
-    candidate) against ``baseline``, the deployed head's accuracy as the same devices scored it in the round."""
+    """Whether ``version`` deploys after its evaluation round: its federated validation accuracy against the
+    ``deployed`` head's, both ranked as candidates of the same reports (the same devices, rows and capped
+    weights: a tie is a tie). Not worse by more than ``tolerance``: deployed."""
     rows = list(reports)
-    (score,) = rank([version], rows, max_weight_ratio)
-    if len(rows) < min_devices or score.val_n == 0:
+    scores = {c.name: c for c in rank([version, deployed], rows, max_weight_ratio)}
+    score, base = scores[version], scores[deployed]
+    if len(rows) < min_devices or score.val_n == 0 or base.val_n == 0:
         return GateVerdict(False, False, f"{version} stays a candidate: {len(rows)} validation reports, quorum "
                            f"{min_devices}")
-    if score.accuracy < baseline - tolerance:
+    if score.accuracy < base.accuracy - tolerance:
         return GateVerdict(True, False, f"{version} kept as a candidate, not deployed: federated validation "
-                           f"accuracy {score.accuracy:.4f} is below the deployed head's {baseline:.4f} by more than "
-                           f"{tolerance:g} (fedge hub rollback --to {version} deploys it anyway)")
+                           f"accuracy {score.accuracy:.4f} is below the deployed {deployed}'s {base.accuracy:.4f} "
+                           f"by more than {tolerance:g} (fedge hub rollback --to {version} deploys it anyway)")
     return GateVerdict(True, True, f"{version} deployed: federated validation accuracy {score.accuracy:.4f} "
-                       f"(deployed head {baseline:.4f}, tolerance {tolerance:g})")
+                       f"(deployed {deployed} {base.accuracy:.4f} on the same rows, tolerance {tolerance:g})")
