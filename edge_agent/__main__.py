@@ -28,9 +28,11 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--device-id", default="device-00")
     init.add_argument("--fleet", default="demo")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
-    pr = sub.add_parser("predict", help="predict with this device's personalised head (CSV: row,class,probability)")
+    pr = sub.add_parser("predict", help="predict with the best of this device's personal, global and source heads on "
+                        "its validation data (CSV: row,class,probability; the head and its scores on stderr)")
     pr.add_argument("--config", required=True, help="path to agent.toml")
-    pr.add_argument("--data", required=True, help=".npz with x, or .csv feature rows")
+    pr.add_argument("--data", required=True, help="what the agent trains on (.npz with x, .csv with a header and the "
+                    "label last, images), with or without labels")
     pr.add_argument("--out", help="CSV file (default: stdout)")
     st = sub.add_parser("selftest", help="check this device: runtimes, artifacts, a few training steps", add_help=False)
     st.add_argument("args", nargs=argparse.REMAINDER)
@@ -57,9 +59,10 @@ def _predict(config_path: str, data: str, out: str | None) -> int:
     from fedge.edge_agent.config import load_config
     from fedge.edge_agent.predict import predict, write_csv
 
-    which, pred, prob = predict(load_config(config_path), Path(data))
-    write_csv(pred, prob, None if out is None else Path(out))
-    print(f"{len(pred)} predictions with the {which} head" + ("" if out is None else f" -> {out}"), file=sys.stderr)
+    result = predict(load_config(config_path), Path(data))
+    write_csv(result.classes, result.probability, None if out is None else Path(out))
+    print(f"{len(result.classes)} predictions with {result.choice.describe()}" + ("" if out is None else f" -> {out}"),
+          file=sys.stderr)
     return 0
 
 

@@ -20,7 +20,7 @@ from fedge.edge_agent.artifacts import artifacts_dir, install_model_full, is_ins
 from fedge.edge_agent.backends import BackendHealth
 from fedge.edge_agent.config import AgentConfig
 from fedge.edge_agent.ledger import DeviceLedger
-from fedge.edge_agent.outbox import Outbox
+from fedge.edge_agent.outbox import FRESH_S, Outbox
 from fedge.edge_agent.selection import SelectionWorker
 from fedge.edge_agent.state import AgentState
 from fedge.edge_agent.trust import HubTrust
@@ -35,6 +35,7 @@ from fedge.protocol.messages import (
     ModelHead,
     Presence,
     Reject,
+    RejectReason,
     RoundAnnounce,
     RoundResult,
     SecAggStage,
@@ -51,6 +52,9 @@ INBOX_FRAME_BYTES = ANNOUNCE_FRAME_BYTES
 """Largest frame decoded from ``device/<id>/+`` (ack, reject, SecAgg stage messages)."""
 
 __all__ = ["Agent", "agent_version"]
+
+_CLOSED = (RejectReason.NO_OPEN_ROUND, RejectReason.STALE_ROUND)
+"""Reject reasons that mean "that round is closed": after an ack of the same update, a resent copy was late."""
 
 
 def _secagg_available() -> bool:
@@ -96,7 +100,8 @@ class Agent:
         self._pending: dict[int, RoundAnnounce] = {}
         self.outbox = Outbox(root / "outbox")
         self.worker = RoundWorker(config, self.state, self._cond, self.outbox, self._publish, lambda: self.data,
-                                  lambda: self._republish_unacked("no ack yet"), self._run_selection, self.health)
+                                  lambda: self._republish_unacked("no ack yet", FRESH_S), self._run_selection,
+                                  self.health)
         self._selection = SelectionWorker(self.worker, self._cond)  # source-model selection rounds
         self._subscribed = False
         self._stopped = False
@@ -350,6 +355,11 @@ class Agent:
                 log.warning("ignoring an ack of round %d for update %s: not an update of ours awaiting an ack",
                             msg.round, msg.ref_nonce[:8])
         elif isinstance(msg, Reject):
+            if (msg.round is not None and msg.ref_nonce is not None and msg.reason in _CLOSED
+                    and self.outbox.was_acked(msg.round, msg.ref_nonce)):
+                log.info("hub refused a copy of our acknowledged update of round %d: %s (the round is closed)",
+                         msg.round, msg.reason)
+                return
             log.warning("hub rejected round %s: %s (%s)", msg.round, msg.reason, msg.detail)
             if msg.round is not None and msg.ref_nonce is not None:
                 self.outbox.settle(msg.round, msg.ref_nonce)  # refused: the same bytes again would be refused again
@@ -384,14 +394,14 @@ class Agent:
 
     def _on_hub_status(self, msg: Any) -> None:
         if isinstance(msg, HubStatus) and msg.online:  # the hub (re)subscribed before it said so
-            self._republish_unacked("hub online")
+            self._republish_unacked("hub online", FRESH_S)  # not an update just sent: the hub is answering it
 
-    def _republish_unacked(self, why: str) -> None:
+    def _republish_unacked(self, why: str, min_age_s: float = 0.0) -> None:
         connected = getattr(self._transport, "connected", None)
         if self._transport is None or self._stopped or (isinstance(connected, threading.Event)
                                                          and not connected.is_set()):
             return
-        self.outbox.resend(lambda payload: self._publish(self.topics.update(self.device), payload), why)
+        self.outbox.resend(lambda payload: self._publish(self.topics.update(self.device), payload), why, min_age_s)
 
     # ----------------------------------------------------------------- pending rounds
     def _skip_reason(self, msg: RoundAnnounce) -> str | None:

@@ -49,7 +49,9 @@ log = logging.getLogger("fedge.agent")
 __all__ = ["RETRY_S", "RoundWorker", "policy_of", "save_npz"]
 
 RETRY_S = 30.0
-"""An unacknowledged update is published again (same bytes) this often, and after every reconnect and hub status."""
+"""An unacknowledged update is published again (same bytes) this often when the worker is idle, after every
+reconnect, and when the hub says it is online (both of the latter only for updates sent more than ``FRESH_S`` ago,
+except a reconnect: edge_agent/outbox.py)."""
 
 
 def save_npz(path: Path, arrays: dict[str, NDArray[Any]]) -> None:

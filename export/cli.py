@@ -21,8 +21,10 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = sub.add_parser("pretrain", help="pre-train the source model on a data set or your data (saves .keras)")
     p.add_argument("--model", default="auto", choices=_ZOO_CHOICES, help="auto: cnn28 for images, mlp for vectors")
     p.add_argument("--dataset", default="auto", choices=_DATASETS)
-    p.add_argument("--data", help="your own source data instead: .npz with x, y or .csv with the label last")
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--data", help="your own source data instead: .npz with x, y or .csv with the label last (inputs "
+                   "are normalised inside the model; the epochs are picked by early stopping on held-out rows)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="epochs on --dataset (default 2); with --data the most early stopping may run (default 200)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="model.keras", help="output .keras file")
     p.set_defaults(handler=run_pretrain)
@@ -59,12 +61,17 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    from fedge.export.pretrain import pretrain_report
+    from fedge.export.pretrain import VALIDATION_FRACTION, pretrain_report
 
     r = pretrain_report(args.model, args.dataset, args.epochs, args.seed, args.out, data_file=args.data,
                         progress=True)
-    print(f"pre-trained {r.model} on {r.dataset} for {args.epochs} epoch(s) in {r.seconds:.1f} s: "
-          f"test accuracy {r.test_accuracy:.3f}")
+    if r.normalized:
+        how = (f"{r.epochs} epoch(s) kept of {r.epochs_run} run (early stopping on {VALIDATION_FRACTION:.0%} "
+               f"held-out rows, validation loss {r.val_loss:.4f}), inputs normalised inside the model")
+        print(f"pre-trained {r.model} on {r.dataset} in {r.seconds:.1f} s: {how}: test accuracy {r.test_accuracy:.3f}")
+    else:
+        print(f"pre-trained {r.model} on {r.dataset} for {r.epochs} epoch(s) in {r.seconds:.1f} s: "
+              f"test accuracy {r.test_accuracy:.3f}")
     print(f"saved {r.path}")
     return 0
 

@@ -1,6 +1,9 @@
 """Every export checks itself: each artifact, run the way devices run it, against the source model.
 
-Samples: the calibration data when given, else seeded uniform random inputs. The reference is the source
+Samples: the calibration data when given; else, for a backbone that starts by normalising its input (a Keras
+``Normalization`` layer, as ``fedge pretrain --data`` builds), seeded inputs drawn around the statistics it holds
+(inputs many standard deviations away from any data would measure float32 rounding on huge logits, not the
+conversion); else seeded uniform random inputs in [0, 1). The reference is the source
 (Keras ``backbone(x, training=False)``, or the source ONNX file through onnxruntime) and the head's forward
 pass in float64. Per artifact: the largest absolute difference of the features and of the logits (through the
 trainer that uses it: LiteRT ``model.tflite``, ONNX Runtime training ``ort/head`` over ``backbone.onnx``, the
@@ -23,7 +26,8 @@ from fedge.core.losses import softmax_xent
 from fedge.export.split import Split
 from fedge.protocol.errors import ConfigError
 
-__all__ = ["FLOAT_TOL", "QUANT_MIN_AGREEMENT", "Check", "reference_features", "sample_inputs", "verify_export"]
+__all__ = ["FLOAT_TOL", "QUANT_MIN_AGREEMENT", "Check", "input_statistics", "reference_features", "sample_inputs",
+           "verify_export"]
 
 FLOAT_TOL = 1e-4
 #: Top-1 agreement of a quantised backbone (int8 or dynamic-range) with the float source, on the samples.
@@ -65,10 +69,38 @@ class Check:
 
 
 def sample_inputs(split: Split, calibration: F32 | None, seed: int = 0) -> F32:
-    """Up to :data:`SAMPLES` calibration rows, else seeded uniform [0, 1) inputs of the model's shape."""
+    """Up to :data:`SAMPLES` calibration rows; else, when the backbone normalises its input, ``mean + std * z``
+    (``z`` seeded standard normal) with the statistics it holds; else seeded uniform [0, 1) inputs of the model's
+    shape."""
     if calibration is not None and len(calibration):
         return np.ascontiguousarray(calibration[:SAMPLES], dtype=np.float32)
-    return np.random.default_rng(seed).random((SAMPLES, *split.input_shape), dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    stats = input_statistics(split)
+    if stats is not None:
+        mean, std = stats
+        z = rng.standard_normal((SAMPLES, *split.input_shape))
+        return np.ascontiguousarray(mean + std * z, dtype=np.float32)
+    return rng.random((SAMPLES, *split.input_shape), dtype=np.float32)
+
+
+def input_statistics(split: Split) -> tuple[NDArray[np.float64], NDArray[np.float64]] | None:
+    """``(mean, std)`` of one input, broadcast to the input shape, when a Keras ``Normalization`` layer (not
+    inverted) takes the backbone's input itself; else None."""
+    if split.keras_backbone is None:
+        return None
+    for layer in split.keras_backbone.layers:
+        if type(layer).__name__ != "Normalization" or getattr(layer, "invert", False) or layer.mean is None:
+            continue
+        nodes = getattr(layer, "_inbound_nodes", [])
+        if not nodes or not all(type(t._keras_history[0]).__name__ == "InputLayer" for t in nodes[0].input_tensors):
+            continue
+        try:
+            mean = np.broadcast_to(np.asarray(layer.mean, dtype=np.float64)[0], split.input_shape)
+            var = np.broadcast_to(np.asarray(layer.variance, dtype=np.float64)[0], split.input_shape)
+        except ValueError:  # statistics of another shape: not this input's
+            continue
+        return mean, np.sqrt(np.maximum(var, 0.0))
+    return None
 
 
 def reference_features(split: Split, x: F32) -> F32:

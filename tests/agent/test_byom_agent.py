@@ -94,11 +94,11 @@ def test_image_csv_numeric_folders_layouts_and_the_cache_key(tmp_path: Path) -> 
 
 
 def test_predict_reads_images_at_the_model_size(tmp_path: Path) -> None:
-    from fedge.edge_agent.predict import _inputs
+    from fedge.runtime.data import load_inputs  # what fedge-agent predict reads its input with
 
     _write_images(tmp_path / "new", {"a": 2, "b": 1}, (10, 7))
-    x = _inputs(tmp_path / "new", (3, 14, 20), "NCHW")
+    x = load_inputs(tmp_path / "new", (3, 14, 20), "NCHW")
     assert x.shape == (3, 3, 14, 20)
     np.testing.assert_array_equal(x, load_local(tmp_path / "new", (3, 14, 20), "NCHW").x)
     with pytest.raises(DataError, match=r"nothing\.csv"):
-        _inputs(tmp_path / "nothing.csv", (4,))
+        load_inputs(tmp_path / "nothing.csv", (4,))

@@ -343,9 +343,11 @@ def test_a_restart_after_publishing_resends_the_same_private_update(
     assert (config.state_dir / "outbox" / "round-7.bin").read_bytes() == sent, "kept until the hub acknowledges it"
 
 
-def test_predict_uses_the_personalised_head(
+def test_predict_uses_a_head_the_device_holds(
     agent: Agent, hub: Hub, artifacts_dir: Path, manifest: Manifest, config: AgentConfig, data_file: Path
 ) -> None:
+    """After a round: the predictions are the forward pass of the head predict says it chose among the personal
+    head the round left and the global head (tests/agent/test_predict.py: how it chooses)."""
     from fedge.edge_agent.predict import predict
     from fedge.runtime.trainers import open_trainer
 
@@ -354,15 +356,19 @@ def test_predict_uses_the_personalised_head(
     agent.start()
     hub.send(T.announce, announce(manifest, 1), retain=True)
     assert agent.wait_round_done(1, 60)
-    which, pred, prob = predict(config, data_file, backend="numpy")
-    assert which == "personal" and pred.shape == (N,) and np.all((prob > 0) & (prob <= 1))
+    result = predict(config, data_file, backend="numpy")
+    pred, prob = result.classes, result.probability
+    assert pred.shape == (N,) and np.all((prob > 0) & (prob <= 1))
+    assert set(result.choice.scores) == {"personal", "global v1", "source"} and result.choice.val_n == N - N_TRAIN
+    files = {"personal": config.state_dir / "personal_head.npz", "global v1": config.state_dir / "heads" / "v1.npz",
+             "source": artifacts_dir / "head.npz"}
     trainer = open_trainer(artifacts_dir, backend="numpy")
     with np.load(data_file) as z:
         x = z["x"]
-    trainer.set_head(load_head(config.state_dir / "personal_head.npz"))
+    trainer.set_head(load_head(files[result.choice.which]))
     np.testing.assert_array_equal(pred, trainer.logits(trainer.features(x)).argmax(axis=1))
-    (config.state_dir / "personal_head.npz").unlink()  # no personal head: the global head it holds
-    assert predict(config, data_file, backend="numpy")[0] == "global v1"
+    (config.state_dir / "personal_head.npz").unlink()  # no personal head: not a candidate
+    assert set(predict(config, data_file, backend="numpy").choice.scores) == {"global v1", "source"}
 
 
 def test_ditto_keeps_a_separate_personal_head_pulled_toward_the_global_one(

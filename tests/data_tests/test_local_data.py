@@ -124,3 +124,27 @@ def test_every_bad_file_is_a_data_error_naming_the_file_and_the_problem(tmp_path
         message = str(info.value)
         assert path.name in message, f"{path.name}: message does not name the file: {message}"
         assert problem in message, f"{path.name}: expected {problem!r} in {message!r}"
+
+
+def test_inputs_for_prediction_read_the_training_files_and_unlabelled_ones(tmp_path: Path) -> None:
+    """``load_inputs`` (fedge-agent predict): the header CSV the agent trains on (its label column dropped), rows of
+    exactly the model's width, an .npz with or without y; a width that is neither names the file and both widths."""
+    from fedge.runtime.data import load_inputs
+
+    (tmp_path / "train.csv").write_text("age,income,gender,label\n31,52000.5,1,0\n45,61000,0,2\n")
+    x = load_inputs(tmp_path / "train.csv", (3,))
+    np.testing.assert_allclose(x, [[31, 52000.5, 1], [45, 61000, 0]])
+    np.testing.assert_array_equal(x, load_local(tmp_path / "train.csv", (3,)).x)  # what training reads
+    (tmp_path / "new.csv").write_text("age,income,gender\n29,48000,1\n")
+    np.testing.assert_allclose(load_inputs(tmp_path / "new.csv", (3,)), [[29, 48000, 1]])
+    np.testing.assert_allclose(load_inputs(tmp_path / "new.csv", (1, 3)), [[[29, 48000, 1]]])
+    _npz(tmp_path / "x.npz", x=np.ones((2, 4, 4)))
+    assert load_inputs(tmp_path / "x.npz", (4, 4, 1)).shape == (2, 4, 4, 1)
+    with pytest.raises(DataError, match=r"new\.csv: rows have 3 columns; the model takes 5 features"):
+        load_inputs(tmp_path / "new.csv", (5,))
+    (tmp_path / "bad.csv").write_text("a,b,c\n1,2,3\n1,oops,3\n")
+    with pytest.raises(DataError, match=r"bad\.csv: line 3: non-numeric"):
+        load_inputs(tmp_path / "bad.csv", (3,))
+    _npz(tmp_path / "nox.npz", y=np.zeros(2))
+    with pytest.raises(DataError, match=r"nox\.npz: missing array\(s\) x"):
+        load_inputs(tmp_path / "nox.npz", (3,))

@@ -113,23 +113,27 @@ def test_ditto_personal_heads_federated_metrics_and_predict(
             assert other.keys() == personal.keys()
             assert any(not np.array_equal(personal[k], other[k]) for k in personal), (d, g.name)
 
-    # predict on the device: argmax of the personal head's logits over the backbone's features
+    # predict on the device: argmax of the logits of the head it says it chose (the best of its personal, global
+    # and source heads on its validation rows) over the backbone's features
     from fedge.runtime.trainers import open_trainer
 
     manifest = load_manifest(fleet_data.artifacts)
     trainer = open_trainer(fleet_data.artifacts, backend="auto")
     feats = trainer.features(x)
-    personal = load_head(state_dir / "personal_head.npz")
-    expected, expected_p = _top(_head_forward(personal, manifest.head_activations, feats))
     done = _predict(config, x_npz, out)
-    assert done.returncode == 0 and "with the personal head" in done.stderr, done.stderr
+    assert done.returncode == 0 and "validation rows (accuracy, loss): personal " in done.stderr, done.stderr
+    which = done.stderr.split(" predictions with the ")[1].split(" head,")[0]
+    chosen = {"personal": state_dir / "personal_head.npz", "source": fleet_data.artifacts / "head.npz"}.get(
+        which, state_dir / "heads" / f"{which.removeprefix('global ')}.npz")
+    expected, expected_p = _top(_head_forward(load_head(chosen), manifest.head_activations, feats))
     got, got_p = _read(out)
     assert got.shape == (len(x),)
     np.testing.assert_array_equal(got, expected)
     np.testing.assert_allclose(got_p, expected_p, atol=1e-4)
-    for held in (state_dir / "heads").glob("*.npz"):  # not what any global head the device holds would say
-        _, global_p = _top(_head_forward(load_head(held), manifest.head_activations, feats))
-        assert np.abs(got_p - global_p).max() > 1e-2, held.name
+    if which == "personal":  # not what any global head the device holds would say
+        for held in (state_dir / "heads").glob("*.npz"):
+            _, global_p = _top(_head_forward(load_head(held), manifest.head_activations, feats))
+            assert np.abs(got_p - global_p).max() > 1e-2, held.name
 
     done = _predict(config, x_csv, tmp_path / "pred-csv.csv")  # CSV feature rows: the same predictions
     assert done.returncode == 0, done.stderr

@@ -168,26 +168,3 @@ def test_pretrain_on_digits_learns_and_saves_a_loadable_model(tmp_path: Path) ->
     assert pretrain("mlp", "digits", 0, 0, tmp_path / "e.keras") == tmp_path / "e.keras"
     with pytest.raises(ConfigError, match=r"cnn28 needs"):
         pretrain("cnn28", "digits", 1, 0, tmp_path / "f.keras")
-
-
-def test_pretrain_on_the_users_own_csv_then_export(tmp_path: Path) -> None:
-    """`fedge pretrain --data my.csv` (label last) picks the mlp, learns, and the result exports."""
-    import subprocess
-    import sys
-
-    from sklearn.datasets import load_wine
-
-    x, y = load_wine(return_X_y=True)
-    x = (x - x.mean(axis=0)) / x.std(axis=0)
-    np.savetxt(tmp_path / "wine.csv", np.column_stack([x, y]), delimiter=",")
-    out = subprocess.run([sys.executable, "-m", "fedge.cli", "pretrain", "--data", str(tmp_path / "wine.csv"),
-                          "--epochs", "30", "--out", str(tmp_path / "wine.keras")],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "pre-trained mlp on wine.csv" in out.stdout
-    accuracy = float(out.stdout.split("test accuracy ")[1].split()[0])
-    assert accuracy > 0.8  # 3 classes: chance is ~0.4
-    from fedge.export.exporter import export_model
-
-    manifest = export_model(str(tmp_path / "wine.keras"), tmp_path / "artifacts")
-    assert manifest.num_classes == 3 and list(manifest.input.shape) == [13]

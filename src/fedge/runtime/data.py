@@ -2,7 +2,8 @@
 with one sub-folder per class, or a ``.csv`` of ``file,label``; :mod:`fedge.runtime.images`, Pillow).
 
 NumPy only (Pillow for images). Every problem raises ``DataError`` naming the file and what is wrong.
-``LocalData.sha256`` is the hash of the file's bytes (the feature-cache key).
+``LocalData.sha256`` is the hash of the file's bytes (the feature-cache key). :func:`load_inputs` reads the same
+files for prediction, where labels are optional.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from numpy.typing import NDArray
 
 from fedge.protocol.errors import DataError
 
-__all__ = ["SUFFIXES", "LocalData", "conform", "load_local"]
+__all__ = ["SUFFIXES", "LocalData", "conform", "load_inputs", "load_local"]
 
 SUFFIXES = (".npz", ".csv")
 
@@ -47,27 +48,58 @@ def load_local(path: str | Path, input_shape: Sequence[int] | None = None, layou
     channels last (:func:`conform` re-decodes them for a model).
     """
     p = Path(path)
+    raw = _read_file(p)
+    if raw is None or _is_image_csv(p, raw):
+        return _load_images(p, raw, input_shape, layout)
+    digest = hashlib.sha256(raw).hexdigest()
+    x_raw, y_raw = _read_npz(p, raw) if p.suffix.lower() == ".npz" else _read_csv(p, raw)
+    x, y = _validate(p, x_raw, y_raw, input_shape)
+    return LocalData(x=x, y=y, sha256=digest, path=p)
+
+
+def load_inputs(path: str | Path, input_shape: Sequence[int], layout: str = "") -> NDArray[np.float32]:
+    """The samples of ``path`` as model inputs ``[N, *input_shape]``, for prediction: every file
+    :func:`load_local` reads (its labels ignored), and unlabelled ones too: an ``.npz`` without ``y``, a ``.csv``
+    (header line allowed) whose rows are exactly the model's input width (one more column is a label, dropped)."""
+    p = Path(path)
+    want = tuple(int(d) for d in input_shape)
+    raw = _read_file(p)
+    if raw is None or _is_image_csv(p, raw):
+        return _load_images(p, raw, want, layout).x
+    if p.suffix.lower() == ".npz":
+        x = _read_npz(p, raw, need_y=False)[0]
+    else:
+        table = _csv_table(p, raw)
+        width = math.prod(want)
+        if table.shape[1] == width + 1:
+            table = table[:, :-1]  # a training file: the label column
+        elif table.shape[1] != width:
+            raise DataError(f"{p}: rows have {table.shape[1]} columns; the model takes {width} features (a "
+                            f"training file: {width + 1}, the label last)")
+        x = table
+    return _validate_x(p, x, want)
+
+
+def _read_file(p: Path) -> bytes | None:
+    """The bytes of data file ``p`` (None: an image folder)."""
     if p.is_dir() and p.suffix.lower() not in SUFFIXES:
-        return _load_images(p, None, input_shape, layout)
-    suffix = p.suffix.lower()
-    if suffix not in SUFFIXES:
+        return None
+    if p.suffix.lower() not in SUFFIXES:
         raise DataError(f"{p}: unknown file type {p.suffix or '(none)'!r}; expected .npz, .csv or an image folder")
     try:
-        raw = p.read_bytes()
+        return p.read_bytes()
     except FileNotFoundError as exc:
         raise DataError(f"{p}: file not found") from exc
     except IsADirectoryError as exc:
         raise DataError(f"{p}: is a directory, not a data file") from exc
     except OSError as exc:
         raise DataError(f"{p}: cannot read: {exc}") from exc
+
+
+def _is_image_csv(p: Path, raw: bytes) -> bool:
     from fedge.runtime.images import is_image_csv
 
-    if suffix == ".csv" and is_image_csv(raw):
-        return _load_images(p, raw, input_shape, layout)
-    digest = hashlib.sha256(raw).hexdigest()
-    x_raw, y_raw = _read_npz(p, raw) if suffix == ".npz" else _read_csv(p, raw)
-    x, y = _validate(p, x_raw, y_raw, input_shape)
-    return LocalData(x=x, y=y, sha256=digest, path=p)
+    return p.suffix.lower() == ".csv" and is_image_csv(raw)
 
 
 def _load_images(p: Path, raw: bytes | None, shape: Sequence[int] | None, layout: str) -> LocalData:
@@ -93,7 +125,7 @@ def conform(data: LocalData, shape: Sequence[int], layout: str = "") -> NDArray[
     return np.asarray(x, dtype=np.float32)
 
 
-def _read_npz(p: Path, raw: bytes) -> tuple[NDArray[Any], NDArray[Any]]:
+def _read_npz(p: Path, raw: bytes, need_y: bool = True) -> tuple[NDArray[Any], NDArray[Any] | None]:
     try:
         loaded = np.load(io.BytesIO(raw), allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
@@ -102,18 +134,19 @@ def _read_npz(p: Path, raw: bytes) -> tuple[NDArray[Any], NDArray[Any]]:
         raise DataError(f"{p}: is a single .npy array, not an .npz archive with 'x' and 'y'")
     with loaded:
         names = set(loaded.files)
-        missing = [k for k in ("x", "y") if k not in names]
+        wanted = ("x", "y") if need_y or "y" in names else ("x",)
+        missing = [k for k in wanted if k not in names]
         if missing:
             raise DataError(f"{p}: missing array(s) {', '.join(missing)} (has: {', '.join(sorted(names)) or 'none'})")
         out: list[NDArray[Any]] = []
-        for key in ("x", "y"):
+        for key in wanted:
             try:
                 out.append(loaded[key])
             except ValueError as exc:  # object arrays need pickle, which we never allow
                 raise DataError(f"{p}: array {key!r} is an object/pickled array, which is not allowed") from exc
             except (OSError, EOFError, zipfile.BadZipFile) as exc:
                 raise DataError(f"{p}: array {key!r} is corrupt: {exc}") from exc
-    return out[0], out[1]
+    return out[0], out[1] if len(out) > 1 else None
 
 
 def _parse_row(fields: list[str]) -> list[float] | None:
@@ -124,6 +157,14 @@ def _parse_row(fields: list[str]) -> list[float] | None:
 
 
 def _read_csv(p: Path, raw: bytes) -> tuple[NDArray[Any], NDArray[Any]]:
+    table = _csv_table(p, raw)
+    if table.shape[1] < 2:
+        raise DataError(f"{p}: need at least one feature column and a label column")
+    return table[:, :-1], table[:, -1]
+
+
+def _csv_table(p: Path, raw: bytes) -> NDArray[np.float64]:
+    """Every data row of a numeric CSV (a first non-numeric line is a header, skipped) as ``[N, columns]``."""
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -144,38 +185,28 @@ def _read_csv(p: Path, raw: bytes) -> tuple[NDArray[Any], NDArray[Any]]:
         first = False
         if width is None:
             width = len(values)
-            if width < 2:
-                raise DataError(f"{p}: line {lineno}: need at least one feature column and a label column")
         elif len(values) != width:
             raise DataError(f"{p}: line {lineno}: {len(values)} columns, expected {width}")
         rows.append(values)
     if not rows:
         raise DataError(f"{p}: empty: no data rows")
-    table = np.asarray(rows, dtype=np.float64)
-    return table[:, :-1], table[:, -1]
+    return np.asarray(rows, dtype=np.float64)
 
 
 def _validate(
-    p: Path, x: NDArray[Any], y: NDArray[Any], input_shape: Sequence[int] | None
+    p: Path, x: NDArray[Any], y: NDArray[Any] | None, input_shape: Sequence[int] | None
 ) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
-    if x.dtype.kind not in "biuf":
-        raise DataError(f"{p}: x has non-numeric dtype {x.dtype}")
+    if y is None:
+        raise DataError(f"{p}: no labels")
     if y.dtype.kind not in "biuf":
         raise DataError(f"{p}: y has non-numeric dtype {y.dtype}")
-    if x.ndim < 2:
-        raise DataError(f"{p}: x must be [N, ...] with at least 2 dimensions, got shape {x.shape}")
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
     if y.ndim != 1:
         raise DataError(f"{p}: y must be 1-D labels [N], got shape {y.shape}")
-    if len(x) != len(y):
+    if x.ndim >= 1 and len(x) != len(y):
         raise DataError(f"{p}: length mismatch: x has {len(x)} samples, y has {len(y)} labels")
-    if len(y) == 0:
-        raise DataError(f"{p}: empty: no samples")
-    xf = np.asarray(x, dtype=np.float32)
-    if not np.isfinite(xf).all():
-        bad = int(np.count_nonzero(~np.isfinite(xf)))
-        raise DataError(f"{p}: x has {bad} non-finite value(s) (NaN or inf)")
+    xf = _validate_x(p, x, input_shape)
     if y.dtype.kind == "f":
         if not np.isfinite(y).all():
             raise DataError(f"{p}: y has non-finite labels")
@@ -185,7 +216,21 @@ def _validate(
         raise DataError(f"{p}: y must hold integer class labels, not booleans")
     if np.any(y < 0):
         raise DataError(f"{p}: y has negative labels (min {y.min()})")
-    yi = y.astype(np.int64)
+    return xf, y.astype(np.int64)
+
+
+def _validate_x(p: Path, x: NDArray[Any], input_shape: Sequence[int] | None) -> NDArray[np.float32]:
+    """``x`` as float32 ``[N, ...]``: numeric, finite, at least one sample, of ``input_shape`` when given."""
+    if x.dtype.kind not in "biuf":
+        raise DataError(f"{p}: x has non-numeric dtype {x.dtype}")
+    if x.ndim < 2:
+        raise DataError(f"{p}: x must be [N, ...] with at least 2 dimensions, got shape {x.shape}")
+    if len(x) == 0:
+        raise DataError(f"{p}: empty: no samples")
+    xf = np.asarray(x, dtype=np.float32)
+    if not np.isfinite(xf).all():
+        bad = int(np.count_nonzero(~np.isfinite(xf)))
+        raise DataError(f"{p}: x has {bad} non-finite value(s) (NaN or inf)")
     if input_shape is not None:
         want = tuple(int(d) for d in input_shape)
         got = tuple(int(d) for d in xf.shape[1:])
@@ -196,4 +241,4 @@ def _validate(
                 xf = xf.reshape((len(xf), *want))  # flat rows (e.g. CSV), row-major
             else:
                 raise DataError(f"{p}: wrong shape: samples are {list(got)}, the model expects {list(want)}")
-    return np.ascontiguousarray(xf), yi
+    return np.ascontiguousarray(xf)
