@@ -46,7 +46,7 @@ setup: system-deps $(VENV)/.linked
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(NO_EDITABLE_NOTICE) $(BIN)/pip install -q -e '.[agent,agent-ort,hub,export,secagg,dev]' $(EDITABLE)
+	$(NO_EDITABLE_NOTICE) $(BIN)/pip install -q -e '.[agent,agent-ort,hub,export,secagg,ray,dev]' $(EDITABLE)
 	$(BIN)/pip check
 	touch $@
 

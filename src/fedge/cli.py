@@ -95,6 +95,10 @@ def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--personalization", default="auto", choices=["auto", "finetune", "ditto"],
                    help="each device's own head: auto (the best of global, fine-tuned and local-only by "
                         "cross-validation on its training rows), the fine-tuned global head, or a ditto head")
+    p.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="where the virtual devices train: this process, or a Ray cluster (the ray extra)")
+    p.add_argument("--ray-address", default=None,
+                   help="--engine ray: an existing cluster's address (default: start a local one)")
     p.add_argument("--compression", default=None, choices=["int8", "int4"],
                    help="compressed updates (stochastic rounding, error feedback), as the hub's [rounds] compression")
     p.add_argument("--samples-per-device", type=int, default=None,
@@ -126,7 +130,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
     from fedge.simulate_selection import parse_candidates
 
     return run_simulate(settings, args.out, as_json=args.json, backend=args.backend,
-                        candidates=parse_candidates(args.candidate))
+                        candidates=parse_candidates(args.candidate), engine=args.engine, address=args.ray_address)
 
 
 def _add_fleet(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -149,7 +149,8 @@ def _print_table(report: dict[str, Any], run: SimRun) -> None:
 
 
 def run_simulate(settings: SimSettings, out: str | Path, *, as_json: bool = False, backend: str = "auto",
-                 plot: bool = True, candidates: dict[str, Path] | None = None) -> int:
+                 plot: bool = True, candidates: dict[str, Path] | None = None, engine: str = "local",
+                 address: str | None = None) -> int:
     """``fedge simulate``: prepare (or reuse) the demo task in ``out``, run the rounds, write ``report.json`` (and
     the plot), print a table or one JSON object. 0 when the final model beats the source model and chance."""
     from fedge.demo import _plot
@@ -166,8 +167,15 @@ def run_simulate(settings: SimSettings, out: str | Path, *, as_json: bool = Fals
         fleet = load_fleet(paths, settings.devices, settings.seed, backend=backend, quiet=as_json,
                            samples_per_device=settings.samples_per_device,
                            validation_fraction=settings.validation_fraction)
-    run = run_rounds(fleet, settings)
+    from fedge.simulate_engines import open_engine
+
+    runner = open_engine(engine, fleet.trainer, paths.artifacts, address)  # where the devices train
+    try:
+        run = run_rounds(fleet, settings, engine=runner)
+    finally:
+        runner.close()
     report = build_sim_report(fleet, settings, run)
+    report["engine"] = engine
     if selection is not None:
         report["selection"] = selection.as_dict()
     paths.report.write_text(json.dumps(report, indent=2) + "\n")

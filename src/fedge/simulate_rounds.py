@@ -34,9 +34,9 @@ from fedge.core.strategy import (
     Strategy,
     build_strategy,
 )
-from fedge.protocol.errors import TrainingDiverged
 from fedge.protocol.messages import RoundResult, RoundStatus
 from fedge.protocol.types import Head, Metrics
+from fedge.simulate_engines import DeviceJob, Engine, InProcess
 from fedge.simulate_fleet import FLEET, SimFleet, SimSettings, device_noise_rng, device_seed, hub_noise_rng
 
 __all__ = ["NORM_WINDOW", "SimRun", "policies", "run_rounds", "strategy_of"]
@@ -97,14 +97,17 @@ def _local_only_cache(fleet: SimFleet, settings: SimSettings) -> list[Choice | N
     return cached
 
 
-def run_rounds(fleet: SimFleet, settings: SimSettings, *, start: Head | None = None) -> SimRun:
+def run_rounds(fleet: SimFleet, settings: SimSettings, *, start: Head | None = None,
+               engine: Engine | None = None) -> SimRun:
     """``settings.rounds`` rounds over ``fleet``, as the agents and the hub run them, from the deployed head
     ``start`` (default the source head w0; scored on the eval set as the deployed version the gate compares with;
-    the proximal pull is toward w0 either way)."""
+    the proximal pull is toward w0 either way). ``engine``: where the devices train (default: in this process,
+    on the fleet's trainer)."""
     from fedge.protocol.errors import ConfigError
 
     if settings.devices != fleet.devices:
         raise ConfigError("devices", f"the fleet has {fleet.devices} devices, the settings {settings.devices}")
+    engine = engine if engine is not None else InProcess(fleet.trainer)
     strategy = strategy_of(settings)
     index = {name: i for i, name in enumerate(fleet.names)}
     everyone = frozenset(fleet.names)
@@ -153,16 +156,14 @@ def run_rounds(fleet: SimFleet, settings: SimSettings, *, start: Head | None = N
         metrics: list[Metrics] = []
         norms: list[float] = []
         declined: list[str] = []
-        for name in plan.selected:
+        jobs = [DeviceJob(index[name], core.DeviceData(fleet.feats[index[name]], fleet.labels[index[name]],
+                                                       fleet.keys[index[name]]),
+                          core.RoundHeads(global_head, fleet.w0, personal[index[name]], local_only[index[name]]),
+                          pols[index[name]]) for name in plan.selected]
+        outcomes = engine.run(msg, jobs, plan.params.dp is not None)  # in job order, on any engine
+        for name, out in zip(plan.selected, outcomes, strict=True):
             i = index[name]
-            data = core.DeviceData(fleet.feats[i], fleet.labels[i], fleet.keys[i])
-            heads = core.RoundHeads(global_head, fleet.w0, personal[i], local_only[i])
-            try:
-                out = core.train(msg, fleet.trainer, data, heads, pols[i], private=plan.params.dp is not None)
-            except TrainingDiverged:  # the agent declines (trainer_error)
-                declined.append(name)
-                continue
-            if not isinstance(out, core.Trained):
+            if not isinstance(out, core.Trained):  # diverged, declined or closed: the agent declines
                 declined.append(name)
                 continue
             if out.local_only is not None:
