@@ -211,9 +211,12 @@ class RoundWorker:
 
     def stopper(self, msg: RoundAnnounce) -> Callable[[], bool]:
         """Training stops at the deadline (less a margin to send), at the device's own time limit, or once the round
-        closed; asked before every batch."""
+        closed (not a buffered round's: its update still counts in a later version); asked before every batch."""
         t_end = min(msg.deadline - core.SEND_MARGIN_S, time.time() + self.config.max_round_s)
-        return lambda: time.time() >= t_end or self.closed_round >= msg.round
+        return lambda: time.time() >= t_end or self._closed(msg)
+
+    def _closed(self, msg: RoundAnnounce) -> bool:
+        return msg.buffer_k is None and self.closed_round >= msg.round
 
     def decline(self, msg: RoundAnnounce, reason: DeclineReason, detail: str) -> None:
         log.warning("declining round %d: %s (%s)", msg.round, reason, detail)
@@ -261,7 +264,7 @@ class RoundWorker:
         heads = self._heads(msg, trainer)
         stop = self.stopper(msg)
         outcome = core.train(msg, trainer, self.device_data(trainer, msg.backbone_sha256), heads, self.policy,
-                             private=dp is not None, stop=stop, closed=lambda: self.closed_round >= msg.round,
+                             private=dp is not None, stop=stop, closed=lambda: self._closed(msg),
                              clock=time.perf_counter)
         if isinstance(outcome, core.Closed):
             log.info("round %d closed while training: no update", msg.round)

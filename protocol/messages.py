@@ -157,6 +157,10 @@ class RoundAnnounce:
     secagg_stochastic: bool = field(default=False, metadata=EXT)  # unbiased stochastic rounding, not nearest
     # compressed updates (PROTOCOL.md, "Compressed updates"): "int8" or "int4"; absent = float32 deltas
     compression: str | None = field(default=None, metadata=EXT)
+    # a buffered (asynchronous) round (PROTOCOL.md, "Buffered rounds"): a version every ``buffer_k`` updates, an
+    # update counted while its model is at most ``max_staleness`` versions old; absent = a synchronous round
+    buffer_k: int | None = field(default=None, metadata=EXT)
+    max_staleness: int | None = field(default=None, metadata=EXT)
 
 
 @dataclass(frozen=True, eq=False)
