@@ -6,6 +6,7 @@ round's result), the files (heads, caches, outbox, privacy ledger, SecAgg marker
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import queue
@@ -293,6 +294,8 @@ class RoundWorker:
             log.info("round %d: %s DP, update norm %.4f clipped to %.4g, noise std %.4g", msg.round, dp.mode, norm,
                      dp.clip, dp.device_noise_std())
         sent: dict[str, NDArray[Any]] = dict(delta)
+        if msg.round <= self.state.last_completed_round:  # answered meanwhile (a redelivery raced it): nothing
+            return
         if msg.compression is not None:  # after the DP noise: compression is post-processing
             sent = self._compress(msg, delta)
         update = ModelUpdate(self.config.fleet, msg.round, self.device, msg.model_version, n_samples, sent, metrics)
@@ -310,8 +313,13 @@ class RoundWorker:
         return dict(arrays)
 
     def _local_only_path(self, msg: RoundAnnounce) -> Path:
+        """The cached local-only baseline: one per backbone, data, and what it was trained with (the validation
+        split, the epochs budget, the learning rate, the seed), so a changed split never scores it on its own
+        training rows."""
+        p = self.policy
+        recipe = hashlib.sha256(f"{p.validation_fraction}|{p.local_only_epochs}|{msg.lr}|{p.seed}".encode())
         return (self.config.state_dir / "local_only" /
-                f"{msg.backbone_sha256[:16]}-{self._data().sha256[:16]}.npz")
+                f"{msg.backbone_sha256[:16]}-{self._data().sha256[:16]}-{recipe.hexdigest()[:12]}.npz")
 
     def _heads(self, msg: RoundAnnounce, trainer: Trainer) -> core.RoundHeads:
         global_head = load_head(self.heads_dir / f"{msg.model_version}.npz")

@@ -25,6 +25,8 @@ class _Rounds(Protocol):
     round: OpenRound | None
 
     def queue(self, overrides: RoundOverrides) -> None: ...
+    def queued(self) -> bool: ...
+    def drop_queued(self) -> None: ...
     def start(self, overrides: RoundOverrides) -> tuple[int | None, str, str]: ...
     def set_chain(self, left: int, overrides: RoundOverrides) -> None: ...
     def cancel(self, r: OpenRound, reason: str) -> None: ...
@@ -54,11 +56,18 @@ def handle_start(hub: ControlHost, payload: bytes) -> None:
         hub.reply(request_id_of(payload), None, str(exc.reason), exc.detail)
         return
     busy = hub.busy_round()
+    excess = over_limits(overrides, hub.cfg.limits)
+    if excess is not None:
+        store.add_control(ReplyReason.OVER_LIMITS, excess)
+        log.warning("control message refused: %s", excess)
+        hub.reply(overrides.request_id, None, ReplyReason.OVER_LIMITS, excess)
+        return
     gating = hub.rounds.round is None and getattr(hub.selector.open, "gate", None) is not None
-    if busy is not None and gating and over_limits(overrides, hub.cfg.limits) is None:
+    if busy is not None and gating and not hub.rounds.queued():
         # a deploy gate's evaluation round is open (the hub's own, not the operator's): the start waits for it
         hub.rounds.queue(overrides)
-        detail = f"queued behind evaluation round {busy} (the devices are validating a new version); it opens next"
+        detail = (f"queued behind evaluation round {busy} (the devices are validating a new version); it opens as "
+                  f"round {busy + 1} when that closes (cancel it with round {busy + 1})")
         store.add_control(ReplyReason.QUEUED, detail)
         hub.reply(overrides.request_id, busy + 1, ReplyReason.QUEUED, detail)
         return
@@ -68,12 +77,6 @@ def handle_start(hub: ControlHost, payload: bytes) -> None:
         store.add_control(ReplyReason.ROUND_OPEN, detail)
         log.warning("control message ignored: %s", detail)
         hub.reply(overrides.request_id, None, ReplyReason.ROUND_OPEN, detail)
-        return
-    excess = over_limits(overrides, hub.cfg.limits)
-    if excess is not None:
-        store.add_control(ReplyReason.OVER_LIMITS, excess)
-        log.warning("control message refused: %s", excess)
-        hub.reply(overrides.request_id, None, ReplyReason.OVER_LIMITS, excess)
         return
     hub.rounds.set_chain(max(hub.cfg.schedule.chain_rounds - 1, 0), overrides)
     rid, reason, detail = hub.rounds.start(overrides)
@@ -93,6 +96,12 @@ def handle_cancel(hub: ControlHost, payload: bytes) -> None:
         hub.reply(request_id_of(payload), None, str(exc.reason), exc.detail)
         return
     rnd = hub.rounds.round
+    busy = hub.busy_round()
+    if rnd is None and busy is not None and req.round == busy + 1 and hub.rounds.queued():  # a queued start
+        hub.rounds.drop_queued()
+        store.add_control(ReplyReason.CANCELLED, f"queued round {req.round}")
+        hub.reply(req.request_id, req.round, ReplyReason.CANCELLED, "the queued start was dropped before it opened")
+        return
     if rnd is None:
         done = hub.selector.cancel_open(req.round, req.reason)
         if done is not None:  # a selection or evaluation round

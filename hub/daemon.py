@@ -79,6 +79,9 @@ def gate_warnings(cfg: HubConfig) -> list[str]:
                    "or federated_gate = \"auto\")")
     elif cfg.eval_data is not None and not agg.deploy_gate and not federated:
         out.append("deploy_gate = false and no federated gate: every new version is deployed whatever its score")
+    if cfg.eval_data is None and cfg.secagg.enabled and not cfg.privacy.enabled:
+        out.append("no eval_data with [secagg]: the hub sees only sums, so devices send no scores and every new "
+                   "version is deployed unscored (set eval_data)")
     if cfg.privacy.enabled and agg.federated_gate is True:
         out.append("federated_gate = true has no effect under [privacy] (devices send no scores in DP rounds)")
     return out

@@ -120,6 +120,8 @@ def run_round_cancel(args: argparse.Namespace) -> int:
 def _print_start(out: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(out))
+    elif out["accepted"] and out.get("reason") == "queued":
+        print(f"round {out['round']} queued (fleet {out['fleet']!r}): {out['detail']}")
     elif out["accepted"]:
         print(f"round {out['round']} started (fleet {out['fleet']!r})")
     else:

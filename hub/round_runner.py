@@ -23,7 +23,7 @@ from fedge.core.rounds import OpenRound, RoundParams, over_limits
 from fedge.core.secagg_round import SecAggCoordinator
 from fedge.core.strategy import PlanContext, Refusal, Strategy
 from fedge.core.validate import Accept, Rejection, UpdateContext, validate_update
-from fedge.hub import secagg_daemon
+from fedge.hub import progress, secagg_daemon
 from fedge.hub.port import HubPort
 from fedge.hub.store import LedgerRow, VersionRow
 from fedge.protocol.codec import decode, decode_control, encode, encode_control
@@ -313,28 +313,20 @@ class RoundRunner:
             return
         self.continue_chain()
 
-    STALL_ROUNDS = 3
-    """This many rounds in a row without progress raise the hub's alert (log, ``fedge hub status``, dashboard)."""
-
     def _watch_progress(self, r: OpenRound, outcome: Closing) -> None:
-        """Count rounds in a row that did not improve the fleet's model: no version, a version held back, or a version
-        scoring below the source model (v0) on the hub's held-out data; at STALL_ROUNDS, say so (meta ``alert``)."""
-        store = self.hub.store
-        source = store.first_version_of(r.backbone_sha256)
-        below_source = (outcome.accuracy is not None and source is not None and source.accuracy is not None
-                        and outcome.accuracy < source.accuracy)
-        stalled = outcome.head is None or outcome.held_back is not None or below_source
-        streak = int(store.get_meta("stall_streak") or 0) + 1 if stalled else 0
-        store.set_meta("stall_streak", str(streak))
-        if streak >= self.STALL_ROUNDS:
-            why = ("below the source model on held-out data" if below_source else
-                   "kept back by the deploy gate" if outcome.held_back is not None else "no new version")
-            alert = (f"{streak} rounds in a row did not improve the deployed model (round {r.id}: {why}); check the "
-                     "devices' data, the learning rate and the source model")
-            store.set_meta("alert", alert)
-            log.warning("%s", alert)
-        elif streak == 0 and store.get_meta("alert"):
-            store.set_meta("alert", "")
+        """Tell :mod:`fedge.hub.progress` whether this round improved the model (a version the devices still have
+        to validate is decided by its evaluation round instead)."""
+        if outcome.federated_gate and self.open_gate is not None:
+            return
+        source = self.hub.store.first_version_of(r.backbone_sha256)
+        below = (outcome.accuracy is not None and source is not None and source.accuracy is not None
+                 and outcome.accuracy < source.accuracy)
+        why = ("below the source model on held-out data" if below else
+               "kept back by the deploy gate" if outcome.held_back is not None else "no new version")
+        progress.note(self.hub.store, r.id, outcome.deploy and not below, why)
+        if outcome.deploy and not outcome.federated and self.strategy.federated_gate(r.params) \
+                and self.hub.cfg.eval_data is None:
+            log.warning("round %d: deployed unscored (no held-out data, and no device sent validation scores)", r.id)
 
     def _detail(self, r: OpenRound, outcome: Closing, row: VersionRow | None) -> str | None:
         if row is None:
@@ -410,14 +402,27 @@ class RoundRunner:
         what is left of a chain, which it replaces as any operator start does)."""
         self.hub.store.set_meta("queued_start", encode_control(overrides).decode())
 
+    def queued(self) -> bool:
+        return bool(self.hub.store.get_meta("queued_start"))
+
+    def drop_queued(self) -> None:
+        self.hub.store.set_meta("queued_start", "")
+
     def continue_chain(self) -> None:
         queued = self.hub.store.get_meta("queued_start")
         if queued:
-            self.hub.store.set_meta("queued_start", "")
+            self.drop_queued()
             overrides = decode_control(queued.encode())
             self.set_chain(max(self.hub.cfg.schedule.chain_rounds - 1, 0), overrides)
-            if self.start(overrides)[0] is None:
+            rid = self.hub.store.next_round_id()  # the id its start was promised
+            opened, reason, detail = self.start(overrides)
+            if opened is None:
                 self.end_chain()
+                if self.hub.store.round(rid) is None:  # the promise is kept: that id has a result saying why not
+                    cur = self.hub.current()
+                    self._unannounced(rid, RoundStatus.FAILED_QUORUM, cur, RoundParams.make(self.hub.cfg.rounds,
+                                                                                            overrides),
+                                      self.hub.clock(), f"the queued start could not open: {reason}: {detail}")
             return
         if self._chain_left > 0:
             self.set_chain(self._chain_left - 1, self._chain_overrides)

@@ -19,6 +19,7 @@ from typing import Any
 
 from fedge.core.rounds import OpenRound, RoundParams, over_limits, select_devices
 from fedge.core.selection import CandidateScore, gate_verdict, rank, report_problem
+from fedge.hub import progress
 from fedge.hub.port import HubPort
 from fedge.hub.store import SelectionRow, Store, VersionRow
 from fedge.protocol.codec import decode, encode
@@ -308,6 +309,7 @@ class Selector:
             source = sel.gate.get("source_round")
             if isinstance(source, int):
                 self.store.set_round_deployed(source, deployed is not None)
+                progress.note(self.store, source, deployed is not None, "kept back by the devices' validation")
         elif len(sel.reports) < sel.params.min_devices or not ranking or ranking[0].val_n == 0:
             detail = f"selection failed: {len(sel.reports)} reports, quorum {sel.params.min_devices}"
         else:

@@ -318,11 +318,13 @@ def build_report(info: dict[str, Any], devices: int, src_acc: float, results: li
         "beats_chance": final is not None and final >= chance + CHANCE_MARGIN,
         "report": str(paths.report), "plot": str(paths.plot),
     }
-    last = rounds[-1] if rounds else {}
-    # the devices' own view (absent under DP and SecAgg): their personal heads at least as good as training alone
-    report["personal_ge_local_only"] = ("fed_personal" not in last or "fed_local_only" not in last
-                                        or last["fed_personal"] >= last["fed_local_only"] - PERSONAL_MARGIN)
-    report["passed"] = report["beats_source"] and report["beats_chance"] and report["personal_ge_local_only"]
+    # the devices' own view: their personal heads at least as good as training alone, in the last round that has
+    # the figures (None: not measured, under DP or SecAgg devices send no scores)
+    scored = [r for r in rounds if "fed_personal" in r and "fed_local_only" in r]
+    report["personal_ge_local_only"] = (None if not scored else
+                                        scored[-1]["fed_personal"] >= scored[-1]["fed_local_only"] - PERSONAL_MARGIN)
+    report["passed"] = (report["beats_source"] and report["beats_chance"]
+                        and report["personal_ge_local_only"] is not False)
     return report
 
 

@@ -167,9 +167,11 @@ def run_simulate(settings: SimSettings, out: str | Path, *, as_json: bool = Fals
         fleet = load_fleet(paths, settings.devices, settings.seed, backend=backend, quiet=as_json,
                            samples_per_device=settings.samples_per_device,
                            validation_fraction=settings.validation_fraction)
+    from fedge.core.device import DeviceData
     from fedge.simulate_engines import open_engine
 
-    runner = open_engine(engine, fleet.trainer, paths.artifacts, address)  # where the devices train
+    data = [DeviceData(f, y, k) for f, y, k in zip(fleet.feats, fleet.labels, fleet.keys, strict=True)]
+    runner = open_engine(engine, fleet.trainer, paths.artifacts, data, address)  # where the devices train
     try:
         run = run_rounds(fleet, settings, engine=runner)
     finally:

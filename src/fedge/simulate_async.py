@@ -29,7 +29,7 @@ from fedge.protocol.messages import RoundAnnounce
 from fedge.protocol.types import Head
 from fedge.simulate_fleet import SimFleet, device_seed
 
-__all__ = ["AsyncSettings", "Availability", "Trace", "run_buffered", "run_sync", "time_to_target"]
+__all__ = ["AsyncSettings", "Availability", "Jobs", "Trace", "run_buffered", "run_sync", "time_to_target"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,7 @@ class AsyncSettings:
     k: int = 10
     max_staleness: int = 20
     deadline: float = 60.0
+    server_lr: float = 1.0
     rounds: int = 20
     local_epochs: int = 2
     lr: float = 0.05
@@ -91,9 +92,18 @@ class Trace:
     end: float = 0.0
 
 
-def _jobs(devices: int, settings: AsyncSettings) -> tuple[np.ndarray, np.random.Generator]:
-    rng = np.random.default_rng([settings.seed, 0xA5A2])
-    return rng.lognormal(0.0, settings.speed_sigma, devices), np.random.default_rng([settings.seed, 0xA5A3])
+class Jobs:
+    """Every device's job durations, in order: its speed times log-normal draws from its own Generator, so the
+    j-th job of device i takes the same time in both modes."""
+
+    def __init__(self, devices: int, settings: AsyncSettings) -> None:
+        rng = np.random.default_rng([settings.seed, 0xA5A2])
+        self.speed = rng.lognormal(0.0, settings.speed_sigma, devices)
+        self._draws = [np.random.default_rng([settings.seed, 0xA5A3, i]) for i in range(devices)]
+        self.sigma = settings.job_sigma
+
+    def next(self, device: int) -> float:
+        return float(self.speed[device] * self._draws[device].lognormal(0.0, self.sigma))
 
 
 def _update(fleet: SimFleet, i: int, head: Head, version: int, settings: AsyncSettings) -> tuple[Head, int] | None:
@@ -114,7 +124,7 @@ def _accuracy(fleet: SimFleet, head: Head) -> float:
 
 def run_sync(fleet: SimFleet, settings: AsyncSettings, availability: Availability) -> Trace:
     """``settings.rounds`` synchronous rounds; a round ends when its last device finished or went offline."""
-    speed, draws = _jobs(fleet.devices, settings)
+    jobs = Jobs(fleet.devices, settings)
     rng = np.random.default_rng([settings.seed, 0xA5A4])
     shapes = {k: tuple(v.shape) for k, v in fleet.w0.items()}
     head, t, trace = dict(fleet.w0), 0.0, Trace()
@@ -132,7 +142,7 @@ def run_sync(fleet: SimFleet, settings: AsyncSettings, availability: Availabilit
         agg = Aggregator(shapes, 0.0, Bounds())
         close = t
         for i in cohort:
-            finish = t + speed[i] * draws.lognormal(0.0, settings.job_sigma)
+            finish = t + jobs.next(i)
             until = availability.online_until(i, t) or t
             if finish <= min(until, t + settings.deadline):
                 update = _update(fleet, i, head, r, settings)
@@ -154,10 +164,10 @@ def run_sync(fleet: SimFleet, settings: AsyncSettings, availability: Availabilit
 def run_buffered(fleet: SimFleet, settings: AsyncSettings, availability: Availability, horizon: float) -> Trace:
     """Buffered aggregation until ``horizon``: every online device trains on the latest version; ``k`` updates
     make a version."""
-    speed, draws = _jobs(fleet.devices, settings)
+    jobs = Jobs(fleet.devices, settings)
     shapes = {k: tuple(v.shape) for k, v in fleet.w0.items()}
     versions: list[Head] = [dict(fleet.w0)]
-    buf = Buffer(shapes, BufferSettings(settings.k, settings.max_staleness), 0.0, Bounds())
+    buf = Buffer(shapes, BufferSettings(settings.k, settings.max_staleness, settings.server_lr), 0.0, Bounds())
     trace = Trace()
     trace.points.append((0.0, _accuracy(fleet, versions[0])))
     events: list[tuple[float, int, int, int]] = []  # (time, kind 0 = start / 1 = finish, device, base version)
@@ -175,7 +185,7 @@ def run_buffered(fleet: SimFleet, settings: AsyncSettings, availability: Availab
             break
         if kind == 0:  # a device takes the latest version and trains
             v = len(versions) - 1
-            finish = t + speed[i] * draws.lognormal(0.0, settings.job_sigma)
+            finish = t + jobs.next(i)
             until = availability.online_until(i, t) or t
             if finish <= until:
                 heapq.heappush(events, (finish, 1, i, v))
@@ -191,13 +201,18 @@ def run_buffered(fleet: SimFleet, settings: AsyncSettings, availability: Availab
                 trace.updates += 1
         if buf.full:
             versions.append(buf.result(versions[-1], fleet.w0))
-            buf = Buffer(shapes, BufferSettings(settings.k, settings.max_staleness), 0.0, Bounds())
+            buf = Buffer(shapes, BufferSettings(settings.k, settings.max_staleness, settings.server_lr), 0.0, Bounds())
             trace.points.append((t, _accuracy(fleet, versions[-1])))
         start(i, t)
     trace.end = horizon
     return trace
 
 
-def time_to_target(trace: Trace, target: float) -> float:
-    """The first simulated time at which ``trace`` reached ``target`` accuracy (inf: never)."""
-    return next((t for t, acc in trace.points if acc >= target), math.inf)
+def time_to_target(trace: Trace, target: float, slack: float = 0.01) -> float:
+    """The first simulated time at which ``trace`` reached ``target`` accuracy *and stayed* within ``slack`` of it
+    for the rest of the run (a lucky crossing of a noisy curve does not count; inf: never)."""
+    points = trace.points
+    for k, (t, acc) in enumerate(points):
+        if acc >= target and all(a >= target - slack for _, a in points[k:]):
+            return t
+    return math.inf

@@ -5,7 +5,7 @@ device's outcome of the round core's :func:`fedge.core.device.train`, in job ord
 (DP noise, compression, aggregation, the hub's close) stays in the driver, in order, so a run gives the same heads
 on every engine. The Ray engine (``--engine ray``, the ``ray`` extra) keeps one actor per CPU of the cluster, each
 with its own trainer over the run's artifacts, and the devices' features in Ray's object store (put once per
-run): 100,000 virtual devices are a cluster away.
+run; only heads and policies travel per job): 100,000 virtual devices are a cluster away.
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ class RayEngine:
 
     name = "ray"
 
-    def __init__(self, artifacts: Path, backend: str, address: str | None = None, actors: int | None = None) -> None:
+    def __init__(self, artifacts: Path, backend: str, data: Sequence[core.DeviceData], address: str | None = None,
+                 actors: int | None = None) -> None:
         import importlib
         import logging
 
@@ -91,11 +92,13 @@ class RayEngine:
             self._owns = False
         count = actors or max(int(ray.cluster_resources().get("CPU", 1)), 1)
         worker: Any = ray.remote(num_cpus=1)(_RayWorker)
-        self._actors: list[Any] = [worker.remote(str(artifacts), backend) for _ in range(count)]
+        shared = ray.put(list(data))  # every device's features and labels, once, in the object store
+        self._actors: list[Any] = [worker.remote(str(artifacts), backend, shared) for _ in range(count)]
 
     def run(self, msg: RoundAnnounce, jobs: Sequence[DeviceJob], private: bool) -> list[Result]:
         ray = self._ray
-        refs = [self._actors[k % len(self._actors)].train.remote(msg, job, private) for k, job in enumerate(jobs)]
+        refs = [self._actors[k % len(self._actors)].train.remote(msg, job.device, job.heads, job.policy, private)
+                for k, job in enumerate(jobs)]  # the data stays with the actors: only heads and policies travel
         results: list[Result] = ray.get(refs)
         return results
 
@@ -107,21 +110,25 @@ class RayEngine:
 
 
 class _RayWorker:
-    """A Ray actor: one trainer, opened once, that trains the devices it is given."""
+    """A Ray actor: one trainer, opened once, and the devices' data; trains the devices it is given."""
 
-    def __init__(self, artifacts: str, backend: str) -> None:
+    def __init__(self, artifacts: str, backend: str, data: list[core.DeviceData]) -> None:
         from fedge.runtime.trainers import open_trainer
 
         self.trainer: Any = open_trainer(artifacts, backend)
+        self.data = data
 
-    def train(self, msg: RoundAnnounce, job: DeviceJob, private: bool) -> Result:
-        return _train(self.trainer, msg, job, private)
+    def train(self, msg: RoundAnnounce, device: int, heads: core.RoundHeads, policy: core.DevicePolicy,
+              private: bool) -> Result:
+        return _train(self.trainer, msg, DeviceJob(device, self.data[device], heads, policy), private)
 
 
-def open_engine(name: str, trainer: Trainer, artifacts: Path, address: str | None = None) -> Engine:
-    """The engine ``name`` (``local`` or ``ray``) for a run over ``artifacts`` trained by ``trainer``'s back-end."""
+def open_engine(name: str, trainer: Trainer, artifacts: Path, data: Sequence[core.DeviceData],
+                address: str | None = None) -> Engine:
+    """The engine ``name`` (``local`` or ``ray``) for a run over ``artifacts`` trained by ``trainer``'s back-end on
+    the devices' ``data``."""
     if name == "local":
         return InProcess(trainer)
     if name == "ray":
-        return RayEngine(artifacts, trainer.name, address)
+        return RayEngine(artifacts, trainer.name, data, address)
     raise ConfigError("engine", f"{name!r} is not one of {', '.join(ENGINES)}")

@@ -370,14 +370,91 @@ def test_a_start_during_the_gates_evaluation_round_is_queued_not_refused(tmp_pat
         assert isinstance(ann, RoundAnnounce) and ann.round == rnd.round + 1
         first = fleet.results[-1]
         assert first.deployed is False and first.gate_round == ann.round  # the result says who decides
-        fleet.control(encode_control(RoundOverrides(request_id="op1")))
+        fleet.control(encode_control(RoundOverrides(request_id="op1", local_epochs=3)))
         assert replies[-1]["reason"] == "queued" and replies[-1]["accepted"] and replies[-1]["round"] == ann.round + 1
+        fleet.control(encode_control(RoundOverrides(request_id="op2", local_epochs=7)))  # one waits at a time
+        assert replies[-1]["reason"] == "round_open" and not replies[-1]["accepted"]
+        fleet.control(encode_control(RoundOverrides(request_id="op3", lr=1e9)))  # over the limits: said so
+        assert replies[-1]["reason"] == "over_limits"
         assert fleet.retained(TOPICS.announce) is None  # not yet: the evaluation round is open
         for d in rnd.selected:
             _report(fleet, d, ann.round, {"val_n": 10.0, "val_acc_v1": 0.6, "val_loss_v1": 1.0, "val_acc_v0": 0.6,
                                           "val_loss_v0": 1.0})
         assert fleet.results[-1].round == ann.round and fleet.results[-1].model_version == "v1"
         nxt = fleet.announce()  # the queued start opened at once, over the version the devices validated
-        assert nxt.round == ann.round + 1 and nxt.model_version == "v1"
+        assert nxt.round == ann.round + 1 and nxt.model_version == "v1" and nxt.local_epochs == 3
+    finally:
+        fleet.hub.stop()
+
+
+def test_versions_the_devices_keep_rejecting_raise_the_stall_alert(tmp_path: Path, artifacts: Path) -> None:
+    """The stall alert counts the federated gate's decisions (review finding: it was reset when the round closed,
+    before the devices had decided)."""
+    from tests.hub.fleet import SHAPES, zero_delta
+
+    cfg = hub_config(tmp_path / "state", artifacts, aggregation={"federated_gate": True, "deploy_tolerance": 0.0},
+                     schedule={"chain_rounds": 3})
+    fleet = Fleet(cfg)
+    fleet.hub.start()
+    try:
+        for d in ("a", "b"):
+            fleet.device(d).hello()
+        rnd = fleet.start_round()
+        for n in range(3):
+            for d in rnd.selected:
+                fleet.device(d).update(rnd, zero_delta(SHAPES, 0.01), metrics={"val_n": 10.0, "val_acc_global": 0.6})
+            ann = fleet.retained(TOPICS.select_announce)
+            assert isinstance(ann, RoundAnnounce)
+            new, deployed = ann.candidates
+            assert fleet.hub.store.get_meta("alert") in (None, "")
+            for d in rnd.selected:  # every new version scores worse than the deployed one: kept back
+                _report(fleet, d, ann.round, {"val_n": 10.0, f"val_acc_{new}": 0.2, f"val_loss_{new}": 2.0,
+                                              f"val_acc_{deployed}": 0.6, f"val_loss_{deployed}": 1.0})
+            if n < 2:
+                rnd = fleet.announce()
+        alert = fleet.hub.store.get_meta("alert")
+        assert alert and "3 rounds in a row" in alert and "validation" in alert
+    finally:
+        fleet.hub.stop()
+
+
+def test_a_queued_start_can_be_cancelled_and_a_failed_one_gets_its_result(tmp_path: Path, artifacts: Path) -> None:
+    from fedge.protocol.control import CancelRequest, encode_cancel
+    from tests.hub.fleet import SHAPES, zero_delta
+
+    def gate_round(fleet: Fleet) -> RoundAnnounce:
+        rnd = fleet.start_round()
+        for d in rnd.selected:
+            fleet.device(d).update(rnd, zero_delta(SHAPES, 0.01), metrics={"val_n": 10.0, "val_acc_global": 0.6})
+        ann = fleet.retained(TOPICS.select_announce)
+        assert isinstance(ann, RoundAnnounce)
+        return ann
+
+    cfg = hub_config(tmp_path / "state", artifacts, aggregation={"federated_gate": True})
+    fleet = Fleet(cfg)
+    replies = _replies(fleet)
+    fleet.hub.start()
+    try:
+        for d in ("a", "b"):
+            fleet.device(d).hello()
+        ann = gate_round(fleet)
+        fleet.control(encode_control(RoundOverrides(request_id="op1")))
+        InMemoryTransport(fleet.broker).publish(TOPICS.control_round_cancel,
+                                                encode_cancel(CancelRequest("no", ann.round + 1, "c1")))
+        assert replies[-1]["reason"] == "cancelled" and replies[-1]["round"] == ann.round + 1
+        for d in ann.selected:
+            _report(fleet, d, ann.round, {"val_n": 10.0, "val_acc_v1": 0.6, "val_loss_v1": 1.0, "val_acc_v0": 0.6,
+                                          "val_loss_v0": 1.0})
+        assert fleet.retained(TOPICS.announce) is None  # the cancelled start did not open
+        ann = gate_round(fleet)  # again; this time the devices are gone when its turn comes
+        fleet.control(encode_control(RoundOverrides(request_id="op2")))
+        promised = replies[-1]["round"]
+        for d in ("a", "b"):
+            fleet.device(d).hello(online=False)
+        for d in ann.selected:
+            _report(fleet, d, ann.round, {"val_n": 10.0, "val_acc_v2": 0.6, "val_loss_v2": 1.0, "val_acc_v1": 0.6,
+                                          "val_loss_v1": 1.0})
+        last = fleet.results[-1]
+        assert last.round == promised and last.status is RoundStatus.FAILED_QUORUM and "queued" in (last.detail or "")
     finally:
         fleet.hub.stop()

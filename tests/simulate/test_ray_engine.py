@@ -25,15 +25,18 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> DemoPaths:
 
 @pytest.mark.slow  # a local Ray cluster starts (~10-60 s)
 def test_the_ray_engine_gives_the_in_process_heads(work: DemoPaths, tmp_path: Path) -> None:
-    fleet = load_fleet(work, 6, seed=0, backend="numpy")
+    from fedge.core.device import DeviceData
+
     settings = SimSettings(devices=6, rounds=2, seed=4, validation_fraction=0.2, personalization="auto",
                            deploy_tolerance=0.05)
-    local = run_rounds(fleet, settings)
-    engine = RayEngine(work.artifacts, fleet.trainer.name, actors=2)
+    fleet = load_fleet(work, 6, seed=0, backend="numpy")  # fresh: the actors compute every local-only head
+    data = [DeviceData(f, y, k) for f, y, k in zip(fleet.feats, fleet.labels, fleet.keys, strict=True)]
+    engine = RayEngine(work.artifacts, fleet.trainer.name, data, actors=2)
     try:
         remote = run_rounds(fleet, settings, engine=engine)
     finally:
         engine.close()
+    local = run_rounds(load_fleet(work, 6, seed=0, backend="numpy"), settings)  # a fresh fleet: computed here
     assert [r.devices for r in remote.results] == [r.devices for r in local.results]
     assert remote.deployed == local.deployed and any(local.deployed)
     for a, b in zip(remote.versions, local.versions, strict=True):

@@ -31,12 +31,16 @@ def staleness_weight(staleness: int) -> float:
 
 @dataclass(frozen=True)
 class BufferSettings:
-    """``k`` updates make a version; an update may be at most ``max_staleness`` versions old."""
+    """``k`` updates make a version; an update may be at most ``max_staleness`` versions old; ``server_lr``: the
+    step from the current version toward the buffer's result (FedBuff's server learning rate)."""
 
     k: int = 10
     max_staleness: int = 10
+    server_lr: float = 1.0
 
     def __post_init__(self) -> None:
+        if not 0 < self.server_lr <= 1:
+            raise ValueError(f"server_lr must be in (0, 1], got {self.server_lr}")
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
         if self.max_staleness < 0:
@@ -73,5 +77,11 @@ class Buffer:
         self.staleness.append(staleness)
 
     def result(self, global_head: HeadLike, w0: HeadLike) -> Head:
-        """The next version from the buffered updates (bounded, sample-weighted, pulled toward ``w0``)."""
-        return self._agg.result(global_head, w0)
+        """The next version from the buffered updates (bounded, sample-weighted, pulled toward ``w0``), a
+        ``server_lr`` step of the way from ``global_head``."""
+        full = self._agg.result(global_head, w0)
+        eta = np.float32(self.settings.server_lr)
+        if eta == 1:
+            return full
+        return {k: np.asarray(global_head[k], np.float32) + eta * (v - np.asarray(global_head[k], np.float32))
+                for k, v in full.items()}

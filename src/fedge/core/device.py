@@ -315,13 +315,13 @@ def train(msg: RoundAnnounce, trainer: Trainer, data: DeviceData, heads: RoundHe
     evaluating = not private and len(val_idx) > 0  # federated evaluation (never under DP: it describes local data)
     local, computed = heads.local_only, None
     if local is None and (evaluating or policy.personalization == Personalization.AUTO):
-        local = computed = local_only_head(trainer, heads.w0, feats, y, policy.local_only_epochs, msg.lr, policy.seed)
+        local = computed = local_only_head(trainer, heads.w0, feats, y, policy.local_only_epochs, lr, policy.seed)
     kind = str(policy.personalization)
     if policy.personalization == Personalization.DITTO:
         personal = _ditto(trainer, heads, feats, y, msg, policy, stop)
     elif policy.personalization == Personalization.AUTO and local is not None:
-        choice = choose(trainer, heads.global_head, local, feats, y, policy.local_only_epochs, msg.lr, policy.seed,
-                        msg.round)
+        choice = choose(trainer, heads.global_head, local, feats, y, policy.local_only_epochs, lr, policy.seed,
+                        msg.round)  # at the rate training settled on (backed off, if it had to)
         personal, kind = choice.head, choice.name
         metrics[f"personal_{choice.name}"] = 1.0  # which candidate this device keeps (a one-hot: numbers only)
     else:
