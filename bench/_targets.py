@@ -91,10 +91,27 @@ SECAGG = (
            "is printed beside it)"),
 )
 
+ROBUST_STRATEGY = (
+    Target("choice_worst_drop_5", "<=", 2,
+           "5 devices, one hostile (sign flip, noise, in-bound flip, 10^9 samples): accuracy points the chosen default "
+           "strategy loses in the worst attack, against FedAvg without an attacker"),
+)
+
+ATTACKS = (
+    Target("worst_deployed_drop_pts", "<=", 2,
+           "one hostile device of 5 on a `fedge fleet init` fleet (mosquitto, TLS): the most accuracy points any "
+           "attack costs the deployed model against a clean round (an attack whose version is not deployed costs "
+           "nothing)"),
+    Target("stalls_within_limit", ">=", 1,
+           "silent device, garbage SecAgg shares, withheld masked input: each round completes without the attacker "
+           "within 3x a clean round + 2 s (1 = all of them)"),
+)
+
 BENCHES: dict[str, tuple[Target, ...]] = {"bench/train_step.py": TRAIN_STEP, "bench/round_overhead.py": ROUND_OVERHEAD,
                                           "bench/privacy_utility.py": PRIVACY_UTILITY,
                                           "bench/transfer_quality.py": TRANSFER_QUALITY,
-                                          "bench/secagg.py": SECAGG}
+                                          "bench/secagg.py": SECAGG, "bench/attacks.py": ATTACKS,
+                                          "bench/robust_strategy.py": ROBUST_STRATEGY}
 
 
 def check(figures: Mapping[str, Any], targets: tuple[Target, ...]) -> dict[str, Any]:

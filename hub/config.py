@@ -209,8 +209,15 @@ class AggregationConfig:
                      'updates (this round\'s alone at first); never above norm_ceiling', example=5.0),
     )
     norm_multiplier: float = field(
-        default=4.0,
-        metadata=doc('"auto" norm bound: this multiple of the median accepted norm (>= 1)', example=3.0),
+        default=1.0,
+        metadata=doc('"auto" norm bound: this multiple of the median accepted norm (>= 1; 1: no update is longer '
+                     'than a typical one, which costs honest rounds nothing measurable: bench/robust_strategy.py)',
+                     example=2.0),
+    )
+    max_weight_share: float = field(
+        default=0.25,
+        metadata=doc("fedavg: no update carries more than this share of a round's total weight, in (0, 1] (a round "
+                     "of n updates gives each at least 1/n)", example=0.2),
     )
     norm_window: int = field(
         default=5,
@@ -255,6 +262,9 @@ class AggregationConfig:
             raise ConfigError("aggregation.trim_fraction", f"must be < 0.5, got {self.trim_fraction}")
         _need_num("aggregation.max_weight_ratio", self.max_weight_ratio, minimum=1.0)
         _need_num("aggregation.norm_multiplier", self.norm_multiplier, minimum=1.0)
+        _need_num("aggregation.max_weight_share", self.max_weight_share, positive=True)
+        if self.max_weight_share > 1:
+            raise ConfigError("aggregation.max_weight_share", f"must be in (0, 1], got {self.max_weight_share}")
         _need_int("aggregation.norm_window", self.norm_window, 0)
         _need_num("aggregation.norm_ceiling", self.norm_ceiling, positive=True)
         if not isinstance(self.deploy_gate, bool):

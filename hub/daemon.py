@@ -54,7 +54,8 @@ __all__ = ["HubDaemon", "HubStateError", "check_signing_key", "strategy_for"]
 def strategy_for(cfg: HubConfig) -> Strategy:
     """The hub's strategy: ``[aggregation]``'s robust base, wrapped for ``[privacy]`` and ``[secagg]``."""
     agg, p = cfg.aggregation, cfg.privacy
-    bounds = Bounds(agg.max_weight_ratio, agg.fixed_update_norm, agg.norm_multiplier, agg.norm_ceiling)
+    bounds = Bounds(agg.max_weight_ratio, agg.fixed_update_norm, agg.norm_multiplier, agg.norm_ceiling,
+                    agg.max_weight_share)
     base = Robust(agg.strategy, agg.proximal_lambda, bounds, agg.trim_fraction, cfg.rounds.seed,
                   GateSettings(agg.deploy_gate, agg.deploy_tolerance, agg.federated_gate))
     privacy = None if not p.enabled else PrivacySettings(

@@ -166,6 +166,7 @@ class RoundRunner:
             accepted=dict(r.accepted) if r else {}, head_spec=spec,
             max_update_bytes=self.hub.cfg.rounds.max_update_bytes,
             private=r is not None and r.params.dp is not None, declined=frozenset(r.declined if r else ()),
+            registered_samples=self.hub.store.registered_samples() if r is not None else {},
         )
 
     def handle_update(self, device: str | None, topic: str, payload: bytes, known: frozenset[str]) -> None:
