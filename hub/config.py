@@ -408,6 +408,13 @@ class SecAggSection:
     stage_timeout_s: float = field(default=30.0, metadata=doc(
         "how long the key and unmask stages wait for devices (the masked-input stage lasts until the round's "
         "deadline)", example=10.0))
+    l2_clip: float | str = field(default="auto", metadata=doc(
+        'each update is clipped to this L2 norm before quantisation, and the hub refuses a sum that inputs so bounded '
+        'cannot make: a number, 0 (no L2 clip: only the per-coordinate one), or "auto" = it follows the median of '
+        "the devices' update norms (each input carries one bit: under the clip or not), starting from "
+        "l2_clip_start; under distributed DP the privacy clip C", example=2.0))
+    l2_clip_start: float = field(default=1.0, metadata=doc(
+        '"auto" L2 clip: where it starts (it moves by at most ~10% a round)', example=5.0))
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
@@ -421,6 +428,9 @@ class SecAggSection:
         _need_num("secagg.clip", self.clip, positive=True)
         _need_num("secagg.scale", self.scale, positive=True)
         _need_num("secagg.stage_timeout_s", self.stage_timeout_s, positive=True)
+        if self.l2_clip != "auto" and (not _is_num(self.l2_clip) or float(self.l2_clip) < 0):
+            raise ConfigError("secagg.l2_clip", f'must be "auto" or a number >= 0, got {self.l2_clip!r}')
+        _need_num("secagg.l2_clip_start", self.l2_clip_start, positive=True)
         cfg = self.params()  # ring_bits range and the rest, named
         if self.degree and self.threshold and not self.degree / 2 < self.threshold <= self.degree:
             raise ConfigError("secagg.threshold", f"{self.threshold} must satisfy degree/2 < threshold <= degree "
@@ -428,9 +438,15 @@ class SecAggSection:
         cfg.check_capacity(2)  # the smallest cohort: a ring that two devices overflow fits nobody
 
     def params(self) -> SecAggConfig:
-        """The library's parameters (ConfigError naming the field if they are unusable)."""
+        """The library's parameters (ConfigError naming the field if they are unusable); an "auto" L2 clip starts
+        at ``l2_clip_start``."""
+        l2 = self.l2_clip_start if self.adaptive_l2 else float(self.l2_clip)
         return SecAggConfig(degree=self.degree, threshold=self.threshold, ring_bits=self.ring_bits, clip=self.clip,
-                            scale=self.scale, stochastic=self.stochastic)
+                            scale=self.scale, stochastic=self.stochastic, l2_clip=l2)
+
+    @property
+    def adaptive_l2(self) -> bool:
+        return self.l2_clip == "auto"
 
 
 @dataclass(frozen=True)
@@ -654,7 +670,8 @@ def reference_sections() -> list[Section]:
         Section("privacy", keys_of(PrivacyConfig), "client-level differential privacy (PROTOCOL.md)"),
         Section("http", keys_of(HttpConfig), "the read-only fleet dashboard and Prometheus /metrics (README)"),
         Section("store", keys_of(StoreConfig), "what the hub's SQLite store keeps"),
-        Section("secagg", keys_of(SecAggSection), "secure aggregation: the hub sees only the sum (PROTOCOL.md)"),
+        Section("secagg", keys_of(SecAggSection, types={"l2_clip": 'number or "auto"'}),
+                "secure aggregation: the hub sees only the sum (PROTOCOL.md)"),
     ]
 
 

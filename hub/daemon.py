@@ -62,7 +62,7 @@ def strategy_for(cfg: HubConfig) -> Strategy:
         p.mode, p.noise_multiplier, p.clip, p.sample_rate, p.epsilon_budget, p.delta, p.dropout_allowance,
         p.amplification)
     secagg = cfg.secagg.params() if cfg.secagg.enabled else None
-    return build_strategy(base, privacy, secagg, cfg.secagg.stage_timeout_s)
+    return build_strategy(base, privacy, secagg, cfg.secagg.stage_timeout_s, cfg.secagg.adaptive_l2)
 
 
 def _signer(cfg: HubConfig) -> HubSigner | None:

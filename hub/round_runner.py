@@ -86,7 +86,9 @@ class RoundRunner:
         rid = hub.store.next_round_id()
         params = RoundParams.make(hub.cfg.rounds, overrides)
         now = hub.clock()
-        ctx = PlanContext(hub.cfg.fleet, rid, self.rng, _entropy, self.epsilon_spent)
+        l2 = hub.store.get_meta(secagg_daemon.SECAGG_L2_KEY)
+        ctx = PlanContext(hub.cfg.fleet, rid, self.rng, _entropy, self.epsilon_spent,
+                          None if l2 is None else float(l2))
         plan = self.strategy.configure(fleet, params, ctx)
         if isinstance(plan, Refusal):
             if plan.budget_exhausted:
@@ -104,10 +106,12 @@ class RoundRunner:
         rnd = OpenRound(rid, cur.version, cur.backbone_sha256, params, selected, now, now + params.deadline_s, agg,
                         offline_grace_s=hub.cfg.rounds.offline_grace_s)
         if params.secagg is not None:
+            dp = params.dp
             rnd.secagg = SecAggCoordinator(
                 hub.cfg.fleet, rid, params.secagg, selected, sum(math.prod(s) for s in agg.shapes.values()), now,
                 rnd.deadline, lambda device, frame: hub.publish(hub.topics.secagg_inbox(device), frame),
-                min_inputs=min_inputs(params))
+                min_inputs=min_inputs(params), dp_clip=0.0 if dp is None else dp.clip,
+                noise_std=0.0 if dp is None else dp.device_noise_std())
         # the ledger entry and the round are one transaction: a crash leaves both or neither
         hub.store.open_round(rid, cur.version, cur.backbone_sha256, params.to_dict(), selected, now, rnd.deadline,
                              ledger)

@@ -45,6 +45,14 @@ CREATE TABLE IF NOT EXISTS selection_reports (
 CREATE TABLE IF NOT EXISTS secagg_sums (
     round INTEGER PRIMARY KEY, included TEXT NOT NULL, dropped TEXT NOT NULL, ring_bits INTEGER NOT NULL,
     scale REAL NOT NULL, total BLOB NOT NULL, ts REAL NOT NULL, silent TEXT NOT NULL DEFAULT '[]');
+CREATE TABLE IF NOT EXISTS alerts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, round INTEGER, kind TEXT NOT NULL, device TEXT, detail TEXT NOT NULL,
+    ts REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS conduct (
+    device TEXT PRIMARY KEY, strikes INTEGER NOT NULL, exclusions INTEGER NOT NULL, until INTEGER NOT NULL,
+    permanent INTEGER NOT NULL, reason TEXT NOT NULL, updated REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS participation (
+    device TEXT PRIMARY KEY, selected INTEGER NOT NULL, answered INTEGER NOT NULL);
 """
 
 __all__ = ["SCHEMA"]

@@ -70,6 +70,7 @@ class RoundStatus(StrEnum):
     FAILED_QUORUM = "failed_quorum"
     REFUSED_BUDGET = "refused_budget"  # the round would have spent more privacy budget than configured
     CANCELLED = "cancelled"            # an operator cancelled the open round (control/round/cancel)
+    REFUSED_INPUT = "refused_input"    # a SecAgg sum that bounded honest inputs cannot make: nothing deployed
 
 
 class DeclineReason(StrEnum):
@@ -153,6 +154,8 @@ class RoundAnnounce:
     secagg_clip: float | None = field(default=None, metadata=EXT)
     secagg_scale: float | None = field(default=None, metadata=EXT)
     secagg_stochastic: bool = field(default=False, metadata=EXT)  # unbiased stochastic rounding, not nearest
+    secagg_l2_clip: float | None = field(default=None, metadata=EXT)  # each update clipped to this L2 norm first
+    secagg_norm_bit: bool = field(default=False, metadata=EXT)  # one more coordinate: clip if under the L2 clip
 
 
 @dataclass(frozen=True, eq=False)

@@ -176,7 +176,8 @@ class OpenRound:
             return msg
         return replace(msg, secagg_seed=sa.seed, secagg_degree=sa.degree, secagg_threshold=sa.threshold,
                        secagg_ring_bits=sa.ring_bits, secagg_clip=sa.clip, secagg_scale=sa.scale,
-                       secagg_stochastic=sa.stochastic)
+                       secagg_stochastic=sa.stochastic, secagg_l2_clip=sa.l2_clip or None,
+                       secagg_norm_bit=sa.norm_bit)
 
     def all_answered(self, now: float) -> bool:
         """Every selected device sent an update, declined, or stayed offline (failed) without answering."""

@@ -64,6 +64,7 @@ class PlanContext:
     rng: np.random.Generator
     entropy: Callable[[int], bytes]
     epsilon_spent: Callable[[DpParams | None], float] = lambda _extra: 0.0
+    secagg_l2: float | None = None  # the adaptive L2 clip the last SecAgg rounds arrived at (None: none yet)
 
 
 @dataclass(frozen=True)
@@ -266,11 +267,17 @@ class Private:
 class Secure:
     """SecAgg+ around ``inner``: only devices that can mask, a public setup per round (refused unannounced when the
     cohort cannot carry it), and the secure-sum aggregate (every included device weighs the same; under DP the
-    denominator is the expected cohort, as DP-FedAvg)."""
+    denominator is the expected cohort, as DP-FedAvg).
+
+    Bounded inputs: every update is clipped to an announced L2 norm (under distributed DP, C) and per coordinate;
+    the hub refuses a sum that inputs so bounded cannot produce. With ``adaptive_l2`` the L2 clip follows the
+    median of the devices' update norms (the norm bit: :func:`~fedge.core.secagg.next_l2_clip`), starting from
+    ``config.l2_clip``; otherwise ``config.l2_clip`` is fixed (0: none)."""
 
     inner: Strategy
     config: SecAggConfig
     stage_timeout_s: float
+    adaptive_l2: bool = False
 
     @property
     def name(self) -> str:
@@ -294,6 +301,10 @@ class Secure:
             return plan
         try:
             cfg = replace(self.config, clip=auto_clip(plan.params.dp, self.config.clip))
+            if plan.params.dp is not None:  # devices clip to C and add noise: no L2 clip of their own announced
+                cfg = replace(cfg, l2_clip=0.0, norm_bit=False)
+            elif self.adaptive_l2:
+                cfg = replace(cfg, l2_clip=ctx.secagg_l2 or cfg.l2_clip, norm_bit=True)
             sa = SecAggPlan.make(ctx.fleet, ctx.round_id, plan.selected, ctx.entropy(32), cfg, self.stage_timeout_s)
             why = distributed_problem(plan.params.dp, len(plan.selected), sa.clip, sa.scale)
             if why is not None:  # every device would decline it: refuse it here, before it costs privacy
@@ -315,13 +326,14 @@ class Secure:
 
 
 def build_strategy(base: Robust, privacy: PrivacySettings | None = None, secagg: SecAggConfig | None = None,
-                   stage_timeout_s: float = 10.0) -> Strategy:
-    """The base strategy wrapped for ``privacy`` (None: off) and secure aggregation (None: off)."""
+                   stage_timeout_s: float = 10.0, adaptive_l2: bool = False) -> Strategy:
+    """The base strategy wrapped for ``privacy`` (None: off) and secure aggregation (None: off; ``adaptive_l2``: its
+    L2 clip follows the devices' median update norm)."""
     strategy: Strategy = base
     if privacy is not None:
         strategy = Private(strategy, privacy)
     if secagg is not None:
-        strategy = Secure(strategy, secagg, stage_timeout_s)
+        strategy = Secure(strategy, secagg, stage_timeout_s, adaptive_l2)
     return strategy
 
 
