@@ -138,9 +138,17 @@ class RoundsConfig:
             'a selected device whose last will (offline) arrived counts as failed once it stays offline this long '
             '(a broker restart makes every device look offline for a moment)', example=30),
     )
+    over_select: float = field(
+        default=0.25,
+        metadata=doc(
+            'plain and SecAgg rounds close as soon as selected / (1 + over_select) devices (at least min_devices) sent '
+            'a valid update: the slowest, or silent, over_select share is not waited for (0 = wait for every '
+            'selected device, or the deadline)', example=0.5),
+    )
 
     def __post_init__(self) -> None:
         _need_int("rounds.min_devices", self.min_devices, 1)
+        _need_num("rounds.over_select", self.over_select, minimum=0.0)
         _need_num("rounds.offline_grace_s", self.offline_grace_s, minimum=0.0)
         _need_num("rounds.deadline_s", self.deadline_s, positive=True)
         _need_num("rounds.fraction", self.fraction, positive=True)
@@ -450,6 +458,24 @@ class SecAggSection:
 
 
 @dataclass(frozen=True)
+class ConductConfig:
+    """``[conduct]``: devices that keep breaking or stalling rounds are excluded from selection (fedge.core.conduct)."""
+
+    strikes: int = field(default=2, metadata=doc(
+        "strikes that exclude a device: one for each SecAgg share or share bundle proved bad, each round it stalled "
+        "(selected, online, silent until the deadline); a round it contributes to takes one away", example=3))
+    exclude_rounds: int = field(default=5, metadata=doc(
+        "rounds a device is excluded the first time (twice as long each time after)", example=10))
+    max_exclusions: int = field(default=3, metadata=doc(
+        "after this many exclusions a device stays out until `fedge hub devices readmit`", example=2))
+
+    def __post_init__(self) -> None:
+        _need_int("conduct.strikes", self.strikes, 1)
+        _need_int("conduct.exclude_rounds", self.exclude_rounds, 1)
+        _need_int("conduct.max_exclusions", self.max_exclusions, 1)
+
+
+@dataclass(frozen=True)
 class HttpConfig:
     """``[http]``: the read-only fleet dashboard and Prometheus ``/metrics`` served by the hub process."""
 
@@ -565,6 +591,7 @@ class HubConfig:
     http: HttpConfig = HttpConfig()
     store: StoreConfig = StoreConfig()
     secagg: SecAggSection = SecAggSection()
+    conduct: ConductConfig = ConductConfig()
 
     def __post_init__(self) -> None:
         if self.privacy.mode == "distributed" and not self.secagg.enabled:
@@ -591,7 +618,7 @@ class HubConfig:
 
 
 _TOP: Final = frozenset({"fleet", "state_dir", "artifacts", "eval_data", "devices", "broker", "rounds", "limits",
-                         "aggregation", "schedule", "privacy", "http", "store", "signing_key", "secagg"})
+                         "aggregation", "schedule", "privacy", "http", "store", "signing_key", "secagg", "conduct"})
 
 
 def _table(table: Mapping[str, Any], key: str, cls: type[Any]) -> Any:
@@ -649,6 +676,7 @@ def config_from_mapping(table: Mapping[str, Any], base_dir: Path) -> HubConfig:
         http=_table(table, "http", HttpConfig),
         store=_table(table, "store", StoreConfig),
         secagg=_table(table, "secagg", SecAggSection),
+        conduct=_table(table, "conduct", ConductConfig),
     )
 
 
@@ -672,6 +700,7 @@ def reference_sections() -> list[Section]:
         Section("store", keys_of(StoreConfig), "what the hub's SQLite store keeps"),
         Section("secagg", keys_of(SecAggSection, types={"l2_clip": 'number or "auto"'}),
                 "secure aggregation: the hub sees only the sum (PROTOCOL.md)"),
+        Section("conduct", keys_of(ConductConfig), "devices that keep breaking or stalling rounds are excluded"),
     ]
 
 
@@ -694,6 +723,7 @@ __all__ = [
     "EMBEDDED",
     "STRATEGIES",
     "AggregationConfig",
+    "ConductConfig",
     "HttpConfig",
     "HubBroker",
     "HubConfig",

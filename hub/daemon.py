@@ -25,6 +25,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedge.core.aggregators import Bounds
+from fedge.core.conduct import excluded, reliability
 from fedge.core.losses import Score
 from fedge.core.privacy import DpParams
 from fedge.core.rounds import OpenRound
@@ -57,7 +58,7 @@ def strategy_for(cfg: HubConfig) -> Strategy:
     bounds = Bounds(agg.max_weight_ratio, agg.fixed_update_norm, agg.norm_multiplier, agg.norm_ceiling,
                     agg.max_weight_share)
     base = Robust(agg.strategy, agg.proximal_lambda, bounds, agg.trim_fraction, cfg.rounds.seed,
-                  GateSettings(agg.deploy_gate, agg.deploy_tolerance, agg.federated_gate))
+                  GateSettings(agg.deploy_gate, agg.deploy_tolerance, agg.federated_gate), cfg.rounds.over_select)
     privacy = None if not p.enabled else PrivacySettings(
         p.mode, p.noise_multiplier, p.clip, p.sample_rate, p.epsilon_budget, p.delta, p.dropout_allowance,
         p.amplification)
@@ -291,7 +292,18 @@ class HubDaemon:
         return set(self.cfg.devices) if self.cfg.devices is not None else set(self._online)
 
     def fleet_view(self) -> FleetView:
-        return FleetView(frozenset(self.candidates()), frozenset(self._dp_capable), frozenset(self._secagg_capable))
+        """The candidates less the excluded devices (:mod:`fedge.core.conduct`), weighted by how often they answer."""
+        candidates = self.candidates()
+        rid = self.store.next_round_id()
+        out = {d for d, s in self.store.standings().items() if d in candidates and excluded(s, rid)}
+        if out:
+            log.info("not selectable in round %d (excluded): %s", rid, sorted(out))
+        pool = frozenset(candidates - out)
+        return FleetView(pool, frozenset(self._dp_capable), frozenset(self._secagg_capable),
+                         reliability(self.store.records(), pool))
+
+    def online(self) -> set[str]:
+        return set(self._online)
 
     def current(self) -> VersionRow:
         cur = self.registry.current()

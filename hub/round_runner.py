@@ -22,7 +22,7 @@ from fedge.core.rounds import OpenRound, RoundParams, over_limits
 from fedge.core.secagg_round import SecAggCoordinator
 from fedge.core.strategy import PlanContext, Refusal, Strategy
 from fedge.core.validate import Accept, Rejection, UpdateContext, validate_update
-from fedge.hub import secagg_daemon
+from fedge.hub import conduct, secagg_daemon
 from fedge.hub.port import HubPort
 from fedge.hub.store import LedgerRow, VersionRow
 from fedge.protocol.codec import decode, decode_control, encode, encode_control
@@ -110,7 +110,7 @@ class RoundRunner:
             rnd.secagg = SecAggCoordinator(
                 hub.cfg.fleet, rid, params.secagg, selected, sum(math.prod(s) for s in agg.shapes.values()), now,
                 rnd.deadline, lambda device, frame: hub.publish(hub.topics.secagg_inbox(device), frame),
-                min_inputs=min_inputs(params), dp_clip=0.0 if dp is None else dp.clip,
+                min_inputs=min_inputs(params), target=params.target, dp_clip=0.0 if dp is None else dp.clip,
                 noise_std=0.0 if dp is None else dp.device_noise_std())
         # the ledger entry and the round are one transaction: a crash leaves both or neither
         hub.store.open_round(rid, cur.version, cur.backbone_sha256, params.to_dict(), selected, now, rnd.deadline,
@@ -284,6 +284,7 @@ class RoundRunner:
         hub.store.close_round(r.id, str(outcome.status), now, outcome.accuracy, outcome.loss, devices, r.n_samples,
                               rejected, row, make_current=outcome.deploy)
         self.round = None
+        self._account(r, now)
         if self.strategy.keeps_norms(r.params) and r.aggregator.norms:  # the "auto" norm bound's history
             hub.store.add_update_norms(r.id, r.aggregator.norms, hub.cfg.aggregation.norm_window)
         s = r.aggregator.summary
@@ -309,6 +310,15 @@ class RoundRunner:
             self.open_gate(r, row, outcome.federated)  # the chain goes on once the evaluation round closes
             return
         self.continue_chain()
+
+    def _account(self, r: OpenRound, now: float) -> None:
+        """Who answered ``r`` (selection weights), and strikes for devices that stalled it: a plain round that ran
+        to its deadline waited for selected devices that stayed online and silent."""
+        answered = set(r.accepted) | set(r.declined)
+        stalled: set[str] = set()
+        if r.params.secagg is None and now >= r.deadline and not r.enough():
+            stalled = (set(r.selected) - answered - r.failed_offline(now)) & self.hub.online()
+        conduct.account(self.hub, r.id, r.selected, answered, set(r.accepted), sorted(stalled))
 
     def _detail(self, r: OpenRound, outcome: Closing, row: VersionRow | None) -> str | None:
         if row is None:
@@ -340,6 +350,8 @@ class RoundRunner:
         devices = tuple(sorted(r.accepted))
         hub.store.close_round(r.id, str(status), now, None, None, devices, r.n_samples, rejected, None)
         self.round = None
+        if status is not RoundStatus.CANCELLED and r.params.secagg is None:  # SecAgg: secagg_daemon accounts
+            self._account(r, now)
         self.end_chain()
         hub.rounds_jsonl({"round": r.id, "status": str(status), "devices": len(devices),
                           "n_samples": r.n_samples, "seconds": round(now - r.opened_at, 3), "detail": detail})

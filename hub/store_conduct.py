@@ -27,20 +27,22 @@ class ConductTables(Database):
 
     # standing
     def standing(self, device: str) -> Standing:
-        row = self._one("SELECT strikes, exclusions, until, permanent, reason FROM conduct WHERE device = ?",
+        row = self._one("SELECT strikes, exclusions, until, permanent, reason, last FROM conduct WHERE device = ?",
                         (device,))
         return Standing() if row is None else Standing(int(row[0]), int(row[1]), int(row[2]), bool(row[3]),
-                                                       str(row[4]))
+                                                       str(row[4]), int(row[5]))
 
     def standings(self) -> dict[str, Standing]:
-        rows = self._all("SELECT device, strikes, exclusions, until, permanent, reason FROM conduct ORDER BY device")
-        return {str(d): Standing(int(s), int(e), int(u), bool(p), str(r)) for d, s, e, u, p, r in rows}
+        rows = self._all("SELECT device, strikes, exclusions, until, permanent, reason, last FROM conduct "
+                         "ORDER BY device")
+        return {str(d): Standing(int(s), int(e), int(u), bool(p), str(r), int(la)) for d, s, e, u, p, r, la in rows}
 
     def set_standing(self, device: str, s: Standing) -> None:
-        self._write("INSERT INTO conduct VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(device) DO UPDATE SET "
+        self._write("INSERT INTO conduct VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(device) DO UPDATE SET "
                     "strikes = excluded.strikes, exclusions = excluded.exclusions, until = excluded.until, "
-                    "permanent = excluded.permanent, reason = excluded.reason, updated = excluded.updated",
-                    (device, s.strikes, s.exclusions, s.until, int(s.permanent), s.reason, time.time()))
+                    "permanent = excluded.permanent, reason = excluded.reason, last = excluded.last, "
+                    "updated = excluded.updated",
+                    (device, s.strikes, s.exclusions, s.until, int(s.permanent), s.reason, s.last, time.time()))
 
     # participation
     def records(self) -> dict[str, Record]:

@@ -50,7 +50,7 @@ CREATE TABLE IF NOT EXISTS alerts (
     ts REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS conduct (
     device TEXT PRIMARY KEY, strikes INTEGER NOT NULL, exclusions INTEGER NOT NULL, until INTEGER NOT NULL,
-    permanent INTEGER NOT NULL, reason TEXT NOT NULL, updated REAL NOT NULL);
+    permanent INTEGER NOT NULL, reason TEXT NOT NULL, last INTEGER NOT NULL, updated REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS participation (
     device TEXT PRIMARY KEY, selected INTEGER NOT NULL, answered INTEGER NOT NULL);
 """

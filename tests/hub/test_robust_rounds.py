@@ -21,7 +21,7 @@ MULTIPLIER = AggregationConfig().norm_multiplier  # the "auto" bound's default m
 
 
 def _fleet(tmp_path: Path, artifacts: Path, **aggregation: Any) -> Iterator[Fleet]:
-    cfg = hub_config(tmp_path / "state", artifacts, devices=[*HONEST, "evil"],
+    cfg = hub_config(tmp_path / "state", artifacts, devices=[*HONEST, "evil"], rounds={"over_select": 0.0},
                      aggregation={"proximal_lambda": 0.0, **aggregation})
     yield from run_hub(cfg)
 

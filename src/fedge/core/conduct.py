@@ -9,8 +9,9 @@ until an operator readmits it (``fedge hub devices readmit``).
 
 **Reliability.** Every selection and every answer (an update, a masked input in a sum, a report or a decline) is
 counted; when a round selects fewer devices than are available it prefers those that answer (weight
-``(answered + 1) / (selected + 2)``), so a device that keeps missing rounds is selected less often without being
-accused of anything (an honest straggler cut off by an early close is not at fault either).
+``(answered + 1) / (selected + 1)``: 1 for a new device and for one that always answered), so a device that keeps
+missing rounds is selected less often without being accused of anything (an honest straggler cut off by an early
+close is not at fault either).
 """
 
 from __future__ import annotations
@@ -49,13 +50,14 @@ class ConductPolicy:
 @dataclass(frozen=True)
 class Standing:
     """A device's conduct: current strikes, exclusions so far, excluded before round ``until`` (0: not excluded),
-    excluded for good, and why (the last offence)."""
+    excluded for good, why (the last offence) and the round of the last offence."""
 
     strikes: int = 0
     exclusions: int = 0
     until: int = 0
     permanent: bool = False
     reason: str = ""
+    last: int = 0
 
 
 def excluded(s: Standing, round_id: int) -> bool:
@@ -70,15 +72,17 @@ def after_offence(s: Standing, offence: Offence, round_id: int, policy: ConductP
     reason = f"{offence}: {detail}" if detail else str(offence)
     strikes = s.strikes + 1
     if strikes < policy.strikes:
-        return replace(s, strikes=strikes, reason=reason)
+        return replace(s, strikes=strikes, reason=reason, last=round_id)
     exclusions = s.exclusions + 1
     if exclusions > policy.max_exclusions:
-        return Standing(0, exclusions, 0, True, reason)
-    return Standing(0, exclusions, round_id + 1 + policy.rounds * 2 ** (exclusions - 1), False, reason)
+        return Standing(0, exclusions, 0, True, reason, round_id)
+    return Standing(0, exclusions, round_id + 1 + policy.rounds * 2 ** (exclusions - 1), False, reason, round_id)
 
 
-def after_good_round(s: Standing) -> Standing:
-    """A round the device contributed to: one strike less."""
+def after_good_round(s: Standing, round_id: int) -> Standing:
+    """Round ``round_id`` had the device's contribution: one strike less (none when it offended in that round)."""
+    if s.last == round_id:
+        return s
     return replace(s, strikes=max(s.strikes - 1, 0))
 
 
@@ -97,9 +101,10 @@ class Record:
 
 
 def reliability(records: Mapping[str, Record], devices: frozenset[str]) -> dict[str, float]:
-    """Each device's selection weight: ``(answered + 1) / (selected + 2)`` (a new device: 1/2)."""
+    """Each device's selection weight: ``(answered + 1) / (selected + 1)`` (1 for a new device and for one that
+    answered every round it was selected for; a device that missed m of n rounds: (n - m + 1) / (n + 1))."""
     out = {}
     for d in devices:
         r = records.get(d, Record())
-        out[d] = (min(r.answered, r.selected) + 1) / (r.selected + 2)
+        out[d] = (min(r.answered, r.selected) + 1) / (r.selected + 1)
     return out

@@ -7,7 +7,7 @@ inputs (the clock is passed in), so it is tested without a broker.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Final, Protocol
 
@@ -53,6 +53,7 @@ class RoundParams:
     dp: DpParams | None = None
     expected_cohort: float = 0.0
     secagg: SecAggPlan | None = None  # a secure-aggregation round's public setup
+    target: int = 0  # the round closes once this many valid updates arrived (0: it waits for every selected device)
 
     @classmethod
     def make(cls, defaults: RoundDefaults, overrides: RoundOverrides | None = None) -> RoundParams:
@@ -77,7 +78,8 @@ class RoundParams:
         dp, sa = raw.get("dp"), raw.get("secagg")
         return cls(int(raw["min_devices"]), float(raw["deadline_s"]), float(raw["fraction"]),
                    int(raw["local_epochs"]), float(raw["lr"]), None if dp is None else DpParams(**dp),
-                   float(raw.get("expected_cohort", 0.0)), None if sa is None else SecAggPlan.from_dict(sa))
+                   float(raw.get("expected_cohort", 0.0)), None if sa is None else SecAggPlan.from_dict(sa),
+                   int(raw.get("target", 0)))
 
 
 UNBOUNDED_OVERRIDES: Final = frozenset({"fraction", "request_id"})
@@ -110,16 +112,35 @@ def poisson_select(eligible: Iterable[str], sample_rate: float, seed: int | np.r
 
 
 def select_devices(
-    known: Iterable[str], fraction: float, min_devices: int, seed: int, round_id: int
+    known: Iterable[str], fraction: float, min_devices: int, seed: int, round_id: int,
+    weights: Mapping[str, float] | None = None,
 ) -> tuple[str, ...]:
-    """Sample ``ceil(fraction·n)`` (at least min_devices, at most n) known devices with Generator((seed, round))."""
+    """Sample ``ceil(fraction·n)`` (at least min_devices, at most n) known devices with Generator((seed, round)),
+    each with probability proportional to its weight when ``weights`` are given and differ (a device without one
+    weighs 1, a new device's reliability: :func:`fedge.core.conduct.reliability`; equal weights draw exactly the
+    unweighted sample)."""
     pool = sorted(set(known))
     if not pool:
         return ()
     k = min(len(pool), max(math.ceil(fraction * len(pool)), min_devices, 1))
     rng = np.random.default_rng([seed, round_id])
-    picked = rng.choice(len(pool), size=k, replace=False)
+    p = None
+    if weights is not None and k < len(pool):
+        w = np.asarray([max(float(weights.get(d, 1.0)), 1e-6) for d in pool], dtype=np.float64)
+        if np.ptp(w) > 0:
+            p = w / w.sum()
+    picked = rng.choice(len(pool), size=k, replace=False, p=p)
     return tuple(sorted(pool[int(i)] for i in picked))
+
+
+def round_target(selected: int, min_devices: int, over_select: float) -> int:
+    """How many valid updates close a round of ``selected`` devices early: selecting ``1 + over_select`` times what
+    the round needs means the slowest (or silent) ``over_select`` share is not waited for; never below the quorum.
+    0 (wait for every selected device) when nothing would be saved."""
+    if over_select <= 0 or selected < 1:
+        return 0
+    target = max(min_devices, math.ceil(selected / (1 + over_select)))
+    return target if target < selected else 0
 
 
 @dataclass
@@ -183,8 +204,12 @@ class OpenRound:
         """Every selected device sent an update, declined, or stayed offline (failed) without answering."""
         return set(self.selected) <= set(self.accepted) | set(self.declined) | self.failed_offline(now)
 
+    def enough(self) -> bool:
+        """The round's target of valid updates arrived (over-selection: the others are not waited for)."""
+        return self.params.target > 0 and len(self.accepted) >= self.params.target
+
     def should_close(self, now: float) -> bool:
-        return now >= self.deadline or self.all_answered(now)
+        return now >= self.deadline or self.all_answered(now) or self.enough()
 
     def quorum(self) -> bool:
         return len(self.accepted) >= self.params.min_devices
@@ -192,5 +217,5 @@ class OpenRound:
 
 __all__ = [
     "UNBOUNDED_OVERRIDES", "Limits", "OpenRound", "RoundDefaults", "RoundParams", "over_limits", "poisson_select",
-    "select_devices",
+    "round_target", "select_devices",
 ]

@@ -19,6 +19,7 @@ import math
 import os
 import secrets
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -343,6 +344,55 @@ def combine_secret(shares: list[tuple[int, bytes]]) -> bytes:
     return total.to_bytes(KEY_BYTES, "big")
 
 
+def lagrange_at(points: list[tuple[int, int]], x: int) -> int:
+    """The value at ``x`` of the polynomial of degree < len(points) through ``points`` (over GF(`SHAMIR_PRIME`))."""
+    total = 0
+    for j, (xj, yj) in enumerate(points):
+        num = den = 1
+        for m, (xm, _) in enumerate(points):
+            if m != j:
+                num = num * (x - xm) % SHAMIR_PRIME
+                den = den * (xj - xm) % SHAMIR_PRIME
+        total = (total + yj * num * pow(den, -1, SHAMIR_PRIME)) % SHAMIR_PRIME
+    return total
+
+
+def robust_secret(shares: list[tuple[str, int, bytes]], threshold: int, check: Callable[[bytes], bool],
+                  max_tries: int = 4096) -> tuple[bytes, list[str]]:
+    """Rebuild a secret from ``(responder, index, share)`` triples when some shares may be bad: try ``threshold``
+    of them (leaving out more and more of the others) until the secret passes ``check`` (its commitment or public
+    key); then every share off the polynomial those define names its responder. Returns the secret and the
+    responders of bad shares, sorted. ``SecAggError`` (``below_threshold``, or ``bad_share`` when no tried subset
+    passes) otherwise."""
+    from itertools import combinations
+
+    items = sorted(shares, key=lambda s: (s[1], s[0]))
+    m = len(items)
+    if m < threshold:
+        raise SecAggError(SecAggFailure.BELOW_THRESHOLD, f"{m} shares < t={threshold}")
+    tried: set[tuple[int, ...]] = set()
+    for left_out in range(m - threshold + 1):
+        for drop in combinations(range(m), left_out):
+            keep = tuple(i for i in range(m) if i not in drop)[:threshold]
+            if keep in tried:
+                continue
+            tried.add(keep)
+            if len(tried) > max_tries:
+                raise SecAggError(SecAggFailure.BAD_SHARE, f"no {threshold} of {m} shares agree in {max_tries} tries")
+            chosen = [items[i] for i in keep]
+            try:
+                secret = combine_secret([(i, v) for _, i, v in chosen])
+            except SecAggError:
+                continue
+            if not check(secret):
+                continue
+            points = [(i, int.from_bytes(v, "big")) for _, i, v in chosen]
+            bad = {r for r, i, v in items
+                   if not 1 <= i <= MAX_SHARES or int.from_bytes(v, "big") != lagrange_at(points, i)}
+            return secret, sorted(bad)
+    raise SecAggError(SecAggFailure.BAD_SHARE, f"no {threshold} of the {m} shares give a secret that checks")
+
+
 def seed_commitment(round_id: str, device: str, seed: bytes) -> bytes:
     """SHA-256 commitment to a self-mask seed, so a reconstruction from bad shares is detected."""
     return hashlib.sha256(b"\x00".join([b"fedge-secagg/seed", round_id.encode(), device.encode(), seed])).digest()
@@ -447,14 +497,23 @@ class SecAggDevice:
         return struct.unpack(">H", body[:2])[0], body[2 : 2 + SHARE_BYTES], body[2 + SHARE_BYTES :]
 
     def masked_input(self, msg: SharesRelay, q: NDArray[np.uint64]) -> MaskedInput:
-        """Stage 2: open the relayed shares (all must authenticate), then mask the quantised update ``q``."""
+        """Stage 2: open the relayed shares, then mask the quantised update ``q``. A bundle that does not open
+        (garbage, tampered, swapped) is its sender dropping out: left out of the masks and named in ``rejected``, so
+        the hub drops it from the round and never asks this device for its shares."""
         self._enter("mask", msg)
         senders = [s.peer for s in msg.shares]
         if len(set(senders)) != len(senders) or not set(senders) <= set(self._peers):
             self._abort(SecAggFailure.PROTOCOL_VIOLATION, "relay names peers that got no keys from us, or repeats")
-        held = {s.peer: self._open(s) for s in msg.shares}  # raises before any state changes
+        held: dict[str, tuple[int, bytes, bytes]] = {}
+        rejected: list[str] = []
+        for s in msg.shares:
+            try:
+                held[s.peer] = self._open(s)
+            except SecAggError:
+                rejected.append(s.peer)
         if len(held) < self.setup.threshold:
-            self._abort(SecAggFailure.BELOW_THRESHOLD, f"{len(held)} neighbours shared keys < t={self.setup.threshold}")
+            self._abort(SecAggFailure.BELOW_THRESHOLD, f"{len(held)} neighbours shared keys < t={self.setup.threshold}"
+                        + (f" ({len(rejected)} bundles did not open)" if rejected else ""))
         self._held = held
         bits, rid = self.setup.config.ring_bits, self.setup.round_id
         y = (np.asarray(q, dtype=np.uint64).ravel() & self.setup.mask) + prg(self._seed, q.size, bits)
@@ -464,7 +523,7 @@ class SecAggDevice:
         y &= self.setup.mask
         self._stage = "unmask"
         width = 4 if bits <= 32 else 8
-        return MaskedInput(rid, self.me, bits, y.astype(f"<u{width}").tobytes())
+        return MaskedInput(rid, self.me, bits, y.astype(f"<u{width}").tobytes(), tuple(sorted(rejected)))
 
     def unmask(self, msg: UnmaskRequest) -> UnmaskResponse:
         """Stage 3: reveal the seed share of each listed survivor, the key share of each listed dropped peer.

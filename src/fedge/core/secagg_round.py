@@ -97,11 +97,13 @@ class SecAggCoordinator:
     :class:`SecureSum` once the unmask stage closed (SecAggError ``below_threshold``/``bad_share`` if it fails)."""
 
     def __init__(self, fleet: str, round_: int, plan: SecAggPlan, cohort: tuple[str, ...], dim: int,
-                 opened_at: float, deadline: float, publish: Publish, *, min_inputs: int = 0,
+                 opened_at: float, deadline: float, publish: Publish, *, min_inputs: int = 0, target: int = 0,
                  dp_clip: float = 0.0, noise_std: float = 0.0) -> None:
-        """``dim``: the update's size (the norm bit, when announced, is one more coordinate); ``dp_clip`` and
-        ``noise_std``: under distributed DP, the L2 clip and the noise share every device applies (the sum is
-        checked against them)."""
+        """``dim``: the update's size (the norm bit, when announced, is one more coordinate); ``target``: the
+        masked-input stage closes once this many inputs arrived (0: it waits for every device that shared its keys,
+        or the deadline); ``dp_clip`` and ``noise_std``: under distributed DP, the L2 clip and the noise share every
+        device applies (the sum is checked against them)."""
+        self.target = target
         self.fleet, self.round, self.plan = fleet, round_, plan
         self.setup = plan.setup(fleet, round_, cohort)
         dim += 1 if plan.norm_bit else 0
@@ -144,8 +146,10 @@ class SecAggCoordinator:
         s = self.server
         stages: dict[str, tuple[Collection[str], Collection[str]]] = {
             "advertise": (self.setup.cohort, s.adverts), "share": (s.adverts, s.shares), "mask": (s.shares, s.masked),
-            "unmask": (s.masked, s.responses)}
+            "unmask": (s.requests, s.responses)}
         expected, arrived = stages.get(s.stage, ((), ()))
+        if s.stage == "mask" and self.target and len(arrived) >= self.target:
+            return False  # enough inputs: the stragglers are dropped (their key shares remove their masks)
         if len(arrived) + len(gone) < len(expected):
             return True
         return bool(set(expected) - set(arrived) - set(gone))

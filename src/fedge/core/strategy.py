@@ -15,7 +15,7 @@ Pure: randomness and the ledger's epsilon come in through :class:`PlanContext`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Final, Protocol
 
@@ -30,7 +30,7 @@ from fedge.core.aggregators import (
     TrimmedMeanAggregator,
 )
 from fedge.core.privacy import DpParams, distributed_min_cohort, event_for
-from fedge.core.rounds import RoundParams, poisson_select, select_devices
+from fedge.core.rounds import RoundParams, poisson_select, round_target, select_devices
 from fedge.core.secagg import SecAggConfig
 from fedge.core.secagg_round import SecAggPlan
 from fedge.core.secagg_session import auto_clip, distributed_problem
@@ -49,6 +49,7 @@ class FleetView:
     candidates: frozenset[str]
     dp_capable: frozenset[str] = frozenset()
     secagg_capable: frozenset[str] = frozenset()
+    reliability: Mapping[str, float] | None = None  # selection weights (None: uniform): fedge.core.conduct
 
     def restricted(self, to: frozenset[str]) -> FleetView:
         return replace(self, candidates=self.candidates & to)
@@ -146,8 +147,10 @@ def held_out_verdict(gates: GateSettings, accuracy: float | None, deployed: floa
 
 @dataclass(frozen=True)
 class Robust:
-    """The base strategy: seeded selection of ``ceil(fraction n)`` candidates; ``fedavg`` (sample weights capped),
-    ``median`` or ``trimmed_mean`` of norm-bounded updates; the proximal pull toward w0."""
+    """The base strategy: seeded selection of ``ceil(fraction n)`` candidates (devices that answer more often are
+    more likely to be picked, when not all are); the round closes once all but the ``over_select`` share of them sent
+    a valid update (:func:`~fedge.core.rounds.round_target`); ``fedavg`` (sample weights capped), ``median`` or
+    ``trimmed_mean`` of norm-bounded updates; the proximal pull toward w0."""
 
     name: str = "fedavg"
     proximal_lambda: float = 0.0
@@ -155,6 +158,7 @@ class Robust:
     trim_fraction: float = 0.2
     seed: int = 0
     gates: GateSettings = field(default_factory=GateSettings)
+    over_select: float = 0.0
 
     def __post_init__(self) -> None:
         if self.name not in STRATEGY_NAMES:
@@ -163,12 +167,16 @@ class Robust:
             raise ValueError(f"proximal_lambda must be >= 0, got {self.proximal_lambda}")
         if not 0 <= self.trim_fraction < 0.5:
             raise ValueError(f"trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
+        if not (math.isfinite(self.over_select) and self.over_select >= 0):
+            raise ValueError(f"over_select must be >= 0, got {self.over_select}")
 
     def configure(self, fleet: FleetView, params: RoundParams, ctx: PlanContext) -> Plan | Refusal:
         if not fleet.candidates:
             return Refusal(ReplyReason.NO_DEVICES, "no known online device to select")
-        return Plan(select_devices(fleet.candidates, params.fraction, params.min_devices, self.seed, ctx.round_id),
-                    params)
+        selected = select_devices(fleet.candidates, params.fraction, params.min_devices, self.seed, ctx.round_id,
+                                  fleet.reliability)
+        return Plan(selected, replace(params, target=round_target(len(selected), params.min_devices,
+                                                                  self.over_select)))
 
     def aggregator(self, params: RoundParams, shapes: Shapes, history: Sequence[float],
                    rng: np.random.Generator) -> Aggregator:
