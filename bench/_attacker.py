@@ -40,6 +40,7 @@ log = logging.getLogger("bench.attacker")
 PLAIN_MODES = ("honest", "sign_flip", "scaled_noise", "huge_samples", "lying_gate", "silent")
 SECAGG_MODES = ("secagg_huge", "secagg_in_range", "garbage_shares", "garbage_unmask", "withheld_input")
 HUGE = 10**9
+ATTACK_ROWS = 300
 
 
 def _scaled(delta: dict[str, Any], norm: float) -> dict[str, Any]:
@@ -173,11 +174,14 @@ class Attacker:
             return dict(table[key])
 
     def _train(self, msg: Any) -> Any:
+        """Its honest round (an attack needs only the direction of its update: it trains on its first
+        ``ATTACK_ROWS`` rows, so that it answers among the first and the round does not close without it)."""
         from fedge.core import device as core
 
         head = self._wait(self.heads, msg.model_version)
         policy = core.DevicePolicy(self.seed, 50, 0.2, 20, core.Personalization.FINETUNE, 0.1)
-        data = core.DeviceData(self.feats, self.y, self.data_key)
+        rows = len(self.y) if self.mode == "honest" else min(len(self.y), ATTACK_ROWS)
+        data = core.DeviceData(self.feats[:rows], self.y[:rows], self.data_key)
         out = core.train(msg, self.trainer, data, core.RoundHeads(head, head, None, None), policy, private=False)
         if not isinstance(out, core.Trained):
             raise RuntimeError(f"training gave {out!r}")

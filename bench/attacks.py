@@ -317,17 +317,27 @@ class Bench:
                 "attacker_in": HOSTILE in devices, "detail": " | ".join(
                     d for d in {result.detail or "", final.detail or ""} if d)[:400]}
 
-    def scenario(self, mode: str) -> dict[str, Any]:
-        """Roll back to the base version, set the hostile device's mode, run one round, score what is deployed."""
+    def scenario(self, mode: str, repeats: int) -> dict[str, Any]:
+        """``repeats`` times: roll back to the base version, set the hostile device's mode, run one round, score what
+        is deployed. The mean accuracy (a single round's varies by a few points with which devices made it), whether
+        any attacked version was deployed, the longest round."""
         assert self.attacker is not None and self.base is not None
-        self.readmit()
-        self.hub_cli("rollback", "--to", self.base)
-        self.attacker.set_mode(mode)
-        time.sleep(0.5)  # its presence (huge_samples claims 10^9 there too) reaches the hub first
-        out = self.one_round()
-        out["accuracy"] = round(self.accuracy(out["current"]), 4)
-        say(f"{mode}: {out}")
-        return out
+        runs = []
+        for _ in range(repeats):
+            self.readmit()
+            self.hub_cli("rollback", "--to", self.base)
+            self.attacker.set_mode(mode)
+            time.sleep(0.5)  # its presence (huge_samples claims 10^9 there too) reaches the hub first
+            out = self.one_round()
+            out["accuracy"] = round(self.accuracy(out["current"]), 4)
+            say(f"{mode}: {out}")
+            runs.append(out)
+        return {"accuracy": round(float(np.mean([r["accuracy"] for r in runs])), 4),
+                "deployed": any(r["deployed"] for r in runs), "round_s": max(r["round_s"] for r in runs),
+                "round_s_median": float(np.median([r["round_s"] for r in runs])),
+                "attacker_in": any(r["attacker_in"] for r in runs),
+                "status": sorted({r["final_status"] for r in runs}), "accuracies": [r["accuracy"] for r in runs],
+                "detail": [r["detail"] for r in runs if r["detail"]][:2]}
 
 
 def prepare_data(work: Path) -> tuple[Path, Path, list[Path]]:
@@ -346,7 +356,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     say(f"data ready ({time.monotonic() - t_prep:.0f} s)")
     tmp = Path(tempfile.mkdtemp(prefix="fedge-attacks-"))
     bench = Bench(tmp, work_data, artifacts, eval_file, shards)
-    figures: dict[str, Any] = {"bench": "bench/attacks.py", "devices": len(HONEST) + 1, "warmup": args.warmup}
+    figures: dict[str, Any] = {"bench": "bench/attacks.py", "devices": len(HONEST) + 1, "warmup": args.warmup,
+                               "repeats": args.repeats}
     attacks: dict[str, Any] = {}
     try:
         bench.start()
@@ -356,19 +367,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             say(f"warm-up round {i + 1}: {out['status']}, {out['current']}")
         bench.base = bench.current()
         figures["base_accuracy"] = round(bench.accuracy(bench.base), 4)
-        clean = bench.scenario("honest")
-        figures["clean_round_s"] = clean["round_s"]
+        clean = bench.scenario("honest", args.repeats)
+        figures["clean_round_s"] = clean["round_s_median"]
         figures["clean_accuracy"] = clean["accuracy"]
         for mode in PLAIN:
-            attacks[mode] = bench.scenario(mode)
+            attacks[mode] = bench.scenario(mode, args.repeats)
         bench.start_hub(aggregation={"federated_gate": True})
-        attacks["lying_gate"] = bench.scenario("lying_gate")
+        attacks["lying_gate"] = bench.scenario("lying_gate", args.repeats)
         bench.start_hub(secagg={"enabled": True})
-        clean_sa = bench.scenario("honest")
-        figures["clean_secagg_round_s"] = clean_sa["round_s"]
+        clean_sa = bench.scenario("honest", args.repeats)
+        figures["clean_secagg_round_s"] = clean_sa["round_s_median"]
         figures["clean_secagg_accuracy"] = clean_sa["accuracy"]
         for mode in SECAGG:
-            attacks[mode] = bench.scenario(mode)
+            attacks[mode] = bench.scenario(mode, args.repeats)
         if bench.attacker is not None:
             figures["attacker_log"] = bench.attacker.log[-40:]
     finally:
@@ -401,6 +412,7 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=3, help="clean rounds before the scenarios (the base model)")
     p.add_argument("--work", default=str(ROOT / ".fedge" / "bench" / "attacks"),
                    help="work folder of the demo task's source model, artifacts and shards (reused between runs)")
+    p.add_argument("--repeats", type=int, default=3, help="rounds per scenario (accuracy: their mean)")
     p.add_argument("--keep", action="store_true", help="keep the fleet folder and logs (printed on stderr)")
     args = p.parse_args()
     return finish(run(args), ATTACKS, args.json)

@@ -316,7 +316,7 @@ class RoundRunner:
         to its deadline waited for selected devices that stayed online and silent."""
         answered = set(r.accepted) | set(r.declined)
         stalled: set[str] = set()
-        if r.params.secagg is None and now >= r.deadline and not r.enough():
+        if r.params.secagg is None and now >= r.deadline and r.target_at is None:
             stalled = (set(r.selected) - answered - r.failed_offline(now)) & self.hub.online()
         conduct.account(self.hub, r.id, r.selected, answered, set(r.accepted), sorted(stalled))
 

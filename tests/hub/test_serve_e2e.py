@@ -121,7 +121,7 @@ def test_round_survives_kill_9(setup: tuple[Path, Watcher], exported: tuple[Path
         dev = MqttTransport(BrokerConfig(url=mosquitto.url), "devices", session_expiry_s=0)
         dev.connect()
         for name in "abc":
-            dev.publish(T.presence(name), encode(Presence(fleet=FLEET, device=name, online=True, n_samples=10)),
+            dev.publish(T.presence(name), encode(Presence(fleet=FLEET, device=name, online=True, n_samples=100)),
                         retain=True)
         wait_until(lambda: b"device c online" in log.read_bytes(), 20)
         _cli("round", "start", "--fleet", FLEET, "--broker", mosquitto.url, "--deadline-s", "120")

@@ -14,13 +14,18 @@ from pathlib import Path
 import numpy as np
 
 from fedge.core.conduct import Record, reliability
-from fedge.core.rounds import round_target, select_devices
+from fedge.core.rounds import select_devices
+from fedge.core.stragglers import round_target, straggler_grace
 from fedge.hub.conduct import readmit
 from fedge.protocol.messages import RoundStatus
 from tests.hub.fleet import SHAPES, hub_config, run_hub, zero_delta
 from tests.hub.test_secagg_hub import SaDevice, settle
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_straggler_grace() -> None:
+    assert straggler_grace(100.0, 100.1) == 0.5 and straggler_grace(100.0, 103.0) == 3.0
 
 
 def test_round_target() -> None:
@@ -39,7 +44,9 @@ def test_a_silent_device_does_not_hold_the_round_to_its_deadline(tmp_path: Path,
             fleet.device(d).update(rnd, zero_delta(SHAPES, 0.01), n=10)
         assert fleet.results == []  # 3 of the 4 it needs
         fleet.device("d").update(rnd, zero_delta(SHAPES, 0.01), n=10)
-        [res] = fleet.results  # closed at once, without waiting 60 s for "silent"
+        assert fleet.results == []  # the target is there: "silent" gets its grace (as long again, at least 0.5 s)
+        fleet.advance(0.5)
+        [res] = fleet.results  # closed after the grace, without waiting 60 s for "silent"
         assert res.status is RoundStatus.COMPLETED and res.devices == ("a", "b", "c", "d")
         assert fleet.hub.store.records()["silent"] == Record(1, 0)
         assert fleet.hub.store.standing("silent").strikes == 0  # cut off by an early close: nobody's fault
@@ -124,7 +131,10 @@ def test_a_withheld_masked_input_does_not_hold_the_secagg_round(tmp_path: Path, 
         for d in names[:4]:  # d4 shared its keys and never sends its masked input
             devs[d].input({k: np.full(s, 0.01, np.float32) for k, s in SHAPES.items()})
         settle(fleet)
-        [res] = fleet.results  # no clock advanced: the masked-input stage closed at 4 inputs
+        assert fleet.results == []  # 4 inputs: d4 gets its grace
+        fleet.clock.t += 0.5
+        settle(fleet)
+        [res] = fleet.results  # half a second later, not at the deadline (60 s)
         assert res.status is RoundStatus.COMPLETED and res.model_version == "v1"
         included, dropped, *_ = fleet.hub.store.secagg_sum(ann.round)  # type: ignore[misc]
         assert included == list(names[:4]) and dropped == ["d4"]

@@ -137,6 +137,25 @@ def share_cap(weights: Sequence[float], share: float) -> float:
     return w[-1]  # not reached when share * n > 1
 
 
+def robust_mean(values: Sequence[float], weights: Sequence[float], *, trim: float = 0.1,
+                max_share: float = 0.25) -> float:
+    """A mean of many parties' numbers that no one of them can steer: the ``max(1, floor(trim n))`` lowest and
+    highest values dropped (from 3 values on), the rest averaged with their weights, each weight capped so that none
+    carries more than ``max_share`` of the kept total (:func:`share_cap`). A liar at either end is dropped; one in
+    the middle lies between honest values and weighs at most a share. ``nan`` for no values."""
+    if len(values) != len(weights):
+        raise ValueError("one weight per value")
+    pairs = sorted((float(v), float(w)) for v, w in zip(values, weights, strict=True) if w > 0)
+    n = len(pairs)
+    if not n:
+        return math.nan
+    cut = max(1, int(trim * n)) if n >= 3 else 0
+    kept = pairs[cut:n - cut]
+    cap = share_cap([w for _, w in kept], max_share)
+    capped = [min(w, cap) for _, w in kept]
+    return sum(v * w for (v, _), w in zip(kept, capped, strict=True)) / sum(capped)
+
+
 def recent_norms(recorded: Sequence[tuple[int, Sequence[float]]], rounds: int) -> list[float]:
     """The accepted updates' norms of the last ``rounds`` recorded rounds (the "auto" bound's history)."""
     return [float(n) for _rid, norms in list(recorded)[-rounds:] if rounds > 0 for n in norms]
@@ -388,5 +407,6 @@ __all__ = [
     "lower_median",
     "recent_norms",
     "record_norms",
+    "robust_mean",
     "share_cap",
 ]

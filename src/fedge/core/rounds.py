@@ -16,6 +16,7 @@ import numpy as np
 from fedge.core.aggregators import Aggregator
 from fedge.core.privacy import DpParams
 from fedge.core.secagg_round import SecAggCoordinator, SecAggPlan
+from fedge.core.stragglers import round_target, straggler_grace
 from fedge.protocol.messages import RoundAnnounce, RoundOverrides
 
 
@@ -133,16 +134,6 @@ def select_devices(
     return tuple(sorted(pool[int(i)] for i in picked))
 
 
-def round_target(selected: int, min_devices: int, over_select: float) -> int:
-    """How many valid updates close a round of ``selected`` devices early: selecting ``1 + over_select`` times what
-    the round needs means the slowest (or silent) ``over_select`` share is not waited for; never below the quorum.
-    0 (wait for every selected device) when nothing would be saved."""
-    if over_select <= 0 or selected < 1:
-        return 0
-    target = max(min_devices, math.ceil(selected / (1 + over_select)))
-    return target if target < selected else 0
-
-
 @dataclass
 class OpenRound:
     """The one round in progress: what was announced, who answered, the running aggregate."""
@@ -162,6 +153,7 @@ class OpenRound:
     offline: dict[str, float] = field(default_factory=dict)  # selected, not answered, last will seen -> when
     offline_grace_s: float = 0.0  # how long a device must stay offline to count as failed
     secagg: SecAggCoordinator | None = None  # a secure-aggregation round's stages (None after a hub restart)
+    target_at: float | None = None  # when the round's target of valid updates was reached
 
     def gone(self, now: float) -> set[str]:
         """Selected devices expected no more: declined, or offline past the grace."""
@@ -204,12 +196,17 @@ class OpenRound:
         """Every selected device sent an update, declined, or stayed offline (failed) without answering."""
         return set(self.selected) <= set(self.accepted) | set(self.declined) | self.failed_offline(now)
 
-    def enough(self) -> bool:
-        """The round's target of valid updates arrived (over-selection: the others are not waited for)."""
-        return self.params.target > 0 and len(self.accepted) >= self.params.target
+    def enough(self, now: float) -> bool:
+        """The round's target of valid updates arrived and the others had their grace (over-selection: the slowest
+        or silent devices are not waited for; :func:`straggler_grace`)."""
+        if self.params.target <= 0 or len(self.accepted) < self.params.target:
+            return False
+        if self.target_at is None:
+            self.target_at = now
+        return now - self.target_at >= straggler_grace(self.opened_at, self.target_at)
 
     def should_close(self, now: float) -> bool:
-        return now >= self.deadline or self.all_answered(now) or self.enough()
+        return now >= self.deadline or self.all_answered(now) or self.enough(now)
 
     def quorum(self) -> bool:
         return len(self.accepted) >= self.params.min_devices

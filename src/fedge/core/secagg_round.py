@@ -23,6 +23,7 @@ from numpy.typing import NDArray
 from fedge.core.secagg import RoundSetup, SecAggConfig, dequantise, sum_problem, under_bound
 from fedge.core.secagg_server import SecAggResult, SecAggServer
 from fedge.core.secagg_session import round_tag, stage_frame, stage_of
+from fedge.core.stragglers import straggler_grace
 from fedge.protocol.errors import SecAggError, SecAggFailure
 from fedge.protocol.messages import SecAggStage
 from fedge.protocol.secagg_wire import (
@@ -104,6 +105,8 @@ class SecAggCoordinator:
         or the deadline); ``dp_clip`` and ``noise_std``: under distributed DP, the L2 clip and the noise share every
         device applies (the sum is checked against them)."""
         self.target = target
+        self.target_at: float | None = None  # when the masked inputs reached the target
+        self.mask_opened_at = opened_at
         self.fleet, self.round, self.plan = fleet, round_, plan
         self.setup = plan.setup(fleet, round_, cohort)
         dim += 1 if plan.norm_bit else 0
@@ -140,7 +143,20 @@ class SecAggCoordinator:
         else:
             raise SecAggError(SecAggFailure.PROTOCOL_VIOLATION, f"devices do not send {type(msg).__name__}")
 
-    def _waiting(self, gone: Collection[str]) -> bool:
+    def _enough_inputs(self, now: float) -> bool:
+        """The masked-input stage has its target of usable inputs (none named by a neighbour whose copy of its bundle
+        did not open) and the others had their grace: they are dropped (their key shares remove their masks)."""
+        s = self.server
+        accused = {v for rejected in s.rejected.values() for v in rejected}
+        usable = sum(1 for d in s.masked if d not in accused)
+        # a survivor's seed is rebuilt from its neighbours in the sum: never stop below t + 1 usable inputs
+        if not self.target or usable < max(self.target, self.setup.threshold + 1):
+            return False
+        if self.target_at is None:
+            self.target_at = now
+        return now - self.target_at >= straggler_grace(self.mask_opened_at, self.target_at)
+
+    def _waiting(self, gone: Collection[str], now: float) -> bool:
         """Some device expected in the current stage has neither answered nor gone (O(1) while more than the gone
         are missing: each stage's arrivals are a subset of its expected devices; called on every frame)."""
         s = self.server
@@ -148,8 +164,8 @@ class SecAggCoordinator:
             "advertise": (self.setup.cohort, s.adverts), "share": (s.adverts, s.shares), "mask": (s.shares, s.masked),
             "unmask": (s.requests, s.responses)}
         expected, arrived = stages.get(s.stage, ((), ()))
-        if s.stage == "mask" and self.target and len(arrived) >= self.target:
-            return False  # enough inputs: the stragglers are dropped (their key shares remove their masks)
+        if s.stage == "mask" and self._enough_inputs(now):
+            return False
         if len(arrived) + len(gone) < len(expected):
             return True
         return bool(set(expected) - set(arrived) - set(gone))
@@ -165,7 +181,7 @@ class SecAggCoordinator:
             # devices train during the masked-input stage: it lasts until the round's deadline, and never less than a
             # stage timeout (late key stages must not leave it no time at all)
             due = max(self.deadline, self.stage_deadline) if s.stage == "mask" else self.stage_deadline
-            if self._waiting(gone) and now < due:
+            if self._waiting(gone, now) and now < due:
                 return None
             stage = self.closing = s.stage
             if stage == "advertise":
@@ -189,6 +205,8 @@ class SecAggCoordinator:
             log.info("round %d: secagg stage %s closed (%d devices), now %s", self.round, stage,
                      {"advertise": len(s.adverts), "share": len(s.shares), "mask": len(s.masked)}[stage], s.stage)
             self.stage_deadline = now + self.plan.stage_timeout_s
+            if stage == "share":
+                self.mask_opened_at = now
         return None
 
 
