@@ -226,13 +226,13 @@ class Attacker:
         self.transport.publish(self.topics.update(self.device), encode(up), qos=1)
 
     def _secagg_input(self, msg: Any, session: Any, delta: dict[str, Any], mode: str) -> Any:
-        from fedge.core.secagg import quantise
+        from fedge.core.secagg import bounded_input, quantise
         from fedge.core.secagg_session import private_input
 
         cfg = session.setup.config
         names = sorted(delta)
-        if mode == "secagg_huge":
-            dim = sum(int(np.prod(np.shape(delta[k]))) for k in names)
+        if mode == "secagg_huge":  # every coordinate, the norm bit included
+            dim = sum(int(np.prod(np.shape(delta[k]))) for k in names) + (1 if cfg.norm_bit else 0)
             return np.full(dim, 2**30, dtype=np.uint64) & session.setup.mask
         if mode == "secagg_in_range":
             flat = -np.concatenate([np.asarray(delta[k], dtype=np.float64).ravel() for k in names])
@@ -240,7 +240,7 @@ class Attacker:
             # the largest step the announced L2 bound allows, in the direction that undoes the round; without one,
             # every coordinate at the per-coordinate clip (an L2 norm of sqrt(d) * clip)
             bad = flat * (float(l2) / (np.linalg.norm(flat) or 1.0)) if l2 else np.sign(flat) * cfg.clip
-            return quantise(bad, cfg, np.random.default_rng())
+            return quantise(bounded_input(bad, cfg), cfg, np.random.default_rng())
         return private_input(delta, names, session.setup, None, np.random.default_rng())
 
     def _send_secagg(self, rnd: int, frames: list[bytes]) -> None:

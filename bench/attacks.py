@@ -147,11 +147,21 @@ class Watcher:
 class Bench:
     """The fleet folder, the broker, the hub, the agents, the hostile device and the watcher."""
 
-    def __init__(self, work: Path, data: Path, artifacts: Path, eval_file: Path, shards: list[Path]) -> None:
+    def __init__(self, work: Path, data: Path, artifacts: Path, eval_file: Path, shards: list[Path],
+                 gate: bool = False) -> None:
         from fedge.devices.fleet import add_device, init_fleet, set_password
         from fedge.hub.mosquitto import free_port
 
-        self.work, self.artifacts, self.eval_file = work, artifacts, eval_file
+        self.work, self.artifacts = work, artifacts
+        self.gate = gate
+        # the held-out set, split: the hub's (its deploy gate, with --gate) and the bench's own (the figures)
+        from fedge.runtime.data import load_local
+
+        held = load_local(eval_file, (28, 28, 1))
+        half = len(held.y) // 2
+        self.hub_eval, self.eval_file = work / "hub-eval.npz", work / "bench-eval.npz"
+        np.savez(self.hub_eval, x=held.x[:half], y=held.y[:half])
+        np.savez(self.eval_file, x=held.x[half:], y=held.y[half:])
         self.port = free_port()
         self.dir = init_fleet(FLEET, work / "fleet", broker_host="127.0.0.1", port=self.port, bind="127.0.0.1",
                               artifacts=str(artifacts))
@@ -232,8 +242,11 @@ class Bench:
             with self.watcher.cond:
                 self.watcher.hub_online = False
         table = read_toml(self.dir.hub_toml)
-        for key in ("aggregation", "secagg"):
+        for key in ("aggregation", "secagg", "eval_data"):
             table.pop(key, None)
+        if self.gate:  # the deploy gates issue 20 makes the default: held-out data, the devices' federated gate
+            table["eval_data"] = str(self.hub_eval)
+            sections = {**sections, "aggregation": {"federated_gate": True, **sections.get("aggregation", {})}}
         table.update(sections)
         write_toml(self.dir.hub_toml, table)
         self.hub_sections = sections
@@ -355,9 +368,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     artifacts, eval_file, shards = prepare_data(work_data)
     say(f"data ready ({time.monotonic() - t_prep:.0f} s)")
     tmp = Path(tempfile.mkdtemp(prefix="fedge-attacks-"))
-    bench = Bench(tmp, work_data, artifacts, eval_file, shards)
+    bench = Bench(tmp, work_data, artifacts, eval_file, shards, gate=args.gate)
     figures: dict[str, Any] = {"bench": "bench/attacks.py", "devices": len(HONEST) + 1, "warmup": args.warmup,
-                               "repeats": args.repeats}
+                               "repeats": args.repeats, "gate": args.gate}
     attacks: dict[str, Any] = {}
     try:
         bench.start()
@@ -412,6 +425,9 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=3, help="clean rounds before the scenarios (the base model)")
     p.add_argument("--work", default=str(ROOT / ".fedge" / "bench" / "attacks"),
                    help="work folder of the demo task's source model, artifacts and shards (reused between runs)")
+    p.add_argument("--gate", action="store_true",
+                   help="deploy gates on: the hub gets held-out data (half of the demo's eval set; the bench scores on "
+                        "the other half) and the federated gate; without it the generated hub.toml runs as it is")
     p.add_argument("--repeats", type=int, default=3, help="rounds per scenario (accuracy: their mean)")
     p.add_argument("--keep", action="store_true", help="keep the fleet folder and logs (printed on stderr)")
     args = p.parse_args()

@@ -378,3 +378,21 @@ def test_one_lying_device_cannot_make_the_federated_gate_deploy_a_worse_version(
         assert gate.round == ann.round and gate.model_version is None, gate.detail
         assert fleet.hub.registry.current().version == "v0"  # type: ignore[union-attr]
         assert gate.federated["val_acc_v1"] == pytest.approx(0.5)
+
+
+def test_paired_gain_is_what_one_liar_cannot_move() -> None:
+    """Label-skewed devices score heads very differently; one liar scoring the deployed head 0 and the candidate 1
+    moves two unpaired trimmed means apart by their spread, and the paired gain not at all."""
+    from fedge.core.aggregators import robust_mean
+    from fedge.core.selection import paired_gain
+
+    base = {f"d{i}": {"val_n": 50.0, "val_acc_global": x} for i, x in enumerate((0.3, 0.45, 0.6, 0.75))}
+    cand = {f"d{i}": {"val_n": 50.0, "val_acc_v2": x - 0.1} for i, x in enumerate((0.3, 0.45, 0.6, 0.75))}
+    base["liar"], cand["liar"] = {"val_n": 1e9, "val_acc_global": 0.0}, {"val_n": 1e9, "val_acc_v2": 1.0}
+    w = [50.0] * 5
+    unpaired = (robust_mean([c["val_acc_v2"] for c in cand.values()], w)
+                - robust_mean([b["val_acc_global"] for b in base.values()], w))
+    assert unpaired > 0.0  # the candidate, 10 points worse on every honest device, looks better
+    gain = paired_gain(cand, base, "val_acc_v2", "val_acc_global")
+    assert gain is not None and gain[0] == pytest.approx(-0.1) and gain[1] == 5
+    assert paired_gain({"x": {"val_n": 1.0, "val_acc_v2": 0.5}}, base, "val_acc_v2", "val_acc_global") is None

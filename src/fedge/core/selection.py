@@ -31,8 +31,8 @@ from fedge.core.training import evaluate, fit
 from fedge.protocol.selection import acc_key, loss_key
 from fedge.protocol.types import F32, I64, HeadLike
 
-__all__ = ["CandidateScore", "GateVerdict", "gate_verdict", "history_problem", "rank", "report_metrics",
-           "report_problem", "report_weights", "score_candidate", "score_in_range"]
+__all__ = ["CandidateScore", "GateVerdict", "gate_verdict", "history_problem", "paired_gain", "rank",
+           "report_metrics", "report_problem", "report_weights", "score_candidate", "score_in_range"]
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,30 @@ def rank(candidates: Sequence[str], reports: Iterable[Mapping[str, float]],
         n = sum(r["val_n"] for r in rows if akey in r)
         out.append(CandidateScore(name, round(acc, 6), None if loss is None else round(loss, 6), int(n)))
     return sorted(out, key=lambda c: (-c.accuracy, float("inf") if c.loss is None else c.loss, c.name))
+
+
+def paired_gain(candidate: Mapping[str, Mapping[str, float]], baseline: Mapping[str, Mapping[str, float]],
+                candidate_key: str, baseline_key: str, max_weight_ratio: float = 4.0) -> tuple[float, int] | None:
+    """How much better the candidate scores than the deployed head on the same devices' validation rows, as no one
+    device can steer it: per device that reported both (``candidate`` and ``baseline``: device -> report), its
+    candidate score minus its baseline score; their :func:`~fedge.core.aggregators.robust_mean`, each device weighing
+    its ``val_n`` capped (:func:`report_weights`, and at its baseline report's ``val_n``). ``(gain, devices)``, None
+    when no device reported both.
+
+    For the deploy gate this is the comparison one liar cannot move: unpaired, a device that scores the deployed
+    head 0 and the candidate 1 is dropped from both trimmed means, but at opposite ends, which shifts them apart by
+    the spread of the honest devices' scores; paired, its difference is one extreme value among the devices'
+    differences, and dropped."""
+    devices = [d for d in sorted(candidate) if d in baseline and score_in_range(candidate_key,
+               candidate[d].get(candidate_key, math.nan)) and score_in_range(baseline_key,
+               baseline[d].get(baseline_key, math.nan))]
+    if not devices:
+        return None
+    rows = [candidate[d] for d in devices]
+    caps = [baseline[d].get("val_n") for d in devices]
+    weights = report_weights(rows, max_weight_ratio, caps)
+    gains = [candidate[d][candidate_key] - baseline[d][baseline_key] for d in devices]
+    return robust_mean(gains, weights), len(devices)
 
 
 def report_problem(metrics: Mapping[str, float], candidates: Iterable[str]) -> str | None:
