@@ -368,6 +368,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     artifacts, eval_file, shards = prepare_data(work_data)
     say(f"data ready ({time.monotonic() - t_prep:.0f} s)")
     tmp = Path(tempfile.mkdtemp(prefix="fedge-attacks-"))
+    tmp.chmod(0o711)  # run as root, the broker drops to an unprivileged user that must reach the fleet folder
     bench = Bench(tmp, work_data, artifacts, eval_file, shards, gate=args.gate)
     figures: dict[str, Any] = {"bench": "bench/attacks.py", "devices": len(HONEST) + 1, "warmup": args.warmup,
                                "repeats": args.repeats, "gate": args.gate}

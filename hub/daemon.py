@@ -358,7 +358,7 @@ class HubDaemon:
             self.publish(self.topics.announce, b"", retain=True)
             last = self.store.last_round()
             if last is not None and last.closed_at is not None:
-                self.publish(self.topics.result, encode(self.rounds.result_of(last.id)), retain=True)
+                self.rounds.publish_result(last.id)
 
     def _handle_presence(self, topic: str, payload: bytes) -> None:
         if not payload:

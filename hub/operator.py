@@ -68,9 +68,11 @@ class Operator:
         self._on_result = on_result
         self._replies: dict[str, dict[str, Any]] = {}
         self._results: dict[int, RoundResult] = {}
+        self._full: set[int] = set()  # rounds whose operator copy arrived
         self._cond = threading.Condition()
         transport.subscribe(self.topics.control_round_reply, self._reply)
         transport.subscribe(self.topics.result, self._result)
+        transport.subscribe(self.topics.control_round_result, self._result)  # the full result (cohort, samples)
 
     def _reply(self, _topic: str, payload: bytes) -> None:
         try:
@@ -82,14 +84,18 @@ class Operator:
                 self._replies[body["request_id"]] = body
                 self._cond.notify_all()
 
-    def _result(self, _topic: str, payload: bytes) -> None:
+    def _result(self, topic: str, payload: bytes) -> None:
         try:
             msg = decode(payload) if payload else None
         except FedgeError:
             return
         if isinstance(msg, RoundResult) and msg.fleet == self.fleet:
             with self._cond:
-                self._results[msg.round] = msg
+                full = topic == self.topics.control_round_result
+                if full or msg.round not in self._full:  # the device copy never replaces the operator's
+                    self._results[msg.round] = msg
+                if full:
+                    self._full.add(msg.round)
                 self._cond.notify_all()
             if self._on_result is not None:
                 self._on_result(msg)

@@ -16,7 +16,7 @@ from dataclasses import replace
 import numpy as np
 
 from fedge.core.aggregators import Aggregator
-from fedge.core.hub_round import Closing, close_round, finite_or_none, min_inputs
+from fedge.core.hub_round import Closing, close_round, finite_or_none, for_devices, min_inputs
 from fedge.core.privacy import DpParams, ledger_epsilon
 from fedge.core.rounds import OpenRound, RoundParams, over_limits
 from fedge.core.secagg_round import SecAggCoordinator
@@ -158,7 +158,7 @@ class RoundRunner:
                                         detail)
         self.end_chain()
         hub.rounds_jsonl({"round": rid, "status": str(status), "detail": detail, "devices": 0})
-        hub.publish(hub.topics.result, encode(self.result_of(rid)), retain=True)
+        self.publish_result(rid)
         log.warning("round %d %s: %s", rid, status, detail)
 
     # -- messages ---------------------------------------------------------------------------------------------
@@ -300,10 +300,11 @@ class RoundRunner:
                  outcome.status, len(devices), len(r.selected), r.n_samples, rejected,
                  "-" if outcome.accuracy is None else f"{outcome.accuracy:.4f}", "-" if row is None else row.version,
                  now - r.opened_at)
-        result = encode(self.result_of(r.id))  # before anything goes out: if it cannot encode, nothing is published
+        result = self.result_of(r.id)
+        frames = encode(result), encode(for_devices(result))  # if they cannot encode, nothing goes out
         if row is not None and outcome.deploy:
             hub.publish_model(row)
-        hub.publish(hub.topics.result, result, retain=True)
+        self.publish_result(r.id, frames)
         hub.publish(hub.topics.announce, b"", retain=True)
         hub.publish_status()
         if outcome.federated_gate and row is not None and self.open_gate is not None:
@@ -356,9 +357,18 @@ class RoundRunner:
         hub.rounds_jsonl({"round": r.id, "status": str(status), "devices": len(devices),
                           "n_samples": r.n_samples, "seconds": round(now - r.opened_at, 3), "detail": detail})
         log.warning("round %d %s: %s", r.id, status, detail)
-        hub.publish(hub.topics.result, encode(self.result_of(r.id)), retain=True)
+        self.publish_result(r.id)
         hub.publish(hub.topics.announce, b"", retain=True)
         hub.publish_status()
+
+    def publish_result(self, rid: int, frames: tuple[bytes, bytes] | None = None) -> None:
+        """Round ``rid``'s result, retained: in full to operators (``control/round/result``), without cohort and
+        sample totals to everyone (``round/result``; :func:`~fedge.core.hub_round.for_devices`)."""
+        if frames is None:
+            result = self.result_of(rid)
+            frames = encode(result), encode(for_devices(result))
+        self.hub.publish(self.hub.topics.control_round_result, frames[0], retain=True)
+        self.hub.publish(self.hub.topics.result, frames[1], retain=True)
 
     def result_of(self, rid: int) -> RoundResult:
         store = self.hub.store

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -19,10 +19,11 @@ from fedge.core.losses import Score
 from fedge.core.rounds import OpenRound, RoundParams
 from fedge.core.selection import report_weights, score_in_range
 from fedge.core.strategy import Strategy, held_out_verdict
-from fedge.protocol.messages import RoundStatus
+from fedge.protocol.messages import RoundResult, RoundStatus
 from fedge.protocol.types import Head, HeadLike, Metrics
 
-__all__ = ["Closing", "close_round", "federated_scores", "finite_or_none", "min_inputs", "robust_federated_scores"]
+__all__ = ["Closing", "close_round", "federated_scores", "finite_or_none", "for_devices", "min_inputs",
+           "robust_federated_scores"]
 
 NOT_FINITE = "the aggregate is not finite: no version registered"
 
@@ -64,6 +65,14 @@ def robust_federated_scores(metrics: Iterable[Mapping[str, float]], max_weight_r
         if have:
             out[k] = round(robust_mean([v for v, _ in have], [w for _, w in have]), 6)
     return out
+
+
+def for_devices(result: RoundResult) -> RoundResult:
+    """A round's result as every device reads it (``round/result``): no cohort, no declines, no sample or validation
+    row totals (a device learns whether a round completed and what it deployed, not who took part or how much data
+    they hold); operators get the full result on ``control/round/result``."""
+    return replace(result, devices=(), declined=(), n_samples=0,
+                   federated={k: v for k, v in result.federated.items() if k != "val_n"})
 
 
 def min_inputs(params: RoundParams) -> int:
