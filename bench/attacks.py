@@ -2,34 +2,35 @@
 
 ``python bench/attacks.py --json``
 
-The fleet is what ``fedge fleet init`` makes, with its defaults (TLS mosquitto from the generated config, one broker
-account per participant, ACLs, the hub's signing key, the generated ``hub.toml``: no held-out data, the hub's round
-defaults), on loopback: a real mosquitto, the hub process (``fedge hub serve``), four honest agent processes
-(``fedge-agent run``, provisioned by ``fedge devices provision --fleet-dir``) and one hostile device,
-``device-04`` (``bench/_attacker.py``: its own provisioned account; trains honestly with the round core, then
-attacks). The devices hold the demo task's shards (Fashion-MNIST, rotated domain, label skew); the bench scores every
-deployed head on the demo's held-out set with its own trainer.
+The fleet is what ``fedge fleet init`` makes, with its defaults (TLS mosquitto from the generated config, dropping to
+an unprivileged account when the bench runs as root, one broker account per participant, ACLs, the hub's signing
+key, the generated ``hub.toml`` with the hub's round defaults), on loopback: a real mosquitto, the hub process
+(``fedge hub serve``), four honest agent processes (``fedge-agent run``, provisioned by ``fedge devices provision
+--fleet-dir``) and one hostile device, ``device-04`` (``bench/_attacker.py``: its own provisioned account; trains
+honestly with the round core, then attacks). The devices hold the demo task's shards (Fashion-MNIST, rotated
+domain, label skew). The demo's held-out set is split: the bench scores every deployed head on one half.
 
-First ``--warmup`` clean rounds make a working model (the *base* version). Then each scenario starts from the base
-(``fedge hub rollback --to <base>``) and runs one round (with the federated deploy gate: the round and its
-evaluation round) with the hostile device doing one thing:
+Two passes, each on a fresh fleet. With the **deploy gates** (what the targets check; what issue 20 makes every
+fleet's default): the hub gets the other half of the held-out set (``eval_data``: the held-out gate) and
+``[aggregation] federated_gate = true``. **Without** (``without_gate``): the generated hub.toml as it is. In each,
+``--warmup`` clean rounds make a working model (the *base* version); then each scenario starts from the base
+(``fedge hub rollback --to <base>``; an excluded hostile device is readmitted with ``fedge hub devices readmit``)
+and runs ``--repeats`` rounds (with the federated gate: each round and its evaluation round), the hostile device
+doing one thing:
 
-* plain rounds: ``clean`` (it behaves), ``sign_flip``, ``scaled_noise``, ``huge_samples``, ``silent``;
-  ``lying_gate`` with ``[aggregation] federated_gate = true`` (the only setting the bench adds to the generated
-  hub.toml, there);
-* SecAgg rounds (``[secagg] enabled = true`` added): ``clean_secagg``, ``secagg_huge``, ``secagg_in_range``,
-  ``garbage_shares``, ``garbage_unmask``, ``withheld_input``.
+* plain rounds: ``honest`` (it behaves: the clean round), ``sign_flip``, ``scaled_noise``, ``huge_samples``,
+  ``silent``; ``lying_gate`` with ``[aggregation] federated_gate = true`` in both passes;
+* SecAgg rounds (``[secagg] enabled = true`` added): ``honest`` (the clean SecAgg round), ``secagg_huge``,
+  ``secagg_in_range``, ``garbage_shares``, ``garbage_unmask``, ``withheld_input``.
 
-Before each scenario an excluded hostile device is readmitted (``fedge hub devices readmit``), so that every attack
-meets a fleet that does not know the attacker yet.
-
-Figures: ``clean_round_s`` (plain) and ``clean_secagg_round_s``: wall time from ``control/round/start`` to the last
-result of the clean round; per attack under ``attacks``: ``acc_drop_pts`` (the deployed model's held-out accuracy
-after the clean round of its kind minus after the attacked round, points), ``deployed`` (the attacked round's
-version became the deployed one), ``round_s``, ``status``, ``attacker_in`` (the hostile device is among the round's
-contributors as the hub records them) and ``detail``. Targets: every attack costs at most 2 points or is not
-deployed (``worst_deployed_drop_pts``); every stalling attack (``silent``, ``garbage_shares``, ``withheld_input``)
-completes its round without the attacker within 3x a clean round of its kind + 2 s (``stalls_within_limit``).
+Figures: ``clean_round_s`` (plain) and ``clean_secagg_round_s`` (median wall time from ``control/round/start`` to
+the last result of a clean round); per attack under ``attacks``: ``acc_drop_pts`` (the mean held-out accuracy of the
+deployed model after a clean round of its kind minus after the attacked round, points), ``deployed`` (an attacked
+round's version became the deployed one), ``round_s`` (the longest), ``status``, ``attacker_in`` (the hostile device
+is among a round's contributors as the hub records them) and ``detail``. Targets (the gated pass): every attack
+costs at most 2 points or is not deployed (``worst_deployed_drop_pts``); every stalling attack (``silent``,
+``garbage_shares``, ``withheld_input``) completes its round without the attacker within 3x a clean round of its
+kind + 2 s (``stalls_within_limit``).
 """
 
 from __future__ import annotations
@@ -362,20 +363,18 @@ def prepare_data(work: Path) -> tuple[Path, Path, list[Path]]:
     return paths.artifacts, paths.data / "eval.npz", [Path(f) for f in info["device_files"]]
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def one_pass(args: argparse.Namespace, gate: bool) -> dict[str, Any]:
+    """Every scenario on a fresh fleet, with the deploy gates or with the generated hub.toml as it is."""
     work_data = Path(args.work)
-    t_prep = time.monotonic()
     artifacts, eval_file, shards = prepare_data(work_data)
-    say(f"data ready ({time.monotonic() - t_prep:.0f} s)")
     tmp = Path(tempfile.mkdtemp(prefix="fedge-attacks-"))
     tmp.chmod(0o711)  # run as root, the broker drops to an unprivileged user that must reach the fleet folder
-    bench = Bench(tmp, work_data, artifacts, eval_file, shards, gate=args.gate)
-    figures: dict[str, Any] = {"bench": "bench/attacks.py", "devices": len(HONEST) + 1, "warmup": args.warmup,
-                               "repeats": args.repeats, "gate": args.gate}
+    bench = Bench(tmp, work_data, artifacts, eval_file, shards, gate=gate)
+    figures: dict[str, Any] = {}
     attacks: dict[str, Any] = {}
     try:
         bench.start()
-        say("fleet up")
+        say(f"fleet up ({'deploy gates' if gate else 'the generated hub.toml as it is'})")
         for i in range(args.warmup):
             out = bench.one_round()
             say(f"warm-up round {i + 1}: {out['status']}, {out['current']}")
@@ -420,15 +419,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return figures
 
 
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The pass with the deploy gates (the figures the targets check) and, unless ``--gate-only``, the pass with
+    the generated hub.toml as it is (``without_gate``)."""
+    t0 = time.monotonic()
+    figures: dict[str, Any] = {"bench": "bench/attacks.py", "devices": len(HONEST) + 1, "warmup": args.warmup,
+                               "repeats": args.repeats}
+    figures.update(one_pass(args, gate=True))
+    if not args.gate_only:
+        figures["without_gate"] = one_pass(args, gate=False)
+    figures["seconds"] = round(time.monotonic() - t0, 1)
+    return figures
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", action="store_true")
     p.add_argument("--warmup", type=int, default=3, help="clean rounds before the scenarios (the base model)")
     p.add_argument("--work", default=str(ROOT / ".fedge" / "bench" / "attacks"),
                    help="work folder of the demo task's source model, artifacts and shards (reused between runs)")
-    p.add_argument("--gate", action="store_true",
-                   help="deploy gates on: the hub gets held-out data (half of the demo's eval set; the bench scores on "
-                        "the other half) and the federated gate; without it the generated hub.toml runs as it is")
+    p.add_argument("--gate-only", action="store_true",
+                   help="only the pass with the deploy gates (held-out data for the hub: half of the demo's eval set, "
+                        "the bench scores on the other half; the federated gate), not the one without")
     p.add_argument("--repeats", type=int, default=3, help="rounds per scenario (accuracy: their mean)")
     p.add_argument("--keep", action="store_true", help="keep the fleet folder and logs (printed on stderr)")
     args = p.parse_args()
