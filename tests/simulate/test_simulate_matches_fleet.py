@@ -65,7 +65,7 @@ def _run_fleet(work: DemoPaths, tmp: Path, settings: SimSettings, backend: str) 
                 results[msg.round] = msg
                 done.notify_all()
 
-    InMemoryTransport(broker).subscribe(Topics(FLEET).result, on_result)
+    InMemoryTransport(broker).subscribe(Topics(FLEET).control_round_result, on_result)  # the full result
     hub.start()
     agents = []
     for i in range(DEVICES):

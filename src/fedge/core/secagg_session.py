@@ -199,7 +199,11 @@ class DeviceSession:
         relay, q = self._pending.relay, self._pending.q
         if relay is None or q is None or self.masked_sent:
             return []
-        out = self._frame(self._dev.masked_input(relay, q))
+        masked = self._dev.masked_input(relay, q)
+        if masked.rejected:  # their senders drop out of this round (the hub is told, and names them)
+            log.warning("round %d: share bundles of %s did not open: left out of this round", self.round,
+                        ", ".join(masked.rejected))
+        out = self._frame(masked)
         self.masked_sent = True
         self._pending = _Pending()
         return out
