@@ -58,7 +58,8 @@ def control_broker(args: argparse.Namespace) -> BrokerConfig:
 
 class Operator:
     """Requests to one fleet's hub and the results it publishes, over ``transport`` (subscribed at once; connect
-    the transport afterwards). ``on_result`` is called for every result seen (retained ones included)."""
+    the transport afterwards). ``on_result`` is called for every result seen (retained ones included), the
+    operators' full copy (``control/round/result``) in preference to the one devices read."""
 
     def __init__(self, transport: Transport, fleet: str, on_result: Callable[[RoundResult], None] | None = None
                  ) -> None:
@@ -92,12 +93,13 @@ class Operator:
         if isinstance(msg, RoundResult) and msg.fleet == self.fleet:
             with self._cond:
                 full = topic == self.topics.control_round_result
-                if full or msg.round not in self._full:  # the device copy never replaces the operator's
+                kept = full or msg.round not in self._full  # the device copy never replaces the operator's
+                if kept:
                     self._results[msg.round] = msg
                 if full:
                     self._full.add(msg.round)
                 self._cond.notify_all()
-            if self._on_result is not None:
+            if kept and self._on_result is not None:
                 self._on_result(msg)
 
     def _ask(self, topic: str, body: bytes, request_id: str, timeout_s: float) -> dict[str, Any]:
