@@ -109,6 +109,8 @@ bench: setup
 	$(BIN)/python bench/round_overhead.py
 	$(BIN)/python bench/privacy_utility.py
 	$(BIN)/python bench/transfer_quality.py
+	$(BIN)/python bench/robust_strategy.py
+	$(BIN)/python bench/attacks.py
 
 # Run every bench and write the README's benchmark table from that run.
 bench-readme: setup

@@ -111,11 +111,31 @@ ASYNC_ROUNDS = (
            "rounds to reach their final held-out accuracy over the time buffered aggregation (FedBuff) takes"),
 )
 
+ROBUST_STRATEGY = (
+    Target("default_clean_cost_5", "<=", 1,
+           "5 label-skewed devices, after 5 clean rounds: accuracy points the default aggregation (FedAvg, share cap, "
+           "median-norm clip) costs a clean round against the old FedAvg"),
+    Target("default_minus_best_robust_worst_drop_5", "<=", 0.5,
+           "same, one device hostile (sign flip, noise, in-bound flip, 10^9 samples): the default's worst drop minus "
+           "the better of coordinate-wise median and trimmed mean (points)"),
+)
+
+ATTACKS = (
+    Target("worst_deployed_drop_pts", "<=", 2,
+           "one hostile device of 5 on a `fedge fleet init` fleet (mosquitto, TLS): the most accuracy points any "
+           "attack costs the deployed model against a clean round (an attack whose version is not deployed costs "
+           "nothing)"),
+    Target("stalls_within_limit", ">=", 1,
+           "silent device, garbage SecAgg shares, withheld masked input: each round completes without the attacker "
+           "within 3x a clean round + 2 s (1 = all of them)"),
+)
+
 BENCHES: dict[str, tuple[Target, ...]] = {"bench/train_step.py": TRAIN_STEP, "bench/round_overhead.py": ROUND_OVERHEAD,
                                           "bench/privacy_utility.py": PRIVACY_UTILITY,
                                           "bench/transfer_quality.py": TRANSFER_QUALITY,
                                           "bench/secagg.py": SECAGG, "bench/compression.py": COMPRESSION,
-                                          "bench/async_rounds.py": ASYNC_ROUNDS}
+                                          "bench/async_rounds.py": ASYNC_ROUNDS, "bench/attacks.py": ATTACKS,
+                                          "bench/robust_strategy.py": ROBUST_STRATEGY}
 
 
 def check(figures: Mapping[str, Any], targets: tuple[Target, ...]) -> dict[str, Any]:

@@ -111,7 +111,16 @@ def set_password(passwd: Path, user: str, password: str) -> None:
     if not valid_id(user) and user not in RESERVED_USERS:
         raise ConfigError("device_id", f"{user!r} must be 1-64 characters of [A-Za-z0-9_-]")
     kept = [line for name, line in password_entries(passwd).items() if name != user]
-    write_private(passwd, "\n".join([*kept, f"{user}:{hash_password(password)}"]) + "\n")
+    _write_passwd(passwd, "\n".join([*kept, f"{user}:{hash_password(password)}"]) + "\n")
+
+
+def _write_passwd(passwd: Path, text: str) -> None:
+    """Rewrite the password file (atomically, 0600) keeping its owner: the broker, running as its unprivileged user,
+    re-reads it on SIGHUP and stops if it cannot."""
+    owner = passwd.stat() if passwd.exists() else None
+    write_private(passwd, text)
+    if owner is not None and os.geteuid() == 0 and (owner.st_uid, owner.st_gid) != (0, 0):
+        os.chown(passwd, owner.st_uid, owner.st_gid)
 
 
 def password_entries(passwd: Path) -> dict[str, str]:
@@ -139,6 +148,7 @@ def acl_text(fleet: str) -> str:
         f"user {OPERATOR_USER}",
         f"topic write {t.base}/control/#",
         f"topic read {t.control_round_reply}",
+        f"topic read {t.control_round_result}",
         f"topic read {t.hub_status}",
         f"topic read {t.result}",
         "",
@@ -149,7 +159,7 @@ def acl_text(fleet: str) -> str:
     ])
 
 
-def mosquitto_conf(d: FleetDir, port: int, bind: str | None = None) -> str:
+def mosquitto_conf(d: FleetDir, port: int, bind: str | None = None, user: str | None = None) -> str:
     """mosquitto 2.x config: one TLS listener, password + ACL files, persistence in the fleet folder, and none of
     mosquitto's message-dropping defaults."""
     return "\n".join([
@@ -164,8 +174,9 @@ def mosquitto_conf(d: FleetDir, port: int, bind: str | None = None) -> str:
         "allow_anonymous false",
         f"password_file {d.passwd}",
         f"acl_file {d.acl}",
-        "# the files above are private to their owner: when started as root, mosquitto runs as this user",
-        f"user {_owner()}",
+        "# started as root, mosquitto drops to this user (never root: fedge fleet init run as root picks the",
+        "# unprivileged account mosquitto, else nobody, and hands it the files the broker reads or writes)",
+        f"user {user or default_broker_user()}",
         "persistence true",
         f"persistence_location {d.data}/",
         "# reload after provisioning or revoking a device: kill -HUP \"$(cat <this folder>/mosquitto.pid)\"",
@@ -177,6 +188,69 @@ def mosquitto_conf(d: FleetDir, port: int, bind: str | None = None) -> str:
         "log_dest stderr",
         "",
     ])
+
+
+def default_broker_user() -> str:
+    """Whom the broker runs as by default: the user writing the fleet folder, unless that is root; then an
+    unprivileged account (``mosquitto``, which Debian's package creates, else ``nobody``)."""
+    if os.geteuid() != 0:
+        return _owner()
+    import pwd
+
+    for name in ("mosquitto", "nobody"):
+        try:
+            pwd.getpwnam(name)
+            return name
+        except KeyError:
+            continue
+    raise ConfigError("broker_user", "fedge fleet init runs as root and finds no unprivileged account (mosquitto, "
+                      "nobody) for the broker: create one, or name one with --broker-user")
+
+
+def _unreachable(folder: Path, uid: int, gid: int) -> Path | None:
+    """The first folder on the way to ``folder`` that user ``uid`` (group ``gid``) may not pass through."""
+    for parent in reversed([folder, *folder.parents]):
+        if not parent.exists():
+            return None  # created by init, passable (0711 / 0700 of the same owner is checked after)
+        st = parent.stat()
+        bit = 0o100 if st.st_uid == uid else 0o010 if st.st_gid == gid else 0o001
+        if not st.st_mode & bit:
+            return parent
+    return None
+
+
+def _hand_to_broker(d: FleetDir, user: str) -> None:
+    """Run as root for a broker that drops to ``user``: give it what it reads or writes after dropping privileges
+    (its key, the password file it re-reads on SIGHUP, the persistence folder, the pid file) and let it into the
+    folder (0711: it cannot list it; every other file stays root's alone)."""
+    if os.geteuid() != 0 or user == "root":
+        return
+    import pwd
+
+    account = pwd.getpwnam(user)
+    pid = d.root / "mosquitto.pid"
+    if not pid.exists():
+        write_private(pid, b"", 0o644)
+    d.root.chmod(0o711)
+    for path in (d.server_key, d.passwd, d.data, pid):
+        os.chown(path, account.pw_uid, account.pw_gid)
+
+
+def _check_broker_user(root: Path, user: str) -> None:
+    """ConfigError unless the broker, dropping to ``user``, can reach the fleet folder."""
+    if os.geteuid() != 0 or user == "root":
+        return
+    import pwd
+
+    try:
+        account = pwd.getpwnam(user)
+    except KeyError:
+        raise ConfigError("broker_user", f"no account named {user!r}") from None
+    blocked = _unreachable(root, account.pw_uid, account.pw_gid)
+    if blocked is not None:
+        raise ConfigError("dir", f"the broker runs as the unprivileged user {user!r}, which cannot pass through "
+                          f"{blocked} (mode {blocked.stat().st_mode & 0o777:o}): put the fleet folder where it can "
+                          "(e.g. under /srv or /etc), or give the folder its own --broker-user")
 
 
 def _owner() -> str:
@@ -264,9 +338,11 @@ def _broker_url(host: str, port: int) -> str:
 
 def init_fleet(fleet: str, directory: str | Path, *, broker_host: str = "localhost", port: int = 8883,
                bind: str | None = None, artifacts: str = "artifacts",
-               days: int = 3650) -> FleetDir:
+               days: int = 3650, broker_user: str | None = None) -> FleetDir:
     """Create the fleet folder (see the module docstring) and return it. Refuses a folder that already holds a
-    fleet: a new CA would lock out every provisioned device."""
+    fleet: a new CA would lock out every provisioned device. ``broker_user``: whom mosquitto drops to when started
+    as root (default :func:`default_broker_user`: never root); run as root, the files the broker needs after dropping
+    privileges are handed to that user, and a folder it cannot reach is refused."""
     Topics(fleet)  # ConfigError on a bad fleet id
     if not 1 <= port <= 65535:
         raise ConfigError("port", f"must be in [1, 65535], got {port}")
@@ -275,6 +351,8 @@ def init_fleet(fleet: str, directory: str | Path, *, broker_host: str = "localho
     d = FleetDir.at(directory)
     if d.meta.exists():
         raise ConfigError("dir", f"{d.root} already holds a fleet ({d.meta}); use another folder")
+    user = broker_user or default_broker_user()
+    _check_broker_user(d.root, user)
     for folder in (d.root, d.data):
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         folder.chmod(0o700)
@@ -286,7 +364,7 @@ def init_fleet(fleet: str, directory: str | Path, *, broker_host: str = "localho
     set_password(d.passwd, HUB_USER, hub_pw)
     set_password(d.passwd, OPERATOR_USER, operator_pw)
     write_private(d.acl, acl_text(fleet), 0o644)
-    write_private(d.mosquitto_conf, mosquitto_conf(d, port, bind), 0o644)
+    write_private(d.mosquitto_conf, mosquitto_conf(d, port, bind, user), 0o644)
     hub = {"fleet": fleet, "state_dir": "hub-state", "artifacts": artifacts, "signing_key": str(d.signing_key),
            "broker": {"url": url, "username": HUB_USER, "password": hub_pw, "ca_file": str(d.ca_cert)}}
     write_private(d.hub_toml, dumps_toml(hub, header=(
@@ -300,6 +378,7 @@ def init_fleet(fleet: str, directory: str | Path, *, broker_host: str = "localho
         "relative paths resolve against this file's folder")))
     meta = {"fleet": fleet, "broker_url": url, "hub_user": HUB_USER, "operator_user": OPERATOR_USER}
     write_private(d.meta, dumps_toml(meta, header="fedge fleet folder (fedge fleet init)"), 0o644)
+    _hand_to_broker(d, user)
     return d
 
 
@@ -348,10 +427,25 @@ def remove_device(fleet_dir: str | Path, device_id: str) -> FleetDir:
     entries = password_entries(d.passwd)
     if entries.pop(device_id, None) is None:
         raise ConfigError("device_id", f"{device_id!r} has no account in {d.passwd}")
-    write_private(d.passwd, "".join(f"{line}\n" for line in entries.values()))
+    _write_passwd(d.passwd, "".join(f"{line}\n" for line in entries.values()))
     return d
 
 
-__all__ = ["HUB_USER", "OPERATOR_USER", "RESERVED_USERS", "FleetDir", "acl_text", "add_device", "check_password",
-           "hash_password", "init_fleet", "mosquitto_conf", "password_entries", "remove_device", "rotate_signing_key",
-           "set_password", "write_private"]
+__all__ = [
+    "HUB_USER",
+    "OPERATOR_USER",
+    "RESERVED_USERS",
+    "FleetDir",
+    "acl_text",
+    "add_device",
+    "check_password",
+    "default_broker_user",
+    "hash_password",
+    "init_fleet",
+    "mosquitto_conf",
+    "password_entries",
+    "remove_device",
+    "rotate_signing_key",
+    "set_password",
+    "write_private",
+]

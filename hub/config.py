@@ -144,11 +144,19 @@ class RoundsConfig:
                      'round stochastically and carry what rounding lost into their next update (error feedback). '
                      'Not with [secagg] (secure aggregation quantises into its own ring)', example="int4"),
     )
+    over_select: float = field(
+        default=0.25,
+        metadata=doc(
+            'plain and SecAgg rounds close as soon as selected / (1 + over_select) devices (at least min_devices) sent '
+            'a valid update: the slowest, or silent, over_select share is not waited for (0 = wait for every '
+            'selected device, or the deadline)', example=0.5),
+    )
 
     def __post_init__(self) -> None:
         if self.compression not in ("off", "int8", "int4"):
             raise ConfigError("rounds.compression", f"must be off, int8 or int4, got {self.compression!r}")
         _need_int("rounds.min_devices", self.min_devices, 1)
+        _need_num("rounds.over_select", self.over_select, minimum=0.0)
         _need_num("rounds.offline_grace_s", self.offline_grace_s, minimum=0.0)
         _need_num("rounds.deadline_s", self.deadline_s, positive=True)
         _need_num("rounds.fraction", self.fraction, positive=True)
@@ -217,8 +225,15 @@ class AggregationConfig:
                      'updates (this round\'s alone at first); never above norm_ceiling', example=5.0),
     )
     norm_multiplier: float = field(
-        default=4.0,
-        metadata=doc('"auto" norm bound: this multiple of the median accepted norm (>= 1)', example=3.0),
+        default=1.0,
+        metadata=doc('"auto" norm bound: this multiple of the median accepted norm (>= 1; 1: no update is longer '
+                     'than a typical one, which costs honest rounds nothing measurable: bench/robust_strategy.py)',
+                     example=2.0),
+    )
+    max_weight_share: float = field(
+        default=0.25,
+        metadata=doc("fedavg: no update carries more than this share of a round's total weight, in (0, 1] (a round "
+                     "of n updates gives each at least 1/n)", example=0.2),
     )
     norm_window: int = field(
         default=5,
@@ -263,6 +278,9 @@ class AggregationConfig:
             raise ConfigError("aggregation.trim_fraction", f"must be < 0.5, got {self.trim_fraction}")
         _need_num("aggregation.max_weight_ratio", self.max_weight_ratio, minimum=1.0)
         _need_num("aggregation.norm_multiplier", self.norm_multiplier, minimum=1.0)
+        _need_num("aggregation.max_weight_share", self.max_weight_share, positive=True)
+        if self.max_weight_share > 1:
+            raise ConfigError("aggregation.max_weight_share", f"must be in (0, 1], got {self.max_weight_share}")
         _need_int("aggregation.norm_window", self.norm_window, 0)
         _need_num("aggregation.norm_ceiling", self.norm_ceiling, positive=True)
         if not isinstance(self.deploy_gate, bool):
@@ -407,6 +425,13 @@ class SecAggSection:
     stage_timeout_s: float = field(default=30.0, metadata=doc(
         "how long the key and unmask stages wait for devices (the masked-input stage lasts until the round's "
         "deadline)", example=10.0))
+    l2_clip: float | str = field(default="auto", metadata=doc(
+        'each update is clipped to this L2 norm before quantisation, and the hub refuses a sum that inputs so bounded '
+        'cannot make: a number, 0 (no L2 clip: only the per-coordinate one), or "auto" = it follows the median of '
+        "the devices' update norms (each input carries one bit: under the clip or not), starting from "
+        "l2_clip_start; under distributed DP the privacy clip C", example=2.0))
+    l2_clip_start: float = field(default=1.0, metadata=doc(
+        '"auto" L2 clip: where it starts (it moves by at most ~10% a round)', example=5.0))
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
@@ -420,6 +445,9 @@ class SecAggSection:
         _need_num("secagg.clip", self.clip, positive=True)
         _need_num("secagg.scale", self.scale, positive=True)
         _need_num("secagg.stage_timeout_s", self.stage_timeout_s, positive=True)
+        if self.l2_clip != "auto" and (not _is_num(self.l2_clip) or float(self.l2_clip) < 0):
+            raise ConfigError("secagg.l2_clip", f'must be "auto" or a number >= 0, got {self.l2_clip!r}')
+        _need_num("secagg.l2_clip_start", self.l2_clip_start, positive=True)
         cfg = self.params()  # ring_bits range and the rest, named
         if self.degree and self.threshold and not self.degree / 2 < self.threshold <= self.degree:
             raise ConfigError("secagg.threshold", f"{self.threshold} must satisfy degree/2 < threshold <= degree "
@@ -427,9 +455,33 @@ class SecAggSection:
         cfg.check_capacity(2)  # the smallest cohort: a ring that two devices overflow fits nobody
 
     def params(self) -> SecAggConfig:
-        """The library's parameters (ConfigError naming the field if they are unusable)."""
+        """The library's parameters (ConfigError naming the field if they are unusable); an "auto" L2 clip starts
+        at ``l2_clip_start``."""
+        l2 = self.l2_clip_start if self.adaptive_l2 else float(self.l2_clip)
         return SecAggConfig(degree=self.degree, threshold=self.threshold, ring_bits=self.ring_bits, clip=self.clip,
-                            scale=self.scale, stochastic=self.stochastic)
+                            scale=self.scale, stochastic=self.stochastic, l2_clip=l2)
+
+    @property
+    def adaptive_l2(self) -> bool:
+        return self.l2_clip == "auto"
+
+
+@dataclass(frozen=True)
+class ConductConfig:
+    """``[conduct]``: devices that keep breaking or stalling rounds are excluded from selection (fedge.core.conduct)."""
+
+    strikes: int = field(default=2, metadata=doc(
+        "strikes that exclude a device: one for each SecAgg share or share bundle proved bad, each round it stalled "
+        "(selected, online, silent until the deadline); a round it contributes to takes one away", example=3))
+    exclude_rounds: int = field(default=5, metadata=doc(
+        "rounds a device is excluded the first time (twice as long each time after)", example=10))
+    max_exclusions: int = field(default=3, metadata=doc(
+        "after this many exclusions a device stays out until `fedge hub devices readmit`", example=2))
+
+    def __post_init__(self) -> None:
+        _need_int("conduct.strikes", self.strikes, 1)
+        _need_int("conduct.exclude_rounds", self.exclude_rounds, 1)
+        _need_int("conduct.max_exclusions", self.max_exclusions, 1)
 
 
 @dataclass(frozen=True)
@@ -548,6 +600,7 @@ class HubConfig:
     http: HttpConfig = HttpConfig()
     store: StoreConfig = StoreConfig()
     secagg: SecAggSection = SecAggSection()
+    conduct: ConductConfig = ConductConfig()
 
     def __post_init__(self) -> None:
         if self.rounds.compression != "off" and self.secagg.enabled:
@@ -577,7 +630,7 @@ class HubConfig:
 
 
 _TOP: Final = frozenset({"fleet", "state_dir", "artifacts", "eval_data", "devices", "broker", "rounds", "limits",
-                         "aggregation", "schedule", "privacy", "http", "store", "signing_key", "secagg"})
+                         "aggregation", "schedule", "privacy", "http", "store", "signing_key", "secagg", "conduct"})
 
 
 def _table(table: Mapping[str, Any], key: str, cls: type[Any]) -> Any:
@@ -635,6 +688,7 @@ def config_from_mapping(table: Mapping[str, Any], base_dir: Path) -> HubConfig:
         http=_table(table, "http", HttpConfig),
         store=_table(table, "store", StoreConfig),
         secagg=_table(table, "secagg", SecAggSection),
+        conduct=_table(table, "conduct", ConductConfig),
     )
 
 
@@ -656,7 +710,9 @@ def reference_sections() -> list[Section]:
         Section("privacy", keys_of(PrivacyConfig), "client-level differential privacy (PROTOCOL.md)"),
         Section("http", keys_of(HttpConfig), "the read-only fleet dashboard and Prometheus /metrics (README)"),
         Section("store", keys_of(StoreConfig), "what the hub's SQLite store keeps"),
-        Section("secagg", keys_of(SecAggSection), "secure aggregation: the hub sees only the sum (PROTOCOL.md)"),
+        Section("secagg", keys_of(SecAggSection, types={"l2_clip": 'number or "auto"'}),
+                "secure aggregation: the hub sees only the sum (PROTOCOL.md)"),
+        Section("conduct", keys_of(ConductConfig), "devices that keep breaking or stalling rounds are excluded"),
     ]
 
 
@@ -679,6 +735,7 @@ __all__ = [
     "EMBEDDED",
     "STRATEGIES",
     "AggregationConfig",
+    "ConductConfig",
     "HttpConfig",
     "HubBroker",
     "HubConfig",

@@ -25,6 +25,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedge.core.aggregators import Bounds
+from fedge.core.conduct import excluded, reliability
 from fedge.core.losses import Score
 from fedge.core.privacy import DpParams
 from fedge.core.rounds import OpenRound
@@ -54,15 +55,16 @@ __all__ = ["HubDaemon", "HubStateError", "check_signing_key", "gate_warnings", "
 def strategy_for(cfg: HubConfig) -> Strategy:
     """The hub's strategy: ``[aggregation]``'s robust base, wrapped for ``[privacy]`` and ``[secagg]``."""
     agg, p = cfg.aggregation, cfg.privacy
-    bounds = Bounds(agg.max_weight_ratio, agg.fixed_update_norm, agg.norm_multiplier, agg.norm_ceiling)
+    bounds = Bounds(agg.max_weight_ratio, agg.fixed_update_norm, agg.norm_multiplier, agg.norm_ceiling,
+                    agg.max_weight_share)
     federated = cfg.eval_data is None if agg.federated_gate == "auto" else bool(agg.federated_gate)
     base = Robust(agg.strategy, agg.proximal_lambda, bounds, agg.trim_fraction, cfg.rounds.seed,
-                  GateSettings(agg.deploy_gate, agg.deploy_tolerance, federated))
+                  GateSettings(agg.deploy_gate, agg.deploy_tolerance, federated), cfg.rounds.over_select)
     privacy = None if not p.enabled else PrivacySettings(
         p.mode, p.noise_multiplier, p.clip, p.sample_rate, p.epsilon_budget, p.delta, p.dropout_allowance,
         p.amplification)
     secagg = cfg.secagg.params() if cfg.secagg.enabled else None
-    return build_strategy(base, privacy, secagg, cfg.secagg.stage_timeout_s)
+    return build_strategy(base, privacy, secagg, cfg.secagg.stage_timeout_s, cfg.secagg.adaptive_l2)
 
 
 def gate_warnings(cfg: HubConfig) -> list[str]:
@@ -313,7 +315,18 @@ class HubDaemon:
         return set(self.cfg.devices) if self.cfg.devices is not None else set(self._online)
 
     def fleet_view(self) -> FleetView:
-        return FleetView(frozenset(self.candidates()), frozenset(self._dp_capable), frozenset(self._secagg_capable))
+        """The candidates less the excluded devices (:mod:`fedge.core.conduct`), weighted by how often they answer."""
+        candidates = self.candidates()
+        rid = self.store.next_round_id()
+        out = {d for d, s in self.store.standings().items() if d in candidates and excluded(s, rid)}
+        if out:
+            log.info("not selectable in round %d (excluded): %s", rid, sorted(out))
+        pool = frozenset(candidates - out)
+        return FleetView(pool, frozenset(self._dp_capable), frozenset(self._secagg_capable),
+                         reliability(self.store.records(), pool))
+
+    def online(self) -> set[str]:
+        return set(self._online)
 
     def current(self) -> VersionRow:
         cur = self.registry.current()
@@ -368,7 +381,7 @@ class HubDaemon:
             self.publish(self.topics.announce, b"", retain=True)
             last = self.store.last_round()
             if last is not None and last.closed_at is not None:
-                self.publish(self.topics.result, encode(self.rounds.result_of(last.id)), retain=True)
+                self.rounds.publish_result(last.id)
 
     def _handle_presence(self, topic: str, payload: bytes) -> None:
         if not payload:

@@ -58,7 +58,8 @@ def control_broker(args: argparse.Namespace) -> BrokerConfig:
 
 class Operator:
     """Requests to one fleet's hub and the results it publishes, over ``transport`` (subscribed at once; connect
-    the transport afterwards). ``on_result`` is called for every result seen (retained ones included)."""
+    the transport afterwards). ``on_result`` is called for every result seen (retained ones included), the
+    operators' full copy (``control/round/result``) in preference to the one devices read."""
 
     def __init__(self, transport: Transport, fleet: str, on_result: Callable[[RoundResult], None] | None = None
                  ) -> None:
@@ -68,9 +69,11 @@ class Operator:
         self._on_result = on_result
         self._replies: dict[str, dict[str, Any]] = {}
         self._results: dict[int, RoundResult] = {}
+        self._full: set[int] = set()  # rounds whose operator copy arrived
         self._cond = threading.Condition()
         transport.subscribe(self.topics.control_round_reply, self._reply)
         transport.subscribe(self.topics.result, self._result)
+        transport.subscribe(self.topics.control_round_result, self._result)  # the full result (cohort, samples)
 
     def _reply(self, _topic: str, payload: bytes) -> None:
         try:
@@ -82,16 +85,21 @@ class Operator:
                 self._replies[body["request_id"]] = body
                 self._cond.notify_all()
 
-    def _result(self, _topic: str, payload: bytes) -> None:
+    def _result(self, topic: str, payload: bytes) -> None:
         try:
             msg = decode(payload) if payload else None
         except FedgeError:
             return
         if isinstance(msg, RoundResult) and msg.fleet == self.fleet:
             with self._cond:
-                self._results[msg.round] = msg
+                full = topic == self.topics.control_round_result
+                kept = full or msg.round not in self._full  # the device copy never replaces the operator's
+                if kept:
+                    self._results[msg.round] = msg
+                if full:
+                    self._full.add(msg.round)
                 self._cond.notify_all()
-            if self._on_result is not None:
+            if kept and self._on_result is not None:
                 self._on_result(msg)
 
     def _ask(self, topic: str, body: bytes, request_id: str, timeout_s: float) -> dict[str, Any]:

@@ -61,7 +61,11 @@ class HubPort(Protocol):
         ...
 
     def fleet_view(self) -> FleetView:
-        """The candidates and their capabilities."""
+        """The candidates (less the excluded devices), their capabilities and reliability."""
+        ...
+
+    def online(self) -> set[str]:
+        """Devices whose retained presence says online."""
         ...
 
     def current(self) -> VersionRow:

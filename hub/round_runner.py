@@ -17,13 +17,13 @@ import numpy as np
 
 from fedge.core.aggregators import Aggregator
 from fedge.core.compress import decompress
-from fedge.core.hub_round import Closing, close_round, finite_or_none, min_inputs
+from fedge.core.hub_round import Closing, close_round, finite_or_none, for_devices, min_inputs
 from fedge.core.privacy import DpParams, ledger_epsilon
 from fedge.core.rounds import OpenRound, RoundParams, over_limits
 from fedge.core.secagg_round import SecAggCoordinator
 from fedge.core.strategy import PlanContext, Refusal, Strategy
 from fedge.core.validate import Accept, Rejection, UpdateContext, validate_update
-from fedge.hub import progress, secagg_daemon
+from fedge.hub import conduct, progress, secagg_daemon
 from fedge.hub.port import HubPort
 from fedge.hub.store import LedgerRow, VersionRow
 from fedge.protocol.codec import decode, decode_control, encode, encode_control
@@ -87,7 +87,9 @@ class RoundRunner:
         rid = hub.store.next_round_id()
         params = RoundParams.make(hub.cfg.rounds, overrides)
         now = hub.clock()
-        ctx = PlanContext(hub.cfg.fleet, rid, self.rng, _entropy, self.epsilon_spent)
+        l2 = hub.store.get_meta(secagg_daemon.SECAGG_L2_KEY)
+        ctx = PlanContext(hub.cfg.fleet, rid, self.rng, _entropy, self.epsilon_spent,
+                          None if l2 is None else float(l2))
         plan = self.strategy.configure(fleet, params, ctx)
         if isinstance(plan, Refusal):
             if plan.budget_exhausted:
@@ -105,10 +107,12 @@ class RoundRunner:
         rnd = OpenRound(rid, cur.version, cur.backbone_sha256, params, selected, now, now + params.deadline_s, agg,
                         offline_grace_s=hub.cfg.rounds.offline_grace_s)
         if params.secagg is not None:
+            dp = params.dp
             rnd.secagg = SecAggCoordinator(
                 hub.cfg.fleet, rid, params.secagg, selected, sum(math.prod(s) for s in agg.shapes.values()), now,
                 rnd.deadline, lambda device, frame: hub.publish(hub.topics.secagg_inbox(device), frame),
-                min_inputs=min_inputs(params))
+                min_inputs=min_inputs(params), target=params.target, dp_clip=0.0 if dp is None else dp.clip,
+                noise_std=0.0 if dp is None else dp.device_noise_std())
         # the ledger entry and the round are one transaction: a crash leaves both or neither
         hub.store.open_round(rid, cur.version, cur.backbone_sha256, params.to_dict(), selected, now, rnd.deadline,
                              ledger)
@@ -158,7 +162,7 @@ class RoundRunner:
                                         detail)
         self.end_chain()
         hub.rounds_jsonl({"round": rid, "status": str(status), "detail": detail, "devices": 0})
-        hub.publish(hub.topics.result, encode(self.result_of(rid)), retain=True)
+        self.publish_result(rid)
         log.warning("round %d %s: %s", rid, status, detail)
 
     # -- messages ---------------------------------------------------------------------------------------------
@@ -171,6 +175,7 @@ class RoundRunner:
             max_update_bytes=self.hub.cfg.rounds.max_update_bytes,
             private=r is not None and r.params.dp is not None, declined=frozenset(r.declined if r else ()),
             compression=r.params.compression if r else None,
+            registered_samples=self.hub.store.registered_samples() if r is not None else {},
         )
 
     def handle_update(self, device: str | None, topic: str, payload: bytes, known: frozenset[str]) -> None:
@@ -287,6 +292,7 @@ class RoundRunner:
                               rejected, row, make_current=outcome.deploy,
                               gate_round=hub.store.next_round_id() if gating else None)
         self.round = None
+        self._account(r, now)
         if self.strategy.keeps_norms(r.params) and r.aggregator.norms:  # the "auto" norm bound's history
             hub.store.add_update_norms(r.id, r.aggregator.norms, hub.cfg.aggregation.norm_window)
         s = r.aggregator.summary
@@ -302,10 +308,11 @@ class RoundRunner:
                  outcome.status, len(devices), len(r.selected), r.n_samples, rejected,
                  "-" if outcome.accuracy is None else f"{outcome.accuracy:.4f}", "-" if row is None else row.version,
                  now - r.opened_at)
-        result = encode(self.result_of(r.id))  # before anything goes out: if it cannot encode, nothing is published
+        result = self.result_of(r.id)
+        frames = encode(result), encode(for_devices(result))  # if they cannot encode, nothing goes out
         if row is not None and outcome.deploy:
             hub.publish_model(row)
-        hub.publish(hub.topics.result, result, retain=True)
+        self.publish_result(r.id, frames)
         hub.publish(hub.topics.announce, b"", retain=True)
         hub.publish_status()
         if gating and row is not None and self.open_gate is not None:
@@ -327,6 +334,14 @@ class RoundRunner:
         if outcome.deploy and not outcome.federated and self.strategy.federated_gate(r.params) \
                 and self.hub.cfg.eval_data is None:
             log.warning("round %d: deployed unscored (no held-out data, and no device sent validation scores)", r.id)
+    def _account(self, r: OpenRound, now: float) -> None:
+        """Who answered ``r`` (selection weights), and strikes for devices that stalled it: a plain round that ran
+        to its deadline waited for selected devices that stayed online and silent."""
+        answered = set(r.accepted) | set(r.declined)
+        stalled: set[str] = set()
+        if r.params.secagg is None and now >= r.deadline and r.target_at is None:
+            stalled = (set(r.selected) - answered - r.failed_offline(now)) & self.hub.online()
+        conduct.account(self.hub, r.id, r.selected, answered, set(r.accepted), sorted(stalled))
 
     def _detail(self, r: OpenRound, outcome: Closing, row: VersionRow | None) -> str | None:
         if row is None:
@@ -358,13 +373,24 @@ class RoundRunner:
         devices = tuple(sorted(r.accepted))
         hub.store.close_round(r.id, str(status), now, None, None, devices, r.n_samples, rejected, None)
         self.round = None
+        if status is not RoundStatus.CANCELLED and r.params.secagg is None:  # SecAgg: secagg_daemon accounts
+            self._account(r, now)
         self.end_chain()
         hub.rounds_jsonl({"round": r.id, "status": str(status), "devices": len(devices),
                           "n_samples": r.n_samples, "seconds": round(now - r.opened_at, 3), "detail": detail})
         log.warning("round %d %s: %s", r.id, status, detail)
-        hub.publish(hub.topics.result, encode(self.result_of(r.id)), retain=True)
+        self.publish_result(r.id)
         hub.publish(hub.topics.announce, b"", retain=True)
         hub.publish_status()
+
+    def publish_result(self, rid: int, frames: tuple[bytes, bytes] | None = None) -> None:
+        """Round ``rid``'s result, retained: in full to operators (``control/round/result``), without cohort and
+        sample totals to everyone (``round/result``; :func:`~fedge.core.hub_round.for_devices`)."""
+        if frames is None:
+            result = self.result_of(rid)
+            frames = encode(result), encode(for_devices(result))
+        self.hub.publish(self.hub.topics.control_round_result, frames[0], retain=True)
+        self.hub.publish(self.hub.topics.result, frames[1], retain=True)
 
     def result_of(self, rid: int) -> RoundResult:
         store = self.hub.store

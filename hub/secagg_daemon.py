@@ -14,8 +14,11 @@ import logging
 import numpy as np
 
 from fedge.core.aggregators import SecureSumAggregator
+from fedge.core.conduct import Offence
 from fedge.core.rounds import OpenRound
+from fedge.core.secagg import next_l2_clip
 from fedge.core.secagg_round import SecAggCoordinator, SecureSum, split_flat
+from fedge.hub import conduct
 from fedge.hub.port import HubPort, RoundsPort
 from fedge.protocol.codec import decode
 from fedge.protocol.errors import DecodeError, SecAggError
@@ -23,7 +26,10 @@ from fedge.protocol.messages import RejectReason, RoundStatus, SecAggStage
 
 log = logging.getLogger("fedge.hub.secagg")
 
-__all__ = ["handle_frame", "step"]
+__all__ = ["SECAGG_L2_KEY", "handle_frame", "step"]
+
+SECAGG_L2_KEY = "secagg_l2_clip"
+"""The store's meta key of the adaptive SecAgg L2 clip (``[secagg] l2_clip = "auto"``): where the next round starts."""
 
 
 def _refuse(hub: HubPort, rounds: RoundsPort, device: str | None, topic: str, reason: str, detail: str) -> None:
@@ -71,6 +77,7 @@ def step(hub: HubPort, rounds: RoundsPort, rnd: OpenRound) -> None:
     try:
         out = coord.step(now, rnd.gone(now))
     except SecAggError as exc:  # a failed close leaves the server in stage "failed": name the stage that failed
+        _blame(hub, rnd.id, coord.server.blamed)
         rounds.end(rnd, RoundStatus.FAILED_QUORUM, f"secure aggregation failed in stage {coord.closing}: {exc}")
         return
     if out is None:
@@ -83,11 +90,33 @@ def step(hub: HubPort, rounds: RoundsPort, rnd: OpenRound) -> None:
             rounds.end(rnd, RoundStatus.FAILED_QUORUM, f"closing the secure-aggregation round failed: {exc}")
 
 
+def _blame(hub: HubPort, rid: int, blamed: dict[str, str]) -> None:
+    """A strike (and an alert) for each device the SecAgg stages showed to be responsible for a bad share."""
+    for device, what in sorted(blamed.items()):
+        offence = (Offence.BAD_UNMASK if what.startswith("revealed") else
+                   Offence.BAD_INPUT if what.startswith("said") else Offence.BAD_SHARES)
+        conduct.strike(hub, rid, device, offence, what)
+
+
 def _close(hub: HubPort, rounds: RoundsPort, rnd: OpenRound, coord: SecAggCoordinator, out: SecureSum) -> None:
     res = out.result  # at least min_inputs(rnd.params) of them: the server refuses fewer before unmasking
+    _blame(hub, rnd.id, dict(res.blamed))
     silent = tuple(d for d in res.included if d not in res.unmask_responders)
     hub.store.add_secagg_sum(rnd.id, res.included, res.dropped_before_input, coord.setup.config.ring_bits,
                              coord.setup.config.scale, np.asarray(res.total, dtype="<u8").tobytes(), silent)
+    answered = set(res.included) | set(rnd.declined)
+    if out.problem is not None:  # some input was not bounded: who sent it is hidden in the sum, the round is not
+        detail = (f"refused: the secure sum of {len(res.included)} inputs cannot come from bounded honest inputs "
+                  f"({out.problem}); nothing aggregated, nothing deployed")
+        hub.store.add_alert(rnd.id, "secagg_sum_refused", None, detail)
+        rounds.end(rnd, RoundStatus.REFUSED_INPUT, detail)
+        conduct.account(hub, rnd.id, rnd.selected, answered, set())
+        return
+    if out.under is not None and coord.plan.norm_bit:  # the adaptive L2 clip moves toward the median norm
+        l2 = next_l2_clip(coord.plan.l2_clip, out.under)
+        hub.store.set_meta(SECAGG_L2_KEY, repr(l2))
+        log.info("round %d: %.0f%% of the inputs were within the L2 clip %.4g: next clip %.4g", rnd.id,
+                 100 * out.under, coord.plan.l2_clip, l2)
     agg = rnd.aggregator
     if not isinstance(agg, SecureSumAggregator):
         raise TypeError(f"round {rnd.id} is a secure-aggregation round with a {agg.name} aggregator")

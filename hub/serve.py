@@ -48,6 +48,15 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--config", required=True)
     p.add_argument("--to", required=True, metavar="VERSION", help="e.g. v3")
     p.set_defaults(handler=run_rollback)
+    dev = hsub.add_parser("devices", help="devices' conduct: standing, exclusions, readmission")
+    dsub = dev.add_subparsers(dest="devices_command", required=True)
+    p = dsub.add_parser("list", help="every device's strikes, exclusion and participation (JSON)")
+    p.add_argument("--config", required=True, help="hub.toml")
+    p.set_defaults(handler=run_devices_list)
+    p = dsub.add_parser("readmit", help="let an excluded device be selected again (from the next round on)")
+    p.add_argument("device")
+    p.add_argument("--config", required=True, help="hub.toml")
+    p.set_defaults(handler=run_devices_readmit)
 
     rnd = sub.add_parser("round", help="control rounds of a running hub")
     rsub = rnd.add_subparsers(dest="round_command", required=True)
@@ -263,6 +272,54 @@ def run_privacy(args: argparse.Namespace) -> int:
               f"{r['sample_rate']:>6.3g} {r['cohort']:>6} {r['expected_cohort']:>8.1f} {r['epsilon']:>8.3f}")
     for r in info["refused"]:
         print(f"round {r['round']} refused: {r['detail']}")
+    return 0
+
+
+def _store(config_path: str) -> Any:
+    from fedge.hub.config import load_config
+    from fedge.hub.store import Store
+
+    cfg = load_config(config_path)
+    db = cfg.state_dir / "hub.sqlite"
+    if not db.exists():
+        raise FedgeError(f"no hub state at {db} (has the hub run yet?)")
+    return Store(db)
+
+
+def devices_dict(config_path: str) -> dict[str, Any]:
+    """Every known device's standing (strikes, exclusion) and participation, and the latest alerts."""
+    from dataclasses import asdict
+
+    from fedge.core.conduct import Record, Standing, excluded
+
+    store = _store(config_path)
+    try:
+        rid = store.next_round_id()
+        standings, records = store.standings(), store.records()
+        names = sorted({d["device"] for d in store.devices()} | set(standings) | set(records))
+        rows = []
+        for d in names:
+            s = standings.get(d, Standing())
+            rows.append({"device": d, "excluded": excluded(s, rid), **asdict(s), **asdict(records.get(d, Record()))})
+        return {"next_round": rid, "devices": rows, "alerts": store.alerts(20)}
+    finally:
+        store.close()
+
+
+def run_devices_list(args: argparse.Namespace) -> int:
+    print(json.dumps(devices_dict(args.config), indent=2))
+    return 0
+
+
+def run_devices_readmit(args: argparse.Namespace) -> int:
+    from fedge.hub.conduct import readmit
+
+    store = _store(args.config)
+    try:
+        was = readmit(store, args.device)
+    finally:
+        store.close()
+    print(f"{args.device} readmitted (was: {was or 'strikes'}); a running hub may select it from its next round on")
     return 0
 
 

@@ -4,7 +4,8 @@ Tables: ``meta`` (current version pointer, schedule chain), ``backbones``, ``ver
 ``rounds`` (params, selection, deadline, outcome), ``updates`` (accepted updates, UNIQUE(round, device):
 nonce, samples, metrics, and the raw frame until the round closes unless ``keep_update_payloads``),
 ``rejects`` (reason per refused message), ``control`` (ignored control messages), ``devices`` (presence),
-``candidates``, ``selections`` and ``selection_reports`` (source-model selection). Every write is its own
+``candidates``, ``selections`` and ``selection_reports`` (source-model selection), ``alerts``, ``conduct`` and
+``participation`` (devices' standing: :mod:`fedge.hub.store_conduct`). Every write is its own
 transaction. One connection, guarded by a lock, shared by the daemon's threads. The file, its -wal and -shm
 are 0600 in a 0700 folder.
 """
@@ -18,11 +19,12 @@ from collections.abc import Iterator
 from typing import Any
 
 from fedge.core.aggregators import recent_norms, record_norms
+from fedge.hub.store_conduct import ConductTables
 from fedge.hub.store_fleet import FleetTables
 from fedge.hub.store_rows import LedgerRow, RoundRow, SelectionRow, StoredUpdate, VersionRow
 
 
-class Store(FleetTables):
+class Store(FleetTables, ConductTables):
     """The hub's SQLite database (WAL, ``synchronous=FULL``): model versions, rounds, accepted updates (raw
     payloads), rejects, control outcomes, devices and metadata.
 

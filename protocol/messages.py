@@ -70,6 +70,7 @@ class RoundStatus(StrEnum):
     FAILED_QUORUM = "failed_quorum"
     REFUSED_BUDGET = "refused_budget"  # the round would have spent more privacy budget than configured
     CANCELLED = "cancelled"            # an operator cancelled the open round (control/round/cancel)
+    REFUSED_INPUT = "refused_input"    # a SecAgg sum that bounded honest inputs cannot make: nothing deployed
 
 
 class DeclineReason(StrEnum):
@@ -161,6 +162,8 @@ class RoundAnnounce:
     # update counted while its model is at most ``max_staleness`` versions old; absent = a synchronous round
     buffer_k: int | None = field(default=None, metadata=EXT)
     max_staleness: int | None = field(default=None, metadata=EXT)
+    secagg_l2_clip: float | None = field(default=None, metadata=EXT)  # each update clipped to this L2 norm first
+    secagg_norm_bit: bool = field(default=False, metadata=EXT)  # one more coordinate: clip if under the L2 clip
 
 
 @dataclass(frozen=True, eq=False)

@@ -4,6 +4,8 @@ Every message carries the round id and its sender; hub-to-device messages also n
 Encoding (no pickle): ``b"FSA" | version u8 | kind u8`` then the fields in declaration order:
 strings as ``u16 length | UTF-8``, byte strings as ``u32 length | bytes``, integers as ``u32``, tuples as
 ``u32 count | items``. Every length is big-endian; a truncated payload or trailing bytes are ``malformed``.
+A message's last ``OPTIONAL`` fields (``MaskedInput.rejected``) are written only when not empty: without them the
+bytes are those of version 1 before the field existed.
 """
 
 from __future__ import annotations
@@ -107,8 +109,10 @@ class MaskedInput:
     sender: str
     ring_bits: int
     vector: bytes
+    rejected: tuple[str, ...] = ()  # neighbours whose relayed share bundle would not open: left out of the masks
     KIND: ClassVar[int] = 5
-    SCHEMA: ClassVar[str] = "ssib"
+    SCHEMA: ClassVar[str] = "ssibS"
+    OPTIONAL: ClassVar[int] = 1
 
     def values(self) -> NDArray[np.uint64]:
         """The vector as ring elements (``uint64``)."""
@@ -178,11 +182,19 @@ def _put(out: list[bytes], code: str, value: Any) -> None:
                     _put(out, c, getattr(item, f.name))
 
 
+def _required(cls: type[Any]) -> int:
+    return len(cls.SCHEMA) - int(getattr(cls, "OPTIONAL", 0))
+
+
 def encode(msg: StageMessage) -> bytes:
-    """The explicit byte encoding of a stage message."""
+    """The explicit byte encoding of a stage message (optional trailing fields only when not empty)."""
     out = [_MAGIC, bytes([_VERSION, msg.KIND])]
-    for f, code in zip(fields(msg), msg.SCHEMA, strict=True):
-        _put(out, code, getattr(msg, f.name))
+    values = [getattr(msg, f.name) for f in fields(msg)]
+    keep = len(values)
+    while keep > _required(type(msg)) and not values[keep - 1]:
+        keep -= 1
+    for value, code in zip(values[:keep], msg.SCHEMA[:keep], strict=True):
+        _put(out, code, value)
     return b"".join(out)
 
 
@@ -230,7 +242,11 @@ def decode(payload: bytes) -> StageMessage:
         raise SecAggError(SecAggFailure.MALFORMED, f"unknown kind {payload[4]}")
     reader = _Reader(payload)
     reader.pos = 5
-    values = [reader.get(code) for code in cls.SCHEMA]
+    values = [reader.get(code) for code in cls.SCHEMA[:_required(cls)]]
+    for code in cls.SCHEMA[_required(cls):]:  # optional trailing fields: present only when not empty
+        if reader.pos == len(payload):
+            break
+        values.append(reader.get(code))
     if reader.pos != len(payload):
         raise SecAggError(SecAggFailure.MALFORMED, f"{len(payload) - reader.pos} trailing bytes")
     msg: StageMessage = cls(*values)

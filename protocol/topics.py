@@ -53,6 +53,12 @@ class Topics:
         return f"{self.base}/control/round/reply"
 
     @property
+    def control_round_result(self) -> str:
+        """The full result of every round, for operators only (``round/result`` names no cohort and counts no samples:
+        every device reads it)."""
+        return f"{self.base}/control/round/result"
+
+    @property
     def control_round_select(self) -> str:
         """Ask the hub for a source-model selection round (plain JSON, PROTOCOL.md §5)."""
         return f"{self.base}/control/round/select"

@@ -13,6 +13,8 @@ the daemon writes, and nothing here can write. Update payloads are never read (o
                  "n_samples", "accuracy", "loss", "seconds", "opened_at", "closed_at", "detail", "epsilon"}],
      "chart": {"source_accuracy", "series": [{"key", "name", "points": [[round, accuracy], ...]}]},
      "rejects": {reason: count}, "declines": {reason: count},
+     "alerts": [{"round", "kind", "device", "detail", "ts"}],         # newest first: refused sums, blamed devices
+     "excluded": [{"device", "until", "permanent", "exclusions", "reason"}],  # devices no round may select
      "privacy": null | {"mode", "delta", "epsilon_budget", "epsilon_spent", "rounds": [ledger rows]}}
 """
 
@@ -176,7 +178,7 @@ class FleetReader:
         out: dict[str, Any] = {
             "fleet": self.fleet, "generated_at": self.clock(), "store": False, "current_version": None,
             "open_round": None, "devices": [], "rounds": [], "chart": {"source_accuracy": None, "series": []},
-            "rejects": {}, "declines": {}, "privacy": None, "alert": None,
+            "rejects": {}, "declines": {}, "alerts": [], "excluded": [], "privacy": None, "alert": None,
         }
         with self._conn() as conn:
             if conn is None or "rounds" not in self._tables(conn):
@@ -194,6 +196,17 @@ class FleetReader:
             out["rejects"] = self._counts(conn, "SELECT reason, COUNT(*) FROM rejects GROUP BY reason ORDER BY reason")
             out["declines"] = self._counts(conn, "SELECT reason, COUNT(*) FROM declines GROUP BY reason "
                                                  "ORDER BY reason")
+            tables = self._tables(conn)
+            if "alerts" in tables:
+                out["alerts"] = [{"round": r, "kind": k, "device": d, "detail": t, "ts": ts} for r, k, d, t, ts in
+                                 conn.execute("SELECT round, kind, device, detail, ts FROM alerts ORDER BY id DESC "
+                                              "LIMIT 50")]
+            if "conduct" in tables:
+                last = conn.execute("SELECT MAX(id) FROM rounds").fetchone()[0] or 0
+                out["excluded"] = [{"device": d, "until": u, "permanent": bool(p), "exclusions": e, "reason": why}
+                                   for d, u, p, e, why in conn.execute(
+                                       "SELECT device, until, permanent, exclusions, reason FROM conduct "
+                                       "WHERE permanent = 1 OR until > ? ORDER BY device", (last + 1,))]
             if ledger:
                 p = self.privacy
                 out["privacy"] = {

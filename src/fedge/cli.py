@@ -145,6 +145,8 @@ def _add_fleet(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--port", type=int, default=8883, help="the broker's TLS port")
     p.add_argument("--bind", help="address the broker listens on (default: every interface)")
     p.add_argument("--artifacts", default="artifacts", help="the exported model, for hub.toml")
+    p.add_argument("--broker-user", help="the account mosquitto runs as when started as root (default: you, or, when "
+                                         "you are root, the unprivileged user mosquitto, else nobody)")
     p.set_defaults(handler=_run_fleet_init)
     p = fsub.add_parser("rotate-key", help="replace the hub's signing key with a new one signed by the old one "
                                            "(restart the hub afterwards; devices follow the signed rotation)")
@@ -164,7 +166,7 @@ def _run_fleet_init(args: argparse.Namespace) -> int:
     from fedge.devices.fleet import init_fleet
 
     d = init_fleet(args.fleet, args.dir, broker_host=args.broker_host, port=args.port, bind=args.bind,
-                   artifacts=args.artifacts)
+                   artifacts=args.artifacts, broker_user=args.broker_user)
     print(f"fleet {args.fleet!r} in {d.root}\n"
           f"  broker:   mosquitto -c {d.mosquitto_conf}\n"
           f"  hub:      fedge hub serve --config {d.hub_toml}\n"

@@ -171,7 +171,7 @@ def test_hub_publishes_rotations_and_signs_with_the_rotated_key(tmp_path: Path) 
     from fedge.devices.fleet import init_fleet, rotate_signing_key
     from fedge.protocol.signing import key_id, load_private_key, load_public_key, rotation_files, verify_rotation
 
-    d = init_fleet(FLEET, tmp_path / "fleet", broker_host="127.0.0.1", port=18883)
+    d = init_fleet(FLEET, tmp_path / "fleet", broker_host="127.0.0.1", port=18883, broker_user="root")  # no broker
     old = load_public_key(d.signing_pub)
     first = rotate_signing_key(d.root)
     second = rotate_signing_key(d.root)

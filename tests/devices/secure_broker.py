@@ -3,6 +3,7 @@ broker login of each account. Used by tests/devices/test_fleet_init.py and tests
 
 from __future__ import annotations
 
+import os
 import secrets
 import subprocess
 from pathlib import Path
@@ -18,11 +19,14 @@ __all__ = ["SecureBroker"]
 class SecureBroker:
     """``fleet init`` into ``root/fleet`` with the given devices enrolled; :meth:`start` runs mosquitto on it."""
 
-    def __init__(self, root: Path, fleet: str, devices: list[str], *, artifacts: str = "artifacts") -> None:
+    def __init__(self, root: Path, fleet: str, devices: list[str], *, artifacts: str = "artifacts",
+                 broker_user: str | None = None) -> None:
         self.port = free_port()
         self.fleet = fleet
+        if broker_user is None and os.geteuid() == 0:  # pytest's folders are 0700: only root may pass
+            broker_user = "root"  # (tests/devices/test_fleet_init.py runs the unprivileged default elsewhere)
         self.dir: FleetDir = init_fleet(fleet, root / "fleet", broker_host="127.0.0.1", port=self.port,
-                                        bind="127.0.0.1", artifacts=artifacts)
+                                        bind="127.0.0.1", artifacts=artifacts, broker_user=broker_user)
         self.passwords: dict[str, str] = {}
         for dev in devices:
             self.passwords[dev] = secrets.token_urlsafe(16)

@@ -12,11 +12,14 @@ import datetime as dt
 import gc
 import ipaddress
 import os
+import pwd
 import queue
+import shutil
 import signal
 import ssl
 import stat
 import subprocess
+import tempfile
 import threading
 import warnings
 from collections.abc import Iterator
@@ -46,8 +49,9 @@ PRIVATE = ("ca.key", "server.key", "hub-signing.key", "passwd", "hub.toml", "ope
 
 def test_init_writes_a_private_fleet_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / "fleet"
+    me = pwd.getpwuid(os.geteuid()).pw_name  # the broker as the folder's owner (root: see the test after this)
     assert main(["fleet", "init", "--fleet", FLEET, "--dir", str(root), "--broker-host", "broker.example",
-                 "--port", "18883"]) == 0
+                 "--port", "18883", "--broker-user", me]) == 0
     assert "mosquitto -c" in capsys.readouterr().out
     d = FleetDir.at(root)
     assert stat.S_IMODE(root.stat().st_mode) == 0o700 and stat.S_IMODE(d.data.stat().st_mode) == 0o700
@@ -97,6 +101,62 @@ def test_init_writes_a_private_fleet_folder(tmp_path: Path, capsys: pytest.Captu
     # a second init would make a new CA and lock every provisioned device out
     assert main(["fleet", "init", "--fleet", FLEET, "--dir", str(root)]) == 2
     assert "already holds a fleet" in capsys.readouterr().err
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(os.geteuid() != 0, reason="mosquitto drops privileges only when started as root")
+def test_run_as_root_the_broker_runs_as_an_unprivileged_user(tmp_path: Path) -> None:
+    """Issue 21, item 6: ``fleet init`` as root makes mosquitto drop to an unprivileged account (mosquitto, else
+    nobody), hands it only what it needs, refuses a folder it could not reach, and a device added later still gets
+    in after a reload (the password file keeps the broker's ownership)."""
+    from fedge.devices.fleet import default_broker_user, init_fleet
+    from fedge.hub.mosquitto import MOSQUITTO, free_port, wait_port
+
+    user = default_broker_user()
+    assert user != "root"
+    with pytest.raises(ConfigError) as err:  # pytest's folders are 0700 root: the broker's user cannot pass
+        init_fleet(FLEET, tmp_path / "fleet", broker_host="127.0.0.1")
+    assert err.value.field == "dir" and user in str(err.value)
+    base = Path(tempfile.mkdtemp(prefix="fedge-fleet-", dir="/tmp"))
+    base.chmod(0o711)
+    port = free_port()
+    proc = None
+    try:
+        d = init_fleet(FLEET, base / "fleet", broker_host="127.0.0.1", port=port, bind="127.0.0.1")
+        assert f"user {user}" in d.mosquitto_conf.read_text().splitlines()
+        uid = pwd.getpwnam(user).pw_uid
+        assert {p.name for p in d.root.iterdir() if p.stat().st_uid == uid} == {
+            "server.key", "passwd", "mosquitto-data", "mosquitto.pid"}
+        assert all(stat.S_IMODE(d.root.joinpath(n).stat().st_mode) == 0o600 for n in ("ca.key", "hub-signing.key"))
+        assert stat.S_IMODE(d.root.stat().st_mode) == 0o711  # it may pass, not list
+        with (base / "mosquitto.log").open("wb") as log:
+            proc = subprocess.Popen([MOSQUITTO, "-c", str(d.mosquitto_conf)], stdout=log, stderr=log)
+        wait_port("127.0.0.1", port)
+        assert Path(f"/proc/{proc.pid}/status").read_text().count(f"\t{uid}\t") >= 1  # Uid: real, effective...
+        add_device(d.root, "device-00", "pw-00")  # rewrites passwd as root: it must stay the broker's
+        assert d.passwd.stat().st_uid == uid
+        proc.send_signal(signal.SIGHUP)
+        cfg = {"url": f"mqtts://127.0.0.1:{port}", "username": "device-00", "password": "pw-00",
+               "ca_file": str(d.ca_cert)}
+        from fedge.protocol.mqtt_config import BrokerConfig
+
+        t = MqttTransport(BrokerConfig.from_mapping(cfg), "device-00", session_expiry_s=0)
+        assert wait_until(lambda: _transport_connects(t), 10), (base / "mosquitto.log").read_text()[-2000:]
+        t.close()
+        assert proc.poll() is None  # the reload read the new password file
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(10)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _transport_connects(t: MqttTransport) -> bool:
+    try:
+        t.connect(timeout_s=2)
+        return True
+    except (TransportError, OSError):
+        return False
 
 
 def test_password_hashes_match_mosquitto_passwd(tmp_path: Path) -> None:

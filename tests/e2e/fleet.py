@@ -93,7 +93,9 @@ class Seen:
     """What the watcher received, in arrival order."""
 
     announces: list[RoundAnnounce] = field(default_factory=list)
-    results: dict[int, RoundResult] = field(default_factory=dict)
+    results: dict[int, RoundResult] = field(default_factory=dict)  # the operators' copy (control/round/result)
+    device_results: dict[int, RoundResult] = field(default_factory=dict)  # what devices read (round/result)
+    full: set[int] = field(default_factory=set)  # rounds whose operators' copy arrived
     heads: list[ModelHead] = field(default_factory=list)
     acks: list[Ack] = field(default_factory=list)
     rejects: list[tuple[str, Reject]] = field(default_factory=list)  # (topic, reject)
@@ -240,10 +242,26 @@ class Fleet:
         t.subscribe(tp.hub_status, self._recorder(lambda s, m: setattr(s, "hub_online", bool(m.online))))
         t.subscribe(tp.presence_all, self._recorder(self._on_presence))
         t.subscribe(tp.announce, self._recorder(lambda s, m: s.announces.append(m)))
-        t.subscribe(tp.result, self._recorder(lambda s, m: s.results.__setitem__(m.round, m)))
+        # the full result (cohort, samples) goes to operators; round/result, which devices read, has neither (a
+        # selection round's result is only there)
+        t.subscribe(tp.control_round_result, self._recorder(self._on_full_result))
+        t.subscribe(tp.result, self._recorder(self._on_device_result))
         t.subscribe(tp.model_head, self._recorder(lambda s, m: s.heads.append(m)))
         t.subscribe(f"{tp.base}/device/+/ack", self._recorder(lambda s, m: s.acks.append(m)))
         t.subscribe(f"{tp.base}/device/+/reject", self._recorder(lambda s, m: None, keep_topic=True))
+
+    @staticmethod
+    def _on_full_result(s: Seen, m: Message) -> None:
+        assert isinstance(m, RoundResult)
+        s.results[m.round] = m
+        s.full.add(m.round)
+
+    @staticmethod
+    def _on_device_result(s: Seen, m: Message) -> None:
+        assert isinstance(m, RoundResult)
+        s.device_results[m.round] = m
+        if m.round not in s.full:
+            s.results[m.round] = m
 
     @staticmethod
     def _on_presence(s: Seen, m: Message) -> None:

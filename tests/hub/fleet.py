@@ -123,12 +123,30 @@ class Fleet:
         self.results: list[RoundResult] = []
         self.heads: list[ModelHead] = []
         watcher = InMemoryTransport(self.broker)
-        watcher.subscribe(TOPICS.result, lambda _t, p: p and self.results.append(decode(p)))  # type: ignore[func-returns-value, arg-type]
+        # results: the operators' full copy (control/round/result); round/result, what devices read, in
+        # device_results (a selection round's result is only there, and then in results too)
+        self.device_results: list[RoundResult] = []
+        watcher.subscribe(TOPICS.control_round_result, self._full_result)
+        watcher.subscribe(TOPICS.result, self._device_result)
         watcher.subscribe(TOPICS.model_head, lambda _t, p: p and self.heads.append(decode(p)))  # type: ignore[func-returns-value, arg-type]
         self.hub = HubDaemon(cfg, InMemoryTransport(self.broker), clock=self.clock,
                              evaluator=evaluator or (lambda _d, _s, _h: None), tick_s=0.02,
                              rng=np.random.default_rng(1234))
         self.devices: dict[str, Device] = {}
+
+    def _full_result(self, _topic: str, payload: bytes) -> None:
+        if payload:
+            msg = decode(payload)
+            assert isinstance(msg, RoundResult)
+            self.results.append(msg)
+
+    def _device_result(self, _topic: str, payload: bytes) -> None:
+        if payload:
+            msg = decode(payload)
+            assert isinstance(msg, RoundResult)
+            self.device_results.append(msg)
+            if all(r.round != msg.round for r in self.results):
+                self.results.append(msg)
 
     def device(self, name: str) -> Device:
         if name not in self.devices:

@@ -12,7 +12,8 @@ from tests.hub.fleet import SHAPES, TOPICS, Fleet, hub_config, zero_delta
 
 
 def test_restart_resumes_open_round_without_loss_or_double_count(tmp_path: Path, artifacts: Path) -> None:
-    cfg = hub_config(tmp_path / "state", artifacts, rounds={"min_devices": 2})
+    cfg = hub_config(tmp_path / "state", artifacts, rounds={"min_devices": 2},  # plain FedAvg arithmetic below
+                     aggregation={"norm_multiplier": 4.0, "max_weight_share": 1.0})
     first = Fleet(cfg)
     first.hub.start()
     for name in "abc":

@@ -12,14 +12,16 @@ import pytest
 
 from fedge.core.losses import Score
 from fedge.core.privacy import l2_norm
+from fedge.hub.config import AggregationConfig
 from fedge.protocol.messages import ModelHead, RoundStatus
 from tests.hub.fleet import SHAPES, TOPICS, Fleet, hub_config, run_hub, zero_delta
 
 HONEST = ("a", "b", "c", "d")
+MULTIPLIER = AggregationConfig().norm_multiplier  # the "auto" bound's default multiple of the median norm
 
 
 def _fleet(tmp_path: Path, artifacts: Path, **aggregation: Any) -> Iterator[Fleet]:
-    cfg = hub_config(tmp_path / "state", artifacts, devices=[*HONEST, "evil"],
+    cfg = hub_config(tmp_path / "state", artifacts, devices=[*HONEST, "evil"], rounds={"over_select": 0.0},
                      aggregation={"proximal_lambda": 0.0, **aggregation})
     yield from run_hub(cfg)
 
@@ -61,8 +63,9 @@ def test_an_attacker_with_a_huge_count_and_delta_moves_the_head_by_at_most_the_b
     for fleet in _fleet(tmp_path, artifacts, strategy=strategy):
         before = fleet.hub.registry.load_head("v0")
         honest = _round(fleet, 1, zero_delta(SHAPES, attack))  # finite float32
-        # "auto", first round: 4 x the lower median of this round's five norms = the third smallest honest one
-        bound = 4.0 * sorted(honest)[2]
+        # "auto", first round: the multiplier x the lower median of this round's five norms = the third smallest
+        # honest one
+        bound = MULTIPLIER * sorted(honest)[2]
         [line] = _bounds(fleet)
         assert line["norm_bound"] == pytest.approx(bound) and line["clipped"] >= 1
         assert _moved(fleet, before) <= bound * (1 + 1e-6) + 1e-6
@@ -73,7 +76,8 @@ def test_a_fixed_bound_holds_and_the_weight_cap_is_reported(tmp_path: Path, arti
         before = fleet.hub.registry.load_head("v0")
         _round(fleet, 2, zero_delta(SHAPES, -3e38))
         [line] = _bounds(fleet)
-        assert line["norm_bound"] == 0.05 and line["weight_cap"] == 200.0 and line["capped"] == 1
+        # 2 x the median count (200), then lowered so that the liar has a quarter of the weight: c = (400 + c) / 4
+        assert line["norm_bound"] == 0.05 and line["weight_cap"] == pytest.approx(400 / 3) and line["capped"] == 1
         assert _moved(fleet, before) <= 0.05 * (1 + 1e-6) + 1e-6
 
 
@@ -88,7 +92,7 @@ def test_the_auto_bound_cannot_be_trained_upward_over_rounds(tmp_path: Path, art
             scale = attack_norm / l2_norm(attack)
             honest_max = max(honest_max, *_round(fleet, r, {k: v * np.float32(scale) for k, v in attack.items()}))
             bound = _bounds(fleet)[-1]["norm_bound"]
-            assert bound <= 4.0 * honest_max * (1 + 1e-9)
+            assert bound <= MULTIPLIER * honest_max * (1 + 1e-9)
             attack_norm = bound if r % 2 else 1e30  # ride the bound, or push with a huge norm
         assert len(fleet.hub.store.recent_update_norms(100)) == 5 * 5  # the window: the last five rounds
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedge.core.selection import history_problem, report_weights, score_in_range
 from fedge.hub.registry import Registry
 from fedge.hub.selection import rank, selection_status
 from fedge.protocol.codec import decode, encode, encode_control
@@ -16,30 +17,52 @@ from fedge.protocol.errors import DecodeError
 from fedge.protocol.messages import ModelFull, ModelUpdate, Reject, RoundAnnounce, RoundOverrides, RoundStatus
 from fedge.protocol.selection import SelectRequest, decode_select_control, encode_select_control
 from fedge.protocol.transport import InMemoryTransport
-from tests.hub.fleet import FLEET, TOPICS, Fleet, hub_config, make_artifacts
+from tests.hub.fleet import FLEET, TOPICS, Fleet, hub_config, make_artifacts, run_hub
 
 
-def test_rank_weights_by_validation_rows_and_counts_a_missing_score_as_zero() -> None:
-    reports = [
-        {"val_n": 10.0, "val_acc_a": 0.9, "val_loss_a": 0.3, "val_acc_b": 0.5, "val_loss_b": 1.0},
-        {"val_n": 30.0, "val_acc_a": 0.5, "val_loss_a": 0.9, "val_acc_b": 0.7, "val_loss_b": 0.8},
-        {"val_n": 20.0, "val_acc_b": 0.6, "val_loss_b": 0.9},  # could not score a
-    ]
-    ranking = rank(["a", "b"], reports)
-    assert [c.name for c in ranking] == ["b", "a"]
-    b, a = ranking
-    assert b.accuracy == pytest.approx((0.5 * 10 + 0.7 * 30 + 0.6 * 20) / 60)
-    assert a.accuracy == pytest.approx((0.9 * 10 + 0.5 * 30) / 60)  # over all 60 rows: 20 of them scored 0
-    assert (a.val_n, b.val_n) == (40, 60)
-    assert a.loss == pytest.approx((0.3 * 10 + 0.9 * 30) / 40)
+def test_rank_counts_a_missing_score_as_zero_and_weighs_validation_rows() -> None:
+    reports = [{"val_n": 10.0, "val_acc_b": 0.6, "val_loss_b": 0.9}]  # could not score a
+    b, a = rank(["a", "b"], reports)
+    assert (b.name, b.accuracy, a.accuracy, a.loss, a.val_n, b.val_n) == ("b", 0.6, 0.0, None, 0, 10)
+    # eight devices: the lowest and highest dropped, the rest weighted by val_n (none above a quarter of them)
+    accs = [0.1, 0.5, 0.5, 0.6, 0.7, 0.7, 0.8, 0.95]
+    rows = [20.0, 10.0, 25.0, 20.0, 20.0, 10.0, 20.0, 40.0]
+    reports = [{"val_n": n, "val_acc_a": x, "val_loss_a": 1 - x} for x, n in zip(accs, rows, strict=True)]
+    [a] = rank(["a"], reports)
+    kept = list(zip(accs, rows, strict=True))[1:-1]
+    assert a.accuracy == pytest.approx(sum(x * n for x, n in kept) / sum(n for _, n in kept), abs=1e-6)
+    assert a.val_n == 165
 
 
 def test_one_device_claiming_a_huge_validation_set_does_not_decide_the_ranking() -> None:
-    honest = [{"val_n": 100.0, "val_acc_a": 0.9, "val_acc_b": 0.3} for _ in range(9)]
+    honest = [{"val_n": 100.0, "val_acc_a": 0.9, "val_acc_b": 0.3} for _ in range(4)]
     liar = {"val_n": 1e12, "val_acc_a": 0.0, "val_acc_b": 1.0}
     a, b = rank(["a", "b"], [*honest, liar])
-    assert a.name == "a", (a, b)  # uncapped, the liar alone would make b 1.0 and a 0.0
-    assert b.accuracy == pytest.approx((9 * 100 * 0.3 + 400 * 1.0) / (9 * 100 + 400), abs=1e-6)  # 4 x median
+    assert a.name == "a", (a, b)  # a plain weighted mean would make b 1.0 and a 0.0 (4 x median: b 0.65, a 0.45)
+    assert (a.accuracy, b.accuracy) == (0.9, 0.3)  # the liar is an extreme value: dropped
+    # out-of-range scores count for nothing, a liar in the middle weighs at most a share of the kept reports
+    mid = {"val_n": 1e12, "val_acc_a": 0.5, "val_acc_b": 7.0}
+    spread = [{"val_n": 100.0, "val_acc_a": x, "val_acc_b": 0.3} for x in (0.2, 0.4, 0.6, 0.8)]
+    a, b = rank(["a", "b"], [*spread, mid])
+    assert a.accuracy == pytest.approx(0.5, abs=1e-6) and b.accuracy == pytest.approx(0.3)
+
+
+def test_report_weights_cap_at_the_median_and_at_what_a_device_said_before() -> None:
+    rows = [{"val_n": 10.0}, {"val_n": 12.0}, {"val_n": 1e9}]
+    assert report_weights(rows) == [10.0, 12.0, 48.0]
+    assert report_weights(rows, caps=[None, 5.0, 11.0]) == [10.0, 5.0, 11.0]
+
+
+def test_a_report_that_contradicts_the_devices_earlier_one_is_named() -> None:
+    earlier = {"val_n": 48.0, "val_acc_global": 0.625}
+    assert history_problem({"val_n": 48.0, "val_acc_v3": 0.7}, earlier) is None
+    assert "validation rows" in (history_problem({"val_n": 1e9}, earlier) or "")
+    same = {"val_acc_v2": "val_acc_global"}  # the deployed head, scored again in the evaluation round
+    assert history_problem({"val_n": 48.0, "val_acc_v2": 0.625}, earlier, same) is None
+    assert "scored the same head" in (history_problem({"val_n": 48.0, "val_acc_v2": 0.0}, earlier, same) or "")
+    assert history_problem({"val_n": 1e9}, None) is None
+    assert not score_in_range("val_acc_x", 1.5) and not score_in_range("val_loss_x", -1)
+    assert score_in_range("val_loss_x", 9)
 
 
 def test_rank_breaks_ties_by_loss_then_name() -> None:
@@ -458,3 +481,48 @@ def test_a_queued_start_can_be_cancelled_and_a_failed_one_gets_its_result(tmp_pa
         assert last.round == promised and last.status is RoundStatus.FAILED_QUORUM and "queued" in (last.detail or "")
     finally:
         fleet.hub.stop()
+def test_one_lying_device_cannot_make_the_federated_gate_deploy_a_worse_version(tmp_path: Path,
+                                                                                 artifacts: Path) -> None:
+    """Issue 21: one device reports val_n 10^9 with 0.0 for the deployed head in the round and 1.0 for the candidate
+    in the evaluation round. Four honest devices score the candidate 10 points below the deployed head (tolerance
+    5): it is not deployed, and the liar's numbers are not what the round's result says."""
+    from tests.hub.fleet import SHAPES, zero_delta
+
+    cfg = hub_config(tmp_path / "state", artifacts, aggregation={"federated_gate": True, "deploy_tolerance": 0.05},
+                     devices=["a", "b", "c", "d", "liar"])
+    for fleet in run_hub(cfg):
+        rnd = fleet.start_round()
+        for d in rnd.selected:
+            honest = {"val_n": 10.0, "val_acc_global": 0.6}
+            lie = {"val_n": 1e9, "val_acc_global": 0.0}
+            fleet.device(d).update(rnd, zero_delta(SHAPES, 0.01), metrics=lie if d == "liar" else honest)
+        first = fleet.results[-1]
+        assert first.federated["val_acc_global"] == pytest.approx(0.6) and first.federated["val_n"] < 100
+        ann = fleet.retained(TOPICS.select_announce)
+        assert isinstance(ann, RoundAnnounce) and ann.candidates == ("v1",)
+        for d in ann.selected:
+            report = ({"val_n": 1e9, "val_acc_v1": 1.0, "val_loss_v1": 0.0} if d == "liar" else
+                      {"val_n": 10.0, "val_acc_v1": 0.5, "val_loss_v1": 1.2})
+            _report(fleet, d, ann.round, report)
+        gate = fleet.results[-1]
+        assert gate.round == ann.round and gate.model_version is None, gate.detail
+        assert fleet.hub.registry.current().version == "v0"  # type: ignore[union-attr]
+        assert gate.federated["val_acc_v1"] == pytest.approx(0.5)
+
+
+def test_paired_gain_is_what_one_liar_cannot_move() -> None:
+    """Label-skewed devices score heads very differently; one liar scoring the deployed head 0 and the candidate 1
+    moves two unpaired trimmed means apart by their spread, and the paired gain not at all."""
+    from fedge.core.aggregators import robust_mean
+    from fedge.core.selection import paired_gain
+
+    base = {f"d{i}": {"val_n": 50.0, "val_acc_global": x} for i, x in enumerate((0.3, 0.45, 0.6, 0.75))}
+    cand = {f"d{i}": {"val_n": 50.0, "val_acc_v2": x - 0.1} for i, x in enumerate((0.3, 0.45, 0.6, 0.75))}
+    base["liar"], cand["liar"] = {"val_n": 1e9, "val_acc_global": 0.0}, {"val_n": 1e9, "val_acc_v2": 1.0}
+    w = [50.0] * 5
+    unpaired = (robust_mean([c["val_acc_v2"] for c in cand.values()], w)
+                - robust_mean([b["val_acc_global"] for b in base.values()], w))
+    assert unpaired > 0.0  # the candidate, 10 points worse on every honest device, looks better
+    gain = paired_gain(cand, base, "val_acc_v2", "val_acc_global")
+    assert gain is not None and gain[0] == pytest.approx(-0.1) and gain[1] == 5
+    assert paired_gain({"x": {"val_n": 1.0, "val_acc_v2": 0.5}}, base, "val_acc_v2", "val_acc_global") is None

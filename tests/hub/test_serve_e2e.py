@@ -57,7 +57,7 @@ class Watcher:
         self.inbox: list[Message] = []
         self.cond = threading.Condition()
         self.t = MqttTransport(BrokerConfig(url=url), "watcher", session_expiry_s=0)
-        for topic in (T.announce, T.result, T.model_head, T.hub_status):
+        for topic in (T.announce, T.result, T.control_round_result, T.model_head, T.hub_status):
             self.t.subscribe(topic, self._on)
         for dev in "abc":
             self.t.subscribe(T.device_inbox(dev), self._on_inbox)
@@ -121,7 +121,7 @@ def test_round_survives_kill_9(setup: tuple[Path, Watcher], exported: tuple[Path
         dev = MqttTransport(BrokerConfig(url=mosquitto.url), "devices", session_expiry_s=0)
         dev.connect()
         for name in "abc":
-            dev.publish(T.presence(name), encode(Presence(fleet=FLEET, device=name, online=True, n_samples=10)),
+            dev.publish(T.presence(name), encode(Presence(fleet=FLEET, device=name, online=True, n_samples=100)),
                         retain=True)
         wait_until(lambda: b"device c online" in log.read_bytes(), 20)
         _cli("round", "start", "--fleet", FLEET, "--broker", mosquitto.url, "--deadline-s", "120")
@@ -144,9 +144,13 @@ def test_round_survives_kill_9(setup: tuple[Path, Watcher], exported: tuple[Path
         assert wait_until(lambda: b"round 1 resumed: 2 updates" in log.read_bytes(), 30), log.read_text()
         send("c", 0.3, 60)
         w.wait(lambda: isinstance(w.retained.get(T.result), RoundResult))
-        res = w.retained[T.result]
+        w.wait(lambda: isinstance(w.retained.get(T.control_round_result), RoundResult))
+        res = w.retained[T.control_round_result]  # the operators' copy
         assert isinstance(res, RoundResult)
         assert res.status is RoundStatus.COMPLETED and res.devices == ("a", "b", "c") and res.n_samples == 100
+        public = w.retained[T.result]  # what every device reads: no cohort, no sample total
+        assert isinstance(public, RoundResult) and public.round == res.round and public.model_version == "v1"
+        assert public.devices == () and public.n_samples == 0 and public.status is RoundStatus.COMPLETED
         assert res.accuracy is not None and 0.0 <= res.accuracy <= 1.0
         w.wait(lambda: getattr(w.retained.get(T.model_head), "version", None) == "v1")
         w.wait(lambda: T.announce not in w.retained)  # cleared after the new head

@@ -20,7 +20,8 @@ def _robust(name: str, lam: float, bounds: Bounds | None = None, trim_fraction: 
     return Robust(name, lam, bounds if bounds is not None else Bounds(), trim_fraction)
 
 SHAPES = {"h0_kernel": (3, 2), "h0_bias": (2,)}
-LOOSE = Bounds(max_weight_ratio=1e12, max_update_norm=1e300, norm_ceiling=1e300)  # plain FedAvg: no bound bites
+LOOSE = Bounds(max_weight_ratio=1e12, max_update_norm=1e300, norm_ceiling=1e300,  # plain FedAvg: no bound bites
+               max_weight_share=1.0)
 
 
 def _head(rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -130,8 +131,8 @@ def test_lower_median_ignores_the_larger_of_two() -> None:
 
 def test_weight_is_capped_at_a_multiple_of_the_median_count() -> None:
     g = _const(0.0)
-    agg = _robust("fedavg", 0.0, Bounds(max_weight_ratio=2.0, max_update_norm=1e9, norm_ceiling=1e9)
-                        ).aggregator(PARAMS, SHAPES, (), RNG)
+    agg = _robust("fedavg", 0.0, Bounds(max_weight_ratio=2.0, max_update_norm=1e9, norm_ceiling=1e9,
+                                        max_weight_share=1.0)).aggregator(PARAMS, SHAPES, (), RNG)
     for value, n in [(1.0, 10), (1.0, 10), (1.0, 10), (-1.0, 10**9)]:
         agg.add(_const(value), n)
     out = agg.result(g, g)

@@ -30,13 +30,14 @@ def test_the_reference_is_up_to_date() -> None:
 
 def test_every_hub_key_the_loader_accepts_is_documented() -> None:
     doc = _keys(hub_config.reference_sections())
-    tables = {"broker", "rounds", "limits", "aggregation", "schedule", "privacy", "http", "store", "secagg"}
+    tables = {"broker", "rounds", "limits", "aggregation", "schedule", "privacy", "http", "store", "secagg", "conduct"}
     assert doc[None] == set(hub_config._TOP) - tables
     assert doc["broker"] == {f.name for f in fields(BrokerConfig)} | {"embedded_host", "embedded_port"}
     for name, cls in (("rounds", hub_config.RoundsConfig), ("limits", hub_config.LimitsConfig),
                       ("aggregation", hub_config.AggregationConfig),
                       ("schedule", hub_config.ScheduleConfig), ("privacy", hub_config.PrivacyConfig),
-                      ("http", hub_config.HttpConfig), ("store", hub_config.StoreConfig)):
+                      ("http", hub_config.HttpConfig), ("store", hub_config.StoreConfig),
+                      ("conduct", hub_config.ConductConfig)):
         assert doc[name] == {f.name for f in fields(cls)}, name
     assert set(doc) == {None} | tables
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedge.core.aggregators import robust_mean
+from fedge.core.selection import report_weights
 from fedge.protocol.errors import ConfigError
 from fedge.simulate_selection import parse_candidates, simulate_selection
 
@@ -59,16 +61,18 @@ def test_the_fleet_scores_are_the_agents_score_candidate(task) -> None:  # type:
     sim = simulate_selection({"good": cands["good"]}, shards, keys, ev, epochs=2, lr=0.05, seed=4, backend="numpy")
     trainer = open_trainer(cands["good"], "numpy")
     w0 = load_head(cands["good"])
-    correct = total = 0.0
+    scores, rows = [], []
     for i, ((x, y), key) in enumerate(zip(shards, keys, strict=True)):
         tr, va = split_indices(len(y), 0.2, key)
         f = trainer.features(x)
         s = score_candidate(trainer, w0, f[tr], y[tr], f[va], y[va], 2, 0.05,
                             np.random.default_rng([4, 0x5EED_0006, i, 0]))
         assert s is not None
-        correct += s.accuracy * len(va)
-        total += len(va)
-    assert sim.ranking[0].accuracy == pytest.approx(correct / total, abs=1e-6)
+        scores.append(s.accuracy)
+        rows.append({"val_n": float(len(va))})
+    # the hub's robust mean of the devices' scores (fedge.core.selection.rank), here of the agents' own scores
+    expected = robust_mean(scores, report_weights(rows))
+    assert sim.ranking[0].accuracy == pytest.approx(expected, abs=1e-6)
 
 
 def test_candidate_specs_are_checked() -> None:

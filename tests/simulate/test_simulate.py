@@ -303,11 +303,14 @@ def test_split_and_local_only_are_the_agents(fleet: SimFleet, work: DemoPaths) -
     assert all(a is b for a, b in zip(again.local_only, run.local_only, strict=True))
 
 
-def test_federated_scores_are_the_weighted_mean_of_the_agents_head_scores(fleet: SimFleet, work: DemoPaths) -> None:
+def test_federated_scores_are_the_robust_mean_of_the_agents_head_scores(fleet: SimFleet, work: DemoPaths) -> None:
     """3 devices, 1 round, finetune: each device's val_* recomputed with the agent's ``head_scores`` (set_head +
-    evaluate on the real trainer) and averaged by hand, weighted by val_n."""
+    evaluate on the real trainer) and averaged as the hub does, robustly (``robust_mean`` weighted by capped
+    val_n: no one device decides; issue 21)."""
+    from fedge.core.aggregators import robust_mean
     from fedge.core.evaluation import head_scores, split_indices
     from fedge.core.personal import local_baseline
+    from fedge.core.selection import report_weights
     from fedge.simulate import device_seed
 
     run = run_rounds(fleet, _transfer(rounds=1, fraction=3 / DEVICES))
@@ -325,12 +328,12 @@ def test_federated_scores_are_the_weighted_mean_of_the_agents_head_scores(fleet:
         local = local_baseline(trainer, fleet.w0, f, y, 10, 0.05, device_seed(0, i)).head
         heads = {"source": fleet.w0, "global": fleet.w0, "trained": trained, "personal": trained, "local_only": local}
         rows.append(head_scores(trainer, heads, fleet.feats[i][va], fleet.labels[i][va]))
-    n = np.array([r["val_n"] for r in rows])
-    assert res.federated["val_n"] == n.sum()
+    n = report_weights(rows)
+    assert res.federated["val_n"] == pytest.approx(sum(n))
     for h in ("source", "global", "trained", "personal", "local_only"):
         for what, tol in (("acc", 1e-6), ("loss", 1e-4)):
             key = f"val_{what}_{h}"
-            expected = float((np.array([r[key] for r in rows]) * n).sum() / n.sum())
+            expected = robust_mean([r[key] for r in rows], n)
             assert res.federated[key] == pytest.approx(expected, abs=tol), key
     assert res.federated["val_acc_personal"] == res.federated["val_acc_trained"]  # finetune: personal = trained
 

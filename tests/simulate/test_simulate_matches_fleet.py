@@ -47,7 +47,8 @@ def _run_fleet(work: DemoPaths, tmp: Path, settings: SimSettings, backend: str) 
         "fleet": FLEET, "state_dir": str(tmp / "hub"), "artifacts": str(work.artifacts),
         "eval_data": str(work.data / "eval.npz"), "broker": {"url": "mqtt://127.0.0.1:1"},
         "rounds": {"min_devices": 1, "deadline_s": 120, "fraction": settings.fraction,
-                   "local_epochs": settings.local_epochs, "lr": settings.lr, "seed": settings.seed},
+                   "local_epochs": settings.local_epochs, "lr": settings.lr, "seed": settings.seed,
+                   "over_select": 0.0},  # the simulator waits for every selected device (no stragglers to drop)
         "aggregation": {"proximal_lambda": settings.proximal_lambda,
                         "deploy_tolerance": settings.deploy_tolerance},
         "schedule": {"chain_rounds": settings.rounds},
@@ -64,7 +65,7 @@ def _run_fleet(work: DemoPaths, tmp: Path, settings: SimSettings, backend: str) 
                 results[msg.round] = msg
                 done.notify_all()
 
-    InMemoryTransport(broker).subscribe(Topics(FLEET).result, on_result)
+    InMemoryTransport(broker).subscribe(Topics(FLEET).control_round_result, on_result)  # the full result
     hub.start()
     agents = []
     for i in range(DEVICES):

@@ -149,6 +149,21 @@
     fill(document.querySelector("#ledger tbody"), rows, 9, "no DP round yet");
   }
 
+  function renderAlerts(s) {
+    const section = document.getElementById("alerts");
+    const alerts = s.alerts || [], excluded = s.excluded || [];
+    section.hidden = !alerts.length && !excluded.length;
+    const rows = alerts.map((a) => el("tr", { "data-kind": a.kind }, [
+      td(a.round === null ? dash : String(a.round), "num"), td(a.kind), td(a.device || dash), td(a.detail, "detail"),
+    ]));
+    fill(document.querySelector("#alert-list tbody"), rows, 4, "no alert");
+    const out = excluded.map((d) => el("tr", { "data-device": d.device }, [
+      td(d.device), td(d.permanent ? "for good (fedge hub devices readmit)" : String(d.until)),
+      td(num(d.exclusions), "num"), td(d.reason, "detail"),
+    ]));
+    fill(document.querySelector("#excluded tbody"), out, 4, "no device excluded");
+  }
+
   // The accuracy chart: one inline SVG, x = round id, y = accuracy in [0, 1].
   function renderChart(s) {
     const W = 1100, H = 320, L = 48, R = 16, T = 12, B = 36;
@@ -211,6 +226,7 @@
     renderCounts("rejects", s.rejects, "nothing rejected");
     renderCounts("declines", s.declines, "nothing declined");
     renderPrivacy(s);
+    renderAlerts(s);
   }
 
   function setStatus(state, text) {

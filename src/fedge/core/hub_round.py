@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from fedge.core.aggregators import robust_mean
 from fedge.core.losses import Score
 from fedge.core.rounds import OpenRound, RoundParams
+from fedge.core.selection import report_weights, score_in_range
 from fedge.core.strategy import Strategy, held_out_verdict
-from fedge.protocol.messages import RoundStatus
+from fedge.protocol.messages import RoundResult, RoundStatus
 from fedge.protocol.types import Head, HeadLike, Metrics
 
-__all__ = ["Closing", "close_round", "federated_scores", "finite_or_none", "min_inputs"]
+__all__ = ["Closing", "close_round", "federated_scores", "finite_or_none", "for_devices", "min_inputs",
+           "robust_federated_scores"]
 
 NOT_FINITE = "the aggregate is not finite: no version registered"
 
@@ -43,6 +46,33 @@ def federated_scores(metrics: Iterable[Mapping[str, float]]) -> Metrics:
         weight = sum(m["val_n"] for m in have)
         out[k] = round(sum(m[k] * m["val_n"] for m in have) / weight, 6)
     return out
+
+
+def robust_federated_scores(metrics: Iterable[Mapping[str, float]], max_weight_ratio: float = 4.0) -> Metrics:
+    """The devices' ``val_acc_*`` / ``val_loss_*`` as no one device can steer them (round results, the dashboard,
+    the federated gate's baseline): each device weighs its ``val_n`` capped at ``max_weight_ratio`` x the lower
+    median ``val_n`` (:func:`fedge.core.selection.report_weights`), scores outside their range (accuracies in
+    [0, 1], losses >= 0) are left out, and each score is a :func:`~fedge.core.aggregators.robust_mean` (the extreme
+    devices dropped). ``val_n``: the capped total."""
+    rows = [m for m in metrics if m.get("val_n", 0) > 0]
+    if not rows:
+        return {}
+    weights = report_weights(rows, max_weight_ratio)
+    keys = sorted({k for m in rows for k in m if k.startswith(("val_acc_", "val_loss_"))})
+    out = {"val_n": float(round(sum(weights), 3))}
+    for k in keys:
+        have = [(m[k], w) for m, w in zip(rows, weights, strict=True) if k in m and score_in_range(k, m[k])]
+        if have:
+            out[k] = round(robust_mean([v for v, _ in have], [w for _, w in have]), 6)
+    return out
+
+
+def for_devices(result: RoundResult) -> RoundResult:
+    """A round's result as every device reads it (``round/result``): no cohort, no declines, no sample or validation
+    row totals (a device learns whether a round completed and what it deployed, not who took part or how much data
+    they hold); operators get the full result on ``control/round/result``."""
+    return replace(result, devices=(), declined=(), n_samples=0,
+                   federated={k: v for k, v in result.federated.items() if k != "val_n"})
 
 
 def min_inputs(params: RoundParams) -> int:
@@ -78,7 +108,7 @@ def close_round(r: OpenRound, strategy: Strategy, global_head: HeadLike, w0: Hea
     """Close ``r``: aggregate its updates (from ``global_head``, pulled toward ``w0``), score the result with
     ``evaluate`` and gate it against ``deployed_accuracy`` (the deployed version's score by the same evaluator).
     ``device_metrics``: the accepted updates' metrics (federated evaluation; ignored in DP rounds)."""
-    federated = federated_scores(device_metrics) if r.params.dp is None else {}
+    federated = robust_federated_scores(device_metrics) if r.params.dp is None else {}
     if not r.quorum():
         return Closing(RoundStatus.FAILED_QUORUM, None, federated=federated)
     head = r.aggregator.result(global_head, w0)

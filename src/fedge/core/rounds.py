@@ -7,7 +7,7 @@ inputs (the clock is passed in), so it is tested without a broker.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Final, Protocol
 
@@ -16,6 +16,7 @@ import numpy as np
 from fedge.core.aggregators import Aggregator
 from fedge.core.privacy import DpParams
 from fedge.core.secagg_round import SecAggCoordinator, SecAggPlan
+from fedge.core.stragglers import round_target, straggler_grace
 from fedge.protocol.messages import RoundAnnounce, RoundOverrides
 
 
@@ -55,6 +56,7 @@ class RoundParams:
     dp: DpParams | None = None
     expected_cohort: float = 0.0
     secagg: SecAggPlan | None = None  # a secure-aggregation round's public setup
+    target: int = 0  # the round closes once this many valid updates arrived (0: it waits for every selected device)
     compression: str | None = None  # compressed updates ("int8" | "int4"; core/compress.py)
 
     @classmethod
@@ -82,7 +84,7 @@ class RoundParams:
         return cls(int(raw["min_devices"]), float(raw["deadline_s"]), float(raw["fraction"]),
                    int(raw["local_epochs"]), float(raw["lr"]), None if dp is None else DpParams(**dp),
                    float(raw.get("expected_cohort", 0.0)), None if sa is None else SecAggPlan.from_dict(sa),
-                   raw.get("compression"))
+                   int(raw.get("target", 0)), raw.get("compression"))
 
 
 UNBOUNDED_OVERRIDES: Final = frozenset({"fraction", "request_id"})
@@ -115,15 +117,24 @@ def poisson_select(eligible: Iterable[str], sample_rate: float, seed: int | np.r
 
 
 def select_devices(
-    known: Iterable[str], fraction: float, min_devices: int, seed: int, round_id: int
+    known: Iterable[str], fraction: float, min_devices: int, seed: int, round_id: int,
+    weights: Mapping[str, float] | None = None,
 ) -> tuple[str, ...]:
-    """Sample ``ceil(fraction·n)`` (at least min_devices, at most n) known devices with Generator((seed, round))."""
+    """Sample ``ceil(fraction·n)`` (at least min_devices, at most n) known devices with Generator((seed, round)),
+    each with probability proportional to its weight when ``weights`` are given and differ (a device without one
+    weighs 1, a new device's reliability: :func:`fedge.core.conduct.reliability`; equal weights draw exactly the
+    unweighted sample)."""
     pool = sorted(set(known))
     if not pool:
         return ()
     k = min(len(pool), max(math.ceil(fraction * len(pool)), min_devices, 1))
     rng = np.random.default_rng([seed, round_id])
-    picked = rng.choice(len(pool), size=k, replace=False)
+    p = None
+    if weights is not None and k < len(pool):
+        w = np.asarray([max(float(weights.get(d, 1.0)), 1e-6) for d in pool], dtype=np.float64)
+        if np.ptp(w) > 0:
+            p = w / w.sum()
+    picked = rng.choice(len(pool), size=k, replace=False, p=p)
     return tuple(sorted(pool[int(i)] for i in picked))
 
 
@@ -146,6 +157,7 @@ class OpenRound:
     offline: dict[str, float] = field(default_factory=dict)  # selected, not answered, last will seen -> when
     offline_grace_s: float = 0.0  # how long a device must stay offline to count as failed
     secagg: SecAggCoordinator | None = None  # a secure-aggregation round's stages (None after a hub restart)
+    target_at: float | None = None  # when the round's target of valid updates was reached
 
     def gone(self, now: float) -> set[str]:
         """Selected devices expected no more: declined, or offline past the grace."""
@@ -181,14 +193,24 @@ class OpenRound:
             return msg
         return replace(msg, secagg_seed=sa.seed, secagg_degree=sa.degree, secagg_threshold=sa.threshold,
                        secagg_ring_bits=sa.ring_bits, secagg_clip=sa.clip, secagg_scale=sa.scale,
-                       secagg_stochastic=sa.stochastic)
+                       secagg_stochastic=sa.stochastic, secagg_l2_clip=sa.l2_clip or None,
+                       secagg_norm_bit=sa.norm_bit)
 
     def all_answered(self, now: float) -> bool:
         """Every selected device sent an update, declined, or stayed offline (failed) without answering."""
         return set(self.selected) <= set(self.accepted) | set(self.declined) | self.failed_offline(now)
 
+    def enough(self, now: float) -> bool:
+        """The round's target of valid updates arrived and the others had their grace (over-selection: the slowest
+        or silent devices are not waited for; :func:`straggler_grace`)."""
+        if self.params.target <= 0 or len(self.accepted) < self.params.target:
+            return False
+        if self.target_at is None:
+            self.target_at = now
+        return now - self.target_at >= straggler_grace(self.opened_at, self.target_at)
+
     def should_close(self, now: float) -> bool:
-        return now >= self.deadline or self.all_answered(now)
+        return now >= self.deadline or self.all_answered(now) or self.enough(now)
 
     def quorum(self) -> bool:
         return len(self.accepted) >= self.params.min_devices
@@ -196,5 +218,5 @@ class OpenRound:
 
 __all__ = [
     "UNBOUNDED_OVERRIDES", "Limits", "OpenRound", "RoundDefaults", "RoundParams", "over_limits", "poisson_select",
-    "select_devices",
+    "round_target", "select_devices",
 ]

@@ -19,6 +19,7 @@ import math
 import os
 import secrets
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -55,6 +56,11 @@ class SecAggConfig:
     clip: float = field(default=1.0, metadata=doc("each coordinate is clipped to [-clip, clip]", example=1.0))
     scale: float = field(default=65536.0, metadata=doc("q = round(x * scale)", example=65536.0))
     stochastic: bool = field(default=False, metadata=doc("unbiased stochastic rounding, not nearest", example=True))
+    l2_clip: float = field(default=0.0, metadata=doc(
+        "each update is first clipped to this L2 norm (0: no L2 clip, only the per-coordinate one)", example=1.0))
+    norm_bit: bool = field(default=False, metadata=doc(
+        "the input carries one more coordinate: clip if the update's norm was at most l2_clip, else 0 (the hub "
+        "learns how many devices were under the bound, nothing else)", example=True))
 
     def __post_init__(self) -> None:
         if not 8 <= self.ring_bits <= 62:
@@ -65,6 +71,10 @@ class SecAggConfig:
             raise ConfigError("secagg.scale", f"must be a positive number, got {self.scale}")
         if self.degree < 0 or self.threshold < 0:
             raise ConfigError("secagg.degree", "degree and threshold must be >= 0 (0 = automatic)")
+        if not (math.isfinite(self.l2_clip) and self.l2_clip >= 0):
+            raise ConfigError("secagg.l2_clip", f"must be a number >= 0, got {self.l2_clip}")
+        if self.norm_bit and not self.l2_clip:
+            raise ConfigError("secagg.l2_clip", "the norm bit needs an L2 clip")
 
     @property
     def max_abs_q(self) -> int:
@@ -91,6 +101,68 @@ def quantise(update: NDArray[Any], cfg: SecAggConfig, rng: np.random.Generator |
     else:
         q = np.rint(x)
     return q.astype(np.int64).astype(np.uint64) & np.uint64((1 << cfg.ring_bits) - 1)
+
+
+def bounded_input(flat: NDArray[Any], cfg: SecAggConfig) -> NDArray[np.float64]:
+    """The vector a device quantises: its flattened update clipped to L2 norm ``l2_clip`` (when set), followed by the
+    norm bit (when asked: ``clip`` if the update's norm was at most ``l2_clip``, else 0)."""
+    x = np.asarray(flat, dtype=np.float64).ravel()
+    norm = float(np.linalg.norm(x))
+    if cfg.l2_clip and norm > cfg.l2_clip:
+        x = x * (cfg.l2_clip / norm)
+    if cfg.norm_bit:
+        x = np.append(x, cfg.clip if norm <= cfg.l2_clip else 0.0)
+    return x
+
+
+def centred(total: NDArray[np.uint64], cfg: SecAggConfig) -> NDArray[np.int64]:
+    """A ring vector as centred integers in [-2^(bits-1), 2^(bits-1))."""
+    v = np.asarray(total, dtype=np.uint64) & np.uint64((1 << cfg.ring_bits) - 1)
+    signed = v.astype(np.int64)
+    signed[v >= np.uint64(1 << (cfg.ring_bits - 1))] -= np.int64(1 << cfg.ring_bits)
+    return signed
+
+
+def sum_problem(total: NDArray[np.uint64], count: int, cfg: SecAggConfig, noise_std: float = 0.0) -> str | None:
+    """Why the unmasked ring sum of ``count`` inputs cannot be the sum of ``count`` honest inputs (None: it can).
+
+    An honest input is quantised from coordinates within ``[-clip, clip]`` (so the sum's are within ``count x``
+    that), its update part has L2 norm at most ``l2_clip`` plus its rounding (at most one step per coordinate)
+    and plus, under distributed DP, its noise share of std ``noise_std`` per coordinate (bounded as honest noise
+    never exceeds: ``noise_std sqrt(count) (sqrt(d) + 10)`` for the sum); its norm bit is 0 or ``clip``."""
+    q = centred(total, cfg)
+    limit = count * cfg.max_abs_q
+    over = np.flatnonzero(np.abs(q) > limit)
+    if over.size:
+        j = int(over[0])
+        return (f"{over.size} coordinates of the sum are beyond what {count} inputs clipped to {cfg.clip:g} can "
+                f"reach (coordinate {j}: {abs(int(q[j])) / cfg.scale:.6g} > {limit / cfg.scale:.6g})")
+    update = q[:-1] if cfg.norm_bit else q
+    if cfg.norm_bit and q[-1] < 0:
+        return f"the norm bits sum to {q[-1] / cfg.scale:.6g} < 0"
+    if cfg.l2_clip:
+        dim = update.size
+        step = 1.0 / cfg.scale
+        bound = count * (cfg.l2_clip + step * math.sqrt(dim)) + noise_std * math.sqrt(count) * (math.sqrt(dim) + 10)
+        norm = float(np.linalg.norm(update.astype(np.float64))) / cfg.scale
+        if norm > bound:
+            return (f"the sum's L2 norm {norm:.6g} is beyond what {count} inputs clipped to L2 norm {cfg.l2_clip:g} "
+                    f"can reach ({bound:.6g})")
+    return None
+
+
+def under_bound(total: NDArray[np.uint64], count: int, cfg: SecAggConfig) -> float | None:
+    """The share of a round's inputs whose update was within the L2 clip, from the norm bits' sum (None without)."""
+    if not cfg.norm_bit or count < 1:
+        return None
+    return float(min(max(centred(total, cfg)[-1] / (cfg.clip * cfg.scale * count), 0.0), 1.0))
+
+
+def next_l2_clip(current: float, under: float, target: float = 0.5, rate: float = 0.2) -> float:
+    """Adaptive clipping (Andrew et al. 2021, geometric update): the L2 clip moves toward the ``target`` quantile of
+    the devices' update norms, by a factor ``exp(-rate (under - target))`` per round; one device changes ``under``
+    by 1/n, so it can shift the quantile the clip tracks by no more than that."""
+    return current * math.exp(-rate * (under - target))
 
 
 def dequantise(total: NDArray[np.uint64], cfg: SecAggConfig) -> NDArray[np.float64]:
@@ -272,6 +344,55 @@ def combine_secret(shares: list[tuple[int, bytes]]) -> bytes:
     return total.to_bytes(KEY_BYTES, "big")
 
 
+def lagrange_at(points: list[tuple[int, int]], x: int) -> int:
+    """The value at ``x`` of the polynomial of degree < len(points) through ``points`` (over GF(`SHAMIR_PRIME`))."""
+    total = 0
+    for j, (xj, yj) in enumerate(points):
+        num = den = 1
+        for m, (xm, _) in enumerate(points):
+            if m != j:
+                num = num * (x - xm) % SHAMIR_PRIME
+                den = den * (xj - xm) % SHAMIR_PRIME
+        total = (total + yj * num * pow(den, -1, SHAMIR_PRIME)) % SHAMIR_PRIME
+    return total
+
+
+def robust_secret(shares: list[tuple[str, int, bytes]], threshold: int, check: Callable[[bytes], bool],
+                  max_tries: int = 4096) -> tuple[bytes, list[str]]:
+    """Rebuild a secret from ``(responder, index, share)`` triples when some shares may be bad: try ``threshold``
+    of them (leaving out more and more of the others) until the secret passes ``check`` (its commitment or public
+    key); then every share off the polynomial those define names its responder. Returns the secret and the
+    responders of bad shares, sorted. ``SecAggError`` (``below_threshold``, or ``bad_share`` when no tried subset
+    passes) otherwise."""
+    from itertools import combinations
+
+    items = sorted(shares, key=lambda s: (s[1], s[0]))
+    m = len(items)
+    if m < threshold:
+        raise SecAggError(SecAggFailure.BELOW_THRESHOLD, f"{m} shares < t={threshold}")
+    tried: set[tuple[int, ...]] = set()
+    for left_out in range(m - threshold + 1):
+        for drop in combinations(range(m), left_out):
+            keep = tuple(i for i in range(m) if i not in drop)[:threshold]
+            if keep in tried:
+                continue
+            tried.add(keep)
+            if len(tried) > max_tries:
+                raise SecAggError(SecAggFailure.BAD_SHARE, f"no {threshold} of {m} shares agree in {max_tries} tries")
+            chosen = [items[i] for i in keep]
+            try:
+                secret = combine_secret([(i, v) for _, i, v in chosen])
+            except SecAggError:
+                continue
+            if not check(secret):
+                continue
+            points = [(i, int.from_bytes(v, "big")) for _, i, v in chosen]
+            bad = {r for r, i, v in items
+                   if not 1 <= i <= MAX_SHARES or int.from_bytes(v, "big") != lagrange_at(points, i)}
+            return secret, sorted(bad)
+    raise SecAggError(SecAggFailure.BAD_SHARE, f"no {threshold} of the {m} shares give a secret that checks")
+
+
 def seed_commitment(round_id: str, device: str, seed: bytes) -> bytes:
     """SHA-256 commitment to a self-mask seed, so a reconstruction from bad shares is detected."""
     return hashlib.sha256(b"\x00".join([b"fedge-secagg/seed", round_id.encode(), device.encode(), seed])).digest()
@@ -376,14 +497,23 @@ class SecAggDevice:
         return struct.unpack(">H", body[:2])[0], body[2 : 2 + SHARE_BYTES], body[2 + SHARE_BYTES :]
 
     def masked_input(self, msg: SharesRelay, q: NDArray[np.uint64]) -> MaskedInput:
-        """Stage 2: open the relayed shares (all must authenticate), then mask the quantised update ``q``."""
+        """Stage 2: open the relayed shares, then mask the quantised update ``q``. A bundle that does not open
+        (garbage, tampered, swapped) is its sender dropping out: left out of the masks and named in ``rejected``, so
+        the hub drops it from the round and never asks this device for its shares."""
         self._enter("mask", msg)
         senders = [s.peer for s in msg.shares]
         if len(set(senders)) != len(senders) or not set(senders) <= set(self._peers):
             self._abort(SecAggFailure.PROTOCOL_VIOLATION, "relay names peers that got no keys from us, or repeats")
-        held = {s.peer: self._open(s) for s in msg.shares}  # raises before any state changes
+        held: dict[str, tuple[int, bytes, bytes]] = {}
+        rejected: list[str] = []
+        for s in msg.shares:
+            try:
+                held[s.peer] = self._open(s)
+            except SecAggError:
+                rejected.append(s.peer)
         if len(held) < self.setup.threshold:
-            self._abort(SecAggFailure.BELOW_THRESHOLD, f"{len(held)} neighbours shared keys < t={self.setup.threshold}")
+            self._abort(SecAggFailure.BELOW_THRESHOLD, f"{len(held)} neighbours shared keys < t={self.setup.threshold}"
+                        + (f" ({len(rejected)} bundles did not open)" if rejected else ""))
         self._held = held
         bits, rid = self.setup.config.ring_bits, self.setup.round_id
         y = (np.asarray(q, dtype=np.uint64).ravel() & self.setup.mask) + prg(self._seed, q.size, bits)
@@ -393,7 +523,7 @@ class SecAggDevice:
         y &= self.setup.mask
         self._stage = "unmask"
         width = 4 if bits <= 32 else 8
-        return MaskedInput(rid, self.me, bits, y.astype(f"<u{width}").tobytes())
+        return MaskedInput(rid, self.me, bits, y.astype(f"<u{width}").tobytes(), tuple(sorted(rejected)))
 
     def unmask(self, msg: UnmaskRequest) -> UnmaskResponse:
         """Stage 3: reveal the seed share of each listed survivor, the key share of each listed dropped peer.

@@ -20,7 +20,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedge.core.privacy import DpParams, add_noise, clip_update
-from fedge.core.secagg import RoundSetup, SecAggConfig, SecAggDevice, quantise
+from fedge.core.secagg import RoundSetup, SecAggConfig, SecAggDevice, bounded_input, quantise
 from fedge.protocol.codec import encode as encode_frame
 from fedge.protocol.errors import ConfigError, SecAggError, SecAggFailure
 from fedge.protocol.messages import RoundAnnounce, SecAggStage
@@ -62,7 +62,8 @@ def setup_of(msg: RoundAnnounce) -> RoundSetup:
         raise ConfigError("secagg_degree", "a SecAgg announce names the degree and the threshold")
     cfg = SecAggConfig(degree=msg.secagg_degree, threshold=msg.secagg_threshold,
                        ring_bits=msg.secagg_ring_bits or 32, clip=msg.secagg_clip or 1.0,
-                       scale=msg.secagg_scale or 65536.0, stochastic=msg.secagg_stochastic)
+                       scale=msg.secagg_scale or 65536.0, stochastic=msg.secagg_stochastic,
+                       l2_clip=msg.secagg_l2_clip or 0.0, norm_bit=msg.secagg_norm_bit)
     setup = RoundSetup(round_tag(msg.fleet, msg.round, seed), tuple(msg.selected), raw, cfg)
     if (setup.degree, setup.threshold) != (msg.secagg_degree, msg.secagg_threshold):
         raise ConfigError("secagg_degree", f"degree {msg.secagg_degree} / threshold {msg.secagg_threshold} do not fit "
@@ -87,12 +88,16 @@ def private_input(delta: Mapping[str, NDArray[Any]], names: list[str], setup: Ro
                   rng: np.random.Generator) -> NDArray[np.uint64]:
     """The ring vector a device masks: its update flattened in ``names`` order; under ``distributed`` DP first
     clipped to L2 norm C and given the device's share of the noise N(0, (zC)²/(m-1)) (a sum of at least m devices
-    less any one carries N(0, (zC)²)); then clipped per coordinate and quantised (``RoundSetup.config``)."""
+    less any one carries N(0, (zC)²)); otherwise clipped to the announced L2 norm (and followed by the norm bit,
+    when announced: :func:`~fedge.core.secagg.bounded_input`); then clipped per coordinate and quantised
+    (``RoundSetup.config``)."""
     arrays = dict(delta)
     if dp is not None:
         clipped, _ = clip_update(arrays, dp.clip)
         arrays = dict(add_noise(clipped, dp.device_noise_std(), rng))
     flat = np.concatenate([np.asarray(arrays[k], dtype=np.float64).ravel() for k in names])
+    if dp is None:
+        flat = bounded_input(flat, setup.config)
     return quantise(flat, setup.config, rng)
 
 
@@ -194,7 +199,11 @@ class DeviceSession:
         relay, q = self._pending.relay, self._pending.q
         if relay is None or q is None or self.masked_sent:
             return []
-        out = self._frame(self._dev.masked_input(relay, q))
+        masked = self._dev.masked_input(relay, q)
+        if masked.rejected:  # their senders drop out of this round (the hub is told, and names them)
+            log.warning("round %d: share bundles of %s did not open: left out of this round", self.round,
+                        ", ".join(masked.rejected))
+        out = self._frame(masked)
         self.masked_sent = True
         self._pending = _Pending()
         return out

@@ -15,7 +15,7 @@ Pure: randomness and the ledger's epsilon come in through :class:`PlanContext`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Final, Protocol
 
@@ -30,7 +30,7 @@ from fedge.core.aggregators import (
     TrimmedMeanAggregator,
 )
 from fedge.core.privacy import DpParams, distributed_min_cohort, event_for
-from fedge.core.rounds import RoundParams, poisson_select, select_devices
+from fedge.core.rounds import RoundParams, poisson_select, round_target, select_devices
 from fedge.core.secagg import SecAggConfig
 from fedge.core.secagg_round import SecAggPlan
 from fedge.core.secagg_session import auto_clip, distributed_problem
@@ -49,6 +49,7 @@ class FleetView:
     candidates: frozenset[str]
     dp_capable: frozenset[str] = frozenset()
     secagg_capable: frozenset[str] = frozenset()
+    reliability: Mapping[str, float] | None = None  # selection weights (None: uniform): fedge.core.conduct
 
     def restricted(self, to: frozenset[str]) -> FleetView:
         return replace(self, candidates=self.candidates & to)
@@ -64,6 +65,7 @@ class PlanContext:
     rng: np.random.Generator
     entropy: Callable[[int], bytes]
     epsilon_spent: Callable[[DpParams | None], float] = lambda _extra: 0.0
+    secagg_l2: float | None = None  # the adaptive L2 clip the last SecAgg rounds arrived at (None: none yet)
 
 
 @dataclass(frozen=True)
@@ -145,8 +147,10 @@ def held_out_verdict(gates: GateSettings, accuracy: float | None, deployed: floa
 
 @dataclass(frozen=True)
 class Robust:
-    """The base strategy: seeded selection of ``ceil(fraction n)`` candidates; ``fedavg`` (sample weights capped),
-    ``median`` or ``trimmed_mean`` of norm-bounded updates; the proximal pull toward w0."""
+    """The base strategy: seeded selection of ``ceil(fraction n)`` candidates (devices that answer more often are
+    more likely to be picked, when not all are); the round closes once all but the ``over_select`` share of them sent
+    a valid update (:func:`~fedge.core.rounds.round_target`); ``fedavg`` (sample weights capped), ``median`` or
+    ``trimmed_mean`` of norm-bounded updates; the proximal pull toward w0."""
 
     name: str = "fedavg"
     proximal_lambda: float = 0.0
@@ -154,6 +158,7 @@ class Robust:
     trim_fraction: float = 0.2
     seed: int = 0
     gates: GateSettings = field(default_factory=GateSettings)
+    over_select: float = 0.0
 
     def __post_init__(self) -> None:
         if self.name not in STRATEGY_NAMES:
@@ -162,12 +167,16 @@ class Robust:
             raise ValueError(f"proximal_lambda must be >= 0, got {self.proximal_lambda}")
         if not 0 <= self.trim_fraction < 0.5:
             raise ValueError(f"trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
+        if not (math.isfinite(self.over_select) and self.over_select >= 0):
+            raise ValueError(f"over_select must be >= 0, got {self.over_select}")
 
     def configure(self, fleet: FleetView, params: RoundParams, ctx: PlanContext) -> Plan | Refusal:
         if not fleet.candidates:
             return Refusal(ReplyReason.NO_DEVICES, "no known online device to select")
-        return Plan(select_devices(fleet.candidates, params.fraction, params.min_devices, self.seed, ctx.round_id),
-                    params)
+        selected = select_devices(fleet.candidates, params.fraction, params.min_devices, self.seed, ctx.round_id,
+                                  fleet.reliability)
+        return Plan(selected, replace(params, target=round_target(len(selected), params.min_devices,
+                                                                  self.over_select)))
 
     def aggregator(self, params: RoundParams, shapes: Shapes, history: Sequence[float],
                    rng: np.random.Generator) -> Aggregator:
@@ -266,11 +275,17 @@ class Private:
 class Secure:
     """SecAgg+ around ``inner``: only devices that can mask, a public setup per round (refused unannounced when the
     cohort cannot carry it), and the secure-sum aggregate (every included device weighs the same; under DP the
-    denominator is the expected cohort, as DP-FedAvg)."""
+    denominator is the expected cohort, as DP-FedAvg).
+
+    Bounded inputs: every update is clipped to an announced L2 norm (under distributed DP, C) and per coordinate;
+    the hub refuses a sum that inputs so bounded cannot produce. With ``adaptive_l2`` the L2 clip follows the
+    median of the devices' update norms (the norm bit: :func:`~fedge.core.secagg.next_l2_clip`), starting from
+    ``config.l2_clip``; otherwise ``config.l2_clip`` is fixed (0: none)."""
 
     inner: Strategy
     config: SecAggConfig
     stage_timeout_s: float
+    adaptive_l2: bool = False
 
     @property
     def name(self) -> str:
@@ -294,6 +309,10 @@ class Secure:
             return plan
         try:
             cfg = replace(self.config, clip=auto_clip(plan.params.dp, self.config.clip))
+            if plan.params.dp is not None:  # devices clip to C and add noise: no L2 clip of their own announced
+                cfg = replace(cfg, l2_clip=0.0, norm_bit=False)
+            elif self.adaptive_l2:
+                cfg = replace(cfg, l2_clip=ctx.secagg_l2 or cfg.l2_clip, norm_bit=True)
             sa = SecAggPlan.make(ctx.fleet, ctx.round_id, plan.selected, ctx.entropy(32), cfg, self.stage_timeout_s)
             why = distributed_problem(plan.params.dp, len(plan.selected), sa.clip, sa.scale)
             if why is not None:  # every device would decline it: refuse it here, before it costs privacy
@@ -315,13 +334,14 @@ class Secure:
 
 
 def build_strategy(base: Robust, privacy: PrivacySettings | None = None, secagg: SecAggConfig | None = None,
-                   stage_timeout_s: float = 10.0) -> Strategy:
-    """The base strategy wrapped for ``privacy`` (None: off) and secure aggregation (None: off)."""
+                   stage_timeout_s: float = 10.0, adaptive_l2: bool = False) -> Strategy:
+    """The base strategy wrapped for ``privacy`` (None: off) and secure aggregation (None: off; ``adaptive_l2``: its
+    L2 clip follows the devices' median update norm)."""
     strategy: Strategy = base
     if privacy is not None:
         strategy = Private(strategy, privacy)
     if secagg is not None:
-        strategy = Secure(strategy, secagg, stage_timeout_s)
+        strategy = Secure(strategy, secagg, stage_timeout_s, adaptive_l2)
     return strategy
 
 

@@ -3,13 +3,15 @@
 Checks, in order: decode (malformed / too_large / bad_version / wrong_type), fleet, topic device
 ≠ message device, unknown device, no open round, stale round, not selected, wrong model,
 duplicate (the same nonce again is a redelivery, not a reject), names/shapes, dtypes, non-finite
-values, sample count. Every rejection is addressed to the topic's device, whatever the body says.
+values, sample count (at most 10^9, and at most what the device registered: the ``n_samples`` of its presence,
+which counts all of its rows while an update counts the rows it trained on). Every rejection is addressed to the
+topic's device, whatever the body says.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Final
 
 import numpy as np
@@ -39,6 +41,7 @@ class UpdateContext:
     private: bool = False  # the open round is a DP round
     declined: frozenset[str] = frozenset()  # devices that declined the open round
     compression: str | None = None  # the open round's compressed updates (core/compress.py), decoded first
+    registered_samples: Mapping[str, int] = field(default_factory=dict)  # device -> n_samples of its presence
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,10 @@ def check_delta(msg: ModelUpdate, ctx: UpdateContext) -> tuple[RejectReason, str
             return RejectReason.NOT_FINITE, f"{name}: contains NaN or infinity"
     if not 1 <= msg.n_samples <= ctx.max_samples:
         return RejectReason.BAD_SAMPLES, f"n_samples {msg.n_samples} is not in [1, {ctx.max_samples}]"
+    registered = ctx.registered_samples.get(msg.device)
+    if registered is not None and msg.n_samples > registered:
+        return RejectReason.BAD_SAMPLES, (f"n_samples {msg.n_samples} is more than the {registered} rows this device "
+                                          "registered in its presence")
     return None
 
 

@@ -106,6 +106,12 @@ def golden_variants() -> dict[str, Message]:
                                          0.05, nonce=_nonce(16), ts=TS, secagg_seed="5e" * 32, secagg_degree=2,
                                          secagg_threshold=2, secagg_ring_bits=32, secagg_clip=1.0,
                                          secagg_scale=65536.0),
+        # ... with bounded inputs: an announced L2 clip and the norm bit (PROTOCOL.md §9, "Bounded inputs")
+        "secagg_announce_bounded": RoundAnnounce("demo", 8, "v5", "ab" * 32, TS + 60.0, 2,
+                                                 ("dev-01", "dev-02", "dev-03"), 1, 0.05, nonce=_nonce(18), ts=TS,
+                                                 secagg_seed="5f" * 32, secagg_degree=2, secagg_threshold=2,
+                                                 secagg_ring_bits=32, secagg_clip=1.0, secagg_scale=65536.0,
+                                                 secagg_l2_clip=1.5, secagg_norm_bit=True),
     }
 
 

@@ -51,6 +51,7 @@ def _b(fill: int, n: int = 32) -> bytes:
 
 
 def stage_messages() -> list[StageMessage]:
+    """One message of each kind (file ``<Kind>``), then the variants (files ``<Kind>_<variant>``)."""
     return [
         AdvertiseKeys(RID, "dev-01", _b(1), _b(2), _b(3)),
         KeysBroadcast(RID, "hub", "dev-01", (PeerKeys("dev-02", _b(4), _b(5)), PeerKeys("dev-03", _b(6), _b(7)))),
@@ -61,6 +62,12 @@ def stage_messages() -> list[StageMessage]:
         UnmaskResponse(RID, "dev-01", (RevealedShare("dev-02", 1, _b(11, 33)),),
                        (RevealedShare("dev-03", 2, _b(12, 33)),)),
     ]
+
+
+def variants() -> dict[str, StageMessage]:
+    """Messages whose optional trailing fields are set: a masked input that left out a neighbour whose share bundle
+    did not open (PROTOCOL.md §9, "Dropouts")."""
+    return {"MaskedInput_rejected": MaskedInput(RID, "dev-01", 32, bytes(range(16)), ("dev-03",))}
 
 
 def _plain(value: Any) -> Any:
@@ -74,7 +81,13 @@ def _plain(value: Any) -> Any:
 
 
 def describe(msg: StageMessage) -> dict[str, Any]:
-    return {"kind": type(msg).__name__, "kind_byte": msg.KIND, "fields": _plain(msg)}
+    """The message as JSON; optional trailing fields only when set (as the encoding writes them)."""
+    plain = _plain(msg)
+    names = [f.name for f in fields(msg)]
+    for name in names[len(names) - int(getattr(msg, "OPTIONAL", 0)):]:
+        if not getattr(msg, name):
+            del plain[name]
+    return {"kind": type(msg).__name__, "kind_byte": msg.KIND, "fields": plain}
 
 
 def from_description(desc: dict[str, Any]) -> StageMessage:
@@ -83,6 +96,8 @@ def from_description(desc: dict[str, Any]) -> StageMessage:
     def build(c: type[Any], raw: dict[str, Any]) -> Any:
         out = []
         for f, code in zip(fields(c), c.SCHEMA, strict=True):
+            if f.name not in raw:  # an optional trailing field left out
+                break
             v = raw[f.name]
             if code == "b":
                 out.append(bytes.fromhex(v))
@@ -121,8 +136,7 @@ def crypto_vectors() -> dict[str, Any]:
 
 
 def main(out: Path = HERE) -> None:
-    for msg in stage_messages():
-        name = type(msg).__name__
+    for name, msg in [*((type(m).__name__, m) for m in stage_messages()), *variants().items()]:
         (out / f"{name}.bin").write_bytes(encode(msg))
         (out / f"{name}.json").write_text(json.dumps(describe(msg), indent=2, sort_keys=True) + "\n")
     (out / "crypto.json").write_text(json.dumps(crypto_vectors(), indent=2, sort_keys=True) + "\n")
