@@ -281,7 +281,8 @@ def test_a_compressed_round_decodes_codes_aggregates_them_and_refuses_floats(tmp
     from fedge.protocol.messages import Reject
     from tests.hub.fleet import SHAPES, hub_config, zero_delta
 
-    cfg = hub_config(tmp_path / "state", artifacts, rounds={"min_devices": 2, "compression": "int4"})
+    cfg = hub_config(tmp_path / "state", artifacts, rounds={"min_devices": 2, "compression": "int4", "over_select": 0},
+                     aggregation={"proximal_lambda": 0.0, "norm_multiplier": 4.0, "max_weight_share": 1.0})
     first = Fleet(cfg)
     first.hub.start()
     for d in "abc":
