@@ -11,6 +11,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import replace
 
 import numpy as np
@@ -158,17 +159,19 @@ class RoundRunner:
         log.warning("round %d %s: %s", rid, status, detail)
 
     # -- messages ---------------------------------------------------------------------------------------------
-    def _context(self, r: OpenRound | None, known: frozenset[str]) -> UpdateContext:
+    def _context(self, r: OpenRound | None, known: AbstractSet[str]) -> UpdateContext:
+        # no copies (issue 22): the sets and maps are the live ones, read while this update is validated; copying
+        # them for every update made a round of n devices cost O(n^2)
         spec = self.hub.head_spec(r.backbone_sha256) if r else {}
         return UpdateContext(
             fleet=self.hub.cfg.fleet, known_devices=known, round_id=r.id if r else None,
-            model_version=r.model_version if r else None, selected=frozenset(r.selected if r else ()),
-            accepted=dict(r.accepted) if r else {}, head_spec=spec,
+            model_version=r.model_version if r else None, selected=r.selected_set if r else frozenset(),
+            accepted=r.accepted if r else {}, head_spec=spec,
             max_update_bytes=self.hub.cfg.rounds.max_update_bytes,
-            private=r is not None and r.params.dp is not None, declined=frozenset(r.declined if r else ()),
+            private=r is not None and r.params.dp is not None, declined=r.declined.keys() if r else frozenset(),
         )
 
-    def handle_update(self, device: str | None, topic: str, payload: bytes, known: frozenset[str]) -> None:
+    def handle_update(self, device: str | None, topic: str, payload: bytes, known: AbstractSet[str]) -> None:
         hub = self.hub
         rnd = self.round
         if rnd is not None and rnd.params.secagg is not None:  # an old agent, or a device skipping the masking

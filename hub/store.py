@@ -128,8 +128,11 @@ class Store(FleetTables):
             if not self.keep_update_payloads:
                 self._drop_closed_payloads()
         if not self.keep_update_payloads:  # the old pages out of the WAL too (best effort: a reader may hold it)
-            with self._lock:
-                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self.after_commit(self._checkpoint)
+
+    def _checkpoint(self) -> None:
+        with self._lock:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def round_outcome(self, rid: int) -> tuple[bool, int | None] | None:
         """``(deployed when it closed, the evaluation round deciding it)`` of a round that registered a version."""

@@ -9,6 +9,7 @@ values, sample count. Every rejection is addressed to the topic's device, whatev
 from __future__ import annotations
 
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Final
 
@@ -24,19 +25,20 @@ MAX_SAMPLES: Final = 10**9
 
 @dataclass(frozen=True)
 class UpdateContext:
-    """What the hub knows when an update arrives."""
+    """What the hub knows when an update arrives (read during one :func:`validate_update` call: the hub passes its
+    live sets, not copies)."""
 
     fleet: str
-    known_devices: frozenset[str]
+    known_devices: AbstractSet[str]
     round_id: int | None  # the open round, None if none is open
     model_version: str | None
-    selected: frozenset[str]
+    selected: AbstractSet[str]
     accepted: Mapping[str, str]  # device -> nonce of its accepted update in the open round
     head_spec: Mapping[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype)
     max_update_bytes: int
     max_samples: int = MAX_SAMPLES
     private: bool = False  # the open round is a DP round
-    declined: frozenset[str] = frozenset()  # devices that declined the open round
+    declined: AbstractSet[str] = frozenset()  # devices that declined the open round
 
 
 @dataclass(frozen=True)
