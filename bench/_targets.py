@@ -97,10 +97,16 @@ SECAGG = (
            "is printed beside it)"),
 )
 
+SCALE = (
+    Target("round_overhead_s", "<=", 5,
+           "10,000 simulated devices (2 processes × 4 MQTT connections), loopback mosquitto, sample-weighted FedAvg: "
+           "control → result wall time, hub + broker + simulator on the same 2 cores"),
+)
+
 BENCHES: dict[str, tuple[Target, ...]] = {"bench/train_step.py": TRAIN_STEP, "bench/round_overhead.py": ROUND_OVERHEAD,
                                           "bench/privacy_utility.py": PRIVACY_UTILITY,
                                           "bench/transfer_quality.py": TRANSFER_QUALITY,
-                                          "bench/secagg.py": SECAGG}
+                                          "bench/secagg.py": SECAGG, "bench/scale.py": SCALE}
 
 
 def check(figures: Mapping[str, Any], targets: tuple[Target, ...]) -> dict[str, Any]:

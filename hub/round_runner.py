@@ -117,7 +117,7 @@ class RoundRunner:
         hub.publish_status()
         eps = "" if ledger is None else f", {ledger.mode} DP, epsilon after it {ledger.epsilon:.3f}"
         log.info("round %d open: model %s, %d selected %s, quorum %d, deadline %.0f s%s", rid, cur.version,
-                 len(selected), list(selected), params.min_devices, params.deadline_s, eps)
+                 len(selected), _some(selected), params.min_devices, params.deadline_s, eps)
         return rid, ReplyReason.STARTED, ""
 
     def resume(self) -> None:
@@ -190,8 +190,9 @@ class RoundRunner:
             rnd.aggregator.add(msg.delta, msg.n_samples)
             rnd.accepted[msg.device] = msg.nonce
             rnd.n_samples += msg.n_samples
-            log.info("round %d: update from %s accepted (%d samples, %d/%d)", msg.round, msg.device, msg.n_samples,
-                     len(rnd.accepted), len(rnd.selected))
+            # debug (issue 22): one line per update is most of a 10,000-device round's logging; the close says it all
+            log.debug("round %d: update from %s accepted (%d samples, %d/%d)", msg.round, msg.device, msg.n_samples,
+                      len(rnd.accepted), len(rnd.selected))
         else:
             log.info("round %d: redelivered update from %s re-acked", msg.round, msg.device)
         ack = Ack(fleet=hub.cfg.fleet, round=msg.round, device=msg.device, ref_nonce=msg.nonce)
@@ -421,6 +422,12 @@ class RoundRunner:
             self.set_chain(self._chain_left - 1, self._chain_overrides)
             if self.start(self._chain_overrides)[0] is None:  # nobody to ask: the chain ends here
                 self.end_chain()
+
+
+def _some(names: tuple[str, ...], shown: int = 20) -> str:
+    """A list of names for a log line, cut after ``shown`` (a round may select 10,000 devices)."""
+    head = ", ".join(names[:shown])
+    return f"[{head}{f', ... {len(names) - shown} more' if len(names) > shown else ''}]"
 
 
 def _entropy(n: int) -> bytes:

@@ -34,6 +34,7 @@ class Database:
         self.keep_update_payloads = keep_update_payloads
         self._lock = threading.RLock()
         self._depth = 0  # 0: no transaction; 1: inside batch(); more: nested savepoints
+        self._before_commit: list[Callable[[], None]] = []
         self._after_commit: list[Callable[[], None]] = []
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -47,6 +48,10 @@ class Database:
         have = {row[1] for row in self._db.execute("PRAGMA table_info(secagg_sums)")}
         if "silent" not in have:
             self._db.execute("ALTER TABLE secagg_sums ADD COLUMN silent TEXT NOT NULL DEFAULT '[]'")
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(updates)")}
+        for column in ("payload_at", "payload_len"):  # a frame in updates/round-<id>.bin (store_payloads.py)
+            if column not in have:
+                self._db.execute(f"ALTER TABLE updates ADD COLUMN {column} INTEGER")
 
     def close(self) -> None:
         with self._lock:
@@ -84,6 +89,8 @@ class Database:
             self._depth = 1
             try:
                 yield self._db
+                for fn in self._before_commit:
+                    fn()
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -91,6 +98,7 @@ class Database:
                 raise
             finally:
                 self._depth = 0
+                self._before_commit.clear()
         self._run_after_commit()
 
     @contextlib.contextmanager
@@ -101,6 +109,16 @@ class Database:
         exception out of the block rolls the whole batch back."""
         with self.transaction():
             yield
+
+    def before_commit(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` (once) right before the current transaction commits (now, outside one): making files durable
+        that the transaction's rows name. If it raises, the transaction is rolled back."""
+        with self._lock:
+            if self._depth:
+                if fn not in self._before_commit:
+                    self._before_commit.append(fn)
+                return
+        fn()
 
     def after_commit(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` once the current batch is committed (now, outside a batch): work that cannot run inside a
@@ -120,6 +138,12 @@ class Database:
             fn()
 
     def _write(self, sql: str, args: tuple[Any, ...] = ()) -> None:
+        """One statement in its own transaction; inside a batch, part of it (one statement is atomic alone: no
+        savepoint)."""
+        with self._lock:
+            if self._depth:
+                self._db.execute(sql, args)
+                return
         with self.transaction() as db:
             db.execute(sql, args)
 

@@ -64,12 +64,13 @@ class _PendingAck:
 
     def part(self) -> AckFn:
         """One part's one-shot acknowledgement."""
-        fired = threading.Event()
+        fired = [False]
 
         def ack() -> None:
-            if fired.is_set():
-                return
-            fired.set()
+            with self._lock:
+                if fired[0]:
+                    return
+                fired[0] = True
             self._done()
 
         return ack
