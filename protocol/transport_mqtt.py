@@ -48,6 +48,7 @@ _PROTOCOL_REFUSED: Final = {1, 0x84}  # 3.1.1 "unacceptable protocol version", 5
 _DETECTED: dict[tuple[str, int], str] = {}  # host:port -> "3.1.1" after a fallback
 _DETECTED_LOCK = threading.Lock()
 _CLOSED_EARLY: Final = "the broker closed the connection without a CONNACK"
+_MAX_ROUTES: Final = 1 << 16
 
 
 class _PendingAck:
@@ -107,6 +108,8 @@ class MqttTransport:
         self._lock = threading.Lock()
         self._subs: list[tuple[str, int, Handler | DeferredHandler, bool]] = []  # filter, qos, handler, deferred
         self._sub_ids: dict[str, int] = {}  # filter -> MQTT 5 Subscription Identifier
+        # handlers by Subscription Identifiers (MQTT 5) or topic (3.1.1): who gets a message, worked out once
+        self._routes: dict[tuple[int, ...] | str, list[tuple[Handler | DeferredHandler, bool]]] = {}
         self._on_connect: list[Callable[[], None]] = []
         self._connack = threading.Event()
         self._refusal: Any = None
@@ -271,6 +274,7 @@ class MqttTransport:
     def _subscribe(self, topic_filter: str, handler: Handler | DeferredHandler, qos: int, *, deferred: bool) -> None:
         with self._lock:
             self._subs.append((topic_filter, qos, handler, deferred))
+            self._routes.clear()
             self._sub_ids.setdefault(topic_filter, len(self._sub_ids) + 1)
         client = self._client
         if client is not None and self.connected.is_set():
@@ -328,13 +332,19 @@ class MqttTransport:
 
     def _handle_message(self, client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         ids = getattr(msg.properties, "SubscriptionIdentifier", None) if msg.properties is not None else None
+        key: tuple[int, ...] | str = tuple(ids) if ids else msg.topic
         with self._lock:
-            if ids:  # MQTT 5: only the handlers of the filter(s) this copy was delivered for
-                wanted = {f for f, i in self._sub_ids.items() if i in ids}
-                matched = [(h, d) for f, _q, h, d in self._subs if f in wanted]
-            else:
-                matched = [(h, d) for f, _q, h, d in self._subs if mqtt.topic_matches_sub(f, msg.topic)]
-        handlers = list(dict.fromkeys(matched))  # one call per handler, however many of its filters match
+            handlers = self._routes.get(key)
+            if handlers is None:
+                if ids:  # MQTT 5: only the handlers of the filter(s) this copy was delivered for
+                    wanted = {f for f, i in self._sub_ids.items() if i in ids}
+                    matched = [(h, d) for f, _q, h, d in self._subs if f in wanted]
+                else:
+                    matched = [(h, d) for f, _q, h, d in self._subs if mqtt.topic_matches_sub(f, msg.topic)]
+                handlers = list(dict.fromkeys(matched))  # one call per handler, however many of its filters match
+                if len(self._routes) >= _MAX_ROUTES:
+                    self._routes.clear()
+                self._routes[key] = handlers
         deferred = sum(1 for _h, d in handlers if d)
         pending = _PendingAck(self, client, msg.mid, msg.qos, deferred + 1) if self.manual_ack else None
         payload = bytes(msg.payload)

@@ -101,15 +101,15 @@ def check_update(msg: ModelUpdate, topic_device: str | None, ctx: UpdateContext)
 
 
 def check_delta(msg: ModelUpdate, ctx: UpdateContext) -> tuple[RejectReason, str] | None:
-    names, expected = set(msg.delta), set(ctx.head_spec)
-    if names != expected:
+    if msg.delta.keys() != ctx.head_spec.keys():
+        names, expected = set(msg.delta), set(ctx.head_spec)
         return RejectReason.WRONG_SHAPE, (f"delta names differ: missing {sorted(expected - names)}, "
                                           f"unexpected {sorted(names - expected)}"[:300])
     for name, (shape, _) in ctx.head_spec.items():
         if tuple(msg.delta[name].shape) != tuple(shape):
             return RejectReason.WRONG_SHAPE, f"{name}: shape {list(msg.delta[name].shape)}, expected {list(shape)}"
     for name, (_, dtype) in ctx.head_spec.items():
-        if msg.delta[name].dtype != np.dtype(dtype):
+        if msg.delta[name].dtype != dtype:  # numpy compares a dtype with its name
             return RejectReason.WRONG_DTYPE, f"{name}: dtype {msg.delta[name].dtype}, expected {dtype}"
     for name, arr in msg.delta.items():
         if not np.isfinite(arr).all():
