@@ -153,12 +153,34 @@ class RabbitMQ:
                 raise RuntimeError(f"rabbitmq-server exited with {self.proc_returncode()}:\n{tail}")
             try:
                 wait_port(self.host, self.port, 0.5)
-                return self
+                break
             except TimeoutError:
                 if time.monotonic() > deadline:
                     tail = self.log.read_text(errors="replace")[-3000:]
                     self.stop()
                     raise RuntimeError(f"RabbitMQ's MQTT listener did not open in {timeout_s} s:\n{tail}") from None
+        self.wait_ready("/", max(deadline - time.monotonic(), 1.0))
+        return self
+
+    def wait_ready(self, vhost: str = "/", timeout_s: float = 60.0) -> None:
+        """Return once an MQTT client can log in on ``vhost``: the listener opens before every virtual host has
+        started (a login meanwhile is refused: "vhost is down")."""
+        from fedge.protocol.errors import TransportError
+        from fedge.protocol.mqtt_config import BrokerConfig
+        from fedge.protocol.transport_mqtt import MqttTransport
+
+        cfg = BrokerConfig.from_mapping({**self.account(vhost), "protocol": "3.1.1"})
+        deadline = time.monotonic() + timeout_s
+        while True:
+            probe = MqttTransport(cfg, f"fedge-probe-{os.getpid()}", session_expiry_s=0)
+            try:
+                probe.connect(timeout_s=5)
+                probe.close(flush_timeout_s=0)
+                return
+            except TransportError as exc:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"RabbitMQ vhost {vhost!r} not ready after {timeout_s} s: {exc}") from None
+                time.sleep(0.2)
 
     def proc_returncode(self) -> int | None:
         return None if self.proc is None else self.proc.returncode
