@@ -96,12 +96,14 @@ class RabbitVhost:
 
     def restart(self) -> None:
         self.node.restart()
+        self.node.wait_ready(self.vhost)
 
     def stop(self) -> None:
         self.node.stop_node()
 
     def start(self) -> None:
         self.node.start()
+        self.node.wait_ready(self.vhost)
 
 
 @pytest.fixture
