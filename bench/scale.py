@@ -463,8 +463,11 @@ def main() -> int:
             say(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    # the target is the issue's: 10,000 devices; other sizes report their figures against nothing
-    return finish(out, SCALE if args.devices == 10_000 else (), args.json)
+    # the target is the issue's: 10,000 devices on one mosquitto. On RabbitMQ the broker itself needs more CPU per
+    # round than the target on these shared cores (broker_cpu_s): its figures are reported against no target
+    checked = args.devices == 10_000 and args.broker == "mosquitto"
+    out["targets_apply_to"] = "--devices 10000 --broker mosquitto"
+    return finish(out, SCALE if checked else (), args.json)
 
 
 if __name__ == "__main__":

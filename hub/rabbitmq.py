@@ -35,6 +35,7 @@ from fedge.hub.mosquitto import free_port, wait_port
 
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 EPMD = "/usr/bin/epmd"
+PREFETCH = 1000
 
 __all__ = ["EPMD", "RABBITMQ_SERVER", "RabbitMQ", "available"]
 
@@ -85,6 +86,9 @@ class RabbitMQ:
             "mqtt.default_user = guest",
             "mqtt.default_pass = guest",
             "mqtt.vhost = /",
+            # unacknowledged QoS 1 messages per subscriber (default 10): the hub acknowledges after its group
+            # commit, so this bounds a commit's batch (docs/BROKERS.md)
+            f"mqtt.prefetch = {PREFETCH}",
             "loopback_users = none",
             f"load_definitions = {self.definitions}",
             "log.file.level = warning",
