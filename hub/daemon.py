@@ -23,7 +23,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
 import numpy as np
@@ -42,7 +42,7 @@ from fedge.hub.selection import Selector
 from fedge.hub.store import Store, VersionRow
 from fedge.hub.watchdog import hub_watchdog
 from fedge.protocol.codec import MAGIC, decode, encode, encode_control_reply
-from fedge.protocol.errors import ConfigError, DecodeError, FedgeError, HubStateError
+from fedge.protocol.errors import ConfigError, DecodeError, FedgeError, HubStateError, TransportError
 from fedge.protocol.messages import Decline, HubStatus, Presence, RejectReason, RoundOverrides
 from fedge.protocol.signing import HubSigner, load_private_key, rotation_files, rotation_topic, rotations_up_to
 from fedge.protocol.topics import Topics
@@ -123,9 +123,10 @@ class HubDaemon:
 
     def __init__(self, cfg: HubConfig, transport: Transport, *, clock: Callable[[], float] = time.time,
                  evaluator: EvalFn | None = None, tick_s: float = 0.1,
-                 rng: np.random.Generator | None = None) -> None:
+                 rng: np.random.Generator | None = None, retain_on: Sequence[Transport] = ()) -> None:
         self.cfg = cfg
         self.transport = transport
+        self.retain_on = tuple(retain_on)  # other nodes of a cluster that keeps retained messages per node
         self.topics = Topics(cfg.fleet)
         self.clock = clock
         self.tick_s = tick_s
@@ -317,7 +318,7 @@ class HubDaemon:
             held, self._held = self._held, None
             if committed:
                 for topic, payload, retain in held:
-                    self.transport.publish(topic, payload, qos=1, retain=retain)
+                    self._send(topic, payload, retain)
             for _fn, done, _dropped in batch:
                 if done is not None:
                     done()
@@ -342,7 +343,16 @@ class HubDaemon:
         if self._held is not None and threading.current_thread() is self._worker:
             self._held.append((topic, payload, retain))
         else:
-            self.transport.publish(topic, payload, qos=1, retain=retain)
+            self._send(topic, payload, retain)
+
+    def _send(self, topic: str, payload: bytes, retain: bool) -> None:
+        self.transport.publish(topic, payload, qos=1, retain=retain)
+        if retain:  # a retained message must be on every node of a cluster that keeps them per node
+            for node in self.retain_on:
+                try:
+                    node.publish(topic, payload, qos=1, retain=True)
+                except TransportError as exc:  # not connected yet: its on-connect republishes the state
+                    log.debug("retained %s not sent to another node: %s", topic, exc)
 
     def publish_status(self) -> None:
         self._status(online=True)

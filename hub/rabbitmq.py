@@ -37,7 +37,7 @@ RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 EPMD = "/usr/bin/epmd"
 PREFETCH = 1000
 
-__all__ = ["EPMD", "RABBITMQ_SERVER", "RabbitMQ", "available"]
+__all__ = ["EPMD", "RABBITMQ_SERVER", "RabbitMQ", "available", "cluster"]
 
 
 def available() -> bool:
@@ -56,16 +56,20 @@ class RabbitMQ:
 
     def __init__(self, workdir: str | Path, port: int | None = None, *, host: str = "127.0.0.1",
                  vhosts: Sequence[str] = (), user: str = "fedge", extra_conf: str = "",
-                 binary: str = RABBITMQ_SERVER) -> None:
+                 binary: str = RABBITMQ_SERVER, password: str | None = None, epmd_port: int | None = None,
+                 home: Path | None = None, cluster: Sequence[str] = ()) -> None:
         self.workdir = Path(workdir).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.host = host
         self.port = port or free_port(host)
         self.dist_port = free_port(host)
-        self.epmd_port = free_port(host)
+        self.own_epmd = epmd_port is None  # a cluster's nodes share one epmd (they find each other through it)
+        self.epmd_port = epmd_port or free_port(host)
+        self.home = (home or self.workdir / "home").resolve()  # its .erlang.cookie: one per cluster
+        self.cluster = tuple(cluster)  # every node of the cluster (classic_config peer discovery), or none
         self.binary = binary
         self.user = user
-        self.password = secrets.token_urlsafe(18)
+        self.password = password or secrets.token_urlsafe(18)
         self.vhosts = tuple(vhosts)
         self.node = f"fedge-{self.port}@localhost"
         self.log = self.workdir / "rabbitmq.log"
@@ -93,6 +97,9 @@ class RabbitMQ:
             f"load_definitions = {self.definitions}",
             "log.file.level = warning",
             "log.console = false",
+            *(["cluster_formation.peer_discovery_backend = classic_config"]
+              + [f"cluster_formation.classic_config.nodes.{i} = {n}" for i, n in enumerate(self.cluster, 1)]
+              if self.cluster else []),
             self.extra_conf,
             "",
         ]
@@ -119,8 +126,8 @@ class RabbitMQ:
         return {"url": self.url, "username": name, "password": self.password}
 
     def _env(self) -> dict[str, str]:
-        home = self.workdir / "home"
-        home.mkdir(exist_ok=True)
+        home = self.home
+        home.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
         env.update({
             "RABBITMQ_NODENAME": self.node,
@@ -145,7 +152,7 @@ class RabbitMQ:
             shutil.rmtree(self.workdir / "mnesia", ignore_errors=True)
         env = self._env()
         with self.log.open("ab") as log:
-            if self.epmd is None or self.epmd.poll() is not None:
+            if self.own_epmd and (self.epmd is None or self.epmd.poll() is not None):
                 self.epmd = subprocess.Popen([EPMD, "-port", str(self.epmd_port)], stdout=log, stderr=log, env=env)
                 wait_port(self.host, self.epmd_port, 10)
             self.proc = subprocess.Popen([self.binary], stdout=log, stderr=log, env=env, stdin=subprocess.DEVNULL)
@@ -248,3 +255,18 @@ def _wait_gone(pid: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+def cluster(workdir: str | Path, nodes: int = 2, *, host: str = "127.0.0.1", vhosts: Sequence[str] = (),
+            user: str = "fedge") -> list[RabbitMQ]:
+    """``nodes`` RabbitMQ nodes forming one cluster (not started): one Erlang cookie, one epmd (run by the first
+    node), classic_config peer discovery; each node its own MQTT port. Start the first node, then the others (they
+    join it at boot); stop them in reverse order."""
+    root = Path(workdir).resolve()
+    ports = [free_port(host) for _ in range(nodes)]
+    names = [f"fedge-{port}@localhost" for port in ports]
+    first = RabbitMQ(root / "node0", ports[0], host=host, vhosts=vhosts, user=user, home=root / "home",
+                     cluster=names)
+    return [first] + [RabbitMQ(root / f"node{i}", ports[i], host=host, vhosts=vhosts, user=user,
+                               password=first.password, epmd_port=first.epmd_port, home=root / "home", cluster=names)
+                      for i in range(1, nodes)]

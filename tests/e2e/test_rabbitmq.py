@@ -1,7 +1,8 @@
 """The same rounds on RabbitMQ's MQTT plugin (Debian's rabbitmq-server 3.10: MQTT 3.1.1 only, retained messages only
 through exact-topic subscriptions): a hub process and agent processes as on mosquitto, plain, local-DP and SecAgg
-rounds, a broker restart mid-round and a device that is killed and comes back. One RabbitMQ node serves the
-session; each test has a virtual host of its own (tests/conftest.py, ``rabbitmq``)."""
+rounds, a broker restart mid-round and a device that is killed and comes back, and a round across a two-node
+RabbitMQ cluster. One RabbitMQ node serves the session; each test has a virtual host of its own (tests/conftest.py,
+``rabbitmq``); the cluster test starts its own two nodes."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fedge.core.privacy import DpEvent, epsilon
+from fedge.hub.rabbitmq import cluster as rabbitmq_cluster
 from fedge.protocol.codec import decode
 from fedge.protocol.messages import ModelHead, ModelUpdate, RoundStatus
 from tests.conftest import RabbitVhost
@@ -179,3 +182,37 @@ def test_a_device_killed_and_back_takes_part_on_rabbitmq(make_fleet: Callable[..
     (r2,) = fleet.wait_results([2], timeout_s=150)
     assert r2.status is RoundStatus.COMPLETED and sorted(r2.devices) == fleet.devices, r2
     assert r2.n_samples == fleet.data.train_total, "every device's samples counted once"
+
+
+def test_a_round_across_a_rabbitmq_cluster(make_fleet: Callable[..., Fleet], tmp_path: Path) -> None:
+    """Two clustered RabbitMQ nodes: the hub on one, devices on both. Live messages cross the cluster; retained
+    ones do not (RabbitMQ keeps them per node), so the hub also publishes its retained messages on the other node
+    (``[broker] retain_on``): a device that joins on that node gets the model and takes part."""
+    a, b = rabbitmq_cluster(tmp_path / "rabbit", 2)
+    a.start()
+    fleet: Fleet | None = None
+    try:
+        b.start()
+        on_a, on_b = a.account(), b.account()
+        devices = [f"device-{i:02d}" for i in range(N)]
+        accounts = {"hub": {**on_a, "retain_on": [b.url]}, "watcher": on_b,
+                    **{d: (on_a if i < 2 else on_b) for i, d in enumerate(devices)}}
+        fleet = make_fleet(a.url, n_agents=N, accounts=accounts)
+        first, late = fleet.devices[:-1], fleet.devices[-1]  # the late one connects to node b
+        fleet.write_hub_toml(rounds={"min_devices": len(first), "deadline_s": 120.0})
+        fleet.start_hub()
+        fleet.start_agents(first, ready=True)  # the ones on b get model/full and model/head retained on b
+        fleet.start_round()
+        (r1,) = fleet.wait_results([1], timeout_s=150)
+        assert r1.status is RoundStatus.COMPLETED and sorted(r1.devices) == first, r1
+        fleet.start_agents([late], ready=True, timeout_s=120)
+        fleet.start_round(json.dumps({"min_devices": N}).encode())
+        (r2,) = fleet.wait_results([2], timeout_s=150)
+        assert r2.status is RoundStatus.COMPLETED and sorted(r2.devices) == fleet.devices, r2
+        head = fleet.retained(fleet.topics.model_head)  # a late subscriber on node b: the newest head
+        assert isinstance(head, ModelHead) and head.version == r2.model_version
+    finally:
+        if fleet is not None:
+            fleet.close()
+        b.stop()
+        a.stop()
