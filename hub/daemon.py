@@ -180,8 +180,8 @@ class HubDaemon:
         self.selector.resume()
         self._worker = threading.Thread(target=self._run, name=f"fedge-hub-{self.cfg.fleet}", daemon=True)
         self._worker.start()
-        # handlers wait for the worker, so it must run before the first (retained) message arrives; and
-        # subscribing before connecting means no message of the persistent session arrives unhandled
+        # handlers hand their messages to the worker, so it must run before the first (retained) message arrives;
+        # and subscribing before connecting means no message of the persistent session arrives unhandled
         t, sub = self.topics, self._subscribe
         sub(t.presence_all, self._handle_presence)
         sub(t.control_round_start, lambda _t, p: control.handle_start(self, p))
