@@ -20,16 +20,20 @@ test: setup agent-venv lint unit agent-env-tests agent-wheels
 test-fast: setup
 	$(BIN)/pytest -q -m "not e2e and not slow"
 
-# Debian packages: mosquitto (real broker for the tests), Fashion-MNIST (offline data set) and headless Chromium
-# with its driver (the dashboard's browser test; Debian's build: nothing downloads a browser).
+# Debian packages: mosquitto and rabbitmq-server (real brokers for the tests: RabbitMQ's MQTT plugin is the
+# clusterable one), Fashion-MNIST (offline data set) and headless Chromium with its driver (the dashboard's browser
+# test; Debian's build: nothing downloads a browser).
 system-deps:
 	@if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ] || [ ! -d /usr/share/datasets/fashion-mnist ] \
-		|| ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+		|| ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1 \
+		|| [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
-			mosquitto mosquitto-clients dataset-fashion-mnist chromium chromium-driver; \
+			mosquitto mosquitto-clients rabbitmq-server dataset-fashion-mnist chromium chromium-driver; \
 	fi
-	@# the packaged service is not needed: tests and demo start their own brokers
+	@# the packaged services are not needed: tests and demo start their own brokers (a private RabbitMQ node on
+	@# free ports, with its own epmd: hub/rabbitmq.py)
 	-@$(SUDO) systemctl disable --now mosquitto >/dev/null 2>&1 || true
+	-@$(SUDO) systemctl disable --now rabbitmq-server >/dev/null 2>&1 || true
 
 # Every file of the fedge packages: a strict editable install links files, so a new module needs a relink.
 PKG_FILES := $(shell find src protocol edge_agent export hub devices -type f -not -path '*/__pycache__/*' 2>/dev/null)

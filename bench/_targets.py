@@ -89,6 +89,8 @@ SECAGG = (
     Target("secagg_overhead_s_100", "<=", 3,
            "SecAgg+ round minus plain round, 100 simulated devices (one MQTT connection each), loopback mosquitto"),
     Target("secagg_overhead_s_500", "<=", 15, "same, 500 simulated devices"),
+    Target("secagg_overhead_s_1000", "<=", 15,
+           "same, 1,000 simulated devices (their own cryptography on the bench's cores is most of it)"),
     Target("device_bytes_500_over_10", "<=", 4,
            "bytes a device sends in a SecAgg round (4 stages), cohort of 500 over cohort of 10"),
     Target("distributed_minus_central_points", ">=", -1,
@@ -130,12 +132,19 @@ ATTACKS = (
            "within 3x a clean round + 2 s (1 = all of them)"),
 )
 
+SCALE = (
+    Target("round_overhead_s", "<=", 5,
+           "10,000 simulated devices (2 processes × 4 MQTT connections), loopback mosquitto, sample-weighted FedAvg: "
+           "control → result wall time, hub + broker + simulator on the same 2 cores"),
+)
+
 BENCHES: dict[str, tuple[Target, ...]] = {"bench/train_step.py": TRAIN_STEP, "bench/round_overhead.py": ROUND_OVERHEAD,
                                           "bench/privacy_utility.py": PRIVACY_UTILITY,
                                           "bench/transfer_quality.py": TRANSFER_QUALITY,
                                           "bench/secagg.py": SECAGG, "bench/compression.py": COMPRESSION,
                                           "bench/async_rounds.py": ASYNC_ROUNDS, "bench/attacks.py": ATTACKS,
-                                          "bench/robust_strategy.py": ROBUST_STRATEGY}
+                                          "bench/robust_strategy.py": ROBUST_STRATEGY,
+                                          "bench/scale.py": SCALE}
 
 
 def check(figures: Mapping[str, Any], targets: tuple[Target, ...]) -> dict[str, Any]:

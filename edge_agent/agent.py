@@ -40,8 +40,8 @@ from fedge.protocol.messages import (
     RoundResult,
     SecAggStage,
 )
-from fedge.protocol.signing import rotation_filter
-from fedge.protocol.topics import Topics
+from fedge.protocol.signing import rotation_filter, rotation_topic
+from fedge.protocol.topics import Topics, valid_id
 from fedge.protocol.transport import Transport
 from fedge.runtime.data import LocalData, load_local
 from fedge.runtime.features import FeatureCache
@@ -105,6 +105,10 @@ class Agent:
         self._selection = SelectionWorker(self.worker, self._cond)  # source-model selection rounds
         self._subscribed = False
         self._stopped = False
+        self._hub_online = False  # the last hub status said online
+        self._exact: set[str] = set()  # exact topics subscribed after start (next rotation, candidates)
+        self._on_candidate = self._guard(self._selection.on_candidate, config.max_model_bytes)  # one handler object:
+        # one call per message however many of its filters match (protocol/transport_mqtt.py)
 
     def _run_selection(self, msg: RoundAnnounce) -> None:
         self._selection.run(msg)
@@ -169,8 +173,12 @@ class Agent:
         self._transport.publish(topic, payload, qos=1)
 
     def _subscribe(self, t: Transport) -> None:
+        # Retained messages are read through exact-topic subscriptions (PROTOCOL.md, "What fedge needs from a
+        # broker": RabbitMQ sends none through + or #): the next key rotation, a selection round's candidates and
+        # everything below by name; the wildcards only catch live messages and brokers that do send retained ones.
         if self.trust.signing_required:  # the hub's key rotations first (PROTOCOL.md, "Signatures")
             t.subscribe(rotation_filter(self.config.fleet), self._on_rotation, qos=1)
+            self._subscribe_next_rotation(t)
         # per-topic size limits: only model/full is big
         t.subscribe(self.topics.model_full, self._guard(self._on_model_full, self.config.max_model_bytes), qos=1)
         t.subscribe(self.topics.model_head, self._guard(self._on_model_head, self.config.max_head_bytes), qos=1)
@@ -179,9 +187,28 @@ class Agent:
         t.subscribe(self.topics.device_inbox(self.device), self._guard(self._on_inbox, INBOX_FRAME_BYTES), qos=1)
         t.subscribe(self.topics.result, self._guard(self._on_result, ANNOUNCE_FRAME_BYTES), qos=1)
         t.subscribe(self.topics.hub_status, self._guard(self._on_hub_status, SMALL_FRAME_BYTES), qos=1)
-        t.subscribe(self.topics.candidate_all, self._guard(self._selection.on_candidate, self.config.max_model_bytes),
-                    qos=1)
-        t.subscribe(self.topics.select_announce, self._guard(self._selection.on_announce, ANNOUNCE_FRAME_BYTES), qos=1)
+        t.subscribe(self.topics.candidate_all, self._on_candidate, qos=1)
+        t.subscribe(self.topics.select_announce, self._guard(self._on_select_announce, ANNOUNCE_FRAME_BYTES), qos=1)
+
+    def _subscribe_next_rotation(self, t: Transport) -> None:
+        """The exact topic of the rotation after the last one applied (retained there)."""
+        topic = rotation_topic(self.config.fleet, self.trust.rotation_seq + 1)
+        if topic not in self._exact:
+            self._exact.add(topic)
+            t.subscribe(topic, self._on_rotation, qos=1)
+
+    def _on_select_announce(self, msg: Any) -> None:
+        """A selection round names its candidates: their retained artifacts are read by exact topic."""
+        transport = self._transport
+        if isinstance(msg, RoundAnnounce) and transport is not None:
+            for name in msg.candidates:
+                if not valid_id(name):
+                    continue
+                topic = self.topics.candidate(name)
+                if topic not in self._exact:
+                    self._exact.add(topic)
+                    transport.subscribe(topic, self._on_candidate, qos=1)
+        self._selection.on_announce(msg)
 
     def _on_rotation(self, topic: str, payload: bytes) -> None:
         """Apply a key rotation, then re-check the frames refused for an unknown key (a retained model signed by
@@ -189,6 +216,8 @@ class Agent:
         before = self.trust.rotation_seq
         self.trust.on_rotation(topic, payload)
         if self.trust.rotation_seq != before:
+            if self._transport is not None:
+                self._subscribe_next_rotation(self._transport)
             held, self._held = self._held, {}
             for held_topic, (run, frame) in held.items():
                 run(held_topic, frame)
@@ -393,8 +422,13 @@ class Agent:
             self.publish_presence(online=True)  # the hub and the dashboard see which back-ends are unusable
 
     def _on_hub_status(self, msg: Any) -> None:
-        if isinstance(msg, HubStatus) and msg.online:  # the hub (re)subscribed before it said so
-            self._republish_unacked("hub online", FRESH_S)  # not an update just sent: the hub is answering it
+        online = isinstance(msg, HubStatus) and msg.online
+        if online and not self._hub_online:  # a hub that came up may not have this device's presence: a broker need
+            log.info("hub online: publishing presence")  # not send retained ones through its presence/+ filter
+            self.publish_presence(online=True)
+        self._hub_online = online
+        if online:  # the hub (re)subscribed before it said so
+            self._republish_unacked("hub online", FRESH_S)
 
     def _republish_unacked(self, why: str, min_age_s: float = 0.0) -> None:
         connected = getattr(self._transport, "connected", None)

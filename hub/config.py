@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -536,6 +536,13 @@ class HubBroker:
         metadata=doc('with url = "embedded": the address the hub\'s own MQTT broker (amqtt, MQTT 3.1.1) listens on'),
     )
     embedded_port: int = field(default=1883, metadata=doc('with url = "embedded": the port of the hub\'s own broker'))
+    retain_on: tuple[str, ...] = field(
+        default=(),
+        metadata=doc(
+            "the other nodes of a broker cluster that keeps retained messages per node (RabbitMQ): the hub "
+            "publishes every retained message on each too (same login and TLS settings; docs/BROKERS.md)",
+            example=["mqtt://rabbit-2:1883", "mqtt://rabbit-3:1883"]),
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.embedded_host, str) or not self.embedded_host:
@@ -544,9 +551,13 @@ class HubBroker:
         if self.embedded_port > 65535:
             raise ConfigError("broker.embedded_port", f"must be <= 65535, got {self.embedded_port}")
 
+    def node_configs(self) -> list[BrokerConfig]:
+        """The [broker] settings for each ``retain_on`` node (the main one's login, TLS and protocol)."""
+        return [replace(self.config, url=url) for url in self.retain_on]
+
     @classmethod
     def from_mapping(cls, table: Mapping[str, Any]) -> HubBroker:
-        rest = {k: v for k, v in table.items() if k not in ("embedded_host", "embedded_port")}
+        rest = {k: v for k, v in table.items() if k not in ("embedded_host", "embedded_port", "retain_on")}
         host = table.get("embedded_host", "127.0.0.1")
         port = table.get("embedded_port", 1883)
         embedded = rest.get("url") == EMBEDDED
@@ -554,7 +565,14 @@ class HubBroker:
             _need_int("broker.embedded_port", port, 1)
             rest["url"] = f"mqtt://{host}:{port}"
             rest.setdefault("protocol", "3.1.1")  # amqtt speaks only MQTT 3.1.1: skip the v5 probe
-        return cls(BrokerConfig.from_mapping(rest, field="broker"), embedded, host, port)
+        retain_on = table.get("retain_on", [])
+        if not isinstance(retain_on, list | tuple) or not all(isinstance(u, str) for u in retain_on):
+            raise ConfigError("broker.retain_on", f"must be a list of broker URLs, got {retain_on!r}")
+        for url in retain_on:
+            BrokerConfig.from_mapping({"url": url}, field="broker.retain_on")
+        if retain_on and embedded:
+            raise ConfigError("broker.retain_on", "the embedded broker is one node: nothing to retain on")
+        return cls(BrokerConfig.from_mapping(rest, field="broker"), embedded, host, port, tuple(retain_on))
 
 
 @dataclass(frozen=True)
@@ -699,7 +717,7 @@ def reference_sections() -> list[Section]:
                                                "signing_key"),
                               required=("fleet", "artifacts"), defaults={"state_dir": "hub-state"})),
         Section("broker", keys_of(BrokerConfig, required=("url",))
-                + keys_of(HubBroker, only=("embedded_host", "embedded_port")),
+                + keys_of(HubBroker, only=("embedded_host", "embedded_port", "retain_on")),
                 "the MQTT broker (required): an external one, or \"embedded\" to run one inside the hub"),
         Section("rounds", keys_of(RoundsConfig), "round defaults (a control message may override some per round)"),
         Section("limits", keys_of(LimitsConfig),

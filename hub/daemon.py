@@ -1,9 +1,13 @@
 """The hub daemon: the event loop, the wiring (transport, store, registry, drivers) and what the hub publishes.
 
-Threading: transport handlers (paho's network thread, or the publisher's thread in memory) only enqueue an event
-and wait until the worker thread has processed it, so the state machine is single-threaded and, with
-``manual_ack``, a message is acknowledged to the broker only after its effect is committed to SQLite. The worker
-also ticks every ``tick_s`` (deadlines, schedule).
+Threading: transport handlers (paho's network thread, or the publisher's thread in memory) only enqueue an event,
+so the state machine is single-threaded. The worker takes the events in arrival order in batches (group commit):
+one SQLite transaction per batch (``Store.batch``: each store write a savepoint), then, once it is committed, what
+the batch published goes out and its messages are acknowledged to the broker (``manual_ack``). So a message is
+acknowledged, and an update acked to its device, only after its effect is durable, and one fsync serves a whole
+batch: the hub keeps up with thousands of updates a second. Over MQTT (``DeferredAcks``) the network thread does
+not wait for the worker (at most ``MAX_IN_FLIGHT`` messages wait unacknowledged); over the in-memory transport a
+handler waits until its event is processed. The worker also ticks every ``tick_s`` (deadlines, schedule).
 
 Round decisions live in the round core (:mod:`fedge.core`); the drivers put them on the wire:
 :class:`~fedge.hub.round_runner.RoundRunner` (federated rounds), :mod:`fedge.hub.secagg_daemon` (SecAgg stages),
@@ -19,7 +23,8 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Final
 
 import numpy as np
 from numpy.typing import NDArray
@@ -38,16 +43,23 @@ from fedge.hub.selection import Selector
 from fedge.hub.store import Store, VersionRow
 from fedge.hub.watchdog import hub_watchdog
 from fedge.protocol.codec import MAGIC, decode, encode, encode_control_reply
-from fedge.protocol.errors import ConfigError, DecodeError, FedgeError, HubStateError
+from fedge.protocol.errors import ConfigError, DecodeError, FedgeError, HubStateError, TransportError
 from fedge.protocol.messages import Decline, HubStatus, Presence, RejectReason, RoundOverrides
 from fedge.protocol.signing import HubSigner, load_private_key, rotation_files, rotation_topic, rotations_up_to
 from fedge.protocol.topics import Topics
-from fedge.protocol.transport import Transport
+from fedge.protocol.transport import AckFn, DeferredAcks, Transport
 from fedge.runtime.evaluate import EvalFn, Evaluator
 
 log = logging.getLogger("fedge.hub")
 
-_Event = tuple[Callable[[], None], threading.Event | None]
+_Event = tuple[Callable[[], None], Callable[[], None] | None, Callable[[], None] | None]
+"""An event for the worker: what to run, what to do once its effect is committed, and what to do if the hub stops
+before running it (None: nothing)."""
+
+MAX_BATCH: Final = 512
+"""Events handled in one transaction (one fsync) at most."""
+MAX_IN_FLIGHT: Final = 2048
+"""Messages received over MQTT and not yet acknowledged at most (the network thread waits beyond that)."""
 
 __all__ = ["HubDaemon", "HubStateError", "check_signing_key", "gate_warnings", "strategy_for"]
 
@@ -116,9 +128,10 @@ class HubDaemon:
 
     def __init__(self, cfg: HubConfig, transport: Transport, *, clock: Callable[[], float] = time.time,
                  evaluator: EvalFn | None = None, tick_s: float = 0.1,
-                 rng: np.random.Generator | None = None) -> None:
+                 rng: np.random.Generator | None = None, retain_on: Sequence[Transport] = ()) -> None:
         self.cfg = cfg
         self.transport = transport
+        self.retain_on = tuple(retain_on)  # other nodes of a cluster that keeps retained messages per node
         self.topics = Topics(cfg.fleet)
         self.clock = clock
         self.tick_s = tick_s
@@ -142,6 +155,8 @@ class HubDaemon:
         self._published: tuple[str | None, str | None] = (None, None)  # (version, backbone)
         self._connects = 0
         self._queue: queue.Queue[_Event] = queue.Queue()
+        self._in_flight = threading.BoundedSemaphore(MAX_IN_FLIGHT)
+        self._held: list[tuple[str, bytes, bool]] | None = None  # publishes waiting for the batch's commit
         self._stop = threading.Event()
         self._dead = threading.Event()
         self._worker: threading.Thread | None = None
@@ -170,20 +185,19 @@ class HubDaemon:
         self.selector.resume()
         self._worker = threading.Thread(target=self._run, name=f"fedge-hub-{self.cfg.fleet}", daemon=True)
         self._worker.start()
-        # handlers wait for the worker, so it must run before the first (retained) message arrives; and
-        # subscribing before connecting means no message of the persistent session arrives unhandled
-        t, sub = self.topics, self.transport.subscribe
-        sub(t.presence_all, lambda tp, p: self.call(lambda: self._handle_presence(tp, p)))
-        sub(t.control_round_start, lambda _t, p: self.call(lambda: control.handle_start(self, p)))
-        sub(t.control_round_cancel, lambda _t, p: self.call(lambda: control.handle_cancel(self, p)))
-        sub(t.update_all, lambda tp, p: self.call(
-            lambda: self.rounds.handle_update(t.device_of(tp), tp, p, frozenset(self.known))))
-        sub(t.decline_all, lambda tp, p: self.call(lambda: self._handle_decline(tp, p)))
-        sub(t.secagg_all, lambda tp, p: self.call(lambda: secagg_daemon.handle_frame(self, self.rounds, tp, p)))
-        sub(t.control_round_select, lambda _t, p: self.call(lambda: self.selector.handle_control(p)))
-        sub(t.select_report_all, lambda tp, p: self.call(lambda: self.selector.handle_report(tp, p)))
+        # handlers hand their messages to the worker, so it must run before the first (retained) message arrives;
+        # and subscribing before connecting means no message of the persistent session arrives unhandled
+        t, sub = self.topics, self._subscribe
+        sub(t.presence_all, self._handle_presence)
+        sub(t.control_round_start, lambda _t, p: control.handle_start(self, p))
+        sub(t.control_round_cancel, lambda _t, p: control.handle_cancel(self, p))
+        sub(t.update_all, lambda tp, p: self.rounds.handle_update(t.device_of(tp), tp, p, self.known))
+        sub(t.decline_all, self._handle_decline)
+        sub(t.secagg_all, lambda tp, p: secagg_daemon.handle_frame(self, self.rounds, tp, p))
+        sub(t.control_round_select, lambda _t, p: self.selector.handle_control(p))
+        sub(t.select_report_all, self.selector.handle_report)
         for filter_ in self.watchdog.filters:
-            sub(filter_, lambda tp, p: self.call(lambda: self.watchdog.observe(tp, p, self.store)))
+            sub(filter_, lambda tp, p: self.watchdog.observe(tp, p, self.store))
         if connect is not None:
             connect()
         self.call(self._publish_state)
@@ -205,23 +219,47 @@ class HubDaemon:
         self._stop.set()
         if self._worker is not None:
             self._worker.join(10)
-        while True:  # release anyone still waiting
+        while True:  # release anyone still waiting (an unacknowledged message is redelivered to the next hub)
             try:
-                _fn, done = self._queue.get_nowait()
+                _fn, _done, dropped = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if done is not None:
-                done.set()
+            if dropped is not None:
+                dropped()
+
+    def _subscribe(self, topic_filter: str, handle: Callable[[str, bytes], None]) -> None:
+        """Handle messages on ``topic_filter`` on the worker: without waiting for it when the transport lets the
+        hub acknowledge them after the batch's commit (MQTT), else waiting (the in-memory transport)."""
+        if isinstance(self.transport, DeferredAcks):
+            def deferred(topic: str, payload: bytes, ack: AckFn) -> None:
+                while not self._in_flight.acquire(timeout=0.5):  # back-pressure: the broker keeps the rest
+                    if self._dead.is_set():
+                        return
+
+                def done() -> None:
+                    self._in_flight.release()
+                    ack()
+
+                if self._dead.is_set():
+                    self._in_flight.release()
+                    return
+                # dropped at a stop: never acknowledged, so the broker gives it to the next hub
+                self._queue.put((lambda: handle(topic, payload), done, self._in_flight.release))
+
+            self.transport.subscribe_deferred(topic_filter, deferred)
+        else:
+            self.transport.subscribe(topic_filter, lambda topic, payload: self.call(lambda: handle(topic, payload)))
 
     def call(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` on the worker and wait for it (from the worker itself: queue it and return)."""
+        """Run ``fn`` on the worker and wait until its effect is committed (from the worker itself: queue it and
+        return)."""
         if self._dead.is_set():
             return
         if threading.current_thread() is self._worker:
-            self._queue.put((fn, None))
+            self._queue.put((fn, None, None))
             return
         done = threading.Event()
-        self._queue.put((fn, done))
+        self._queue.put((fn, done.set, done.set))
         while not done.wait(0.5):
             if self._dead.is_set():
                 return
@@ -229,7 +267,7 @@ class HubDaemon:
     def post(self, fn: Callable[[], None]) -> None:
         """Queue ``fn`` without waiting (e.g. from an on-connect callback)."""
         if not self._dead.is_set():
-            self._queue.put((fn, None))
+            self._queue.put((fn, None, None))
 
     def tick(self) -> None:
         self.call(self._tick)
@@ -249,21 +287,46 @@ class HubDaemon:
     def _run(self) -> None:
         last_tick = 0.0
         while not self._stop.is_set():
+            batch: list[_Event] = []
             try:
-                fn, done = self._queue.get(timeout=self.tick_s)
+                batch.append(self._queue.get(timeout=self.tick_s))
+                while len(batch) < MAX_BATCH:
+                    batch.append(self._queue.get_nowait())
             except queue.Empty:
-                fn, done = None, None
-            try:
-                if fn is not None:
-                    fn()
-                if time.monotonic() - last_tick >= self.tick_s:
-                    last_tick = time.monotonic()
-                    self._tick()
-            except Exception:
-                log.exception("hub event failed (ignored)")
-            finally:
+                pass
+            tick = time.monotonic() - last_tick >= self.tick_s
+            if tick:
+                last_tick = time.monotonic()
+            self._run_batch(batch, tick)
+
+    def _run_batch(self, batch: list[_Event], tick: bool) -> None:
+        """Run a batch of events (and a tick) in one store transaction; once it is committed, publish what they
+        published, then complete them (acknowledge their messages, wake their callers)."""
+        self._held = []
+        committed = False
+        try:
+            with self.store.batch():
+                for fn, _done, _dropped in batch:
+                    try:
+                        fn()
+                    except Exception:
+                        log.exception("hub event failed (ignored)")
+                if tick:
+                    try:
+                        self._tick()
+                    except Exception:
+                        log.exception("hub tick failed (ignored)")
+            committed = True
+        except Exception:  # the commit itself failed: nothing of the batch is durable, so nothing is announced
+            log.exception("hub store commit failed: %d events lost (their messages are acknowledged)", len(batch))
+        finally:
+            held, self._held = self._held, None
+            if committed:
+                for topic, payload, retain in held:
+                    self._send(topic, payload, retain)
+            for _fn, done, _dropped in batch:
                 if done is not None:
-                    done.set()
+                    done()
 
     def _tick(self) -> None:
         now = self.clock()
@@ -278,10 +341,23 @@ class HubDaemon:
 
     # -- HubPort: what the drivers may ask (worker thread) ---------------------------------------------------
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        """Sign and publish (QoS 1); on the worker, once the batch that published it is committed."""
         if self.signer is not None and payload[:3] == MAGIC:  # frames only: not control replies, not empty clears
             payload = self.signer.sign(payload, topic)
         self.watchdog.sent(topic, payload)
+        if self._held is not None and threading.current_thread() is self._worker:
+            self._held.append((topic, payload, retain))
+        else:
+            self._send(topic, payload, retain)
+
+    def _send(self, topic: str, payload: bytes, retain: bool) -> None:
         self.transport.publish(topic, payload, qos=1, retain=retain)
+        if retain:  # a retained message must be on every node of a cluster that keeps them per node
+            for node in self.retain_on:
+                try:
+                    node.publish(topic, payload, qos=1, retain=True)
+                except TransportError as exc:  # not connected yet: its on-connect republishes the state
+                    log.debug("retained %s not sent to another node: %s", topic, exc)
 
     def publish_status(self) -> None:
         self._status(online=True)

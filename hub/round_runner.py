@@ -11,6 +11,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import replace
 
 import numpy as np
@@ -121,7 +122,7 @@ class RoundRunner:
         hub.publish_status()
         eps = "" if ledger is None else f", {ledger.mode} DP, epsilon after it {ledger.epsilon:.3f}"
         log.info("round %d open: model %s, %d selected %s, quorum %d, deadline %.0f s%s", rid, cur.version,
-                 len(selected), list(selected), params.min_devices, params.deadline_s, eps)
+                 len(selected), _some(selected), params.min_devices, params.deadline_s, eps)
         return rid, ReplyReason.STARTED, ""
 
     def resume(self) -> None:
@@ -166,19 +167,21 @@ class RoundRunner:
         log.warning("round %d %s: %s", rid, status, detail)
 
     # -- messages ---------------------------------------------------------------------------------------------
-    def _context(self, r: OpenRound | None, known: frozenset[str]) -> UpdateContext:
+    def _context(self, r: OpenRound | None, known: AbstractSet[str]) -> UpdateContext:
+        # no copies (issue 22): the sets and maps are the live ones, read while this update is validated; copying
+        # them for every update made a round of n devices cost O(n^2)
         spec = self.hub.head_spec(r.backbone_sha256) if r else {}
         return UpdateContext(
             fleet=self.hub.cfg.fleet, known_devices=known, round_id=r.id if r else None,
-            model_version=r.model_version if r else None, selected=frozenset(r.selected if r else ()),
-            accepted=dict(r.accepted) if r else {}, head_spec=spec,
+            model_version=r.model_version if r else None, selected=r.selected_set if r else frozenset(),
+            accepted=r.accepted if r else {}, head_spec=spec,
             max_update_bytes=self.hub.cfg.rounds.max_update_bytes,
-            private=r is not None and r.params.dp is not None, declined=frozenset(r.declined if r else ()),
+            private=r is not None and r.params.dp is not None, declined=r.declined.keys() if r else frozenset(),
             compression=r.params.compression if r else None,
-            registered_samples=self.hub.store.registered_samples() if r is not None else {},
+            registered_samples=self.hub.store.registered_sample,
         )
 
-    def handle_update(self, device: str | None, topic: str, payload: bytes, known: frozenset[str]) -> None:
+    def handle_update(self, device: str | None, topic: str, payload: bytes, known: AbstractSet[str]) -> None:
         hub = self.hub
         rnd = self.round
         if rnd is not None and rnd.params.secagg is not None:  # an old agent, or a device skipping the masking
@@ -197,8 +200,9 @@ class RoundRunner:
             rnd.aggregator.add(msg.delta, msg.n_samples)
             rnd.accepted[msg.device] = msg.nonce
             rnd.n_samples += msg.n_samples
-            log.info("round %d: update from %s accepted (%d samples, %d/%d)", msg.round, msg.device, msg.n_samples,
-                     len(rnd.accepted), len(rnd.selected))
+            # debug (issue 22): one line per update is most of a 10,000-device round's logging; the close says it all
+            log.debug("round %d: update from %s accepted (%d samples, %d/%d)", msg.round, msg.device, msg.n_samples,
+                      len(rnd.accepted), len(rnd.selected))
         else:
             log.info("round %d: redelivered update from %s re-acked", msg.round, msg.device)
         ack = Ack(fleet=hub.cfg.fleet, round=msg.round, device=msg.device, ref_nonce=msg.nonce)
@@ -454,6 +458,12 @@ class RoundRunner:
             self.set_chain(self._chain_left - 1, self._chain_overrides)
             if self.start(self._chain_overrides)[0] is None:  # nobody to ask: the chain ends here
                 self.end_chain()
+
+
+def _some(names: tuple[str, ...], shown: int = 20) -> str:
+    """A list of names for a log line, cut after ``shown`` (a round may select 10,000 devices)."""
+    head = ", ".join(names[:shown])
+    return f"[{head}{f', ... {len(names) - shown} more' if len(names) > shown else ''}]"
 
 
 def _entropy(n: int) -> bytes:

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -99,6 +100,23 @@ def run_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _connect_node(node: Any, republish: Callable[[], None], stop: threading.Event) -> None:
+    """Connect to another node of the broker cluster (retrying until it answers), then republish the hub's
+    retained state there after every (re)connect."""
+    from fedge.protocol.errors import TransportError
+
+    while not stop.is_set():
+        try:
+            node.connect(timeout_s=10)
+        except TransportError as exc:
+            log.warning("broker node %s: %s (retrying)", node.cfg.url, exc)
+            stop.wait(5.0)
+            continue
+        node.add_on_connect(republish)  # now too: the node has had none of the retained messages
+        log.info("publishing retained messages on broker node %s too", node.cfg.url)
+        return
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from fedge.hub.config import load_config
     from fedge.hub.daemon import HubDaemon
@@ -144,7 +162,10 @@ def run_serve(args: argparse.Namespace) -> int:
         will = (topics.hub_status, encode(HubStatus(fleet=cfg.fleet, online=False)), True)
         transport = MqttTransport(cfg.broker.config, f"fedge-hub-{cfg.fleet}", will=will, manual_ack=True,
                                   session_expiry_s=HUB_SESSION_EXPIRY_S)
-        daemon = HubDaemon(cfg, transport)
+        # the other nodes of a cluster that keeps retained messages per node: publish-only connections
+        nodes = [MqttTransport(node, f"fedge-hub-{cfg.fleet}-retain-{i}", session_expiry_s=0)
+                 for i, node in enumerate(cfg.broker.node_configs(), 1)]
+        daemon = HubDaemon(cfg, transport, retain_on=nodes)
         if cfg.http.enabled:  # the read-only dashboard: its own read-only store connection, presence watched
             from fedge.hub.dashboard.server import start_for_hub
 
@@ -152,6 +173,8 @@ def run_serve(args: argparse.Namespace) -> int:
             print(f"dashboard: {dashboard.url}", flush=True)
         daemon.start(connect=transport.connect)
         transport.add_on_connect(daemon.on_connect)  # after a reconnect: every retained message again
+        for node in nodes:  # once a node is reached (now or later), and after each of its reconnects: the state
+            threading.Thread(target=_connect_node, args=(node, daemon.on_reconnect, stop), daemon=True).start()
         log.info("hub for fleet %r serving on %s (state in %s)", cfg.fleet, cfg.broker.config.url, cfg.state_dir)
         try:
             while not stop.wait(0.5):
@@ -160,6 +183,9 @@ def run_serve(args: argparse.Namespace) -> int:
             log.info("hub stopping")
             daemon.stop()
             transport.close()
+            for node in nodes:
+                if node.connected.is_set():
+                    node.close(flush_timeout_s=2)
     finally:
         if dashboard is not None:
             dashboard.stop()

@@ -2,7 +2,8 @@
 
 Tables: ``meta`` (current version pointer, schedule chain), ``backbones``, ``versions``,
 ``rounds`` (params, selection, deadline, outcome), ``updates`` (accepted updates, UNIQUE(round, device):
-nonce, samples, metrics, and the raw frame until the round closes unless ``keep_update_payloads``),
+nonce, samples, metrics; the raw frame in ``updates/round-<id>.bin`` until the round closes
+(``hub/store_payloads.py``), or in the row and kept with ``keep_update_payloads``),
 ``rejects`` (reason per refused message), ``control`` (ignored control messages), ``devices`` (presence),
 ``candidates``, ``selections`` and ``selection_reports`` (source-model selection), ``alerts``, ``conduct`` and
 ``participation`` (devices' standing: :mod:`fedge.hub.store_conduct`). Every write is its own
@@ -13,15 +14,20 @@ are 0600 in a 0700 folder.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from fedge.core.aggregators import recent_norms, record_norms
 from fedge.hub.store_conduct import ConductTables
 from fedge.hub.store_fleet import FleetTables
+from fedge.hub.store_payloads import PayloadFiles
 from fedge.hub.store_rows import LedgerRow, RoundRow, SelectionRow, StoredUpdate, VersionRow
+
+log = logging.getLogger("fedge.hub")
 
 
 class Store(FleetTables, ConductTables):
@@ -31,6 +37,17 @@ class Store(FleetTables, ConductTables):
     Every write is one committed transaction before the call returns, so what was acknowledged on the wire
     survives a crash (an update is stored before it is acked). Safe to call from several threads.
     """
+
+    def __init__(self, path: Path, *, keep_update_payloads: bool = False) -> None:
+        super().__init__(path, keep_update_payloads=keep_update_payloads)
+        self.payloads = PayloadFiles(path.parent / "updates")
+        if not keep_update_payloads:
+            self.drop_closed_payload_files()  # a crash between a close and its files' deletion
+
+    def close(self) -> None:
+        with self._lock:
+            self.payloads.close()
+        super().close()
 
     # meta
     def recent_update_norms(self, rounds: int) -> list[float]:
@@ -130,8 +147,11 @@ class Store(FleetTables, ConductTables):
             if not self.keep_update_payloads:
                 self._drop_closed_payloads()
         if not self.keep_update_payloads:  # the old pages out of the WAL too (best effort: a reader may hold it)
-            with self._lock:
-                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self.after_commit(self._checkpoint)
+
+    def _checkpoint(self) -> None:
+        with self._lock:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def round_outcome(self, rid: int) -> tuple[bool, int | None] | None:
         """``(deployed when it closed, the evaluation round deciding it)`` of a round that registered a version."""
@@ -144,9 +164,21 @@ class Store(FleetTables, ConductTables):
 
     def _drop_closed_payloads(self) -> None:
         """Empty the raw frames of every update of a closed round (nonces, sample counts and metrics stay: the
-        redelivery check and the dashboard need those, never the frame)."""
+        redelivery check and the dashboard need those, never the frame): frames in hub.sqlite (written by an older
+        hub) now, the rounds' frame files once the close is committed."""
         self._db.execute("UPDATE updates SET payload = x'' WHERE length(payload) > 0 AND round IN "
                          "(SELECT id FROM rounds WHERE status != 'open')")
+        self.after_commit(self.drop_closed_payload_files)
+
+    def drop_closed_payload_files(self) -> None:
+        """Delete the frame files of rounds that are not open (also those a crash left behind)."""
+        with self._lock:
+            have = self.payloads.rounds()
+            if have:
+                marks = ",".join("?" * len(have))
+                open_ = {int(r) for (r,) in self._db.execute(
+                    f"SELECT id FROM rounds WHERE status = 'open' AND id IN ({marks})", tuple(have))}
+                self.payloads.drop(have - open_)
 
     @staticmethod
     def _round(row: Any) -> RoundRow:
@@ -227,9 +259,19 @@ class Store(FleetTables, ConductTables):
     # updates
     def add_update(self, rid: int, device: str, nonce: str, n_samples: int, metrics: dict[str, float],
                    payload: bytes) -> None:
-        """Store one accepted update; raises sqlite3.IntegrityError if (round, device) is already stored."""
-        self._write("INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (rid, device, nonce, n_samples, json.dumps(metrics), payload, time.time()))
+        """Store one accepted update; raises sqlite3.IntegrityError if (round, device) is already stored. The frame
+        goes to the round's frame file (fsynced before the row commits), or into hub.sqlite with
+        ``keep_update_payloads`` (kept after the round)."""
+        with self._lock:
+            at: int | None = None
+            size: int | None = None
+            if not self.keep_update_payloads:
+                at, size = self.payloads.append(rid, payload)
+                payload = b""
+                self.before_commit(self.payloads.sync)
+            self._write("INSERT INTO updates(round, device, nonce, n_samples, metrics, payload, received_at, "
+                        "payload_at, payload_len) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (rid, device, nonce, n_samples, json.dumps(metrics), payload, time.time(), at, size))
 
     def accepted_nonces(self, rid: int) -> dict[str, str]:
         return {str(d): str(n) for d, n in self._all("SELECT device, nonce FROM updates WHERE round = ?", (rid,))}
@@ -240,9 +282,19 @@ class Store(FleetTables, ConductTables):
             rowids = [r[0] for r in self._db.execute("SELECT rowid FROM updates WHERE round = ? ORDER BY rowid",
                                                      (rid,))]
         for rowid in rowids:
-            row = self._one("SELECT device, nonce, n_samples, payload FROM updates WHERE rowid = ?", (rowid,))
-            if row is not None:
-                yield StoredUpdate(str(row[0]), str(row[1]), int(row[2]), bytes(row[3]))
+            row = self._one("SELECT device, nonce, n_samples, payload, payload_at, payload_len FROM updates "
+                            "WHERE rowid = ?", (rowid,))
+            if row is None:
+                continue
+            payload: bytes | None = bytes(row[3])
+            if not payload and row[4] is not None:
+                with self._lock:
+                    payload = self.payloads.read(rid, int(row[4]), int(row[5]))
+                if payload is None:
+                    log.error("round %d: the frame of %s's accepted update is missing from %s", rid, row[0],
+                              self.payloads.path(rid))
+                    continue
+            yield StoredUpdate(str(row[0]), str(row[1]), int(row[2]), payload or b"")
 
     def update_metrics(self, rid: int) -> list[dict[str, float]]:
         return [json.loads(m) for (m,) in self._all("SELECT metrics FROM updates WHERE round = ?", (rid,))]

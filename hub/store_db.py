@@ -10,7 +10,7 @@ import contextlib
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,9 @@ class Database:
         self.path = path
         self.keep_update_payloads = keep_update_payloads
         self._lock = threading.RLock()
+        self._depth = 0  # 0: no transaction; 1: inside batch(); more: nested savepoints
+        self._before_commit: list[Callable[[], None]] = []
+        self._after_commit: list[Callable[[], None]] = []
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -45,6 +48,10 @@ class Database:
         have = {row[1] for row in self._db.execute("PRAGMA table_info(secagg_sums)")}
         if "silent" not in have:
             self._db.execute("ALTER TABLE secagg_sums ADD COLUMN silent TEXT NOT NULL DEFAULT '[]'")
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(updates)")}
+        for column in ("payload_at", "payload_len"):  # a frame in updates/round-<id>.bin (store_payloads.py)
+            if column not in have:
+                self._db.execute(f"ALTER TABLE updates ADD COLUMN {column} INTEGER")
 
     def close(self) -> None:
         with self._lock:
@@ -61,17 +68,82 @@ class Database:
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One write transaction (BEGIN IMMEDIATE ... COMMIT; ROLLBACK on any exception), under the store's lock:
-        every statement in the block is committed together or not at all."""
+        every statement in the block is committed together or not at all. Inside another transaction (a
+        :meth:`batch`) it is a savepoint: rolled back alone on an exception, committed with the outer one."""
         with self._lock:
+            if self._depth:
+                name = f"fedge_sp{self._depth}"
+                self._db.execute(f"SAVEPOINT {name}")
+                self._depth += 1
+                try:
+                    yield self._db
+                    self._db.execute(f"RELEASE {name}")
+                except BaseException:
+                    self._db.execute(f"ROLLBACK TO {name}")
+                    self._db.execute(f"RELEASE {name}")
+                    raise
+                finally:
+                    self._depth -= 1
+                return
             self._db.execute("BEGIN IMMEDIATE")
+            self._depth = 1
             try:
                 yield self._db
+                for fn in self._before_commit:
+                    fn()
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
+                self._after_commit.clear()
                 raise
+            finally:
+                self._depth = 0
+                self._before_commit.clear()
+        self._run_after_commit()
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Group commit: every write in the block (each :meth:`transaction` a savepoint) is committed by ONE
+        COMMIT at the end, so one fsync makes a whole batch of messages durable. Nothing the block wrote may be
+        announced before it returns (the hub holds its publishes and broker acknowledgements until then). An
+        exception out of the block rolls the whole batch back."""
+        with self.transaction():
+            yield
+
+    def before_commit(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` (once) right before the current transaction commits (now, outside one): making files durable
+        that the transaction's rows name. If it raises, the transaction is rolled back."""
+        with self._lock:
+            if self._depth:
+                if fn not in self._before_commit:
+                    self._before_commit.append(fn)
+                return
+        fn()
+
+    def after_commit(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once the current batch is committed (now, outside a batch): work that cannot run inside a
+        transaction, such as a WAL checkpoint."""
+        with self._lock:
+            if self._depth:
+                self._after_commit.append(fn)
+                return
+        fn()
+
+    def _run_after_commit(self) -> None:
+        with self._lock:
+            if self._depth:
+                return
+            todo, self._after_commit = self._after_commit, []
+        for fn in todo:
+            fn()
 
     def _write(self, sql: str, args: tuple[Any, ...] = ()) -> None:
+        """One statement in its own transaction; inside a batch, part of it (one statement is atomic alone: no
+        savepoint)."""
+        with self._lock:
+            if self._depth:
+                self._db.execute(sql, args)
+                return
         with self.transaction() as db:
             db.execute(sql, args)
 

@@ -127,10 +127,10 @@ class FleetTables(Database):
             (device, int(online), n_samples, json.dumps(list(backends)), last_seen),
         )
 
-    def registered_samples(self) -> dict[str, int]:
-        """device -> the sample count of its latest presence that had one (what its updates may claim at most)."""
-        rows = self._all("SELECT device, n_samples FROM devices WHERE n_samples IS NOT NULL")
-        return {str(d): int(n) for d, n in rows}
+    def registered_sample(self, device: str) -> int | None:
+        """The sample count of ``device``'s latest presence that had one (what its updates may claim at most)."""
+        row = self._one("SELECT n_samples FROM devices WHERE device = ?", (device,))
+        return None if row is None or row[0] is None else int(row[0])
 
     def devices(self) -> list[dict[str, Any]]:
         rows = self._all("SELECT device, online, n_samples, backends, last_seen FROM devices ORDER BY device")

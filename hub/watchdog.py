@@ -81,6 +81,9 @@ class Watchdog:
                  retired: frozenset[str] = frozenset()) -> None:
         self.topics = topics
         self.filters = broadcast_filters(topics)
+        self._exact = frozenset(f for f in self.filters if "+" not in f and "#" not in f)
+        self._wild = tuple(f for f in self.filters if f not in self._exact)
+        self._watched: dict[str, bool] = {}
         self._keys: dict[str, Any] = {} if public_key is None or key_id is None else {key_id: public_key}
         self._retired = retired
         self._sent: dict[str, deque[bytes]] = {}
@@ -88,7 +91,12 @@ class Watchdog:
         self._reported: dict[str, bytes] = {}
 
     def watches(self, topic: str) -> bool:
-        return any(topic_matches(f, topic) for f in self.filters)
+        # every publish of the hub asks (an ack per update): remembered per topic (the hub publishes on a few per
+        # device), the exact ones known at once
+        known = self._watched.get(topic)
+        if known is None:
+            known = self._watched[topic] = topic in self._exact or any(topic_matches(f, topic) for f in self._wild)
+        return known
 
     def sent(self, topic: str, payload: bytes) -> None:
         """The hub is publishing ``payload`` (as it goes on the wire, signed) on ``topic``."""

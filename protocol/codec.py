@@ -15,6 +15,7 @@ import re
 import struct
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import MISSING, Field, fields
 from typing import Any, Final, TypeGuard
 
@@ -174,8 +175,41 @@ def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+_Layout = list[tuple[str, np.dtype[Any], int, int, tuple[int, ...]]]  # name, dtype, count, offset, shape
+_LAST_LAYOUT: list[tuple[list[Any], int, _Layout]] = []  # the last frame's array specs, checked: (specs, end, layout)
+
+
 def _arrays(specs: Any, data: memoryview, *, copy: bool) -> Arrays:
-    """The arrays of a frame: copies, or (``copy=False``) read-only views into ``data``."""
+    """The arrays of a frame: copies, or (``copy=False``) read-only views into ``data``.
+
+    A hub decodes thousands of updates with the same array specs: specs equal to the last ones checked (a C-speed
+    comparison) in a frame long enough for them pass without checking each field again."""
+    last = _LAST_LAYOUT[0] if _LAST_LAYOUT else None
+    if last is not None and specs == last[0] and last[1] <= len(data) and _ints_only(specs):
+        block = bytearray(data[:last[1]]) if copy else data  # one copy for all the arrays (writable)
+        return {name: np.frombuffer(block, dtype=dt, count=count, offset=offset).reshape(shape)
+                for name, dt, count, offset, shape in last[2]}
+    out = _check_arrays(specs, data, copy=copy)
+    if isinstance(specs, list) and out:
+        layout: _Layout = [(str(sp["name"]), DTYPES[sp["dtype"]], math.prod(sp["shape"]), int(sp["offset"]),
+                            tuple(sp["shape"])) for sp in specs]
+        end = max(int(sp["offset"]) + int(sp["nbytes"]) for sp in specs)
+        _LAST_LAYOUT[:] = [(copy_specs(specs), end, layout)]
+    return out
+
+
+def _ints_only(specs: list[dict[str, Any]]) -> bool:
+    """The numbers of equal specs are ints too (``==`` takes 1.0 and True for 1)."""
+    return all(type(sp["offset"]) is int and type(sp["nbytes"]) is int and all(type(d) is int for d in sp["shape"])
+               for sp in specs)
+
+
+def copy_specs(specs: list[Any]) -> list[Any]:
+    """A copy of checked array specs that later changes to the frame's header cannot reach."""
+    return [{k: (list(v) if isinstance(v, list) else v) for k, v in sp.items()} for sp in specs]
+
+
+def _check_arrays(specs: Any, data: memoryview, *, copy: bool) -> Arrays:
     if not isinstance(specs, list):
         raise _fail(RejectReason.MALFORMED, "'arrays' is not a list")
     if len(specs) > MAX_ARRAYS:
@@ -191,20 +225,17 @@ def _arrays(specs: Any, data: memoryview, *, copy: bool) -> Arrays:
             raise _fail(RejectReason.MALFORMED, f"array name {name!r} missing or repeated")
         if not isinstance(dname, str) or dname not in DTYPES:  # a list or an object is unhashable
             raise _fail(RejectReason.WRONG_DTYPE, f"array {name!r}: dtype {dname!r} not allowed")
-        if (
-            not isinstance(shape, list)
-            or len(shape) > 8
-            or not all(_is_int(d) and d >= 0 for d in shape)
-        ):
+        if not isinstance(shape, list) or len(shape) > 8 or not all(_is_int(d) and d >= 0 for d in shape):
             raise _fail(RejectReason.MALFORMED, f"array {name!r}: bad shape {shape!r}")
         dt = DTYPES[dname]
-        if math.prod(d for d in shape if d) * dt.itemsize > MAX_ARRAY_BYTES:  # zero-size ones too
+        count = math.prod(shape)
+        if (count if count else math.prod(d for d in shape if d)) * dt.itemsize > MAX_ARRAY_BYTES:  # zero-size too
             raise _fail(RejectReason.MALFORMED, f"array {name!r}: shape {shape!r} is too large")
-        if not _is_int(nbytes) or nbytes != math.prod(shape) * dt.itemsize:
+        if not _is_int(nbytes) or nbytes != count * dt.itemsize:
             raise _fail(RejectReason.MALFORMED, f"array {name!r}: nbytes {nbytes!r} does not match shape")
         if not _is_int(offset) or offset < end or offset % 8 or offset + nbytes > len(data):
             raise _fail(RejectReason.MALFORMED, f"array {name!r}: offset {offset!r} out of order or range")
-        view = np.frombuffer(data, dtype=dt, count=math.prod(shape), offset=offset).reshape(shape)
+        view = np.frombuffer(data, dtype=dt, count=count, offset=offset).reshape(shape)
         out[name] = view.copy() if copy else view
         end = offset + nbytes
     return out
@@ -220,55 +251,108 @@ def _finite_number(value: Any) -> bool:
         return False
 
 
-def _check(name: str, hint: Any, value: Any) -> Any:
-    """Validate one header field against its annotation and convert JSON to the Python type."""
+Checker = Callable[[str, Any], Any]
+"""Validates one header field's JSON value against its annotation and converts it to the Python type."""
+
+
+def _fail_field(name: str, hint: Any, value: Any) -> DecodeError:
+    return _fail(RejectReason.MALFORMED, f"field {name!r}: {value!r} is not a valid {hint}")
+
+
+def _checker(hint: Any) -> Checker:
+    """The checker of one field annotation (built once per message class: resolving annotations on every frame cost
+    more than decoding a small one)."""
     origin = typing.get_origin(hint)
     if origin in (types.UnionType, typing.Union):
         args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
+        nullable = type(None) in args
         (inner,) = [a for a in args if a is not type(None)]
-        return _check(name, inner, value)
+        inner_check = _checker(inner)
+
+        def optional(name: str, value: Any) -> Any:
+            return None if value is None and nullable else inner_check(name, value)
+
+        return optional
+    if hint in (RejectReason, RoundStatus, DeclineReason):
+        def enum(name: str, value: Any) -> Any:
+            try:
+                return hint(value)
+            except ValueError as exc:
+                raise _fail(RejectReason.MALFORMED, f"field {name!r}: unknown value {value!r}") from exc
+
+        return enum
     if hint is bool:
-        ok = isinstance(value, bool)
-    elif hint is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif hint is float:
-        ok = _finite_number(value)
-        value = float(value) if ok else value
-    elif hint is str:
-        ok = isinstance(value, str)
-    elif hint in (RejectReason, RoundStatus, DeclineReason):
-        try:
-            return hint(value)
-        except ValueError as exc:
-            raise _fail(RejectReason.MALFORMED, f"field {name!r}: unknown value {value!r}") from exc
-    elif origin is tuple:
-        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
-        value = tuple(value) if ok else value
-    elif origin is dict and typing.get_args(hint)[1] is str:
-        ok = isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
-        value = dict(value) if ok else value
-    elif origin is dict:
-        ok = isinstance(value, dict) and all(_finite_number(v) for v in value.values())
-        value = {str(k): float(v) for k, v in value.items()} if ok else value
-    else:  # pragma: no cover - a programming error in messages.py
-        raise TypeError(f"unsupported field type {hint!r}")
-    if not ok:
-        raise _fail(RejectReason.MALFORMED, f"field {name!r}: {value!r} is not a valid {hint}")
-    return value
+        def boolean(name: str, value: Any) -> Any:
+            if isinstance(value, bool):
+                return value
+            raise _fail_field(name, hint, value)
+
+        return boolean
+    if hint is int:
+        def integer(name: str, value: Any) -> Any:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            raise _fail_field(name, hint, value)
+
+        return integer
+    if hint is float:
+        def number(name: str, value: Any) -> Any:
+            if _finite_number(value):
+                return float(value)
+            raise _fail_field(name, hint, value)
+
+        return number
+    if hint is str:
+        def string(name: str, value: Any) -> Any:
+            if isinstance(value, str):
+                return value
+            raise _fail_field(name, hint, value)
+
+        return string
+    if origin is tuple:
+        def strings(name: str, value: Any) -> Any:
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                return tuple(value)
+            raise _fail_field(name, hint, value)
+
+        return strings
+    if origin is dict and typing.get_args(hint)[1] is str:
+        def texts(name: str, value: Any) -> Any:
+            if isinstance(value, dict) and all(isinstance(v, str) for v in value.values()):
+                return dict(value)
+            raise _fail_field(name, hint, value)
+
+        return texts
+    if origin is dict:
+        def numbers(name: str, value: Any) -> Any:
+            if isinstance(value, dict) and all(_finite_number(v) for v in value.values()):
+                return {str(k): float(v) for k, v in value.items()}
+            raise _fail_field(name, hint, value)
+
+        return numbers
+    raise TypeError(f"unsupported field type {hint!r}")  # pragma: no cover - a programming error in messages.py
 
 
-_HINTS: dict[type[Any], dict[str, Any]] = {}
+def _check(name: str, hint: Any, value: Any) -> Any:
+    """Validate one header field against its annotation and convert JSON to the Python type."""
+    return _checker(hint)(name, value)
 
 
-def _hints(cls: type[Any]) -> dict[str, Any]:
-    """A message class's resolved field annotations, cached (resolving them costs more than decoding a small
-    frame)."""
-    hints = _HINTS.get(cls)
-    if hints is None:
-        hints = _HINTS[cls] = typing.get_type_hints(cls)
-    return hints
+_Plan = list[tuple[str, bool, bool, Checker | None]]  # field, is the arrays field, required, checker
+_PLANS: dict[type[Any], _Plan] = {}
+
+
+def _plan(cls: type[Any]) -> _Plan:
+    """How to decode a message class's fields (cached)."""
+    plan = _PLANS.get(cls)
+    if plan is None:
+        hints = typing.get_type_hints(cls)
+        plan = _PLANS[cls] = [
+            (f.name, f.name in _ARRAY_FIELD, f.default is MISSING and f.default_factory is MISSING,
+             None if f.name in _ARRAY_FIELD else _checker(hints[f.name]))
+            for f in fields(cls)
+        ]
+    return plan
 
 
 def decode(payload: bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Message:
@@ -281,15 +365,14 @@ def decode(payload: bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Messa
         cls = _BY_TYPE[MessageType(str(header.get("type")))]
     except (ValueError, KeyError) as exc:
         raise _fail(RejectReason.WRONG_TYPE, f"unknown message type {header.get('type')!r}") from exc
-    hints = _hints(cls)
     kwargs: dict[str, Any] = {}
-    for f in fields(cls):
-        if f.name in _ARRAY_FIELD:
-            kwargs[f.name] = _arrays(header.get("arrays", []), data, copy=cls is not ModelFull)
-        elif f.name in header:
-            kwargs[f.name] = _check(f.name, hints[f.name], header[f.name])
-        elif f.default is MISSING and f.default_factory is MISSING:
-            raise _fail(RejectReason.MALFORMED, f"{cls.type} without field {f.name!r}")
+    for name, is_arrays, required, check in _plan(cls):
+        if is_arrays:
+            kwargs[name] = _arrays(header.get("arrays", []), data, copy=cls is not ModelFull)
+        elif name in header:
+            kwargs[name] = check(name, header[name]) if check is not None else header[name]
+        elif required:
+            raise _fail(RejectReason.MALFORMED, f"{cls.type} without field {name!r}")
     if "nonce" not in header:
         raise _fail(RejectReason.MALFORMED, f"{cls.type} without field 'nonce'")
     return cls(**kwargs)

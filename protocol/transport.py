@@ -8,11 +8,15 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from fedge.protocol.topics import topic_matches
 
 Handler = Callable[[str, bytes], None]
+AckFn = Callable[[], None]
+"""Acknowledges one delivered message to the broker (idempotent; callable from any thread)."""
+DeferredHandler = Callable[[str, bytes, AckFn], None]
+"""A handler that acknowledges the message itself, later (see :class:`DeferredAcks`)."""
 
 
 class Transport(Protocol):
@@ -26,6 +30,19 @@ class Transport(Protocol):
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None: ...
 
     def subscribe(self, topic_filter: str, handler: Handler, *, qos: int = 1) -> None: ...
+
+
+@runtime_checkable
+class DeferredAcks(Protocol):
+    """A transport whose handlers may acknowledge a message after they return (MQTT with ``manual_ack``).
+
+    ``subscribe_deferred``'s handler gets an ``ack`` to call once the message's effect is durable (from any thread);
+    the broker then stops redelivering it. Until then the handler has returned, so the transport reads the next
+    messages meanwhile: a consumer can commit many messages at once and acknowledge them together (the hub's group
+    commit). Acknowledgements must come in delivery order (MQTT 3.1.1 4.6).
+    """
+
+    def subscribe_deferred(self, topic_filter: str, handler: DeferredHandler, *, qos: int = 1) -> None: ...
 
 
 @dataclass
@@ -68,4 +85,4 @@ class InMemoryTransport:
         self.broker.subscribe(topic_filter, handler)
 
 
-__all__ = ["Handler", "InMemoryBroker", "InMemoryTransport", "Transport"]
+__all__ = ["AckFn", "DeferredAcks", "DeferredHandler", "Handler", "InMemoryBroker", "InMemoryTransport", "Transport"]

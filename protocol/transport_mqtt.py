@@ -6,11 +6,18 @@
 * Automatic reconnect with back-off (0.2 s .. 5 s) in paho's network thread.
 * ``protocol="auto"`` tries MQTT 5 and falls back to 3.1.1 when the broker does not answer a v5
   CONNECT properly. amqtt 0.12.1 (3.1.1 only) mis-parses a v5 CONNECT (the properties-length byte
-  shifts its payload fields) and then waits for bytes that never come: it sends no CONNACK at all.
-  A broker that does refuse properly answers CONNACK 0x01 (3.1.1 "unacceptable protocol version")
-  or 0x84 (MQTT 5 "unsupported protocol version"). Both lead to the 3.1.1 fallback, which is then
-  remembered per ``host:port`` for the life of the process.
-* The username defaults to the client id (the embedded broker admits only clients with a username).
+  shifts its payload fields) and then waits for bytes that never come: it sends no CONNACK at all (the
+  fallback comes after a wait). RabbitMQ before 3.13 closes the connection without a CONNACK: the
+  fallback is immediate. A broker that does refuse properly answers CONNACK 0x01 (3.1.1 "unacceptable
+  protocol version") or 0x84 (MQTT 5 "unsupported protocol version"). Every case leads to the 3.1.1
+  fallback, which is then remembered per ``host:port`` for the life of the process.
+* The username defaults to the client id (the embedded broker admits only clients with a username;
+  RabbitMQ authenticates every name it is given: configure ``username``/``password`` there).
+* Handlers: one call per delivered copy and handler, whatever the number of matching filters it is
+  registered under (MQTT 3.1.1 delivers one copy for overlapping subscriptions on RabbitMQ, one per
+  subscription on mosquitto; MQTT 5 Subscription Identifiers say which filters a copy is for).
+  ``subscribe_deferred`` handlers acknowledge the message themselves, later (``manual_ack``: the
+  PUBACK goes out when every handler of the message is done): see ``protocol.transport.DeferredAcks``.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -29,7 +36,7 @@ from paho.mqtt.properties import Properties
 
 from fedge.protocol.errors import TransportError
 from fedge.protocol.mqtt_config import BrokerConfig
-from fedge.protocol.transport import Handler
+from fedge.protocol.transport import AckFn, DeferredHandler, Handler
 
 __all__ = ["MqttTransport", "Will"]
 
@@ -40,6 +47,42 @@ Will = tuple[str, bytes, bool]
 _PROTOCOL_REFUSED: Final = {1, 0x84}  # 3.1.1 "unacceptable protocol version", 5 "unsupported protocol version"
 _DETECTED: dict[tuple[str, int], str] = {}  # host:port -> "3.1.1" after a fallback
 _DETECTED_LOCK = threading.Lock()
+_CLOSED_EARLY: Final = "the broker closed the connection without a CONNACK"
+_MAX_ROUTES: Final = 1 << 16
+
+
+class _PendingAck:
+    """The PUBACK of one delivered message, sent once all ``parts`` (the synchronous handlers together, and each
+    deferred handler) are done; skipped when the connection it came on is gone (the broker redelivers it)."""
+
+    __slots__ = ("_client", "_generation", "_left", "_lock", "_mid", "_owner", "_qos")
+
+    def __init__(self, owner: MqttTransport, client: mqtt.Client, mid: int, qos: int, parts: int) -> None:
+        self._owner, self._client, self._mid, self._qos = owner, client, mid, qos
+        self._generation = owner._generation
+        self._left = parts
+        self._lock = threading.Lock()
+
+    def part(self) -> AckFn:
+        """One part's one-shot acknowledgement."""
+        fired = [False]
+
+        def ack() -> None:
+            with self._lock:
+                if fired[0]:
+                    return
+                fired[0] = True
+            self._done()
+
+        return ack
+
+    def _done(self) -> None:
+        with self._lock:
+            self._left -= 1
+            if self._left:
+                return
+        if self._owner._generation == self._generation:
+            self._client.ack(self._mid, self._qos)
 
 
 class MqttTransport:
@@ -63,11 +106,15 @@ class MqttTransport:
         self.protocol: str | None = None  # "5" or "3.1.1" once connected
         self._client: mqtt.Client | None = None
         self._lock = threading.Lock()
-        self._subs: list[tuple[str, int, Handler]] = []
+        self._subs: list[tuple[str, int, Handler | DeferredHandler, bool]] = []  # filter, qos, handler, deferred
         self._sub_ids: dict[str, int] = {}  # filter -> MQTT 5 Subscription Identifier
+        # handlers by Subscription Identifiers (MQTT 5) or topic (3.1.1): who gets a message, worked out once
+        self._routes: dict[tuple[int, ...] | str, list[tuple[Handler | DeferredHandler, bool]]] = {}
         self._on_connect: list[Callable[[], None]] = []
         self._connack = threading.Event()
         self._refusal: Any = None
+        self._closed_early = False  # the broker closed the connection before its CONNACK
+        self._generation = 0  # connections made so far: an acknowledgement is for the connection it came on
         self._pending: set[int] = set()
         self._early: set[int] = set()
         self._subacks = threading.Condition()
@@ -117,6 +164,7 @@ class MqttTransport:
         client = self._make_client(version)
         self._connack.clear()
         self._refusal = None
+        self._closed_early = False
         props = None
         if version == "5":
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -134,11 +182,13 @@ class MqttTransport:
         self._client = client
         client.loop_start()
         got = self._connack.wait(wait_s)
-        if got and self._refusal is None:
+        if got and self._refusal is None and not self._closed_early:
             return None
         self._teardown()
         if not got:
             return True, f"no CONNACK within {wait_s:.1f} s"
+        if self._closed_early:
+            return True, _CLOSED_EARLY
         code = getattr(self._refusal, "value", self._refusal)
         return code in _PROTOCOL_REFUSED, f"refused: {self._refusal} (code {code})"
 
@@ -213,8 +263,18 @@ class MqttTransport:
 
     def subscribe(self, topic_filter: str, handler: Handler, *, qos: int = 1) -> None:
         """Register ``handler(topic, payload)``; the subscription survives reconnects."""
+        self._subscribe(topic_filter, handler, qos, deferred=False)
+
+    def subscribe_deferred(self, topic_filter: str, handler: DeferredHandler, *, qos: int = 1) -> None:
+        """Register ``handler(topic, payload, ack)``: with ``manual_ack`` the message is acknowledged to the broker
+        once ``ack()`` was called (from any thread, in delivery order) and the other handlers returned; without
+        ``manual_ack`` paho acknowledged it on receipt and ``ack`` does nothing."""
+        self._subscribe(topic_filter, handler, qos, deferred=True)
+
+    def _subscribe(self, topic_filter: str, handler: Handler | DeferredHandler, qos: int, *, deferred: bool) -> None:
         with self._lock:
-            self._subs.append((topic_filter, qos, handler))
+            self._subs.append((topic_filter, qos, handler, deferred))
+            self._routes.clear()
             self._sub_ids.setdefault(topic_filter, len(self._sub_ids) + 1)
         client = self._client
         if client is not None and self.connected.is_set():
@@ -240,7 +300,8 @@ class MqttTransport:
             return
         self.connected.set()
         with self._lock:
-            filters = {f: q for f, q, _h in self._subs}
+            self._generation += 1
+            filters = {f: q for f, q, _h, _d in self._subs}
             callbacks = list(self._on_connect)
         for topic_filter, qos in filters.items():
             self._send_subscribe(client, topic_filter, qos, on_connect=True)
@@ -255,6 +316,9 @@ class MqttTransport:
             self._subacks.notify_all()
 
     def _handle_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        if not self._connack.is_set():  # during connect(): closed instead of answering (RabbitMQ < 3.13 on MQTT 5)
+            self._closed_early = True
+            self._connack.set()
         if self.connected.is_set():
             _log.info("%s disconnected from %s: %s", self.client_id, self.cfg.url, reason)
         self.connected.clear()
@@ -268,21 +332,33 @@ class MqttTransport:
 
     def _handle_message(self, client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         ids = getattr(msg.properties, "SubscriptionIdentifier", None) if msg.properties is not None else None
+        key: tuple[int, ...] | str = tuple(ids) if ids else msg.topic
         with self._lock:
-            if ids:  # MQTT 5: only the handlers of the filter(s) this copy was delivered for
-                wanted = {f for f, i in self._sub_ids.items() if i in ids}
-                handlers = [h for f, _q, h in self._subs if f in wanted]
-            else:
-                handlers = [h for f, _q, h in self._subs if mqtt.topic_matches_sub(f, msg.topic)]
+            handlers = self._routes.get(key)
+            if handlers is None:
+                if ids:  # MQTT 5: only the handlers of the filter(s) this copy was delivered for
+                    wanted = {f for f, i in self._sub_ids.items() if i in ids}
+                    matched = [(h, d) for f, _q, h, d in self._subs if f in wanted]
+                else:
+                    matched = [(h, d) for f, _q, h, d in self._subs if mqtt.topic_matches_sub(f, msg.topic)]
+                handlers = list(dict.fromkeys(matched))  # one call per handler, however many of its filters match
+                if len(self._routes) >= _MAX_ROUTES:
+                    self._routes.clear()
+                self._routes[key] = handlers
+        deferred = sum(1 for _h, d in handlers if d)
+        pending = _PendingAck(self, client, msg.mid, msg.qos, deferred + 1) if self.manual_ack else None
         payload = bytes(msg.payload)
-        for handler in handlers:
+        for handler, is_deferred in handlers:
             try:
-                handler(msg.topic, payload)
+                if is_deferred:
+                    cast(DeferredHandler, handler)(msg.topic, payload, _NO_ACK if pending is None else pending.part())
+                else:
+                    cast(Handler, handler)(msg.topic, payload)
             except Exception:
                 _log.exception("handler %r failed on a message on %s", handler, msg.topic)
-        if self.manual_ack:
-            # every handler returned (or raised, and was logged: a poison message must not loop forever)
-            client.ack(msg.mid, msg.qos)
+        if pending is not None:
+            # every plain handler returned (or raised, and was logged: a poison message must not loop forever)
+            pending.part()()
 
     @staticmethod
     def _safe(callback: Callable[[], None]) -> None:
@@ -290,3 +366,10 @@ class MqttTransport:
             callback()
         except Exception:
             _log.exception("on_connect callback %r failed", callback)
+
+
+def _no_ack() -> None:
+    """Acknowledgement of a message paho acknowledged on receipt already (no ``manual_ack``)."""
+
+
+_NO_ACK: Final[AckFn] = _no_ack

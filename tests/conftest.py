@@ -19,6 +19,8 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+from fedge.hub.rabbitmq import RabbitMQ  # noqa: E402
+from fedge.protocol.mqtt_config import BrokerConfig  # noqa: E402
 from tests import lanes  # noqa: E402
 from tests.helpers import Mosquitto, free_port  # noqa: E402
 
@@ -57,6 +59,68 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
         broker.stop()
 
 
+RABBITMQ_VHOSTS = 40
+"""Virtual hosts created on the session's RabbitMQ node: one per test that asks for ``rabbitmq``."""
+_rabbit_vhosts = iter(f"t{i:03d}" for i in range(RABBITMQ_VHOSTS))
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitMQ]:
+    """ONE private RabbitMQ node (MQTT plugin, free ports, generated config; ``make system-deps`` installs Debian's
+    rabbitmq-server) for the whole session: starting one costs ~10 s. Tests use it through ``rabbitmq``."""
+    node = RabbitMQ(tmp_path_factory.mktemp("rabbitmq"), vhosts=[f"t{i:03d}" for i in range(RABBITMQ_VHOSTS)])
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+class RabbitVhost:
+    """A test's own broker on the session's RabbitMQ node: a fresh virtual host (sessions, queues and retained
+    messages of its own). ``.url``, ``.port``, ``.kind``, ``.account()`` (the ``[broker]`` table every fedge client
+    must log in with: RabbitMQ authenticates every user name it is given), ``.config(**kw)``; ``.restart()`` and
+    ``.stop()``/``.start()`` act on the whole node (every virtual host keeps its state)."""
+
+    kind = "rabbitmq"
+
+    def __init__(self, node: RabbitMQ, vhost: str) -> None:
+        self.node, self.vhost = node, vhost
+        self.url, self.port = node.url, node.port
+
+    def account(self) -> dict[str, str]:
+        return self.node.account(self.vhost)
+
+    def config(self, **kw: Any) -> BrokerConfig:
+        return BrokerConfig.from_mapping({**self.account(), **kw})
+
+    def restart(self) -> None:
+        self.node.restart()
+        self.node.wait_ready(self.vhost)
+
+    def stop(self) -> None:
+        self.node.stop_node()
+
+    def start(self) -> None:
+        self.node.start()
+        self.node.wait_ready(self.vhost)
+
+
+@pytest.fixture
+def rabbitmq(rabbitmq_node: RabbitMQ) -> Iterator[RabbitVhost]:
+    """A RabbitMQ broker of the test's own (a fresh virtual host on the session's node); the node runs again after
+    the test whatever the test did to it."""
+    try:
+        vhost = next(_rabbit_vhosts)
+    except StopIteration:
+        pytest.fail(f"more than {RABBITMQ_VHOSTS} tests use rabbitmq: raise RABBITMQ_VHOSTS in tests/conftest.py")
+    rabbitmq_node.wait_ready(vhost)
+    try:
+        yield RabbitVhost(rabbitmq_node, vhost)
+    finally:
+        rabbitmq_node.start()  # a no-op when it runs
+
+
 @pytest.fixture
 def embedded_broker() -> Iterator[Any]:
     """A fresh amqtt ``hub.broker.EmbeddedBroker`` (MQTT 3.1.1 only) on a free port; ``.kind == "embedded"``."""
@@ -70,10 +134,11 @@ def embedded_broker() -> Iterator[Any]:
         broker.stop()
 
 
-@pytest.fixture(params=[pytest.param("mosquitto", marks=pytest.mark.e2e), "embedded"])
+@pytest.fixture(params=[pytest.param("mosquitto", marks=pytest.mark.e2e), "embedded",
+                        pytest.param("rabbitmq", marks=pytest.mark.e2e)])
 def broker(request: pytest.FixtureRequest) -> Any:
-    """Parametrized over both brokers for integration tests; ``broker.kind`` says which one runs."""
-    return request.getfixturevalue("mosquitto" if request.param == "mosquitto" else "embedded_broker")
+    """Parametrized over the three brokers for integration tests; ``broker.kind`` says which one runs."""
+    return request.getfixturevalue({"embedded": "embedded_broker"}.get(request.param, request.param))
 
 
 # Exported once per session for the agent and agent-loop suites; FEDGE_ARTIFACTS points the

@@ -28,8 +28,11 @@ from typing import Any
 import pytest
 
 # Fixtures that start processes: a mosquitto broker (``mosquitto``; ``secure``: tests/devices/test_fleet_init.py's
-# TLS mosquitto from the generated fleet files), hub and agent processes (``make_fleet``).
-E2E_FIXTURES: frozenset[str] = frozenset({"mosquitto", "secure", "make_fleet"})
+# TLS mosquitto from the generated fleet files), the session's RabbitMQ node (``rabbitmq_node``, through
+# ``rabbitmq``), hub and agent processes (``make_fleet``).
+E2E_FIXTURES: frozenset[str] = frozenset({"mosquitto", "secure", "make_fleet", "rabbitmq", "rabbitmq_node"})
+# Broker programs (any path to the binary): the RabbitMQ node starts its own epmd next to rabbitmq-server.
+_BROKERS: frozenset[str] = frozenset({"mosquitto", "rabbitmq-server", "epmd"})
 # Folders whose every test is end-to-end, relative to the repository root.
 E2E_DIRS: tuple[str, ...] = ("tests/e2e",)
 
@@ -47,15 +50,16 @@ _SCRIPTS = {"fedge": "fedge.cli", "fedge-agent": "fedge.edge_agent"}
 def started_service(argv: Sequence[str]) -> str | None:
     """What a command line starts that only an ``e2e`` test may start, or None.
 
-    ``mosquitto`` (any path to the binary), ``fedge hub serve``, ``fedge demo`` and ``fedge-agent run``, as console
-    scripts or as ``python -m fedge.cli`` / ``python -m fedge.edge_agent``; ``--check`` runs are not services.
+    ``mosquitto``, ``rabbitmq-server`` or ``epmd`` (any path to the binary), ``fedge hub serve``, ``fedge demo``
+    and ``fedge-agent run``, as console scripts or as ``python -m fedge.cli`` / ``python -m fedge.edge_agent``;
+    ``--check`` runs are not services.
     """
     words = list(argv)
     if not words:
         return None
     program = os.path.basename(words[0])
-    if program == "mosquitto":
-        return "mosquitto"
+    if program in _BROKERS:
+        return program
     if program in _SCRIPTS:
         module, rest = _SCRIPTS[program], words[1:]
     elif "-m" in words[1:]:
@@ -120,7 +124,7 @@ def _audit(event: str, args: tuple[Any, ...]) -> None:
     if what is None:
         return
     message = (f"{item.nodeid} starts {what} but is not marked e2e, so it would run in the fast lane: use the "
-               "mosquitto or make_fleet fixture, or mark it @pytest.mark.e2e (see tests/lanes.py)")
+               "mosquitto, rabbitmq or make_fleet fixture, or mark it @pytest.mark.e2e (see tests/lanes.py)")
     _violations[item.nodeid] = message
     raise LaneError(message)
 

@@ -5,7 +5,7 @@ The fleet's process logs are attached to the report of a failing test (section "
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -64,13 +64,15 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 @pytest.fixture
 def make_fleet(request: pytest.FixtureRequest, tmp_path: Path,
                fleet_data: FleetData) -> Iterator[Callable[..., Fleet]]:
-    """``make_fleet(broker_url, embedded_port=None)`` -> Fleet; every process is killed at teardown."""
+    """``make_fleet(broker_url, embedded_port=None, accounts=None)`` -> Fleet; every process is killed at teardown.
+    ``accounts``: ``[broker]`` tables by account ("hub", "watcher", device ids), e.g. a RabbitMQ login."""
     made: list[Fleet] = []
     request.node._e2e_fleets = made
 
-    def make(broker_url: str, *, embedded_port: int | None = None, n_agents: int = N_DEVICES) -> Fleet:
+    def make(broker_url: str, *, embedded_port: int | None = None, n_agents: int = N_DEVICES,
+             accounts: Mapping[str, Mapping[str, Any]] | None = None) -> Fleet:
         f = Fleet(tmp_path / f"fleet{len(made)}", fleet_data, broker_url, n_agents=n_agents,
-                  embedded_port=embedded_port)
+                  embedded_port=embedded_port, accounts=accounts)
         made.append(f)
         return f
 

@@ -58,14 +58,37 @@ def stored_payload_sizes(state_dir: Path) -> list[int]:
         store.close()
 
 
+def everything_in(folder: Path) -> bytes:
+    """Every byte of every file under ``folder``."""
+    return b"".join(p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file())
+
+
 def test_update_frames_are_dropped_when_their_round_closes(state_dir: Path, artifacts: Path) -> None:
     for fleet in fleet_for(state_dir, artifacts):
         sent = run_one_round(fleet)
         assert fleet.hub.store.accepted_nonces(1).keys() == {"d1", "d2"}  # the redelivery check keeps its nonces
-        on_disk = b"".join(p.read_bytes() for p in state_dir.iterdir() if p.name.startswith("hub.sqlite"))
+        on_disk = everything_in(state_dir)
         for raw in sent:
-            assert raw[:64] not in on_disk, "a raw update is still in hub.sqlite (or its WAL) after its round"
+            assert raw[:64] not in on_disk, "a raw update is still in the hub's state folder after its round"
+        assert not (state_dir / "updates" / "round-1.bin").exists()
     assert stored_payload_sizes(state_dir) == [0, 0]
+
+
+def test_open_round_frames_are_in_a_private_file_until_it_closes(state_dir: Path, artifacts: Path) -> None:
+    for fleet in fleet_for(state_dir, artifacts):
+        for name in ("d1", "d2"):
+            fleet.device(name).hello()
+        ann = fleet.start_round()
+        delta = secret_delta(7)
+        fleet.device("d1").update(ann, delta)
+        frames = state_dir / "updates" / f"round-{ann.round}.bin"
+        assert delta["h0_kernel"].tobytes() in frames.read_bytes(), "the open round's frame is on disk (for resume)"
+        assert stat.S_IMODE(frames.stat().st_mode) == 0o600
+        assert stat.S_IMODE(frames.parent.stat().st_mode) == 0o700
+        assert stored_payload_sizes(state_dir) == [0], "not in hub.sqlite"
+        fleet.device("d2").update(ann, secret_delta(8))
+        assert fleet.results and fleet.results[-1].status == RoundStatus.COMPLETED
+        assert not frames.exists()
 
 
 def test_keep_update_payloads_keeps_them(state_dir: Path, artifacts: Path) -> None:

@@ -15,7 +15,7 @@ from tests.lanes import E2E_DIRS, ROOT, lane_markers, started_service
 PLANTED_CONFTEST = """
 from tests.conftest import (  # noqa: F401
     broker, embedded_broker, mosquitto, pytest_collection_modifyitems, pytest_configure, pytest_runtest_call,
-    pytest_runtest_protocol,
+    pytest_runtest_protocol, rabbitmq, rabbitmq_node,
 )
 import pytest
 
@@ -58,6 +58,9 @@ def test_on_either_broker(broker):
 def test_on_the_embedded_broker(embedded_broker):
     pass
 
+def test_on_rabbitmq(rabbitmq):
+    pass
+
 def test_with_a_fleet(fleet):
     pass
 """)
@@ -66,7 +69,9 @@ def test_with_a_fleet(fleet):
         "test_on_mosquitto": True,
         "test_on_either_broker[mosquitto]": True,
         "test_on_either_broker[embedded]": False,  # amqtt runs in a thread of the test process
+        "test_on_either_broker[rabbitmq]": True,
         "test_on_the_embedded_broker": False,
+        "test_on_rabbitmq": True,  # the session's RabbitMQ node, started by the first test that needs it
         "test_with_a_fleet": True,
     }
 
@@ -134,6 +139,8 @@ def test_unmarked_check_run():
 
 @pytest.mark.parametrize(("argv", "service"), [
     (["/usr/sbin/mosquitto", "-c", "x.conf"], "mosquitto"),
+    (["/usr/lib/rabbitmq/bin/rabbitmq-server"], "rabbitmq-server"),
+    (["/usr/bin/epmd", "-port", "4369"], "epmd"),
     ([sys.executable, "-m", "fedge.cli", "hub", "serve", "--config", "h.toml"], "fedge hub serve"),
     ([sys.executable, "-m", "fedge.cli", "-v", "demo", "--devices", "2"], "fedge demo"),
     ([sys.executable, "-m", "fedge.edge_agent", "run", "--config", "a.toml"], "fedge-agent run"),

@@ -1,6 +1,6 @@
 """A child process for transport tests: connects, subscribes, reports on stdout, blocks in its handler.
 
-Usage: python mqtt_child.py URL PROTOCOL CLIENT_ID WILL_TOPIC SUB_FILTER
+Usage: python mqtt_child.py URL PROTOCOL CLIENT_ID WILL_TOPIC SUB_FILTER [USERNAME PASSWORD]
 The test kills it with SIGKILL to simulate a device that loses power.
 """
 
@@ -15,8 +15,10 @@ from fedge.protocol.transport_mqtt import MqttTransport
 
 def main() -> None:
     url, protocol, client_id, will_topic, sub_filter = sys.argv[1:6]
+    username, password = (sys.argv[6], sys.argv[7]) if len(sys.argv) > 7 else (None, None)
     transport = MqttTransport(
-        BrokerConfig(url=url, protocol=protocol), client_id, will=(will_topic, b"offline", True), manual_ack=True
+        BrokerConfig(url=url, protocol=protocol, username=username, password=password), client_id,
+        will=(will_topic, b"offline", True), manual_ack=True
     )
     block = threading.Event()
 

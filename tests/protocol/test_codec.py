@@ -194,6 +194,19 @@ def test_each_reject_reason_of_the_decoder() -> None:
     assert reason(b"FDG\x01" + struct.pack("<I", 8) + b"\xff\xfe{}    ") == RejectReason.MALFORMED
 
 
+def test_specs_like_the_last_checked_ones_are_still_checked_strictly() -> None:
+    """The decoder skips re-checking array specs equal to the last frame's (the hub decodes thousands of updates with
+    one layout); ``==`` takes 1.0 and True for 1, so such specs must still be refused, and a shorter frame too."""
+    good = encode(head_msg(a=np.ones((2, 3), np.float32)))
+    assert decode(good).type == "model_head"  # the layout is now the last one checked
+    assert reason(reframe(good, spec("shape", [2.0, 3]))) == RejectReason.MALFORMED
+    assert reason(reframe(good, spec("offset", False))) == RejectReason.MALFORMED
+    assert reason(reframe(good, spec("nbytes", 24.0))) == RejectReason.MALFORMED
+    assert reason(good[:-8]) == RejectReason.MALFORMED  # the same specs, the data cut short
+    again = decode(good)
+    assert isinstance(again, ModelHead) and again.head["a"].shape == (2, 3) and again.head["a"].flags.writeable
+
+
 def test_nan_or_infinite_metrics_are_malformed() -> None:
     upd = ModelUpdate("f", 1, "d", "v1", 10, {}, metrics={"loss": 1.0}, nonce="0" * 32, ts=1.0)
     frame = encode(upd)

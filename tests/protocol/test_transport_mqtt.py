@@ -1,10 +1,11 @@
-"""MqttTransport against real brokers: mosquitto (a process) and the embedded amqtt broker."""
+"""MqttTransport against real brokers: mosquitto (a process), the embedded amqtt broker and RabbitMQ (MQTT plugin)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,15 @@ class Inbox:
 
 
 def proto(broker: Any) -> str:
-    """amqtt speaks only 3.1.1; naming it skips the 2 s auto-detection probe (tested separately)."""
-    return "3.1.1" if broker.kind == "embedded" else "5"
+    """amqtt and RabbitMQ 3.10 speak only 3.1.1; naming it skips the auto-detection probe (tested separately)."""
+    return "3.1.1" if broker.kind in ("embedded", "rabbitmq") else "5"
+
+
+def config(broker: Any, protocol: str) -> BrokerConfig:
+    """The broker's [broker] settings: RabbitMQ wants its generated login (and the test's virtual host)."""
+    if broker.kind == "rabbitmq":
+        return broker.config(protocol=protocol)
+    return BrokerConfig(url=broker.url, protocol=protocol)
 
 
 @pytest.fixture
@@ -59,7 +67,7 @@ def left(broker: Any, client_id: str) -> None:
 
 
 def make(clients: list[MqttTransport], broker: Any, client_id: str, protocol: str | None = None, **kw: Any) -> Any:
-    t = MqttTransport(BrokerConfig(url=broker.url, protocol=protocol or proto(broker)), client_id, **kw)
+    t = MqttTransport(config(broker, protocol or proto(broker)), client_id, **kw)
     clients.append(t)
     return t
 
@@ -87,11 +95,18 @@ def test_retained_message_reaches_late_subscriber_and_empty_payload_clears_it(
     pub.publish("fedge/f1/round/announce", b"", retain=True)  # round closed: cleared
     pub.close()  # flushes
     late = make(clients, broker, "late")
-    inbox = Inbox()
-    late.subscribe("fedge/f1/#", inbox)
+    inbox, wide = Inbox(), Inbox()
+    # exact topics: what fedge relies on (PROTOCOL.md, "What fedge needs from a broker")
+    late.subscribe("fedge/f1/model/head", inbox)
+    late.subscribe("fedge/f1/round/announce", inbox)
+    late2 = make(clients, broker, "late2")
+    late2.subscribe("fedge/f1/#", wide)
     late.connect()
+    late2.connect()
     assert inbox.wait_for(1) == [b"v1"]
     assert not wait_until(lambda: len(inbox.payloads()) > 1, timeout_s=0.5)
+    # through a wildcard: mosquitto and amqtt send retained messages (amqtt twice: at least once), RabbitMQ 3.10 none
+    assert set(wide.payloads()) == (set() if broker.kind == "rabbitmq" else {b"v1"})
 
 
 # Only the combinations that exist: amqtt (the embedded broker) speaks no MQTT 5, so there is no such case.
@@ -171,8 +186,9 @@ def test_a_failing_handler_neither_stops_other_handlers_nor_later_messages(
 
 
 def _child(broker: Any, client_id: str, will_topic: str, sub_filter: str) -> subprocess.Popen[str]:
+    login = [broker.account()["username"], broker.account()["password"]] if broker.kind == "rabbitmq" else []
     proc = subprocess.Popen(
-        [sys.executable, str(CHILD), broker.url, proto(broker), client_id, will_topic, sub_filter],
+        [sys.executable, str(CHILD), broker.url, proto(broker), client_id, will_topic, sub_filter, *login],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -249,10 +265,19 @@ def test_manual_ack_acknowledges_after_the_handlers_return(broker: Any, clients:
         assert set(late.payloads()) == {b"while away"}
 
 
-def test_protocol_auto_picks_5_on_mosquitto_and_3_1_1_on_amqtt(broker: Any, clients: list[MqttTransport]) -> None:
+def test_protocol_auto_picks_5_on_mosquitto_and_3_1_1_on_amqtt_and_rabbitmq(
+    broker: Any, clients: list[MqttTransport]
+) -> None:
+    from fedge.protocol import transport_mqtt
+
+    transport_mqtt._DETECTED.pop((broker.node.host if broker.kind == "rabbitmq" else "127.0.0.1", broker.port), None)
     t = make(clients, broker, "auto", protocol="auto")
+    t0 = time.monotonic()
     t.connect()
+    took = time.monotonic() - t0
     assert t.protocol == ("5" if broker.kind == "mosquitto" else "3.1.1")
+    if broker.kind == "rabbitmq":  # it closes an MQTT 5 CONNECT without a CONNACK: the fallback is immediate,
+        assert took < 1.5, f"the fallback to 3.1.1 took {took:.1f} s"  # not after amqtt's 2 s wait
     inbox = Inbox()
     t.subscribe("x/y", inbox)
     t.publish("x/y", b"works")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import cached_property
 from typing import Any, Final, Protocol
 
 import numpy as np
@@ -159,6 +160,11 @@ class OpenRound:
     secagg: SecAggCoordinator | None = None  # a secure-aggregation round's stages (None after a hub restart)
     target_at: float | None = None  # when the round's target of valid updates was reached
 
+    @cached_property
+    def selected_set(self) -> frozenset[str]:
+        """``selected`` as a set (membership in O(1): a round may select thousands of devices)."""
+        return frozenset(self.selected)
+
     def gone(self, now: float) -> set[str]:
         """Selected devices expected no more: declined, or offline past the grace."""
         return set(self.declined) | self.failed_offline(now)
@@ -166,7 +172,7 @@ class OpenRound:
     def went_offline(self, device: str, now: float) -> bool:
         """A selected device that has not answered went offline: it counts as failed once it stayed offline
         ``offline_grace_s`` (True if it is now awaited no more, or will not be after the grace)."""
-        if device not in self.selected or device in self.accepted or device in self.declined:
+        if device not in self.selected_set or device in self.accepted or device in self.declined:
             return False
         self.offline.setdefault(device, now)
         return True
@@ -198,7 +204,11 @@ class OpenRound:
 
     def all_answered(self, now: float) -> bool:
         """Every selected device sent an update, declined, or stayed offline (failed) without answering."""
-        return set(self.selected) <= set(self.accepted) | set(self.declined) | self.failed_offline(now)
+        # accepted, declined and offline hold selected devices only: while they are fewer than the selection, some
+        # device is still awaited (O(1) per update; the set comparison below is O(n), once near the end)
+        if len(self.accepted) + len(self.declined) + len(self.offline) < len(self.selected_set):
+            return False
+        return self.selected_set <= self.accepted.keys() | self.declined.keys() | self.failed_offline(now)
 
     def enough(self, now: float) -> bool:
         """The round's target of valid updates arrived and the others had their grace (over-selection: the slowest

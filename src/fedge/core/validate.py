@@ -10,8 +10,9 @@ topic's device, whatever the body says.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, replace
 from typing import Final
 
 import numpy as np
@@ -25,23 +26,29 @@ MAX_SAMPLES: Final = 10**9
 """More samples than this on one device is taken as a lie (it would dominate the weighted mean)."""
 
 
+def _unregistered(device: str) -> int | None:
+    """No presence on record: the update's own claim is bounded by ``max_samples`` only."""
+    return None
+
+
 @dataclass(frozen=True)
 class UpdateContext:
-    """What the hub knows when an update arrives."""
+    """What the hub knows when an update arrives (read during one :func:`validate_update` call: the hub passes its
+    live sets, not copies)."""
 
     fleet: str
-    known_devices: frozenset[str]
+    known_devices: AbstractSet[str]
     round_id: int | None  # the open round, None if none is open
     model_version: str | None
-    selected: frozenset[str]
+    selected: AbstractSet[str]
     accepted: Mapping[str, str]  # device -> nonce of its accepted update in the open round
     head_spec: Mapping[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype)
     max_update_bytes: int
     max_samples: int = MAX_SAMPLES
     private: bool = False  # the open round is a DP round
-    declined: frozenset[str] = frozenset()  # devices that declined the open round
+    declined: AbstractSet[str] = frozenset()  # devices that declined the open round
     compression: str | None = None  # the open round's compressed updates (core/compress.py), decoded first
-    registered_samples: Mapping[str, int] = field(default_factory=dict)  # device -> n_samples of its presence
+    registered_samples: Callable[[str], int | None] = _unregistered  # device -> n_samples of its presence
 
 
 @dataclass(frozen=True)
@@ -104,22 +111,22 @@ def check_update(msg: ModelUpdate, topic_device: str | None, ctx: UpdateContext)
 
 
 def check_delta(msg: ModelUpdate, ctx: UpdateContext) -> tuple[RejectReason, str] | None:
-    names, expected = set(msg.delta), set(ctx.head_spec)
-    if names != expected:
+    if msg.delta.keys() != ctx.head_spec.keys():
+        names, expected = set(msg.delta), set(ctx.head_spec)
         return RejectReason.WRONG_SHAPE, (f"delta names differ: missing {sorted(expected - names)}, "
                                           f"unexpected {sorted(names - expected)}"[:300])
     for name, (shape, _) in ctx.head_spec.items():
         if tuple(msg.delta[name].shape) != tuple(shape):
             return RejectReason.WRONG_SHAPE, f"{name}: shape {list(msg.delta[name].shape)}, expected {list(shape)}"
     for name, (_, dtype) in ctx.head_spec.items():
-        if msg.delta[name].dtype != np.dtype(dtype):
+        if msg.delta[name].dtype != dtype:  # numpy compares a dtype with its name
             return RejectReason.WRONG_DTYPE, f"{name}: dtype {msg.delta[name].dtype}, expected {dtype}"
     for name, arr in msg.delta.items():
         if not np.isfinite(arr).all():
             return RejectReason.NOT_FINITE, f"{name}: contains NaN or infinity"
     if not 1 <= msg.n_samples <= ctx.max_samples:
         return RejectReason.BAD_SAMPLES, f"n_samples {msg.n_samples} is not in [1, {ctx.max_samples}]"
-    registered = ctx.registered_samples.get(msg.device)
+    registered = ctx.registered_samples(msg.device)
     if registered is not None and msg.n_samples > registered:
         return RejectReason.BAD_SAMPLES, (f"n_samples {msg.n_samples} is more than the {registered} rows this device "
                                           "registered in its presence")
