@@ -499,10 +499,11 @@ def test_one_lying_device_cannot_make_the_federated_gate_deploy_a_worse_version(
         first = fleet.results[-1]
         assert first.federated["val_acc_global"] == pytest.approx(0.6) and first.federated["val_n"] < 100
         ann = fleet.retained(TOPICS.select_announce)
-        assert isinstance(ann, RoundAnnounce) and ann.candidates == ("v1",)
-        for d in ann.selected:
-            report = ({"val_n": 1e9, "val_acc_v1": 1.0, "val_loss_v1": 0.0} if d == "liar" else
-                      {"val_n": 10.0, "val_acc_v1": 0.5, "val_loss_v1": 1.2})
+        assert isinstance(ann, RoundAnnounce) and ann.candidates == ("v1", "v0")
+        for d in ann.selected:  # the liar repeats its score of the deployed head (its history check passes)
+            report = ({"val_n": 1e9, "val_acc_v1": 1.0, "val_loss_v1": 0.0, "val_acc_v0": 0.0, "val_loss_v0": 9.0}
+                      if d == "liar" else
+                      {"val_n": 10.0, "val_acc_v1": 0.5, "val_loss_v1": 1.2, "val_acc_v0": 0.6, "val_loss_v0": 1.0})
             _report(fleet, d, ann.round, report)
         gate = fleet.results[-1]
         assert gate.round == ann.round and gate.model_version is None, gate.detail
@@ -526,3 +527,25 @@ def test_paired_gain_is_what_one_liar_cannot_move() -> None:
     gain = paired_gain(cand, base, "val_acc_v2", "val_acc_global")
     assert gain is not None and gain[0] == pytest.approx(-0.1) and gain[1] == 5
     assert paired_gain({"x": {"val_n": 1.0, "val_acc_v2": 0.5}}, base, "val_acc_v2", "val_acc_global") is None
+
+
+def test_the_federated_gate_compares_heads_per_device() -> None:
+    """The gate's decision is the robust mean of each device's candidate-minus-deployed difference: a liar scoring
+    the candidate 1 and the deployed head 0 is one extreme difference, dropped, where two separately trimmed means
+    drift apart by the honest devices' spread (and deployed a candidate 10 points worse against tolerance 5)."""
+    from fedge.core.aggregators import robust_mean
+    from fedge.core.selection import gate_verdict
+
+    honest = (0.3, 0.45, 0.6, 0.75, 0.5)
+    reports = [{"val_n": 50.0, "val_acc_v2": x - 0.1, "val_acc_v1": x} for x in honest]
+    liar = {"val_n": 1e9, "val_acc_v2": 1.0, "val_acc_v1": 0.0}
+    unpaired = (robust_mean([r["val_acc_v2"] for r in [*reports, liar]], [50.0] * 6)
+                - robust_mean([r["val_acc_v1"] for r in [*reports, liar]], [50.0] * 6))
+    assert unpaired > -0.05  # what comparing the two heads' trimmed means would have deployed
+    verdict = gate_verdict("v2", "v1", [*reports, liar], 3, 0.05)
+    assert verdict.quorum and not verdict.deploy, verdict.detail
+    assert "paired difference -0.1000" in verdict.detail
+    better = [{"val_n": 50.0, "val_acc_v2": x + 0.02, "val_acc_v1": x} for x in honest]
+    assert gate_verdict("v2", "v1", [*better, liar], 3, 0.05).deploy
+    only_candidate = [{"val_n": 50.0, "val_acc_v2": 0.9} for _ in honest]  # nobody scored the deployed head
+    assert not gate_verdict("v2", "v1", only_candidate, 3, 0.05).quorum

@@ -182,18 +182,23 @@ class GateVerdict:
 
 def gate_verdict(version: str, deployed: str, reports: Iterable[Mapping[str, float]], min_devices: int,
                  tolerance: float, max_weight_ratio: float = 4.0) -> GateVerdict:
-    """Whether ``version`` deploys after its evaluation round: its federated validation accuracy against the
-    ``deployed`` head's, both ranked as candidates of the same reports (the same devices, rows and capped
-    weights: a tie is a tie). Not worse by more than ``tolerance``: deployed."""
-    rows = list(reports)
+    """Whether ``version`` deploys after its evaluation round: per device that scored both, its accuracy of
+    ``version`` minus that of the ``deployed`` head on the same rows, their robust mean (:func:`paired_gain`: one
+    liar's difference is one extreme value among the devices' differences, and dropped). Not worse by more than
+    ``tolerance``: deployed. The two heads' own federated accuracies (:func:`rank`) are in the detail."""
+    rows = [r for r in reports if r.get("val_n", 0) > 0]
     scores = {c.name: c for c in rank([version, deployed], rows, max_weight_ratio)}
     score, base = scores[version], scores[deployed]
-    if len(rows) < min_devices or score.val_n == 0 or base.val_n == 0:
-        return GateVerdict(False, False, f"{version} stays a candidate: {len(rows)} validation reports, quorum "
+    keyed = {str(i): r for i, r in enumerate(rows)}
+    paired = paired_gain(keyed, keyed, acc_key(version), acc_key(deployed), max_weight_ratio)
+    if len(rows) < min_devices or paired is None or paired[1] < min_devices:
+        return GateVerdict(False, False, f"{version} stays a candidate: {0 if paired is None else paired[1]} of "
+                           f"{len(rows)} validation reports score both {version} and {deployed}, quorum "
                            f"{min_devices}")
-    if score.accuracy < base.accuracy - tolerance:
-        return GateVerdict(True, False, f"{version} kept as a candidate, not deployed: federated validation "
-                           f"accuracy {score.accuracy:.4f} is below the deployed {deployed}'s {base.accuracy:.4f} "
-                           f"by more than {tolerance:g} (fedge hub rollback --to {version} deploys it anyway)")
-    return GateVerdict(True, True, f"{version} deployed: federated validation accuracy {score.accuracy:.4f} "
-                       f"(deployed {deployed} {base.accuracy:.4f} on the same rows, tolerance {tolerance:g})")
+    gain, _n = paired
+    figures = (f"federated validation accuracy {score.accuracy:.4f} against the deployed {deployed}'s "
+               f"{base.accuracy:.4f}, paired difference {gain:+.4f} on the same rows")
+    if gain < -tolerance:
+        return GateVerdict(True, False, f"{version} kept as a candidate, not deployed: {figures}, below "
+                           f"-{tolerance:g} (fedge hub rollback --to {version} deploys it anyway)")
+    return GateVerdict(True, True, f"{version} deployed: {figures} (tolerance {tolerance:g})")
