@@ -6,7 +6,8 @@ one SQLite transaction per batch (``Store.batch``: each store write a savepoint)
 the batch published goes out and its messages are acknowledged to the broker (``manual_ack``). So a message is
 acknowledged, and an update acked to its device, only after its effect is durable, and one fsync serves a whole
 batch: the hub keeps up with thousands of updates a second. Over MQTT (``DeferredAcks``) the network thread does
-not wait for the worker (at most ``MAX_IN_FLIGHT`` messages wait unacknowledged); over the in-memory transport a
+not wait for the worker (at most ``MAX_IN_FLIGHT`` messages and
+``MAX_IN_FLIGHT_BYTES`` wait unacknowledged: :class:`~fedge.hub.inflight.InFlight`); over the in-memory transport a
 handler waits until its event is processed. The worker also ticks every ``tick_s`` (deadlines, schedule).
 
 Round decisions live in the round core (:mod:`fedge.core`); the drivers put them on the wire:
@@ -37,6 +38,7 @@ from fedge.core.rounds import OpenRound
 from fedge.core.strategy import FleetView, GateSettings, PrivacySettings, Robust, Strategy, build_strategy
 from fedge.hub import control, secagg_daemon
 from fedge.hub.config import HubConfig
+from fedge.hub.inflight import InFlight
 from fedge.hub.registry import Registry
 from fedge.hub.round_runner import RoundRunner
 from fedge.hub.selection import Selector
@@ -60,6 +62,8 @@ MAX_BATCH: Final = 512
 """Events handled in one transaction (one fsync) at most."""
 MAX_IN_FLIGHT: Final = 2048
 """Messages received over MQTT and not yet acknowledged at most (the network thread waits beyond that)."""
+MAX_IN_FLIGHT_BYTES: Final = 4 * 1024 * 1024
+"""Their bytes at most (a flood of large frames must not grow the hub by the flood's size)."""
 
 __all__ = ["HubDaemon", "HubStateError", "check_signing_key", "gate_warnings", "strategy_for"]
 
@@ -155,7 +159,7 @@ class HubDaemon:
         self._published: tuple[str | None, str | None] = (None, None)  # (version, backbone)
         self._connects = 0
         self._queue: queue.Queue[_Event] = queue.Queue()
-        self._in_flight = threading.BoundedSemaphore(MAX_IN_FLIGHT)
+        self._in_flight = InFlight(MAX_IN_FLIGHT, MAX_IN_FLIGHT_BYTES)
         self._held: list[tuple[str, bytes, bool]] | None = None  # publishes waiting for the batch's commit
         self._stop = threading.Event()
         self._dead = threading.Event()
@@ -232,19 +236,23 @@ class HubDaemon:
         hub acknowledge them after the batch's commit (MQTT), else waiting (the in-memory transport)."""
         if isinstance(self.transport, DeferredAcks):
             def deferred(topic: str, payload: bytes, ack: AckFn) -> None:
-                while not self._in_flight.acquire(timeout=0.5):  # back-pressure: the broker keeps the rest
+                size = len(payload)
+                while not self._in_flight.acquire(size, timeout=0.5):  # back-pressure: the broker keeps the rest
                     if self._dead.is_set():
                         return
 
+                def release() -> None:
+                    self._in_flight.release(size)
+
                 def done() -> None:
-                    self._in_flight.release()
+                    release()
                     ack()
 
                 if self._dead.is_set():
-                    self._in_flight.release()
+                    release()
                     return
                 # dropped at a stop: never acknowledged, so the broker gives it to the next hub
-                self._queue.put((lambda: handle(topic, payload), done, self._in_flight.release))
+                self._queue.put((lambda: handle(topic, payload), done, release))
 
             self.transport.subscribe_deferred(topic_filter, deferred)
         else:
