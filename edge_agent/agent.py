@@ -465,6 +465,7 @@ class Agent:
                       msg.model_version, (held or "?")[:16], msg.backbone_sha256[:16])
             return
         self._pending.pop(msg.round, None)
+        log.info("round %d announced: queued", msg.round)
         self.worker.enqueue(msg)
 
     def _check_pending(self) -> None:

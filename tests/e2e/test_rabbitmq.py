@@ -140,6 +140,12 @@ def test_a_rabbitmq_restart_mid_round_loses_no_update(make_fleet: Callable[..., 
     fleet.start_agents(first, ready=True)
     fleet.start_round()
     fleet.announce_of(1)
+
+    def received(dev: str) -> bool:  # each agent holds the announce before the broker goes (a loaded CI machine)
+        log = fleet.logs / f"{dev}.log"
+        return log.is_file() and "round 1 announced" in log.read_text(errors="replace")
+
+    assert wait_until(lambda: all(received(d) for d in first), 60, 0.1), "the agents did not get round 1's announce"
     rabbitmq.stop()  # mid-round: the agents train and publish while the broker is down
     try:
         assert wait_until(lambda: all(_completed(fleet, d) >= 1 for d in first), 180, 0.2), \
