@@ -256,8 +256,8 @@ class FleetReader:
         declined = {int(r): int(n) for r, n in conn.execute("SELECT round, COUNT(*) FROM declines GROUP BY round")}
         details = {int(r): str(d) for r, d in conn.execute("SELECT round, detail FROM round_details")}
         accepted_open = {int(r): int(n) for r, n in conn.execute(
-            "SELECT round, COUNT(*) FROM updates WHERE round IN (SELECT id FROM rounds WHERE status = 'open') "
-            "GROUP BY round")}
+            "SELECT round, COUNT(*) FROM (SELECT round FROM updates UNION ALL SELECT round FROM buffered_updates) "
+            "WHERE round IN (SELECT id FROM rounds WHERE status = 'open') GROUP BY round")}  # buffered: every version's
         eps = {r.round: r.epsilon for r in ledger}
         out = []
         for (rid, status, mv, selected, opened, closed, newv, acc, loss, devices, n, rej) in conn.execute(
@@ -304,7 +304,8 @@ class FleetReader:
             ledger = self._ledger(conn)
             return MetricFacts(
                 rounds_by_status=by_status, open_round=None if row[0] is None else int(row[0]),
-                accepted_updates=int(conn.execute("SELECT COUNT(*) FROM updates").fetchone()[0]),
+                accepted_updates=int(conn.execute("SELECT (SELECT COUNT(*) FROM updates) + "
+                                                  "(SELECT COUNT(*) FROM buffered_updates)").fetchone()[0]),
                 rejects=self._counts(conn, "SELECT reason, COUNT(*) FROM rejects GROUP BY reason"),
                 declines=self._counts(conn, "SELECT reason, COUNT(*) FROM declines GROUP BY reason"),
                 devices_online=int(online), devices_known=int(known), durations=durations,
