@@ -15,6 +15,8 @@ from fedge.core.aggregators import Bounds
 from fedge.core.buffered import Buffer, BufferSettings, staleness_weight
 from fedge.core.losses import Score
 from fedge.hub.config import HubConfig
+from fedge.hub.daemon import gate_warnings
+from fedge.hub.dashboard.snapshot import FleetReader
 from fedge.protocol.codec import encode
 from fedge.protocol.errors import ConfigError
 from fedge.protocol.messages import Ack, ModelUpdate, Reject, RejectReason, RoundAnnounce, RoundStatus
@@ -101,9 +103,17 @@ def test_a_version_every_k_updates_staleness_weighted_and_too_stale_updates_reje
         a.update(ann2, zero_delta(SHAPES, 0.5))
         assert isinstance(last(a.inbox), Ack)
 
+        reader = FleetReader(cfg.state_dir / "hub.sqlite", fleet=cfg.fleet)
+        [open_row] = reader.snapshot()["rounds"]
+        assert open_row["status"] == "open" and open_row["devices"] == 3  # a, b, c (a sent three updates)
+        facts = reader.metric_facts()
+        assert facts is not None and facts.accepted_updates == 5
+
         fleet.advance(61)
         [res] = fleet.results
         assert res.status is RoundStatus.COMPLETED and res.model_version == "v2" and res.rejected == 3
+        snap = reader.snapshot()
+        assert snap["current_version"] == "v2" and snap["rounds"][0]["new_version"] == "v2"
         assert set(res.devices) == {"a", "b", "c"} and res.n_samples == 50
         assert "2 versions made (v1, v2)" in (res.detail or "") and "1 updates in the unfilled buffer" in (
             res.detail or "")
@@ -198,3 +208,9 @@ def test_a_sync_round_announces_no_buffer(tmp_path: Path, artifacts: Path) -> No
         ann = fleet.start_round()
         assert ann.buffer_k is None and ann.max_staleness is None
         assert isinstance(fleet.device("a").update(ann, zero_delta(SHAPES, 1.0)), ModelUpdate)
+
+
+def test_check_warns_that_buffered_versions_deploy_unscored_without_eval_data(tmp_path: Path, artifacts: Path) -> None:
+    warnings = gate_warnings(buffered(tmp_path, artifacts))
+    assert any("buffered" in w and "deployed unscored" in w for w in warnings)
+    assert not any("buffered" in w for w in gate_warnings(hub_config(tmp_path / "state", artifacts)))
