@@ -443,13 +443,15 @@ class Agent:
             artifacts_dir(self.artifacts_root, msg.backbone_sha256)
         except ArtifactError as exc:
             return str(exc)
-        if msg.round <= self.state.last_completed_round:
+        if self.worker.answered_already(msg):
             return f"stale (last completed round is {self.state.last_completed_round})"
         if self.device not in msg.selected:
             return "this device is not selected"
         if msg.deadline <= time.time():
             return f"deadline passed {time.time() - msg.deadline:.1f} s ago"
-        if msg.round in self.worker.started:
+        if msg.buffer_k is not None and (msg.round, msg.model_version) in self.worker.versions_started:
+            return "duplicate (already started on this model version)"
+        if msg.buffer_k is None and msg.round in self.worker.started:
             return "duplicate (already started)"
         return None
 

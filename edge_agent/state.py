@@ -36,6 +36,7 @@ class AgentState:
 
     path: Path
     last_completed_round: int = 0
+    buffered_version: str | None = None  # the model version of this device's last update in a buffered round
     model_version: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
     backbones: list[str] = field(default_factory=list)
@@ -54,6 +55,8 @@ class AgentState:
                 raise ValueError("not a JSON object")
             last = obj.get("last_completed_round", 0)
             state.last_completed_round = last if isinstance(last, int) and not isinstance(last, bool) else 0
+            buffered = obj.get("buffered_version")
+            state.buffered_version = buffered if isinstance(buffered, str) else None
             version = obj.get("model_version")
             state.model_version = version if isinstance(version, str) else None
             versions = obj.get("versions", {})
@@ -73,6 +76,7 @@ class AgentState:
         with self.lock:
             return {
                 "last_completed_round": self.last_completed_round,
+                "buffered_version": self.buffered_version,
                 "model_version": self.model_version,
                 "versions": dict(self.versions),
                 "backbones": list(self.backbones),

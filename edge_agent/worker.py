@@ -94,6 +94,7 @@ class RoundWorker:
         self.policy = policy_of(config)
         self.jobs: queue.Queue[RoundAnnounce | None] = queue.Queue()
         self.started: set[int] = set()  # rounds queued, running or done in this process
+        self.versions_started: set[tuple[int, str]] = set()  # (round, model version) queued, running or done
         self.closed_round = 0  # the highest round the hub's result says is closed
         self.done_round = state.last_completed_round  # the highest round answered on the wire (update, decline...)
         self.secagg: dict[int, DeviceSession] = {}  # secure-aggregation rounds in progress (secrets in memory only)
@@ -121,6 +122,7 @@ class RoundWorker:
 
     def enqueue(self, msg: RoundAnnounce) -> None:
         self.started.add(msg.round)
+        self.versions_started.add((msg.round, msg.model_version))
         self.jobs.put(msg)
 
     def trainer_backbone(self) -> str | None:
@@ -153,6 +155,7 @@ class RoundWorker:
                     log.exception("could not decline round %d", msg.round)
                     with self.cond:
                         self.started.discard(msg.round)  # a redelivered announce may retry
+                        self.versions_started.discard((msg.round, msg.model_version))
 
     # -- what rounds need (also the selection worker's interface) ---------------------------------------------
     def trainer_for(self, backbone_sha256: str) -> Trainer:
@@ -203,9 +206,22 @@ class RoundWorker:
         feats = self.feature_cache.get(trainer, self.inputs(backbone_sha256), data.sha256, backbone_sha256)
         return core.DeviceData(feats, np.asarray(data.y, dtype=np.int64), data.sha256)
 
+    def again(self, msg: RoundAnnounce) -> bool:
+        """``msg`` announces an open buffered round this device sent an update in, on a newer model version than
+        that update's: it trains again (one update per model version; PROTOCOL.md, "Buffered rounds")."""
+        return (msg.buffer_k is not None and msg.round == self.state.last_completed_round
+                and self.state.buffered_version is not None and self.state.buffered_version != msg.model_version
+                and self.closed_round < msg.round)
+
+    def answered_already(self, msg: RoundAnnounce) -> bool:
+        """``msg``'s round (or, in a buffered round, its model version) has been answered."""
+        return msg.round <= self.state.last_completed_round and not self.again(msg)
+
     def late_reason(self, msg: RoundAnnounce) -> str | None:
-        if msg.round <= self.state.last_completed_round:
+        if self.answered_already(msg):
             return "already completed"
+        if msg.buffer_k is not None and self.closed_round >= msg.round:
+            return "the buffered round closed"
         if msg.deadline <= time.time():
             return "deadline passed while queued"
         return None
@@ -244,7 +260,8 @@ class RoundWorker:
         if late:
             log.info("not training round %d: %s", msg.round, late)
             return
-        kept = self.outbox.kept(msg.round)
+        again = self.again(msg)  # a buffered round's newer version: the round's kept update is an older version's
+        kept = None if again else self.outbox.kept(msg.round)
         if kept is not None:  # written before a crash: send those exact bytes again, never a freshly noised update
             self._publish_update(msg.round, kept, None, None)
             log.info("round %d: update from before the restart sent again", msg.round)
@@ -294,12 +311,13 @@ class RoundWorker:
             log.info("round %d: %s DP, update norm %.4f clipped to %.4g, noise std %.4g", msg.round, dp.mode, norm,
                      dp.clip, dp.device_noise_std())
         sent: dict[str, NDArray[Any]] = dict(delta)
-        if msg.round <= self.state.last_completed_round:  # answered meanwhile (a redelivery raced it): nothing
+        if self.answered_already(msg):  # answered meanwhile (a redelivery raced it): nothing
             return
         if msg.compression is not None:  # after the DP noise: compression is post-processing
             sent = self._compress(msg, delta)
         update = ModelUpdate(self.config.fleet, msg.round, self.device, msg.model_version, n_samples, sent, metrics)
-        if self._publish_update(msg.round, encode(update), dp, outcome.personal):
+        buffered = None if msg.buffer_k is None else msg.model_version
+        if self._publish_update(msg.round, encode(update), dp, outcome.personal, buffered):
             log.info("%s; update %s published", summary, update.nonce[:8])
 
     def _compress(self, msg: RoundAnnounce, delta: Head) -> dict[str, NDArray[Any]]:
@@ -356,13 +374,18 @@ class RoundWorker:
             log.warning("%s %s unreadable (%s): not used", what, path, exc)
             return None
 
-    def _publish_update(self, round_id: int, payload: bytes, dp: DpParams | None, personal: Head | None) -> bool:
+    def _publish_update(self, round_id: int, payload: bytes, dp: DpParams | None, personal: Head | None,
+                        buffered: str | None = None) -> bool:
         """Record (DP ledger, outbox, personal head), mark the round completed, then publish; False if it already
-        was completed. A crash after the outbox write re-sends these exact bytes at the next start (the outbox is
-        sent again until acked or closed), so publishing outside the lock loses nothing; and no lock is held while
-        a transport may deliver synchronously (an in-process hub answers on this thread)."""
+        was completed (a buffered round's update, of model version ``buffered``: if this device sent an update on
+        that version, or answered the round otherwise). The outbox keeps one update per round: a buffered round's
+        newer one replaces the older. A crash after the outbox write re-sends these exact bytes at the next start
+        (the outbox is sent again until acked or closed), so publishing outside the lock loses nothing; and no lock
+        is held while a transport may deliver synchronously (an in-process hub answers on this thread)."""
         with self.cond:
-            if round_id <= self.state.last_completed_round:
+            last = self.state.last_completed_round
+            if round_id < last or (round_id == last and (buffered is None or self.state.buffered_version in (
+                    None, buffered))):
                 log.info("round %d already completed; not publishing again", round_id)
                 return False
             if dp is not None:  # recorded before it leaves the device: a crash over-counts, never under-counts
@@ -371,6 +394,7 @@ class RoundWorker:
             if personal is not None:
                 save_npz(self.personal_head_path, dict(personal))
             self.state.last_completed_round = round_id
+            self.state.buffered_version = buffered
             self.state.save()
         self.publish(self.topics.update(self.device), payload)
         self.answered(round_id)

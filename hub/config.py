@@ -151,8 +151,43 @@ class RoundsConfig:
             'a valid update: the slowest, or silent, over_select share is not waited for (0 = wait for every '
             'selected device, or the deadline)', example=0.5),
     )
+    mode: str = field(
+        default="sync",
+        metadata=doc('sync (a round aggregates once, when it closes) or buffered (asynchronous, FedBuff: the round '
+                     'stays open until its deadline and makes a new version every buffer_k accepted updates, '
+                     'devices training again on each new version; PROTOCOL.md, "Buffered rounds"). Not with [secagg] '
+                     'or [privacy]', example="buffered"),
+    )
+    buffer_k: int = field(
+        default=10,
+        metadata=doc('buffered rounds: accepted updates per new version', example=5),
+    )
+    max_staleness: int = field(
+        default=10,
+        metadata=doc('buffered rounds: an update counts while its model is at most this many versions behind the '
+                     'current one (weighted 1/sqrt(1 + staleness)); older ones are rejected as stale_round',
+                     example=3),
+    )
+    server_lr: float = field(
+        default=1.0,
+        metadata=doc('buffered rounds: the step from the current version toward the buffer\'s aggregate, in (0, 1]',
+                     example=0.5),
+    )
+    max_versions: int = field(
+        default=0,
+        metadata=doc('buffered rounds: the round closes once it made this many versions (0: at its deadline)',
+                     example=4),
+    )
 
     def __post_init__(self) -> None:
+        if self.mode not in ("sync", "buffered"):
+            raise ConfigError("rounds.mode", f'must be "sync" or "buffered", got {self.mode!r}')
+        _need_int("rounds.buffer_k", self.buffer_k, 1)
+        _need_int("rounds.max_staleness", self.max_staleness, 0)
+        _need_int("rounds.max_versions", self.max_versions, 0)
+        _need_num("rounds.server_lr", self.server_lr, positive=True)
+        if self.server_lr > 1:
+            raise ConfigError("rounds.server_lr", f"must be in (0, 1], got {self.server_lr}")
         if self.compression not in ("off", "int8", "int4"):
             raise ConfigError("rounds.compression", f"must be off, int8 or int4, got {self.compression!r}")
         _need_int("rounds.min_devices", self.min_devices, 1)
@@ -621,6 +656,12 @@ class HubConfig:
     conduct: ConductConfig = ConductConfig()
 
     def __post_init__(self) -> None:
+        if self.rounds.mode == "buffered" and self.secagg.enabled:
+            raise ConfigError("rounds.mode", "SecAgg rounds stay synchronous: a secure sum is unmasked once, so it "
+                              "cannot make a version every buffer_k updates; use mode = \"sync\" with [secagg]")
+        if self.rounds.mode == "buffered" and self.privacy.enabled:
+            raise ConfigError("rounds.mode", "buffered rounds are not private: each version would be a DP-FedAvg "
+                              "release the privacy ledger does not account for; use mode = \"sync\" with [privacy]")
         if self.rounds.compression != "off" and self.secagg.enabled:
             raise ConfigError("rounds.compression", "secure aggregation quantises updates into its own ring: "
                               "compressed updates cannot be masked; use one or the other")

@@ -100,6 +100,9 @@ def gate_warnings(cfg: HubConfig) -> list[str]:
     if cfg.eval_data is None and cfg.secagg.enabled and not cfg.privacy.enabled:
         out.append("no eval_data with [secagg]: the hub sees only sums, so devices send no scores and every new "
                    "version is deployed unscored (set eval_data)")
+    if cfg.eval_data is None and cfg.rounds.mode == "buffered":
+        out.append("no eval_data with [rounds] mode = \"buffered\": a buffered round's versions have no federated gate "
+                   "(the round goes on), so every version is deployed unscored (set eval_data)")
     if cfg.privacy.enabled and agg.federated_gate is True:
         out.append("federated_gate = true has no effect under [privacy] (devices send no scores in DP rounds)")
     return out

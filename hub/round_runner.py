@@ -7,6 +7,7 @@ before its ack, a close), publishes them and keeps the ``chain_rounds`` chain. R
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -17,8 +18,9 @@ from dataclasses import replace
 import numpy as np
 
 from fedge.core.aggregators import Aggregator
+from fedge.core.buffered import Buffer, BufferChain
 from fedge.core.compress import decompress
-from fedge.core.hub_round import Closing, close_round, finite_or_none, for_devices, min_inputs
+from fedge.core.hub_round import Closing, buffered_version, close_round, finite_or_none, for_devices, min_inputs
 from fedge.core.privacy import DpParams, ledger_epsilon
 from fedge.core.rounds import OpenRound, RoundParams, over_limits
 from fedge.core.secagg_round import SecAggCoordinator
@@ -76,6 +78,13 @@ class RoundRunner:
         history = self.hub.store.recent_update_norms(self.hub.cfg.aggregation.norm_window)
         return self.strategy.aggregator(params, shapes, history, self.rng)
 
+    def buffer(self, params: RoundParams, backbone: str) -> Buffer:
+        """A buffered round's next version: an empty buffer over the strategy's aggregate."""
+        agg = self.aggregator(params, backbone)
+        if params.buffer is None:
+            raise HubStateError("a buffer for a round that is not buffered")
+        return Buffer(agg.shapes, params.buffer, aggregator=agg)
+
     def start(self, overrides: RoundOverrides) -> tuple[int | None, ReplyReason, str]:
         """Open a round: ``(round id, "started", "")``, or ``(None, reason, detail)`` when none was opened."""
         hub = self.hub
@@ -107,6 +116,8 @@ class RoundRunner:
         agg = self.aggregator(params, cur.backbone_sha256)
         rnd = OpenRound(rid, cur.version, cur.backbone_sha256, params, selected, now, now + params.deadline_s, agg,
                         offline_grace_s=hub.cfg.rounds.offline_grace_s)
+        if params.buffer is not None:
+            rnd.buffer = self.buffer(params, cur.backbone_sha256)
         if params.secagg is not None:
             dp = params.dp
             rnd.secagg = SecAggCoordinator(
@@ -139,6 +150,9 @@ class RoundRunner:
         rnd = OpenRound(row.id, row.model_version, row.backbone_sha256, params, row.selected, row.opened_at, deadline,
                         agg, offline_grace_s=self.hub.cfg.rounds.offline_grace_s)
         rnd.declined.update(store.declines(row.id))
+        if params.buffer is not None:
+            self._resume_buffered(rnd)
+            return
         # a SecAgg round's stage state (and the devices' secrets) was in memory: rnd.secagg stays None and the
         # first tick closes it as failed
         for stored in store.iter_updates(row.id):
@@ -154,6 +168,35 @@ class RoundRunner:
         self.round = rnd
         log.info("round %d resumed: %d updates, deadline in %.1f s", rnd.id, len(rnd.accepted),
                  rnd.deadline - self.hub.clock())
+
+    def _resume_buffered(self, rnd: OpenRound) -> None:
+        """A buffered round after a restart: its chain as recorded when it made its last version, the updates
+        accepted since folded into the buffer again (with the staleness they had), the others remembered."""
+        store, params = self.hub.store, rnd.params
+        if params.buffer is None:
+            raise HubStateError(f"round {rnd.id} is not a buffered round")
+        saved = json.loads(store.get_meta(_chain_key(rnd.id)) or "{}")
+        chain = BufferChain(params.buffer, list(saved.get("versions", [rnd.model_version])),
+                            folded=int(saved.get("folded", 0)), made=list(saved.get("made", [])))
+        rnd.chain, rnd.model_version = chain, chain.current
+        rnd.buffer = self.buffer(params, rnd.backbone_sha256)
+        for i, stored in enumerate(store.iter_buffered_updates(rnd.id)):
+            msg = decode(stored.payload, max_bytes=max(len(stored.payload), 1))
+            if not isinstance(msg, ModelUpdate):
+                raise HubStateError(f"round {rnd.id}: the stored update of {stored.device} is a {msg.type}")
+            chain.sent[(msg.device, msg.model_version)] = msg.nonce
+            rnd.accepted[msg.device] = msg.nonce
+            rnd.n_samples += msg.n_samples
+            staleness = chain.staleness(msg.model_version)
+            if i < chain.folded or staleness is None:
+                continue
+            delta = msg.delta
+            if params.compression is not None:
+                delta = dict(decompress(delta, rnd.buffer.aggregator.shapes, params.compression))
+            rnd.buffer.add(delta, msg.n_samples, staleness)
+        self.round = rnd
+        log.info("buffered round %d resumed on %s: %d versions made, %d updates in the buffer, deadline in %.1f s",
+                 rnd.id, chain.current, len(chain.made), rnd.buffer.count, rnd.deadline - self.hub.clock())
 
     def _unannounced(self, rid: int, status: RoundStatus, cur: VersionRow, params: RoundParams, now: float,
                      detail: str) -> None:
@@ -178,7 +221,7 @@ class RoundRunner:
             max_update_bytes=self.hub.cfg.rounds.max_update_bytes,
             private=r is not None and r.params.dp is not None, declined=r.declined.keys() if r else frozenset(),
             compression=r.params.compression if r else None,
-            registered_samples=self.hub.store.registered_sample,
+            registered_samples=self.hub.store.registered_sample, chain=r.chain if r else None,
         )
 
     def handle_update(self, device: str | None, topic: str, payload: bytes, known: AbstractSet[str]) -> None:
@@ -195,7 +238,9 @@ class RoundRunner:
         if rnd is None:  # validate_update accepts only for the open round it was given
             raise HubStateError(f"update on {topic} passed validation with no open round")
         msg = verdict.update
-        if isinstance(verdict, Accept):
+        if isinstance(verdict, Accept) and rnd.chain is not None:
+            self._accept_buffered(rnd, msg, payload)
+        elif isinstance(verdict, Accept):
             hub.store.add_update(msg.round, msg.device, msg.nonce, msg.n_samples, msg.metrics, payload)
             rnd.aggregator.add(msg.delta, msg.n_samples)
             rnd.accepted[msg.device] = msg.nonce
@@ -209,6 +254,53 @@ class RoundRunner:
         hub.publish(hub.topics.ack(msg.device), encode(ack))
         if rnd.should_close(hub.clock()):
             self.close(rnd)
+
+    def _accept_buffered(self, rnd: OpenRound, msg: ModelUpdate, payload: bytes) -> None:
+        """A buffered round's update: stored, folded in with its staleness weight (the caller acks it); a full
+        buffer makes the next version (:meth:`_make_version`)."""
+        hub = self.hub
+        hub.store.add_buffered_update(msg.round, msg.device, msg.model_version, msg.nonce, msg.n_samples,
+                                      msg.metrics, payload)
+        full = rnd.fold(msg.device, msg.model_version, msg.nonce, msg.delta, msg.n_samples)
+        log.debug("round %d: update from %s on %s accepted (%d samples)", msg.round, msg.device, msg.model_version,
+                  msg.n_samples)
+        if full:
+            self._make_version(rnd)
+
+    def _make_version(self, r: OpenRound) -> None:
+        """A buffered round's full buffer: the next version (the core's :func:`buffered_version`), registered,
+        deployed (published, the round re-announced on it) unless the held-out gate keeps it back, recorded."""
+        hub, chain, buf = self.hub, r.chain, r.buffer
+        if chain is None or buf is None:
+            raise HubStateError(f"round {r.id} is not a buffered round")
+        parent = chain.current
+        deployed = hub.store.version(parent)
+        outcome = buffered_version(buf, self.strategy, hub.registry.load_head(parent),
+                                   hub.registry.w0(r.backbone_sha256), lambda h: hub.evaluate(r.backbone_sha256, h),
+                                   None if deployed is None else deployed.accuracy)
+        chain.norms.extend(buf.norms)
+        row = None
+        if outcome.head is not None:
+            row = hub.registry.write_head(outcome.head, parent=parent, round_id=r.id,
+                                          backbone_sha256=r.backbone_sha256, accuracy=outcome.accuracy,
+                                          loss=outcome.loss)
+            hub.store.add_version(row, make_current=outcome.deploy)
+        staleness = list(buf.staleness)
+        r.next_version(None if row is None else row.version, outcome.deploy, self.buffer(r.params, r.backbone_sha256))
+        hub.store.set_meta(_chain_key(r.id), json.dumps({"versions": chain.versions, "made": chain.made,
+                                                         "folded": chain.folded}))
+        acc = "-" if outcome.accuracy is None else f"{outcome.accuracy:.4f}"
+        if row is None:
+            log.error("round %d: buffered version from %d updates: %s", r.id, len(staleness), outcome.detail)
+        elif outcome.deploy:
+            log.info("round %d: version %s from %d updates (staleness %s) on %s, accuracy %s: deployed", r.id,
+                     row.version, len(staleness), staleness, parent, acc)
+            hub.publish_model(row)
+            hub.publish(hub.topics.announce, encode(r.announce(hub.cfg.fleet)), retain=True)
+            hub.publish_status()
+        else:
+            log.warning("round %d: version %s kept as a candidate, not deployed: %s (devices stay on %s)", r.id,
+                        row.version, outcome.held_back, parent)
 
     def reject(self, v: Rejection, topic: str) -> None:
         hub = self.hub
@@ -267,6 +359,9 @@ class RoundRunner:
 
     def close(self, r: OpenRound) -> None:
         """Aggregate, score and gate ``r`` (the core's :func:`close_round`), then record and publish the outcome."""
+        if r.chain is not None:
+            self._close_buffered(r, r.chain)
+            return
         hub = self.hub
         now = hub.clock()
         deployed = hub.store.version(r.model_version)
@@ -322,6 +417,42 @@ class RoundRunner:
         if gating and row is not None and self.open_gate is not None:
             self.open_gate(r, row, outcome.federated)  # the chain goes on once the evaluation round closes
             return
+        self.continue_chain()
+
+    def _close_buffered(self, r: OpenRound, chain: BufferChain) -> None:
+        """Close a buffered round: its versions are made (and deployed) already; updates in the unfilled buffer
+        do not count. The round's version is the last it deployed (else the last it made, a candidate)."""
+        hub = self.hub
+        now = hub.clock()
+        left = 0 if r.buffer is None else r.buffer.count
+        deployed = chain.versions[1:]
+        last = deployed[-1] if deployed else chain.made[-1] if chain.made else None
+        row = None if last is None else hub.store.version(last)
+        status = RoundStatus.COMPLETED if row is not None else RoundStatus.FAILED_QUORUM
+        detail = (f"buffered round: {len(chain.made)} versions made ({', '.join(chain.made) or 'none'}), "
+                  f"{len(deployed)} deployed; {left} updates in the unfilled buffer not counted")
+        hub.store.set_round_detail(r.id, detail)
+        progress.note(hub.store, r.id, bool(deployed), "no version deployed")
+        rejected = sum(hub.store.reject_counts(r.id).values())
+        devices = tuple(sorted(r.accepted))
+        acc, loss = (None, None) if row is None else (row.accuracy, row.loss)
+        hub.store.close_round(r.id, str(status), now, acc, loss, devices, r.n_samples, rejected, row,
+                              make_current=bool(deployed), recorded=True)
+        self.round = None
+        self._account(r, now)
+        if self.strategy.keeps_norms(r.params) and chain.norms:
+            hub.store.add_update_norms(r.id, chain.norms, hub.cfg.aggregation.norm_window)
+        hub.rounds_jsonl({
+            "round": r.id, "status": str(status), "devices": len(devices), "n_samples": r.n_samples,
+            "accuracy": acc, "loss": loss, "seconds": round(now - r.opened_at, 3),
+            "model_version": None if row is None else row.version, "rejected": rejected, "federated": {},
+            "versions": chain.made, "deployed": deployed, "unfolded": left,
+        })
+        log.info("round %d %s: %s; %d devices, %d samples, %d rejected, %.2f s", r.id, status, detail, len(devices),
+                 r.n_samples, rejected, now - r.opened_at)
+        self.publish_result(r.id)
+        hub.publish(hub.topics.announce, b"", retain=True)
+        hub.publish_status()
         self.continue_chain()
 
     def _watch_progress(self, r: OpenRound, outcome: Closing) -> None:
@@ -458,6 +589,11 @@ class RoundRunner:
             self.set_chain(self._chain_left - 1, self._chain_overrides)
             if self.start(self._chain_overrides)[0] is None:  # nobody to ask: the chain ends here
                 self.end_chain()
+
+
+def _chain_key(rid: int) -> str:
+    """The store meta key of a buffered round's chain (versions, versions made, updates folded), for a restart."""
+    return f"buffered_chain_{rid}"
 
 
 def _some(names: tuple[str, ...], shown: int = 20) -> str:

@@ -4,7 +4,8 @@ Tables: ``meta`` (current version pointer, schedule chain), ``backbones``, ``ver
 ``rounds`` (params, selection, deadline, outcome), ``updates`` (accepted updates, UNIQUE(round, device):
 nonce, samples, metrics; the raw frame in ``updates/round-<id>.bin`` until the round closes
 (``hub/store_payloads.py``), or in the row and kept with ``keep_update_payloads``),
-``rejects`` (reason per refused message), ``control`` (ignored control messages), ``devices`` (presence),
+``buffered_updates`` (a buffered round's accepted updates, UNIQUE(round, device, model_version), the frames as
+``updates``'), ``rejects`` (reason per refused message), ``control`` (ignored control messages), ``devices`` (presence),
 ``candidates``, ``selections`` and ``selection_reports`` (source-model selection), ``alerts``, ``conduct`` and
 ``participation`` (devices' standing: :mod:`fedge.hub.store_conduct`). Every write is its own
 transaction. One connection, guarded by a lock, shared by the daemon's threads. The file, its -wal and -shm
@@ -126,15 +127,16 @@ class Store(FleetTables, ConductTables):
 
     def close_round(self, rid: int, status: str, closed_at: float, accuracy: float | None, loss: float | None,
                     devices: tuple[str, ...], n_samples: int, rejected: int, version: VersionRow | None,
-                    make_current: bool = True, gate_round: int | None = None) -> None:
+                    make_current: bool = True, gate_round: int | None = None, recorded: bool = False) -> None:
         """Close a round and (if it produced one) record its new version, as current unless ``make_current`` is
         False (a candidate a deploy gate held back; ``gate_round``: the evaluation round that decides it), in ONE
-        transaction."""
+        transaction. ``recorded``: the version is in the store already (a buffered round's last version)."""
         with self.transaction():
             if version is not None:
                 self._db.execute("INSERT OR REPLACE INTO round_outcomes VALUES (?, ?, ?)",
                                  (rid, int(make_current), gate_round))
-                self._insert_version(version)
+                if not recorded:
+                    self._insert_version(version)
                 if make_current:
                     self._db.execute("INSERT INTO meta(key, value) VALUES ('current_version', ?) "
                                      "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (version.version,))
@@ -167,6 +169,8 @@ class Store(FleetTables, ConductTables):
         redelivery check and the dashboard need those, never the frame): frames in hub.sqlite (written by an older
         hub) now, the rounds' frame files once the close is committed."""
         self._db.execute("UPDATE updates SET payload = x'' WHERE length(payload) > 0 AND round IN "
+                         "(SELECT id FROM rounds WHERE status != 'open')")
+        self._db.execute("UPDATE buffered_updates SET payload = x'' WHERE length(payload) > 0 AND round IN "
                          "(SELECT id FROM rounds WHERE status != 'open')")
         self.after_commit(self.drop_closed_payload_files)
 
@@ -295,6 +299,41 @@ class Store(FleetTables, ConductTables):
                               self.payloads.path(rid))
                     continue
             yield StoredUpdate(str(row[0]), str(row[1]), int(row[2]), payload or b"")
+
+    def add_buffered_update(self, rid: int, device: str, model_version: str, nonce: str, n_samples: int,
+                            metrics: dict[str, float], payload: bytes) -> None:
+        """Store one accepted update of a buffered round (one per device and model version; sqlite3.IntegrityError
+        if that one is already stored); the frame as :meth:`add_update` keeps it."""
+        with self._lock:
+            at: int | None = None
+            size: int | None = None
+            if not self.keep_update_payloads:
+                at, size = self.payloads.append(rid, payload)
+                payload = b""
+                self.before_commit(self.payloads.sync)
+            self._write("INSERT INTO buffered_updates(round, device, model_version, nonce, n_samples, metrics, "
+                        "payload, received_at, payload_at, payload_len) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (rid, device, model_version, nonce, n_samples, json.dumps(metrics), payload, time.time(), at,
+                         size))
+
+    def iter_buffered_updates(self, rid: int) -> Iterator[StoredUpdate]:
+        """A buffered round's stored updates in the order they were accepted."""
+        with self._lock:
+            rows = self._db.execute("SELECT device, nonce, n_samples, payload, payload_at, payload_len FROM "
+                                    "buffered_updates WHERE round = ? ORDER BY rowid", (rid,)).fetchall()
+        for device, nonce, n, payload, at, size in rows:
+            frame: bytes | None = bytes(payload)
+            if not frame and at is not None:
+                with self._lock:
+                    frame = self.payloads.read(rid, int(at), int(size))
+                if frame is None:
+                    log.error("round %d: the frame of %s's accepted update is missing", rid, device)
+                    continue
+            yield StoredUpdate(str(device), str(nonce), int(n), frame or b"")
+
+    def buffered_update_count(self, rid: int) -> int:
+        row = self._one("SELECT COUNT(*) FROM buffered_updates WHERE round = ?", (rid,))
+        return int(row[0])
 
     def update_metrics(self, rid: int) -> list[dict[str, float]]:
         return [json.loads(m) for (m,) in self._all("SELECT metrics FROM updates WHERE round = ?", (rid,))]

@@ -16,6 +16,10 @@ CREATE TABLE IF NOT EXISTS updates (
     round INTEGER NOT NULL, device TEXT NOT NULL, nonce TEXT NOT NULL, n_samples INTEGER NOT NULL,
     metrics TEXT NOT NULL, payload BLOB NOT NULL, received_at REAL NOT NULL, payload_at INTEGER,
     payload_len INTEGER, UNIQUE(round, device));
+CREATE TABLE IF NOT EXISTS buffered_updates (
+    round INTEGER NOT NULL, device TEXT NOT NULL, model_version TEXT NOT NULL, nonce TEXT NOT NULL,
+    n_samples INTEGER NOT NULL, metrics TEXT NOT NULL, payload BLOB NOT NULL, received_at REAL NOT NULL,
+    payload_at INTEGER, payload_len INTEGER, UNIQUE(round, device, model_version));
 CREATE TABLE IF NOT EXISTS rejects (
     id INTEGER PRIMARY KEY AUTOINCREMENT, round INTEGER, device TEXT, reason TEXT NOT NULL,
     detail TEXT NOT NULL, ts REAL NOT NULL);

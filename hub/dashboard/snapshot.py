@@ -46,6 +46,8 @@ DEVICE_SERIES: tuple[tuple[str, str], ...] = (
     ("val_acc_local_only", "devices' validation: local-only model"),
 )
 HUB_SERIES = ("hub", "hub: held-out accuracy")
+_ACCEPTED = "(SELECT round, device FROM updates UNION ALL SELECT round, device FROM buffered_updates)"
+"""Every accepted update: a synchronous round's (``updates``) and a buffered round's, one per model version."""
 
 
 def connect_ro(db: Path) -> sqlite3.Connection:
@@ -255,9 +257,10 @@ class FleetReader:
     def _rounds(self, conn: sqlite3.Connection, ledger: list[LedgerRow]) -> list[dict[str, Any]]:
         declined = {int(r): int(n) for r, n in conn.execute("SELECT round, COUNT(*) FROM declines GROUP BY round")}
         details = {int(r): str(d) for r, d in conn.execute("SELECT round, detail FROM round_details")}
+        updates = _ACCEPTED if "buffered_updates" in self._tables(conn) else "updates"  # buffered: every version's
         accepted_open = {int(r): int(n) for r, n in conn.execute(
-            "SELECT round, COUNT(*) FROM updates WHERE round IN (SELECT id FROM rounds WHERE status = 'open') "
-            "GROUP BY round")}
+            f"SELECT round, COUNT(DISTINCT device) FROM {updates} WHERE round IN "
+            "(SELECT id FROM rounds WHERE status = 'open') GROUP BY round")}
         eps = {r.round: r.epsilon for r in ledger}
         out = []
         for (rid, status, mv, selected, opened, closed, newv, acc, loss, devices, n, rej) in conn.execute(
@@ -304,7 +307,9 @@ class FleetReader:
             ledger = self._ledger(conn)
             return MetricFacts(
                 rounds_by_status=by_status, open_round=None if row[0] is None else int(row[0]),
-                accepted_updates=int(conn.execute("SELECT COUNT(*) FROM updates").fetchone()[0]),
+                accepted_updates=int(conn.execute(
+                    f"SELECT COUNT(*) FROM {_ACCEPTED if 'buffered_updates' in self._tables(conn) else 'updates'}"
+                ).fetchone()[0]),
                 rejects=self._counts(conn, "SELECT reason, COUNT(*) FROM rejects GROUP BY reason"),
                 declines=self._counts(conn, "SELECT reason, COUNT(*) FROM declines GROUP BY reason"),
                 devices_online=int(online), devices_known=int(known), durations=durations,

@@ -453,3 +453,41 @@ def test_a_compressed_round_sends_codes_the_hub_decodes_and_keeps_the_residual(
     assert any(np.abs(d).max() > 0 for d in delta.values())
     residuals = list(config.state_dir.glob("residual-*.npz"))
     assert len(residuals) == 1  # the error feedback, for the next compressed round over this backbone
+
+
+def test_a_buffered_round_is_trained_again_on_each_newer_version_never_twice_on_one(
+    config: AgentConfig, hub: Hub, artifacts_dir: Path, manifest: Manifest
+) -> None:
+    """PROTOCOL.md, "Buffered rounds": one update per model version of the round; the announce re-published on a
+    newer version is trained again (from that version's head), a repeat of one already answered is not."""
+    hub.send(T.model_full, model_full(artifacts_dir, manifest), retain=True)
+    hub.send(T.model_head, model_head(artifacts_dir, manifest), retain=True)
+    first = Agent(config, transport=InMemoryTransport(hub.broker))
+    first.start()
+    on_v1 = replace(announce(manifest, 1), buffer_k=2, max_staleness=1)
+    hub.send(T.announce, on_v1, retain=True)
+    assert first.wait_round_done(1, 60)
+    hub.send(T.announce, on_v1)  # redelivered: v1 is answered
+    hub.send(T.model_head, model_head(artifacts_dir, manifest, "v2"), retain=True)
+    on_v2 = replace(on_v1, model_version="v2")
+    hub.send(T.announce, on_v2, retain=True)
+    assert wait_until(lambda: len(hub.updates()) >= 2, 60)
+    hub.send(T.announce, on_v2)  # redelivered: v2 is answered too
+    hub.send(T.announce, announce(manifest, 2))  # a synchronous round after it: the FIFO worker ran the rest first
+    assert first.wait_round_done(2, 60)
+    first.stop()
+    assert [(u.round, u.model_version) for u in hub.updates()] == [(1, "v1"), (1, "v2"), (2, "v1")]
+    assert json.loads((config.state_dir / "state.json").read_text())["buffered_version"] is None
+
+    second = Agent(config, transport=InMemoryTransport(hub.broker))  # a restart: state.json says what was sent
+    hub.send(T.announce, replace(on_v2, round=3), retain=True)
+    second.start()
+    assert wait_until(lambda: len(hub.updates()) >= 4, 60)
+    hub.send(T.announce, replace(on_v2, round=3))  # v2 of round 3 answered before the restart below
+    second.stop()
+    third = Agent(config, transport=InMemoryTransport(hub.broker))
+    third.start()  # the retained announce (round 3, v2) arrives again: answered already
+    hub.send(T.announce, announce(manifest, 4))
+    assert third.wait_round_done(4, 60)
+    third.stop()
+    assert [(u.round, u.model_version) for u in hub.updates()][3:] == [(3, "v2"), (4, "v1")]

@@ -11,15 +11,16 @@ round's); updates older than ``max_staleness`` versions are refused by the hub (
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from fedge.core.aggregators import Aggregator, Bounds
 from fedge.protocol.types import Delta, Head, HeadLike, Shapes
 
-__all__ = ["Buffer", "BufferSettings", "staleness_weight"]
+__all__ = ["Buffer", "BufferChain", "BufferSettings", "staleness_weight"]
 
 
 def staleness_weight(staleness: int) -> float:
@@ -46,14 +47,22 @@ class BufferSettings:
         if self.max_staleness < 0:
             raise ValueError(f"max_staleness must be >= 0, got {self.max_staleness}")
 
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> BufferSettings:
+        """The settings as stored with a round's parameters (``dataclasses.asdict``)."""
+        return cls(int(raw["k"]), int(raw["max_staleness"]), float(raw.get("server_lr", 1.0)))
+
 
 class Buffer:
     """The updates of the version being built: ``add`` until :attr:`full`, then :meth:`result`."""
 
     def __init__(self, shapes: Shapes, settings: BufferSettings, proximal_lambda: float = 0.0,
-                 bounds: Bounds | None = None, history: Sequence[float] = ()) -> None:
+                 bounds: Bounds | None = None, history: Sequence[float] = (), *,
+                 aggregator: Aggregator | None = None) -> None:
+        """``aggregator``: the (empty) aggregate to fold into (the hub's strategy's; default a bounded
+        :class:`Aggregator` of ``shapes``, ``proximal_lambda``, ``bounds`` and ``history``)."""
         self.settings = settings
-        self._agg = Aggregator(shapes, proximal_lambda, bounds, history)
+        self._agg = aggregator if aggregator is not None else Aggregator(shapes, proximal_lambda, bounds, history)
         self.staleness: list[int] = []
 
     @property
@@ -67,6 +76,11 @@ class Buffer:
     @property
     def norms(self) -> list[float]:
         return self._agg.norms
+
+    @property
+    def aggregator(self) -> Aggregator:
+        """The aggregate the updates are folded into (its ``summary`` once :meth:`result` ran)."""
+        return self._agg
 
     def add(self, delta: Delta, n_samples: int, staleness: int) -> None:
         """Fold one update in, scaled by its staleness weight (ValueError if it is too stale)."""
@@ -85,3 +99,39 @@ class Buffer:
             return full
         return {k: np.asarray(global_head[k], np.float32) + eta * (v - np.asarray(global_head[k], np.float32))
                 for k, v in full.items()}
+
+
+@dataclass
+class BufferChain:
+    """A buffered round's versions on the wire (the hub's bookkeeping, without I/O): ``versions`` is the chain the
+    round made so far (the version it opened on first, each deployed version it made after), ``sent`` the updates
+    accepted, one per (device, model version), and ``folded`` how many accepted updates went into versions made
+    (the rest are in the buffer being filled)."""
+
+    settings: BufferSettings
+    versions: list[str]
+    sent: dict[tuple[str, str], str] = field(default_factory=dict)  # (device, model version) -> nonce
+    folded: int = 0
+    made: list[str] = field(default_factory=list)  # versions the round registered (deployed or held back)
+    norms: list[float] = field(default_factory=list)  # the folded updates' norms (the "auto" norm bound's history)
+
+    @property
+    def current(self) -> str:
+        return self.versions[-1]
+
+    def staleness(self, version: str) -> int | None:
+        """How many versions ``version`` is behind the current one (None: not a version of this round's chain)."""
+        for back, name in enumerate(reversed(self.versions)):
+            if name == version:
+                return back
+        return None
+
+    def why_not(self, version: str) -> str | None:
+        """Why an update trained on ``version`` does not count (None: it does)."""
+        s = self.staleness(version)
+        if s is None:
+            return f"update from {version!r}, which this buffered round never announced (it trains {self.current!r})"
+        if s > self.settings.max_staleness:
+            return (f"update from {version!r}, {s} versions behind the current {self.current!r}; a buffered round "
+                    f"counts updates at most {self.settings.max_staleness} versions old")
+        return None

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from fedge.core.aggregators import robust_mean
+from fedge.core.buffered import Buffer
 from fedge.core.losses import Score
 from fedge.core.rounds import OpenRound, RoundParams
 from fedge.core.selection import report_weights, score_in_range
@@ -22,8 +23,8 @@ from fedge.core.strategy import Strategy, held_out_verdict
 from fedge.protocol.messages import RoundResult, RoundStatus
 from fedge.protocol.types import Head, HeadLike, Metrics
 
-__all__ = ["Closing", "close_round", "federated_scores", "finite_or_none", "for_devices", "min_inputs",
-           "robust_federated_scores"]
+__all__ = ["Closing", "buffered_version", "close_round", "federated_scores", "finite_or_none", "for_devices",
+           "min_inputs", "robust_federated_scores"]
 
 NOT_FINITE = "the aggregate is not finite: no version registered"
 
@@ -122,3 +123,18 @@ def close_round(r: OpenRound, strategy: Strategy, global_head: HeadLike, w0: Hea
             and "val_acc_global" in federated)
     return Closing(RoundStatus.COMPLETED, head, acc, loss, held_back=held_back, federated_gate=gate,
                    federated=federated)
+
+
+def buffered_version(buffer: Buffer, strategy: Strategy, global_head: HeadLike, w0: HeadLike,
+                     evaluate: Callable[[Head], Score | None], deployed_accuracy: float | None) -> Closing:
+    """A buffered round's next version from its full ``buffer`` (a ``server_lr`` step from ``global_head``, the
+    version it made last), scored and passed through the held-out gate as a round's version is. No federated gate:
+    the round goes on, so no evaluation round can decide its versions (without held-out data they deploy unscored)."""
+    head = buffer.result(global_head, w0)
+    if not all(np.isfinite(a).all() for a in head.values()):
+        return Closing(RoundStatus.FAILED_QUORUM, None, detail=NOT_FINITE)
+    score = evaluate(head)
+    acc = None if score is None else finite_or_none(score.accuracy)
+    loss = None if score is None else finite_or_none(score.loss)
+    return Closing(RoundStatus.COMPLETED, head, acc, loss, held_back=held_out_verdict(strategy.gates, acc,
+                                                                                          deployed_accuracy))

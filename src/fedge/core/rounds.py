@@ -15,6 +15,7 @@ from typing import Any, Final, Protocol
 import numpy as np
 
 from fedge.core.aggregators import Aggregator
+from fedge.core.buffered import Buffer, BufferChain, BufferSettings
 from fedge.core.privacy import DpParams
 from fedge.core.secagg_round import SecAggCoordinator, SecAggPlan
 from fedge.core.stragglers import round_target, straggler_grace
@@ -36,6 +37,16 @@ class RoundDefaults(Protocol):
     def lr(self) -> float: ...
     @property
     def compression(self) -> str: ...
+    @property
+    def mode(self) -> str: ...
+    @property
+    def buffer_k(self) -> int: ...
+    @property
+    def max_staleness(self) -> int: ...
+    @property
+    def server_lr(self) -> float: ...
+    @property
+    def max_versions(self) -> int: ...
 
 
 class Limits(Protocol):
@@ -59,6 +70,8 @@ class RoundParams:
     secagg: SecAggPlan | None = None  # a secure-aggregation round's public setup
     target: int = 0  # the round closes once this many valid updates arrived (0: it waits for every selected device)
     compression: str | None = None  # compressed updates ("int8" | "int4"; core/compress.py)
+    buffer: BufferSettings | None = None  # a buffered (asynchronous) round: a version every buffer.k updates
+    max_versions: int = 0  # a buffered round closes once it made this many versions (0: at its deadline)
 
     @classmethod
     def make(cls, defaults: RoundDefaults, overrides: RoundOverrides | None = None) -> RoundParams:
@@ -70,22 +83,26 @@ class RoundParams:
             local_epochs=o.local_epochs if o.local_epochs is not None else defaults.local_epochs,
             lr=float(o.lr if o.lr is not None else defaults.lr),
             compression=None if defaults.compression == "off" else defaults.compression,
+            buffer=(BufferSettings(defaults.buffer_k, defaults.max_staleness, defaults.server_lr)
+                    if defaults.mode == "buffered" else None),
+            max_versions=defaults.max_versions if defaults.mode == "buffered" else 0,
         )
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        for key in ("dp", "secagg", "compression"):
+        for key in ("dp", "secagg", "compression", "buffer"):
             if out[key] is None:
                 out.pop(key)
         return out
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RoundParams:
-        dp, sa = raw.get("dp"), raw.get("secagg")
+        dp, sa, buf = raw.get("dp"), raw.get("secagg"), raw.get("buffer")
         return cls(int(raw["min_devices"]), float(raw["deadline_s"]), float(raw["fraction"]),
                    int(raw["local_epochs"]), float(raw["lr"]), None if dp is None else DpParams(**dp),
                    float(raw.get("expected_cohort", 0.0)), None if sa is None else SecAggPlan.from_dict(sa),
-                   int(raw.get("target", 0)), raw.get("compression"))
+                   int(raw.get("target", 0)), raw.get("compression"),
+                   None if buf is None else BufferSettings.from_dict(buf), int(raw.get("max_versions", 0)))
 
 
 UNBOUNDED_OVERRIDES: Final = frozenset({"fraction", "request_id"})
@@ -159,6 +176,12 @@ class OpenRound:
     offline_grace_s: float = 0.0  # how long a device must stay offline to count as failed
     secagg: SecAggCoordinator | None = None  # a secure-aggregation round's stages (None after a hub restart)
     target_at: float | None = None  # when the round's target of valid updates was reached
+    chain: BufferChain | None = None  # a buffered round's versions and accepted updates (None: a synchronous round)
+    buffer: Buffer | None = None  # a buffered round's next version, being filled
+
+    def __post_init__(self) -> None:
+        if self.params.buffer is not None and self.chain is None:
+            self.chain = BufferChain(self.params.buffer, [self.model_version])
 
     @cached_property
     def selected_set(self) -> frozenset[str]:
@@ -193,6 +216,8 @@ class OpenRound:
             dp_sample_rate=None if dp is None else dp.sample_rate,
             dp_min_cohort=None if dp is None else dp.min_cohort,
             proximal_lambda=self.aggregator.proximal_lambda or None, compression=self.params.compression,
+            buffer_k=None if self.params.buffer is None else self.params.buffer.k,
+            max_staleness=None if self.params.buffer is None else self.params.buffer.max_staleness,
         )
         sa = self.params.secagg
         if sa is None:
@@ -220,10 +245,41 @@ class OpenRound:
         return now - self.target_at >= straggler_grace(self.opened_at, self.target_at)
 
     def should_close(self, now: float) -> bool:
+        if self.chain is not None:  # buffered: open until the deadline, or until it made max_versions versions
+            return now >= self.deadline or 0 < self.params.max_versions <= len(self.chain.made)
         return now >= self.deadline or self.all_answered(now) or self.enough(now)
 
     def quorum(self) -> bool:
         return len(self.accepted) >= self.params.min_devices
+
+    def fold(self, device: str, version: str, nonce: str, delta: Mapping[str, Any], n_samples: int) -> bool:
+        """A buffered round's accepted update (trained on ``version``, staleness checked by validation): folded into
+        the buffer with its staleness weight; True when the buffer is full (the next version is due)."""
+        chain, buf = self.chain, self.buffer
+        if chain is None or buf is None:
+            raise ValueError(f"round {self.id} is not a buffered round")
+        s = chain.staleness(version)
+        if s is None:
+            raise ValueError(f"round {self.id} never announced {version!r}")
+        buf.add(dict(delta), n_samples, s)
+        chain.sent[(device, version)] = nonce
+        self.accepted[device] = nonce
+        self.n_samples += n_samples
+        return buf.full
+
+    def next_version(self, made: str | None, deployed: bool, buffer: Buffer) -> None:
+        """A buffered round's full buffer made version ``made`` (None: none, e.g. not finite); a ``deployed`` one is
+        what devices train on from now on (staleness counts from it). A fresh ``buffer`` fills."""
+        if self.chain is None:
+            raise ValueError(f"round {self.id} is not a buffered round")
+        if self.buffer is not None:
+            self.chain.folded += self.buffer.count
+        if made is not None:
+            self.chain.made.append(made)
+            if deployed:
+                self.chain.versions.append(made)
+                self.model_version = made
+        self.buffer = buffer
 
 
 __all__ = [

@@ -17,6 +17,7 @@ from typing import Final
 
 import numpy as np
 
+from fedge.core.buffered import BufferChain
 from fedge.core.compress import decompress
 from fedge.protocol.codec import decode
 from fedge.protocol.errors import DecodeError
@@ -49,6 +50,7 @@ class UpdateContext:
     declined: AbstractSet[str] = frozenset()  # devices that declined the open round
     compression: str | None = None  # the open round's compressed updates (core/compress.py), decoded first
     registered_samples: Callable[[str], int | None] = _unregistered  # device -> n_samples of its presence
+    chain: BufferChain | None = None  # a buffered round's versions: one update per device and version, not too stale
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,12 @@ def check_update(msg: ModelUpdate, topic_device: str | None, ctx: UpdateContext)
     if ctx.private and (msg.n_samples != 1 or msg.metrics):
         return RejectReason.MALFORMED, ("a DP round's update carries n_samples = 1 and no metrics (is the agent too "
                                         "old to apply DP?)")
+    if ctx.chain is not None:  # a buffered round: any version of its chain at most max_staleness old
+        why = ctx.chain.why_not(msg.model_version)
+        if why is None:
+            return None
+        known = ctx.chain.staleness(msg.model_version) is not None
+        return (RejectReason.STALE_ROUND if known else RejectReason.WRONG_MODEL), why
     if msg.model_version != ctx.model_version:
         detail = f"update from {msg.model_version!r}, round {ctx.round_id} trains {ctx.model_version!r}"
         return RejectReason.WRONG_MODEL, detail
@@ -149,7 +157,14 @@ def validate_update(topic_device: str | None, payload: bytes, ctx: UpdateContext
     if not isinstance(msg, ModelUpdate):
         return _reject(RejectReason.WRONG_TYPE, f"expected {ModelUpdate.type}, got {msg.type}", topic_device)
     problem = check_update(msg, topic_device, ctx)
-    if problem is None and msg.device in ctx.accepted:
+    if problem is None and ctx.chain is not None:  # buffered: one update per device and model version
+        held = ctx.chain.sent.get((msg.device, msg.model_version))
+        if held == msg.nonce:
+            return Redelivery(msg)
+        if held is not None:
+            problem = RejectReason.DUPLICATE, (f"device {msg.device!r} already has an update from "
+                                               f"{msg.model_version!r} in round {msg.round}")
+    elif problem is None and msg.device in ctx.accepted:
         if ctx.accepted[msg.device] == msg.nonce:
             return Redelivery(msg)
         problem = RejectReason.DUPLICATE, f"device {msg.device!r} already has an update in round {msg.round}"

@@ -1,0 +1,216 @@
+"""Buffered asynchronous rounds on the wire (issue 22 item 3): a version every buffer_k accepted updates, updates
+trained on an older version of the round weighted 1/sqrt(1 + staleness), too stale ones rejected, one update per
+device and model version, the round re-announced on each new version."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fedge.core.aggregators import Bounds
+from fedge.core.buffered import Buffer, BufferSettings, staleness_weight
+from fedge.core.losses import Score
+from fedge.hub.config import HubConfig
+from fedge.hub.daemon import gate_warnings
+from fedge.hub.dashboard.snapshot import FleetReader
+from fedge.protocol.codec import encode
+from fedge.protocol.errors import ConfigError
+from fedge.protocol.messages import Ack, ModelUpdate, Reject, RejectReason, RoundAnnounce, RoundStatus
+from tests.hub.fleet import SHAPES, TOPICS, Fleet, hub_config, run_hub, zero_delta
+
+# plain FedAvg arithmetic: no pull toward w0, no clipping of these similar norms, no weight cap
+LOOSE = {"proximal_lambda": 0.0, "norm_multiplier": 4.0, "max_weight_share": 1.0}
+
+
+def buffered(tmp_path: Path, artifacts: Path, **rounds: Any) -> HubConfig:
+    table = {"mode": "buffered", "buffer_k": 2, "max_staleness": 1, "over_select": 0, "min_devices": 1,
+             "deadline_s": 60, **rounds}
+    return hub_config(tmp_path / "state", artifacts, devices=["a", "b", "c", "d"], rounds=table, aggregation=LOOSE)
+
+
+def head(fleet: Fleet, version: str) -> dict[str, np.ndarray]:
+    return fleet.hub.registry.load_head(version)
+
+
+def current(fleet: Fleet) -> str | None:
+    row = fleet.hub.registry.current()
+    return None if row is None else row.version
+
+
+def last(inbox: list[Any]) -> Any:
+    return inbox[-1]
+
+
+def test_a_version_every_k_updates_staleness_weighted_and_too_stale_updates_rejected(tmp_path: Path,
+                                                                                    artifacts: Path) -> None:
+    cfg = buffered(tmp_path, artifacts)
+    for fleet in run_hub(cfg):
+        a, b, c, d = (fleet.device(n) for n in "abcd")
+        ann0 = fleet.start_round()
+        assert ann0.buffer_k == 2 and ann0.max_staleness == 1 and ann0.model_version == "v0"
+        v0 = head(fleet, "v0")
+
+        # two fresh updates on v0: version v1 = v0 + their mean, deployed, the round re-announced on it
+        a.update(ann0, zero_delta(SHAPES, 1.0))
+        assert a.kinds() == ["ack"] and current(fleet) == "v0"
+        b.update(ann0, zero_delta(SHAPES, 3.0))
+        assert b.kinds() == ["ack"]  # once, also when its update makes the version
+        ann1 = fleet.announce()
+        assert (ann1.round, ann1.model_version, ann1.buffer_k) == (ann0.round, "v1", 2)
+        assert current(fleet) == "v1" and fleet.heads[-1].version == "v1"
+        row1 = fleet.hub.store.version("v1")
+        assert row1 is not None and row1.round == ann0.round and row1.parent == "v0"
+        for k in SHAPES:
+            np.testing.assert_allclose(head(fleet, "v1")[k], v0[k] + 2.0, atol=1e-5)
+
+        # c trained on v0 (one version behind: allowed, weight 1/sqrt(2)); a sends again, now on v1
+        uc = c.update(ann0, zero_delta(SHAPES, 2.0))
+        assert isinstance(last(c.inbox), Ack)
+        c.send(encode(uc))  # a redelivery: acked again, not counted
+        assert isinstance(last(c.inbox), Ack) and fleet.announce().model_version == "v1"
+        a.update(ann1, zero_delta(SHAPES, 0.5))
+        ann2 = fleet.announce()
+        assert ann2.model_version == "v2"
+        w = staleness_weight(1)
+        assert w == pytest.approx(1 / math.sqrt(2))
+        expected = (2.0 * w + 0.5) / 2  # equal sample counts: the mean of the weighted deltas
+        for k in SHAPES:
+            np.testing.assert_allclose(head(fleet, "v2")[k] - head(fleet, "v1")[k], expected, atol=1e-5)
+        # the same arithmetic as the core's Buffer (what the simulator runs)
+        buf = Buffer(SHAPES, BufferSettings(2, 1), 0.0, Bounds(norm_multiplier=4.0, max_weight_share=1.0))
+        buf.add(zero_delta(SHAPES, 2.0), 10, 1)
+        buf.add(zero_delta(SHAPES, 0.5), 10, 0)
+        ref = buf.result(head(fleet, "v1"), v0)
+        for k in SHAPES:
+            np.testing.assert_allclose(head(fleet, "v2")[k], ref[k], atol=1e-5)
+
+        # d still on v0: two versions behind, beyond max_staleness 1
+        d.update(ann0, zero_delta(SHAPES, 1.0))
+        rej = last(d.inbox)
+        assert isinstance(rej, Reject) and rej.reason is RejectReason.STALE_ROUND
+        assert "2 versions behind" in rej.detail and "at most 1" in rej.detail
+        # a second update of a on v1 (another nonce): one per device and version
+        a.update(ann1, zero_delta(SHAPES, 0.5))
+        assert isinstance(last(a.inbox), Reject) and last(a.inbox).reason is RejectReason.DUPLICATE
+        # a version the round never announced
+        a.update(ann2, zero_delta(SHAPES, 0.5), model_version="v9")
+        assert isinstance(last(a.inbox), Reject) and last(a.inbox).reason is RejectReason.WRONG_MODEL
+        # a on v2: its third update of the round, in the buffer of the next version when the deadline comes
+        a.update(ann2, zero_delta(SHAPES, 0.5))
+        assert isinstance(last(a.inbox), Ack)
+
+        reader = FleetReader(cfg.state_dir / "hub.sqlite", fleet=cfg.fleet)
+        [open_row] = reader.snapshot()["rounds"]
+        assert open_row["status"] == "open" and open_row["devices"] == 3  # a, b, c (a sent three updates)
+        facts = reader.metric_facts()
+        assert facts is not None and facts.accepted_updates == 5
+
+        fleet.advance(61)
+        [res] = fleet.results
+        assert res.status is RoundStatus.COMPLETED and res.model_version == "v2" and res.rejected == 3
+        snap = reader.snapshot()
+        assert snap["current_version"] == "v2" and snap["rounds"][0]["new_version"] == "v2"
+        assert set(res.devices) == {"a", "b", "c"} and res.n_samples == 50
+        assert "2 versions made (v1, v2)" in (res.detail or "") and "1 updates in the unfilled buffer" in (
+            res.detail or "")
+        assert fleet.hub.store.reject_counts(ann0.round) == {"stale_round": 1, "duplicate": 1, "wrong_model": 1}
+        assert [r.version for r in fleet.hub.store.versions() if r.round == ann0.round] == ["v1", "v2"]
+        assert fleet.retained(TOPICS.announce) is None and current(fleet) == "v2"
+
+
+def test_a_buffered_round_closes_after_max_versions_and_resumes_its_buffer(tmp_path: Path, artifacts: Path) -> None:
+    cfg = buffered(tmp_path, artifacts, max_versions=2, buffer_k=2)
+    first = Fleet(cfg)
+    first.hub.start()
+    ann0 = first.start_round()
+    first.device("a").update(ann0, zero_delta(SHAPES, 1.0))
+    first.device("b").update(ann0, zero_delta(SHAPES, 1.0))
+    ann1 = first.announce()
+    assert ann1.model_version == "v1"
+    first.device("c").update(ann0, zero_delta(SHAPES, 4.0))  # stale by one: in the buffer of v2
+    first.hub.halt()  # as kill -9
+
+    second = Fleet(cfg, broker=first.broker)
+    second.clock.t = first.clock.t + 1
+    second.hub.start()
+    rnd = second.hub.round
+    assert rnd is not None and rnd.chain is not None and rnd.buffer is not None
+    assert rnd.model_version == "v1" and rnd.chain.versions == ["v0", "v1"] and rnd.buffer.count == 1
+    again = second.retained(TOPICS.announce)
+    assert isinstance(again, RoundAnnounce) and again.model_version == "v1"
+    a = second.device("a")
+    a.update(ann0, zero_delta(SHAPES, 1.0))  # a already sent on v0
+    assert isinstance(last(a.inbox), Reject) and last(a.inbox).reason is RejectReason.DUPLICATE
+    a.update(ann1, zero_delta(SHAPES, 1.0))  # v2 made: the round's second version, so it closes
+    assert second.hub.round is None
+    [res] = second.results
+    assert res.status is RoundStatus.COMPLETED and res.model_version == "v2"
+    expected = (4.0 * staleness_weight(1) + 1.0) / 2
+    v1, v2 = second.hub.registry.load_head("v1"), second.hub.registry.load_head("v2")
+    for k in SHAPES:
+        np.testing.assert_allclose(v2[k] - v1[k], expected, atol=1e-5)
+    second.hub.stop()
+
+
+def test_a_buffered_round_without_k_updates_makes_no_version(tmp_path: Path, artifacts: Path) -> None:
+    cfg = buffered(tmp_path, artifacts, buffer_k=3)
+    for fleet in run_hub(cfg):
+        ann = fleet.start_round()
+        fleet.device("a").update(ann, zero_delta(SHAPES, 1.0))
+        fleet.advance(61)
+        [res] = fleet.results
+        assert res.status is RoundStatus.FAILED_QUORUM and res.model_version is None
+        assert current(fleet) == "v0"
+
+
+def test_a_held_back_version_is_a_candidate_and_devices_stay_on_the_deployed_one(tmp_path: Path,
+                                                                                artifacts: Path) -> None:
+    scores = iter([0.9, 0.5])  # v0 (at start), then the buffered version: worse, held back
+
+    def evaluator(_d: Any, _s: Any, _h: Any) -> Any:
+        return Score(loss=1.0, accuracy=next(scores))
+
+    cfg = buffered(tmp_path, artifacts)
+    for fleet in run_hub(cfg, evaluator=evaluator):
+        ann = fleet.start_round()
+        fleet.device("a").update(ann, zero_delta(SHAPES, 1.0))
+        fleet.device("b").update(ann, zero_delta(SHAPES, 1.0))
+        assert fleet.announce().model_version == "v0" and current(fleet) == "v0"
+        row = fleet.hub.store.version("v1")
+        assert row is not None and row.accuracy == 0.5 and row.round == ann.round
+
+
+@pytest.mark.parametrize("section", [{"secagg": {"enabled": True}},
+                                     {"privacy": {"mode": "central", "noise_multiplier": 1.0}}])
+def test_buffered_rounds_are_refused_with_secagg_and_with_dp(tmp_path: Path, artifacts: Path,
+                                                            section: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError) as err:
+        hub_config(tmp_path / "state", artifacts, rounds={"mode": "buffered"}, **section)
+    assert err.value.field == "rounds.mode"
+    assert ("SecAgg rounds stay synchronous" if "secagg" in section else "not private") in str(err.value)
+    hub_config(tmp_path / "state", artifacts, rounds={"mode": "sync"}, **section)  # synchronous: fine
+
+
+@pytest.mark.parametrize(("key", "value"), [("mode", "async"), ("buffer_k", 0), ("max_staleness", -1),
+                                            ("server_lr", 1.5), ("max_versions", -1)])
+def test_bad_buffered_settings_name_their_field(tmp_path: Path, artifacts: Path, key: str, value: Any) -> None:
+    with pytest.raises(ConfigError) as err:
+        hub_config(tmp_path / "state", artifacts, rounds={key: value})
+    assert err.value.field == f"rounds.{key}"
+
+
+def test_a_sync_round_announces_no_buffer(tmp_path: Path, artifacts: Path) -> None:
+    for fleet in run_hub(hub_config(tmp_path / "state", artifacts, devices=["a", "b"])):
+        ann = fleet.start_round()
+        assert ann.buffer_k is None and ann.max_staleness is None
+        assert isinstance(fleet.device("a").update(ann, zero_delta(SHAPES, 1.0)), ModelUpdate)
+
+
+def test_check_warns_that_buffered_versions_deploy_unscored_without_eval_data(tmp_path: Path, artifacts: Path) -> None:
+    warnings = gate_warnings(buffered(tmp_path, artifacts))
+    assert any("buffered" in w and "deployed unscored" in w for w in warnings)
+    assert not any("buffered" in w for w in gate_warnings(hub_config(tmp_path / "state", artifacts)))
