@@ -115,6 +115,10 @@ bench: setup
 	$(BIN)/python bench/transfer_quality.py
 	$(BIN)/python bench/robust_strategy.py
 	$(BIN)/python bench/attacks.py
+	$(BIN)/python bench/secagg.py
+	$(BIN)/python bench/compression.py
+	$(BIN)/python bench/async_rounds.py
+	$(BIN)/python bench/scale.py
 
 # Run every bench and write the README's benchmark table from that run.
 bench-readme: setup

@@ -78,7 +78,7 @@ class Watcher:
         self.on_ack = on_ack
         self.t = MqttTransport(BrokerConfig(url=url), f"bench-watch-{fleet}-{os.getpid()}", session_expiry_s=0)
         self.t.connect(10)
-        self.t.subscribe(self.topics.result, self._on)
+        self.t.subscribe(self.topics.control_round_result, self._on)  # the operators' copy: names the cohort
         self.t.subscribe(f"{self.topics.base}/device/+/ack", self._on)
         self.t.subscribe(self.topics.presence_all, self._on)
         self.t.subscribe(self.topics.hub_status, self._on)

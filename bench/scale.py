@@ -152,7 +152,7 @@ class Watcher:
         self.results: dict[int, tuple[Any, float]] = {}
         self.hub_online = False
         self.t = transport(broker, "scale-watch")
-        self.t.subscribe(self.topics.result, self._on)
+        self.t.subscribe(self.topics.control_round_result, self._on)  # the operators' copy: names the cohort
         self.t.subscribe(self.topics.hub_status, self._on)
 
     def _on(self, _topic: str, payload: bytes) -> None:
@@ -408,7 +408,7 @@ def in_process(n: int, work: Path, top: int = 12) -> dict[str, Any]:
         secs, cpu = time.perf_counter() - t0, time.process_time() - c0
         if prof is not None:
             hub.call(prof.disable)
-        done = any(tp == topics.result and pl for tp, pl in t.published[-5:])
+        done = any(tp == topics.control_round_result and pl for tp, pl in t.published[-5:])
         hub.stop()
         if not done or t.acked < 2 * n:
             raise RuntimeError(f"in-process round: result {done}, {t.acked} messages acknowledged")
