@@ -49,7 +49,8 @@ TRAIN_STEP = (
 )
 
 ROUND_OVERHEAD = (
-    Target("overhead_s_median_20", "<=", 0.5, "round overhead, 20 agent processes, loopback mosquitto"),
+    Target("overhead_s_median_20", "<=", 0.5,
+           "round overhead, 20 agent processes, loopback mosquitto (wall minus the slowest device's own work)"),
     Target("overhead_s_median_500", "<=", 3, "round overhead, 500 simulated devices, one MQTT connection each"),
     Target("aggregation_mb_per_s", ">=", 500,
            "norm-bounded FedAvg (add + combine at close), 1,000 updates of 100k float32"),

@@ -3,7 +3,8 @@
 ``python bench/round_overhead.py --json``
 
 - ``overhead_s_median_20``: 20 real agent processes (tiny local training); per round, wall time from
-  the control publish to the RoundResult minus the slowest device's ``train_seconds``.
+  the control publish to the RoundResult minus the slowest device's own work (its ``device_seconds``: loading the
+  head, training, personalisation and its validation scores; ``train_seconds`` from agents that do not report it).
 - ``overhead_s_median_500``: 500 simulated devices (own paho connection each, 4 processes × 125)
   answering the announce at once with a small valid update; wall time from control to result.
 - ``aggregation_mb_per_s``: ``hub.strategies`` FedAvg aggregator, 1,000 updates of 100k float32 parameters: adding
@@ -100,7 +101,8 @@ class Watcher:
                 if self.on_ack is not None:
                     self.on_ack(self.acks)
             elif isinstance(msg, ModelUpdate):
-                self.train_s.setdefault(msg.round, []).append(float(msg.metrics.get("train_seconds", 0.0)))
+                self.train_s.setdefault(msg.round, []).append(
+                    float(msg.metrics.get("device_seconds", msg.metrics.get("train_seconds", 0.0))))
             elif isinstance(msg, Presence):
                 (self.online.add if msg.online else self.online.discard)(msg.device)
             elif isinstance(msg, HubStatus):
@@ -177,7 +179,7 @@ def bench_agents(work: Path, url: str, port: int, artifacts: Path, shards: list[
             hub_s.append(res.seconds)
             overheads.append(wall - slowest)
             hub_overheads.append(res.seconds - slowest)
-            say(f"round {r}: wall {wall:.3f} s, hub {res.seconds:.3f} s, slowest training {slowest:.3f} s, "
+            say(f"round {r}: wall {wall:.3f} s, hub {res.seconds:.3f} s, slowest device {slowest:.3f} s, "
                 f"overhead {wall - slowest:.3f} s")
         return {
             "overhead_s_median_20": round(statistics.median(overheads), 4),

@@ -278,6 +278,7 @@ class RoundWorker:
         session = self._secagg_session(msg, dp) if secure else None
         if secure and session is None:  # declined
             return
+        started = time.perf_counter()
         trainer = self.trainer_for(msg.backbone_sha256)
         heads = self._heads(msg, trainer)
         stop = self.stopper(msg)
@@ -296,6 +297,7 @@ class RoundWorker:
             save_npz(self._local_only_path(msg), {**c.head, "__epochs": np.asarray(c.epochs),
                                                   "__cv": np.asarray([c.cv_accuracy, c.cv_loss])})
         fit, m = outcome.fit, outcome.metrics
+        m["device_seconds"] = time.perf_counter() - started  # the device's whole job: training, personalisation, scores
         if fit.stopped:
             log.warning("round %d: training stopped after %d steps (deadline or max_round_s)", msg.round, fit.steps)
         summary = (f"round {msg.round}: {trainer.name}, {fit.steps} steps in {fit.seconds:.2f} s, loss "
