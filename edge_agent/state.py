@@ -36,7 +36,7 @@ class AgentState:
 
     path: Path
     last_completed_round: int = 0
-    buffered_version: str | None = None  # the model version of this device's last update in a buffered round
+    buffered_version: str | None = None  # the model version of its update in buffered round last_completed_round
     model_version: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
     backbones: list[str] = field(default_factory=list)

@@ -228,12 +228,13 @@ class RoundWorker:
 
     def stopper(self, msg: RoundAnnounce) -> Callable[[], bool]:
         """Training stops at the deadline (less a margin to send), at the device's own time limit, or once the round
-        closed (not a buffered round's: its update still counts in a later version); asked before every batch."""
+        closed (a buffered round's too: the hub takes no update once it closed, and counts none left in its unfilled
+        buffer); asked before every batch."""
         t_end = min(msg.deadline - core.SEND_MARGIN_S, time.time() + self.config.max_round_s)
         return lambda: time.time() >= t_end or self._closed(msg)
 
     def _closed(self, msg: RoundAnnounce) -> bool:
-        return msg.buffer_k is None and self.closed_round >= msg.round
+        return self.closed_round >= msg.round
 
     def decline(self, msg: RoundAnnounce, reason: DeclineReason, detail: str) -> None:
         log.warning("declining round %d: %s (%s)", msg.round, reason, detail)
@@ -242,7 +243,12 @@ class RoundWorker:
         self.mark_done(msg.round)
 
     def mark_done(self, round_id: int) -> None:
+        """``round_id`` answered without an update (declined, or closed while training). A newer round than the
+        last completed one forgets the buffered version of the older round's update: ``buffered_version`` belongs
+        to the round ``last_completed_round`` names, and a round answered this way trains no more (:meth:`again`)."""
         with self.cond:
+            if round_id > self.state.last_completed_round:
+                self.state.buffered_version = None
             self.state.last_completed_round = max(self.state.last_completed_round, round_id)
             self.state.save()
         self.answered(round_id)
