@@ -96,6 +96,7 @@ class RoundWorker:
         self.started: set[int] = set()  # rounds queued, running or done in this process
         self.versions_started: set[tuple[int, str]] = set()  # (round, model version) queued, running or done
         self.closed_round = 0  # the highest round the hub's result says is closed
+        self.announced: tuple[int, str] | None = None  # the latest buffered announce received: (round, version)
         self.done_round = state.last_completed_round  # the highest round answered on the wire (update, decline...)
         self.secagg: dict[int, DeviceSession] = {}  # secure-aggregation rounds in progress (secrets in memory only)
         self._trainer: tuple[str, Path, IsolatedTrainer] | None = None  # (backbone, its install, trainer)
@@ -208,10 +209,12 @@ class RoundWorker:
 
     def again(self, msg: RoundAnnounce) -> bool:
         """``msg`` announces an open buffered round this device sent an update in, on a newer model version than
-        that update's: it trains again (one update per model version; PROTOCOL.md, "Buffered rounds")."""
+        that update's: it trains again (one update per model version; PROTOCOL.md, "Buffered rounds"). Not on the
+        version the hub had announced already when that update was sent (``buffered_ahead``): the update went into
+        the buffer of the version after it, and the hub takes one update per device in a buffer."""
         return (msg.buffer_k is not None and msg.round == self.state.last_completed_round
                 and self.state.buffered_version is not None and self.state.buffered_version != msg.model_version
-                and self.closed_round < msg.round)
+                and self.state.buffered_ahead != msg.model_version and self.closed_round < msg.round)
 
     def answered_already(self, msg: RoundAnnounce) -> bool:
         """``msg``'s round (or, in a buffered round, its model version) has been answered."""
@@ -248,7 +251,7 @@ class RoundWorker:
         to the round ``last_completed_round`` names, and a round answered this way trains no more (:meth:`again`)."""
         with self.cond:
             if round_id > self.state.last_completed_round:
-                self.state.buffered_version = None
+                self.state.buffered_version = self.state.buffered_ahead = None
             self.state.last_completed_round = max(self.state.last_completed_round, round_id)
             self.state.save()
         self.answered(round_id)
@@ -401,6 +404,9 @@ class RoundWorker:
                 save_npz(self.personal_head_path, dict(personal))
             self.state.last_completed_round = round_id
             self.state.buffered_version = buffered
+            ahead, self.state.buffered_ahead = self.announced, None
+            if buffered is not None and ahead is not None and ahead[0] == round_id and ahead[1] != buffered:
+                self.state.buffered_ahead = ahead[1]  # the hub is on a newer version already: not trained again
             self.state.save()
         self.publish(self.topics.update(self.device), payload)
         self.answered(round_id)

@@ -529,6 +529,40 @@ def test_a_declined_buffered_round_is_not_trained_again_on_a_newer_version(
     assert [(d.round, d.reason) for d in declines if isinstance(d, Decline)] == [(2, "not_eligible")]
 
 
+def test_a_buffered_round_is_not_trained_again_on_the_version_it_was_on_when_the_update_went_out(
+    config: AgentConfig, hub: Hub, artifacts_dir: Path, manifest: Manifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The round moved to v2 while this device trained on v1: its v1 update lands in the buffer of v3 (the hub
+    takes one update per device in a buffer), so the queued announce of v2 is not trained on; v3's is."""
+    hub.send(T.model_full, model_full(artifacts_dir, manifest), retain=True)
+    hub.send(T.model_head, model_head(artifacts_dir, manifest), retain=True)
+    agent = Agent(config, transport=InMemoryTransport(hub.broker))
+    agent.start()
+    on_v1 = replace(announce(manifest, 1), buffer_k=2, max_staleness=1)
+    real_train = worker_module.core.train
+    trained: list[str] = []
+
+    def train(msg: RoundAnnounce, *args: Any, **kwargs: Any) -> Any:
+        if not trained:  # the hub makes v2 and re-announces the round while this device trains on v1
+            hub.send(T.model_head, model_head(artifacts_dir, manifest, "v2"), retain=True)
+            hub.send(T.announce, replace(on_v1, model_version="v2"), retain=True)
+            assert agent.worker.announced == (1, "v2")
+        trained.append(msg.model_version)
+        return real_train(msg, *args, **kwargs)
+
+    monkeypatch.setattr(worker_module.core, "train", train)
+    hub.send(T.announce, on_v1, retain=True)
+    assert wait_until(lambda: len(hub.updates()) == 1, 60)
+    hub.send(T.model_head, model_head(artifacts_dir, manifest, "v3"), retain=True)
+    hub.send(T.announce, replace(on_v1, model_version="v3"), retain=True)
+    assert wait_until(lambda: len(hub.updates()) == 2, 60)
+    hub.send(T.announce, announce(manifest, 2, version="v3"))  # the FIFO worker answered what came before it first
+    assert agent.wait_round_done(2, 60)
+    agent.stop()
+    assert [(u.round, u.model_version) for u in hub.updates()] == [(1, "v1"), (1, "v3"), (2, "v3")]
+    assert trained == ["v1", "v3", "v3"]
+
+
 def test_a_buffered_round_stops_training_once_it_closed(
     config: AgentConfig, hub: Hub, artifacts_dir: Path, manifest: Manifest
 ) -> None:
