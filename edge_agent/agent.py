@@ -360,6 +360,8 @@ class Agent:
             log.warning("ignoring %s on the round/announce topic", msg.type)
             return
         with self._cond:
+            if msg.buffer_k is not None:  # the version the hub is on now (what an update sent now is staler than)
+                self.worker.announced = (msg.round, msg.model_version)
             reason = self._skip_reason(msg)
             if reason:
                 log.info("ignoring announce of round %d: %s", msg.round, reason)

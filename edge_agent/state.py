@@ -36,7 +36,8 @@ class AgentState:
 
     path: Path
     last_completed_round: int = 0
-    buffered_version: str | None = None  # the model version of this device's last update in a buffered round
+    buffered_version: str | None = None  # the model version of its update in buffered round last_completed_round
+    buffered_ahead: str | None = None  # the newer version that round was announced on when that update was sent
     model_version: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
     backbones: list[str] = field(default_factory=list)
@@ -57,6 +58,8 @@ class AgentState:
             state.last_completed_round = last if isinstance(last, int) and not isinstance(last, bool) else 0
             buffered = obj.get("buffered_version")
             state.buffered_version = buffered if isinstance(buffered, str) else None
+            ahead = obj.get("buffered_ahead")
+            state.buffered_ahead = ahead if isinstance(ahead, str) else None
             version = obj.get("model_version")
             state.model_version = version if isinstance(version, str) else None
             versions = obj.get("versions", {})
@@ -77,6 +80,7 @@ class AgentState:
             return {
                 "last_completed_round": self.last_completed_round,
                 "buffered_version": self.buffered_version,
+                "buffered_ahead": self.buffered_ahead,
                 "model_version": self.model_version,
                 "versions": dict(self.versions),
                 "backbones": list(self.backbones),

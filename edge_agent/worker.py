@@ -96,6 +96,7 @@ class RoundWorker:
         self.started: set[int] = set()  # rounds queued, running or done in this process
         self.versions_started: set[tuple[int, str]] = set()  # (round, model version) queued, running or done
         self.closed_round = 0  # the highest round the hub's result says is closed
+        self.announced: tuple[int, str] | None = None  # the latest buffered announce received: (round, version)
         self.done_round = state.last_completed_round  # the highest round answered on the wire (update, decline...)
         self.secagg: dict[int, DeviceSession] = {}  # secure-aggregation rounds in progress (secrets in memory only)
         self._trainer: tuple[str, Path, IsolatedTrainer] | None = None  # (backbone, its install, trainer)
@@ -208,10 +209,12 @@ class RoundWorker:
 
     def again(self, msg: RoundAnnounce) -> bool:
         """``msg`` announces an open buffered round this device sent an update in, on a newer model version than
-        that update's: it trains again (one update per model version; PROTOCOL.md, "Buffered rounds")."""
+        that update's: it trains again (one update per model version; PROTOCOL.md, "Buffered rounds"). Not on the
+        version the hub had announced already when that update was sent (``buffered_ahead``): the update went into
+        the buffer of the version after it, and the hub takes one update per device in a buffer."""
         return (msg.buffer_k is not None and msg.round == self.state.last_completed_round
                 and self.state.buffered_version is not None and self.state.buffered_version != msg.model_version
-                and self.closed_round < msg.round)
+                and self.state.buffered_ahead != msg.model_version and self.closed_round < msg.round)
 
     def answered_already(self, msg: RoundAnnounce) -> bool:
         """``msg``'s round (or, in a buffered round, its model version) has been answered."""
@@ -228,12 +231,13 @@ class RoundWorker:
 
     def stopper(self, msg: RoundAnnounce) -> Callable[[], bool]:
         """Training stops at the deadline (less a margin to send), at the device's own time limit, or once the round
-        closed (not a buffered round's: its update still counts in a later version); asked before every batch."""
+        closed (a buffered round's too: the hub takes no update once it closed, and counts none left in its unfilled
+        buffer); asked before every batch."""
         t_end = min(msg.deadline - core.SEND_MARGIN_S, time.time() + self.config.max_round_s)
         return lambda: time.time() >= t_end or self._closed(msg)
 
     def _closed(self, msg: RoundAnnounce) -> bool:
-        return msg.buffer_k is None and self.closed_round >= msg.round
+        return self.closed_round >= msg.round
 
     def decline(self, msg: RoundAnnounce, reason: DeclineReason, detail: str) -> None:
         log.warning("declining round %d: %s (%s)", msg.round, reason, detail)
@@ -242,7 +246,12 @@ class RoundWorker:
         self.mark_done(msg.round)
 
     def mark_done(self, round_id: int) -> None:
+        """``round_id`` answered without an update (declined, or closed while training). A newer round than the
+        last completed one forgets the buffered version of the older round's update: ``buffered_version`` belongs
+        to the round ``last_completed_round`` names, and a round answered this way trains no more (:meth:`again`)."""
         with self.cond:
+            if round_id > self.state.last_completed_round:
+                self.state.buffered_version = self.state.buffered_ahead = None
             self.state.last_completed_round = max(self.state.last_completed_round, round_id)
             self.state.save()
         self.answered(round_id)
@@ -397,6 +406,9 @@ class RoundWorker:
                 save_npz(self.personal_head_path, dict(personal))
             self.state.last_completed_round = round_id
             self.state.buffered_version = buffered
+            ahead, self.state.buffered_ahead = self.announced, None
+            if buffered is not None and ahead is not None and ahead[0] == round_id and ahead[1] != buffered:
+                self.state.buffered_ahead = ahead[1]  # the hub is on a newer version already: not trained again
             self.state.save()
         self.publish(self.topics.update(self.device), payload)
         self.answered(round_id)

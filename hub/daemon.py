@@ -103,6 +103,9 @@ def gate_warnings(cfg: HubConfig) -> list[str]:
     if cfg.eval_data is None and cfg.rounds.mode == "buffered":
         out.append("no eval_data with [rounds] mode = \"buffered\": a buffered round's versions have no federated gate "
                    "(the round goes on), so every version is deployed unscored (set eval_data)")
+    if cfg.rounds.mode == "buffered" and agg.federated_gate is True:
+        out.append("federated_gate = true has no effect on [rounds] mode = \"buffered\": a buffered round's versions "
+                   "skip the federated gate (the round goes on; only eval_data's held-out gate scores them)")
     if cfg.privacy.enabled and agg.federated_gate is True:
         out.append("federated_gate = true has no effect under [privacy] (devices send no scores in DP rounds)")
     return out

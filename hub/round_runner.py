@@ -190,6 +190,7 @@ class RoundRunner:
             staleness = chain.staleness(msg.model_version)
             if i < chain.folded or staleness is None:
                 continue
+            chain.pending[msg.device] = msg.model_version
             delta = msg.delta
             if params.compression is not None:
                 delta = dict(decompress(delta, rnd.buffer.aggregator.shapes, params.compression))
@@ -491,7 +492,8 @@ class RoundRunner:
         return None
 
     def cancel(self, r: OpenRound, reason: str) -> None:
-        """Close ``r`` as ``cancelled``: nothing aggregated, no version, a chain ends. A DP round keeps its ledger
+        """Close ``r`` as ``cancelled``: nothing aggregated, no new version (a buffered round's deployed versions
+        stay), a chain ends. A DP round keeps its ledger
         entry: it was announced, so devices may already have trained and sent (noised) updates."""
         detail = f"cancelled by the operator: {reason or 'no reason given'}"
         if r.params.dp is not None:
@@ -500,19 +502,33 @@ class RoundRunner:
         self.end(r, RoundStatus.CANCELLED, detail)
 
     def end(self, r: OpenRound, status: RoundStatus, detail: str) -> None:
-        """Close ``r`` without aggregating (no version) with ``detail``; publish its result; a chain ends."""
+        """Close ``r`` without aggregating (no new version) with ``detail``; publish its result; a chain ends. A
+        buffered round's versions deployed before it ended stay deployed: the round's row and result name the last
+        of them, and ``detail`` says so (its unfilled buffer is dropped)."""
         hub = self.hub
         now = hub.clock()
+        chain = r.chain
+        deployed = [] if chain is None else chain.versions[1:]
+        row = hub.store.version(deployed[-1]) if deployed else None
+        if row is not None and chain is not None:
+            detail += (f"; its {len(deployed)} deployed versions ({', '.join(deployed)}) stay deployed: the round's "
+                       f"version is {row.version}")
         hub.store.set_round_detail(r.id, detail)
         rejected = sum(hub.store.reject_counts(r.id).values())
         devices = tuple(sorted(r.accepted))
-        hub.store.close_round(r.id, str(status), now, None, None, devices, r.n_samples, rejected, None)
+        acc, loss = (None, None) if row is None else (row.accuracy, row.loss)
+        hub.store.close_round(r.id, str(status), now, acc, loss, devices, r.n_samples, rejected, row,
+                              make_current=row is not None, recorded=True)
         self.round = None
         if status is not RoundStatus.CANCELLED and r.params.secagg is None:  # SecAgg: secagg_daemon accounts
             self._account(r, now)
+        if chain is not None and chain.norms and self.strategy.keeps_norms(r.params):  # the folded updates'
+            hub.store.add_update_norms(r.id, chain.norms, hub.cfg.aggregation.norm_window)
         self.end_chain()
         hub.rounds_jsonl({"round": r.id, "status": str(status), "devices": len(devices),
-                          "n_samples": r.n_samples, "seconds": round(now - r.opened_at, 3), "detail": detail})
+                          "n_samples": r.n_samples, "seconds": round(now - r.opened_at, 3), "detail": detail,
+                          **({} if chain is None else {"model_version": None if row is None else row.version,
+                                                        "versions": chain.made, "deployed": deployed})})
         log.warning("round %d %s: %s", r.id, status, detail)
         self.publish_result(r.id)
         hub.publish(hub.topics.announce, b"", retain=True)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+import fedge.edge_agent.worker as worker_module
 from fedge.edge_agent.agent import Agent
 from fedge.edge_agent.artifacts import artifacts_dir as installed_dir
 from fedge.edge_agent.config import AgentConfig, config_from_mapping
@@ -35,6 +36,8 @@ from fedge.protocol.messages import (
     Reject,
     RejectReason,
     RoundAnnounce,
+    RoundResult,
+    RoundStatus,
 )
 from fedge.protocol.topics import Topics
 from fedge.protocol.transport import InMemoryBroker, InMemoryTransport
@@ -491,3 +494,86 @@ def test_a_buffered_round_is_trained_again_on_each_newer_version_never_twice_on_
     assert third.wait_round_done(4, 60)
     third.stop()
     assert [(u.round, u.model_version) for u in hub.updates()][3:] == [(3, "v2"), (4, "v1")]
+
+
+def test_a_declined_buffered_round_is_not_trained_again_on_a_newer_version(
+    config: AgentConfig, hub: Hub, artifacts_dir: Path, manifest: Manifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device that declined a buffered round sends nothing in it when the round is re-announced on a newer version
+    (the version of its update in the round before must not make it train again: the hub rejects any update of a
+    device that declined)."""
+    declines: list[object] = []
+    hub.broker.subscribe(T.decline(DEV), lambda _t, p: declines.append(decode(p)))
+    hub.send(T.model_full, model_full(artifacts_dir, manifest), retain=True)
+    hub.send(T.model_head, model_head(artifacts_dir, manifest), retain=True)
+    agent = Agent(config, transport=InMemoryTransport(hub.broker))
+    agent.start()
+    r1 = replace(announce(manifest, 1), buffer_k=2, max_staleness=1)
+    hub.send(T.announce, r1, retain=True)
+    assert agent.wait_round_done(1, 60)
+    assert wait_until(lambda: len(hub.updates()) == 1, 30)
+    eligible: dict[str, str | None] = {"why": "battery low"}
+    monkeypatch.setattr(worker_module, "not_eligible", lambda _cfg: eligible["why"])
+    hub.send(T.model_head, model_head(artifacts_dir, manifest, "v2"), retain=True)
+    r2 = replace(r1, round=2, model_version="v2")
+    hub.send(T.announce, r2, retain=True)
+    assert wait_until(lambda: len(declines) == 1, 30)
+    assert agent.wait_round_done(2, 60)
+    eligible["why"] = None
+    hub.send(T.model_head, model_head(artifacts_dir, manifest, "v3"), retain=True)
+    hub.send(T.announce, replace(r2, model_version="v3"), retain=True)  # round 2 made v3: re-announced on it
+    hub.send(T.announce, announce(manifest, 3, version="v3"))  # the FIFO worker answers the re-announce before this one
+    assert agent.wait_round_done(3, 60)
+    agent.stop()
+    assert [(u.round, u.model_version) for u in hub.updates()] == [(1, "v1"), (3, "v3")]
+    assert [(d.round, d.reason) for d in declines if isinstance(d, Decline)] == [(2, "not_eligible")]
+
+
+def test_a_buffered_round_is_not_trained_again_on_the_version_it_was_on_when_the_update_went_out(
+    config: AgentConfig, hub: Hub, artifacts_dir: Path, manifest: Manifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The round moved to v2 while this device trained on v1: its v1 update lands in the buffer of v3 (the hub
+    takes one update per device in a buffer), so the queued announce of v2 is not trained on; v3's is."""
+    hub.send(T.model_full, model_full(artifacts_dir, manifest), retain=True)
+    hub.send(T.model_head, model_head(artifacts_dir, manifest), retain=True)
+    agent = Agent(config, transport=InMemoryTransport(hub.broker))
+    agent.start()
+    on_v1 = replace(announce(manifest, 1), buffer_k=2, max_staleness=1)
+    real_train = worker_module.core.train
+    trained: list[str] = []
+
+    def train(msg: RoundAnnounce, *args: Any, **kwargs: Any) -> Any:
+        if not trained:  # the hub makes v2 and re-announces the round while this device trains on v1
+            hub.send(T.model_head, model_head(artifacts_dir, manifest, "v2"), retain=True)
+            hub.send(T.announce, replace(on_v1, model_version="v2"), retain=True)
+            assert agent.worker.announced == (1, "v2")
+        trained.append(msg.model_version)
+        return real_train(msg, *args, **kwargs)
+
+    monkeypatch.setattr(worker_module.core, "train", train)
+    hub.send(T.announce, on_v1, retain=True)
+    assert wait_until(lambda: len(hub.updates()) == 1, 60)
+    hub.send(T.model_head, model_head(artifacts_dir, manifest, "v3"), retain=True)
+    hub.send(T.announce, replace(on_v1, model_version="v3"), retain=True)
+    assert wait_until(lambda: len(hub.updates()) == 2, 60)
+    hub.send(T.announce, announce(manifest, 2, version="v3"))  # the FIFO worker answered what came before it first
+    assert agent.wait_round_done(2, 60)
+    agent.stop()
+    assert [(u.round, u.model_version) for u in hub.updates()] == [(1, "v1"), (1, "v3"), (2, "v3")]
+    assert trained == ["v1", "v3", "v3"]
+
+
+def test_a_buffered_round_stops_training_once_it_closed(
+    config: AgentConfig, hub: Hub, artifacts_dir: Path, manifest: Manifest
+) -> None:
+    """The hub takes no update of a closed buffered round (its unfilled buffer does not count either): the round's
+    result stops the training at the next batch, as a synchronous round's does."""
+    agent = Agent(config, transport=InMemoryTransport(hub.broker))
+    agent.start()
+    buffered = replace(announce(manifest, 1), buffer_k=2, max_staleness=1)
+    stop = agent.worker.stopper(buffered)
+    assert not stop()
+    hub.send(T.result, RoundResult(buffered.fleet, 1, RoundStatus.COMPLETED, "v2", None, None, (), 0, 0, 1.0))
+    assert wait_until(stop, 10)
+    assert agent.worker.late_reason(replace(buffered, model_version="v2")) == "the buffered round closed"
+    agent.stop()

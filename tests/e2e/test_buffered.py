@@ -44,4 +44,6 @@ def test_a_buffered_round_makes_versions_and_agents_train_on_each(fleet: Fleet) 
     rows = fleet.hub_sql("SELECT device, model_version FROM buffered_updates WHERE round = 1")
     per_device = Counter(d for d, _ in rows)
     assert len(rows) >= 6 and max(per_device.values()) >= 2, rows  # devices trained again on newer versions
-    assert not dup, dup  # never twice on one version
+    # never twice on one version; a device whose update (sent while the hub was a version further on than the one it
+    # trained on) is in the buffer being filled may be refused another one in it: K distinct devices make a version
+    assert all("buffer of the next version" in (r.detail or "") for r in dup), dup

@@ -18,8 +18,10 @@ from fedge.hub.config import HubConfig
 from fedge.hub.daemon import gate_warnings
 from fedge.hub.dashboard.snapshot import FleetReader
 from fedge.protocol.codec import encode
+from fedge.protocol.control import CancelRequest, encode_cancel
 from fedge.protocol.errors import ConfigError
 from fedge.protocol.messages import Ack, ModelUpdate, Reject, RejectReason, RoundAnnounce, RoundStatus
+from fedge.protocol.transport import InMemoryTransport
 from tests.hub.fleet import SHAPES, TOPICS, Fleet, hub_config, run_hub, zero_delta
 
 # plain FedAvg arithmetic: no pull toward w0, no clipping of these similar norms, no weight cap
@@ -214,3 +216,123 @@ def test_check_warns_that_buffered_versions_deploy_unscored_without_eval_data(tm
     warnings = gate_warnings(buffered(tmp_path, artifacts))
     assert any("buffered" in w and "deployed unscored" in w for w in warnings)
     assert not any("buffered" in w for w in gate_warnings(hub_config(tmp_path / "state", artifacts)))
+
+
+def test_a_device_fills_at_most_one_slot_of_a_buffer(tmp_path: Path, artifacts: Path) -> None:
+    """K updates from K distinct devices make a version: a device whose update (on any version) is in the buffer being
+    filled is refused a second one as duplicate, so one device cannot make a version (or outweigh a median) alone."""
+    cfg = hub_config(tmp_path / "state", artifacts, devices=["a", "b", "c", "d"],
+                     rounds={"mode": "buffered", "buffer_k": 2, "max_staleness": 1, "over_select": 0,
+                             "min_devices": 2, "deadline_s": 60},
+                     aggregation={**LOOSE, "strategy": "median"})
+    for fleet in run_hub(cfg):
+        a, b, c, d = (fleet.device(n) for n in "abcd")
+        ann0 = fleet.start_round()
+        a.update(ann0, zero_delta(SHAPES, 1.0))
+        b.update(ann0, zero_delta(SHAPES, 1.0))
+        ann1 = fleet.announce()
+        assert ann1.model_version == "v1"
+        c.update(ann0, zero_delta(SHAPES, 50.0))  # stale by one: in the buffer of v2
+        assert isinstance(last(c.inbox), Ack)
+        c.update(ann1, zero_delta(SHAPES, 50.0))  # c's second update into the same buffer
+        rej = last(c.inbox)
+        assert isinstance(rej, Reject) and rej.reason is RejectReason.DUPLICATE
+        assert "buffer of the next version" in rej.detail and "2 distinct devices" in rej.detail
+        assert fleet.announce().model_version == "v1" and current(fleet) == "v1"
+        d.update(ann1, zero_delta(SHAPES, 1.0))  # the second device: v2 from c's and d's updates
+        assert isinstance(last(d.inbox), Ack) and fleet.announce().model_version == "v2"
+        c.update(fleet.announce(), zero_delta(SHAPES, 1.0))  # a new buffer: c's update counts again
+        assert isinstance(last(c.inbox), Ack)
+        assert fleet.hub.store.reject_counts(ann0.round) == {"duplicate": 1}
+
+
+def test_an_accepted_update_sent_again_is_acked_however_stale_it_became(tmp_path: Path, artifacts: Path) -> None:
+    """A redelivery (same nonce; its ack was lost) is recognised before the staleness check: acked again, not
+    rejected stale_round once the round moved more than max_staleness versions on."""
+    for fleet in run_hub(buffered(tmp_path, artifacts)):
+        a, b, c = (fleet.device(n) for n in "abc")
+        ann0 = fleet.start_round()
+        uc = c.update(ann0, zero_delta(SHAPES, 1.0))
+        assert isinstance(last(c.inbox), Ack)  # say this ack is lost
+        a.update(ann0, zero_delta(SHAPES, 1.0))
+        ann1 = fleet.announce()
+        a.update(ann1, zero_delta(SHAPES, 1.0))
+        b.update(ann1, zero_delta(SHAPES, 1.0))
+        assert fleet.announce().model_version == "v2"  # v0 is two versions behind now (max_staleness 1)
+        c.send(encode(uc))  # the same bytes again, from the agent's outbox
+        ack = last(c.inbox)
+        assert isinstance(ack, Ack) and ack.ref_nonce == uc.nonce
+        assert fleet.hub.store.reject_counts(ann0.round) == {}
+        c.update(ann0, zero_delta(SHAPES, 1.0))  # a new update on v0 now is too stale (and a duplicate of v0)
+        assert isinstance(last(c.inbox), Reject) and last(c.inbox).reason is RejectReason.STALE_ROUND
+
+
+def test_a_cancelled_buffered_round_names_the_versions_it_deployed(tmp_path: Path, artifacts: Path) -> None:
+    """Cancelling (or a failed close ending) a buffered round leaves the versions it deployed deployed: its row and
+    result name the last of them, and the detail says they stay."""
+    for fleet in run_hub(buffered(tmp_path, artifacts)):
+        a, b = (fleet.device(n) for n in "ab")
+        ann0 = fleet.start_round()
+        a.update(ann0, zero_delta(SHAPES, 1.0))
+        b.update(ann0, zero_delta(SHAPES, 1.0))
+        assert fleet.announce().model_version == "v1"
+        a.update(fleet.announce(), zero_delta(SHAPES, 1.0))  # in the unfilled buffer: dropped
+        InMemoryTransport(fleet.broker).publish(TOPICS.control_round_cancel,
+                                                encode_cancel(CancelRequest(round=ann0.round)))
+        res = fleet.results[-1]
+        assert res.status is RoundStatus.CANCELLED and res.model_version == "v1" and res.deployed is True
+        assert "stay deployed" in (res.detail or "") and "(v1)" in (res.detail or "")
+        row = fleet.hub.store.round(ann0.round)
+        assert row is not None and row.new_version == "v1" and current(fleet) == "v1"
+        assert fleet.hub.round is None and fleet.retained(TOPICS.announce) is None
+
+
+def test_a_failed_close_of_a_buffered_round_names_the_versions_it_deployed(tmp_path: Path, artifacts: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    for fleet in run_hub(buffered(tmp_path, artifacts)):
+        a, b = (fleet.device(n) for n in "ab")
+        ann0 = fleet.start_round()
+        a.update(ann0, zero_delta(SHAPES, 1.0))
+        b.update(ann0, zero_delta(SHAPES, 1.0))
+        assert fleet.announce().model_version == "v1"
+
+        def broken(*_a: Any) -> None:
+            raise RuntimeError("disk full")
+
+        monkeypatch.setattr(fleet.hub.rounds, "_close_buffered", broken)
+        fleet.advance(61)
+        res = fleet.results[-1]
+        assert res.status is RoundStatus.FAILED_QUORUM and res.model_version == "v1"
+        assert "closing the round failed: disk full" in (res.detail or "") and "stay deployed" in (res.detail or "")
+        assert current(fleet) == "v1"
+
+
+def test_a_stale_update_clipped_to_the_norm_bound_still_counts_less() -> None:
+    """The staleness weight scales an update after it was clipped (a large stale update clipped to the bound must not
+    count as much as a fresh one), and the norms recorded (the "auto" bound's history) are the updates' own."""
+    bounds = Bounds(norm_multiplier=2.0, max_weight_share=1.0)
+    zero = zero_delta(SHAPES, 0.0)
+    results, norms = {}, {}
+    for s in (0, 1, 3):
+        buf = Buffer(SHAPES, BufferSettings(3, 5), 0.0, bounds)
+        buf.add(zero_delta(SHAPES, 1.0), 10, 0)
+        buf.add(zero_delta(SHAPES, 1.2), 10, 0)
+        buf.add(zero_delta(SHAPES, 50.0), 10, s)
+        results[s] = float(buf.result(zero, zero)[next(iter(SHAPES))].flat[0])
+        norms[s] = buf.norms
+        summary = buf.aggregator.summary
+        assert summary is not None and summary.clipped == 1
+    clipped = 3 * results[0] - 1.0 - 1.2  # the big update's coordinate once clipped (fresh: weight 1)
+    assert clipped < 50.0
+    for s in (1, 3):
+        assert results[s] == pytest.approx((1.0 + 1.2 + clipped * staleness_weight(s)) / 3, rel=1e-5)
+    assert norms[0] == norms[1] == norms[3]
+    assert norms[0][2] == pytest.approx(50.0 * math.sqrt(sum(math.prod(s) for s in SHAPES.values())), rel=1e-5)
+
+
+def test_check_warns_that_a_buffered_round_skips_the_federated_gate(tmp_path: Path, artifacts: Path) -> None:
+    cfg = hub_config(tmp_path / "state", artifacts, rounds={"mode": "buffered"},
+                     aggregation={"federated_gate": True})
+    assert any("federated_gate = true has no effect" in w and "buffered" in w for w in gate_warnings(cfg))
+    sync = hub_config(tmp_path / "state", artifacts, aggregation={"federated_gate": True})
+    assert not any("federated_gate = true has no effect" in w for w in gate_warnings(sync))

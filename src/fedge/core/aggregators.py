@@ -201,7 +201,8 @@ class Aggregator:
         self.history = tuple(float(h) for h in history if math.isfinite(h) and h >= 0)
         self._deltas: list[Delta] = []
         self.counts: list[int] = []
-        self.norms: list[float] = []  # each accepted update's L2 norm, before clipping
+        self.norms: list[float] = []  # each accepted update's L2 norm, before clipping (and before its weight)
+        self.weights: list[float] = []  # each update's extra weight, applied after clipping (a buffered round's)
         self.total_samples = 0
         self.count = 0
         self.summary: Summary | None = None
@@ -215,13 +216,18 @@ class Aggregator:
             if tuple(np.shape(delta[name])) != shape:
                 raise ValueError(f"{name}: shape {np.shape(delta[name])}, expected {shape}")
 
-    def add(self, delta: Delta, n_samples: int) -> None:
+    def add(self, delta: Delta, n_samples: int, weight: float = 1.0) -> None:
         """Add one update (validated by the hub: same names and shapes, finite, n_samples >= 1); the arrays are
-        kept, not copied, and must not change until the round closes."""
+        kept, not copied, and must not change until the round closes. ``weight`` (in (0, 1]) scales the update
+        after it was clipped to the norm bound (a buffered round's staleness weight); its recorded norm is the
+        update's own."""
         self._check(delta, n_samples)
+        if not 0 < weight <= 1:
+            raise ValueError(f"weight must be in (0, 1], got {weight}")
         self._deltas.append(delta)
         self.counts.append(int(n_samples))
         self.norms.append(l2_norm(delta))
+        self.weights.append(float(weight))
         self.total_samples += int(n_samples)
         self.count += 1
 
@@ -244,13 +250,14 @@ class Aggregator:
         if not self._deltas:
             raise ValueError("no update was added")
         bound = self.bounds.norm_bound(self.norms, self.history)
-        scales = [1.0 if norm <= bound else bound / norm for norm in self.norms]
+        clips = [1.0 if norm <= bound else bound / norm for norm in self.norms]
+        scales = [c * w for c, w in zip(clips, self.weights, strict=True)]  # clipped first, then weighted
         with np.errstate(over="ignore", invalid="ignore"):
             combined, cap, capped = self._combine(scales)
             norm = l2_norm(combined)
             if math.isfinite(norm) and norm > bound:  # a mean of bounded updates never is; a median may be
                 combined = {k: v * (bound / norm) for k, v in combined.items()}
-        self.summary = Summary(bound, sum(1 for s in scales if s < 1.0), cap, capped)
+        self.summary = Summary(bound, sum(1 for c in clips if c < 1.0), cap, capped)
         return combined
 
     def result(self, global_head: Delta, w0: Delta) -> Head:
@@ -336,9 +343,11 @@ class DpAggregator(Aggregator):
         noise = params.device_noise_std()
         self.bound = params.clip if params.mode == "central" else params.clip + noise * (np.sqrt(dims) + 10.0)
 
-    def add(self, delta: Delta, n_samples: int) -> None:
+    def add(self, delta: Delta, n_samples: int, weight: float = 1.0) -> None:
         """Add one update with weight 1, clipped to :attr:`bound` (C in central mode)."""
         self._check(delta, n_samples)
+        if weight != 1.0:
+            raise ValueError("a DP round weighs every update the same")
         clipped, _ = clip_update(delta, self.bound)
         for name, acc in self._sums.items():
             acc += clipped[name]
@@ -372,7 +381,7 @@ class SecureSumAggregator(Aggregator):
         self.denominator = denominator
         self._sum: Combined | None = None
 
-    def add(self, delta: Delta, n_samples: int) -> None:
+    def add(self, delta: Delta, n_samples: int, weight: float = 1.0) -> None:
         raise TypeError("a secure-aggregation round adds only the unmasked sum (add_sum)")
 
     def add_sum(self, total: Delta, count: int) -> None:

@@ -1,9 +1,10 @@
 """Buffered asynchronous aggregation (FedBuff, Nguyen et al. 2022), without I/O.
 
 Devices train whenever they can, each on the latest version it holds; the hub folds every update into a buffer,
-scaled by how stale it is, and makes a new version once ``k`` updates are in. An update trained on version ``b``
+weighted by how stale it is, and makes a new version once ``k`` updates are in. An update trained on version ``b``
 that arrives when the hub is at version ``v`` has staleness ``v - b`` and counts ``1 / sqrt(1 + staleness)``
-(FedBuff's polynomial weighting). Each update is norm-bounded and sample-weighted like a FedAvg round (the same
+(FedBuff's polynomial weighting), applied after the update was clipped to the norm bound. Each update is
+norm-bounded and sample-weighted like a FedAvg round (the same
 :class:`~fedge.core.aggregators.Aggregator`, so a buffered version has the same bounds and proximal pull as a
 round's); updates older than ``max_staleness`` versions are refused by the hub (``stale_round``).
 """
@@ -83,11 +84,13 @@ class Buffer:
         return self._agg
 
     def add(self, delta: Delta, n_samples: int, staleness: int) -> None:
-        """Fold one update in, scaled by its staleness weight (ValueError if it is too stale)."""
+        """Fold one update in with its staleness weight (ValueError if it is too stale). The weight scales the
+        update after the aggregator clipped it to the norm bound (a stale update clipped to the bound still counts
+        less than a fresh one), and the norm recorded (the "auto" bound's history) is the update's own."""
         if staleness > self.settings.max_staleness:
             raise ValueError(f"an update {staleness} versions old; at most {self.settings.max_staleness}")
-        w = staleness_weight(staleness)
-        self._agg.add({k: np.asarray(v, dtype=np.float32) * np.float32(w) for k, v in delta.items()}, n_samples)
+        self._agg.add({k: np.asarray(v, dtype=np.float32) for k, v in delta.items()}, n_samples,
+                      weight=staleness_weight(staleness))
         self.staleness.append(staleness)
 
     def result(self, global_head: HeadLike, w0: HeadLike) -> Head:
@@ -105,8 +108,9 @@ class Buffer:
 class BufferChain:
     """A buffered round's versions on the wire (the hub's bookkeeping, without I/O): ``versions`` is the chain the
     round made so far (the version it opened on first, each deployed version it made after), ``sent`` the updates
-    accepted, one per (device, model version), and ``folded`` how many accepted updates went into versions made
-    (the rest are in the buffer being filled)."""
+    accepted, one per (device, model version), ``pending`` the devices whose update is in the buffer being filled
+    (one per device: a version is made from ``k`` distinct devices' updates), and ``folded`` how many accepted
+    updates went into versions made (the rest are in the buffer being filled)."""
 
     settings: BufferSettings
     versions: list[str]
@@ -114,6 +118,7 @@ class BufferChain:
     folded: int = 0
     made: list[str] = field(default_factory=list)  # versions the round registered (deployed or held back)
     norms: list[float] = field(default_factory=list)  # the folded updates' norms (the "auto" norm bound's history)
+    pending: dict[str, str] = field(default_factory=dict)  # device -> model version of its update in the buffer
 
     @property
     def current(self) -> str:
@@ -124,6 +129,21 @@ class BufferChain:
         for back, name in enumerate(reversed(self.versions)):
             if name == version:
                 return back
+        return None
+
+    def redelivery(self, device: str, version: str, nonce: str) -> bool:
+        """Whether this is an update the round accepted already (same device, version and nonce): acked again,
+        however stale its version has become since."""
+        return self.sent.get((device, version)) == nonce
+
+    def duplicate(self, device: str, version: str) -> str | None:
+        """Why a new update (not a redelivery) from ``device`` on ``version`` is a duplicate (None: it is not)."""
+        if (device, version) in self.sent:
+            return f"device {device!r} already has an update from {version!r} in this round"
+        held = self.pending.get(device)
+        if held is not None:
+            return (f"device {device!r} already has an update (from {held!r}) in the buffer of the next version: a "
+                    f"version is made from {self.settings.k} distinct devices' updates, one each")
         return None
 
     def why_not(self, version: str) -> str | None:

@@ -263,6 +263,7 @@ class OpenRound:
             raise ValueError(f"round {self.id} never announced {version!r}")
         buf.add(dict(delta), n_samples, s)
         chain.sent[(device, version)] = nonce
+        chain.pending[device] = version
         self.accepted[device] = nonce
         self.n_samples += n_samples
         return buf.full
@@ -274,6 +275,7 @@ class OpenRound:
             raise ValueError(f"round {self.id} is not a buffered round")
         if self.buffer is not None:
             self.chain.folded += self.buffer.count
+        self.chain.pending.clear()
         if made is not None:
             self.chain.made.append(made)
             if deployed:

@@ -2,7 +2,8 @@
 
 Checks, in order: decode (malformed / too_large / bad_version / wrong_type), fleet, topic device
 ≠ message device, unknown device, no open round, stale round, not selected, wrong model,
-duplicate (the same nonce again is a redelivery, not a reject), names/shapes, dtypes, non-finite
+duplicate (the same nonce again is a redelivery, not a reject; in a buffered round checked before the version's
+staleness, so an accepted update re-sent after the round moved on is still acked), names/shapes, dtypes, non-finite
 values, sample count (at most 10^9, and at most what the device registered: the ``n_samples`` of its presence,
 which counts all of its rows while an update counts the rows it trained on). Every rejection is addressed to the
 topic's device, whatever the body says.
@@ -50,7 +51,8 @@ class UpdateContext:
     declined: AbstractSet[str] = frozenset()  # devices that declined the open round
     compression: str | None = None  # the open round's compressed updates (core/compress.py), decoded first
     registered_samples: Callable[[str], int | None] = _unregistered  # device -> n_samples of its presence
-    chain: BufferChain | None = None  # a buffered round's versions: one update per device and version, not too stale
+    chain: BufferChain | None = None  # a buffered round's versions: one update per device and version and per
+    # buffer, not too stale
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,8 @@ def check_update(msg: ModelUpdate, topic_device: str | None, ctx: UpdateContext)
         return RejectReason.MALFORMED, ("a DP round's update carries n_samples = 1 and no metrics (is the agent too "
                                         "old to apply DP?)")
     if ctx.chain is not None:  # a buffered round: any version of its chain at most max_staleness old
+        if ctx.chain.redelivery(msg.device, msg.model_version, msg.nonce):
+            return None  # accepted before: a redelivery (validate_update acks it again), however stale it is now
         why = ctx.chain.why_not(msg.model_version)
         if why is None:
             return None
@@ -157,13 +161,12 @@ def validate_update(topic_device: str | None, payload: bytes, ctx: UpdateContext
     if not isinstance(msg, ModelUpdate):
         return _reject(RejectReason.WRONG_TYPE, f"expected {ModelUpdate.type}, got {msg.type}", topic_device)
     problem = check_update(msg, topic_device, ctx)
-    if problem is None and ctx.chain is not None:  # buffered: one update per device and model version
-        held = ctx.chain.sent.get((msg.device, msg.model_version))
-        if held == msg.nonce:
+    if problem is None and ctx.chain is not None:  # buffered: one per device and version, and per buffer
+        if ctx.chain.redelivery(msg.device, msg.model_version, msg.nonce):
             return Redelivery(msg)
-        if held is not None:
-            problem = RejectReason.DUPLICATE, (f"device {msg.device!r} already has an update from "
-                                               f"{msg.model_version!r} in round {msg.round}")
+        dup = ctx.chain.duplicate(msg.device, msg.model_version)
+        if dup is not None:
+            problem = RejectReason.DUPLICATE, f"{dup} (round {msg.round})"
     elif problem is None and msg.device in ctx.accepted:
         if ctx.accepted[msg.device] == msg.nonce:
             return Redelivery(msg)
