@@ -118,7 +118,7 @@ class SecAggSimDevice(_SimDevice):
             t[2] += len(frames)
 
     def _on_message(self, client: Any, _u: Any, msg: Any) -> None:
-        from fedge.core.secagg import quantise
+        from fedge.core.secagg import bounded_input, quantise
         from fedge.core.secagg_session import DeviceSession, is_secagg, stage_of
         from fedge.protocol.codec import decode
         from fedge.protocol.messages import RoundAnnounce, SecAggStage
@@ -151,7 +151,8 @@ class SecAggSimDevice(_SimDevice):
         frames = session.start()
         self._send("advertise", frames, time.thread_time() - t0)
         t0 = time.thread_time()  # "training": a random small update, quantised under the round's config
-        q = quantise(self.rng.standard_normal(self.dim) * 1e-3, session.setup.config, self.rng)
+        cfg = session.setup.config  # clipped to the announced L2 norm, followed by the norm bit when announced
+        q = quantise(bounded_input(self.rng.standard_normal(self.dim) * 1e-3, cfg), cfg, self.rng)
         frames = session.set_input(q)
         self._send("masked", frames, time.thread_time() - t0)
 

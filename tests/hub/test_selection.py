@@ -547,5 +547,11 @@ def test_the_federated_gate_compares_heads_per_device() -> None:
     assert "paired difference -0.1000" in verdict.detail
     better = [{"val_n": 50.0, "val_acc_v2": x + 0.02, "val_acc_v1": x} for x in honest]
     assert gate_verdict("v2", "v1", [*better, liar], 3, 0.05).deploy
+    # a real loss on one device of five: its difference is the extreme one the paired mean trims away; the
+    # federated accuracies of the two heads still show it
+    pairs = [(0.2, 0.2), (0.5, 0.5), (0.6, 0.6), (0.7, 0.45), (0.95, 0.95)]  # (deployed, candidate)
+    skewed = [{"val_n": 50.0, "val_acc_v1": a, "val_acc_v2": b} for a, b in pairs]
+    lost = gate_verdict("v2", "v1", skewed, 3, 0.05)
+    assert not lost.deploy and "paired difference +0.0000" in lost.detail, lost.detail
     only_candidate = [{"val_n": 50.0, "val_acc_v2": 0.9} for _ in honest]  # nobody scored the deployed head
     assert not gate_verdict("v2", "v1", only_candidate, 3, 0.05).quorum

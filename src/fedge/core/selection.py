@@ -182,10 +182,12 @@ class GateVerdict:
 
 def gate_verdict(version: str, deployed: str, reports: Iterable[Mapping[str, float]], min_devices: int,
                  tolerance: float, max_weight_ratio: float = 4.0) -> GateVerdict:
-    """Whether ``version`` deploys after its evaluation round: per device that scored both, its accuracy of
-    ``version`` minus that of the ``deployed`` head on the same rows, their robust mean (:func:`paired_gain`: one
-    liar's difference is one extreme value among the devices' differences, and dropped). Not worse by more than
-    ``tolerance``: deployed. The two heads' own federated accuracies (:func:`rank`) are in the detail."""
+    """Whether ``version`` deploys after its evaluation round: only when it is not worse than the ``deployed`` head
+    by more than ``tolerance`` on both counts: their federated accuracies ranked from the same reports (:func:`rank`:
+    trimmed, capped means), and per device that scored both, its accuracy of ``version`` minus that of the deployed
+    head on the same rows, robustly averaged (:func:`paired_gain`: one liar's difference is one extreme value, and
+    dropped). Either alone can be fooled: the paired mean trims away a real loss concentrated on one device of a
+    small cohort (label skew), the unpaired means drift apart when one liar sits at opposite ends of them."""
     rows = [r for r in reports if r.get("val_n", 0) > 0]
     scores = {c.name: c for c in rank([version, deployed], rows, max_weight_ratio)}
     score, base = scores[version], scores[deployed]
@@ -198,7 +200,7 @@ def gate_verdict(version: str, deployed: str, reports: Iterable[Mapping[str, flo
     gain, _n = paired
     figures = (f"federated validation accuracy {score.accuracy:.4f} against the deployed {deployed}'s "
                f"{base.accuracy:.4f}, paired difference {gain:+.4f} on the same rows")
-    if gain < -tolerance:
-        return GateVerdict(True, False, f"{version} kept as a candidate, not deployed: {figures}, below "
-                           f"-{tolerance:g} (fedge hub rollback --to {version} deploys it anyway)")
+    if gain < -tolerance or score.accuracy < base.accuracy - tolerance:
+        return GateVerdict(True, False, f"{version} kept as a candidate, not deployed: {figures}: worse by more than "
+                           f"{tolerance:g} (fedge hub rollback --to {version} deploys it anyway)")
     return GateVerdict(True, True, f"{version} deployed: {figures} (tolerance {tolerance:g})")
