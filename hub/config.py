@@ -293,7 +293,7 @@ class AggregationConfig:
                      "one's by more than deploy_tolerance (else it stays a candidate)"),
     )
     deploy_tolerance: float = field(
-        default=0.05,
+        default=0.01,
         metadata=doc("accuracy points (as a fraction) a new version may lose against the deployed one", example=0.0),
     )
     federated_gate: bool | str = field(

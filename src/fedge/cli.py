@@ -105,7 +105,7 @@ def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                    help="cap every device at this many training rows (stratified, seeded): the small-data regime")
     p.add_argument("--ditto-mu", type=float, default=0.1, help="ditto: strength of the pull toward the global head")
     gate = p.add_mutually_exclusive_group()
-    gate.add_argument("--deploy-tolerance", type=float, default=0.05,
+    gate.add_argument("--deploy-tolerance", type=float, default=0.01,
                       help="deploy gate: keep the deployed version when a new one's held-out accuracy is lower by "
                            "more than this (the hub's default)")
     gate.add_argument("--no-deploy-gate", action="store_true", help="deploy every new version")

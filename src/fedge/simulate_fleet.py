@@ -93,7 +93,7 @@ class SimSettings:
     Transfer quality (defaults keep a plain run as before; the command line uses the agent's and hub's defaults):
     ``validation_fraction`` (agent 0.2; 0 = no split, no federated evaluation), ``local_only_epochs`` (agent 20:
     the epochs budget of the local-only and personal heads), ``personalization`` ``auto`` | ``finetune`` |
-    ``ditto`` with ``ditto_mu`` (agent 0.1), ``deploy_tolerance`` (hub 0.05; None = no deploy gate);
+    ``ditto`` with ``ditto_mu`` (agent 0.1), ``deploy_tolerance`` (hub 0.01; None = no deploy gate);
     ``samples_per_device`` caps every device's training rows (None: the whole shard)."""
 
     devices: int

@@ -106,7 +106,7 @@ class GateSettings:
     new version with the deployed one's; ``federated`` asks the round's devices to score it first."""
 
     held_out: bool = True
-    tolerance: float = 0.05
+    tolerance: float = 0.01
     federated: bool = False
 
 
