@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from fedge.hub.mosquitto import stop_process as hub_stop_process
+
 __all__ = ["rss_mb", "sim_main"]
 
 
@@ -36,13 +38,7 @@ def rss_mb(pid: int) -> float:
 
 
 def stop_process(proc: subprocess.Popen[Any], timeout_s: float = 15.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    hub_stop_process(proc, timeout_s)
 
 
 # -- simulated devices (run in their own processes) ---------------------------------------------------

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 MOSQUITTO = "/usr/sbin/mosquitto"
 
@@ -37,6 +38,17 @@ def wait_port(host: str, port: int, timeout_s: float = 10.0) -> None:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"nothing accepts connections on {host}:{port} after {timeout_s} s") from None
             time.sleep(0.02)
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout_s: float) -> None:
+    """SIGTERM a running child and wait; SIGKILL after ``timeout_s`` (a broker's, a node's, a bench's)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 class Mosquitto:
@@ -98,13 +110,8 @@ class Mosquitto:
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM (mosquitto saves its database) and wait; SIGKILL after ``timeout_s``."""
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if proc is not None:
+            stop_process(proc, timeout_s)
 
     def restart(self) -> None:
         """Stop and start on the same port; with persistence, sessions and retained messages survive."""

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedge.hub.mosquitto import free_port, wait_port
+from fedge.hub.mosquitto import free_port, stop_process, wait_port
 
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 EPMD = "/usr/bin/epmd"
@@ -206,13 +206,8 @@ class RabbitMQ:
         """Stop the node (SIGTERM: the script stops the VM gracefully); epmd keeps running for a restart."""
         proc, self.proc = self.proc, None
         beam = self._beam_pid()
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if proc is not None:
+            stop_process(proc, timeout_s)
         if beam is not None and _alive(beam):  # the script died without taking the VM along
             os.kill(beam, signal.SIGKILL)
             _wait_gone(beam, 10)
@@ -222,13 +217,8 @@ class RabbitMQ:
         """Stop the node and its epmd."""
         self.stop_node(timeout_s)
         epmd, self.epmd = self.epmd, None
-        if epmd is not None and epmd.poll() is None:
-            epmd.terminate()
-            try:
-                epmd.wait(10)
-            except subprocess.TimeoutExpired:
-                epmd.kill()
-                epmd.wait()
+        if epmd is not None:
+            stop_process(epmd, 10)
 
     def restart(self) -> None:
         """Stop and start on the same ports: sessions, queued messages and retained messages survive."""
