@@ -215,8 +215,34 @@ class PrivacySettings:
     amplification: bool = False
 
 
+class _Wrapper:
+    """What a wrapper (:class:`Private`, :class:`Secure`) leaves to the strategy it wraps: the proximal pull, the
+    gates and the aggregator (the round's params carry what the wrapper's ``configure`` set: DP-FedAvg's
+    ``params.dp``, the secure sum's ``params.secagg``)."""
+
+    inner: Strategy
+
+    @property
+    def proximal_lambda(self) -> float:
+        return self.inner.proximal_lambda
+
+    @property
+    def gates(self) -> GateSettings:
+        return self.inner.gates
+
+    def aggregator(self, params: RoundParams, shapes: Shapes, history: Sequence[float],
+                   rng: np.random.Generator) -> Aggregator:
+        return self.inner.aggregator(params, shapes, history, rng)
+
+    def federated_gate(self, params: RoundParams) -> bool:
+        return self.inner.federated_gate(params)
+
+    def keeps_norms(self, params: RoundParams) -> bool:
+        return self.inner.keeps_norms(params)
+
+
 @dataclass(frozen=True)
-class Private:
+class Private(_Wrapper):
     """Client-level DP around ``inner``: only devices that apply announced DP, a Poisson cohort (what the accountant
     assumes), the budget checked before anything is announced, DP-FedAvg (central noise at the hub in central
     mode), no federated gate (the devices' scores would describe their data), no norm history."""
@@ -227,14 +253,6 @@ class Private:
     @property
     def name(self) -> str:
         return f"dp_{self.privacy.mode}({self.inner.name})"
-
-    @property
-    def proximal_lambda(self) -> float:
-        return self.inner.proximal_lambda
-
-    @property
-    def gates(self) -> GateSettings:
-        return self.inner.gates
 
     def configure(self, fleet: FleetView, params: RoundParams, ctx: PlanContext) -> Plan | Refusal:
         p = self.privacy
@@ -260,19 +278,10 @@ class Private:
         amplified = event_for(dp, trust_sampling=p.amplification).amplified
         return Plan(selected, params, DpCharge(dp, amplified, len(selected), params.expected_cohort, after))
 
-    def aggregator(self, params: RoundParams, shapes: Shapes, history: Sequence[float],
-                   rng: np.random.Generator) -> Aggregator:
-        return self.inner.aggregator(params, shapes, history, rng)  # DP-FedAvg: params.dp, set by configure
-
-    def federated_gate(self, params: RoundParams) -> bool:
-        return self.inner.federated_gate(params)
-
-    def keeps_norms(self, params: RoundParams) -> bool:
-        return self.inner.keeps_norms(params)
 
 
 @dataclass(frozen=True)
-class Secure:
+class Secure(_Wrapper):
     """SecAgg+ around ``inner``: only devices that can mask, a public setup per round (refused unannounced when the
     cohort cannot carry it), and the secure-sum aggregate (every included device weighs the same; under DP the
     denominator is the expected cohort, as DP-FedAvg).
@@ -290,14 +299,6 @@ class Secure:
     @property
     def name(self) -> str:
         return f"secagg({self.inner.name})"
-
-    @property
-    def proximal_lambda(self) -> float:
-        return self.inner.proximal_lambda
-
-    @property
-    def gates(self) -> GateSettings:
-        return self.inner.gates
 
     def configure(self, fleet: FleetView, params: RoundParams, ctx: PlanContext) -> Plan | Refusal:
         capable = fleet.restricted(fleet.secagg_capable)
@@ -322,15 +323,6 @@ class Secure:
                            f"{len(plan.selected)}: {exc}", RoundStatus.FAILED_QUORUM)
         return replace(plan, params=replace(plan.params, secagg=sa))
 
-    def aggregator(self, params: RoundParams, shapes: Shapes, history: Sequence[float],
-                   rng: np.random.Generator) -> Aggregator:
-        return self.inner.aggregator(params, shapes, history, rng)  # the secure sum: params.secagg, set by configure
-
-    def federated_gate(self, params: RoundParams) -> bool:
-        return self.inner.federated_gate(params)
-
-    def keeps_norms(self, params: RoundParams) -> bool:
-        return self.inner.keeps_norms(params)
 
 
 def build_strategy(base: Robust, privacy: PrivacySettings | None = None, secagg: SecAggConfig | None = None,
