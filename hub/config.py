@@ -687,6 +687,13 @@ class HubConfig:
             raise ConfigError("rounds.min_devices", f"{self.rounds.min_devices} exceeds the {len(self.devices or ())} "
                               "devices of the allow-list")
 
+    @property
+    def federated_gate(self) -> bool:
+        """Whether the devices score each new version first: ``[aggregation] federated_gate``, where "auto" means
+        on when the hub has no ``eval_data``."""
+        gate = self.aggregation.federated_gate
+        return self.eval_data is None if gate == "auto" else bool(gate)
+
 
 _TOP: Final = frozenset({"fleet", "state_dir", "artifacts", "eval_data", "devices", "broker", "rounds", "limits",
                          "aggregation", "schedule", "privacy", "http", "store", "signing_key", "secagg", "conduct"})

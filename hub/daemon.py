@@ -73,9 +73,8 @@ def strategy_for(cfg: HubConfig) -> Strategy:
     agg, p = cfg.aggregation, cfg.privacy
     bounds = Bounds(agg.max_weight_ratio, agg.fixed_update_norm, agg.norm_multiplier, agg.norm_ceiling,
                     agg.max_weight_share)
-    federated = cfg.eval_data is None if agg.federated_gate == "auto" else bool(agg.federated_gate)
     base = Robust(agg.strategy, agg.proximal_lambda, bounds, agg.trim_fraction, cfg.rounds.seed,
-                  GateSettings(agg.deploy_gate, agg.deploy_tolerance, federated), cfg.rounds.over_select)
+                  GateSettings(agg.deploy_gate, agg.deploy_tolerance, cfg.federated_gate), cfg.rounds.over_select)
     privacy = None if not p.enabled else PrivacySettings(
         p.mode, p.noise_multiplier, p.clip, p.sample_rate, p.epsilon_budget, p.delta, p.dropout_allowance,
         p.amplification)
@@ -87,7 +86,7 @@ def gate_warnings(cfg: HubConfig) -> list[str]:
     """What ``fedge hub serve --check`` warns about the deploy gates: configurations that deploy versions nobody
     scored."""
     agg = cfg.aggregation
-    federated = cfg.eval_data is None if agg.federated_gate == "auto" else bool(agg.federated_gate)
+    federated = cfg.federated_gate
     out = []
     if cfg.eval_data is None and cfg.privacy.enabled:
         out.append("no eval_data under [privacy]: devices send no scores in DP rounds, so every new version is "
