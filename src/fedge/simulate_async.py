@@ -7,11 +7,16 @@ a device that goes offline before its job ends loses it. Both modes see the same
 
 * **Synchronous** (what a round does): pick ``k`` of the devices online now, wait until each has finished or gone
   offline (or the deadline), aggregate (FedAvg, bounded), start the next round. Stragglers set the pace.
-* **Buffered** (:mod:`fedge.core.buffered`): every online device trains on the latest version it can get; the hub
-  folds each finished update into a buffer with its staleness weight and makes a new version every ``k`` updates.
+* **Buffered** (:mod:`fedge.core.buffered`): every online device trains on the latest version it can get, once per
+  version (as the agent does: a device that sent an update on version ``v`` trains again once a newer version is
+  out, so a version is made from ``k`` distinct devices' updates, as the hub requires); the hub folds each finished
+  update into a buffer with its staleness weight and makes a new version every ``k`` updates.
 
-Each new version is scored on the hub's held-out data; :func:`time_to_target` reads when a run first reached an
-accuracy.
+In both modes the hub's held-out deploy gate decides (as the hub does by default): a new version that scores more
+than ``deploy_tolerance`` below the deployed one on the gate's rows is held back, and devices go on training the
+deployed one. The hub's eval set is split in two (:class:`HeldOut`): the gate's rows and the measurement rows,
+on which every deployed version is scored, so the gate's choices are not measured on the rows that made them.
+:func:`time_to_target` reads when a run reached an accuracy and stayed near it.
 """
 
 from __future__ import annotations
@@ -25,11 +30,13 @@ import numpy as np
 from fedge.core import device as core
 from fedge.core.aggregators import Aggregator, Bounds
 from fedge.core.buffered import Buffer, BufferSettings
+from fedge.core.losses import score
+from fedge.core.strategy import GateSettings, held_out_verdict
 from fedge.protocol.messages import RoundAnnounce
 from fedge.protocol.types import Head
 from fedge.simulate_fleet import SimFleet, device_seed
 
-__all__ = ["AsyncSettings", "Availability", "Jobs", "Trace", "run_buffered", "run_sync", "time_to_target"]
+__all__ = ["AsyncSettings", "Availability", "HeldOut", "Jobs", "Trace", "run_buffered", "run_sync", "time_to_target"]
 
 
 @dataclass(frozen=True)
@@ -37,7 +44,8 @@ class AsyncSettings:
     """``online_share`` of the time each device is online (spells of mean ``online_mean`` time units);
     training jobs take ``speed × lognormal(0, job_sigma)`` (speed ``lognormal(0, speed_sigma)`` per device);
     ``k`` devices per synchronous round and updates per buffered version; ``deadline`` caps a round;
-    ``rounds`` synchronous rounds set the time budget both modes get."""
+    ``rounds`` synchronous rounds set the time budget both modes get; ``deploy_tolerance``: the held-out gate's
+    (None: no gate, every version is deployed)."""
 
     online_share: float = 0.3
     online_mean: float = 10.0
@@ -51,6 +59,7 @@ class AsyncSettings:
     local_epochs: int = 2
     lr: float = 0.05
     seed: int = 0
+    deploy_tolerance: float | None = 0.01
 
 
 class Availability:
@@ -84,11 +93,17 @@ class Availability:
 
 @dataclass
 class Trace:
-    """A run: (simulated time, held-out accuracy) after each new version, and the updates it used."""
+    """A run: (simulated time, measured accuracy) of each deployed version, the devices whose updates made each
+    version (deployed or held back, in order), the updates it used, the jobs lost to devices going offline, and the
+    versions the gate held back; ``refused``: buffered updates refused because the device already had one in the
+    buffer (trained on an older version, then again on a newer one before the buffer filled)."""
 
     points: list[tuple[float, float]] = field(default_factory=list)
+    made: list[tuple[int, ...]] = field(default_factory=list)
     updates: int = 0
     lost_jobs: int = 0
+    held_back: int = 0
+    refused: int = 0
     end: float = 0.0
 
 
@@ -106,6 +121,47 @@ class Jobs:
         return float(self.speed[device] * self._draws[device].lognormal(0.0, self.sigma))
 
 
+class HeldOut:
+    """The hub's eval set split in two halves (seeded): the deploy gate's rows and the measurement rows."""
+
+    def __init__(self, fleet: SimFleet, seed: int = 0) -> None:
+        from fedge.protocol.manifest import load_manifest
+        from fedge.runtime.data import load_local
+
+        manifest = load_manifest(fleet.paths.artifacts)
+        data = load_local(fleet.paths.data / "eval.npz", manifest.input.shape, manifest.input.layout)
+        self._trainer = fleet.trainer
+        self._features = fleet.trainer.features(data.x)
+        self._y = data.y
+        order = np.random.default_rng([seed, 0xA5A5]).permutation(len(data.y))
+        self.measure, self.gate = np.sort(order[: len(order) // 2]), np.sort(order[len(order) // 2:])
+
+    def accuracy(self, head: Head, rows: np.ndarray) -> float:
+        self._trainer.set_head(dict(head))
+        return float(score(self._trainer.logits(self._features[rows]), self._y[rows]).accuracy)
+
+
+class _Deployment:
+    """The deployed version, gated on :class:`HeldOut`'s gate rows; the trace records each deployed version's
+    measured accuracy."""
+
+    def __init__(self, head: Head, held_out: HeldOut, tolerance: float | None, trace: Trace) -> None:
+        self.gates = GateSettings(held_out=tolerance is not None, tolerance=tolerance or 0.0)
+        self.held_out, self.trace, self.head = held_out, trace, head
+        self.gate_accuracy = held_out.accuracy(head, held_out.gate)
+        trace.points.append((0.0, held_out.accuracy(head, held_out.measure)))
+
+    def offer(self, head: Head, t: float) -> bool:
+        """Deploy ``head`` at ``t`` unless the gate holds it back (False)."""
+        acc = self.held_out.accuracy(head, self.held_out.gate)
+        if held_out_verdict(self.gates, acc, self.gate_accuracy) is not None:
+            self.trace.held_back += 1
+            return False
+        self.head, self.gate_accuracy = head, acc
+        self.trace.points.append((t, self.held_out.accuracy(head, self.held_out.measure)))
+        return True
+
+
 def _update(fleet: SimFleet, i: int, head: Head, version: int, settings: AsyncSettings) -> tuple[Head, int] | None:
     msg = RoundAnnounce("async", version + 1, f"v{version}", fleet.backbone_sha256, 1e18, 1, (fleet.names[i],),
                         settings.local_epochs, settings.lr)
@@ -118,17 +174,13 @@ def _update(fleet: SimFleet, i: int, head: Head, version: int, settings: AsyncSe
     return out.delta, out.n_samples
 
 
-def _accuracy(fleet: SimFleet, head: Head) -> float:
-    return fleet.score(head)[1]
-
-
-def run_sync(fleet: SimFleet, settings: AsyncSettings, availability: Availability) -> Trace:
+def run_sync(fleet: SimFleet, settings: AsyncSettings, availability: Availability, held_out: HeldOut) -> Trace:
     """``settings.rounds`` synchronous rounds; a round ends when its last device finished or went offline."""
     jobs = Jobs(fleet.devices, settings)
     rng = np.random.default_rng([settings.seed, 0xA5A4])
     shapes = {k: tuple(v.shape) for k, v in fleet.w0.items()}
-    head, t, trace = dict(fleet.w0), 0.0, Trace()
-    trace.points.append((0.0, _accuracy(fleet, head)))
+    t, trace = 0.0, Trace()
+    deployed = _Deployment(dict(fleet.w0), held_out, settings.deploy_tolerance, trace)
     for r in range(settings.rounds):
         online = [i for i in range(fleet.devices) if availability.online_until(i, t) is not None]
         while not online:  # nobody to ask: wait for the next device to come online
@@ -140,14 +192,15 @@ def run_sync(fleet: SimFleet, settings: AsyncSettings, availability: Availabilit
             online = [i for i in range(fleet.devices) if availability.online_until(i, t) is not None]
         cohort = sorted(rng.choice(online, size=min(settings.k, len(online)), replace=False).tolist())
         agg = Aggregator(shapes, 0.0, Bounds())
-        close = t
+        close, senders = t, []
         for i in cohort:
             finish = t + jobs.next(i)
             until = availability.online_until(i, t) or t
             if finish <= min(until, t + settings.deadline):
-                update = _update(fleet, i, head, r, settings)
+                update = _update(fleet, i, deployed.head, r, settings)
                 if update is not None:
                     agg.add(*update)
+                    senders.append(i)
                     trace.updates += 1
                 close = max(close, finish)
             else:  # offline before it finished (or past the deadline): the round waits until it knows
@@ -155,24 +208,31 @@ def run_sync(fleet: SimFleet, settings: AsyncSettings, availability: Availabilit
                 close = max(close, min(until, t + settings.deadline))
         t = close
         if agg.count:
-            head = agg.result(head, fleet.w0)
-            trace.points.append((t, _accuracy(fleet, head)))
+            trace.made.append(tuple(senders))
+            deployed.offer(agg.result(deployed.head, fleet.w0), t)
     trace.end = t
     return trace
 
 
-def run_buffered(fleet: SimFleet, settings: AsyncSettings, availability: Availability, horizon: float) -> Trace:
-    """Buffered aggregation until ``horizon``: every online device trains on the latest version; ``k`` updates
-    make a version."""
+def run_buffered(fleet: SimFleet, settings: AsyncSettings, availability: Availability, held_out: HeldOut,
+                 horizon: float) -> Trace:
+    """Buffered aggregation until ``horizon``: every online device trains on the latest deployed version, once per
+    version; ``k`` updates make a version, deployed unless the held-out gate keeps it back."""
     jobs = Jobs(fleet.devices, settings)
     shapes = {k: tuple(v.shape) for k, v in fleet.w0.items()}
-    versions: list[Head] = [dict(fleet.w0)]
-    buf = Buffer(shapes, BufferSettings(settings.k, settings.max_staleness, settings.server_lr), 0.0, Bounds())
+    buffer_settings = BufferSettings(settings.k, settings.max_staleness, settings.server_lr)
     trace = Trace()
-    trace.points.append((0.0, _accuracy(fleet, versions[0])))
+    deployed = _Deployment(dict(fleet.w0), held_out, settings.deploy_tolerance, trace)
+    versions: list[Head] = [deployed.head]  # the deployed chain (a held-back version is not on it)
+    buf, senders = Buffer(shapes, buffer_settings, 0.0, Bounds()), []
+    trained: dict[int, int] = {}  # device -> the last version it trained on (it trains once per version)
+    waiting: set[int] = set()  # devices that trained on the current version: they start again on the next one
     events: list[tuple[float, int, int, int]] = []  # (time, kind 0 = start / 1 = finish, device, base version)
 
     def start(i: int, t: float) -> None:
+        if trained.get(i) == len(versions) - 1:
+            waiting.add(i)
+            return
         when = t if availability.online_until(i, t) is not None else availability.next_online(i, t)
         if when is not None and when < horizon:
             heapq.heappush(events, (when, 0, i, -1))
@@ -184,25 +244,36 @@ def run_buffered(fleet: SimFleet, settings: AsyncSettings, availability: Availab
         if t >= horizon:
             break
         if kind == 0:  # a device takes the latest version and trains
+            if trained.get(i) == len(versions) - 1:  # it trained on this one already (a late start event)
+                waiting.add(i)
+                continue
             v = len(versions) - 1
             finish = t + jobs.next(i)
             until = availability.online_until(i, t) or t
             if finish <= until:
+                trained[i] = v
                 heapq.heappush(events, (finish, 1, i, v))
             else:
                 trace.lost_jobs += 1
                 start(i, until)  # back when it comes online again
             continue
         staleness = len(versions) - 1 - base
-        if staleness <= settings.max_staleness:
+        if i in senders:  # the hub refuses a second update of one device for the same version (K distinct devices)
+            trace.refused += 1
+        elif staleness <= settings.max_staleness:
             update = _update(fleet, i, versions[base], base, settings)
             if update is not None:
                 buf.add(*update, staleness=staleness)
+                senders.append(i)
                 trace.updates += 1
         if buf.full:
-            versions.append(buf.result(versions[-1], fleet.w0))
-            buf = Buffer(shapes, BufferSettings(settings.k, settings.max_staleness, settings.server_lr), 0.0, Bounds())
-            trace.points.append((t, _accuracy(fleet, versions[-1])))
+            trace.made.append(tuple(senders))
+            if deployed.offer(buf.result(versions[-1], fleet.w0), t):
+                versions.append(deployed.head)
+                for w in sorted(waiting):
+                    waiting.discard(w)
+                    start(w, t)
+            buf, senders = Buffer(shapes, buffer_settings, 0.0, Bounds()), []
         start(i, t)
     trace.end = horizon
     return trace
