@@ -91,7 +91,7 @@ SECAGG = (
            "SecAgg+ round minus plain round, 100 simulated devices (one MQTT connection each), loopback mosquitto"),
     Target("secagg_overhead_s_500", "<=", 15, "same, 500 simulated devices"),
     Target("secagg_overhead_s_1000", "<=", 15,
-           "same, 1,000 simulated devices (their own cryptography on the bench's cores is most of it)"),
+           "same, 1,000 simulated devices (their own cryptography runs on the bench's cores too)"),
     Target("device_bytes_500_over_10", "<=", 4,
            "bytes a device sends in a SecAgg round (4 stages), cohort of 500 over cohort of 10"),
     Target("distributed_minus_central_points", ">=", -1,
