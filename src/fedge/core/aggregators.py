@@ -179,8 +179,7 @@ class Summary:
     capped: int
 
 
-def _scaled_into(acc: NDArray[np.float64], arr: NDArray[np.generic], factor: float) -> None:
-    acc += np.asarray(arr, dtype=np.float64) * factor
+_BLOCK = 512  # updates per matrix product when combining (bounds the float64 copy: 512 x the array's size)
 
 
 class Aggregator:
@@ -237,12 +236,14 @@ class Aggregator:
         cap = self.bounds.weight_cap(self.counts)
         weights = [min(float(n), cap) for n in self.counts]
         total = sum(weights)
+        factors = np.array([w * s / total for w, s in zip(weights, scales, strict=True)], dtype=np.float64)
         out: Combined = {}
         for name, shape in self.shapes.items():
-            acc = np.zeros(shape, dtype=np.float64)
-            for delta, w, s in zip(self._deltas, weights, scales, strict=True):
-                _scaled_into(acc, delta[name], w * s / total)
-            out[name] = acc
+            acc = np.zeros(math.prod(shape), dtype=np.float64)
+            for lo in range(0, len(self._deltas), _BLOCK):  # a few matrix products, not one numpy call per update
+                block = np.stack([np.asarray(d[name]).reshape(-1) for d in self._deltas[lo:lo + _BLOCK]])
+                acc += factors[lo:lo + _BLOCK] @ block.astype(np.float64)
+            out[name] = acc.reshape(shape)
         return out, cap, sum(1 for n in self.counts if n > cap)
 
     def mean_delta(self) -> Combined:
