@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fedge.core.rounds import OpenRound, RoundParams, over_limits, select_devices
-from fedge.core.selection import CandidateScore, gate_verdict, rank, report_problem
+from fedge.core.selection import CandidateScore, gate_verdict, history_problem, rank, report_problem
 from fedge.hub import progress
 from fedge.hub.port import HubPort
 from fedge.hub.store import SelectionRow, Store, VersionRow
@@ -184,7 +184,7 @@ class Selector:
         params = replace(r.params, local_epochs=0, min_devices=min(r.params.min_devices, len(r.accepted)))
         cur = hub.current()
         gate = {"version": row.version, "deployed": cur.version, "baseline": federated["val_acc_global"],
-                "source_round": r.id}
+                "source_round": r.id, "round_model": r.model_version}
         compared = {row.version: row.backbone_sha256, cur.version: cur.backbone_sha256}
         sel = OpenSelection(rid, cur.version, cur.backbone_sha256, compared,
                             tuple(sorted(r.accepted)), params, now, now + params.deadline_s, gate=gate)
@@ -233,6 +233,8 @@ class Selector:
             return self._reject(rid, device, RejectReason.MALFORMED, "a selection report carries no arrays", topic,
                                 nonce)
         problem = report_problem(msg.metrics, sel.candidates)
+        if problem is None and sel.gate is not None:
+            problem = self._contradiction(msg.device, msg.metrics, sel.gate)
         if problem is not None:
             return self._reject(rid, device, RejectReason.MALFORMED, problem, topic, nonce)
         if msg.device in sel.nonces and sel.nonces[msg.device] != nonce:
@@ -247,6 +249,16 @@ class Selector:
                      int(keep["val_n"]), len(sel.reports), len(sel.selected))
         if sel.should_close(hub.clock()):
             self.close(sel)
+
+    def _contradiction(self, device: str, metrics: Mapping[str, float], gate: Mapping[str, Any]) -> str | None:
+        """Why an evaluation-round report contradicts the device's update in the round that made the version
+        (None: it does not): more validation rows than it had then, or another score for the deployed head, which
+        it scored on the same rows at the start of that round (``val_acc_global``) when that round trained it."""
+        earlier = self.store.device_update_metrics(int(gate["source_round"]), device)
+        deployed = str(gate.get("deployed", ""))
+        same = {acc_key(deployed): "val_acc_global"} if gate.get("round_model") == deployed else {}
+        problem = history_problem(metrics, earlier, same)
+        return None if problem is None else f"contradicts its update in round {gate['source_round']}: {problem}"
 
     def _reject(self, rid: int | None, device: str | None, reason: RejectReason, detail: str, topic: str,
                 nonce: str | None) -> None:

@@ -338,6 +338,11 @@ class Store(FleetTables, ConductTables):
     def update_metrics(self, rid: int) -> list[dict[str, float]]:
         return [json.loads(m) for (m,) in self._all("SELECT metrics FROM updates WHERE round = ?", (rid,))]
 
+    def device_update_metrics(self, rid: int, device: str) -> dict[str, float] | None:
+        """The metrics of ``device``'s accepted update in round ``rid`` (None: it has none)."""
+        row = self._one("SELECT metrics FROM updates WHERE round = ? AND device = ?", (rid, device))
+        return None if row is None else dict(json.loads(row[0]))
+
 
 
 

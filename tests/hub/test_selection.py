@@ -511,6 +511,44 @@ def test_one_lying_device_cannot_make_the_federated_gate_deploy_a_worse_version(
         assert gate.federated["val_acc_v1"] == pytest.approx(0.5)
 
 
+def test_an_evaluation_report_that_contradicts_the_devices_round_update_is_refused(tmp_path: Path,
+                                                                                   artifacts: Path) -> None:
+    """A device scored the deployed head at the start of the round that made the candidate (``val_acc_global``); in
+    the evaluation round it scores the same head on the same rows again. A report that gives it another score, or
+    claims more validation rows than the round's update did, is refused (``malformed``, naming the round) and not
+    counted; consistent reports are (the liar of ``bench/attacks.py``'s ``lying_gate``: 0.0 in the round, 1.0 in the
+    evaluation round)."""
+    from tests.hub.fleet import SHAPES, zero_delta
+
+    cfg = hub_config(tmp_path / "state", artifacts, aggregation={"federated_gate": True, "deploy_tolerance": 0.05},
+                     devices=["a", "b", "c", "grow", "liar"])
+    for fleet in run_hub(cfg):
+        rnd = fleet.start_round()
+        for d in rnd.selected:
+            metrics = {"val_n": 10.0, "val_acc_global": 0.0 if d == "liar" else 0.6}
+            fleet.device(d).update(rnd, zero_delta(SHAPES, 0.01), metrics=metrics)
+        ann = fleet.retained(TOPICS.select_announce)
+        assert isinstance(ann, RoundAnnounce) and ann.candidates == ("v1", "v0")
+        for d in ann.selected:
+            report = {"val_n": 10.0, "val_acc_v1": 0.6, "val_loss_v1": 1.0, "val_acc_v0": 0.6, "val_loss_v0": 1.0}
+            if d == "liar":
+                report.update({"val_acc_v1": 1.0, "val_acc_v0": 1.0})
+            elif d == "grow":
+                report["val_n"] = 1e9
+            _report(fleet, d, ann.round, report)
+        refused = {d: [m for m in fleet.device(d).inbox if isinstance(m, Reject)] for d in ann.selected}
+        for d in ("liar", "grow"):
+            assert [str(m.reason) for m in refused[d]] == ["malformed"], (d, refused[d])
+            assert f"contradicts its update in round {rnd.round}" in (refused[d][0].detail or "")
+        assert "scored the same head 0 before" in (refused["liar"][0].detail or "")
+        assert all(not refused[d] for d in ("a", "b", "c"))
+        assert fleet.hub.selector.open is not None, "the refused devices may still send a consistent report"
+        fleet.advance(ann.deadline - fleet.clock.t + 1)  # they do not: the round closes at its deadline
+        gate = fleet.results[-1]
+        assert gate.round == ann.round and sorted(gate.devices) == ["a", "b", "c"], gate
+        assert fleet.hub.store.reject_counts(ann.round).get("malformed") == 2
+
+
 def test_paired_gain_is_what_one_liar_cannot_move() -> None:
     """Label-skewed devices score heads very differently; one liar scoring the deployed head 0 and the candidate 1
     moves two unpaired trimmed means apart by their spread, and the paired gain not at all."""
