@@ -58,6 +58,7 @@ class OpenSelection:
     nonces: dict[str, str] = field(default_factory=dict)
     declined: dict[str, str] = field(default_factory=dict)
     gate: dict[str, Any] | None = None  # an evaluation round: {"version", "baseline", "source_round"}
+    contradicted: set[str] = field(default_factory=set)  # devices whose report contradicted their round's update
 
     def announce(self, fleet: str) -> RoundAnnounce:
         return RoundAnnounce(
@@ -67,7 +68,7 @@ class OpenSelection:
             candidates=tuple(self.candidates), candidate_backbones=tuple(self.candidates.values()))
 
     def should_close(self, now: float) -> bool:
-        return now >= self.deadline or set(self.selected) <= set(self.reports) | set(self.declined)
+        return now >= self.deadline or set(self.selected) <= set(self.reports) | set(self.declined) | self.contradicted
 
 
 class Selector:
@@ -235,6 +236,12 @@ class Selector:
         problem = report_problem(msg.metrics, sel.candidates)
         if problem is None and sel.gate is not None:
             problem = self._contradiction(msg.device, msg.metrics, sel.gate)
+            if problem is not None:  # caught lying: the round does not wait for it (it may still send the truth)
+                sel.contradicted.add(msg.device)
+                self._reject(rid, device, RejectReason.MALFORMED, problem, topic, nonce)
+                if sel.should_close(hub.clock()):
+                    self.close(sel)
+                return None
         if problem is not None:
             return self._reject(rid, device, RejectReason.MALFORMED, problem, topic, nonce)
         if msg.device in sel.nonces and sel.nonces[msg.device] != nonce:

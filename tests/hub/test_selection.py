@@ -542,9 +542,7 @@ def test_an_evaluation_report_that_contradicts_the_devices_round_update_is_refus
             assert f"contradicts its update in round {rnd.round}" in (refused[d][0].detail or "")
         assert "scored the same head 0 before" in (refused["liar"][0].detail or "")
         assert all(not refused[d] for d in ("a", "b", "c"))
-        assert fleet.hub.selector.open is not None, "the refused devices may still send a consistent report"
-        fleet.advance(ann.deadline - fleet.clock.t + 1)  # they do not: the round closes at its deadline
-        gate = fleet.results[-1]
+        gate = fleet.results[-1]  # the round does not wait for devices caught contradicting themselves
         assert gate.round == ann.round and sorted(gate.devices) == ["a", "b", "c"], gate
         assert fleet.hub.store.reject_counts(ann.round).get("malformed") == 2
 
