@@ -346,15 +346,36 @@ def combine_secret(shares: list[tuple[int, bytes]]) -> bytes:
 
 def lagrange_at(points: list[tuple[int, int]], x: int) -> int:
     """The value at ``x`` of the polynomial of degree < len(points) through ``points`` (over GF(`SHAMIR_PRIME`))."""
-    total = 0
+    return lagrange_values(points, [x])[0]
+
+
+def lagrange_values(points: list[tuple[int, int]], xs: list[int]) -> list[int]:
+    """The values at ``xs`` of the polynomial of degree < len(points) through ``points`` (distinct x, over
+    GF(`SHAMIR_PRIME`)): each basis polynomial's denominator is inverted once for all ``xs``, and each numerator
+    ``prod_{m != j} (x - x_m)`` comes from prefix and suffix products, so a value costs O(len(points))
+    multiplications and no inverse (the hub checks every revealed share against the reconstructed polynomial)."""
+    p = SHAMIR_PRIME
+    px = [xj for xj, _ in points]
+    coef = []
     for j, (xj, yj) in enumerate(points):
-        num = den = 1
-        for m, (xm, _) in enumerate(points):
+        den = 1
+        for m, xm in enumerate(px):
             if m != j:
-                num = num * (x - xm) % SHAMIR_PRIME
-                den = den * (xj - xm) % SHAMIR_PRIME
-        total = (total + yj * num * pow(den, -1, SHAMIR_PRIME)) % SHAMIR_PRIME
-    return total
+                den = den * (xj - xm) % p
+        coef.append(yj * pow(den, -1, p) % p)
+    out = []
+    n = len(px)
+    for x in xs:
+        diffs = [(x - xm) % p for xm in px]
+        suffix = [1] * (n + 1)
+        for m in range(n - 1, -1, -1):
+            suffix[m] = suffix[m + 1] * diffs[m] % p
+        total, prefix = 0, 1
+        for j in range(n):
+            total = (total + coef[j] * prefix % p * suffix[j + 1]) % p
+            prefix = prefix * diffs[j] % p
+        out.append(total)
+    return out
 
 
 def robust_secret(shares: list[tuple[str, int, bytes]], threshold: int, check: Callable[[bytes], bool],
@@ -387,8 +408,11 @@ def robust_secret(shares: list[tuple[str, int, bytes]], threshold: int, check: C
             if not check(secret):
                 continue
             points = [(i, int.from_bytes(v, "big")) for _, i, v in chosen]
-            bad = {r for r, i, v in items
-                   if not 1 <= i <= MAX_SHARES or int.from_bytes(v, "big") != lagrange_at(points, i)}
+            on = {i for i, _ in points}  # the chosen shares define the polynomial: only the others are checked
+            others = [(r, i, v) for r, i, v in items if i not in on]
+            values = lagrange_values(points, [i for _, i, _ in others if 1 <= i <= MAX_SHARES])
+            expected = dict(zip([i for _, i, _ in others if 1 <= i <= MAX_SHARES], values, strict=True))
+            bad = {r for r, i, v in others if i not in expected or int.from_bytes(v, "big") != expected[i]}
             return secret, sorted(bad)
     raise SecAggError(SecAggFailure.BAD_SHARE, f"no {threshold} of the {m} shares give a secret that checks")
 
