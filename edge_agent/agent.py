@@ -360,8 +360,8 @@ class Agent:
             log.warning("ignoring %s on the round/announce topic", msg.type)
             return
         with self._cond:
-            if msg.buffer_k is not None:  # the version the hub is on now (what an update sent now is staler than)
-                self.worker.announced = (msg.round, msg.model_version)
+            if msg.buffer_k is not None:  # the version (and attempt) the hub is on now: an update sent now goes
+                self.worker.announced = (msg.round, msg.model_version, msg.buffer_attempt)  # into its buffer
             reason = self._skip_reason(msg)
             if reason:
                 log.info("ignoring announce of round %d: %s", msg.round, reason)
@@ -451,8 +451,9 @@ class Agent:
             return "this device is not selected"
         if msg.deadline <= time.time():
             return f"deadline passed {time.time() - msg.deadline:.1f} s ago"
-        if msg.buffer_k is not None and (msg.round, msg.model_version) in self.worker.versions_started:
-            return "duplicate (already started on this model version)"
+        if msg.buffer_k is not None and (msg.round, msg.model_version,
+                                         msg.buffer_attempt) in self.worker.versions_started:
+            return "duplicate (already started on this model version and attempt)"
         if msg.buffer_k is None and msg.round in self.worker.started:
             return "duplicate (already started)"
         return None

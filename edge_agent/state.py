@@ -1,6 +1,9 @@
 """What the agent remembers across restarts: ``state_dir/state.json``, written atomically.
 
-Fields: ``last_completed_round`` (an announce for a round at or below it is stale), ``model_version``
+Fields: ``last_completed_round`` (an announce for a round at or below it is stale), ``buffered_version`` and
+``buffered_attempt`` (in a buffered round: the model version and ``buffer_attempt`` its update was trained on),
+``buffered_ahead`` and ``buffered_ahead_attempt`` (the newer version and attempt the round was announced on when
+that update went out; a state file without the attempts reads them as 0), ``model_version``
 (the global version the device holds), ``versions`` (version -> backbone sha256 of the heads stored
 under ``heads/``), ``backbones`` (installed backbones, oldest first), ``last_reject`` (the hub's last
 Reject: round, reason, detail, ts).
@@ -29,6 +32,11 @@ MAX_BACKBONES = 2
 """Backbones kept installed besides those of the kept heads: the newest and the one before it."""
 
 
+def _count(value: Any) -> int:
+    """A stored count: a non-negative int, else 0 (absent in a state file written before it existed)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
 @dataclass
 class AgentState:
     """What an agent remembers across restarts (``state.json``): the last round it completed, the model versions
@@ -37,7 +45,9 @@ class AgentState:
     path: Path
     last_completed_round: int = 0
     buffered_version: str | None = None  # the model version of its update in buffered round last_completed_round
+    buffered_attempt: int = 0  # the announce's buffer_attempt that update was trained on
     buffered_ahead: str | None = None  # the newer version that round was announced on when that update was sent
+    buffered_ahead_attempt: int = 0  # and that announce's buffer_attempt
     model_version: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
     backbones: list[str] = field(default_factory=list)
@@ -58,8 +68,10 @@ class AgentState:
             state.last_completed_round = last if isinstance(last, int) and not isinstance(last, bool) else 0
             buffered = obj.get("buffered_version")
             state.buffered_version = buffered if isinstance(buffered, str) else None
+            state.buffered_attempt = _count(obj.get("buffered_attempt"))
             ahead = obj.get("buffered_ahead")
             state.buffered_ahead = ahead if isinstance(ahead, str) else None
+            state.buffered_ahead_attempt = _count(obj.get("buffered_ahead_attempt"))
             version = obj.get("model_version")
             state.model_version = version if isinstance(version, str) else None
             versions = obj.get("versions", {})
@@ -80,7 +92,9 @@ class AgentState:
             return {
                 "last_completed_round": self.last_completed_round,
                 "buffered_version": self.buffered_version,
+                "buffered_attempt": self.buffered_attempt,
                 "buffered_ahead": self.buffered_ahead,
+                "buffered_ahead_attempt": self.buffered_ahead_attempt,
                 "model_version": self.model_version,
                 "versions": dict(self.versions),
                 "backbones": list(self.backbones),

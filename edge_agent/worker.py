@@ -55,6 +55,12 @@ reconnect, and when the hub says it is online (both of the latter only for updat
 except a reconnect: edge_agent/outbox.py)."""
 
 
+def _later(msg: RoundAnnounce, version: str, attempt: int) -> bool:
+    """Whether ``msg`` announces its buffered round on another model version than ``version``, or on it with a
+    higher ``buffer_attempt`` than ``attempt``."""
+    return msg.model_version != version or msg.buffer_attempt > attempt
+
+
 def save_npz(path: Path, arrays: dict[str, NDArray[Any]]) -> None:
     buf = io.BytesIO()
     np.savez(buf, **arrays)  # type: ignore[arg-type]
@@ -94,9 +100,11 @@ class RoundWorker:
         self.policy = policy_of(config)
         self.jobs: queue.Queue[RoundAnnounce | None] = queue.Queue()
         self.started: set[int] = set()  # rounds queued, running or done in this process
-        self.versions_started: set[tuple[int, str]] = set()  # (round, model version) queued, running or done
+        # (round, model version, buffer attempt) of buffered rounds queued, running or done in this process
+        self.versions_started: set[tuple[int, str, int]] = set()
         self.closed_round = 0  # the highest round the hub's result says is closed
-        self.announced: tuple[int, str] | None = None  # the latest buffered announce received: (round, version)
+        # the latest buffered announce received: (round, model version, buffer attempt)
+        self.announced: tuple[int, str, int] | None = None
         self.done_round = state.last_completed_round  # the highest round answered on the wire (update, decline...)
         self.secagg: dict[int, DeviceSession] = {}  # secure-aggregation rounds in progress (secrets in memory only)
         self._trainer: tuple[str, Path, IsolatedTrainer] | None = None  # (backbone, its install, trainer)
@@ -123,7 +131,7 @@ class RoundWorker:
 
     def enqueue(self, msg: RoundAnnounce) -> None:
         self.started.add(msg.round)
-        self.versions_started.add((msg.round, msg.model_version))
+        self.versions_started.add((msg.round, msg.model_version, msg.buffer_attempt))
         self.jobs.put(msg)
 
     def trainer_backbone(self) -> str | None:
@@ -156,7 +164,7 @@ class RoundWorker:
                     log.exception("could not decline round %d", msg.round)
                     with self.cond:
                         self.started.discard(msg.round)  # a redelivered announce may retry
-                        self.versions_started.discard((msg.round, msg.model_version))
+                        self.versions_started.discard((msg.round, msg.model_version, msg.buffer_attempt))
 
     # -- what rounds need (also the selection worker's interface) ---------------------------------------------
     def trainer_for(self, backbone_sha256: str) -> Trainer:
@@ -209,12 +217,16 @@ class RoundWorker:
 
     def again(self, msg: RoundAnnounce) -> bool:
         """``msg`` announces an open buffered round this device sent an update in, on a newer model version than
-        that update's: it trains again (one update per model version; PROTOCOL.md, "Buffered rounds"). Not on the
-        version the hub had announced already when that update was sent (``buffered_ahead``): the update went into
-        the buffer of the version after it, and the hub takes one update per device in a buffer."""
-        return (msg.buffer_k is not None and msg.round == self.state.last_completed_round
-                and self.state.buffered_version is not None and self.state.buffered_version != msg.model_version
-                and self.state.buffered_ahead != msg.model_version and self.closed_round < msg.round)
+        that update's, or on the same version with a higher ``buffer_attempt`` (a buffer that deployed nothing gave
+        its devices their slot back): it trains again (one update per model version and attempt; PROTOCOL.md,
+        "Buffered rounds"). Not on the version and attempt the hub had announced already when that update was sent
+        (``buffered_ahead``): the update went into the buffer being filled then, and the hub takes one update per
+        device in a buffer."""
+        s = self.state
+        return (msg.buffer_k is not None and msg.round == s.last_completed_round and s.buffered_version is not None
+                and _later(msg, s.buffered_version, s.buffered_attempt)
+                and (s.buffered_ahead is None or _later(msg, s.buffered_ahead, s.buffered_ahead_attempt))
+                and self.closed_round < msg.round)
 
     def answered_already(self, msg: RoundAnnounce) -> bool:
         """``msg``'s round (or, in a buffered round, its model version) has been answered."""
@@ -252,6 +264,7 @@ class RoundWorker:
         with self.cond:
             if round_id > self.state.last_completed_round:
                 self.state.buffered_version = self.state.buffered_ahead = None
+                self.state.buffered_attempt = self.state.buffered_ahead_attempt = 0
             self.state.last_completed_round = max(self.state.last_completed_round, round_id)
             self.state.save()
         self.answered(round_id)
@@ -327,7 +340,7 @@ class RoundWorker:
         if msg.compression is not None:  # after the DP noise: compression is post-processing
             sent = self._compress(msg, delta)
         update = ModelUpdate(self.config.fleet, msg.round, self.device, msg.model_version, n_samples, sent, metrics)
-        buffered = None if msg.buffer_k is None else msg.model_version
+        buffered = None if msg.buffer_k is None else (msg.model_version, msg.buffer_attempt)
         if self._publish_update(msg.round, encode(update), dp, outcome.personal, buffered):
             log.info("%s; update %s published", summary, update.nonce[:8])
 
@@ -386,17 +399,17 @@ class RoundWorker:
             return None
 
     def _publish_update(self, round_id: int, payload: bytes, dp: DpParams | None, personal: Head | None,
-                        buffered: str | None = None) -> bool:
+                        buffered: tuple[str, int] | None = None) -> bool:
         """Record (DP ledger, outbox, personal head), mark the round completed, then publish; False if it already
-        was completed (a buffered round's update, of model version ``buffered``: if this device sent an update on
-        that version, or answered the round otherwise). The outbox keeps one update per round: a buffered round's
-        newer one replaces the older. A crash after the outbox write re-sends these exact bytes at the next start
-        (the outbox is sent again until acked or closed), so publishing outside the lock loses nothing; and no lock
-        is held while a transport may deliver synchronously (an in-process hub answers on this thread)."""
+        was completed (a buffered round's update, of (model version, buffer attempt) ``buffered``: if this device
+        sent an update on that version in that attempt or a later one, or answered the round otherwise). The outbox
+        keeps one update per round: a buffered round's newer one replaces the older. A crash after the outbox write
+        re-sends these exact bytes at the next start (the outbox is sent again until acked or closed), so publishing
+        outside the lock loses nothing; and no lock is held while a transport may deliver synchronously (an
+        in-process hub answers on this thread)."""
         with self.cond:
             last = self.state.last_completed_round
-            if round_id < last or (round_id == last and (buffered is None or self.state.buffered_version in (
-                    None, buffered))):
+            if round_id < last or (round_id == last and not self._sends_again(buffered)):
                 log.info("round %d already completed; not publishing again", round_id)
                 return False
             if dp is not None:  # recorded before it leaves the device: a crash over-counts, never under-counts
@@ -405,14 +418,23 @@ class RoundWorker:
             if personal is not None:
                 save_npz(self.personal_head_path, dict(personal))
             self.state.last_completed_round = round_id
-            self.state.buffered_version = buffered
-            ahead, self.state.buffered_ahead = self.announced, None
-            if buffered is not None and ahead is not None and ahead[0] == round_id and ahead[1] != buffered:
-                self.state.buffered_ahead = ahead[1]  # the hub is on a newer version already: not trained again
+            self.state.buffered_version, self.state.buffered_attempt = buffered or (None, 0)
+            ahead, self.state.buffered_ahead, self.state.buffered_ahead_attempt = self.announced, None, 0
+            if buffered is not None and ahead is not None and ahead[0] == round_id and ahead[1:] != buffered:
+                # the hub is on a newer version (or attempt) already: not trained again on that one
+                self.state.buffered_ahead, self.state.buffered_ahead_attempt = ahead[1], ahead[2]
             self.state.save()
         self.publish(self.topics.update(self.device), payload)
         self.answered(round_id)
         return True
+
+    def _sends_again(self, buffered: tuple[str, int] | None) -> bool:
+        """Whether an update on (model version, buffer attempt) ``buffered`` is a new one in the buffered round
+        ``last_completed_round`` names: this device's update there was on another version or an earlier attempt
+        (not if the round is not buffered, or was answered without an update)."""
+        s = self.state
+        return (buffered is not None and s.buffered_version is not None
+                and (s.buffered_version != buffered[0] or s.buffered_attempt < buffered[1]))
 
     # -- secure aggregation -----------------------------------------------------------------------------------
     def _secagg_session(self, msg: RoundAnnounce, dp: DpParams | None) -> DeviceSession | None:

@@ -170,21 +170,23 @@ class RoundRunner:
                  rnd.deadline - self.hub.clock())
 
     def _resume_buffered(self, rnd: OpenRound) -> None:
-        """A buffered round after a restart: its chain as recorded when it made its last version, the updates
-        accepted since folded into the buffer again (with the staleness they had), the others remembered."""
+        """A buffered round after a restart: its chain as recorded when it made its last version (its attempt and
+        spent updates too), the updates accepted since folded into the buffer again (with the staleness they had),
+        the others remembered (a spent one as a redelivery only: its slot was released). The chain's meta is written
+        in the same store transaction as the version and the update that filled the buffer, so the two agree."""
         store, params = self.hub.store, rnd.params
         if params.buffer is None:
             raise HubStateError(f"round {rnd.id} is not a buffered round")
         saved = json.loads(store.get_meta(_chain_key(rnd.id)) or "{}")
-        chain = BufferChain(params.buffer, list(saved.get("versions", [rnd.model_version])),
-                            folded=int(saved.get("folded", 0)), made=list(saved.get("made", [])))
+        chain = BufferChain.from_meta(params.buffer, saved, rnd.model_version)
         rnd.chain, rnd.model_version = chain, chain.current
         rnd.buffer = self.buffer(params, rnd.backbone_sha256)
         for i, stored in enumerate(store.iter_buffered_updates(rnd.id)):
             msg = decode(stored.payload, max_bytes=max(len(stored.payload), 1))
             if not isinstance(msg, ModelUpdate):
                 raise HubStateError(f"round {rnd.id}: the stored update of {stored.device} is a {msg.type}")
-            chain.sent[(msg.device, msg.model_version)] = msg.nonce
+            if (msg.device, msg.model_version, msg.nonce) not in chain.spent:  # a spent one holds no slot
+                chain.sent[(msg.device, msg.model_version)] = msg.nonce
             rnd.accepted[msg.device] = msg.nonce
             rnd.n_samples += msg.n_samples
             staleness = chain.staleness(msg.model_version)
@@ -196,8 +198,9 @@ class RoundRunner:
                 delta = dict(decompress(delta, rnd.buffer.aggregator.shapes, params.compression))
             rnd.buffer.add(delta, msg.n_samples, staleness)
         self.round = rnd
-        log.info("buffered round %d resumed on %s: %d versions made, %d updates in the buffer, deadline in %.1f s",
-                 rnd.id, chain.current, len(chain.made), rnd.buffer.count, rnd.deadline - self.hub.clock())
+        log.info("buffered round %d resumed on %s (attempt %d): %d versions made, %d updates in the buffer, "
+                 "deadline in %.1f s", rnd.id, chain.current, chain.attempt, len(chain.made), rnd.buffer.count,
+                 rnd.deadline - self.hub.clock())
 
     def _unannounced(self, rid: int, status: RoundStatus, cur: VersionRow, params: RoundParams, now: float,
                      detail: str) -> None:
@@ -260,8 +263,9 @@ class RoundRunner:
         """A buffered round's update: stored, folded in with its staleness weight (the caller acks it); a full
         buffer makes the next version (:meth:`_make_version`)."""
         hub = self.hub
+        attempt = 0 if rnd.chain is None else rnd.chain.attempt
         hub.store.add_buffered_update(msg.round, msg.device, msg.model_version, msg.nonce, msg.n_samples,
-                                      msg.metrics, payload)
+                                      msg.metrics, payload, attempt)
         full = rnd.fold(msg.device, msg.model_version, msg.nonce, msg.delta, msg.n_samples)
         log.debug("round %d: update from %s on %s accepted (%d samples)", msg.round, msg.device, msg.model_version,
                   msg.n_samples)
@@ -270,7 +274,9 @@ class RoundRunner:
 
     def _make_version(self, r: OpenRound) -> None:
         """A buffered round's full buffer: the next version (the core's :func:`buffered_version`), registered,
-        deployed (published, the round re-announced on it) unless the held-out gate keeps it back, recorded."""
+        deployed (published, the round re-announced on it) unless the held-out gate keeps it back, recorded. A buffer
+        that deploys nothing (held back, or not finite) starts the round's next attempt: its devices' slots are
+        released and the round re-announced on the same version with the new ``buffer_attempt``."""
         hub, chain, buf = self.hub, r.chain, r.buffer
         if chain is None or buf is None:
             raise HubStateError(f"round {r.id} is not a buffered round")
@@ -287,9 +293,9 @@ class RoundRunner:
                                           loss=outcome.loss)
             hub.store.add_version(row, make_current=outcome.deploy)
         staleness = list(buf.staleness)
-        r.next_version(None if row is None else row.version, outcome.deploy, self.buffer(r.params, r.backbone_sha256))
-        hub.store.set_meta(_chain_key(r.id), json.dumps({"versions": chain.versions, "made": chain.made,
-                                                         "folded": chain.folded}))
+        released = r.next_version(None if row is None else row.version, outcome.deploy,
+                                  self.buffer(r.params, r.backbone_sha256))
+        hub.store.set_meta(_chain_key(r.id), json.dumps(chain.to_meta()))
         acc = "-" if outcome.accuracy is None else f"{outcome.accuracy:.4f}"
         if row is None:
             log.error("round %d: buffered version from %d updates: %s", r.id, len(staleness), outcome.detail)
@@ -297,11 +303,15 @@ class RoundRunner:
             log.info("round %d: version %s from %d updates (staleness %s) on %s, accuracy %s: deployed", r.id,
                      row.version, len(staleness), staleness, parent, acc)
             hub.publish_model(row)
-            hub.publish(hub.topics.announce, encode(r.announce(hub.cfg.fleet)), retain=True)
-            hub.publish_status()
         else:
             log.warning("round %d: version %s kept as a candidate, not deployed: %s (devices stay on %s)", r.id,
                         row.version, outcome.held_back, parent)
+        if not outcome.deploy:
+            log.info("round %d: attempt %d on %s: %d devices whose updates were spent may send again %s", r.id,
+                     chain.attempt, chain.current, len(released), _some(tuple(released)))
+        hub.publish(hub.topics.announce, encode(r.announce(hub.cfg.fleet)), retain=True)  # new version or attempt
+        if outcome.deploy:
+            hub.publish_status()
 
     def reject(self, v: Rejection, topic: str) -> None:
         hub = self.hub
@@ -608,7 +618,8 @@ class RoundRunner:
 
 
 def _chain_key(rid: int) -> str:
-    """The store meta key of a buffered round's chain (versions, versions made, updates folded), for a restart."""
+    """The store meta key of a buffered round's chain (versions, versions made, updates folded, attempt, spent
+    updates: :meth:`BufferChain.to_meta`), for a restart."""
     return f"buffered_chain_{rid}"
 
 

@@ -4,11 +4,11 @@ Tables: ``meta`` (current version pointer, schedule chain), ``backbones``, ``ver
 ``rounds`` (params, selection, deadline, outcome), ``updates`` (accepted updates, UNIQUE(round, device):
 nonce, samples, metrics; the raw frame in ``updates/round-<id>.bin`` until the round closes
 (``hub/store_payloads.py``), or in the row and kept with ``keep_update_payloads``),
-``buffered_updates`` (a buffered round's accepted updates, UNIQUE(round, device, model_version), the frames as
-``updates``'), ``rejects`` (reason per refused message), ``control`` (ignored control messages), ``devices`` (presence),
-``candidates``, ``selections`` and ``selection_reports`` (source-model selection), ``alerts``, ``conduct`` and
-``participation`` (devices' standing: :mod:`fedge.hub.store_conduct`). Every write is its own
-transaction. One connection, guarded by a lock, shared by the daemon's threads. The file, its -wal and -shm
+``buffered_updates`` (a buffered round's accepted updates, UNIQUE(round, device, model_version, attempt), the
+frames as ``updates``'), ``rejects`` (reason per refused message), ``control`` (ignored control messages),
+``devices`` (presence), ``candidates``, ``selections`` and ``selection_reports`` (source-model selection),
+``alerts``, ``conduct`` and ``participation`` (devices' standing: :mod:`fedge.hub.store_conduct`). Every write is
+its own transaction. One connection, guarded by a lock, shared by the daemon's threads. The file, its -wal and -shm
 are 0600 in a 0700 folder.
 """
 
@@ -301,9 +301,10 @@ class Store(FleetTables, ConductTables):
             yield StoredUpdate(str(row[0]), str(row[1]), int(row[2]), payload or b"")
 
     def add_buffered_update(self, rid: int, device: str, model_version: str, nonce: str, n_samples: int,
-                            metrics: dict[str, float], payload: bytes) -> None:
-        """Store one accepted update of a buffered round (one per device and model version; sqlite3.IntegrityError
-        if that one is already stored); the frame as :meth:`add_update` keeps it."""
+                            metrics: dict[str, float], payload: bytes, attempt: int = 0) -> None:
+        """Store one accepted update of a buffered round (one per device, model version and ``attempt``, the round's
+        ``buffer_attempt`` when it was accepted; sqlite3.IntegrityError if that one is already stored); the frame as
+        :meth:`add_update` keeps it."""
         with self._lock:
             at: int | None = None
             size: int | None = None
@@ -312,9 +313,9 @@ class Store(FleetTables, ConductTables):
                 payload = b""
                 self.before_commit(self.payloads.sync)
             self._write("INSERT INTO buffered_updates(round, device, model_version, nonce, n_samples, metrics, "
-                        "payload, received_at, payload_at, payload_len) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (rid, device, model_version, nonce, n_samples, json.dumps(metrics), payload, time.time(), at,
-                         size))
+                        "payload, received_at, payload_at, payload_len, attempt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+                        "?)", (rid, device, model_version, nonce, n_samples, json.dumps(metrics), payload, time.time(),
+                               at, size, attempt))
 
     def iter_buffered_updates(self, rid: int) -> Iterator[StoredUpdate]:
         """A buffered round's stored updates in the order they were accepted."""

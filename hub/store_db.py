@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedge.hub.store_rows import VersionRow
-from fedge.hub.store_schema import SCHEMA
+from fedge.hub.store_schema import BUFFERED_UPDATES, SCHEMA
 from fedge.protocol.fsio import PRIVATE_FILE, private_dir
 
 __all__ = ["Database"]
@@ -52,6 +52,23 @@ class Database:
         for column in ("payload_at", "payload_len"):  # a frame in updates/round-<id>.bin (store_payloads.py)
             if column not in have:
                 self._db.execute(f"ALTER TABLE updates ADD COLUMN {column} INTEGER")
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(buffered_updates)")}
+        if "attempt" not in have:
+            self._add_buffer_attempt()
+
+    def _add_buffer_attempt(self) -> None:
+        """``buffered_updates`` of a hub from before ``buffer_attempt``: UNIQUE(round, device, model_version) becomes
+        UNIQUE(round, device, model_version, attempt), every row attempt 0. SQLite changes a constraint only by
+        copying the table: one transaction, the rows in the order they were accepted (a resumed round folds them in
+        that order)."""
+        columns = ("round, device, model_version, nonce, n_samples, metrics, payload, received_at, payload_at, "
+                   "payload_len")
+        with self.transaction():
+            self._db.execute(BUFFERED_UPDATES.format(name="buffered_updates_attempt"))
+            self._db.execute(f"INSERT INTO buffered_updates_attempt({columns}) SELECT {columns} FROM "
+                             "buffered_updates ORDER BY rowid")
+            self._db.execute("DROP TABLE buffered_updates")
+            self._db.execute("ALTER TABLE buffered_updates_attempt RENAME TO buffered_updates")
 
     def close(self) -> None:
         with self._lock:

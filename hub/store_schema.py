@@ -1,5 +1,13 @@
 """The hub database's tables (``CREATE TABLE IF NOT EXISTS``: an older file keeps its data)."""
 
+BUFFERED_UPDATES = """CREATE TABLE IF NOT EXISTS {name} (
+    round INTEGER NOT NULL, device TEXT NOT NULL, model_version TEXT NOT NULL, nonce TEXT NOT NULL,
+    n_samples INTEGER NOT NULL, metrics TEXT NOT NULL, payload BLOB NOT NULL, received_at REAL NOT NULL,
+    payload_at INTEGER, payload_len INTEGER, attempt INTEGER NOT NULL DEFAULT 0,
+    UNIQUE(round, device, model_version, attempt));"""
+"""A buffered round's accepted updates: one per device, model version and attempt (the round's ``buffer_attempt``
+when it was accepted). ``{name}``: the table's name (a migration copies an older table into a new one)."""
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS backbones (
@@ -16,10 +24,6 @@ CREATE TABLE IF NOT EXISTS updates (
     round INTEGER NOT NULL, device TEXT NOT NULL, nonce TEXT NOT NULL, n_samples INTEGER NOT NULL,
     metrics TEXT NOT NULL, payload BLOB NOT NULL, received_at REAL NOT NULL, payload_at INTEGER,
     payload_len INTEGER, UNIQUE(round, device));
-CREATE TABLE IF NOT EXISTS buffered_updates (
-    round INTEGER NOT NULL, device TEXT NOT NULL, model_version TEXT NOT NULL, nonce TEXT NOT NULL,
-    n_samples INTEGER NOT NULL, metrics TEXT NOT NULL, payload BLOB NOT NULL, received_at REAL NOT NULL,
-    payload_at INTEGER, payload_len INTEGER, UNIQUE(round, device, model_version));
 CREATE TABLE IF NOT EXISTS rejects (
     id INTEGER PRIMARY KEY AUTOINCREMENT, round INTEGER, device TEXT, reason TEXT NOT NULL,
     detail TEXT NOT NULL, ts REAL NOT NULL);
@@ -59,6 +63,6 @@ CREATE TABLE IF NOT EXISTS conduct (
     permanent INTEGER NOT NULL, reason TEXT NOT NULL, last INTEGER NOT NULL, updated REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS participation (
     device TEXT PRIMARY KEY, selected INTEGER NOT NULL, answered INTEGER NOT NULL);
-"""
+""" + BUFFERED_UPDATES.format(name="buffered_updates") + "\n"
 
-__all__ = ["SCHEMA"]
+__all__ = ["BUFFERED_UPDATES", "SCHEMA"]

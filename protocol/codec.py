@@ -74,6 +74,8 @@ _BY_TYPE: Final[dict[MessageType, type[Message]]] = {
                 Decline, SecAggStage)
 }
 _ARRAY_FIELD: Final = {"head", "files", "delta", "stage"}
+_AT_LEAST: Final[dict[type[Any], tuple[tuple[str, int], ...]]] = {RoundAnnounce: (("buffer_attempt", 0),)}
+"""Integer fields with a floor (beyond their type): a frame below it is malformed."""
 
 
 def _dtype_name(arr: np.ndarray[Any, Any]) -> str:
@@ -375,6 +377,9 @@ def decode(payload: bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Messa
             raise _fail(RejectReason.MALFORMED, f"{cls.type} without field {name!r}")
     if "nonce" not in header:
         raise _fail(RejectReason.MALFORMED, f"{cls.type} without field 'nonce'")
+    for name, low in _AT_LEAST.get(cls, ()):
+        if name in kwargs and kwargs[name] < low:
+            raise _fail(RejectReason.MALFORMED, f"field {name!r}: {kwargs[name]!r} is below {low}")
     return cls(**kwargs)
 
 

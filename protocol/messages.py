@@ -162,6 +162,10 @@ class RoundAnnounce:
     # update counted while its model is at most ``max_staleness`` versions old; absent = a synchronous round
     buffer_k: int | None = field(default=None, metadata=EXT)
     max_staleness: int | None = field(default=None, metadata=EXT)
+    # a buffered round's attempt (>= 0): how many full buffers of the round deployed no version so far (it never goes
+    # down within the round); each time it grows, the devices whose updates were in that buffer may each send one
+    # new update on the version it was trained on (PROTOCOL.md, "Buffered rounds"); absent = 0
+    buffer_attempt: int = field(default=0, metadata=EXT)
     secagg_l2_clip: float | None = field(default=None, metadata=EXT)  # each update clipped to this L2 norm first
     secagg_norm_bit: bool = field(default=False, metadata=EXT)  # one more coordinate: clip if under the L2 clip
 

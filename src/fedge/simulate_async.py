@@ -14,8 +14,10 @@ a device that goes offline before its job ends loses it. Both modes see the same
 
 In both modes the hub's held-out deploy gate decides (as the hub does by default): a new version that scores more
 than ``deploy_tolerance`` below the deployed one on the gate's rows is held back, and devices go on training the
-deployed one. The hub's eval set is split in two (:class:`HeldOut`): the gate's rows and the measurement rows,
-on which every deployed version is scored, so the gate's choices are not measured on the rows that made them.
+deployed one; in buffered mode, as on the hub (its ``buffer_attempt``), the devices whose updates made a held-back
+version trained on the deployed one may train on it again. The hub's eval set is split in two (:class:`HeldOut`):
+the gate's rows and the measurement rows, on which every deployed version is scored, so the gate's choices are not
+measured on the rows that made them.
 :func:`time_to_target` reads when a run reached an accuracy and stayed near it.
 """
 
@@ -217,14 +219,16 @@ def run_sync(fleet: SimFleet, settings: AsyncSettings, availability: Availabilit
 def run_buffered(fleet: SimFleet, settings: AsyncSettings, availability: Availability, held_out: HeldOut,
                  horizon: float) -> Trace:
     """Buffered aggregation until ``horizon``: every online device trains on the latest deployed version, once per
-    version; ``k`` updates make a version, deployed unless the held-out gate keeps it back."""
+    version; ``k`` updates make a version, deployed unless the held-out gate keeps it back. A held-back version's
+    devices that trained on the deployed version get that turn back (the hub's next ``buffer_attempt``): they train
+    on it again."""
     jobs = Jobs(fleet.devices, settings)
     shapes = {k: tuple(v.shape) for k, v in fleet.w0.items()}
     buffer_settings = BufferSettings(settings.k, settings.max_staleness, settings.server_lr)
     trace = Trace()
     deployed = _Deployment(dict(fleet.w0), held_out, settings.deploy_tolerance, trace)
     versions: list[Head] = [deployed.head]  # the deployed chain (a held-back version is not on it)
-    buf, senders = Buffer(shapes, buffer_settings, 0.0, Bounds()), []
+    buf, senders, bases = Buffer(shapes, buffer_settings, 0.0, Bounds()), [], []
     trained: dict[int, int] = {}  # device -> the last version it trained on (it trains once per version)
     waiting: set[int] = set()  # devices that trained on the current version: they start again on the next one
     events: list[tuple[float, int, int, int]] = []  # (time, kind 0 = start / 1 = finish, device, base version)
@@ -265,6 +269,7 @@ def run_buffered(fleet: SimFleet, settings: AsyncSettings, availability: Availab
             if update is not None:
                 buf.add(*update, staleness=staleness)
                 senders.append(i)
+                bases.append(base)
                 trace.updates += 1
         if buf.full:
             trace.made.append(tuple(senders))
@@ -273,7 +278,13 @@ def run_buffered(fleet: SimFleet, settings: AsyncSettings, availability: Availab
                 for w in sorted(waiting):
                     waiting.discard(w)
                     start(w, t)
-            buf, senders = Buffer(shapes, buffer_settings, 0.0, Bounds()), []
+            else:  # held back: its devices that trained on the deployed version may train on it again
+                for w in sorted(w for w, b in zip(senders, bases, strict=True) if b == len(versions) - 1):
+                    trained.pop(w, None)
+                    if w in waiting:  # (i, whose update filled the buffer, starts below)
+                        waiting.discard(w)
+                        start(w, t)
+            buf, senders, bases = Buffer(shapes, buffer_settings, 0.0, Bounds()), [], []
         start(i, t)
     trace.end = horizon
     return trace

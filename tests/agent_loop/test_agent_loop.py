@@ -38,6 +38,7 @@ from fedge.protocol.messages import (
     RoundAnnounce,
     RoundResult,
     RoundStatus,
+    new_nonce,
 )
 from fedge.protocol.topics import Topics
 from fedge.protocol.transport import InMemoryBroker, InMemoryTransport
@@ -546,7 +547,7 @@ def test_a_buffered_round_is_not_trained_again_on_the_version_it_was_on_when_the
         if not trained:  # the hub makes v2 and re-announces the round while this device trains on v1
             hub.send(T.model_head, model_head(artifacts_dir, manifest, "v2"), retain=True)
             hub.send(T.announce, replace(on_v1, model_version="v2"), retain=True)
-            assert agent.worker.announced == (1, "v2")
+            assert agent.worker.announced == (1, "v2", 0)
         trained.append(msg.model_version)
         return real_train(msg, *args, **kwargs)
 
@@ -577,3 +578,108 @@ def test_a_buffered_round_stops_training_once_it_closed(
     assert wait_until(stop, 10)
     assert agent.worker.late_reason(replace(buffered, model_version="v2")) == "the buffered round closed"
     agent.stop()
+
+
+def test_a_buffered_round_is_trained_again_on_the_same_version_in_each_new_attempt(
+    config: AgentConfig, hub: Hub, artifacts_dir: Path, manifest: Manifest
+) -> None:
+    """A held-back version gives its devices their slot back: the hub re-publishes the announce (same round and
+    version) with a higher ``buffer_attempt``, and the device trains again on that version, once per attempt; the
+    same announce delivered again is not trained on, before or after a restart."""
+    hub.send(T.model_full, model_full(artifacts_dir, manifest), retain=True)
+    hub.send(T.model_head, model_head(artifacts_dir, manifest), retain=True)
+    first = Agent(config, transport=InMemoryTransport(hub.broker))
+    first.start()
+    attempt0 = replace(announce(manifest, 1), buffer_k=2, max_staleness=1)
+    hub.send(T.announce, attempt0, retain=True)
+    assert wait_until(lambda: len(hub.updates()) == 1, 60)
+    hub.send(T.announce, replace(attempt0, nonce=new_nonce()))  # redelivered: attempt 0 is answered
+    attempt1 = replace(attempt0, buffer_attempt=1, nonce=new_nonce())  # v2 was held back: the same version again
+    hub.send(T.announce, attempt1, retain=True)
+    assert wait_until(lambda: len(hub.updates()) == 2, 60)
+    hub.send(T.announce, replace(attempt1, nonce=new_nonce()))  # redelivered: attempt 1 is answered too
+    hub.send(T.announce, announce(manifest, 2))  # a synchronous round after it: the FIFO worker ran the rest first
+    assert first.wait_round_done(2, 60)
+    first.stop()
+    assert [(u.round, u.model_version) for u in hub.updates()] == [(1, "v1"), (1, "v1"), (2, "v1")]
+    assert len({u.nonce for u in hub.updates()}) == 3
+
+    hub.send(T.announce, replace(attempt1, round=3, nonce=new_nonce()), retain=True)
+    second = Agent(config, transport=InMemoryTransport(hub.broker))
+    second.start()
+    assert wait_until(lambda: len(hub.updates()) == 4, 60)
+    second.stop()
+    state = json.loads((config.state_dir / "state.json").read_text())
+    assert (state["last_completed_round"], state["buffered_version"], state["buffered_attempt"]) == (3, "v1", 1)
+    third = Agent(config, transport=InMemoryTransport(hub.broker))
+    third.start()  # the retained announce (round 3, attempt 1) arrives again: answered before the restart
+    hub.send(T.announce, replace(attempt1, round=3, buffer_attempt=2, nonce=new_nonce()), retain=True)
+    assert wait_until(lambda: len(hub.updates()) == 5, 60)
+    hub.send(T.announce, announce(manifest, 4))
+    assert third.wait_round_done(4, 60)
+    third.stop()
+    assert [(u.round, u.model_version) for u in hub.updates()][3:] == [(3, "v1"), (3, "v1"), (4, "v1")]
+
+
+def test_a_state_file_from_before_buffer_attempts_reads_as_attempt_zero(
+    config: AgentConfig, hub: Hub, artifacts_dir: Path, manifest: Manifest
+) -> None:
+    """An agent updated mid-round: its state.json names the version of its update in the buffered round but no
+    attempt. It counts as attempt 0: the announce it answered is not trained on again, the next attempt is."""
+    hub.send(T.model_full, model_full(artifacts_dir, manifest), retain=True)
+    hub.send(T.model_head, model_head(artifacts_dir, manifest), retain=True)
+    warm = Agent(config, transport=InMemoryTransport(hub.broker))  # installs the model, then stops
+    warm.start()
+    assert wait_until(lambda: warm.state.model_version == "v1", 30)
+    warm.stop()
+    path = config.state_dir / "state.json"
+    old = json.loads(path.read_text())
+    old = {k: v for k, v in old.items() if k not in ("buffered_attempt", "buffered_ahead_attempt")}
+    path.write_text(json.dumps({**old, "last_completed_round": 1, "buffered_version": "v1", "buffered_ahead": None}))
+    attempt0 = replace(announce(manifest, 1), buffer_k=2, max_staleness=1)
+    hub.send(T.announce, attempt0, retain=True)
+    agent = Agent(config, transport=InMemoryTransport(hub.broker))
+    agent.start()
+    assert (agent.state.buffered_version, agent.state.buffered_attempt) == ("v1", 0)
+    hub.send(T.announce, replace(attempt0, buffer_attempt=1, nonce=new_nonce()), retain=True)
+    assert wait_until(lambda: len(hub.updates()) == 1, 60)
+    hub.send(T.announce, announce(manifest, 2))
+    assert agent.wait_round_done(2, 60)
+    agent.stop()
+    assert [(u.round, u.model_version) for u in hub.updates()] == [(1, "v1"), (2, "v1")]
+    assert json.loads(path.read_text())["buffered_attempt"] == 0  # round 2 is not buffered: forgotten
+
+
+def test_a_buffered_round_is_not_trained_again_in_the_attempt_it_was_in_when_the_update_went_out(
+    config: AgentConfig, hub: Hub, artifacts_dir: Path, manifest: Manifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``buffered_ahead`` with attempts: a buffer of other devices was held back while this one trained on attempt 0,
+    so its update lands in the buffer of attempt 1 (one update per device in a buffer): the queued announce of
+    attempt 1 is not trained on; attempt 2's is (that buffer was held back too)."""
+    hub.send(T.model_full, model_full(artifacts_dir, manifest), retain=True)
+    hub.send(T.model_head, model_head(artifacts_dir, manifest), retain=True)
+    agent = Agent(config, transport=InMemoryTransport(hub.broker))
+    agent.start()
+    attempt0 = replace(announce(manifest, 1), buffer_k=2, max_staleness=1)
+    real_train = worker_module.core.train
+    trained: list[int] = []
+
+    def train(msg: RoundAnnounce, *args: Any, **kwargs: Any) -> Any:
+        if not trained:  # the hub holds a version back and re-announces the round while this device trains
+            hub.send(T.announce, replace(attempt0, buffer_attempt=1, nonce=new_nonce()), retain=True)
+            assert agent.worker.announced == (1, "v1", 1)
+        trained.append(msg.buffer_attempt)
+        return real_train(msg, *args, **kwargs)
+
+    monkeypatch.setattr(worker_module.core, "train", train)
+    hub.send(T.announce, attempt0, retain=True)
+    assert wait_until(lambda: len(hub.updates()) == 1, 60)
+    state = json.loads((config.state_dir / "state.json").read_text())
+    assert (state["buffered_ahead"], state["buffered_ahead_attempt"]) == ("v1", 1)
+    hub.send(T.announce, replace(attempt0, buffer_attempt=2, nonce=new_nonce()), retain=True)
+    assert wait_until(lambda: len(hub.updates()) == 2, 60)
+    hub.send(T.announce, announce(manifest, 2))
+    assert agent.wait_round_done(2, 60)
+    agent.stop()
+    assert [(u.round, u.model_version) for u in hub.updates()] == [(1, "v1"), (1, "v1"), (2, "v1")]
+    assert trained == [0, 2, 0]

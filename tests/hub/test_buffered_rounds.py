@@ -4,6 +4,7 @@ device and model version, the round re-announced on each new version."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from fedge.core.aggregators import Bounds
-from fedge.core.buffered import Buffer, BufferSettings, staleness_weight
+from fedge.core.buffered import Buffer, BufferChain, BufferSettings, staleness_weight
 from fedge.core.losses import Score
 from fedge.hub.config import HubConfig
 from fedge.hub.daemon import gate_warnings
@@ -336,3 +337,180 @@ def test_check_warns_that_a_buffered_round_skips_the_federated_gate(tmp_path: Pa
     assert any("federated_gate = true has no effect" in w and "buffered" in w for w in gate_warnings(cfg))
     sync = hub_config(tmp_path / "state", artifacts, aggregation={"federated_gate": True})
     assert not any("federated_gate = true has no effect" in w for w in gate_warnings(sync))
+
+
+# -- a held-back version gives its devices their slot back (buffer_attempt) ------------------------------------------
+
+BIG = 100.0  # an update this large makes a version the evaluator below scores low: the gate holds it back
+
+
+def by_size(_d: Any, _s: Any, h: Any) -> Score:
+    """Held-out scores by the head's values: a version made from BIG updates (clipped to the norm bound, still more
+    than 10 per coordinate) scores 0.5, any other 0.9 (v0's head is drawn from a standard normal, the other updates
+    add at most 4), so the gate (tolerance 0.01) holds back exactly the BIG versions."""
+    return Score(loss=1.0, accuracy=0.5 if max(float(np.abs(v).max()) for v in h.values()) > 10 else 0.9)
+
+
+def stored_attempts(fleet: Fleet, rid: int) -> list[tuple[str, str, int]]:
+    rows = fleet.hub.store._all("SELECT device, model_version, attempt FROM buffered_updates WHERE round = ? "
+                                "ORDER BY rowid", (rid,))
+    return [(str(d), str(v), int(a)) for d, v, a in rows]
+
+
+def test_a_held_back_version_gives_exactly_its_devices_one_more_update_on_the_same_version(
+        tmp_path: Path, artifacts: Path) -> None:
+    for fleet in run_hub(buffered(tmp_path, artifacts), evaluator=by_size):
+        a, b, c, d = (fleet.device(n) for n in "abcd")
+        ann0 = fleet.start_round()
+        assert ann0.buffer_attempt == 0
+        v0 = head(fleet, "v0")
+        ua = a.update(ann0, zero_delta(SHAPES, BIG))
+        ub = b.update(ann0, zero_delta(SHAPES, BIG))
+        row = fleet.hub.store.version("v1")
+        assert row is not None and row.accuracy == 0.5 and current(fleet) == "v0"  # v1 held back
+        # the round re-announced on the same version, same round, deadline and selection, in its next attempt
+        ann1 = fleet.announce()
+        assert (ann1.round, ann1.model_version, ann1.deadline, ann1.selected, ann1.buffer_attempt) == (
+            ann0.round, "v0", ann0.deadline, ann0.selected, 1)
+        rnd = fleet.hub.round
+        assert rnd is not None and rnd.chain is not None
+        assert rnd.chain.sent == {} and rnd.chain.pending == {}  # exactly a's and b's slots released
+        assert rnd.chain.spent == {("a", "v0", ua.nonce), ("b", "v0", ub.nonce)}
+
+        uc = c.update(ann1, zero_delta(SHAPES, 2.0))  # c made nothing yet: its first update, in the new buffer
+        assert isinstance(last(c.inbox), Ack)
+        c.update(ann1, zero_delta(SHAPES, 2.0))  # c's second on v0 in this attempt: its slot is taken
+        assert isinstance(last(c.inbox), Reject) and last(c.inbox).reason is RejectReason.DUPLICATE
+        a.send(encode(ua))  # the spent update again (its ack was lost): a redelivery, acked, not counted
+        assert isinstance(last(a.inbox), Ack) and last(a.inbox).ref_nonce == ua.nonce
+        assert rnd.buffer is not None and rnd.buffer.count == 1
+        assert fleet.hub.store.buffered_update_count(ann0.round) == 3
+        ua2 = a.update(ann1, zero_delta(SHAPES, 4.0))  # a's slot on v0 is back: its new update makes v2 with c's
+        assert isinstance(last(a.inbox), Ack) and last(a.inbox).ref_nonce == ua2.nonce
+        assert current(fleet) == "v2"
+        for k in SHAPES:  # (2 + 4) / 2: the spent BIG updates are not in it
+            np.testing.assert_allclose(head(fleet, "v2")[k], v0[k] + 3.0, atol=1e-5)
+        ann2 = fleet.announce()
+        assert (ann2.model_version, ann2.buffer_attempt) == ("v2", 1)  # the counter is the round's: it stays
+        a.update(ann1, zero_delta(SHAPES, 1.0))  # a third update on v0: its slot holds ua2 (v2 deployed)
+        assert isinstance(last(a.inbox), Reject) and last(a.inbox).reason is RejectReason.DUPLICATE
+        b.send(encode(ub))  # b's spent update again, the round a version further on: still a redelivery
+        assert isinstance(last(b.inbox), Ack) and last(b.inbox).ref_nonce == ub.nonce
+        c.send(encode(uc))
+        assert isinstance(last(c.inbox), Ack)
+        assert stored_attempts(fleet, ann0.round) == [("a", "v0", 0), ("b", "v0", 0), ("c", "v0", 1), ("a", "v0", 1)]
+        assert fleet.hub.store.reject_counts(ann0.round) == {"duplicate": 2}
+
+        b.update(ann0, zero_delta(SHAPES, 1.0))  # b never used its slot back: on v0 (one behind), then on v2
+        d.update(ann2, zero_delta(SHAPES, 1.0))
+        assert current(fleet) == "v3" and fleet.announce().buffer_attempt == 1
+        fleet.advance(61)
+        res = fleet.results[-1]
+        assert res.status is RoundStatus.COMPLETED and res.model_version == "v3"
+        assert set(res.devices) == {"a", "b", "c", "d"}
+        assert "3 versions made (v1, v2, v3), 2 deployed" in (res.detail or "")
+
+
+def test_a_version_made_from_released_devices_can_be_held_back_again(tmp_path: Path, artifacts: Path) -> None:
+    """Each buffer that deploys nothing is one more attempt; a device's slot on a version comes back each time a
+    buffer its update is in spends it, and never for a device whose update is in the buffer being filled."""
+    for fleet in run_hub(buffered(tmp_path, artifacts, buffer_k=2), evaluator=by_size):
+        a, b, c = (fleet.device(n) for n in "abc")
+        ann = fleet.start_round()
+        a.update(ann, zero_delta(SHAPES, BIG))
+        b.update(ann, zero_delta(SHAPES, BIG))
+        ann = fleet.announce()
+        assert ann.buffer_attempt == 1
+        a.update(ann, zero_delta(SHAPES, BIG))
+        c.update(ann, zero_delta(SHAPES, BIG))  # v2 from a (again) and c: held back too
+        ann = fleet.announce()
+        assert (ann.model_version, ann.buffer_attempt) == ("v0", 2) and current(fleet) == "v0"
+        b.update(ann, zero_delta(SHAPES, 1.0))  # b's slot was released at attempt 1: in the buffer now
+        b.update(ann, zero_delta(SHAPES, 1.0))
+        assert isinstance(last(b.inbox), Reject) and last(b.inbox).reason is RejectReason.DUPLICATE
+        c.update(ann, zero_delta(SHAPES, 1.0))  # c released at attempt 2
+        assert isinstance(last(c.inbox), Ack) and current(fleet) == "v3"
+        assert [r.version for r in fleet.hub.store.versions() if r.round == ann.round] == ["v1", "v2", "v3"]
+        assert stored_attempts(fleet, ann.round) == [("a", "v0", 0), ("b", "v0", 0), ("a", "v0", 1), ("c", "v0", 1),
+                                                     ("b", "v0", 2), ("c", "v0", 2)]
+
+
+def test_a_restarted_hub_keeps_the_attempt_and_the_spent_updates(tmp_path: Path, artifacts: Path) -> None:
+    cfg = buffered(tmp_path, artifacts)
+    first = Fleet(cfg, evaluator=by_size)
+    first.hub.start()
+    ann0 = first.start_round()
+    ua = first.device("a").update(ann0, zero_delta(SHAPES, BIG))
+    ub = first.device("b").update(ann0, zero_delta(SHAPES, BIG))
+    ann1 = first.announce()
+    assert ann1.buffer_attempt == 1 and ann1.model_version == "v0"
+    ua2 = first.device("a").update(ann1, zero_delta(SHAPES, 2.0))  # in the buffer of attempt 1
+    first.hub.halt()  # as kill -9
+
+    second = Fleet(cfg, broker=first.broker, evaluator=by_size)
+    second.clock.t = first.clock.t + 1
+    second.broker.retained.pop(TOPICS.announce)  # what the restarted hub announces, not what the first left
+    second.hub.start()
+    rnd = second.hub.round
+    assert rnd is not None and rnd.chain is not None and rnd.buffer is not None
+    assert rnd.chain.attempt == 1 and rnd.buffer.count == 1  # ua2 folded again; ua and ub spent, not folded
+    assert rnd.chain.spent == {("a", "v0", ua.nonce), ("b", "v0", ub.nonce)}
+    assert rnd.chain.sent == {("a", "v0"): ua2.nonce} and rnd.chain.pending == {"a": "v0"}
+    again = second.announce()
+    assert (again.round, again.model_version, again.buffer_attempt) == (ann0.round, "v0", 1)
+    a, b = second.device("a"), second.device("b")
+    for sent in (ua, ua2):  # redeliveries of the spent update and of the one in the buffer: acked, not counted
+        a.send(encode(sent))
+        assert isinstance(last(a.inbox), Ack) and last(a.inbox).ref_nonce == sent.nonce
+    assert rnd.buffer.count == 1 and second.hub.store.buffered_update_count(ann0.round) == 3
+    a.update(again, zero_delta(SHAPES, 2.0))  # a second update of a in this buffer
+    assert isinstance(last(a.inbox), Reject) and last(a.inbox).reason is RejectReason.DUPLICATE
+    b.update(again, zero_delta(SHAPES, 4.0))  # b's slot came back before the restart: v2 from ua2 and this
+    assert isinstance(last(b.inbox), Ack) and current(second) == "v2"
+    v0 = second.hub.registry.load_head("v0")
+    for k in SHAPES:
+        np.testing.assert_allclose(second.hub.registry.load_head("v2")[k], v0[k] + 3.0, atol=1e-5)
+    assert second.announce().buffer_attempt == 1
+    assert stored_attempts(second, ann0.round) == [("a", "v0", 0), ("b", "v0", 0), ("a", "v0", 1), ("b", "v0", 1)]
+    second.hub.stop()
+
+
+def test_the_chain_meta_round_trips_and_reads_a_hub_from_before_attempts() -> None:
+    chain = BufferChain(BufferSettings(2, 1), ["v0"])
+    chain.sent = {("a", "v0"): "n1", ("b", "v0"): "n2", ("c", "v0"): "n3"}
+    chain.pending = {"a": "v0", "b": "v0"}
+    assert chain.spend() == ["a", "b"]
+    assert chain.attempt == 1 and chain.sent == {("c", "v0"): "n3"}
+    assert chain.redelivery("a", "v0", "n1") and not chain.redelivery("a", "v0", "n9")
+    assert chain.duplicate("a", "v0") is None and chain.duplicate("c", "v0") is not None
+    saved = json.loads(json.dumps(chain.to_meta()))
+    back = BufferChain.from_meta(chain.settings, saved, "v0")
+    assert (back.versions, back.attempt, back.spent, back.folded) == (chain.versions, 1, chain.spent, chain.folded)
+    old = BufferChain.from_meta(chain.settings, {"versions": ["v0", "v1"], "made": ["v1"], "folded": 2}, "v0")
+    assert (old.current, old.attempt, old.spent, old.made) == ("v1", 0, set(), ["v1"])
+
+
+def test_a_store_from_before_buffer_attempts_is_migrated_in_order(tmp_path: Path) -> None:
+    import sqlite3
+
+    from fedge.hub.store import Store
+
+    db = tmp_path / "hub.sqlite"
+    with sqlite3.connect(db) as con:  # the table as the first buffered release created it
+        con.execute("CREATE TABLE buffered_updates (round INTEGER NOT NULL, device TEXT NOT NULL, model_version TEXT "
+                    "NOT NULL, nonce TEXT NOT NULL, n_samples INTEGER NOT NULL, metrics TEXT NOT NULL, payload BLOB "
+                    "NOT NULL, received_at REAL NOT NULL, payload_at INTEGER, payload_len INTEGER, "
+                    "UNIQUE(round, device, model_version))")
+        for device in ("b", "a"):
+            con.execute("INSERT INTO buffered_updates VALUES (1, ?, 'v0', ?, 10, '{}', x'01', 0, NULL, NULL)",
+                        (device, f"n{device}"))
+    store = Store(db, keep_update_payloads=True)
+    try:
+        assert [s.device for s in store.iter_buffered_updates(1)] == ["b", "a"]
+        store.add_buffered_update(1, "a", "v0", "na2", 10, {}, b"\x02", attempt=1)  # a second one, next attempt
+        with pytest.raises(sqlite3.IntegrityError):
+            store.add_buffered_update(1, "a", "v0", "na3", 10, {}, b"\x03", attempt=1)
+        assert [(s.device, s.nonce) for s in store.iter_buffered_updates(1)] == [("b", "nb"), ("a", "na"),
+                                                                                  ("a", "na2")]
+    finally:
+        store.close()

@@ -227,6 +227,17 @@ def test_presence_backend_faults_are_optional_strings() -> None:
         assert reason(reframe(encode(faulty), set_("backend_faults", bad))) == RejectReason.MALFORMED
 
 
+def test_an_announce_buffer_attempt_is_optional_and_never_negative() -> None:
+    plain = RoundAnnounce("f", 2, "v1", "ab" * 32, 1.0, 1, ("d",), 1, 0.1, nonce="0" * 32, ts=1.0, buffer_k=2,
+                          max_staleness=1)
+    assert b"buffer_attempt" not in encode(plain), "left out at 0: the frame an older hub sent"
+    again = replace(plain, buffer_attempt=3)
+    got = decode(encode(again))
+    assert isinstance(got, RoundAnnounce) and got.buffer_attempt == 3
+    for bad in (-1, 1.5, "1", True, None):
+        assert reason(reframe(encode(again), set_("buffer_attempt", bad))) == RejectReason.MALFORMED
+
+
 def test_unknown_header_fields_are_ignored_and_decode_as_checks_the_type() -> None:
     frame = reframe(encode(head_msg()), set_("future_field", {"x": 1}))
     assert isinstance(decode(frame), ModelHead)

@@ -108,9 +108,14 @@ class Buffer:
 class BufferChain:
     """A buffered round's versions on the wire (the hub's bookkeeping, without I/O): ``versions`` is the chain the
     round made so far (the version it opened on first, each deployed version it made after), ``sent`` the updates
-    accepted, one per (device, model version), ``pending`` the devices whose update is in the buffer being filled
-    (one per device: a version is made from ``k`` distinct devices' updates), and ``folded`` how many accepted
-    updates went into versions made (the rest are in the buffer being filled)."""
+    accepted that hold a slot, one per (device, model version), ``pending`` the devices whose update is in the buffer
+    being filled (one per device: a version is made from ``k`` distinct devices' updates), and ``folded`` how many
+    accepted updates went into full buffers (the rest are in the buffer being filled).
+
+    A full buffer that deploys no version (the held-out gate holds it back, or it is not finite) spends its updates
+    (:meth:`spend`): ``attempt`` (the round's ``buffer_attempt``) goes up, and the devices whose updates were in it
+    get their (device, model version) slots back: each may send one new update on the same version. ``spent``
+    remembers those updates (device, model version, nonce), so that one sent again is still a redelivery."""
 
     settings: BufferSettings
     versions: list[str]
@@ -119,6 +124,8 @@ class BufferChain:
     made: list[str] = field(default_factory=list)  # versions the round registered (deployed or held back)
     norms: list[float] = field(default_factory=list)  # the folded updates' norms (the "auto" norm bound's history)
     pending: dict[str, str] = field(default_factory=dict)  # device -> model version of its update in the buffer
+    attempt: int = 0  # full buffers of this round that deployed no version (never goes down within the round)
+    spent: set[tuple[str, str, str]] = field(default_factory=set)  # (device, model version, nonce) of their updates
 
     @property
     def current(self) -> str:
@@ -133,8 +140,8 @@ class BufferChain:
 
     def redelivery(self, device: str, version: str, nonce: str) -> bool:
         """Whether this is an update the round accepted already (same device, version and nonce): acked again,
-        however stale its version has become since."""
-        return self.sent.get((device, version)) == nonce
+        however stale its version has become since, and whether or not a buffer that deployed nothing spent it."""
+        return self.sent.get((device, version)) == nonce or (device, version, nonce) in self.spent
 
     def duplicate(self, device: str, version: str) -> str | None:
         """Why a new update (not a redelivery) from ``device`` on ``version`` is a duplicate (None: it is not)."""
@@ -146,6 +153,19 @@ class BufferChain:
                     f"version is made from {self.settings.k} distinct devices' updates, one each")
         return None
 
+    def spend(self) -> list[str]:
+        """The full buffer deployed no version: its updates are spent (remembered for redeliveries), their devices'
+        slots on those versions released, ``pending`` emptied (the next buffer starts empty) and ``attempt`` goes
+        up. Returns the devices released, sorted."""
+        released = sorted(self.pending)
+        for device, version in self.pending.items():
+            nonce = self.sent.pop((device, version), None)
+            if nonce is not None:
+                self.spent.add((device, version, nonce))
+        self.pending.clear()
+        self.attempt += 1
+        return released
+
     def why_not(self, version: str) -> str | None:
         """Why an update trained on ``version`` does not count (None: it does)."""
         s = self.staleness(version)
@@ -155,3 +175,17 @@ class BufferChain:
             return (f"update from {version!r}, {s} versions behind the current {self.current!r}; a buffered round "
                     f"counts updates at most {self.settings.max_staleness} versions old")
         return None
+
+    def to_meta(self) -> dict[str, Any]:
+        """What a restart needs besides the stored updates (the hub keeps it in its store's meta)."""
+        return {"versions": self.versions, "made": self.made, "folded": self.folded, "attempt": self.attempt,
+                "spent": sorted([d, v, n] for d, v, n in self.spent)}
+
+    @classmethod
+    def from_meta(cls, settings: BufferSettings, raw: Mapping[str, Any], opened_on: str) -> BufferChain:
+        """The chain :meth:`to_meta` saved (``raw`` empty: the round made no version yet, it is on ``opened_on``);
+        ``sent`` and ``pending`` come from the stored updates (a hub before ``attempt`` saved neither it nor
+        ``spent``: 0 and none)."""
+        return cls(settings, [str(v) for v in raw.get("versions", [opened_on])], folded=int(raw.get("folded", 0)),
+                   made=[str(v) for v in raw.get("made", [])], attempt=int(raw.get("attempt", 0)),
+                   spent={(str(d), str(v), str(n)) for d, v, n in raw.get("spent", [])})

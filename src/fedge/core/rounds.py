@@ -218,6 +218,7 @@ class OpenRound:
             proximal_lambda=self.aggregator.proximal_lambda or None, compression=self.params.compression,
             buffer_k=None if self.params.buffer is None else self.params.buffer.k,
             max_staleness=None if self.params.buffer is None else self.params.buffer.max_staleness,
+            buffer_attempt=0 if self.chain is None else self.chain.attempt,
         )
         sa = self.params.secagg
         if sa is None:
@@ -268,13 +269,16 @@ class OpenRound:
         self.n_samples += n_samples
         return buf.full
 
-    def next_version(self, made: str | None, deployed: bool, buffer: Buffer) -> None:
+    def next_version(self, made: str | None, deployed: bool, buffer: Buffer) -> list[str]:
         """A buffered round's full buffer made version ``made`` (None: none, e.g. not finite); a ``deployed`` one is
-        what devices train on from now on (staleness counts from it). A fresh ``buffer`` fills."""
+        what devices train on from now on (staleness counts from it). A buffer that deployed nothing spent its
+        updates: the round's attempt goes up and its devices may send again on the same versions
+        (:meth:`BufferChain.spend`; returns them, sorted). A fresh ``buffer`` fills."""
         if self.chain is None:
             raise ValueError(f"round {self.id} is not a buffered round")
         if self.buffer is not None:
             self.chain.folded += self.buffer.count
+        released = [] if deployed else self.chain.spend()
         self.chain.pending.clear()
         if made is not None:
             self.chain.made.append(made)
@@ -282,6 +286,7 @@ class OpenRound:
                 self.chain.versions.append(made)
                 self.model_version = made
         self.buffer = buffer
+        return released
 
 
 __all__ = [
