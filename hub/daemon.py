@@ -40,6 +40,7 @@ from fedge.hub import control, secagg_daemon
 from fedge.hub.config import HubConfig
 from fedge.hub.inflight import InFlight
 from fedge.hub.registry import Registry
+from fedge.hub.round_result import publish_result
 from fedge.hub.round_runner import RoundRunner
 from fedge.hub.selection import Selector
 from fedge.hub.store import Store, VersionRow
@@ -470,7 +471,7 @@ class HubDaemon:
             self.publish(self.topics.announce, b"", retain=True)
             last = self.store.last_round()
             if last is not None and last.closed_at is not None:
-                self.rounds.publish_result(last.id)
+                publish_result(self, last.id)
 
     def _handle_presence(self, topic: str, payload: bytes) -> None:
         if not payload:

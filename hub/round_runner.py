@@ -7,29 +7,30 @@ before its ack, a close), publishes them and keeps the ``chain_rounds`` chain. R
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
-from dataclasses import replace
 
 import numpy as np
 
 from fedge.core.aggregators import Aggregator
-from fedge.core.buffered import Buffer, BufferChain
+from fedge.core.buffered import BufferChain
 from fedge.core.compress import decompress
-from fedge.core.hub_round import Closing, buffered_version, close_round, finite_or_none, for_devices, min_inputs
+from fedge.core.hub_round import close_round, for_devices, min_inputs
 from fedge.core.privacy import DpParams, ledger_epsilon
-from fedge.core.rounds import OpenRound, RoundParams, over_limits
+from fedge.core.rounds import OpenRound, RoundParams
 from fedge.core.secagg_round import SecAggCoordinator
 from fedge.core.strategy import PlanContext, Refusal, Strategy
 from fedge.core.validate import Accept, Rejection, UpdateContext, validate_update
 from fedge.hub import conduct, progress, secagg_daemon
 from fedge.hub.port import HubPort
+from fedge.hub.round_buffered import BufferedRounds, some
+from fedge.hub.round_chain import RoundChain
+from fedge.hub.round_result import close_detail, note_progress, publish_result, round_result
 from fedge.hub.store import LedgerRow, VersionRow
-from fedge.protocol.codec import decode, decode_control, encode, encode_control
+from fedge.protocol.codec import decode, decode_control, encode
 from fedge.protocol.control import ReplyReason
 from fedge.protocol.errors import HubStateError
 from fedge.protocol.messages import (
@@ -39,7 +40,6 @@ from fedge.protocol.messages import (
     Reject,
     RejectReason,
     RoundOverrides,
-    RoundResult,
     RoundStatus,
 )
 from fedge.protocol.topics import valid_id
@@ -49,7 +49,7 @@ log = logging.getLogger("fedge.hub")
 __all__ = ["RoundRunner"]
 
 
-class RoundRunner:
+class RoundRunner(RoundChain):
     """The one federated round at a time: ``round`` is the open one (None: none)."""
 
     def __init__(self, hub: HubPort, strategy: Strategy, rng: np.random.Generator,
@@ -60,11 +60,8 @@ class RoundRunner:
         self.rng = rng
         self.round: OpenRound | None = None
         self.budget_exhausted = False
-        store, limits = hub.store, hub.cfg.limits
-        self._chain_left = int(store.get_meta("chain_left") or 0)
-        self._chain_overrides = decode_control((store.get_meta("chain_overrides") or "").encode())
-        if self._chain_left and over_limits(self._chain_overrides, limits):  # limits lowered since: chain ends
-            self._chain_left = 0
+        self.buffered = BufferedRounds(hub, strategy, self.aggregator)
+        super().__init__(hub)
 
     # -- opening --------------------------------------------------------------------------------------------
     def epsilon_spent(self, extra: DpParams | None = None) -> float:
@@ -77,13 +74,6 @@ class RoundRunner:
         # the norm history is read when the round opens (or resumes): fixed for the round
         history = self.hub.store.recent_update_norms(self.hub.cfg.aggregation.norm_window)
         return self.strategy.aggregator(params, shapes, history, self.rng)
-
-    def buffer(self, params: RoundParams, backbone: str) -> Buffer:
-        """A buffered round's next version: an empty buffer over the strategy's aggregate."""
-        agg = self.aggregator(params, backbone)
-        if params.buffer is None:
-            raise HubStateError("a buffer for a round that is not buffered")
-        return Buffer(agg.shapes, params.buffer, aggregator=agg)
 
     def start(self, overrides: RoundOverrides) -> tuple[int | None, ReplyReason, str]:
         """Open a round: ``(round id, "started", "")``, or ``(None, reason, detail)`` when none was opened."""
@@ -117,7 +107,7 @@ class RoundRunner:
         rnd = OpenRound(rid, cur.version, cur.backbone_sha256, params, selected, now, now + params.deadline_s, agg,
                         offline_grace_s=hub.cfg.rounds.offline_grace_s)
         if params.buffer is not None:
-            rnd.buffer = self.buffer(params, cur.backbone_sha256)
+            rnd.buffer = self.buffered.buffer(params, cur.backbone_sha256)
         if params.secagg is not None:
             dp = params.dp
             rnd.secagg = SecAggCoordinator(
@@ -133,7 +123,7 @@ class RoundRunner:
         hub.publish_status()
         eps = "" if ledger is None else f", {ledger.mode} DP, epsilon after it {ledger.epsilon:.3f}"
         log.info("round %d open: model %s, %d selected %s, quorum %d, deadline %.0f s%s", rid, cur.version,
-                 len(selected), _some(selected), params.min_devices, params.deadline_s, eps)
+                 len(selected), some(selected), params.min_devices, params.deadline_s, eps)
         return rid, ReplyReason.STARTED, ""
 
     def resume(self) -> None:
@@ -151,7 +141,8 @@ class RoundRunner:
                         agg, offline_grace_s=self.hub.cfg.rounds.offline_grace_s)
         rnd.declined.update(store.declines(row.id))
         if params.buffer is not None:
-            self._resume_buffered(rnd)
+            self.buffered.resume(rnd)
+            self.round = rnd
             return
         # a SecAgg round's stage state (and the devices' secrets) was in memory: rnd.secagg stays None and the
         # first tick closes it as failed
@@ -169,39 +160,6 @@ class RoundRunner:
         log.info("round %d resumed: %d updates, deadline in %.1f s", rnd.id, len(rnd.accepted),
                  rnd.deadline - self.hub.clock())
 
-    def _resume_buffered(self, rnd: OpenRound) -> None:
-        """A buffered round after a restart: its chain as recorded when it made its last version (its attempt and
-        spent updates too), the updates accepted since folded into the buffer again (with the staleness they had),
-        the others remembered (a spent one as a redelivery only: its slot was released). The chain's meta is written
-        in the same store transaction as the version and the update that filled the buffer, so the two agree."""
-        store, params = self.hub.store, rnd.params
-        if params.buffer is None:
-            raise HubStateError(f"round {rnd.id} is not a buffered round")
-        saved = json.loads(store.get_meta(_chain_key(rnd.id)) or "{}")
-        chain = BufferChain.from_meta(params.buffer, saved, rnd.model_version)
-        rnd.chain, rnd.model_version = chain, chain.current
-        rnd.buffer = self.buffer(params, rnd.backbone_sha256)
-        for i, stored in enumerate(store.iter_buffered_updates(rnd.id)):
-            msg = decode(stored.payload, max_bytes=max(len(stored.payload), 1))
-            if not isinstance(msg, ModelUpdate):
-                raise HubStateError(f"round {rnd.id}: the stored update of {stored.device} is a {msg.type}")
-            if (msg.device, msg.model_version, msg.nonce) not in chain.spent:  # a spent one holds no slot
-                chain.sent[(msg.device, msg.model_version)] = msg.nonce
-            rnd.accepted[msg.device] = msg.nonce
-            rnd.n_samples += msg.n_samples
-            staleness = chain.staleness(msg.model_version)
-            if i < chain.folded or staleness is None:
-                continue
-            chain.pending[msg.device] = msg.model_version
-            delta = msg.delta
-            if params.compression is not None:
-                delta = dict(decompress(delta, rnd.buffer.aggregator.shapes, params.compression))
-            rnd.buffer.add(delta, msg.n_samples, staleness)
-        self.round = rnd
-        log.info("buffered round %d resumed on %s (attempt %d): %d versions made, %d updates in the buffer, "
-                 "deadline in %.1f s", rnd.id, chain.current, chain.attempt, len(chain.made), rnd.buffer.count,
-                 rnd.deadline - self.hub.clock())
-
     def _unannounced(self, rid: int, status: RoundStatus, cur: VersionRow, params: RoundParams, now: float,
                      detail: str) -> None:
         """Record (one transaction) and publish a round decided before it was announced; stops a chain."""
@@ -210,7 +168,7 @@ class RoundRunner:
                                         detail)
         self.end_chain()
         hub.rounds_jsonl({"round": rid, "status": str(status), "detail": detail, "devices": 0})
-        self.publish_result(rid)
+        publish_result(self.hub, rid)
         log.warning("round %d %s: %s", rid, status, detail)
 
     # -- messages ---------------------------------------------------------------------------------------------
@@ -243,7 +201,7 @@ class RoundRunner:
             raise HubStateError(f"update on {topic} passed validation with no open round")
         msg = verdict.update
         if isinstance(verdict, Accept) and rnd.chain is not None:
-            self._accept_buffered(rnd, msg, payload)
+            self.buffered.accept(rnd, msg, payload)
         elif isinstance(verdict, Accept):
             hub.store.add_update(msg.round, msg.device, msg.nonce, msg.n_samples, msg.metrics, payload)
             rnd.aggregator.add(msg.delta, msg.n_samples)
@@ -258,60 +216,6 @@ class RoundRunner:
         hub.publish(hub.topics.ack(msg.device), encode(ack))
         if rnd.should_close(hub.clock()):
             self.close(rnd)
-
-    def _accept_buffered(self, rnd: OpenRound, msg: ModelUpdate, payload: bytes) -> None:
-        """A buffered round's update: stored, folded in with its staleness weight (the caller acks it); a full
-        buffer makes the next version (:meth:`_make_version`)."""
-        hub = self.hub
-        attempt = 0 if rnd.chain is None else rnd.chain.attempt
-        hub.store.add_buffered_update(msg.round, msg.device, msg.model_version, msg.nonce, msg.n_samples,
-                                      msg.metrics, payload, attempt)
-        full = rnd.fold(msg.device, msg.model_version, msg.nonce, msg.delta, msg.n_samples)
-        log.debug("round %d: update from %s on %s accepted (%d samples)", msg.round, msg.device, msg.model_version,
-                  msg.n_samples)
-        if full:
-            self._make_version(rnd)
-
-    def _make_version(self, r: OpenRound) -> None:
-        """A buffered round's full buffer: the next version (the core's :func:`buffered_version`), registered,
-        deployed (published, the round re-announced on it) unless the held-out gate keeps it back, recorded. A buffer
-        that deploys nothing (held back, or not finite) starts the round's next attempt: its devices' slots are
-        released and the round re-announced on the same version with the new ``buffer_attempt``."""
-        hub, chain, buf = self.hub, r.chain, r.buffer
-        if chain is None or buf is None:
-            raise HubStateError(f"round {r.id} is not a buffered round")
-        parent = chain.current
-        deployed = hub.store.version(parent)
-        outcome = buffered_version(buf, self.strategy, hub.registry.load_head(parent),
-                                   hub.registry.w0(r.backbone_sha256), lambda h: hub.evaluate(r.backbone_sha256, h),
-                                   None if deployed is None else deployed.accuracy)
-        chain.norms.extend(buf.norms)
-        row = None
-        if outcome.head is not None:
-            row = hub.registry.write_head(outcome.head, parent=parent, round_id=r.id,
-                                          backbone_sha256=r.backbone_sha256, accuracy=outcome.accuracy,
-                                          loss=outcome.loss)
-            hub.store.add_version(row, make_current=outcome.deploy)
-        staleness = list(buf.staleness)
-        released = r.next_version(None if row is None else row.version, outcome.deploy,
-                                  self.buffer(r.params, r.backbone_sha256))
-        hub.store.set_meta(_chain_key(r.id), json.dumps(chain.to_meta()))
-        acc = "-" if outcome.accuracy is None else f"{outcome.accuracy:.4f}"
-        if row is None:
-            log.error("round %d: buffered version from %d updates: %s", r.id, len(staleness), outcome.detail)
-        elif outcome.deploy:
-            log.info("round %d: version %s from %d updates (staleness %s) on %s, accuracy %s: deployed", r.id,
-                     row.version, len(staleness), staleness, parent, acc)
-            hub.publish_model(row)
-        else:
-            log.warning("round %d: version %s kept as a candidate, not deployed: %s (devices stay on %s)", r.id,
-                        row.version, outcome.held_back, parent)
-        if not outcome.deploy:
-            log.info("round %d: attempt %d on %s: %d devices whose updates were spent may send again %s", r.id,
-                     chain.attempt, chain.current, len(released), _some(tuple(released)))
-        hub.publish(hub.topics.announce, encode(r.announce(hub.cfg.fleet)), retain=True)  # new version or attempt
-        if outcome.deploy:
-            hub.publish_status()
 
     def reject(self, v: Rejection, topic: str) -> None:
         hub = self.hub
@@ -388,13 +292,13 @@ class RoundRunner:
         row = None if outcome.head is None else hub.registry.write_head(
             outcome.head, parent=r.model_version, round_id=r.id, backbone_sha256=r.backbone_sha256,
             accuracy=outcome.accuracy, loss=outcome.loss)
-        detail = self._detail(r, outcome, row)
+        detail = close_detail(self.hub.store.next_round_id(), r, outcome, row)
         if detail is not None:
             (log.warning if row is not None else log.error)("round %d: %s", r.id, detail)
             hub.store.set_round_detail(r.id, detail)
         if outcome.federated:
             hub.store.set_round_metrics(r.id, outcome.federated)
-        self._watch_progress(r, outcome)
+        note_progress(self.hub, self.strategy, r, outcome, self.open_gate is not None)
         rejected = sum(hub.store.reject_counts(r.id).values())
         devices = tuple(sorted(r.accepted))
         gating = outcome.federated_gate and row is not None and self.open_gate is not None
@@ -418,11 +322,11 @@ class RoundRunner:
                  outcome.status, len(devices), len(r.selected), r.n_samples, rejected,
                  "-" if outcome.accuracy is None else f"{outcome.accuracy:.4f}", "-" if row is None else row.version,
                  now - r.opened_at)
-        result = self.result_of(r.id)
+        result = round_result(self.hub.store, self.hub.cfg.fleet, r.id)
         frames = encode(result), encode(for_devices(result))  # if they cannot encode, nothing goes out
         if row is not None and outcome.deploy:
             hub.publish_model(row)
-        self.publish_result(r.id, frames)
+        publish_result(self.hub, r.id, frames)
         hub.publish(hub.topics.announce, b"", retain=True)
         hub.publish_status()
         if gating and row is not None and self.open_gate is not None:
@@ -461,25 +365,11 @@ class RoundRunner:
         })
         log.info("round %d %s: %s; %d devices, %d samples, %d rejected, %.2f s", r.id, status, detail, len(devices),
                  r.n_samples, rejected, now - r.opened_at)
-        self.publish_result(r.id)
+        publish_result(self.hub, r.id)
         hub.publish(hub.topics.announce, b"", retain=True)
         hub.publish_status()
         self.continue_chain()
 
-    def _watch_progress(self, r: OpenRound, outcome: Closing) -> None:
-        """Tell :mod:`fedge.hub.progress` whether this round improved the model (a version the devices still have
-        to validate is decided by its evaluation round instead)."""
-        if outcome.federated_gate and self.open_gate is not None:
-            return
-        source = self.hub.store.first_version_of(r.backbone_sha256)
-        below = (outcome.accuracy is not None and source is not None and source.accuracy is not None
-                 and outcome.accuracy < source.accuracy)
-        why = ("below the source model on held-out data" if below else
-               "kept back by the deploy gate" if outcome.held_back is not None else "no new version")
-        progress.note(self.hub.store, r.id, outcome.deploy and not below, why)
-        if outcome.deploy and not outcome.federated and self.strategy.federated_gate(r.params) \
-                and self.hub.cfg.eval_data is None:
-            log.warning("round %d: deployed unscored (no held-out data, and no device sent validation scores)", r.id)
     def _account(self, r: OpenRound, now: float) -> None:
         """Who answered ``r`` (selection weights), and strikes for devices that stalled it: a plain round that ran
         to its deadline waited for selected devices that stayed online and silent."""
@@ -488,18 +378,6 @@ class RoundRunner:
         if r.params.secagg is None and now >= r.deadline and r.target_at is None:
             stalled = (set(r.selected) - answered - r.failed_offline(now)) & self.hub.online()
         conduct.account(self.hub, r.id, r.selected, answered, set(r.accepted), sorted(stalled))
-
-    def _detail(self, r: OpenRound, outcome: Closing, row: VersionRow | None) -> str | None:
-        if row is None:
-            return outcome.detail
-        if outcome.held_back is not None:
-            return (f"{row.version} kept as a candidate, not deployed: {outcome.held_back} ({r.model_version}; "
-                    f"fedge hub rollback --to {row.version} deploys it anyway)")
-        if outcome.federated_gate:
-            return (f"{row.version} kept as a candidate until the round's devices validate it (evaluation round "
-                    f"{self.hub.store.next_round_id()}; deployed {r.model_version} scored "
-                    f"{outcome.federated['val_acc_global']:.4f})")
-        return None
 
     def cancel(self, r: OpenRound, reason: str) -> None:
         """Close ``r`` as ``cancelled``: nothing aggregated, no new version (a buffered round's deployed versions
@@ -540,60 +418,9 @@ class RoundRunner:
                           **({} if chain is None else {"model_version": None if row is None else row.version,
                                                         "versions": chain.made, "deployed": deployed})})
         log.warning("round %d %s: %s", r.id, status, detail)
-        self.publish_result(r.id)
+        publish_result(self.hub, r.id)
         hub.publish(hub.topics.announce, b"", retain=True)
         hub.publish_status()
-
-    def publish_result(self, rid: int, frames: tuple[bytes, bytes] | None = None) -> None:
-        """Round ``rid``'s result, retained: in full to operators (``control/round/result``), without cohort and
-        sample totals to everyone (``round/result``; :func:`~fedge.core.hub_round.for_devices`)."""
-        if frames is None:
-            result = self.result_of(rid)
-            frames = encode(result), encode(for_devices(result))
-        self.hub.publish(self.hub.topics.control_round_result, frames[0], retain=True)
-        self.hub.publish(self.hub.topics.result, frames[1], retain=True)
-
-    def result_of(self, rid: int) -> RoundResult:
-        store = self.hub.store
-        row = store.round(rid)
-        if row is None or row.closed_at is None:
-            raise HubStateError(f"round {rid} is not a closed round of this hub")
-        ledger = store.ledger_row(rid)
-        private = ledger is not None or RoundParams.from_dict(row.params).dp is not None
-        outcome = store.round_outcome(rid)
-        # a DP round's result names nobody and counts no samples (the store keeps them for the operator)
-        return RoundResult(
-            fleet=self.hub.cfg.fleet, round=rid, status=RoundStatus(row.status), model_version=row.new_version,
-            accuracy=finite_or_none(row.accuracy), loss=finite_or_none(row.loss),
-            devices=() if private else row.devices,
-            n_samples=0 if private else row.n_samples or 0, rejected=row.rejected or 0,
-            seconds=finite_or_none(row.closed_at - row.opened_at) or 0.0, detail=store.round_detail(rid),
-            declined=() if private else tuple(sorted(store.declines(rid))),
-            epsilon=None if ledger is None else finite_or_none(ledger.epsilon),
-            federated={k: v for k, v in store.round_metrics(rid).items() if math.isfinite(v)},
-            deployed=None if outcome is None else outcome[0], gate_round=None if outcome is None else outcome[1],
-        )
-
-    # -- chains ---------------------------------------------------------------------------------------------
-    def set_chain(self, left: int, overrides: RoundOverrides) -> None:
-        overrides = replace(overrides, request_id=None)  # a reply goes to the request's own round only
-        self._chain_left, self._chain_overrides = left, overrides
-        self.hub.store.set_meta("chain_left", str(left))
-        self.hub.store.set_meta("chain_overrides", encode_control(overrides).decode())
-
-    def end_chain(self) -> None:
-        self.set_chain(0, RoundOverrides())
-
-    def queue(self, overrides: RoundOverrides) -> None:
-        """An operator's start that arrived while a deploy gate's evaluation round was open: it opens next (before
-        what is left of a chain, which it replaces as any operator start does)."""
-        self.hub.store.set_meta("queued_start", encode_control(overrides).decode())
-
-    def queued(self) -> bool:
-        return bool(self.hub.store.get_meta("queued_start"))
-
-    def drop_queued(self) -> None:
-        self.hub.store.set_meta("queued_start", "")
 
     def continue_chain(self) -> None:
         queued = self.hub.store.get_meta("queued_start")
@@ -615,18 +442,6 @@ class RoundRunner:
             self.set_chain(self._chain_left - 1, self._chain_overrides)
             if self.start(self._chain_overrides)[0] is None:  # nobody to ask: the chain ends here
                 self.end_chain()
-
-
-def _chain_key(rid: int) -> str:
-    """The store meta key of a buffered round's chain (versions, versions made, updates folded, attempt, spent
-    updates: :meth:`BufferChain.to_meta`), for a restart."""
-    return f"buffered_chain_{rid}"
-
-
-def _some(names: tuple[str, ...], shown: int = 20) -> str:
-    """A list of names for a log line, cut after ``shown`` (a round may select 10,000 devices)."""
-    head = ", ".join(names[:shown])
-    return f"[{head}{f', ... {len(names) - shown} more' if len(names) > shown else ''}]"
 
 
 def _entropy(n: int) -> bytes:
