@@ -12,7 +12,8 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 
@@ -135,7 +136,7 @@ class Agent:
         self._data = load_local(self.config.data)
         self._backends = tuple(available_backends())
         self.config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._lock_state_dir()
+        self._state_lock = lock_state_dir(self.config.state_dir)
         secure_tree(self.config.state_dir)  # private: folders 0700, files 0600 (also what older agents left)
         for d in (self.artifacts_root, self.heads_dir, self.config.state_dir / "features"):
             d.mkdir(mode=0o700, exist_ok=True)
@@ -240,19 +241,6 @@ class Agent:
             dp=True, secagg=_SECAGG,
         )
         self._transport.publish(self.topics.presence(self.device), encode(msg), qos=1, retain=True)
-
-    def _lock_state_dir(self) -> None:
-        """One agent per state_dir: two agents sharing one would mix rounds, heads and privacy ledgers."""
-        import fcntl
-
-        fh = open(self.config.state_dir / ".lock", "a+")  # noqa: SIM115 - held for the agent's lifetime
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.close()
-            raise FedgeError(f"state_dir {self.config.state_dir} is in use by another agent process "
-                             "(give each agent its own state_dir)") from None
-        self._state_lock = fh
 
     def stop(self, timeout_s: float = 60.0) -> None:
         """Finish the running round (up to ``timeout_s``), say offline (retained), close the transport."""
@@ -482,3 +470,18 @@ class Agent:
                     del self._pending[rnd]
                 elif self._ready(msg):
                     self._enqueue(msg)
+
+
+def lock_state_dir(state_dir: Path) -> IO[str]:
+    """One agent per state_dir (two agents sharing one would mix rounds, heads and privacy ledgers): an exclusive
+    lock on ``state_dir/.lock``, held as long as the returned file stays open."""
+    import fcntl
+
+    fh = open(state_dir / ".lock", "a+")  # noqa: SIM115 - held for the agent's lifetime
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        raise FedgeError(f"state_dir {state_dir} is in use by another agent process "
+                         "(give each agent its own state_dir)") from None
+    return fh

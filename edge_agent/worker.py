@@ -21,7 +21,6 @@ from numpy.typing import NDArray
 
 from fedge.core import device as core
 from fedge.core.compress import compress
-from fedge.core.personal import Choice
 from fedge.core.privacy import DpParams
 from fedge.core.secagg_session import DeviceSession, distributed_problem, is_secagg, private_input
 from fedge.core.trainer import Trainer
@@ -29,11 +28,12 @@ from fedge.edge_agent.artifacts import artifacts_dir
 from fedge.edge_agent.backends import BackendHealth
 from fedge.edge_agent.config import AgentConfig
 from fedge.edge_agent.eligibility import not_eligible
+from fedge.edge_agent.head_files import cached_local_only, optional_head
 from fedge.edge_agent.ledger import DeviceLedger
 from fedge.edge_agent.outbox import Outbox
 from fedge.edge_agent.state import AgentState
 from fedge.protocol.codec import encode
-from fedge.protocol.errors import ArtifactError, DataError, FedgeError, TrainerCrash
+from fedge.protocol.errors import DataError, FedgeError, TrainerCrash
 from fedge.protocol.fsio import write_atomic
 from fedge.protocol.manifest import load_head, load_manifest
 from fedge.protocol.messages import Decline, DeclineReason, ModelUpdate, RoundAnnounce, SecAggStage
@@ -349,7 +349,7 @@ class RoundWorker:
         kept per backbone in ``state_dir/residual-<backbone>.npz``)."""
         mode = msg.compression or ""
         path = self.config.state_dir / f"residual-{msg.backbone_sha256[:16]}.npz"
-        residual = self._optional_head(path, "compression residual")
+        residual = optional_head(path, "compression residual")
         arrays, left = compress(delta, mode, np.random.default_rng(), residual)  # OS entropy: unbiased rounding
         save_npz(path, dict(left))
         return dict(arrays)
@@ -369,34 +369,8 @@ class RoundWorker:
         if {k: v.shape for k, v in global_head.items()} != {k: np.shape(v) for k, v in expected.items()}:
             raise FedgeError(f"head of model {msg.model_version} does not fit the backbone's head layout")
         w0 = load_head(artifacts_dir(self.artifacts_root, msg.backbone_sha256))  # the backbone's source head
-        return core.RoundHeads(global_head, w0, self._optional_head(self.personal_head_path, "personal head"),
-                               self._local_only(self._local_only_path(msg), expected))
-
-    @staticmethod
-    def _local_only(path: Path, like: Head) -> Choice | None:
-        """The cached local-only baseline (None: none, unreadable or of another head layout: recomputed)."""
-        if not path.is_file():
-            return None
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                head = {k: np.asarray(z[k], dtype=np.float32) for k in like}
-                epochs, cv = int(z["__epochs"]), z["__cv"]
-            if any(head[k].shape != np.shape(v) for k, v in like.items()):
-                return None
-            return Choice("local", head, epochs, float(cv[0]), float(cv[1]))
-        except (OSError, KeyError, ValueError) as exc:
-            log.warning("local-only head %s unreadable (%s): recomputed", path, exc)
-            return None
-
-    @staticmethod
-    def _optional_head(path: Path, what: str) -> Head | None:
-        if not path.is_file():
-            return None
-        try:
-            return load_head(path)
-        except ArtifactError as exc:  # a damaged cache is recomputed
-            log.warning("%s %s unreadable (%s): not used", what, path, exc)
-            return None
+        return core.RoundHeads(global_head, w0, optional_head(self.personal_head_path, "personal head"),
+                               cached_local_only(self._local_only_path(msg), expected))
 
     def _publish_update(self, round_id: int, payload: bytes, dp: DpParams | None, personal: Head | None,
                         buffered: tuple[str, int] | None = None) -> bool:
