@@ -2,7 +2,8 @@
 
 The demo task (Fashion-MNIST, rotated device domain, label skew), ``DEVICES`` devices, each online 30 % of the
 time (exponential spells), training jobs with heavy-tailed durations (a per-device speed times a log-normal draw);
-``fedge.simulate_async`` runs ``ROUNDS`` synchronous rounds of ``K`` devices, then buffered aggregation (``K``
+``fedge.simulate_async`` runs ``ROUNDS`` synchronous rounds of ``K`` devices (over-selected as the hub does by
+default: ``ceil(1.25 K)`` asked, closed at the target plus the stragglers' grace), then buffered aggregation (``K``
 updates from ``K`` distinct devices per version, staleness-weighted, each device training once per version as the
 agent does) for the same simulated time, on the same availability and job times, with real training (the round
 core's device round) on every update. In both modes the hub's held-out deploy gate (default tolerance) decides
@@ -11,7 +12,7 @@ which versions are deployed; accuracy is measured on the other half of the hub's
 ``time_to_target_speedup``: the simulated time the synchronous run took to reach its final measured accuracy (and
 stay within a point of it), over the time the buffered run took to do the same; the median over ``SEEDS``
 availability traces (target >= 2). Both modes see the same availability and the same duration for a device's
-j-th job. The same figures for a fleet of ``SMALL_FLEET`` devices (15 online at a time for a cohort of 10: little
+j-th job. The same figures for a fleet of ``SMALL_FLEET`` devices (15 online at a time for a round of 13: little
 room for asynchrony) are printed as ``small_fleet_*``, without a target. Prints ONE JSON object with ``--json``;
 exits non-zero when the target is missed.
 """

@@ -5,19 +5,21 @@ real data, from the version it started on. Devices are online a share of the tim
 and offline spells), and each training job takes a heavy-tailed time (a per-device speed times a log-normal draw);
 a device that goes offline before its job ends loses it. Both modes see the same availability and job times.
 
-* **Synchronous** (what a round does): pick ``k`` of the devices online now, wait until each has finished or gone
-  offline (or the deadline), aggregate (FedAvg, bounded), start the next round. Stragglers set the pace.
+* **Synchronous** (what a round does with the hub's defaults): select ``ceil(k (1 + over_select))`` of the devices
+  online now; close once ``round_target`` of them sent an update and the others had their straggler grace, or when
+  each has finished or gone offline (or the deadline); aggregate (FedAvg, bounded), start the next round.
 * **Buffered** (:mod:`fedge.core.buffered`): every online device trains on the latest version it can get, once per
   version (as the agent does: a device that sent an update on version ``v`` trains again once a newer version is
-  out, so a version is made from ``k`` distinct devices' updates, as the hub requires); the hub folds each finished
-  update into a buffer with its staleness weight and makes a new version every ``k`` updates.
+  out, and not on a version that was already out when its update went out; a version is made from ``k`` distinct
+  devices' updates, as the hub requires); the hub folds each finished update into a buffer with its staleness
+  weight and makes a new version every ``k`` updates.
 
 In both modes the hub's held-out deploy gate decides (as the hub does by default): a new version that scores more
 than ``deploy_tolerance`` below the deployed one on the gate's rows is held back, and devices go on training the
 deployed one; in buffered mode, as on the hub (its ``buffer_attempt``), the devices whose updates made a held-back
-version trained on the deployed one may train on it again. The hub's eval set is split in two (:class:`HeldOut`):
-the gate's rows and the measurement rows, on which every deployed version is scored, so the gate's choices are not
-measured on the rows that made them.
+version may train on the deployed one again (the attempt shuffles their data differently). The hub's eval set is
+split in two (:class:`HeldOut`): the gate's rows and the measurement rows, on which every deployed version is
+scored, so the gate's choices are not measured on the rows that made them.
 :func:`time_to_target` reads when a run reached an accuracy and stayed near it.
 """
 
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -33,6 +35,7 @@ from fedge.core import device as core
 from fedge.core.aggregators import Aggregator, Bounds
 from fedge.core.buffered import Buffer, BufferSettings
 from fedge.core.losses import score
+from fedge.core.stragglers import round_target, straggler_grace
 from fedge.core.strategy import GateSettings, held_out_verdict
 from fedge.protocol.messages import RoundAnnounce
 from fedge.protocol.types import Head
@@ -45,7 +48,8 @@ __all__ = ["AsyncSettings", "Availability", "HeldOut", "Jobs", "Trace", "run_buf
 class AsyncSettings:
     """``online_share`` of the time each device is online (spells of mean ``online_mean`` time units);
     training jobs take ``speed × lognormal(0, job_sigma)`` (speed ``lognormal(0, speed_sigma)`` per device);
-    ``k`` devices per synchronous round and updates per buffered version; ``deadline`` caps a round;
+    ``k`` devices per synchronous round (over-selected by ``over_select``, the hub's default) and updates per
+    buffered version; ``deadline`` caps a round;
     ``rounds`` synchronous rounds set the time budget both modes get; ``deploy_tolerance``: the held-out gate's
     (None: no gate, every version is deployed)."""
 
@@ -56,6 +60,7 @@ class AsyncSettings:
     k: int = 10
     max_staleness: int = 20
     deadline: float = 60.0
+    over_select: float = 0.25
     server_lr: float = 1.0
     rounds: int = 20
     local_epochs: int = 2
@@ -164,9 +169,14 @@ class _Deployment:
         return True
 
 
-def _update(fleet: SimFleet, i: int, head: Head, version: int, settings: AsyncSettings) -> tuple[Head, int] | None:
+def _update(fleet: SimFleet, i: int, head: Head, version: int, settings: AsyncSettings,
+            attempt: int | None = None) -> tuple[Head, int] | None:
+    """Device ``i``'s update from ``head`` (version ``version``): the round core's device round. ``attempt``: a
+    buffered round's (its announce carries ``buffer_k`` and ``buffer_attempt``, so a retry shuffles differently)."""
     msg = RoundAnnounce("async", version + 1, f"v{version}", fleet.backbone_sha256, 1e18, 1, (fleet.names[i],),
                         settings.local_epochs, settings.lr)
+    if attempt is not None:
+        msg = replace(msg, buffer_k=settings.k, max_staleness=settings.max_staleness, buffer_attempt=attempt)
     policy = core.DevicePolicy(device_seed(settings.seed, i), validation_fraction=0.0,
                                personalization=core.Personalization.FINETUNE)
     out = core.train(msg, fleet.trainer, core.DeviceData(fleet.feats[i], fleet.labels[i], fleet.keys[i]),
@@ -177,7 +187,10 @@ def _update(fleet: SimFleet, i: int, head: Head, version: int, settings: AsyncSe
 
 
 def run_sync(fleet: SimFleet, settings: AsyncSettings, availability: Availability, held_out: HeldOut) -> Trace:
-    """``settings.rounds`` synchronous rounds; a round ends when its last device finished or went offline."""
+    """``settings.rounds`` synchronous rounds as the hub runs them by default: ``ceil(k (1 + over_select))`` of the
+    devices online at the start are selected; the round closes once ``round_target`` of them sent an update and the
+    others had their straggler grace (:mod:`fedge.core.stragglers`), or when it knows about every selected device
+    (finished, gone offline, or the deadline)."""
     jobs = Jobs(fleet.devices, settings)
     rng = np.random.default_rng([settings.seed, 0xA5A4])
     shapes = {k: tuple(v.shape) for k, v in fleet.w0.items()}
@@ -192,22 +205,36 @@ def run_sync(fleet: SimFleet, settings: AsyncSettings, availability: Availabilit
                 trace.end = t
                 return trace
             online = [i for i in range(fleet.devices) if availability.online_until(i, t) is not None]
-        cohort = sorted(rng.choice(online, size=min(settings.k, len(online)), replace=False).tolist())
-        agg = Aggregator(shapes, 0.0, Bounds())
-        close, senders = t, []
+        want = math.ceil(settings.k * (1 + settings.over_select))  # the hub's over-selection
+        cohort = sorted(rng.choice(online, size=min(want, len(online)), replace=False).tolist())
+        target = round_target(len(cohort), 1, settings.over_select)
+        done: list[tuple[float, int]] = []  # (finish, device) of the jobs that finished online, in time
+        last = t  # when the round knows about every selected device (finished, offline, or the deadline)
         for i in cohort:
             finish = t + jobs.next(i)
             until = availability.online_until(i, t) or t
             if finish <= min(until, t + settings.deadline):
-                update = _update(fleet, i, deployed.head, r, settings)
-                if update is not None:
-                    agg.add(*update)
-                    senders.append(i)
-                    trace.updates += 1
-                close = max(close, finish)
+                done.append((finish, i))
+                last = max(last, finish)
             else:  # offline before it finished (or past the deadline): the round waits until it knows
                 trace.lost_jobs += 1
-                close = max(close, min(until, t + settings.deadline))
+                last = max(last, min(until, t + settings.deadline))
+        done.sort()
+        close = last
+        if target and len(done) >= target:  # over-selection: the target, then the others' straggler grace
+            reached = done[target - 1][0]
+            close = min(last, reached + straggler_grace(t, reached))
+        agg = Aggregator(shapes, 0.0, Bounds())
+        senders = []
+        for finish, i in done:
+            if finish > close:  # a straggler the round did not wait for
+                trace.lost_jobs += 1
+                continue
+            update = _update(fleet, i, deployed.head, r, settings)
+            if update is not None:
+                agg.add(*update)
+                senders.append(i)
+                trace.updates += 1
         t = close
         if agg.count:
             trace.made.append(tuple(senders))
@@ -219,16 +246,18 @@ def run_sync(fleet: SimFleet, settings: AsyncSettings, availability: Availabilit
 def run_buffered(fleet: SimFleet, settings: AsyncSettings, availability: Availability, held_out: HeldOut,
                  horizon: float) -> Trace:
     """Buffered aggregation until ``horizon``: every online device trains on the latest deployed version, once per
-    version; ``k`` updates make a version, deployed unless the held-out gate keeps it back. A held-back version's
-    devices that trained on the deployed version get that turn back (the hub's next ``buffer_attempt``): they train
-    on it again."""
+    version (and, as the agent does, not on the version that was out when its update went out: only on a later one);
+    ``k`` updates make a version, deployed unless the held-out gate keeps it back. A held-back version's devices get
+    their turn back (the hub's next ``buffer_attempt``): they train on the deployed version again, with the
+    attempt's own shuffling."""
     jobs = Jobs(fleet.devices, settings)
     shapes = {k: tuple(v.shape) for k, v in fleet.w0.items()}
     buffer_settings = BufferSettings(settings.k, settings.max_staleness, settings.server_lr)
     trace = Trace()
     deployed = _Deployment(dict(fleet.w0), held_out, settings.deploy_tolerance, trace)
     versions: list[Head] = [deployed.head]  # the deployed chain (a held-back version is not on it)
-    buf, senders, bases = Buffer(shapes, buffer_settings, 0.0, Bounds()), [], []
+    buf, senders = Buffer(shapes, buffer_settings, 0.0, Bounds()), []
+    attempt = 0  # the round's buffer_attempt: full buffers that deployed nothing
     trained: dict[int, int] = {}  # device -> the last version it trained on (it trains once per version)
     waiting: set[int] = set()  # devices that trained on the current version: they start again on the next one
     events: list[tuple[float, int, int, int]] = []  # (time, kind 0 = start / 1 = finish, device, base version)
@@ -265,12 +294,13 @@ def run_buffered(fleet: SimFleet, settings: AsyncSettings, availability: Availab
         if i in senders:  # the hub refuses a second update of one device for the same version (K distinct devices)
             trace.refused += 1
         elif staleness <= settings.max_staleness:
-            update = _update(fleet, i, versions[base], base, settings)
+            update = _update(fleet, i, versions[base], base, settings, attempt)
             if update is not None:
                 buf.add(*update, staleness=staleness)
                 senders.append(i)
-                bases.append(base)
                 trace.updates += 1
+        if staleness > 0:  # sent when a newer version was out: the agent trains on the one after that (PROTOCOL.md)
+            trained[i] = len(versions) - 1
         if buf.full:
             trace.made.append(tuple(senders))
             if deployed.offer(buf.result(versions[-1], fleet.w0), t):
@@ -278,13 +308,14 @@ def run_buffered(fleet: SimFleet, settings: AsyncSettings, availability: Availab
                 for w in sorted(waiting):
                     waiting.discard(w)
                     start(w, t)
-            else:  # held back: its devices that trained on the deployed version may train on it again
-                for w in sorted(w for w, b in zip(senders, bases, strict=True) if b == len(versions) - 1):
+            else:  # held back: the next attempt; the version's devices may train on the deployed one again
+                attempt += 1
+                for w in sorted(senders):
                     trained.pop(w, None)
                     if w in waiting:  # (i, whose update filled the buffer, starts below)
                         waiting.discard(w)
                         start(w, t)
-            buf, senders, bases = Buffer(shapes, buffer_settings, 0.0, Bounds()), [], []
+            buf, senders = Buffer(shapes, buffer_settings, 0.0, Bounds()), []
         start(i, t)
     trace.end = horizon
     return trace

@@ -119,6 +119,17 @@ def test_robust_secret_finds_the_secret_and_every_bad_share(t: int, extra: int, 
     assert got == secret and blamed == sorted(shares[b][0] for b in bad)
 
 
+def test_a_bad_share_claiming_an_honest_shares_index_is_blamed() -> None:
+    """A responder may put any index on its share: garbage under the index of an honest share that helps define
+    the polynomial must still be checked, and blamed (review finding: only indices outside the chosen ones were)."""
+    secret = secrets.token_bytes(32)
+    shares = [(f"r{i}", i, v) for i, v in split_secret(secret, 3, 6)]
+    shares.append(("r0a", 1, secrets.randbelow(SHAMIR_PRIME).to_bytes(SHARE_BYTES, "big")))
+    commit = seed_commitment("rid", "owner", secret)
+    got, blamed = robust_secret(shares, 3, lambda s: seed_commitment("rid", "owner", s) == commit)
+    assert got == secret and blamed == ["r0a"]
+
+
 def test_robust_secret_gives_up_with_a_reason() -> None:
     secret = secrets.token_bytes(32)
     shares = [(f"r{i}", i, os.urandom(SHARE_BYTES)) for i, _ in split_secret(secret, 3, 4)]

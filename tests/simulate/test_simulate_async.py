@@ -81,8 +81,9 @@ def test_buffered_versions_come_from_k_distinct_devices_once_per_version(fleet: 
     # every made version is deployed or held back; each deployed one has a measured point
     assert len(buffered.points) - 1 + buffered.held_back == len(buffered.made)
     assert all(t <= sync.end for t, _ in buffered.points)
-    # the synchronous run's rounds are cohorts of at most k distinct devices
-    assert all(len(set(m)) == len(m) <= settings.k for m in sync.made)
+    # the synchronous run's rounds are cohorts of distinct devices, over-selected as the hub does by default
+    assert all(len(set(m)) == len(m) <= math.ceil(settings.k * (1 + settings.over_select)) for m in sync.made)
+    assert buffered.refused == 0  # a device trains again only on a version later than the one its update went to
     # buffered aggregation gets more updates in than synchronous rounds in the same simulated time
     assert buffered.updates > sync.updates
 
@@ -105,3 +106,17 @@ def test_the_gate_holds_back_only_when_on(fleet: SimFleet) -> None:
     assert all(len(set(m)) == len(m) == strict.k for m in gated.made)  # still k distinct devices per version
     assert gated.points[0][1] == pytest.approx(held_out.accuracy(fleet.w0, held_out.measure))
     assert np.isfinite(gated.points[0][1])
+
+
+def test_a_retry_after_a_held_back_version_is_not_the_same_update(fleet: SimFleet) -> None:
+    """A buffered round's retry (a higher ``buffer_attempt`` on the same version) shuffles the device's data
+    differently: the same update again would make the same held-back version again."""
+    from fedge.simulate_async import _update
+
+    settings = AsyncSettings(k=5, seed=4)
+    first = _update(fleet, 3, fleet.w0, 0, settings, attempt=0)
+    again = _update(fleet, 3, fleet.w0, 0, settings, attempt=0)
+    retry = _update(fleet, 3, fleet.w0, 0, settings, attempt=1)
+    assert first is not None and again is not None and retry is not None
+    assert all(np.array_equal(first[0][k], again[0][k]) for k in first[0])  # deterministic per attempt
+    assert any(not np.array_equal(first[0][k], retry[0][k]) for k in first[0])

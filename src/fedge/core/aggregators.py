@@ -179,7 +179,8 @@ class Summary:
     capped: int
 
 
-_BLOCK = 512  # updates per matrix product when combining (bounds the float64 copy: 512 x the array's size)
+_BLOCK = 512  # updates per matrix product when combining, at most ...
+_BLOCK_BYTES = 32 << 20  # ... and at most 32 MB of temporary rows (float32 and their float64 copy) per product
 
 
 class Aggregator:
@@ -239,10 +240,12 @@ class Aggregator:
         factors = np.array([w * s / total for w, s in zip(weights, scales, strict=True)], dtype=np.float64)
         out: Combined = {}
         for name, shape in self.shapes.items():
-            acc = np.zeros(math.prod(shape), dtype=np.float64)
-            for lo in range(0, len(self._deltas), _BLOCK):  # a few matrix products, not one numpy call per update
-                block = np.stack([np.asarray(d[name]).reshape(-1) for d in self._deltas[lo:lo + _BLOCK]])
-                acc += factors[lo:lo + _BLOCK] @ block.astype(np.float64)
+            size = math.prod(shape)
+            acc = np.zeros(size, dtype=np.float64)
+            rows = max(1, min(_BLOCK, _BLOCK_BYTES // (12 * max(size, 1))))  # float32 rows + their float64 copy
+            for lo in range(0, len(self._deltas), rows):  # a few matrix products, not one numpy call per update
+                block = np.stack([np.asarray(d[name]).reshape(-1) for d in self._deltas[lo:lo + rows]])
+                acc += factors[lo:lo + rows] @ block.astype(np.float64)
             out[name] = acc.reshape(shape)
         return out, cap, sum(1 for n in self.counts if n > cap)
 

@@ -17,6 +17,7 @@ seeded by the operating system).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -132,9 +133,14 @@ class RoundHeads:
     local_only: Choice | None = None
 
 
-def train_rng(seed: int, round_id: int) -> np.random.Generator:
-    """The shuffling of a device's training in round ``round_id``."""
-    return np.random.default_rng([seed, round_id])
+def train_rng(seed: int, round_id: int, version: str | None = None, attempt: int = 0) -> np.random.Generator:
+    """The shuffling of a device's training in round ``round_id``; in a buffered round also of the model
+    ``version`` it trains and the round's ``attempt`` (a retry on the same version after the gate held the last
+    one back must not be the same update again)."""
+    if version is None:
+        return np.random.default_rng([seed, round_id])
+    v = int.from_bytes(hashlib.sha256(version.encode()).digest()[:8], "big")
+    return np.random.default_rng([seed, round_id, v, attempt])
 
 
 def ditto_rng(seed: int, round_id: int) -> np.random.Generator:
@@ -283,8 +289,9 @@ def train(msg: RoundAnnounce, trainer: Trainer, data: DeviceData, heads: RoundHe
     pull = Prox(heads.w0, msg.proximal_lambda) if msg.proximal_lambda else None
     lr, backoffs = msg.lr, 0
     while True:
-        result = fit(trainer, feats, y, msg.local_epochs, lr, train_rng(policy.seed, msg.round), prox=pull,
-                     stop=stop, clock=clock)
+        rng = train_rng(policy.seed, msg.round) if msg.buffer_k is None else \
+            train_rng(policy.seed, msg.round, msg.model_version, msg.buffer_attempt)
+        result = fit(trainer, feats, y, msg.local_epochs, lr, rng, prox=pull, stop=stop, clock=clock)
         is_closed = closed is not None and closed()
         if result.stopped and (is_closed or result.steps == 0):
             if is_closed:

@@ -408,8 +408,8 @@ def robust_secret(shares: list[tuple[str, int, bytes]], threshold: int, check: C
             if not check(secret):
                 continue
             points = [(i, int.from_bytes(v, "big")) for _, i, v in chosen]
-            on = {i for i, _ in points}  # the chosen shares define the polynomial: only the others are checked
-            others = [(r, i, v) for r, i, v in items if i not in on]
+            kept = set(keep)  # the chosen shares define the polynomial: only the others are checked (by position:
+            others = [items[k] for k in range(m) if k not in kept]  # a share may claim another's index)
             values = lagrange_values(points, [i for _, i, _ in others if 1 <= i <= MAX_SHARES])
             expected = dict(zip([i for _, i, _ in others if 1 <= i <= MAX_SHARES], values, strict=True))
             bad = {r for r, i, v in others if i not in expected or int.from_bytes(v, "big") != expected[i]}

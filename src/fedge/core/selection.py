@@ -75,14 +75,20 @@ def history_problem(report: Mapping[str, float], earlier: Mapping[str, float] | 
     """Why a device's report contradicts what it reported before (None: it does not, or nothing is known): its
     validation split is fixed, so ``val_n`` must not grow; and a head it scored before must score the same again on
     the same rows (``same_heads``: report key -> the earlier report's key of the same head, e.g. the deployed head's
-    ``val_acc_global`` of the round that made a candidate)."""
+    ``val_acc_global`` of the round that made a candidate), within one validation row (a near-tie may flip when the
+    device's back-end changed), and must not be left out of the report."""
     if earlier is None:
         return None
     before = earlier.get("val_n")
     if before is not None and report.get("val_n", 0.0) > before:
         return f"val_n {report.get('val_n'):g} is more than the {before:g} validation rows this device reported before"
+    rows = max(report.get("val_n", 0.0), before or 0.0, 1.0)
     for key, old in (same_heads or {}).items():
-        if key in report and old in earlier and abs(report[key] - earlier[old]) > 1e-6:
+        if old not in earlier:
+            continue
+        if key not in report:
+            return f"no {key}: this device scored that head before ({old} {earlier[old]:g}) and must score it again"
+        if abs(report[key] - earlier[old]) > 1.0 / rows + 1e-9:  # one row may flip (another back-end's last bits)
             return f"{key} = {report[key]:g}, but this device scored the same head {earlier[old]:g} before"
     return None
 
