@@ -89,6 +89,12 @@ def model_head(artifacts: Path, manifest: Manifest, version: str = "v1") -> Mode
     return ModelHead(FLEET, version, None, manifest.backbone_sha256, None, dict(load_head(artifacts)))
 
 
+def publish_model(hub: Hub, artifacts: Path, manifest: Manifest, version: str = "v1") -> None:
+    """The hub's retained model: the backbone's artifacts and the head of ``version``."""
+    hub.send(T.model_full, model_full(artifacts, manifest), retain=True)
+    hub.send(T.model_head, model_head(artifacts, manifest, version), retain=True)
+
+
 def announce(manifest: Manifest, rnd: int, *, version: str = "v1", selected: tuple[str, ...] = (DEV,),
              deadline_s: float = 120.0) -> RoundAnnounce:
     return RoundAnnounce(
@@ -129,8 +135,7 @@ def agent(config: AgentConfig, hub: Hub) -> Iterator[Agent]:
 def test_round_publishes_exactly_one_valid_update_and_ignores_the_rest(
     agent: Agent, hub: Hub, artifacts_dir: Path, manifest: Manifest, config: AgentConfig
 ) -> None:
-    hub.send(T.model_full, model_full(artifacts_dir, manifest), retain=True)
-    hub.send(T.model_head, model_head(artifacts_dir, manifest), retain=True)
+    publish_model(hub, artifacts_dir, manifest)
     agent.start()
     first = announce(manifest, 1)
     hub.send(T.announce, first, retain=True)
@@ -175,8 +180,7 @@ def test_round_publishes_exactly_one_valid_update_and_ignores_the_rest(
 def test_presence_online_with_samples_and_version_then_offline_on_stop(
     config: AgentConfig, hub: Hub, artifacts_dir: Path, manifest: Manifest
 ) -> None:
-    hub.send(T.model_full, model_full(artifacts_dir, manifest), retain=True)
-    hub.send(T.model_head, model_head(artifacts_dir, manifest, "v7"), retain=True)
+    publish_model(hub, artifacts_dir, manifest, "v7")
     agent = Agent(config, transport=InMemoryTransport(hub.broker))
     agent.start()
     online = [p for p in hub.presences() if p.online]
@@ -190,8 +194,7 @@ def test_presence_online_with_samples_and_version_then_offline_on_stop(
 def test_completed_round_survives_a_restart(
     config: AgentConfig, hub: Hub, artifacts_dir: Path, manifest: Manifest
 ) -> None:
-    hub.send(T.model_full, model_full(artifacts_dir, manifest), retain=True)
-    hub.send(T.model_head, model_head(artifacts_dir, manifest), retain=True)
+    publish_model(hub, artifacts_dir, manifest)
     hub.send(T.announce, announce(manifest, 5), retain=True)
     first = Agent(config, transport=InMemoryTransport(hub.broker))
     first.start()
@@ -298,8 +301,7 @@ def test_a_label_outside_the_classes_declines_the_round_with_a_data_error(
     hub.broker.subscribe(T.decline(DEV), lambda _t, p: declines.append(decode(p)))
     a = Agent(cfg, transport=InMemoryTransport(hub.broker))
     try:
-        hub.send(T.model_full, model_full(artifacts_dir, manifest), retain=True)
-        hub.send(T.model_head, model_head(artifacts_dir, manifest), retain=True)
+        publish_model(hub, artifacts_dir, manifest)
         a.start()
         hub.send(T.announce, announce(manifest, 1), retain=True)
         assert wait_until(lambda: bool(declines), 60)
@@ -319,8 +321,7 @@ def test_a_restart_after_publishing_resends_the_same_private_update(
     send the very same bytes (a second, freshly noised update would average the noise away)."""
     raw: list[bytes] = []
     hub.broker.subscribe(T.update(DEV), lambda _t, p: raw.append(p))
-    hub.send(T.model_full, model_full(artifacts_dir, manifest), retain=True)
-    hub.send(T.model_head, model_head(artifacts_dir, manifest), retain=True)
+    publish_model(hub, artifacts_dir, manifest)
     dp_round = replace(announce(manifest, 7), dp_mode="local", dp_noise_multiplier=1.0, dp_clip=1.0,
                        dp_sample_rate=1.0, dp_min_cohort=1)
     hub.send(T.announce, dp_round, retain=True)
@@ -355,8 +356,7 @@ def test_predict_uses_a_head_the_device_holds(
     from fedge.edge_agent.predict import predict
     from fedge.runtime.trainers import open_trainer
 
-    hub.send(T.model_full, model_full(artifacts_dir, manifest), retain=True)
-    hub.send(T.model_head, model_head(artifacts_dir, manifest), retain=True)
+    publish_model(hub, artifacts_dir, manifest)
     agent.start()
     hub.send(T.announce, announce(manifest, 1), retain=True)
     assert agent.wait_round_done(1, 60)
@@ -383,8 +383,7 @@ def test_ditto_keeps_a_separate_personal_head_pulled_toward_the_global_one(
                                "ditto_mu": 5.0}, tmp_path)
     a = Agent(cfg, transport=InMemoryTransport(hub.broker))
     try:
-        hub.send(T.model_full, model_full(artifacts_dir, manifest), retain=True)
-        hub.send(T.model_head, model_head(artifacts_dir, manifest), retain=True)
+        publish_model(hub, artifacts_dir, manifest)
         a.start()
         hub.send(T.announce, replace(announce(manifest, 1), local_epochs=3, lr=0.2), retain=True)
         assert a.wait_round_done(1, 60)
@@ -406,8 +405,7 @@ def test_the_announced_proximal_pull_acts_in_local_training(
     agent: Agent, hub: Hub, artifacts_dir: Path, manifest: Manifest
 ) -> None:
     """v1 is the exported head = w0: a strong pull toward w0 shrinks the trained update."""
-    hub.send(T.model_full, model_full(artifacts_dir, manifest), retain=True)
-    hub.send(T.model_head, model_head(artifacts_dir, manifest), retain=True)
+    publish_model(hub, artifacts_dir, manifest)
     agent.start()
     hub.send(T.announce, replace(announce(manifest, 1), lr=0.2, local_epochs=3))
     assert agent.wait_round_done(1, 60)
@@ -443,8 +441,7 @@ def test_a_compressed_round_sends_codes_the_hub_decodes_and_keeps_the_residual(
 
     from fedge.core.compress import SCALES, decompress
 
-    hub.send(T.model_full, model_full(artifacts_dir, manifest), retain=True)
-    hub.send(T.model_head, model_head(artifacts_dir, manifest), retain=True)
+    publish_model(hub, artifacts_dir, manifest)
     agent.start()
     hub.send(T.announce, replace(announce(manifest, 1), compression="int4"), retain=True)
     assert agent.wait_round_done(1, 60)
@@ -464,8 +461,7 @@ def test_a_buffered_round_is_trained_again_on_each_newer_version_never_twice_on_
 ) -> None:
     """PROTOCOL.md, "Buffered rounds": one update per model version of the round; the announce re-published on a
     newer version is trained again (from that version's head), a repeat of one already answered is not."""
-    hub.send(T.model_full, model_full(artifacts_dir, manifest), retain=True)
-    hub.send(T.model_head, model_head(artifacts_dir, manifest), retain=True)
+    publish_model(hub, artifacts_dir, manifest)
     first = Agent(config, transport=InMemoryTransport(hub.broker))
     first.start()
     on_v1 = replace(announce(manifest, 1), buffer_k=2, max_staleness=1)
@@ -505,8 +501,7 @@ def test_a_declined_buffered_round_is_not_trained_again_on_a_newer_version(
     device that declined)."""
     declines: list[object] = []
     hub.broker.subscribe(T.decline(DEV), lambda _t, p: declines.append(decode(p)))
-    hub.send(T.model_full, model_full(artifacts_dir, manifest), retain=True)
-    hub.send(T.model_head, model_head(artifacts_dir, manifest), retain=True)
+    publish_model(hub, artifacts_dir, manifest)
     agent = Agent(config, transport=InMemoryTransport(hub.broker))
     agent.start()
     r1 = replace(announce(manifest, 1), buffer_k=2, max_staleness=1)
@@ -535,8 +530,7 @@ def test_a_buffered_round_is_not_trained_again_on_the_version_it_was_on_when_the
 ) -> None:
     """The round moved to v2 while this device trained on v1: its v1 update lands in the buffer of v3 (the hub
     takes one update per device in a buffer), so the queued announce of v2 is not trained on; v3's is."""
-    hub.send(T.model_full, model_full(artifacts_dir, manifest), retain=True)
-    hub.send(T.model_head, model_head(artifacts_dir, manifest), retain=True)
+    publish_model(hub, artifacts_dir, manifest)
     agent = Agent(config, transport=InMemoryTransport(hub.broker))
     agent.start()
     on_v1 = replace(announce(manifest, 1), buffer_k=2, max_staleness=1)
@@ -586,8 +580,7 @@ def test_a_buffered_round_is_trained_again_on_the_same_version_in_each_new_attem
     """A held-back version gives its devices their slot back: the hub re-publishes the announce (same round and
     version) with a higher ``buffer_attempt``, and the device trains again on that version, once per attempt; the
     same announce delivered again is not trained on, before or after a restart."""
-    hub.send(T.model_full, model_full(artifacts_dir, manifest), retain=True)
-    hub.send(T.model_head, model_head(artifacts_dir, manifest), retain=True)
+    publish_model(hub, artifacts_dir, manifest)
     first = Agent(config, transport=InMemoryTransport(hub.broker))
     first.start()
     attempt0 = replace(announce(manifest, 1), buffer_k=2, max_staleness=1)
@@ -626,8 +619,7 @@ def test_a_state_file_from_before_buffer_attempts_reads_as_attempt_zero(
 ) -> None:
     """An agent updated mid-round: its state.json names the version of its update in the buffered round but no
     attempt. It counts as attempt 0: the announce it answered is not trained on again, the next attempt is."""
-    hub.send(T.model_full, model_full(artifacts_dir, manifest), retain=True)
-    hub.send(T.model_head, model_head(artifacts_dir, manifest), retain=True)
+    publish_model(hub, artifacts_dir, manifest)
     warm = Agent(config, transport=InMemoryTransport(hub.broker))  # installs the model, then stops
     warm.start()
     assert wait_until(lambda: warm.state.model_version == "v1", 30)
@@ -656,8 +648,7 @@ def test_a_buffered_round_is_not_trained_again_in_the_attempt_it_was_in_when_the
     """``buffered_ahead`` with attempts: a buffer of other devices was held back while this one trained on attempt 0,
     so its update lands in the buffer of attempt 1 (one update per device in a buffer): the queued announce of
     attempt 1 is not trained on; attempt 2's is (that buffer was held back too)."""
-    hub.send(T.model_full, model_full(artifacts_dir, manifest), retain=True)
-    hub.send(T.model_head, model_head(artifacts_dir, manifest), retain=True)
+    publish_model(hub, artifacts_dir, manifest)
     agent = Agent(config, transport=InMemoryTransport(hub.broker))
     agent.start()
     attempt0 = replace(announce(manifest, 1), buffer_k=2, max_staleness=1)
