@@ -23,7 +23,7 @@ from fedge.protocol.control import CancelRequest, encode_cancel
 from fedge.protocol.errors import ConfigError
 from fedge.protocol.messages import Ack, ModelUpdate, Reject, RejectReason, RoundAnnounce, RoundStatus
 from fedge.protocol.transport import InMemoryTransport
-from tests.hub.fleet import SHAPES, TOPICS, Fleet, hub_config, run_hub, zero_delta
+from tests.hub.fleet import SHAPES, TOPICS, Device, Fleet, hub_config, run_hub, zero_delta
 
 # plain FedAvg arithmetic: no pull toward w0, no clipping of these similar norms, no weight cap
 LOOSE = {"proximal_lambda": 0.0, "norm_multiplier": 4.0, "max_weight_share": 1.0}
@@ -268,15 +268,22 @@ def test_an_accepted_update_sent_again_is_acked_however_stale_it_became(tmp_path
         assert isinstance(last(c.inbox), Reject) and last(c.inbox).reason is RejectReason.STALE_ROUND
 
 
+def _deployed_v1(fleet: Fleet) -> tuple[Device, RoundAnnounce]:
+    """A buffered round (k = 2) whose first version, v1, two devices' updates made and deployed: device a, and the
+    round's first announce (on v0)."""
+    a, b = (fleet.device(n) for n in "ab")
+    ann0 = fleet.start_round()
+    a.update(ann0, zero_delta(SHAPES, 1.0))
+    b.update(ann0, zero_delta(SHAPES, 1.0))
+    assert fleet.announce().model_version == "v1"
+    return a, ann0
+
+
 def test_a_cancelled_buffered_round_names_the_versions_it_deployed(tmp_path: Path, artifacts: Path) -> None:
     """Cancelling (or a failed close ending) a buffered round leaves the versions it deployed deployed: its row and
     result name the last of them, and the detail says they stay."""
     for fleet in run_hub(buffered(tmp_path, artifacts)):
-        a, b = (fleet.device(n) for n in "ab")
-        ann0 = fleet.start_round()
-        a.update(ann0, zero_delta(SHAPES, 1.0))
-        b.update(ann0, zero_delta(SHAPES, 1.0))
-        assert fleet.announce().model_version == "v1"
+        a, ann0 = _deployed_v1(fleet)
         a.update(fleet.announce(), zero_delta(SHAPES, 1.0))  # in the unfilled buffer: dropped
         InMemoryTransport(fleet.broker).publish(TOPICS.control_round_cancel,
                                                 encode_cancel(CancelRequest(round=ann0.round)))
@@ -291,11 +298,7 @@ def test_a_cancelled_buffered_round_names_the_versions_it_deployed(tmp_path: Pat
 def test_a_failed_close_of_a_buffered_round_names_the_versions_it_deployed(tmp_path: Path, artifacts: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     for fleet in run_hub(buffered(tmp_path, artifacts)):
-        a, b = (fleet.device(n) for n in "ab")
-        ann0 = fleet.start_round()
-        a.update(ann0, zero_delta(SHAPES, 1.0))
-        b.update(ann0, zero_delta(SHAPES, 1.0))
-        assert fleet.announce().model_version == "v1"
+        _deployed_v1(fleet)
 
         def broken(*_a: Any) -> None:
             raise RuntimeError("disk full")
