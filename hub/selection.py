@@ -234,16 +234,17 @@ class Selector:
             return self._reject(rid, device, RejectReason.MALFORMED, "a selection report carries no arrays", topic,
                                 nonce)
         problem = report_problem(msg.metrics, sel.candidates)
+        lying = False
         if problem is None and sel.gate is not None:
             problem = self._contradiction(msg.device, msg.metrics, sel.gate)
-            if problem is not None:  # caught lying: the round does not wait for it (it may still send the truth)
+            lying = problem is not None
+        if problem is not None:
+            self._reject(rid, device, RejectReason.MALFORMED, problem, topic, nonce)
+            if lying:  # the round does not wait for it (a consistent report it sends before the close still counts)
                 sel.contradicted.add(msg.device)
-                self._reject(rid, device, RejectReason.MALFORMED, problem, topic, nonce)
                 if sel.should_close(hub.clock()):
                     self.close(sel)
-                return None
-        if problem is not None:
-            return self._reject(rid, device, RejectReason.MALFORMED, problem, topic, nonce)
+            return None
         if msg.device in sel.nonces and sel.nonces[msg.device] != nonce:
             return self._reject(rid, device, RejectReason.DUPLICATE,
                                 f"{msg.device} already reported for selection round {sel.id}", topic, nonce)
@@ -259,8 +260,9 @@ class Selector:
 
     def _contradiction(self, device: str, metrics: Mapping[str, float], gate: Mapping[str, Any]) -> str | None:
         """Why an evaluation-round report contradicts the device's update in the round that made the version
-        (None: it does not): more validation rows than it had then, or another score for the deployed head, which
-        it scored on the same rows at the start of that round (``val_acc_global``) when that round trained it."""
+        (None: it does not): more validation rows than it had then, or no score, or one more than a row off, for the
+        deployed head, which it scored on the same rows at the start of that round (``val_acc_global``) when that
+        round trained it (:func:`~fedge.core.selection.history_problem`)."""
         earlier = self.store.device_update_metrics(int(gate["source_round"]), device)
         deployed = str(gate.get("deployed", ""))
         same = {acc_key(deployed): "val_acc_global"} if gate.get("round_model") == deployed else {}

@@ -344,11 +344,6 @@ def combine_secret(shares: list[tuple[int, bytes]]) -> bytes:
     return total.to_bytes(KEY_BYTES, "big")
 
 
-def lagrange_at(points: list[tuple[int, int]], x: int) -> int:
-    """The value at ``x`` of the polynomial of degree < len(points) through ``points`` (over GF(`SHAMIR_PRIME`))."""
-    return lagrange_values(points, [x])[0]
-
-
 def lagrange_values(points: list[tuple[int, int]], xs: list[int]) -> list[int]:
     """The values at ``xs`` of the polynomial of degree < len(points) through ``points`` (distinct x, over
     GF(`SHAMIR_PRIME`)): each basis polynomial's denominator is inverted once for all ``xs``, and each numerator
@@ -410,8 +405,8 @@ def robust_secret(shares: list[tuple[str, int, bytes]], threshold: int, check: C
             points = [(i, int.from_bytes(v, "big")) for _, i, v in chosen]
             kept = set(keep)  # the chosen shares define the polynomial: only the others are checked (by position:
             others = [items[k] for k in range(m) if k not in kept]  # a share may claim another's index)
-            values = lagrange_values(points, [i for _, i, _ in others if 1 <= i <= MAX_SHARES])
-            expected = dict(zip([i for _, i, _ in others if 1 <= i <= MAX_SHARES], values, strict=True))
+            xs = [i for _, i, _ in others if 1 <= i <= MAX_SHARES]
+            expected = dict(zip(xs, lagrange_values(points, xs), strict=True))
             bad = {r for r, i, v in others if i not in expected or int.from_bytes(v, "big") != expected[i]}
             return secret, sorted(bad)
     raise SecAggError(SecAggFailure.BAD_SHARE, f"no {threshold} of the {m} shares give a secret that checks")
