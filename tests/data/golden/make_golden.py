@@ -112,6 +112,10 @@ def golden_variants() -> dict[str, Message]:
                                                  secagg_seed="5f" * 32, secagg_degree=2, secagg_threshold=2,
                                                  secagg_ring_bits=32, secagg_clip=1.0, secagg_scale=65536.0,
                                                  secagg_l2_clip=1.5, secagg_norm_bit=True),
+        # a buffered round re-announced on its second attempt (PROTOCOL.md, "Buffered rounds", "Attempts")
+        "buffered_announce": RoundAnnounce("demo", 9, "v6", "ab" * 32, TS + 600.0, 1, ("dev-01", "dev-02", "dev-03"),
+                                           1, 0.05, nonce=_nonce(19), ts=TS, buffer_k=2, max_staleness=3,
+                                           buffer_attempt=2),
     }
 
 
